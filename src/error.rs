@@ -1,0 +1,221 @@
+//! The one error type of streamwise, with a kind per failure the seeds name.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use crate::EntryId;
+
+/// Shorthand for `std::result::Result<T, streamwise::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in streamwise.
+///
+/// The variants map onto the errors of the seed contract: `StreamNotFoundError` is
+/// [`Error::StreamNotFound`], `GroupNotFoundError` is [`Error::GroupNotFound`],
+/// `PayloadTooLargeError` is [`Error::PayloadTooLarge`], `RedisConnectionError` is
+/// [`Error::Connection`] and `ConsumerCrashedError` is [`Error::ConsumerCrashed`].
+/// Bad input is always [`Error::Invalid`], naming the field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The stream does not exist and the operation may not create it.
+    #[error("stream `{stream}` not found")]
+    StreamNotFound {
+        /// The stream that was asked for.
+        stream: String,
+    },
+
+    /// The consumer group does not exist on the stream.
+    #[error("consumer group `{group}` not found on stream `{stream}`")]
+    GroupNotFound {
+        /// The stream the group was looked up on.
+        stream: String,
+        /// The group that was asked for.
+        group: String,
+    },
+
+    /// The encoded entry is larger than the configured limit; nothing was written.
+    #[error("payload too large: the encoded entry is {size} bytes, the limit is {limit} bytes")]
+    PayloadTooLarge {
+        /// Size of the encoded entry in bytes.
+        size: usize,
+        /// The limit in force, in bytes.
+        limit: usize,
+    },
+
+    /// The backend could not be reached, after all retries.
+    #[error("connection error: {message}")]
+    Connection {
+        /// What failed. Never contains credentials.
+        message: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// A consumer stopped renewing its lease while it still held pending entries.
+    #[error(
+        "consumer `{consumer}` in group `{group}` on stream `{stream}` crashed with {pending} pending entries"
+    )]
+    ConsumerCrashed {
+        /// The stream.
+        stream: String,
+        /// The consumer group.
+        group: String,
+        /// The consumer whose lease expired.
+        consumer: String,
+        /// How many entries it still held.
+        pending: u64,
+    },
+
+    /// Another live consumer already uses this name in this group.
+    #[error("consumer `{consumer}` is already active in group `{group}` on stream `{stream}`")]
+    ConsumerActive {
+        /// The stream.
+        stream: String,
+        /// The consumer group.
+        group: String,
+        /// The name that is taken.
+        consumer: String,
+    },
+
+    /// An argument or setting is not acceptable.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The parameter, option or configuration key at fault.
+        field: Cow<'static, str>,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// The delivery was already acked or nacked; settling again does nothing.
+    #[error("delivery {id} was already settled")]
+    AlreadySettled {
+        /// The entry id of the delivery.
+        id: EntryId,
+    },
+
+    /// A payload or entry could not be decoded.
+    #[error("cannot decode {what}: {reason}")]
+    Decode {
+        /// What was being decoded (for example `payload` or `entry 1-0`).
+        what: Cow<'static, str>,
+        /// Why it failed.
+        reason: String,
+    },
+
+    /// A value could not be serialized into a payload.
+    #[error("cannot encode payload: {0}")]
+    Encode(#[source] serde_json::Error),
+
+    /// The publisher, subscriber or subscription was closed.
+    #[error("{0} is closed")]
+    Closed(&'static str),
+
+    /// An error from a backend that fits no other kind.
+    #[error("backend error: {0}")]
+    Backend(#[source] BoxError),
+}
+
+/// A boxed error that can cross threads.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl Error {
+    /// A validation error naming `field`.
+    ///
+    /// ```
+    /// let err = streamwise::Error::invalid("event_type", "must not be empty");
+    /// assert_eq!(err.to_string(), "invalid event_type: must not be empty");
+    /// ```
+    pub fn invalid(field: impl Into<Cow<'static, str>>, reason: impl fmt::Display) -> Self {
+        Error::Invalid {
+            field: field.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// A connection error with a message and an optional cause.
+    pub fn connection(message: impl Into<String>, source: Option<BoxError>) -> Self {
+        Error::Connection {
+            message: message.into(),
+            source,
+        }
+    }
+
+    /// The field named by an [`Error::Invalid`], if this is one.
+    pub fn invalid_field(&self) -> Option<&str> {
+        match self {
+            Error::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// Checks a stream or group or consumer name against `[A-Za-z0-9_-]+`.
+///
+/// `field` names the parameter in the error.
+///
+/// ```
+/// use streamwise::validate_name;
+/// assert!(validate_name("stream", "data-updates").is_ok());
+/// let err = validate_name("stream", "bad name").unwrap_err();
+/// assert_eq!(err.invalid_field(), Some("stream"));
+/// ```
+pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(Error::invalid(
+            field,
+            format_args!("{name:?} contains {bad:?}; only A-Z, a-z, 0-9, '-' and '_' are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that an event type is a non-empty string.
+pub fn validate_event_type(event_type: &str) -> Result<()> {
+    if event_type.is_empty() {
+        return Err(Error::invalid("event_type", "must not be empty"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_stream_name_rule() {
+        for good in ["a", "data-updates", "A_b-9"] {
+            assert!(validate_name("stream", good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a.b", "ü", "a:b", "a/b"] {
+            let err = validate_name("group", bad).unwrap_err();
+            assert_eq!(err.invalid_field(), Some("group"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn event_type_must_not_be_empty() {
+        assert!(validate_event_type("price.update").is_ok());
+        let err = validate_event_type("").unwrap_err();
+        assert_eq!(err.invalid_field(), Some("event_type"));
+    }
+
+    #[test]
+    fn error_messages_are_readable() {
+        let err = Error::PayloadTooLarge {
+            size: 2_000_000,
+            limit: 1_048_576,
+        };
+        assert_eq!(
+            err.to_string(),
+            "payload too large: the encoded entry is 2000000 bytes, the limit is 1048576 bytes"
+        );
+    }
+}

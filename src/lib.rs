@@ -1,0 +1,56 @@
+//! # streamwise
+//!
+//! Event-driven services on Redis Streams, the Rust way: a pluggable pub/sub core
+//! ([`Publisher`], [`Subscriber`], [`Delivery`]) with an in-memory backend ([`memory`]) that
+//! keeps the semantics of Redis Streams, consumer groups, at-least-once delivery with
+//! explicit settlement, and a conformance suite that any backend can run
+//! (`testing`, behind the `testing` feature).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> streamwise::Result<()> {
+//! use futures::StreamExt;
+//! use streamwise::prelude::*;
+//! use streamwise::memory::MemoryBackend;
+//!
+//! let backend = MemoryBackend::new();
+//! let publisher = backend.publisher();
+//! let subscriber = backend.subscriber();
+//!
+//! let mut updates = subscriber
+//!     .subscribe("data-updates", SubscribeOptions::new("processors", "worker-1"))
+//!     .await?;
+//! let msg = Message::new("price.update", &serde_json::json!({"symbol": "AAPL", "price": 150.25}))?
+//!     .with_metadata("source", "market-feed");
+//! publisher.publish("data-updates", msg).await?;
+//!
+//! let delivery = updates.next().await.expect("subscription open")?;
+//! assert_eq!(delivery.message().json()?["symbol"], "AAPL");
+//! assert_eq!(delivery.delivery_count(), 1);
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Delivery is at-least-once: an entry leaves its group's pending list only when acked. A
+//! [`Delivery`] is settled exactly once; settling again is an [`Error::AlreadySettled`] value.
+
+pub mod delivery;
+pub mod error;
+pub mod memory;
+pub mod message;
+pub mod pubsub;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use delivery::{Delivery, DeliveryInfo, Origin, Settlement, Settler};
+pub use error::{BoxError, Error, Result, validate_event_type, validate_name};
+pub use message::{EntryId, Message, Metadata, format_timestamp, parse_timestamp};
+pub use pubsub::{
+    InFlight, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber, Subscription,
+};
+
+/// The names most programs need: `use streamwise::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Delivery, EntryId, Error, Message, Publisher, Result, StartFrom, SubscribeOptions, Subscriber,
+    };
+}

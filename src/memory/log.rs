@@ -1,0 +1,428 @@
+//! The stream log of the in-memory backend: entries, consumer groups and their pending lists,
+//! as Redis keeps them. Synchronous and clock-free (callers pass `now`), so it is easy to test.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::message::{EntryId, Message};
+use crate::pubsub::StartFrom;
+
+/// One stream: entries in id order, and its groups.
+#[derive(Debug, Default)]
+pub(crate) struct StreamLog {
+    entries: VecDeque<(EntryId, Message)>,
+    last_id: EntryId,
+    groups: Vec<Group>,
+    /// Entries that were trimmed away while still pending in some group.
+    pub(crate) trimmed_pending: u64,
+}
+
+#[derive(Debug)]
+struct Group {
+    name: Arc<str>,
+    last_delivered: EntryId,
+    pending: BTreeMap<EntryId, Pending>,
+    /// Nacked entries by the time they may be delivered again.
+    retry: BTreeSet<(Instant, EntryId)>,
+    live_consumers: HashSet<Arc<str>>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    consumer: Arc<str>,
+    delivery_count: u64,
+    delivered_at: Instant,
+    /// Held by a live, unsettled delivery: not to be handed out again.
+    in_flight: bool,
+    /// Nacked: waiting in `retry` until this time.
+    retry_at: Option<Instant>,
+}
+
+/// An entry handed to a consumer by [`StreamLog::fetch`].
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub(crate) id: EntryId,
+    pub(crate) message: Message,
+    pub(crate) delivery_count: u64,
+}
+
+/// What a fetch may do besides reading new entries.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FetchPlan {
+    /// Redeliver the consumer's own pending entries left by an earlier subscription.
+    pub(crate) drain_own: bool,
+    /// Take over entries idle at least this long.
+    pub(crate) reclaim_min_idle: Option<Duration>,
+}
+
+impl StreamLog {
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Appends `message`, trimming the oldest entries beyond `max_length`.
+    pub(crate) fn append(&mut self, message: Message, now_ms: u64, max_length: Option<usize>) -> EntryId {
+        let id = self.last_id.next_at(now_ms);
+        self.last_id = id;
+        self.entries.push_back((id, message));
+        if let Some(max) = max_length {
+            while self.entries.len() > max {
+                self.entries.pop_front();
+            }
+        }
+        id
+    }
+
+    fn group_index(&self, group: &str) -> Option<usize> {
+        self.groups.iter().position(|g| &*g.name == group)
+    }
+
+    pub(crate) fn has_group(&self, group: &str) -> bool {
+        self.group_index(group).is_some()
+    }
+
+    /// Creates `group` starting at `start`; `false` when it already existed.
+    pub(crate) fn create_group(&mut self, group: &str, start: StartFrom) -> bool {
+        if self.has_group(group) {
+            return false;
+        }
+        let last_delivered = match start {
+            StartFrom::Beginning => EntryId::ZERO,
+            StartFrom::Latest => self.last_id,
+            StartFrom::After(id) => id,
+        };
+        self.groups.push(Group {
+            name: group.into(),
+            last_delivered,
+            pending: BTreeMap::new(),
+            retry: BTreeSet::new(),
+            live_consumers: HashSet::new(),
+        });
+        true
+    }
+
+    /// Marks `consumer` live in `group`; `false` when another live one has the name.
+    pub(crate) fn register_consumer(&mut self, group: &str, consumer: &Arc<str>) -> bool {
+        match self.group_index(group) {
+            Some(i) => self.groups[i].live_consumers.insert(consumer.clone()),
+            None => false,
+        }
+    }
+
+    pub(crate) fn unregister_consumer(&mut self, group: &str, consumer: &str) {
+        if let Some(i) = self.group_index(group) {
+            self.groups[i].live_consumers.remove(consumer);
+        }
+    }
+
+    pub(crate) fn pending_count(&self, group: &str) -> Option<usize> {
+        self.group_index(group).map(|i| self.groups[i].pending.len())
+    }
+
+    fn message(&self, id: EntryId) -> Option<&Message> {
+        self.entries
+            .binary_search_by_key(&id, |(id, _)| *id)
+            .ok()
+            .map(|i| &self.entries[i].1)
+    }
+
+    /// Hands up to `budget` entries to `consumer`: nacked entries that are due first, then
+    /// (per `plan`) its own leftovers and entries reclaimed from idle consumers, then new
+    /// entries. Returns the earliest time a nacked entry becomes due, if any.
+    pub(crate) fn fetch(
+        &mut self,
+        group: &str,
+        consumer: &Arc<str>,
+        budget: usize,
+        now: Instant,
+        plan: FetchPlan,
+        out: &mut Vec<Fetched>,
+    ) -> Option<Instant> {
+        let Some(gi) = self.group_index(group) else {
+            return None;
+        };
+        let start = out.len();
+        let mut redeliver: Vec<EntryId> = Vec::new();
+
+        // Nacked entries whose delay is over.
+        let group_state = &mut self.groups[gi];
+        while redeliver.len() < budget {
+            match group_state.retry.first() {
+                Some(&(at, id)) if at <= now => {
+                    group_state.retry.pop_first();
+                    redeliver.push(id);
+                }
+                _ => break,
+            }
+        }
+        if plan.drain_own && redeliver.len() < budget {
+            let own = group_state
+                .pending
+                .iter()
+                .filter(|(_, p)| !p.in_flight && p.retry_at.is_none() && p.consumer == *consumer)
+                .map(|(id, _)| *id);
+            redeliver.extend(own.take(budget - redeliver.len()));
+        }
+        if let Some(min_idle) = plan.reclaim_min_idle {
+            if redeliver.len() < budget {
+                let idle = group_state
+                    .pending
+                    .iter()
+                    .filter(|(id, p)| {
+                        !p.in_flight
+                            && p.retry_at.is_none()
+                            && now.saturating_duration_since(p.delivered_at) >= min_idle
+                            && !redeliver.contains(id)
+                    })
+                    .map(|(id, _)| *id)
+                    .collect::<Vec<_>>();
+                redeliver.extend(idle.into_iter().take(budget - redeliver.len()));
+            }
+        }
+
+        for id in redeliver {
+            let message = self.message(id).cloned();
+            let group_state = &mut self.groups[gi];
+            let Some(p) = group_state.pending.get_mut(&id) else {
+                continue;
+            };
+            match message {
+                Some(message) => {
+                    p.consumer = consumer.clone();
+                    p.delivery_count += 1;
+                    p.delivered_at = now;
+                    p.in_flight = true;
+                    p.retry_at = None;
+                    out.push(Fetched {
+                        id,
+                        message,
+                        delivery_count: p.delivery_count,
+                    });
+                }
+                None => {
+                    group_state.pending.remove(&id);
+                    self.trimmed_pending += 1;
+                    tracing::warn!(
+                        group = %group_state.name,
+                        id = %id,
+                        "pending entry was trimmed from the stream before it was acknowledged; dropped from the pending list"
+                    );
+                }
+            }
+        }
+
+        // New entries.
+        let taken = out.len() - start;
+        if taken < budget {
+            let group_state = &mut self.groups[gi];
+            let from = self
+                .entries
+                .partition_point(|(id, _)| *id <= group_state.last_delivered);
+            for (id, message) in self.entries.range(from..).take(budget - taken) {
+                group_state.pending.insert(
+                    *id,
+                    Pending {
+                        consumer: consumer.clone(),
+                        delivery_count: 1,
+                        delivered_at: now,
+                        in_flight: true,
+                        retry_at: None,
+                    },
+                );
+                group_state.last_delivered = *id;
+                out.push(Fetched {
+                    id: *id,
+                    message: message.clone(),
+                    delivery_count: 1,
+                });
+            }
+        }
+        self.groups[gi].retry.first().map(|(at, _)| *at)
+    }
+
+    /// Removes `id` from the group's pending list; `true` when it was pending.
+    pub(crate) fn ack(&mut self, group: &str, id: EntryId) -> bool {
+        let Some(gi) = self.group_index(group) else {
+            return false;
+        };
+        let g = &mut self.groups[gi];
+        match g.pending.remove(&id) {
+            Some(p) => {
+                if let Some(at) = p.retry_at {
+                    g.retry.remove(&(at, id));
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Makes `id`, held by `consumer`, deliverable again from `ready_at` on.
+    pub(crate) fn nack(&mut self, group: &str, id: EntryId, consumer: &str, ready_at: Instant) {
+        if let Some(gi) = self.group_index(group) {
+            let g = &mut self.groups[gi];
+            if let Some(p) = g.pending.get_mut(&id) {
+                if p.in_flight && &*p.consumer == consumer {
+                    p.in_flight = false;
+                    p.retry_at = Some(ready_at);
+                    g.retry.insert((ready_at, id));
+                }
+            }
+        }
+    }
+
+    /// `id` is no longer held by `consumer`'s subscription but stays pending, owned by it.
+    pub(crate) fn release(&mut self, group: &str, id: EntryId, consumer: &str) {
+        if let Some(gi) = self.group_index(group) {
+            if let Some(p) = self.groups[gi].pending.get_mut(&id) {
+                if p.in_flight && &*p.consumer == consumer {
+                    p.in_flight = false;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAN: FetchPlan = FetchPlan {
+        drain_own: false,
+        reclaim_min_idle: None,
+    };
+
+    fn msg(n: u32) -> Message {
+        Message::new("t", &n).unwrap()
+    }
+
+    fn ids(out: &[Fetched]) -> Vec<String> {
+        out.iter()
+            .map(|f| format!("{}#{}", f.id, f.delivery_count))
+            .collect()
+    }
+
+    #[test]
+    fn ids_increase_within_and_across_milliseconds() {
+        let mut log = StreamLog::default();
+        assert_eq!(log.append(msg(0), 10, None), EntryId::new(10, 0));
+        assert_eq!(log.append(msg(1), 10, None), EntryId::new(10, 1));
+        // A clock that goes back never makes ids go back.
+        assert_eq!(log.append(msg(2), 5, None), EntryId::new(10, 2));
+        assert_eq!(log.append(msg(3), 11, None), EntryId::new(11, 0));
+    }
+
+    #[test]
+    fn max_length_trims_the_oldest() {
+        let mut log = StreamLog::default();
+        for n in 0..10 {
+            log.append(msg(n), 1, Some(3));
+        }
+        assert_eq!(log.len(), 3);
+        assert_eq!(log.entries.front().unwrap().0, EntryId::new(1, 7));
+    }
+
+    #[test]
+    fn groups_start_where_told_and_share_nothing() {
+        let mut log = StreamLog::default();
+        log.append(msg(0), 1, None);
+        assert!(log.create_group("all", StartFrom::Beginning));
+        assert!(!log.create_group("all", StartFrom::Latest));
+        assert!(log.create_group("new", StartFrom::Latest));
+        log.append(msg(1), 2, None);
+        let now = Instant::now();
+        let c: Arc<str> = "c".into();
+        let mut out = Vec::new();
+        log.fetch("all", &c, 10, now, PLAN, &mut out);
+        assert_eq!(ids(&out), ["1-0#1", "2-0#1"]);
+        out.clear();
+        log.fetch("new", &c, 10, now, PLAN, &mut out);
+        assert_eq!(ids(&out), ["2-0#1"]);
+    }
+
+    #[test]
+    fn nack_redelivers_after_the_delay_with_a_higher_count() {
+        let mut log = StreamLog::default();
+        log.create_group("g", StartFrom::Beginning);
+        log.append(msg(0), 1, None);
+        let c: Arc<str> = "c".into();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        log.fetch("g", &c, 10, now, PLAN, &mut out);
+        let later = now + Duration::from_secs(5);
+        log.nack("g", EntryId::new(1, 0), "c", later);
+        out.clear();
+        let due = log.fetch("g", &c, 10, now + Duration::from_secs(4), PLAN, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(due, Some(later));
+        log.fetch("g", &c, 10, later, PLAN, &mut out);
+        assert_eq!(ids(&out), ["1-0#2"]);
+        assert!(log.ack("g", EntryId::new(1, 0)));
+        assert_eq!(log.pending_count("g"), Some(0));
+    }
+
+    #[test]
+    fn released_entries_come_back_only_by_drain_or_reclaim() {
+        let mut log = StreamLog::default();
+        log.create_group("g", StartFrom::Beginning);
+        log.append(msg(0), 1, None);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let now = Instant::now();
+        let mut out = Vec::new();
+        log.fetch("g", &a, 10, now, PLAN, &mut out);
+        log.release("g", EntryId::new(1, 0), "a");
+        out.clear();
+        log.fetch("g", &a, 10, now, PLAN, &mut out);
+        assert!(out.is_empty(), "a released entry is not re-read by a plain fetch");
+        let reclaim = FetchPlan {
+            drain_own: false,
+            reclaim_min_idle: Some(Duration::from_secs(1)),
+        };
+        log.fetch("g", &b, 10, now, reclaim, &mut out);
+        assert!(out.is_empty(), "not idle long enough yet");
+        log.fetch("g", &b, 10, now + Duration::from_secs(1), reclaim, &mut out);
+        assert_eq!(ids(&out), ["1-0#2"]);
+        log.release("g", EntryId::new(1, 0), "b");
+        out.clear();
+        let drain = FetchPlan {
+            drain_own: true,
+            reclaim_min_idle: None,
+        };
+        log.fetch("g", &a, 10, now, drain, &mut out);
+        assert!(out.is_empty(), "the entry now belongs to b");
+        log.fetch("g", &b, 10, now, drain, &mut out);
+        assert_eq!(ids(&out), ["1-0#3"]);
+    }
+
+    #[test]
+    fn a_pending_entry_trimmed_away_is_counted_not_redelivered() {
+        let mut log = StreamLog::default();
+        log.create_group("g", StartFrom::Beginning);
+        log.append(msg(0), 1, Some(1));
+        let c: Arc<str> = "c".into();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        log.fetch("g", &c, 1, now, PLAN, &mut out);
+        log.nack("g", EntryId::new(1, 0), "c", now);
+        log.append(msg(1), 2, Some(1));
+        out.clear();
+        log.fetch("g", &c, 10, now, PLAN, &mut out);
+        assert_eq!(ids(&out), ["2-0#1"]);
+        assert_eq!(log.trimmed_pending, 1);
+        assert_eq!(log.pending_count("g"), Some(1));
+    }
+
+    #[test]
+    fn a_consumer_name_is_live_once() {
+        let mut log = StreamLog::default();
+        log.create_group("g", StartFrom::Beginning);
+        let c: Arc<str> = "c".into();
+        assert!(log.register_consumer("g", &c));
+        assert!(!log.register_consumer("g", &c));
+        log.unregister_consumer("g", "c");
+        assert!(log.register_consumer("g", &c));
+    }
+}

@@ -1,0 +1,497 @@
+//! The in-memory backend: Redis Streams semantics (entry ids, consumer groups, pending lists,
+//! redelivery, delivery counts, reclaim, trimming) inside the process, for tests and demos.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> streamwise::Result<()> {
+//! use futures::StreamExt;
+//! use streamwise::{Message, Publisher, SubscribeOptions, Subscriber, memory::MemoryBackend};
+//!
+//! let backend = MemoryBackend::new();
+//! let publisher = backend.publisher();
+//! let subscriber = backend.subscriber();
+//! let mut orders = subscriber.subscribe("orders", SubscribeOptions::new("billing", "worker-1")).await?;
+//!
+//! publisher.publish("orders", Message::new("order.placed", &serde_json::json!({"id": 7}))?).await?;
+//! let delivery = orders.next().await.expect("open")?;
+//! assert_eq!(delivery.message().event_type(), "order.placed");
+//! delivery.ack().await?;
+//! assert_eq!(backend.pending_count("orders", "billing")?, 0);
+//! subscriber.close().await?;
+//! # Ok(()) }
+//! ```
+
+mod log;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::{Delivery, DeliveryInfo, Origin, Settlement, Settler};
+use crate::error::{Error, Result, validate_name};
+use crate::message::{EntryId, Message};
+use crate::pubsub::{
+    InFlight, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber, Subscription,
+};
+
+use self::log::{FetchPlan, Fetched, StreamLog};
+
+/// The default limit on the encoded size of one entry: 1 MiB.
+pub const DEFAULT_MAX_ENTRY_SIZE: usize = 1024 * 1024;
+
+/// Streams shared by every publisher and subscriber made from one backend.
+///
+/// Cloning is cheap and shares the streams.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryBackend {
+    broker: Arc<Broker>,
+}
+
+#[derive(Debug, Default)]
+struct Broker {
+    streams: Mutex<HashMap<Arc<str>, Arc<SharedStream>>>,
+}
+
+#[derive(Debug)]
+struct SharedStream {
+    name: Arc<str>,
+    log: Mutex<StreamLog>,
+    /// Woken when entries are added or nacked.
+    changed: Notify,
+}
+
+impl SharedStream {
+    fn log(&self) -> MutexGuard<'_, StreamLog> {
+        // A panic while holding the lock cannot leave the log half-updated in a way that
+        // matters more than losing the whole backend would, so keep serving.
+        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Broker {
+    fn streams(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<SharedStream>>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get(&self, topic: &str) -> Option<Arc<SharedStream>> {
+        self.streams().get(topic).cloned()
+    }
+
+    /// The stream, created when missing; `bool` tells whether it was created.
+    fn get_or_create(&self, topic: &str) -> (Arc<SharedStream>, bool) {
+        let mut streams = self.streams();
+        if let Some(s) = streams.get(topic) {
+            return (s.clone(), false);
+        }
+        let name: Arc<str> = topic.into();
+        let stream = Arc::new(SharedStream {
+            name: name.clone(),
+            log: Mutex::new(StreamLog::default()),
+            changed: Notify::new(),
+        });
+        streams.insert(name, stream.clone());
+        (stream, true)
+    }
+
+    fn existing(&self, topic: &str) -> Result<Arc<SharedStream>> {
+        self.get(topic).ok_or_else(|| Error::StreamNotFound {
+            stream: topic.to_owned(),
+        })
+    }
+}
+
+impl MemoryBackend {
+    /// An empty backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A publisher onto this backend's streams (auto-create on, no length limit, 1 MiB entry
+    /// limit).
+    pub fn publisher(&self) -> MemoryPublisher {
+        MemoryPublisher {
+            broker: self.broker.clone(),
+            max_length: None,
+            auto_create: true,
+            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+            closed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A subscriber onto this backend's streams. Each subscriber closes on its own.
+    pub fn subscriber(&self) -> MemorySubscriber {
+        MemorySubscriber {
+            broker: self.broker.clone(),
+            closed: CancellationToken::new(),
+        }
+    }
+
+    /// Creates an empty stream; `false` when it existed.
+    pub fn create_stream(&self, topic: &str) -> Result<bool> {
+        validate_name("topic", topic)?;
+        Ok(self.broker.get_or_create(topic).1)
+    }
+
+    /// Creates a consumer group on an existing stream; `false` when it existed.
+    pub fn create_group(&self, topic: &str, group: &str, start: StartFrom) -> Result<bool> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        Ok(self.broker.existing(topic)?.log().create_group(group, start))
+    }
+
+    /// Number of entries in the stream.
+    pub fn stream_len(&self, topic: &str) -> Result<usize> {
+        Ok(self.broker.existing(topic)?.log().len())
+    }
+
+    /// Number of entries delivered in `group` and not yet acknowledged.
+    pub fn pending_count(&self, topic: &str, group: &str) -> Result<usize> {
+        self.broker
+            .existing(topic)?
+            .log()
+            .pending_count(group)
+            .ok_or_else(|| Error::GroupNotFound {
+                stream: topic.to_owned(),
+                group: group.to_owned(),
+            })
+    }
+
+    /// Entries that were trimmed (by `max_length`) while still pending, and so could not be
+    /// redelivered.
+    pub fn trimmed_pending(&self, topic: &str) -> Result<u64> {
+        Ok(self.broker.existing(topic)?.log().trimmed_pending)
+    }
+}
+
+/// Publishes into a [`MemoryBackend`].
+#[derive(Clone, Debug)]
+pub struct MemoryPublisher {
+    broker: Arc<Broker>,
+    max_length: Option<usize>,
+    auto_create: bool,
+    max_entry_size: usize,
+    closed: Arc<AtomicBool>,
+}
+
+impl MemoryPublisher {
+    /// Keeps at most `max_length` entries per stream, trimming the oldest.
+    #[must_use]
+    pub fn with_max_length(mut self, max_length: usize) -> Self {
+        self.max_length = Some(max_length);
+        self
+    }
+
+    /// Whether publishing to a missing stream creates it (default) or fails with
+    /// [`Error::StreamNotFound`].
+    #[must_use]
+    pub fn with_auto_create(mut self, auto_create: bool) -> Self {
+        self.auto_create = auto_create;
+        self
+    }
+
+    /// The limit on the encoded size of one entry (default 1 MiB).
+    #[must_use]
+    pub fn with_max_entry_size(mut self, bytes: usize) -> Self {
+        self.max_entry_size = bytes;
+        self
+    }
+
+    fn check(&self, topic: &str, messages: &[Message]) -> Result<Arc<SharedStream>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("publisher"));
+        }
+        validate_name("topic", topic)?;
+        for m in messages {
+            let size = m.wire_size();
+            if size > self.max_entry_size {
+                return Err(Error::PayloadTooLarge {
+                    size,
+                    limit: self.max_entry_size,
+                });
+            }
+        }
+        if self.auto_create {
+            Ok(self.broker.get_or_create(topic).0)
+        } else {
+            self.broker.existing(topic)
+        }
+    }
+
+    fn append(&self, topic: &str, messages: Vec<Message>) -> Result<Vec<EntryId>> {
+        let stream = self.check(topic, &messages)?;
+        let now_ms = now_ms();
+        let ids = {
+            let mut log = stream.log();
+            messages
+                .into_iter()
+                .map(|m| log.append(m, now_ms, self.max_length))
+                .collect()
+        };
+        stream.changed.notify_waiters();
+        Ok(ids)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Publisher for MemoryPublisher {
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> BoxFuture<'a, Result<EntryId>> {
+        let result = self.append(topic, vec![message]).map(|ids| ids[0]);
+        Box::pin(std::future::ready(result))
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        messages: Vec<Message>,
+    ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
+        Box::pin(std::future::ready(self.append(topic, messages)))
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.closed.store(true, Ordering::Release);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// Subscribes to a [`MemoryBackend`]'s streams.
+#[derive(Clone, Debug)]
+pub struct MemorySubscriber {
+    broker: Arc<Broker>,
+    closed: CancellationToken,
+}
+
+impl Subscriber for MemorySubscriber {
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<Subscription>> {
+        Box::pin(std::future::ready(self.start(topic, options)))
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.closed.cancel();
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+impl MemorySubscriber {
+    fn start(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        if self.closed.is_cancelled() {
+            return Err(Error::Closed("subscriber"));
+        }
+        options.validate(topic)?;
+        let group = options.group();
+        let stream = if options.create_group_value() {
+            let (stream, _) = self.broker.get_or_create(topic);
+            stream.log().create_group(group, options.start_from_value());
+            stream
+        } else {
+            let missing = || Error::GroupNotFound {
+                stream: topic.to_owned(),
+                group: group.to_owned(),
+            };
+            let stream = self.broker.get(topic).ok_or_else(missing)?;
+            if !stream.log().has_group(group) {
+                return Err(missing());
+            }
+            stream
+        };
+        let origin = Arc::new(Origin::new(stream.name.clone(), group, options.consumer()));
+        let consumer: Arc<str> = options.consumer().into();
+        if !stream.log().register_consumer(group, &consumer) {
+            return Err(Error::ConsumerActive {
+                stream: topic.to_owned(),
+                group: group.to_owned(),
+                consumer: consumer.to_string(),
+            });
+        }
+        let in_flight = InFlight::new(options.max_in_flight_value());
+        let settler = Arc::new(MemorySettler {
+            stream: stream.clone(),
+            origin: origin.clone(),
+            in_flight: in_flight.clone(),
+            closed: self.closed.clone(),
+        });
+        let reader = Reader {
+            registration: Registration { stream, origin },
+            consumer,
+            settler,
+            in_flight,
+            batch_size: options.batch_size_value(),
+            reclaim: options.reclaim_value(),
+            next_reclaim: Instant::now(),
+            drained: false,
+            buffer: VecDeque::new(),
+            scratch: Vec::new(),
+            closed: self.closed.clone(),
+        };
+        Ok(Subscription::new(futures::stream::unfold(
+            reader,
+            |mut reader| async move {
+                let item = reader.next().await?;
+                Some((item, reader))
+            },
+        )))
+    }
+}
+
+/// Keeps the consumer name taken while the subscription lives.
+struct Registration {
+    stream: Arc<SharedStream>,
+    origin: Arc<Origin>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.stream
+            .log()
+            .unregister_consumer(self.origin.group(), self.origin.consumer());
+    }
+}
+
+struct Reader {
+    registration: Registration,
+    consumer: Arc<str>,
+    settler: Arc<MemorySettler>,
+    in_flight: InFlight,
+    batch_size: usize,
+    reclaim: Option<ReclaimOptions>,
+    next_reclaim: Instant,
+    drained: bool,
+    buffer: VecDeque<Delivery>,
+    scratch: Vec<Fetched>,
+    closed: CancellationToken,
+}
+
+impl Reader {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if self.closed.is_cancelled() {
+                return None;
+            }
+            if let Some(d) = self.buffer.pop_front() {
+                return Some(Ok(d));
+            }
+            let taken = tokio::select! {
+                biased;
+                _ = self.closed.cancelled() => return None,
+                n = self.in_flight.acquire(self.batch_size) => n,
+            };
+            if !self.fill(taken).await {
+                return None;
+            }
+        }
+    }
+
+    /// Waits until at least one entry could be fetched into the buffer using the `taken`
+    /// slots; `false` when closed first.
+    async fn fill(&mut self, taken: usize) -> bool {
+        let stream = self.registration.stream.clone();
+        loop {
+            let changed = stream.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+
+            let now = Instant::now();
+            let reclaim_due = self.reclaim.filter(|_| now >= self.next_reclaim);
+            let plan = FetchPlan {
+                drain_own: !self.drained,
+                reclaim_min_idle: reclaim_due.map(|r| r.min_idle),
+            };
+            let next_retry = stream.log().fetch(
+                self.registration.origin.group(),
+                &self.consumer,
+                taken,
+                now,
+                plan,
+                &mut self.scratch,
+            );
+            self.drained = true;
+            if let Some(r) = reclaim_due {
+                self.next_reclaim = now + r.interval;
+            }
+            if !self.scratch.is_empty() {
+                self.in_flight.release(taken - self.scratch.len());
+                let settler: Arc<dyn Settler> = self.settler.clone();
+                for f in self.scratch.drain(..) {
+                    let info = DeliveryInfo::new(f.id, f.delivery_count, self.registration.origin.clone());
+                    self.buffer
+                        .push_back(Delivery::new(f.message, info, settler.clone()));
+                }
+                return true;
+            }
+            let wake_at = match (next_retry, self.reclaim.map(|_| self.next_reclaim)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            tokio::select! {
+                biased;
+                _ = self.closed.cancelled() => {
+                    self.in_flight.release(taken);
+                    return false;
+                }
+                _ = &mut changed => {}
+                _ = sleep_until(wake_at) => {}
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct MemorySettler {
+    stream: Arc<SharedStream>,
+    origin: Arc<Origin>,
+    in_flight: InFlight,
+    closed: CancellationToken,
+}
+
+impl Settler for MemorySettler {
+    fn settle(&self, info: &DeliveryInfo, settlement: Settlement) -> Result<()> {
+        if self.closed.is_cancelled() {
+            self.release(info);
+            return Err(Error::Closed("subscriber"));
+        }
+        let group = self.origin.group();
+        match settlement {
+            Settlement::Ack => {
+                self.stream.log().ack(group, info.id());
+            }
+            Settlement::Nack { delay } => {
+                let ready_at = Instant::now() + delay;
+                self.stream
+                    .log()
+                    .nack(group, info.id(), self.origin.consumer(), ready_at);
+                self.stream.changed.notify_waiters();
+            }
+        }
+        self.in_flight.release(1);
+        Ok(())
+    }
+
+    fn release(&self, info: &DeliveryInfo) {
+        self.stream
+            .log()
+            .release(self.origin.group(), info.id(), self.origin.consumer());
+        self.in_flight.release(1);
+    }
+}

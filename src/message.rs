@@ -1,0 +1,471 @@
+//! The message: what a producer publishes and a consumer receives, independent of any backend.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, Result, validate_event_type};
+
+/// The id a stream gives an entry: `<milliseconds>-<sequence>`, ordered, as in Redis.
+///
+/// ```
+/// use streamwise::EntryId;
+/// let id: EntryId = "1700000000000-3".parse()?;
+/// assert_eq!((id.ms(), id.seq()), (1_700_000_000_000, 3));
+/// assert_eq!(id.to_string(), "1700000000000-3");
+/// # Ok::<(), streamwise::Error>(())
+/// ```
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryId {
+    ms: u64,
+    seq: u64,
+}
+
+impl EntryId {
+    /// The smallest id, `0-0`: "from the beginning".
+    pub const ZERO: EntryId = EntryId { ms: 0, seq: 0 };
+
+    /// An id from its two parts.
+    pub const fn new(ms: u64, seq: u64) -> Self {
+        EntryId { ms, seq }
+    }
+
+    /// The millisecond part.
+    pub const fn ms(&self) -> u64 {
+        self.ms
+    }
+
+    /// The sequence part.
+    pub const fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The id that a stream assigns after `self` when the clock reads `now_ms`.
+    pub(crate) fn next_at(self, now_ms: u64) -> Self {
+        if now_ms > self.ms {
+            EntryId::new(now_ms, 0)
+        } else if self.seq == u64::MAX {
+            EntryId::new(self.ms + 1, 0)
+        } else {
+            EntryId::new(self.ms, self.seq + 1)
+        }
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl FromStr for EntryId {
+    type Err = Error;
+
+    /// Parses `<ms>-<seq>`, or `<ms>` alone (sequence 0), as Redis accepts.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid(
+                "id",
+                format_args!("{s:?} is not an entry id of the form <ms>-<seq>"),
+            )
+        };
+        let (ms, seq) = match s.split_once('-') {
+            Some((ms, seq)) => (ms, seq),
+            None => (s, "0"),
+        };
+        let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return Err(bad());
+        }
+        Ok(EntryId::new(
+            ms.parse().map_err(|_| bad())?,
+            seq.parse().map_err(|_| bad())?,
+        ))
+    }
+}
+
+impl Serialize for EntryId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for EntryId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// String key/value pairs that travel with a message (routing hints, correlation ids, ...).
+///
+/// Ordered by key, so that the encoded form is stable. Empty metadata costs no allocation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Metadata(BTreeMap<String, String>);
+
+impl Metadata {
+    /// Empty metadata.
+    pub const fn new() -> Self {
+        Metadata(BTreeMap::new())
+    }
+
+    /// The value for `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// Sets `key` to `value`, returning the old value.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) -> Option<String> {
+        self.0.insert(key.into(), value.into())
+    }
+
+    /// Removes `key`, returning its value.
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        self.0.remove(key)
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no pairs.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The pairs in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The pairs as a map.
+    pub fn as_map(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Metadata {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Metadata(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+}
+
+impl From<BTreeMap<String, String>> for Metadata {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        Metadata(map)
+    }
+}
+
+impl From<std::collections::HashMap<String, String>> for Metadata {
+    fn from(map: std::collections::HashMap<String, String>) -> Self {
+        Metadata(map.into_iter().collect())
+    }
+}
+
+impl IntoIterator for Metadata {
+    type Item = (String, String);
+    type IntoIter = std::collections::btree_map::IntoIter<String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+/// One event: a type to route by, a JSON payload, string metadata, a UUID v7 and the time it
+/// was produced. Cloning is cheap: the payload is shared [`Bytes`], the event type an `Arc<str>`.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use streamwise::Message;
+///
+/// #[derive(Serialize, Deserialize, Debug, PartialEq)]
+/// struct PriceUpdate { symbol: String, price: f64 }
+///
+/// let msg = Message::new("price.update", &PriceUpdate { symbol: "AAPL".into(), price: 150.25 })?
+///     .with_metadata("source", "market-feed");
+/// assert_eq!(msg.event_type(), "price.update");
+/// assert_eq!(msg.metadata().get("source"), Some("market-feed"));
+/// let back: PriceUpdate = msg.decode()?;
+/// assert_eq!(back.price, 150.25);
+/// # Ok::<(), streamwise::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    uuid: Uuid,
+    event_type: Arc<str>,
+    payload: Bytes,
+    metadata: Metadata,
+    timestamp: SystemTime,
+}
+
+impl Message {
+    /// A message of `event_type` whose payload is `payload` serialized as JSON.
+    ///
+    /// Fails with [`Error::Invalid`] (`event_type`) when the type is empty and with
+    /// [`Error::Encode`] when the value cannot be serialized.
+    pub fn new<T: Serialize + ?Sized>(event_type: impl Into<Arc<str>>, payload: &T) -> Result<Self> {
+        let payload = serde_json::to_vec(payload).map_err(Error::Encode)?;
+        Self::from_json_bytes(event_type, payload)
+    }
+
+    /// A message whose payload is already JSON text. The bytes are not parsed here; a
+    /// consumer that cannot decode them dead-letters the message.
+    pub fn from_json_bytes(event_type: impl Into<Arc<str>>, payload: impl Into<Bytes>) -> Result<Self> {
+        let event_type = event_type.into();
+        validate_event_type(&event_type)?;
+        Ok(Message {
+            uuid: Uuid::now_v7(),
+            event_type,
+            payload: payload.into(),
+            metadata: Metadata::new(),
+            timestamp: SystemTime::now(),
+        })
+    }
+
+    /// Adds one metadata pair.
+    #[must_use]
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key, value);
+        self
+    }
+
+    /// Replaces all metadata.
+    #[must_use]
+    pub fn with_metadata_map(mut self, metadata: impl Into<Metadata>) -> Self {
+        self.metadata = metadata.into();
+        self
+    }
+
+    /// Replaces the UUID (for example when re-publishing a message under its original id).
+    #[must_use]
+    pub fn with_uuid(mut self, uuid: Uuid) -> Self {
+        self.uuid = uuid;
+        self
+    }
+
+    /// Replaces the production time.
+    #[must_use]
+    pub fn with_timestamp(mut self, timestamp: SystemTime) -> Self {
+        self.timestamp = timestamp;
+        self
+    }
+
+    /// The producer-assigned UUID (v7 unless replaced), for deduplication and tracing.
+    pub fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+
+    /// The routing key.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// The routing key as a shared string.
+    pub fn event_type_arc(&self) -> &Arc<str> {
+        &self.event_type
+    }
+
+    /// The JSON payload bytes.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// The metadata, to change.
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        &mut self.metadata
+    }
+
+    /// When the message was produced.
+    pub fn timestamp(&self) -> SystemTime {
+        self.timestamp
+    }
+
+    /// The production time in the wire format: ISO 8601 UTC with milliseconds,
+    /// e.g. `2026-11-22T10:00:00.123Z`.
+    pub fn timestamp_rfc3339(&self) -> String {
+        format_timestamp(self.timestamp)
+    }
+
+    /// The size in bytes of this message as a stream entry in the standard wire format
+    /// (field names and values of `event_type`, `payload`, `metadata` when not empty,
+    /// `timestamp` and `uuid`). This is the size the entry limit applies to.
+    pub fn wire_size(&self) -> usize {
+        // Field names plus the fixed-width values: a 24-byte timestamp and a 36-byte UUID.
+        const FIXED: usize =
+            "event_type".len() + "payload".len() + "timestamp".len() + 24 + "uuid".len() + 36;
+        let metadata = if self.metadata.is_empty() {
+            0
+        } else {
+            let mut counter = ByteCounter(0);
+            // Writing a map of strings into a counter cannot fail.
+            let _ = serde_json::to_writer(&mut counter, &self.metadata);
+            "metadata".len() + counter.0
+        };
+        FIXED + self.event_type.len() + self.payload.len() + metadata
+    }
+
+    /// Decodes the payload into `T`.
+    ///
+    /// Fails with [`Error::Decode`] naming the payload and the serde error.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.payload).map_err(|e| Error::Decode {
+            what: "payload".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Decodes the payload into a JSON value.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        self.decode()
+    }
+}
+
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Formats a time as ISO 8601 UTC with milliseconds, the wire format of `timestamp`.
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// let t = UNIX_EPOCH + Duration::from_millis(1_795_341_600_123);
+/// assert_eq!(streamwise::format_timestamp(t), "2026-11-22T10:00:00.123Z");
+/// ```
+pub fn format_timestamp(time: SystemTime) -> String {
+    let ms = match time.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    };
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(ts) => ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        Err(_) => "1970-01-01T00:00:00.000Z".to_owned(),
+    }
+}
+
+/// Parses an ISO 8601 / RFC 3339 time as other producers write it: with `Z`, with an
+/// offset (`+00:00`), or without a zone (taken as UTC), with any fraction of a second.
+///
+/// ```
+/// let t = streamwise::parse_timestamp("2026-11-22T10:00:00.123456+00:00")?;
+/// assert_eq!(streamwise::format_timestamp(t), "2026-11-22T10:00:00.123Z");
+/// # Ok::<(), streamwise::Error>(())
+/// ```
+pub fn parse_timestamp(text: &str) -> Result<SystemTime> {
+    let bad = |e: jiff::Error| Error::Decode {
+        what: "timestamp".into(),
+        reason: format!("{text:?} is not an ISO 8601 time: {e}"),
+    };
+    let ts = match text.parse::<jiff::Timestamp>() {
+        Ok(ts) => ts,
+        Err(first) => text
+            .parse::<jiff::civil::DateTime>()
+            .and_then(|dt| jiff::tz::Offset::UTC.to_timestamp(dt))
+            .map_err(|_| bad(first))?,
+    };
+    let nanos = ts.as_nanosecond();
+    Ok(if nanos >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(u64::try_from(-nanos).unwrap_or(u64::MAX))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_parse_print_and_order() {
+        let id: EntryId = "5-2".parse().unwrap();
+        assert_eq!(id, EntryId::new(5, 2));
+        assert_eq!("7".parse::<EntryId>().unwrap(), EntryId::new(7, 0));
+        for bad in [
+            "",
+            "-",
+            "a-1",
+            "1-",
+            "-1",
+            "1-2-3",
+            "1 -2",
+            "99999999999999999999-0",
+        ] {
+            let err = bad.parse::<EntryId>().unwrap_err();
+            assert_eq!(err.invalid_field(), Some("id"), "{bad:?}");
+        }
+        assert!(EntryId::new(1, 9) < EntryId::new(2, 0));
+        assert_eq!(EntryId::new(5, 2).next_at(4), EntryId::new(5, 3));
+        assert_eq!(EntryId::new(5, 2).next_at(9), EntryId::new(9, 0));
+        assert_eq!(EntryId::new(5, u64::MAX).next_at(5), EntryId::new(6, 0));
+    }
+
+    #[test]
+    fn entry_id_serde_is_the_string_form() {
+        let json = serde_json::to_string(&EntryId::new(3, 4)).unwrap();
+        assert_eq!(json, "\"3-4\"");
+        assert_eq!(
+            serde_json::from_str::<EntryId>(&json).unwrap(),
+            EntryId::new(3, 4)
+        );
+    }
+
+    #[test]
+    fn message_round_trips_typed_and_untyped_payloads() {
+        let msg = Message::new("t", &serde_json::json!({"a": [1, 2]})).unwrap();
+        assert_eq!(msg.json().unwrap(), serde_json::json!({"a": [1, 2]}));
+        assert_eq!(msg.uuid().get_version_num(), 7);
+        let err = msg.decode::<u32>().unwrap_err();
+        assert!(matches!(err, Error::Decode { .. }), "{err}");
+    }
+
+    #[test]
+    fn wire_size_counts_every_field() {
+        let msg = Message::from_json_bytes("ab", "[1]").unwrap();
+        let base = "event_type".len() + 2 + "payload".len() + 3 + "timestamp".len() + 24 + "uuid".len() + 36;
+        assert_eq!(msg.wire_size(), base);
+        let msg = msg.with_metadata("k", "v\"");
+        // {"k":"v\""}
+        assert_eq!(msg.wire_size(), base + "metadata".len() + 11);
+    }
+
+    #[test]
+    fn empty_event_type_is_refused() {
+        let err = Message::new("", &1).unwrap_err();
+        assert_eq!(err.invalid_field(), Some("event_type"));
+    }
+
+    #[test]
+    fn timestamps_format_and_parse_leniently() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_341_600_123);
+        assert_eq!(format_timestamp(t), "2026-11-22T10:00:00.123Z");
+        for text in [
+            "2026-11-22T10:00:00.123Z",
+            "2026-11-22T10:00:00.123+00:00",
+            "2026-11-22T11:00:00.123+01:00",
+            "2026-11-22T10:00:00.123",
+        ] {
+            assert_eq!(parse_timestamp(text).unwrap(), t, "{text}");
+        }
+        assert!(matches!(parse_timestamp("yesterday"), Err(Error::Decode { .. })));
+    }
+}

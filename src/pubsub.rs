@@ -1,0 +1,446 @@
+//! The two traits every backend implements, [`Publisher`] and [`Subscriber`], the options of a
+//! subscription, and [`InFlight`], the capacity gate that keeps backends from prefetching.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use futures::future::BoxFuture;
+use tokio::sync::Semaphore;
+
+use crate::delivery::Delivery;
+use crate::error::{Error, Result, validate_name};
+use crate::message::{EntryId, Message};
+
+/// Publishes messages to topics (streams). Object safe: use it as `Arc<dyn Publisher>`.
+///
+/// ```
+/// # async fn demo() -> streamwise::Result<()> {
+/// use std::sync::Arc;
+/// use streamwise::{Message, Publisher, memory::MemoryBackend};
+///
+/// let publisher: Arc<dyn Publisher> = Arc::new(MemoryBackend::new().publisher());
+/// let id = publisher.publish("orders", Message::new("order.placed", &42)?).await?;
+/// println!("published as {id}");
+/// # Ok(()) }
+/// ```
+pub trait Publisher: Send + Sync {
+    /// Appends one message to `topic` and returns its entry id.
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> BoxFuture<'a, Result<EntryId>>;
+
+    /// Appends several messages to `topic`, in order, and returns their ids in the same order.
+    ///
+    /// Backends send the batch in one go where they can (a Redis pipeline). Every message is
+    /// validated before any is written.
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        messages: Vec<Message>,
+    ) -> BoxFuture<'a, Result<Vec<EntryId>>>;
+
+    /// Closes the publisher. Idempotent; later publishes fail with [`Error::Closed`].
+    fn close(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+/// Subscribes to topics as a consumer in a consumer group. Object safe.
+///
+/// Within a group, consumers compete: each entry goes to one of them. Every group sees every
+/// entry. Deliveries are handed out only while the subscription has capacity
+/// ([`SubscribeOptions::max_in_flight`]), so nothing is fetched that nobody can handle.
+pub trait Subscriber: Send + Sync {
+    /// Starts consuming `topic` with `options`.
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<Subscription>>;
+
+    /// Closes the subscriber: every subscription's stream ends, buffered acknowledgements are
+    /// flushed, unsettled deliveries stay pending. Idempotent.
+    fn close(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+impl<P: Publisher + ?Sized> Publisher for Arc<P> {
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> BoxFuture<'a, Result<EntryId>> {
+        (**self).publish(topic, message)
+    }
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        messages: Vec<Message>,
+    ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
+        (**self).publish_batch(topic, messages)
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        (**self).close()
+    }
+}
+
+impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<Subscription>> {
+        (**self).subscribe(topic, options)
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        (**self).close()
+    }
+}
+
+/// Where a newly created consumer group starts reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StartFrom {
+    /// From the first entry (`0`).
+    #[default]
+    Beginning,
+    /// Only entries added after the group is created (`$`).
+    Latest,
+    /// Entries after this id.
+    After(EntryId),
+}
+
+impl StartFrom {
+    /// Parses a Redis start id: `0` (beginning), `$` (latest) or an entry id.
+    ///
+    /// ```
+    /// use streamwise::{EntryId, StartFrom};
+    /// assert_eq!(StartFrom::parse("0")?, StartFrom::Beginning);
+    /// assert_eq!(StartFrom::parse("$")?, StartFrom::Latest);
+    /// assert_eq!(StartFrom::parse("5-1")?, StartFrom::After(EntryId::new(5, 1)));
+    /// assert_eq!(StartFrom::parse("x").unwrap_err().invalid_field(), Some("start_id"));
+    /// # Ok::<(), streamwise::Error>(())
+    /// ```
+    pub fn parse(start_id: &str) -> Result<Self> {
+        match start_id {
+            "0" | "0-0" => Ok(StartFrom::Beginning),
+            "$" => Ok(StartFrom::Latest),
+            other => other.parse().map(StartFrom::After).map_err(|_| {
+                Error::invalid(
+                    "start_id",
+                    format_args!("{other:?} is neither \"0\", \"$\" nor an entry id"),
+                )
+            }),
+        }
+    }
+}
+
+impl fmt::Display for StartFrom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartFrom::Beginning => f.write_str("0"),
+            StartFrom::Latest => f.write_str("$"),
+            StartFrom::After(id) => id.fmt(f),
+        }
+    }
+}
+
+/// When and how a subscription takes over entries that other consumers left pending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReclaimOptions {
+    /// How often to look for idle entries.
+    pub interval: Duration,
+    /// How long an entry must have been idle before it is taken over.
+    pub min_idle: Duration,
+}
+
+impl ReclaimOptions {
+    /// Reclaim every `interval` the entries idle longer than `min_idle`.
+    pub fn new(interval: Duration, min_idle: Duration) -> Self {
+        ReclaimOptions { interval, min_idle }
+    }
+}
+
+impl Default for ReclaimOptions {
+    /// Every 30 s, entries idle longer than 30 s (the seed's `reclaim_interval_ms` and
+    /// `reclaim_min_idle_ms`).
+    fn default() -> Self {
+        ReclaimOptions::new(Duration::from_secs(30), Duration::from_secs(30))
+    }
+}
+
+/// How to subscribe: the consumer group and consumer name, and the knobs of the read loop.
+///
+/// ```
+/// use std::time::Duration;
+/// use streamwise::{StartFrom, SubscribeOptions};
+///
+/// let options = SubscribeOptions::new("processors", "worker-1")
+///     .batch_size(100)
+///     .max_in_flight(200)
+///     .start_from(StartFrom::Latest)
+///     .block(Duration::from_secs(2));
+/// assert_eq!(options.max_in_flight_value(), 200);
+/// ```
+#[derive(Clone, Debug)]
+pub struct SubscribeOptions {
+    group: String,
+    consumer: String,
+    batch_size: usize,
+    max_in_flight: usize,
+    block: Duration,
+    start_from: StartFrom,
+    create_group: bool,
+    reclaim: Option<ReclaimOptions>,
+}
+
+impl SubscribeOptions {
+    /// Options for consumer `consumer` in group `group`, with the defaults: batches of 10,
+    /// at most 10 deliveries in flight, 5 s blocking reads, group created from the beginning
+    /// when missing, no reclaim.
+    pub fn new(group: impl Into<String>, consumer: impl Into<String>) -> Self {
+        SubscribeOptions {
+            group: group.into(),
+            consumer: consumer.into(),
+            batch_size: 10,
+            max_in_flight: 10,
+            block: Duration::from_secs(5),
+            start_from: StartFrom::Beginning,
+            create_group: true,
+            reclaim: None,
+        }
+    }
+
+    /// The most entries fetched in one read (Redis `COUNT`). Default 10.
+    #[must_use]
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n;
+        self
+    }
+
+    /// The most deliveries handed out and not yet settled. Default 10. With 1, the next
+    /// delivery comes only after the previous one was settled or dropped.
+    #[must_use]
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n;
+        self
+    }
+
+    /// How long one read waits for new entries before asking again (Redis `BLOCK`).
+    /// Default 5 s. Closing never waits for it.
+    #[must_use]
+    pub fn block(mut self, block: Duration) -> Self {
+        self.block = block;
+        self
+    }
+
+    /// Where a group created by this subscription starts. Default [`StartFrom::Beginning`].
+    #[must_use]
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start_from = start;
+        self
+    }
+
+    /// Whether to create the group (and stream) when missing. Default `true`; with `false`
+    /// a missing group is [`Error::GroupNotFound`].
+    #[must_use]
+    pub fn create_group(mut self, create: bool) -> Self {
+        self.create_group = create;
+        self
+    }
+
+    /// Takes over entries that other consumers of the group left idle. Default off.
+    #[must_use]
+    pub fn reclaim(mut self, reclaim: impl Into<Option<ReclaimOptions>>) -> Self {
+        self.reclaim = reclaim.into();
+        self
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The consumer name.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// The batch size.
+    pub fn batch_size_value(&self) -> usize {
+        self.batch_size
+    }
+
+    /// The in-flight limit.
+    pub fn max_in_flight_value(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// The blocking read timeout.
+    pub fn block_value(&self) -> Duration {
+        self.block
+    }
+
+    /// Where a new group starts.
+    pub fn start_from_value(&self) -> StartFrom {
+        self.start_from
+    }
+
+    /// Whether a missing group is created.
+    pub fn create_group_value(&self) -> bool {
+        self.create_group
+    }
+
+    /// The reclaim settings, if reclaim is on.
+    pub fn reclaim_value(&self) -> Option<ReclaimOptions> {
+        self.reclaim
+    }
+
+    /// Checks every option, naming the first bad one. Backends call this in `subscribe`.
+    pub fn validate(&self, topic: &str) -> Result<()> {
+        validate_name("topic", topic)?;
+        validate_name("group", &self.group)?;
+        validate_name("consumer", &self.consumer)?;
+        if self.batch_size == 0 {
+            return Err(Error::invalid("batch_size", "must be at least 1"));
+        }
+        if self.max_in_flight == 0 {
+            return Err(Error::invalid("max_in_flight", "must be at least 1"));
+        }
+        if self.block.is_zero() {
+            return Err(Error::invalid("block", "must be longer than zero"));
+        }
+        if let Some(r) = self.reclaim {
+            if r.interval.is_zero() {
+                return Err(Error::invalid("reclaim.interval", "must be longer than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A live subscription: a [`Stream`] of deliveries that ends when the subscriber closes.
+///
+/// An `Err` item reports a problem the backend could not get past on its own (for example a
+/// connection that stayed down after all retries); the stream goes on after it.
+pub struct Subscription {
+    inner: Pin<Box<dyn Stream<Item = Result<Delivery>> + Send>>,
+}
+
+impl Subscription {
+    /// Wraps a backend's stream of deliveries.
+    pub fn new(stream: impl Stream<Item = Result<Delivery>> + Send + 'static) -> Self {
+        Subscription {
+            inner: Box::pin(stream),
+        }
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Delivery>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+/// The in-flight limit of one subscription, for backends: a fetch first takes capacity with
+/// [`acquire`](Self::acquire), and a settled or dropped delivery gives its slot back with
+/// [`release`](Self::release). This is what makes "no hidden prefetch" hold.
+#[derive(Clone, Debug)]
+pub struct InFlight {
+    slots: Arc<Semaphore>,
+}
+
+impl InFlight {
+    /// A limit of `max` deliveries in flight.
+    pub fn new(max: usize) -> Self {
+        InFlight {
+            slots: Arc::new(Semaphore::new(max)),
+        }
+    }
+
+    /// Waits until at least one slot is free, then takes up to `want` of them (at least one)
+    /// and returns how many it took.
+    pub async fn acquire(&self, want: usize) -> usize {
+        let want = u32::try_from(want.max(1)).unwrap_or(u32::MAX);
+        match self.slots.acquire().await {
+            Ok(first) => first.forget(),
+            // The semaphore is never closed; treat it as one slot rather than panic.
+            Err(_) => return 1,
+        }
+        let mut taken = 1;
+        while taken < want {
+            match self.slots.try_acquire() {
+                Ok(p) => {
+                    p.forget();
+                    taken += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        taken as usize
+    }
+
+    /// Gives `n` slots back.
+    pub fn release(&self, n: usize) {
+        if n > 0 {
+            self.slots.add_permits(n);
+        }
+    }
+
+    /// Slots free right now.
+    pub fn available(&self) -> usize {
+        self.slots.available_permits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_validation_names_the_field() {
+        let ok = SubscribeOptions::new("g", "c");
+        assert!(ok.validate("t").is_ok());
+        let cases: Vec<(SubscribeOptions, &str, &str)> = vec![
+            (ok.clone(), "bad topic", "topic"),
+            (SubscribeOptions::new("", "c"), "t", "group"),
+            (SubscribeOptions::new("g", "c d"), "t", "consumer"),
+            (ok.clone().batch_size(0), "t", "batch_size"),
+            (ok.clone().max_in_flight(0), "t", "max_in_flight"),
+            (ok.clone().block(Duration::ZERO), "t", "block"),
+            (
+                ok.clone()
+                    .reclaim(ReclaimOptions::new(Duration::ZERO, Duration::ZERO)),
+                "t",
+                "reclaim.interval",
+            ),
+        ];
+        for (options, topic, field) in cases {
+            assert_eq!(options.validate(topic).unwrap_err().invalid_field(), Some(field));
+        }
+    }
+
+    #[test]
+    fn start_from_prints_as_redis_start_ids() {
+        assert_eq!(StartFrom::Beginning.to_string(), "0");
+        assert_eq!(StartFrom::Latest.to_string(), "$");
+        assert_eq!(StartFrom::After(EntryId::new(3, 1)).to_string(), "3-1");
+    }
+
+    #[tokio::test]
+    async fn in_flight_takes_what_is_free_and_gets_it_back() {
+        let gate = InFlight::new(3);
+        assert_eq!(gate.acquire(10).await, 3);
+        assert_eq!(gate.available(), 0);
+        gate.release(2);
+        assert_eq!(gate.acquire(1).await, 1);
+        assert_eq!(gate.acquire(5).await, 1);
+        let waiter = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.acquire(2).await })
+        };
+        gate.release(1);
+        assert_eq!(waiter.await.unwrap(), 1);
+    }
+}
