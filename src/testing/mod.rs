@@ -1,1 +1,715 @@
+//! The conformance suite: backend-agnostic scenarios that every backend must pass, so that
+//! code tested against one backend holds on another. Enable the `testing` feature.
+//!
+//! A backend takes part by implementing [`TestBackend`] and expanding
+//! [`conformance_tests!`](crate::conformance_tests) in a test file, which makes one test per
+//! scenario:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use futures::future::BoxFuture;
+//! use streamwise::memory::MemoryBackend;
+//! use streamwise::testing::TestBackend;
+//! use streamwise::{Publisher, Result, Subscriber};
+//!
+//! struct Memory(MemoryBackend);
+//!
+//! impl TestBackend for Memory {
+//!     fn publisher(&self) -> BoxFuture<'_, Result<Arc<dyn Publisher>>> {
+//!         Box::pin(async { Ok(Arc::new(self.0.publisher()) as Arc<dyn Publisher>) })
+//!     }
+//!     fn subscriber(&self) -> BoxFuture<'_, Result<Arc<dyn Subscriber>>> {
+//!         Box::pin(async { Ok(Arc::new(self.0.subscriber()) as Arc<dyn Subscriber>) })
+//!     }
+//!     fn pending<'a>(&'a self, topic: &'a str, group: &'a str) -> BoxFuture<'a, Result<u64>> {
+//!         Box::pin(async move { Ok(self.0.pending_count(topic, group)? as u64) })
+//!     }
+//! }
+//!
+//! // In a test file: one #[tokio::test] per scenario.
+//! // streamwise::conformance_tests!(Memory(MemoryBackend::new()));
+//! # let _ = Memory(MemoryBackend::new());
+//! ```
+//!
+//! Scenarios panic (through assertions) when the backend misbehaves, and every wait is bounded
+//! by [`WAIT`], so a broken backend fails instead of hanging.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use tokio::time::Instant;
+
+use crate::{Delivery, EntryId, Error, Message, Publisher, ReclaimOptions, Result, StartFrom};
+use crate::{SubscribeOptions, Subscriber, Subscription};
+
+/// The most a scenario waits for something that must happen.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// How long a scenario watches for something that must *not* happen (a delivery that should
+/// not come). A bounded observation, not a synchronisation.
+pub const QUIET: Duration = Duration::from_millis(400);
+
+/// What a backend provides to run the suite. Each call may return a new client; all clients
+/// of one `TestBackend` must see the same streams.
+pub trait TestBackend: Send + Sync {
+    /// A new publisher.
+    fn publisher(&self) -> BoxFuture<'_, Result<Arc<dyn Publisher>>>;
+    /// A new subscriber (like a new process: its own connections, closed on its own).
+    fn subscriber(&self) -> BoxFuture<'_, Result<Arc<dyn Subscriber>>>;
+    /// How many entries of `topic` are delivered in `group` and not yet acknowledged.
+    fn pending<'a>(&'a self, topic: &'a str, group: &'a str) -> BoxFuture<'a, Result<u64>>;
+}
+
+/// A scenario of the suite.
+pub type Scenario = for<'a> fn(&'a dyn TestBackend) -> BoxFuture<'a, ()>;
+
+/// Every scenario, by name: for runners other than [`conformance_tests!`](crate::conformance_tests).
+pub const SCENARIOS: &[(&str, Scenario)] = &[
+    ("round_trip", |b| round_trip(b).boxed()),
+    ("publish_batch_keeps_order", |b| publish_batch_keeps_order(b).boxed()),
+    ("parallel_publishers", |b| parallel_publishers(b).boxed()),
+    ("topic_isolation", |b| topic_isolation(b).boxed()),
+    ("competing_consumers", |b| competing_consumers(b).boxed()),
+    ("every_group_gets_every_message", |b| every_group_gets_every_message(b).boxed()),
+    ("nack_redelivers_with_higher_count", |b| nack_redelivers_with_higher_count(b).boxed()),
+    ("nack_after_waits_for_the_delay", |b| nack_after_waits_for_the_delay(b).boxed()),
+    ("no_second_delivery_while_unacked", |b| no_second_delivery_while_unacked(b).boxed()),
+    ("settling_twice_is_an_error", |b| settling_twice_is_an_error(b).boxed()),
+    ("unacked_survive_close", |b| unacked_survive_close(b).boxed()),
+    ("close_while_receiving", |b| close_while_receiving(b).boxed()),
+    ("concurrent_closes_lose_nothing", |b| concurrent_closes_lose_nothing(b).boxed()),
+    ("order_kept_for_one_consumer", |b| order_kept_for_one_consumer(b).boxed()),
+    ("claim_dead_consumer", |b| claim_dead_consumer(b).boxed()),
+    ("start_from_latest", |b| start_from_latest(b).boxed()),
+    ("missing_group_is_an_error_without_create", |b| missing_group_is_an_error_without_create(b).boxed()),
+    ("same_consumer_name_twice_is_refused", |b| same_consumer_name_twice_is_refused(b).boxed()),
+    ("invalid_arguments_name_the_field", |b| invalid_arguments_name_the_field(b).boxed()),
+    ("closed_publisher_refuses", |b| closed_publisher_refuses(b).boxed()),
+    ("ten_thousand_end_to_end", |b| ten_thousand_end_to_end(b).boxed()),
+];
+
+/// Expands to one `#[tokio::test]` per scenario of the suite, each running against the
+/// [`TestBackend`] that `$backend` evaluates to (evaluated afresh in every test).
+///
+/// The calling crate needs `tokio` (with `macros` and `rt-multi-thread`) as a dev-dependency.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($backend:expr) => {
+        $crate::conformance_tests!(@each $backend;
+            round_trip publish_batch_keeps_order parallel_publishers topic_isolation
+            competing_consumers every_group_gets_every_message nack_redelivers_with_higher_count
+            nack_after_waits_for_the_delay no_second_delivery_while_unacked
+            settling_twice_is_an_error unacked_survive_close close_while_receiving
+            concurrent_closes_lose_nothing order_kept_for_one_consumer claim_dead_consumer
+            start_from_latest missing_group_is_an_error_without_create
+            same_consumer_name_twice_is_refused invalid_arguments_name_the_field
+            closed_publisher_refuses ten_thousand_end_to_end);
+    };
+    (@each $backend:expr; $($name:ident)*) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let backend = $backend;
+                $crate::testing::$name(&backend).await;
+            }
+        )*
+    };
+}
+
+/// A topic name no other test uses.
+pub fn unique_topic(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// The next delivery, failing the test on timeout, stream end or error.
+pub async fn recv(sub: &mut Subscription) -> Delivery {
+    match within("a delivery", sub.next()).await {
+        Some(Ok(d)) => d,
+        Some(Err(e)) => panic!("subscription yielded an error: {e}"),
+        None => panic!("subscription ended while a delivery was expected"),
+    }
+}
+
+/// Asserts that no delivery arrives within [`QUIET`].
+pub async fn expect_quiet(sub: &mut Subscription, why: &str) {
+    if let Ok(Some(item)) = tokio::time::timeout(QUIET, sub.next()).await {
+        panic!("{why}: got {item:?}");
+    }
+}
+
+fn numbered(n: u64) -> Message {
+    Message::new("test.numbered", &n).expect("encodable")
+}
+
+fn number(d: &Delivery) -> u64 {
+    d.message().decode().expect("a numbered test message")
+}
+
+async fn publish_numbers(publisher: &dyn Publisher, topic: &str, range: std::ops::Range<u64>) -> Vec<EntryId> {
+    let messages = range.map(numbered).collect();
+    publisher.publish_batch(topic, messages).await.expect("publish_batch")
+}
+
+fn opts(group: &str, consumer: &str) -> SubscribeOptions {
+    SubscribeOptions::new(group, consumer).block(Duration::from_millis(200))
+}
+
+async fn subscribe(subscriber: &dyn Subscriber, topic: &str, options: SubscribeOptions) -> Subscription {
+    subscriber.subscribe(topic, options).await.expect("subscribe")
+}
+
+async fn assert_nothing_pending(backend: &dyn TestBackend, topic: &str, group: &str) {
+    let pending = backend.pending(topic, group).await.expect("pending count");
+    assert_eq!(pending, 0, "entries left pending in group {group} of {topic}");
+}
+
+/// A message published with payload and metadata arrives intact, with full delivery info.
+pub async fn round_trip(backend: &dyn TestBackend) {
+    let topic = unique_topic("round-trip");
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g1", "c1")).await;
+
+    let payload = serde_json::json!({"symbol": "AAPL", "price": 150.25, "tags": ["a", "ü"]});
+    let sent = Message::new("price.update", &payload)
+        .expect("message")
+        .with_metadata("source", "market-feed")
+        .with_metadata("trace", "a=b;c");
+    let id = publisher.publish(&topic, sent.clone()).await.expect("publish");
+
+    let d = recv(&mut sub).await;
+    let got = d.message();
+    assert_eq!(d.id(), id);
+    assert_eq!(got.event_type(), "price.update");
+    assert_eq!(got.json().expect("json payload"), payload);
+    assert_eq!(got.metadata(), sent.metadata());
+    assert_eq!(got.uuid(), sent.uuid());
+    assert_eq!(got.timestamp_rfc3339(), sent.timestamp_rfc3339());
+    assert_eq!(d.delivery_count(), 1);
+    assert_eq!(d.info().stream(), topic);
+    assert_eq!(d.info().group(), "g1");
+    assert_eq!(d.info().consumer(), "c1");
+    d.ack().await.expect("ack");
+    subscriber.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g1").await;
+}
+
+/// A batch is stored in order and its ids increase.
+pub async fn publish_batch_keeps_order(backend: &dyn TestBackend) {
+    let topic = unique_topic("batch");
+    let publisher = backend.publisher().await.expect("publisher");
+    let ids = publish_numbers(&*publisher, &topic, 0..50).await;
+    assert_eq!(ids.len(), 50);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must increase: {ids:?}");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c").batch_size(7).max_in_flight(50)).await;
+    for (n, id) in ids.iter().enumerate() {
+        let d = recv(&mut sub).await;
+        assert_eq!((d.id(), number(&d)), (*id, n as u64));
+        d.ack().await.expect("ack");
+    }
+    subscriber.close().await.expect("close");
+}
+
+/// Ten publishers publishing at once lose nothing.
+pub async fn parallel_publishers(backend: &dyn TestBackend) {
+    let topic = unique_topic("parallel");
+    let publishers: Vec<_> = futures::future::try_join_all((0..10).map(|_| backend.publisher()))
+        .await
+        .expect("publishers");
+    let sends = publishers.iter().enumerate().map(|(p, publisher)| {
+        let topic = &topic;
+        async move {
+            for n in 0..100u64 {
+                publisher
+                    .publish(topic, numbered(p as u64 * 1000 + n))
+                    .await
+                    .expect("publish");
+            }
+        }
+    });
+    futures::future::join_all(sends).await;
+
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c").batch_size(100).max_in_flight(100)).await;
+    let mut seen = HashSet::new();
+    let mut last_per_publisher: HashMap<u64, u64> = HashMap::new();
+    for _ in 0..1000 {
+        let d = recv(&mut sub).await;
+        let n = number(&d);
+        assert!(seen.insert(n), "{n} delivered twice");
+        // Each publisher's own messages keep their order.
+        if let Some(prev) = last_per_publisher.insert(n / 1000, n % 1000) {
+            assert!(prev < n % 1000, "publisher {} out of order", n / 1000);
+        }
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(seen.len(), 1000);
+    subscriber.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
+}
+
+/// A subscription sees its own topic only.
+pub async fn topic_isolation(backend: &dyn TestBackend) {
+    let (a, b) = (unique_topic("iso-a"), unique_topic("iso-b"));
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub_a = subscribe(&*subscriber, &a, opts("g", "c")).await;
+    publish_numbers(&*publisher, &b, 100..110).await;
+    publish_numbers(&*publisher, &a, 0..5).await;
+    for n in 0..5 {
+        let d = recv(&mut sub_a).await;
+        assert_eq!(number(&d), n);
+        assert_eq!(d.info().stream(), a);
+        d.ack().await.expect("ack");
+    }
+    expect_quiet(&mut sub_a, "a message of another topic arrived").await;
+    subscriber.close().await.expect("close");
+}
+
+/// Consumers of one group share the work: each message is handled exactly once.
+pub async fn competing_consumers(backend: &dyn TestBackend) {
+    let topic = unique_topic("compete");
+    let publisher = backend.publisher().await.expect("publisher");
+    let total = 300u64;
+    let mut workers = Vec::new();
+    let mut subscribers = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for w in 0..3 {
+        let subscriber = backend.subscriber().await.expect("subscriber");
+        let mut sub = subscribe(&*subscriber, &topic, opts("workers", &format!("w{w}"))).await;
+        let tx = tx.clone();
+        workers.push(tokio::spawn(async move {
+            while let Some(Ok(d)) = sub.next().await {
+                let n = number(&d);
+                d.ack().await.expect("ack");
+                if tx.send((w, n)).is_err() {
+                    break;
+                }
+            }
+        }));
+        subscribers.push(subscriber);
+    }
+    drop(tx);
+    publish_numbers(&*publisher, &topic, 0..total).await;
+    let mut handled = HashSet::new();
+    while handled.len() < total as usize {
+        let (_, n) = within("competing consumers to finish", rx.recv())
+            .await
+            .expect("workers alive");
+        assert!(handled.insert(n), "message {n} handled twice in one group");
+    }
+    for s in &subscribers {
+        s.close().await.expect("close");
+    }
+    for w in workers {
+        within("a worker to stop after close", w).await.expect("worker");
+    }
+    while let Ok((_, n)) = rx.try_recv() {
+        panic!("message {n} handled again after all were handled");
+    }
+    assert_nothing_pending(backend, &topic, "workers").await;
+}
+
+/// Every group receives every message.
+pub async fn every_group_gets_every_message(backend: &dyn TestBackend) {
+    let topic = unique_topic("fanout");
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut subs = Vec::new();
+    for g in ["analytics", "billing", "audit"] {
+        subs.push((g, subscribe(&*subscriber, &topic, opts(g, "c").max_in_flight(50)).await));
+    }
+    publish_numbers(&*publisher, &topic, 0..50).await;
+    for (g, sub) in &mut subs {
+        for n in 0..50 {
+            let d = recv(sub).await;
+            assert_eq!(number(&d), n, "group {g}");
+            d.ack().await.expect("ack");
+        }
+    }
+    subscriber.close().await.expect("close");
+    drop(subs);
+    for g in ["analytics", "billing", "audit"] {
+        assert_nothing_pending(backend, &topic, g).await;
+    }
+}
+
+/// A nacked delivery comes back with a higher delivery count.
+pub async fn nack_redelivers_with_higher_count(backend: &dyn TestBackend) {
+    let topic = unique_topic("nack");
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c")).await;
+    let id = publisher.publish(&topic, numbered(7)).await.expect("publish");
+    let first = recv(&mut sub).await;
+    assert_eq!((first.id(), first.delivery_count()), (id, 1));
+    first.nack().await.expect("nack");
+    let second = recv(&mut sub).await;
+    assert_eq!((second.id(), number(&second)), (id, 7));
+    assert_eq!(second.delivery_count(), 2);
+    second.nack().await.expect("nack");
+    let third = recv(&mut sub).await;
+    assert_eq!(third.delivery_count(), 3);
+    third.ack().await.expect("ack");
+    expect_quiet(&mut sub, "an acked message came back").await;
+    subscriber.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
+}
+
+/// `nack_after(d)` redelivers no sooner than `d`.
+pub async fn nack_after_waits_for_the_delay(backend: &dyn TestBackend) {
+    let topic = unique_topic("nack-after");
+    let delay = Duration::from_millis(600);
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c")).await;
+    publisher.publish(&topic, numbered(1)).await.expect("publish");
+    let first = recv(&mut sub).await;
+    let nacked_at = Instant::now();
+    first.nack_after(delay).await.expect("nack_after");
+    let again = recv(&mut sub).await;
+    let waited = nacked_at.elapsed();
+    assert!(waited >= delay, "redelivered after {waited:?}, before the {delay:?} delay");
+    assert_eq!((again.id(), again.delivery_count()), (first.id(), 2));
+    again.ack().await.expect("ack");
+    subscriber.close().await.expect("close");
+}
+
+/// With one delivery in flight allowed, the next comes only after the first is settled.
+pub async fn no_second_delivery_while_unacked(backend: &dyn TestBackend) {
+    let topic = unique_topic("one-at-a-time");
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c").batch_size(10).max_in_flight(1)).await;
+    publish_numbers(&*publisher, &topic, 0..3).await;
+    let first = recv(&mut sub).await;
+    assert_eq!(number(&first), 0);
+    expect_quiet(&mut sub, "a second delivery while the first was unsettled").await;
+    first.ack().await.expect("ack");
+    let second = recv(&mut sub).await;
+    assert_eq!((number(&second), second.delivery_count()), (1, 1));
+    // Dropping unsettled frees the slot too; the entry stays pending.
+    drop(second);
+    let third = recv(&mut sub).await;
+    assert_eq!(number(&third), 2);
+    third.ack().await.expect("ack");
+    subscriber.close().await.expect("close");
+    assert_eq!(backend.pending(&topic, "g").await.expect("pending"), 1);
+}
+
+/// A second settlement is an error value, and the first one stands.
+pub async fn settling_twice_is_an_error(backend: &dyn TestBackend) {
+    let topic = unique_topic("settle-twice");
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c")).await;
+    publish_numbers(&*publisher, &topic, 0..1).await;
+    let d = recv(&mut sub).await;
+    d.ack().await.expect("first ack");
+    assert!(d.is_settled());
+    assert!(matches!(d.ack().await, Err(Error::AlreadySettled { .. })));
+    assert!(matches!(d.nack().await, Err(Error::AlreadySettled { .. })));
+    expect_quiet(&mut sub, "the nack after an ack must not redeliver").await;
+    subscriber.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
+}
+
+/// Deliveries not acked before the subscriber closes reach the next subscriber.
+pub async fn unacked_survive_close(backend: &dyn TestBackend) {
+    let topic = unique_topic("survive");
+    let publisher = backend.publisher().await.expect("publisher");
+    let ids = publish_numbers(&*publisher, &topic, 0..5).await;
+    let first = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*first, &topic, opts("g", "c").max_in_flight(5)).await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(recv(&mut sub).await);
+    }
+    first.close().await.expect("close");
+    // Settling after close must not acknowledge anything.
+    let late = held.pop().expect("held");
+    assert!(late.ack().await.is_err(), "ack after close must fail, not silently succeed");
+    drop(held);
+    drop(sub);
+
+    let second = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*second, &topic, opts("g", "c").max_in_flight(5)).await;
+    let mut again = Vec::new();
+    for _ in 0..5 {
+        let d = recv(&mut sub).await;
+        assert!(d.delivery_count() >= 2, "a redelivery counts: {:?}", d.info());
+        again.push(d.id());
+        d.ack().await.expect("ack");
+    }
+    again.sort();
+    assert_eq!(again, ids);
+    second.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
+}
+
+/// Closing while a consumer waits for the next delivery ends its stream, and loses nothing.
+pub async fn close_while_receiving(backend: &dyn TestBackend) {
+    let topic = unique_topic("close-recv");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c")).await;
+    let waiting = tokio::spawn(async move { sub.next().await.map(|r| r.map(|d| d.id())) });
+    tokio::task::yield_now().await;
+    subscriber.close().await.expect("close");
+    let ended = within("the stream to end after close", waiting).await.expect("task");
+    assert!(ended.is_none(), "stream yielded {ended:?} instead of ending");
+    assert!(
+        subscriber.subscribe(&topic, opts("g", "c2")).await.is_err(),
+        "a closed subscriber must refuse new subscriptions"
+    );
+
+    let publisher = backend.publisher().await.expect("publisher");
+    let id = publisher.publish(&topic, numbered(1)).await.expect("publish");
+    let next = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*next, &topic, opts("g", "c")).await;
+    let d = recv(&mut sub).await;
+    assert_eq!(d.id(), id);
+    d.ack().await.expect("ack");
+    next.close().await.expect("close");
+}
+
+/// Many concurrent closes all succeed; acked stays acked, unacked comes back.
+pub async fn concurrent_closes_lose_nothing(backend: &dyn TestBackend) {
+    let topic = unique_topic("close-many");
+    let publisher = backend.publisher().await.expect("publisher");
+    publish_numbers(&*publisher, &topic, 0..20).await;
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c").max_in_flight(20).batch_size(20)).await;
+    let mut unacked = Vec::new();
+    for i in 0..20 {
+        let d = recv(&mut sub).await;
+        if i % 2 == 0 {
+            d.ack().await.expect("ack");
+        } else {
+            unacked.push(d);
+        }
+    }
+    let closes = (0..8).map(|_| subscriber.close());
+    for r in futures::future::join_all(closes).await {
+        r.expect("concurrent close");
+    }
+    subscriber.close().await.expect("close again");
+    assert!(sub.next().await.is_none(), "stream must end after close");
+    let expected: HashSet<u64> = unacked.iter().map(number).collect();
+    drop(unacked);
+
+    let next = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*next, &topic, opts("g", "c").max_in_flight(20)).await;
+    let mut got = HashSet::new();
+    for _ in 0..expected.len() {
+        let d = recv(&mut sub).await;
+        got.insert(number(&d));
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(got, expected);
+    expect_quiet(&mut sub, "an acked message came back after close").await;
+    next.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
+}
+
+/// One consumer receives a stream's messages in the order they were published.
+pub async fn order_kept_for_one_consumer(backend: &dyn TestBackend) {
+    let topic = unique_topic("order");
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    for (group, in_flight) in [("one", 1), ("many", 64)] {
+        let mut sub = subscribe(&*subscriber, &topic, opts(group, "c").batch_size(32).max_in_flight(in_flight)).await;
+        if group == "one" {
+            for n in 0..500 {
+                publisher.publish(&topic, numbered(n)).await.expect("publish");
+            }
+        }
+        for n in 0..500 {
+            let d = recv(&mut sub).await;
+            assert_eq!(number(&d), n, "group {group} out of order");
+            d.ack().await.expect("ack");
+        }
+    }
+    subscriber.close().await.expect("close");
+}
+
+/// A consumer that went away holding entries: another consumer of the group reclaims them.
+pub async fn claim_dead_consumer(backend: &dyn TestBackend) {
+    let topic = unique_topic("claim");
+    let publisher = backend.publisher().await.expect("publisher");
+    let ids = publish_numbers(&*publisher, &topic, 0..10).await;
+
+    let dead = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*dead, &topic, opts("g", "dead").max_in_flight(10)).await;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(recv(&mut sub).await);
+    }
+    dead.close().await.expect("close");
+    drop(held);
+    drop(sub);
+
+    let live = backend.subscriber().await.expect("subscriber");
+    let reclaim = ReclaimOptions::new(Duration::from_millis(100), Duration::from_millis(300));
+    let mut sub = subscribe(&*live, &topic, opts("g", "live").max_in_flight(10).reclaim(reclaim)).await;
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let d = recv(&mut sub).await;
+        assert!(d.delivery_count() >= 2, "a claimed entry was delivered before: {:?}", d.info());
+        assert_eq!(d.info().consumer(), "live");
+        got.push(d.id());
+        d.ack().await.expect("ack");
+    }
+    got.sort();
+    assert_eq!(got, ids);
+    live.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
+}
+
+/// A group created from `$` sees only what is published after it.
+pub async fn start_from_latest(backend: &dyn TestBackend) {
+    let topic = unique_topic("latest");
+    let publisher = backend.publisher().await.expect("publisher");
+    publish_numbers(&*publisher, &topic, 0..3).await;
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut latest = subscribe(&*subscriber, &topic, opts("new", "c").start_from(StartFrom::Latest)).await;
+    let mut all = subscribe(&*subscriber, &topic, opts("all", "c").start_from(StartFrom::Beginning)).await;
+    publish_numbers(&*publisher, &topic, 3..5).await;
+    for n in 3..5 {
+        let d = recv(&mut latest).await;
+        assert_eq!(number(&d), n);
+        d.ack().await.expect("ack");
+    }
+    for n in 0..5 {
+        let d = recv(&mut all).await;
+        assert_eq!(number(&d), n);
+        d.ack().await.expect("ack");
+    }
+    subscriber.close().await.expect("close");
+}
+
+/// Without group creation, subscribing to a missing group is `GroupNotFound`.
+pub async fn missing_group_is_an_error_without_create(backend: &dyn TestBackend) {
+    let topic = unique_topic("no-group");
+    let publisher = backend.publisher().await.expect("publisher");
+    publish_numbers(&*publisher, &topic, 0..1).await;
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    match subscriber.subscribe(&topic, opts("absent", "c").create_group(false)).await {
+        Err(Error::GroupNotFound { stream, group }) => assert_eq!((stream, group), (topic.clone(), "absent".into())),
+        other => panic!("expected GroupNotFound, got {other:?}"),
+    }
+    let missing_stream = unique_topic("no-stream");
+    assert!(matches!(
+        subscriber.subscribe(&missing_stream, opts("g", "c").create_group(false)).await,
+        Err(Error::GroupNotFound { .. })
+    ));
+    subscriber.close().await.expect("close");
+}
+
+/// A consumer name is live once per group.
+pub async fn same_consumer_name_twice_is_refused(backend: &dyn TestBackend) {
+    let topic = unique_topic("same-name");
+    let first = backend.subscriber().await.expect("subscriber");
+    let second = backend.subscriber().await.expect("subscriber");
+    let sub = subscribe(&*first, &topic, opts("g", "worker-1")).await;
+    match second.subscribe(&topic, opts("g", "worker-1")).await {
+        Err(Error::ConsumerActive { consumer, .. }) => assert_eq!(consumer, "worker-1"),
+        other => panic!("expected ConsumerActive, got {other:?}"),
+    }
+    // Another group may use the name.
+    let other_group = subscribe(&*second, &topic, opts("g2", "worker-1")).await;
+    first.close().await.expect("close");
+    drop(sub);
+    // Once the first is gone, the name is free again.
+    let again = second.subscribe(&topic, opts("g", "worker-1")).await;
+    assert!(again.is_ok(), "name still taken after close: {again:?}");
+    drop(other_group);
+    second.close().await.expect("close");
+}
+
+/// Bad arguments are typed errors that name the field.
+pub async fn invalid_arguments_name_the_field(backend: &dyn TestBackend) {
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    for bad in ["", "has space", "dots.are.not.allowed", "slash/no"] {
+        let err = publisher.publish(bad, numbered(1)).await.expect_err("bad topic accepted");
+        assert_eq!(err.invalid_field(), Some("topic"), "{bad:?}: {err}");
+        let err = subscriber.subscribe(bad, opts("g", "c")).await.expect_err("bad topic accepted");
+        assert_eq!(err.invalid_field(), Some("topic"), "{bad:?}: {err}");
+    }
+    let topic = unique_topic("invalid");
+    let cases = [
+        (opts("", "c"), "group"),
+        (opts("g", ""), "consumer"),
+        (opts("g h", "c"), "group"),
+        (opts("g", "c").batch_size(0), "batch_size"),
+        (opts("g", "c").max_in_flight(0), "max_in_flight"),
+        (opts("g", "c").block(Duration::ZERO), "block"),
+    ];
+    for (options, field) in cases {
+        let err = subscriber.subscribe(&topic, options).await.expect_err("bad options accepted");
+        assert_eq!(err.invalid_field(), Some(field), "{err}");
+    }
+    let err = publisher
+        .publish_batch(&topic, vec![numbered(1), numbered(2)])
+        .await
+        .and_then(|_| publisher.publish_batch("bad topic", vec![numbered(3)]).now_or_never().expect("ready"));
+    assert_eq!(err.expect_err("bad topic").invalid_field(), Some("topic"));
+    subscriber.close().await.expect("close");
+}
+
+/// A closed publisher refuses to publish; closing twice is fine.
+pub async fn closed_publisher_refuses(backend: &dyn TestBackend) {
+    let publisher = backend.publisher().await.expect("publisher");
+    let topic = unique_topic("closed");
+    publisher.publish(&topic, numbered(1)).await.expect("publish");
+    publisher.close().await.expect("close");
+    publisher.close().await.expect("close twice");
+    assert!(matches!(publisher.publish(&topic, numbered(2)).await, Err(Error::Closed(_))));
+    assert!(matches!(
+        publisher.publish_batch(&topic, vec![numbered(3)]).await,
+        Err(Error::Closed(_))
+    ));
+}
+
+/// 10,000 messages from ten concurrent publishers, consumed and acked: none lost, none twice.
+pub async fn ten_thousand_end_to_end(backend: &dyn TestBackend) {
+    let topic = unique_topic("ten-thousand");
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c").batch_size(100).max_in_flight(200)).await;
+    let consumer = tokio::spawn(async move {
+        let mut seen = HashSet::with_capacity(10_000);
+        while seen.len() < 10_000 {
+            let d = recv(&mut sub).await;
+            assert!(seen.insert(number(&d)), "delivered twice");
+            d.ack().await.expect("ack");
+        }
+        sub
+    });
+    let sends = (0..10u64).map(|p| {
+        let publisher = &publisher;
+        let topic = &topic;
+        async move {
+            for batch in 0..10u64 {
+                let start = p * 1000 + batch * 100;
+                publish_numbers(&**publisher, topic, start..start + 100).await;
+            }
+        }
+    });
+    futures::future::join_all(sends).await;
+    let mut sub = within("10,000 messages to be consumed", consumer).await.expect("consumer");
+    expect_quiet(&mut sub, "a message beyond the 10,000").await;
+    subscriber.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
+}
