@@ -304,10 +304,8 @@ impl SubscribeOptions {
         if self.block.is_zero() {
             return Err(Error::invalid("block", "must be longer than zero"));
         }
-        if let Some(r) = self.reclaim {
-            if r.interval.is_zero() {
-                return Err(Error::invalid("reclaim.interval", "must be longer than zero"));
-            }
+        if self.reclaim.is_some_and(|r| r.interval.is_zero()) {
+            return Err(Error::invalid("reclaim.interval", "must be longer than zero"));
         }
         Ok(())
     }

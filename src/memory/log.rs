@@ -26,9 +26,11 @@ struct Group {
     last_delivered: EntryId,
     pending: BTreeMap<EntryId, Pending>,
     /// Nacked entries by the time they may be delivered again.
-    retry: BTreeSet<(Instant, EntryId)>,
+    retry: RetryQueue,
     live_consumers: HashSet<Arc<str>>,
 }
+
+type RetryQueue = BTreeSet<(Instant, EntryId)>;
 
 #[derive(Debug)]
 struct Pending {
@@ -141,9 +143,7 @@ impl StreamLog {
         plan: FetchPlan,
         out: &mut Vec<Fetched>,
     ) -> Option<Instant> {
-        let Some(gi) = self.group_index(group) else {
-            return None;
-        };
+        let gi = self.group_index(group)?;
         let start = out.len();
         let mut redeliver: Vec<EntryId> = Vec::new();
 
@@ -166,8 +166,10 @@ impl StreamLog {
                 .map(|(id, _)| *id);
             redeliver.extend(own.take(budget - redeliver.len()));
         }
-        if let Some(min_idle) = plan.reclaim_min_idle {
-            if redeliver.len() < budget {
+        if let Some(min_idle) = plan.reclaim_min_idle
+            && redeliver.len() < budget
+        {
+            {
                 let idle = group_state
                     .pending
                     .iter()
@@ -260,28 +262,35 @@ impl StreamLog {
         }
     }
 
+    /// The pending entry `id`, if the live subscription of `consumer` holds it, and the
+    /// group's retry queue.
+    fn held_by(
+        &mut self,
+        group: &str,
+        id: EntryId,
+        consumer: &str,
+    ) -> Option<(&mut Pending, &mut RetryQueue)> {
+        let gi = self.group_index(group)?;
+        let Group { pending, retry, .. } = &mut self.groups[gi];
+        let p = pending
+            .get_mut(&id)
+            .filter(|p| p.in_flight && &*p.consumer == consumer)?;
+        Some((p, retry))
+    }
+
     /// Makes `id`, held by `consumer`, deliverable again from `ready_at` on.
     pub(crate) fn nack(&mut self, group: &str, id: EntryId, consumer: &str, ready_at: Instant) {
-        if let Some(gi) = self.group_index(group) {
-            let g = &mut self.groups[gi];
-            if let Some(p) = g.pending.get_mut(&id) {
-                if p.in_flight && &*p.consumer == consumer {
-                    p.in_flight = false;
-                    p.retry_at = Some(ready_at);
-                    g.retry.insert((ready_at, id));
-                }
-            }
+        if let Some((p, retry)) = self.held_by(group, id, consumer) {
+            p.in_flight = false;
+            p.retry_at = Some(ready_at);
+            retry.insert((ready_at, id));
         }
     }
 
     /// `id` is no longer held by `consumer`'s subscription but stays pending, owned by it.
     pub(crate) fn release(&mut self, group: &str, id: EntryId, consumer: &str) {
-        if let Some(gi) = self.group_index(group) {
-            if let Some(p) = self.groups[gi].pending.get_mut(&id) {
-                if p.in_flight && &*p.consumer == consumer {
-                    p.in_flight = false;
-                }
-            }
+        if let Some((p, _)) = self.held_by(group, id, consumer) {
+            p.in_flight = false;
         }
     }
 }

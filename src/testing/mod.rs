@@ -69,25 +69,49 @@ pub type Scenario = for<'a> fn(&'a dyn TestBackend) -> BoxFuture<'a, ()>;
 /// Every scenario, by name: for runners other than [`conformance_tests!`](crate::conformance_tests).
 pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("round_trip", |b| round_trip(b).boxed()),
-    ("publish_batch_keeps_order", |b| publish_batch_keeps_order(b).boxed()),
+    ("publish_batch_keeps_order", |b| {
+        publish_batch_keeps_order(b).boxed()
+    }),
     ("parallel_publishers", |b| parallel_publishers(b).boxed()),
     ("topic_isolation", |b| topic_isolation(b).boxed()),
     ("competing_consumers", |b| competing_consumers(b).boxed()),
-    ("every_group_gets_every_message", |b| every_group_gets_every_message(b).boxed()),
-    ("nack_redelivers_with_higher_count", |b| nack_redelivers_with_higher_count(b).boxed()),
-    ("nack_after_waits_for_the_delay", |b| nack_after_waits_for_the_delay(b).boxed()),
-    ("no_second_delivery_while_unacked", |b| no_second_delivery_while_unacked(b).boxed()),
-    ("settling_twice_is_an_error", |b| settling_twice_is_an_error(b).boxed()),
+    ("every_group_gets_every_message", |b| {
+        every_group_gets_every_message(b).boxed()
+    }),
+    ("nack_redelivers_with_higher_count", |b| {
+        nack_redelivers_with_higher_count(b).boxed()
+    }),
+    ("nack_after_waits_for_the_delay", |b| {
+        nack_after_waits_for_the_delay(b).boxed()
+    }),
+    ("no_second_delivery_while_unacked", |b| {
+        no_second_delivery_while_unacked(b).boxed()
+    }),
+    ("settling_twice_is_an_error", |b| {
+        settling_twice_is_an_error(b).boxed()
+    }),
     ("unacked_survive_close", |b| unacked_survive_close(b).boxed()),
     ("close_while_receiving", |b| close_while_receiving(b).boxed()),
-    ("concurrent_closes_lose_nothing", |b| concurrent_closes_lose_nothing(b).boxed()),
-    ("order_kept_for_one_consumer", |b| order_kept_for_one_consumer(b).boxed()),
+    ("concurrent_closes_lose_nothing", |b| {
+        concurrent_closes_lose_nothing(b).boxed()
+    }),
+    ("order_kept_for_one_consumer", |b| {
+        order_kept_for_one_consumer(b).boxed()
+    }),
     ("claim_dead_consumer", |b| claim_dead_consumer(b).boxed()),
     ("start_from_latest", |b| start_from_latest(b).boxed()),
-    ("missing_group_is_an_error_without_create", |b| missing_group_is_an_error_without_create(b).boxed()),
-    ("same_consumer_name_twice_is_refused", |b| same_consumer_name_twice_is_refused(b).boxed()),
-    ("invalid_arguments_name_the_field", |b| invalid_arguments_name_the_field(b).boxed()),
-    ("closed_publisher_refuses", |b| closed_publisher_refuses(b).boxed()),
+    ("missing_group_is_an_error_without_create", |b| {
+        missing_group_is_an_error_without_create(b).boxed()
+    }),
+    ("same_consumer_name_twice_is_refused", |b| {
+        same_consumer_name_twice_is_refused(b).boxed()
+    }),
+    ("invalid_arguments_name_the_field", |b| {
+        invalid_arguments_name_the_field(b).boxed()
+    }),
+    ("closed_publisher_refuses", |b| {
+        closed_publisher_refuses(b).boxed()
+    }),
     ("ten_thousand_end_to_end", |b| ten_thousand_end_to_end(b).boxed()),
 ];
 
@@ -155,9 +179,16 @@ fn number(d: &Delivery) -> u64 {
     d.message().decode().expect("a numbered test message")
 }
 
-async fn publish_numbers(publisher: &dyn Publisher, topic: &str, range: std::ops::Range<u64>) -> Vec<EntryId> {
+async fn publish_numbers(
+    publisher: &dyn Publisher,
+    topic: &str,
+    range: std::ops::Range<u64>,
+) -> Vec<EntryId> {
     let messages = range.map(numbered).collect();
-    publisher.publish_batch(topic, messages).await.expect("publish_batch")
+    publisher
+        .publish_batch(topic, messages)
+        .await
+        .expect("publish_batch")
 }
 
 fn opts(group: &str, consumer: &str) -> SubscribeOptions {
@@ -212,7 +243,12 @@ pub async fn publish_batch_keeps_order(backend: &dyn TestBackend) {
     assert_eq!(ids.len(), 50);
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must increase: {ids:?}");
     let subscriber = backend.subscriber().await.expect("subscriber");
-    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c").batch_size(7).max_in_flight(50)).await;
+    let mut sub = subscribe(
+        &*subscriber,
+        &topic,
+        opts("g", "c").batch_size(7).max_in_flight(50),
+    )
+    .await;
     for (n, id) in ids.iter().enumerate() {
         let d = recv(&mut sub).await;
         assert_eq!((d.id(), number(&d)), (*id, n as u64));
@@ -241,7 +277,12 @@ pub async fn parallel_publishers(backend: &dyn TestBackend) {
     futures::future::join_all(sends).await;
 
     let subscriber = backend.subscriber().await.expect("subscriber");
-    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c").batch_size(100).max_in_flight(100)).await;
+    let mut sub = subscribe(
+        &*subscriber,
+        &topic,
+        opts("g", "c").batch_size(100).max_in_flight(100),
+    )
+    .await;
     let mut seen = HashSet::new();
     let mut last_per_publisher: HashMap<u64, u64> = HashMap::new();
     for _ in 0..1000 {
@@ -315,7 +356,7 @@ pub async fn competing_consumers(backend: &dyn TestBackend) {
     for w in workers {
         within("a worker to stop after close", w).await.expect("worker");
     }
-    while let Ok((_, n)) = rx.try_recv() {
+    if let Ok((_, n)) = rx.try_recv() {
         panic!("message {n} handled again after all were handled");
     }
     assert_nothing_pending(backend, &topic, "workers").await;
@@ -328,7 +369,10 @@ pub async fn every_group_gets_every_message(backend: &dyn TestBackend) {
     let subscriber = backend.subscriber().await.expect("subscriber");
     let mut subs = Vec::new();
     for g in ["analytics", "billing", "audit"] {
-        subs.push((g, subscribe(&*subscriber, &topic, opts(g, "c").max_in_flight(50)).await));
+        subs.push((
+            g,
+            subscribe(&*subscriber, &topic, opts(g, "c").max_in_flight(50)).await,
+        ));
     }
     publish_numbers(&*publisher, &topic, 0..50).await;
     for (g, sub) in &mut subs {
@@ -380,7 +424,10 @@ pub async fn nack_after_waits_for_the_delay(backend: &dyn TestBackend) {
     first.nack_after(delay).await.expect("nack_after");
     let again = recv(&mut sub).await;
     let waited = nacked_at.elapsed();
-    assert!(waited >= delay, "redelivered after {waited:?}, before the {delay:?} delay");
+    assert!(
+        waited >= delay,
+        "redelivered after {waited:?}, before the {delay:?} delay"
+    );
     assert_eq!((again.id(), again.delivery_count()), (first.id(), 2));
     again.ack().await.expect("ack");
     subscriber.close().await.expect("close");
@@ -391,7 +438,12 @@ pub async fn no_second_delivery_while_unacked(backend: &dyn TestBackend) {
     let topic = unique_topic("one-at-a-time");
     let publisher = backend.publisher().await.expect("publisher");
     let subscriber = backend.subscriber().await.expect("subscriber");
-    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c").batch_size(10).max_in_flight(1)).await;
+    let mut sub = subscribe(
+        &*subscriber,
+        &topic,
+        opts("g", "c").batch_size(10).max_in_flight(1),
+    )
+    .await;
     publish_numbers(&*publisher, &topic, 0..3).await;
     let first = recv(&mut sub).await;
     assert_eq!(number(&first), 0);
@@ -439,7 +491,10 @@ pub async fn unacked_survive_close(backend: &dyn TestBackend) {
     first.close().await.expect("close");
     // Settling after close must not acknowledge anything.
     let late = held.pop().expect("held");
-    assert!(late.ack().await.is_err(), "ack after close must fail, not silently succeed");
+    assert!(
+        late.ack().await.is_err(),
+        "ack after close must fail, not silently succeed"
+    );
     drop(held);
     drop(sub);
 
@@ -466,7 +521,9 @@ pub async fn close_while_receiving(backend: &dyn TestBackend) {
     let waiting = tokio::spawn(async move { sub.next().await.map(|r| r.map(|d| d.id())) });
     tokio::task::yield_now().await;
     subscriber.close().await.expect("close");
-    let ended = within("the stream to end after close", waiting).await.expect("task");
+    let ended = within("the stream to end after close", waiting)
+        .await
+        .expect("task");
     assert!(ended.is_none(), "stream yielded {ended:?} instead of ending");
     assert!(
         subscriber.subscribe(&topic, opts("g", "c2")).await.is_err(),
@@ -489,7 +546,12 @@ pub async fn concurrent_closes_lose_nothing(backend: &dyn TestBackend) {
     let publisher = backend.publisher().await.expect("publisher");
     publish_numbers(&*publisher, &topic, 0..20).await;
     let subscriber = backend.subscriber().await.expect("subscriber");
-    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c").max_in_flight(20).batch_size(20)).await;
+    let mut sub = subscribe(
+        &*subscriber,
+        &topic,
+        opts("g", "c").max_in_flight(20).batch_size(20),
+    )
+    .await;
     let mut unacked = Vec::new();
     for i in 0..20 {
         let d = recv(&mut sub).await;
@@ -528,7 +590,12 @@ pub async fn order_kept_for_one_consumer(backend: &dyn TestBackend) {
     let publisher = backend.publisher().await.expect("publisher");
     let subscriber = backend.subscriber().await.expect("subscriber");
     for (group, in_flight) in [("one", 1), ("many", 64)] {
-        let mut sub = subscribe(&*subscriber, &topic, opts(group, "c").batch_size(32).max_in_flight(in_flight)).await;
+        let mut sub = subscribe(
+            &*subscriber,
+            &topic,
+            opts(group, "c").batch_size(32).max_in_flight(in_flight),
+        )
+        .await;
         if group == "one" {
             for n in 0..500 {
                 publisher.publish(&topic, numbered(n)).await.expect("publish");
@@ -561,11 +628,20 @@ pub async fn claim_dead_consumer(backend: &dyn TestBackend) {
 
     let live = backend.subscriber().await.expect("subscriber");
     let reclaim = ReclaimOptions::new(Duration::from_millis(100), Duration::from_millis(300));
-    let mut sub = subscribe(&*live, &topic, opts("g", "live").max_in_flight(10).reclaim(reclaim)).await;
+    let mut sub = subscribe(
+        &*live,
+        &topic,
+        opts("g", "live").max_in_flight(10).reclaim(reclaim),
+    )
+    .await;
     let mut got = Vec::new();
     for _ in 0..10 {
         let d = recv(&mut sub).await;
-        assert!(d.delivery_count() >= 2, "a claimed entry was delivered before: {:?}", d.info());
+        assert!(
+            d.delivery_count() >= 2,
+            "a claimed entry was delivered before: {:?}",
+            d.info()
+        );
         assert_eq!(d.info().consumer(), "live");
         got.push(d.id());
         d.ack().await.expect("ack");
@@ -582,8 +658,18 @@ pub async fn start_from_latest(backend: &dyn TestBackend) {
     let publisher = backend.publisher().await.expect("publisher");
     publish_numbers(&*publisher, &topic, 0..3).await;
     let subscriber = backend.subscriber().await.expect("subscriber");
-    let mut latest = subscribe(&*subscriber, &topic, opts("new", "c").start_from(StartFrom::Latest)).await;
-    let mut all = subscribe(&*subscriber, &topic, opts("all", "c").start_from(StartFrom::Beginning)).await;
+    let mut latest = subscribe(
+        &*subscriber,
+        &topic,
+        opts("new", "c").start_from(StartFrom::Latest),
+    )
+    .await;
+    let mut all = subscribe(
+        &*subscriber,
+        &topic,
+        opts("all", "c").start_from(StartFrom::Beginning),
+    )
+    .await;
     publish_numbers(&*publisher, &topic, 3..5).await;
     for n in 3..5 {
         let d = recv(&mut latest).await;
@@ -604,13 +690,20 @@ pub async fn missing_group_is_an_error_without_create(backend: &dyn TestBackend)
     let publisher = backend.publisher().await.expect("publisher");
     publish_numbers(&*publisher, &topic, 0..1).await;
     let subscriber = backend.subscriber().await.expect("subscriber");
-    match subscriber.subscribe(&topic, opts("absent", "c").create_group(false)).await {
-        Err(Error::GroupNotFound { stream, group }) => assert_eq!((stream, group), (topic.clone(), "absent".into())),
+    match subscriber
+        .subscribe(&topic, opts("absent", "c").create_group(false))
+        .await
+    {
+        Err(Error::GroupNotFound { stream, group }) => {
+            assert_eq!((stream, group), (topic.clone(), "absent".into()))
+        }
         other => panic!("expected GroupNotFound, got {other:?}"),
     }
     let missing_stream = unique_topic("no-stream");
     assert!(matches!(
-        subscriber.subscribe(&missing_stream, opts("g", "c").create_group(false)).await,
+        subscriber
+            .subscribe(&missing_stream, opts("g", "c").create_group(false))
+            .await,
         Err(Error::GroupNotFound { .. })
     ));
     subscriber.close().await.expect("close");
@@ -642,9 +735,15 @@ pub async fn invalid_arguments_name_the_field(backend: &dyn TestBackend) {
     let publisher = backend.publisher().await.expect("publisher");
     let subscriber = backend.subscriber().await.expect("subscriber");
     for bad in ["", "has space", "dots.are.not.allowed", "slash/no"] {
-        let err = publisher.publish(bad, numbered(1)).await.expect_err("bad topic accepted");
+        let err = publisher
+            .publish(bad, numbered(1))
+            .await
+            .expect_err("bad topic accepted");
         assert_eq!(err.invalid_field(), Some("topic"), "{bad:?}: {err}");
-        let err = subscriber.subscribe(bad, opts("g", "c")).await.expect_err("bad topic accepted");
+        let err = subscriber
+            .subscribe(bad, opts("g", "c"))
+            .await
+            .expect_err("bad topic accepted");
         assert_eq!(err.invalid_field(), Some("topic"), "{bad:?}: {err}");
     }
     let topic = unique_topic("invalid");
@@ -657,13 +756,21 @@ pub async fn invalid_arguments_name_the_field(backend: &dyn TestBackend) {
         (opts("g", "c").block(Duration::ZERO), "block"),
     ];
     for (options, field) in cases {
-        let err = subscriber.subscribe(&topic, options).await.expect_err("bad options accepted");
+        let err = subscriber
+            .subscribe(&topic, options)
+            .await
+            .expect_err("bad options accepted");
         assert_eq!(err.invalid_field(), Some(field), "{err}");
     }
     let err = publisher
         .publish_batch(&topic, vec![numbered(1), numbered(2)])
         .await
-        .and_then(|_| publisher.publish_batch("bad topic", vec![numbered(3)]).now_or_never().expect("ready"));
+        .and_then(|_| {
+            publisher
+                .publish_batch("bad topic", vec![numbered(3)])
+                .now_or_never()
+                .expect("ready")
+        });
     assert_eq!(err.expect_err("bad topic").invalid_field(), Some("topic"));
     subscriber.close().await.expect("close");
 }
@@ -675,7 +782,10 @@ pub async fn closed_publisher_refuses(backend: &dyn TestBackend) {
     publisher.publish(&topic, numbered(1)).await.expect("publish");
     publisher.close().await.expect("close");
     publisher.close().await.expect("close twice");
-    assert!(matches!(publisher.publish(&topic, numbered(2)).await, Err(Error::Closed(_))));
+    assert!(matches!(
+        publisher.publish(&topic, numbered(2)).await,
+        Err(Error::Closed(_))
+    ));
     assert!(matches!(
         publisher.publish_batch(&topic, vec![numbered(3)]).await,
         Err(Error::Closed(_))
@@ -687,7 +797,12 @@ pub async fn ten_thousand_end_to_end(backend: &dyn TestBackend) {
     let topic = unique_topic("ten-thousand");
     let publisher = backend.publisher().await.expect("publisher");
     let subscriber = backend.subscriber().await.expect("subscriber");
-    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c").batch_size(100).max_in_flight(200)).await;
+    let mut sub = subscribe(
+        &*subscriber,
+        &topic,
+        opts("g", "c").batch_size(100).max_in_flight(200),
+    )
+    .await;
     let consumer = tokio::spawn(async move {
         let mut seen = HashSet::with_capacity(10_000);
         while seen.len() < 10_000 {
@@ -708,7 +823,9 @@ pub async fn ten_thousand_end_to_end(backend: &dyn TestBackend) {
         }
     });
     futures::future::join_all(sends).await;
-    let mut sub = within("10,000 messages to be consumed", consumer).await.expect("consumer");
+    let mut sub = within("10,000 messages to be consumed", consumer)
+        .await
+        .expect("consumer");
     expect_quiet(&mut sub, "a message beyond the 10,000").await;
     subscriber.close().await.expect("close");
     assert_nothing_pending(backend, &topic, "g").await;
