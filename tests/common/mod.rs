@@ -1,0 +1,189 @@
+//! Test harness: a private `redis-server` per test, on a free loopback port, with persistence
+//! off. It is killed when the handle drops, so each test stops its own server even when it
+//! fails. The machine's own server on 6379 is never used.
+//!
+//! One server per test (rather than per test binary) because a static shared server is never
+//! dropped, so it would outlive `cargo test`; per-test servers also keep tests from seeing each
+//! other's keys. Starting one takes a few milliseconds.
+
+#![allow(dead_code, unreachable_pub)] // each test binary uses part of the harness
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to answer PING after it was started.
+const STARTUP: Duration = Duration::from_secs(10);
+
+/// A running `redis-server` owned by one test.
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts a server with persistence off.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments (for example
+    /// `["--appendonly", "yes"]`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = scratch_dir();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut last_log = String::new();
+        // A free port can be taken by someone else between our probe and the server's bind;
+        // try a few ports before giving up.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = spawn(port, &dir, &extra);
+            match wait_ready(&mut child, port) {
+                Ok(()) => {
+                    return RedisServer {
+                        child,
+                        port,
+                        dir,
+                        extra,
+                    };
+                }
+                Err(log) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_log = log;
+                }
+            }
+        }
+        panic!("redis-server did not start after 5 attempts; last output:\n{last_log}");
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's data directory (for AOF/RDB files of persistence tests).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port and directory, after [`kill`](Self::kill).
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut child = spawn(self.port, &self.dir, &self.extra);
+        if let Err(log) = wait_ready(&mut child, self.port) {
+            let _ = child.kill();
+            panic!("redis-server did not restart on port {}:\n{log}", self.port);
+        }
+        self.child = child;
+    }
+
+    /// Sends one inline command and returns the first line of the reply (for example
+    /// `+PONG`). Enough for harness checks without a client library.
+    pub fn command(&self, line: &str) -> String {
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).expect("connect to test redis");
+        stream.set_read_timeout(Some(STARTUP)).expect("timeout");
+        stream.write_all(format!("{line}\r\n").as_bytes()).expect("send");
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply).expect("reply");
+        reply.trim_end().to_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn scratch_dir() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "streamwise-redis-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create a scratch directory for redis-server");
+    dir
+}
+
+fn free_port() -> u16 {
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a free port");
+        let port = listener.local_addr().expect("local addr").port();
+        if port != 6379 {
+            return port;
+        }
+    }
+}
+
+fn spawn(port: u16, dir: &Path, extra: &[String]) -> Child {
+    let mut command = Command::new("redis-server");
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    match command.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server is not installed, and the Redis tests need it. \
+             Install it with `apt-get install redis-server`, or run `scripts/test`, which does."
+        ),
+        Err(e) => panic!("cannot start redis-server: {e}"),
+    }
+}
+
+/// Waits until the server answers PING; on failure returns what it printed.
+fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + STARTUP;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status}:\n{}", output(child)));
+        }
+        if let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut reply = [0u8; 7];
+            if stream.write_all(b"PING\r\n").is_ok()
+                && stream.read_exact(&mut reply).is_ok()
+                && &reply == b"+PONG\r\n"
+            {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(format!("no answer to PING within {STARTUP:?}"))
+}
+
+fn output(child: &mut Child) -> String {
+    let mut text = String::new();
+    if let Some(out) = child.stdout.as_mut() {
+        let _ = out.read_to_string(&mut text);
+    }
+    if let Some(err) = child.stderr.as_mut() {
+        let _ = err.read_to_string(&mut text);
+    }
+    text
+}
