@@ -33,11 +33,14 @@
 //! Delivery is at-least-once: an entry leaves its group's pending list only when acked. A
 //! [`Delivery`] is settled exactly once; settling again is an [`Error::AlreadySettled`] value.
 
+pub mod dead_letter;
 pub mod delivery;
 pub mod error;
 pub mod memory;
 pub mod message;
 pub mod pubsub;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "testing")]
 pub mod testing;
 

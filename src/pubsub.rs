@@ -186,12 +186,13 @@ pub struct SubscribeOptions {
     start_from: StartFrom,
     create_group: bool,
     reclaim: Option<ReclaimOptions>,
+    max_deliveries: u64,
 }
 
 impl SubscribeOptions {
     /// Options for consumer `consumer` in group `group`, with the defaults: batches of 10,
     /// at most 10 deliveries in flight, 5 s blocking reads, group created from the beginning
-    /// when missing, no reclaim.
+    /// when missing, no reclaim, dead-letter after 10 deliveries.
     pub fn new(group: impl Into<String>, consumer: impl Into<String>) -> Self {
         SubscribeOptions {
             group: group.into(),
@@ -202,6 +203,7 @@ impl SubscribeOptions {
             start_from: StartFrom::Beginning,
             create_group: true,
             reclaim: None,
+            max_deliveries: 10,
         }
     }
 
@@ -250,6 +252,14 @@ impl SubscribeOptions {
         self
     }
 
+    /// After this many deliveries an entry is not delivered again: it goes to the dead-letter
+    /// stream `<topic>-dead` with the reason, and is acknowledged. Default 10.
+    #[must_use]
+    pub fn max_deliveries(mut self, n: u64) -> Self {
+        self.max_deliveries = n;
+        self
+    }
+
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.group
@@ -290,6 +300,11 @@ impl SubscribeOptions {
         self.reclaim
     }
 
+    /// The delivery limit.
+    pub fn max_deliveries_value(&self) -> u64 {
+        self.max_deliveries
+    }
+
     /// Checks every option, naming the first bad one. Backends call this in `subscribe`.
     pub fn validate(&self, topic: &str) -> Result<()> {
         validate_name("topic", topic)?;
@@ -300,6 +315,9 @@ impl SubscribeOptions {
         }
         if self.max_in_flight == 0 {
             return Err(Error::invalid("max_in_flight", "must be at least 1"));
+        }
+        if self.max_deliveries == 0 {
+            return Err(Error::invalid("max_deliveries", "must be at least 1"));
         }
         if self.block.is_zero() {
             return Err(Error::invalid("block", "must be longer than zero"));
@@ -407,6 +425,7 @@ mod tests {
             (ok.clone().batch_size(0), "t", "batch_size"),
             (ok.clone().max_in_flight(0), "t", "max_in_flight"),
             (ok.clone().block(Duration::ZERO), "t", "block"),
+            (ok.clone().max_deliveries(0), "t", "max_deliveries"),
             (
                 ok.clone()
                     .reclaim(ReclaimOptions::new(Duration::ZERO, Duration::ZERO)),

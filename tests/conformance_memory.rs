@@ -27,7 +27,7 @@ streamwise::conformance_tests!(Memory(MemoryBackend::new()));
 async fn scenario_table_matches_the_macro() {
     // The macro and SCENARIOS list the same scenarios; running the table proves every
     // entry runs, and its length guards against a scenario added to one list only.
-    assert_eq!(streamwise::testing::SCENARIOS.len(), 21);
+    assert_eq!(streamwise::testing::SCENARIOS.len(), 22);
     let backend = Memory(MemoryBackend::new());
     let (_, scenario) = streamwise::testing::SCENARIOS[0];
     scenario(&backend).await;

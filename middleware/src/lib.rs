@@ -4,13 +4,14 @@
 //! The router and its middleware are built in a later step; for now this crate holds the
 //! conventions every middleware follows.
 
-/// The name of the dead-letter stream of `stream`: `<stream>-dead`.
+/// The name of the dead-letter stream of `stream`: `<stream>-dead` (the same rule as the
+/// backends, [`streamwise::dead_letter::stream_for`]).
 ///
 /// ```
 /// assert_eq!(streamwise_middleware::dead_letter_stream("orders"), "orders-dead");
 /// ```
 pub fn dead_letter_stream(stream: &str) -> String {
-    format!("{stream}-dead")
+    streamwise::dead_letter::stream_for(stream)
 }
 
 #[cfg(test)]

@@ -51,6 +51,15 @@ pub(crate) struct Fetched {
     pub(crate) delivery_count: u64,
 }
 
+/// An entry a fetch gave up on, to be written to the dead-letter stream.
+#[derive(Debug)]
+pub(crate) struct GivenUp {
+    pub(crate) id: EntryId,
+    /// `None` when the entry was trimmed from the stream while pending.
+    pub(crate) message: Option<Message>,
+    pub(crate) delivery_count: u64,
+}
+
 /// What a fetch may do besides reading new entries.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FetchPlan {
@@ -58,6 +67,8 @@ pub(crate) struct FetchPlan {
     pub(crate) drain_own: bool,
     /// Take over entries idle at least this long.
     pub(crate) reclaim_min_idle: Option<Duration>,
+    /// Entries delivered this many times are given up instead of delivered again.
+    pub(crate) max_deliveries: u64,
 }
 
 impl StreamLog {
@@ -133,7 +144,8 @@ impl StreamLog {
 
     /// Hands up to `budget` entries to `consumer`: nacked entries that are due first, then
     /// (per `plan`) its own leftovers and entries reclaimed from idle consumers, then new
-    /// entries. Returns the earliest time a nacked entry becomes due, if any.
+    /// entries. Entries past `max_deliveries` or trimmed away leave the pending list into
+    /// `given_up`. Returns the earliest time a nacked entry becomes due, if any.
     pub(crate) fn fetch(
         &mut self,
         group: &str,
@@ -142,6 +154,7 @@ impl StreamLog {
         now: Instant,
         plan: FetchPlan,
         out: &mut Vec<Fetched>,
+        given_up: &mut Vec<GivenUp>,
     ) -> Option<Instant> {
         let gi = self.group_index(group)?;
         let start = out.len();
@@ -191,28 +204,34 @@ impl StreamLog {
             let Some(p) = group_state.pending.get_mut(&id) else {
                 continue;
             };
-            match message {
-                Some(message) => {
-                    p.consumer = consumer.clone();
-                    p.delivery_count += 1;
-                    p.delivered_at = now;
-                    p.in_flight = true;
-                    p.retry_at = None;
-                    out.push(Fetched {
-                        id,
-                        message,
-                        delivery_count: p.delivery_count,
-                    });
-                }
-                None => {
-                    group_state.pending.remove(&id);
+            if message.is_none() || p.delivery_count >= plan.max_deliveries {
+                if message.is_none() {
                     self.trimmed_pending += 1;
                     tracing::warn!(
                         group = %group_state.name,
                         id = %id,
-                        "pending entry was trimmed from the stream before it was acknowledged; dropped from the pending list"
+                        "pending entry was trimmed from the stream before it was acknowledged"
                     );
                 }
+                given_up.push(GivenUp {
+                    id,
+                    message,
+                    delivery_count: p.delivery_count,
+                });
+                group_state.pending.remove(&id);
+                continue;
+            }
+            if let Some(message) = message {
+                p.consumer = consumer.clone();
+                p.delivery_count += 1;
+                p.delivered_at = now;
+                p.in_flight = true;
+                p.retry_at = None;
+                out.push(Fetched {
+                    id,
+                    message,
+                    delivery_count: p.delivery_count,
+                });
             }
         }
 
@@ -302,7 +321,23 @@ mod tests {
     const PLAN: FetchPlan = FetchPlan {
         drain_own: false,
         reclaim_min_idle: None,
+        max_deliveries: 10,
     };
+
+    /// Fetches, asserting that nothing was given up.
+    fn fetch(
+        log: &mut StreamLog,
+        group: &str,
+        c: &Arc<str>,
+        now: Instant,
+        plan: FetchPlan,
+        out: &mut Vec<Fetched>,
+    ) -> Option<Instant> {
+        let mut given_up = Vec::new();
+        let due = log.fetch(group, c, 10, now, plan, out, &mut given_up);
+        assert!(given_up.is_empty(), "gave up {given_up:?}");
+        due
+    }
 
     fn msg(n: u32) -> Message {
         Message::new("t", &n).unwrap()
@@ -345,10 +380,10 @@ mod tests {
         let now = Instant::now();
         let c: Arc<str> = "c".into();
         let mut out = Vec::new();
-        log.fetch("all", &c, 10, now, PLAN, &mut out);
+        fetch(&mut log, "all", &c, now, PLAN, &mut out);
         assert_eq!(ids(&out), ["1-0#1", "2-0#1"]);
         out.clear();
-        log.fetch("new", &c, 10, now, PLAN, &mut out);
+        fetch(&mut log, "new", &c, now, PLAN, &mut out);
         assert_eq!(ids(&out), ["2-0#1"]);
     }
 
@@ -360,14 +395,14 @@ mod tests {
         let c: Arc<str> = "c".into();
         let now = Instant::now();
         let mut out = Vec::new();
-        log.fetch("g", &c, 10, now, PLAN, &mut out);
+        fetch(&mut log, "g", &c, now, PLAN, &mut out);
         let later = now + Duration::from_secs(5);
         log.nack("g", EntryId::new(1, 0), "c", later);
         out.clear();
-        let due = log.fetch("g", &c, 10, now + Duration::from_secs(4), PLAN, &mut out);
+        let due = fetch(&mut log, "g", &c, now + Duration::from_secs(4), PLAN, &mut out);
         assert!(out.is_empty());
         assert_eq!(due, Some(later));
-        log.fetch("g", &c, 10, later, PLAN, &mut out);
+        fetch(&mut log, "g", &c, later, PLAN, &mut out);
         assert_eq!(ids(&out), ["1-0#2"]);
         assert!(log.ack("g", EntryId::new(1, 0)));
         assert_eq!(log.pending_count("g"), Some(0));
@@ -381,28 +416,28 @@ mod tests {
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let now = Instant::now();
         let mut out = Vec::new();
-        log.fetch("g", &a, 10, now, PLAN, &mut out);
+        fetch(&mut log, "g", &a, now, PLAN, &mut out);
         log.release("g", EntryId::new(1, 0), "a");
         out.clear();
-        log.fetch("g", &a, 10, now, PLAN, &mut out);
+        fetch(&mut log, "g", &a, now, PLAN, &mut out);
         assert!(out.is_empty(), "a released entry is not re-read by a plain fetch");
         let reclaim = FetchPlan {
-            drain_own: false,
             reclaim_min_idle: Some(Duration::from_secs(1)),
+            ..PLAN
         };
-        log.fetch("g", &b, 10, now, reclaim, &mut out);
+        fetch(&mut log, "g", &b, now, reclaim, &mut out);
         assert!(out.is_empty(), "not idle long enough yet");
-        log.fetch("g", &b, 10, now + Duration::from_secs(1), reclaim, &mut out);
+        fetch(&mut log, "g", &b, now + Duration::from_secs(1), reclaim, &mut out);
         assert_eq!(ids(&out), ["1-0#2"]);
         log.release("g", EntryId::new(1, 0), "b");
         out.clear();
         let drain = FetchPlan {
             drain_own: true,
-            reclaim_min_idle: None,
+            ..PLAN
         };
-        log.fetch("g", &a, 10, now, drain, &mut out);
+        fetch(&mut log, "g", &a, now, drain, &mut out);
         assert!(out.is_empty(), "the entry now belongs to b");
-        log.fetch("g", &b, 10, now, drain, &mut out);
+        fetch(&mut log, "g", &b, now, drain, &mut out);
         assert_eq!(ids(&out), ["1-0#3"]);
     }
 
@@ -414,14 +449,48 @@ mod tests {
         let c: Arc<str> = "c".into();
         let now = Instant::now();
         let mut out = Vec::new();
-        log.fetch("g", &c, 1, now, PLAN, &mut out);
+        let mut given_up = Vec::new();
+        log.fetch("g", &c, 1, now, PLAN, &mut out, &mut given_up);
         log.nack("g", EntryId::new(1, 0), "c", now);
         log.append(msg(1), 2, Some(1));
         out.clear();
-        log.fetch("g", &c, 10, now, PLAN, &mut out);
+        log.fetch("g", &c, 10, now, PLAN, &mut out, &mut given_up);
         assert_eq!(ids(&out), ["2-0#1"]);
         assert_eq!(log.trimmed_pending, 1);
         assert_eq!(log.pending_count("g"), Some(1));
+        assert_eq!(given_up.len(), 1);
+        assert!(given_up[0].message.is_none());
+        assert_eq!(
+            (given_up[0].id, given_up[0].delivery_count),
+            (EntryId::new(1, 0), 1)
+        );
+    }
+
+    #[test]
+    fn an_entry_is_given_up_after_max_deliveries() {
+        let mut log = StreamLog::default();
+        log.create_group("g", StartFrom::Beginning);
+        log.append(msg(0), 1, None);
+        let c: Arc<str> = "c".into();
+        let now = Instant::now();
+        let plan = FetchPlan {
+            max_deliveries: 2,
+            ..PLAN
+        };
+        let (mut out, mut given_up) = (Vec::new(), Vec::new());
+        for expected in ["1-0#1", "1-0#2"] {
+            out.clear();
+            log.fetch("g", &c, 10, now, plan, &mut out, &mut given_up);
+            assert_eq!(ids(&out), [expected]);
+            log.nack("g", EntryId::new(1, 0), "c", now);
+        }
+        out.clear();
+        log.fetch("g", &c, 10, now, plan, &mut out, &mut given_up);
+        assert!(out.is_empty());
+        assert_eq!(given_up.len(), 1);
+        assert_eq!(given_up[0].delivery_count, 2);
+        assert!(given_up[0].message.is_some());
+        assert_eq!(log.pending_count("g"), Some(0));
     }
 
     #[test]

@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::dead_letter::{self, DeadLetter};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, Settlement, Settler};
 use crate::error::{Error, Result, validate_name};
 use crate::message::{EntryId, Message};
@@ -39,7 +40,7 @@ use crate::pubsub::{
     InFlight, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber, Subscription,
 };
 
-use self::log::{FetchPlan, Fetched, StreamLog};
+use self::log::{FetchPlan, Fetched, GivenUp, StreamLog};
 
 /// The default limit on the encoded size of one entry: 1 MiB.
 pub const DEFAULT_MAX_ENTRY_SIZE: usize = 1024 * 1024;
@@ -332,6 +333,9 @@ impl MemorySubscriber {
             settler,
             in_flight,
             batch_size: options.batch_size_value(),
+            max_deliveries: options.max_deliveries_value(),
+            broker: self.broker.clone(),
+            given_up: Vec::new(),
             reclaim: options.reclaim_value(),
             next_reclaim: Instant::now(),
             drained: false,
@@ -369,6 +373,9 @@ struct Reader {
     settler: Arc<MemorySettler>,
     in_flight: InFlight,
     batch_size: usize,
+    max_deliveries: u64,
+    broker: Arc<Broker>,
+    given_up: Vec<GivenUp>,
     reclaim: Option<ReclaimOptions>,
     next_reclaim: Instant,
     drained: bool,
@@ -411,6 +418,7 @@ impl Reader {
             let plan = FetchPlan {
                 drain_own: !self.drained,
                 reclaim_min_idle: reclaim_due.map(|r| r.min_idle),
+                max_deliveries: self.max_deliveries,
             };
             let next_retry = stream.log().fetch(
                 self.registration.origin.group(),
@@ -419,7 +427,9 @@ impl Reader {
                 now,
                 plan,
                 &mut self.scratch,
+                &mut self.given_up,
             );
+            self.dead_letter_given_up();
             self.drained = true;
             if let Some(r) = reclaim_due {
                 self.next_reclaim = now + r.interval;
@@ -448,6 +458,47 @@ impl Reader {
                 _ = sleep_until(wake_at) => {}
             }
         }
+    }
+}
+
+impl Reader {
+    /// Writes a record for every entry the last fetch gave up on to `<stream>-dead`.
+    fn dead_letter_given_up(&mut self) {
+        if self.given_up.is_empty() {
+            return;
+        }
+        let origin = &self.registration.origin;
+        let (dead, _) = self
+            .broker
+            .get_or_create(&dead_letter::stream_for(origin.stream()));
+        let now_ms = now_ms();
+        {
+            let mut log = dead.log();
+            for g in self.given_up.drain(..) {
+                let exceeded = format!(
+                    "delivered {} times, the limit is {}",
+                    g.delivery_count, self.max_deliveries
+                );
+                let why = DeadLetter {
+                    reason: if g.message.is_some() {
+                        &exceeded
+                    } else {
+                        "trimmed from the stream while pending"
+                    },
+                    original_id: g.id,
+                    stream: origin.stream(),
+                    group: origin.group(),
+                    delivery_count: g.delivery_count,
+                };
+                let record = match &g.message {
+                    Some(m) => why.for_message(m),
+                    None => why.for_trimmed(),
+                };
+                tracing::warn!(stream = origin.stream(), group = origin.group(), id = %g.id, reason = why.reason, "dead-lettered");
+                log.append(record, now_ms, None);
+            }
+        }
+        dead.changed.notify_waiters();
     }
 }
 

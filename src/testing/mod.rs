@@ -42,6 +42,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
+use crate::dead_letter::{self, keys};
 use crate::{Delivery, EntryId, Error, Message, Publisher, ReclaimOptions, Result, StartFrom};
 use crate::{SubscribeOptions, Subscriber, Subscription};
 
@@ -113,6 +114,9 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
         closed_publisher_refuses(b).boxed()
     }),
     ("ten_thousand_end_to_end", |b| ten_thousand_end_to_end(b).boxed()),
+    ("poison_message_is_dead_lettered", |b| {
+        poison_message_is_dead_lettered(b).boxed()
+    }),
 ];
 
 /// Expands to one `#[tokio::test]` per scenario of the suite, each running against the
@@ -130,7 +134,7 @@ macro_rules! conformance_tests {
             concurrent_closes_lose_nothing order_kept_for_one_consumer claim_dead_consumer
             start_from_latest missing_group_is_an_error_without_create
             same_consumer_name_twice_is_refused invalid_arguments_name_the_field
-            closed_publisher_refuses ten_thousand_end_to_end);
+            closed_publisher_refuses ten_thousand_end_to_end poison_message_is_dead_lettered);
     };
     (@each $backend:expr; $($name:ident)*) => {
         $(
@@ -827,6 +831,63 @@ pub async fn ten_thousand_end_to_end(backend: &dyn TestBackend) {
         .await
         .expect("consumer");
     expect_quiet(&mut sub, "a message beyond the 10,000").await;
+    subscriber.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
+}
+
+/// An entry nacked `max_deliveries` times goes to `<topic>-dead` with the reason and origin,
+/// and leaves the pending list; the messages after it keep flowing.
+pub async fn poison_message_is_dead_lettered(backend: &dyn TestBackend) {
+    let topic = unique_topic("poison");
+    let publisher = backend.publisher().await.expect("publisher");
+    let poison = Message::new("test.poison", &"boom")
+        .expect("message")
+        .with_metadata("k", "v");
+    let poison_id = publisher.publish(&topic, poison.clone()).await.expect("publish");
+    publish_numbers(&*publisher, &topic, 0..3).await;
+
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(
+        &*subscriber,
+        &topic,
+        opts("g", "c").max_in_flight(1).max_deliveries(3),
+    )
+    .await;
+    let mut seen_poison = 0;
+    let mut numbers = Vec::new();
+    while numbers.len() < 3 {
+        let d = recv(&mut sub).await;
+        if d.id() == poison_id {
+            seen_poison += 1;
+            assert_eq!(d.delivery_count(), seen_poison);
+            d.nack().await.expect("nack");
+        } else {
+            numbers.push(number(&d));
+            d.ack().await.expect("ack");
+        }
+    }
+    // The last nack may still be on its way to the dead-letter stream; the dead-letter
+    // subscription below waits for it.
+    let dead_topic = dead_letter::stream_for(&topic);
+    let mut dead = subscribe(&*subscriber, &dead_topic, opts("inspect", "c")).await;
+    let record = recv(&mut dead).await;
+    let m = record.message();
+    assert_eq!(seen_poison, 3, "delivered exactly max_deliveries times");
+    assert_eq!(numbers, [0, 1, 2]);
+    assert_eq!(m.event_type(), "test.poison");
+    assert_eq!(m.uuid(), poison.uuid());
+    assert_eq!(m.payload(), poison.payload());
+    assert_eq!(m.metadata().get("k"), Some("v"));
+    assert_eq!(
+        m.metadata().get(keys::ORIGINAL_ID),
+        Some(poison_id.to_string().as_str())
+    );
+    assert_eq!(m.metadata().get(keys::STREAM), Some(topic.as_str()));
+    assert_eq!(m.metadata().get(keys::GROUP), Some("g"));
+    assert_eq!(m.metadata().get(keys::DELIVERY_COUNT), Some("3"));
+    assert!(m.metadata().get(keys::REASON).is_some_and(|r| !r.is_empty()));
+    record.ack().await.expect("ack");
+    expect_quiet(&mut sub, "the poison message came back after dead-lettering").await;
     subscriber.close().await.expect("close");
     assert_nothing_pending(backend, &topic, "g").await;
 }

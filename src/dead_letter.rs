@@ -1,0 +1,148 @@
+//! Dead-letter records: what a backend or middleware writes to `<stream>-dead` when it gives
+//! up on an entry (too many deliveries, undecodable, trimmed while pending).
+//!
+//! A record is an ordinary message, so a dead-letter stream can be consumed like any other.
+//! It keeps the original event type, payload and UUID where there is a message, and says why
+//! and where from in its metadata, under the [`keys`].
+
+use bytes::Bytes;
+
+use crate::message::{EntryId, Message};
+
+/// The suffix of dead-letter streams.
+pub const SUFFIX: &str = "-dead";
+
+/// Event type of the record for an entry that could not be decoded; its payload is a JSON
+/// object of the entry's fields (as text, invalid UTF-8 replaced).
+pub const UNDECODABLE_EVENT_TYPE: &str = "streamwise.undecodable";
+
+/// Event type of the record for an entry that was trimmed from its stream while pending; its
+/// payload is `null`.
+pub const TRIMMED_EVENT_TYPE: &str = "streamwise.trimmed";
+
+/// The metadata keys of a record.
+pub mod keys {
+    /// Why the entry was dead-lettered.
+    pub const REASON: &str = "dead_letter.reason";
+    /// The entry id in the source stream.
+    pub const ORIGINAL_ID: &str = "dead_letter.original_id";
+    /// The source stream.
+    pub const STREAM: &str = "dead_letter.stream";
+    /// The consumer group that gave up.
+    pub const GROUP: &str = "dead_letter.group";
+    /// How many times the entry had been delivered.
+    pub const DELIVERY_COUNT: &str = "dead_letter.delivery_count";
+}
+
+/// The dead-letter stream of `stream`.
+///
+/// ```
+/// assert_eq!(streamwise::dead_letter::stream_for("orders"), "orders-dead");
+/// ```
+pub fn stream_for(stream: &str) -> String {
+    format!("{stream}{SUFFIX}")
+}
+
+/// Why and from where an entry is dead-lettered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter<'a> {
+    /// Why.
+    pub reason: &'a str,
+    /// The entry id in the source stream.
+    pub original_id: EntryId,
+    /// The source stream.
+    pub stream: &'a str,
+    /// The consumer group.
+    pub group: &'a str,
+    /// Deliveries so far.
+    pub delivery_count: u64,
+}
+
+impl DeadLetter<'_> {
+    fn annotate(&self, message: Message) -> Message {
+        message
+            .with_metadata(keys::REASON, self.reason)
+            .with_metadata(keys::ORIGINAL_ID, self.original_id.to_string())
+            .with_metadata(keys::STREAM, self.stream)
+            .with_metadata(keys::GROUP, self.group)
+            .with_metadata(keys::DELIVERY_COUNT, self.delivery_count.to_string())
+    }
+
+    /// The record for a message that was decoded: the message itself, annotated.
+    pub fn for_message(&self, original: &Message) -> Message {
+        self.annotate(original.clone())
+    }
+
+    /// The record for an entry that could not be decoded, keeping its raw fields.
+    pub fn for_undecodable(&self, fields: &[(Vec<u8>, Vec<u8>)]) -> Message {
+        let object: serde_json::Map<String, serde_json::Value> = fields
+            .iter()
+            .map(|(k, v)| {
+                let text = String::from_utf8_lossy(v).into_owned();
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    serde_json::Value::String(text),
+                )
+            })
+            .collect();
+        let payload = serde_json::to_vec(&object).unwrap_or_else(|_| b"{}".to_vec());
+        self.annotate(Self::record(UNDECODABLE_EVENT_TYPE, payload))
+    }
+
+    /// The record for an entry that was trimmed away while pending (nothing left of it).
+    pub fn for_trimmed(&self) -> Message {
+        self.annotate(Self::record(TRIMMED_EVENT_TYPE, b"null".to_vec()))
+    }
+
+    fn record(event_type: &'static str, payload: Vec<u8>) -> Message {
+        match Message::from_json_bytes(event_type, Bytes::from(payload)) {
+            Ok(m) => m,
+            // The event types above are constants, never empty.
+            Err(_) => unreachable!("dead-letter event types are not empty"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn why() -> DeadLetter<'static> {
+        DeadLetter {
+            reason: "exceeded 3 deliveries",
+            original_id: EntryId::new(5, 1),
+            stream: "orders",
+            group: "billing",
+            delivery_count: 3,
+        }
+    }
+
+    #[test]
+    fn records_carry_the_reason_and_origin() {
+        let original = Message::new("order.placed", &1).unwrap().with_metadata("k", "v");
+        let record = why().for_message(&original);
+        assert_eq!(record.event_type(), "order.placed");
+        assert_eq!(record.uuid(), original.uuid());
+        let m = record.metadata();
+        assert_eq!(m.get("k"), Some("v"));
+        assert_eq!(m.get(keys::REASON), Some("exceeded 3 deliveries"));
+        assert_eq!(m.get(keys::ORIGINAL_ID), Some("5-1"));
+        assert_eq!(m.get(keys::STREAM), Some("orders"));
+        assert_eq!(m.get(keys::GROUP), Some("billing"));
+        assert_eq!(m.get(keys::DELIVERY_COUNT), Some("3"));
+    }
+
+    #[test]
+    fn undecodable_and_trimmed_records_are_valid_messages() {
+        let raw = vec![(b"payload".to_vec(), vec![0xff, b'x'])];
+        let record = why().for_undecodable(&raw);
+        assert_eq!(record.event_type(), UNDECODABLE_EVENT_TYPE);
+        assert_eq!(
+            record.json().unwrap(),
+            serde_json::json!({"payload": "\u{fffd}x"})
+        );
+        let record = why().for_trimmed();
+        assert_eq!(record.event_type(), TRIMMED_EVENT_TYPE);
+        assert_eq!(record.json().unwrap(), serde_json::Value::Null);
+    }
+}

@@ -1,0 +1,466 @@
+//! The wire format of a stream entry (DESIGN §4) and the parsing of Redis stream replies.
+//!
+//! | field | content |
+//! |---|---|
+//! | `event_type` | non-empty string, the routing key |
+//! | `payload` | JSON text |
+//! | `metadata` | JSON object of string values; omitted when empty |
+//! | `timestamp` | ISO 8601 UTC, e.g. `2026-11-22T10:00:00.123Z` |
+//! | `uuid` | producer-assigned UUID v7 |
+//!
+//! Entries written by other clients decode as long as they have `event_type` and a JSON
+//! `payload`; a missing `timestamp` is taken from the entry id, a missing `uuid` is derived
+//! from the entry id, and unknown fields are ignored. [`Codec`] lets another layout plug in.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redis::Value;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::message::{EntryId, Message, Metadata, parse_timestamp};
+
+/// An entry as read from a stream: its id and its field/value pairs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawEntry {
+    /// The entry id.
+    pub id: EntryId,
+    /// Field/value pairs in stream order.
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Turns messages into stream entries and back. Implement it for another layout (for example
+/// Watermill's or natricine's field names).
+pub trait Codec: Send + Sync + 'static {
+    /// The field/value pairs to append for `message`.
+    fn encode(&self, message: &Message) -> Result<Vec<(&'static str, Bytes)>>;
+
+    /// The message stored in `entry`. Errors are [`Error::Decode`] with the reason; the
+    /// subscriber dead-letters such entries.
+    fn decode(&self, entry: RawEntry) -> Result<Message>;
+}
+
+/// The standard layout of DESIGN §4.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JsonCodec;
+
+/// The size of an encoded entry: the sum of its field names and values.
+pub fn encoded_size(fields: &[(&'static str, Bytes)]) -> usize {
+    fields.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+impl Codec for JsonCodec {
+    fn encode(&self, message: &Message) -> Result<Vec<(&'static str, Bytes)>> {
+        let mut fields = Vec::with_capacity(5);
+        fields.push((
+            "event_type",
+            Bytes::copy_from_slice(message.event_type().as_bytes()),
+        ));
+        fields.push(("payload", message.payload().clone()));
+        if !message.metadata().is_empty() {
+            let json = serde_json::to_vec(message.metadata()).map_err(Error::Encode)?;
+            fields.push(("metadata", Bytes::from(json)));
+        }
+        fields.push(("timestamp", Bytes::from(message.timestamp_rfc3339())));
+        let mut uuid = Uuid::encode_buffer();
+        let uuid = message.uuid().hyphenated().encode_lower(&mut uuid);
+        fields.push(("uuid", Bytes::copy_from_slice(uuid.as_bytes())));
+        Ok(fields)
+    }
+
+    fn decode(&self, entry: RawEntry) -> Result<Message> {
+        let id = entry.id;
+        let bad = |reason: String| Error::Decode {
+            what: format!("entry {id}").into(),
+            reason,
+        };
+        let (mut event_type, mut payload, mut metadata, mut timestamp, mut uuid) =
+            (None, None, None, None, None);
+        for (name, value) in entry.fields {
+            match name.as_slice() {
+                b"event_type" => event_type = Some(value),
+                b"payload" => payload = Some(value),
+                b"metadata" => metadata = Some(value),
+                b"timestamp" => timestamp = Some(value),
+                b"uuid" => uuid = Some(value),
+                _ => {}
+            }
+        }
+        let event_type = match event_type {
+            None => return Err(bad("it has no event_type field".into())),
+            Some(v) if v.is_empty() => return Err(bad("its event_type is empty".into())),
+            Some(v) => String::from_utf8(v).map_err(|_| bad("its event_type is not UTF-8".into()))?,
+        };
+        let payload = payload.ok_or_else(|| bad("it has no payload field".into()))?;
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
+            return Err(bad(format!("its payload is not JSON: {e}")));
+        }
+        let metadata = match metadata {
+            None => Metadata::new(),
+            Some(raw) => decode_metadata(&raw).map_err(bad)?,
+        };
+        let timestamp = timestamp
+            .and_then(|t| std::str::from_utf8(&t).ok().and_then(|t| parse_timestamp(t).ok()))
+            .unwrap_or_else(|| UNIX_EPOCH + Duration::from_millis(id.ms()));
+        let uuid = uuid
+            .and_then(|u| std::str::from_utf8(&u).ok().and_then(|u| Uuid::parse_str(u).ok()))
+            .unwrap_or_else(|| uuid_for_entry(id));
+        Ok(Message::from_json_bytes(event_type, payload)?
+            .with_metadata_map(metadata)
+            .with_timestamp(timestamp)
+            .with_uuid(uuid))
+    }
+}
+
+/// Metadata is a JSON object of strings; numbers and booleans written by other clients are
+/// taken as their JSON text.
+fn decode_metadata(raw: &[u8]) -> std::result::Result<Metadata, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(raw).map_err(|e| format!("its metadata is not JSON: {e}"))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err("its metadata is not a JSON object".into());
+    };
+    map.into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Ok((k, s)),
+            serde_json::Value::Number(n) => Ok((k, n.to_string())),
+            serde_json::Value::Bool(b) => Ok((k, b.to_string())),
+            other => Err(format!("its metadata value for {k:?} is not a string: {other}")),
+        })
+        .collect()
+}
+
+/// A stable UUID (version 8) for an entry that carries none, so that every redelivery of the
+/// entry has the same one.
+fn uuid_for_entry(id: EntryId) -> Uuid {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&id.ms().to_be_bytes());
+    bytes[8..].copy_from_slice(&id.seq().to_be_bytes());
+    Uuid::new_v8(bytes)
+}
+
+/// An entry in a reply: present, or trimmed away while still pending (nil fields).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ReplyEntry {
+    Present(RawEntry),
+    Trimmed(EntryId),
+}
+
+impl ReplyEntry {
+    pub(crate) fn id(&self) -> EntryId {
+        match self {
+            ReplyEntry::Present(e) => e.id,
+            ReplyEntry::Trimmed(id) => *id,
+        }
+    }
+}
+
+fn protocol(what: &str) -> Error {
+    Error::Decode {
+        what: "redis reply".into(),
+        reason: format!("unexpected shape: {what}"),
+    }
+}
+
+fn bytes(v: Value) -> Result<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Ok(b),
+        Value::SimpleString(s) => Ok(s.into_bytes()),
+        Value::Int(i) => Ok(i.to_string().into_bytes()),
+        other => Err(protocol(&format!("expected a string, got {other:?}"))),
+    }
+}
+
+pub(crate) fn entry_id(v: Value) -> Result<EntryId> {
+    let raw = bytes(v)?;
+    std::str::from_utf8(&raw)
+        .map_err(|_| protocol("entry id is not UTF-8"))?
+        .parse()
+}
+
+fn array(v: Value) -> Result<Vec<Value>> {
+    match v {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(protocol(&format!("expected an array, got {other:?}"))),
+    }
+}
+
+/// Parses `[[id, [field, value, ...]], ...]`, where the fields of a trimmed entry are nil.
+pub(crate) fn parse_entries(v: Value) -> Result<Vec<ReplyEntry>> {
+    array(v)?
+        .into_iter()
+        .map(|item| {
+            let mut parts = array(item)?.into_iter();
+            let id = entry_id(parts.next().ok_or_else(|| protocol("entry without id"))?)?;
+            let fields = match parts.next() {
+                None | Some(Value::Nil) => return Ok(ReplyEntry::Trimmed(id)),
+                Some(Value::Map(pairs)) => pairs
+                    .into_iter()
+                    .map(|(k, v)| Ok((bytes(k)?, bytes(v)?)))
+                    .collect::<Result<Vec<_>>>()?,
+                Some(other) => {
+                    let flat = array(other)?;
+                    if flat.len() % 2 != 0 {
+                        return Err(protocol("odd number of field/value items"));
+                    }
+                    let mut fields = Vec::with_capacity(flat.len() / 2);
+                    let mut it = flat.into_iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        fields.push((bytes(k)?, bytes(v)?));
+                    }
+                    fields
+                }
+            };
+            Ok(ReplyEntry::Present(RawEntry { id, fields }))
+        })
+        .collect()
+}
+
+/// Parses an `XREAD`/`XREADGROUP` reply for one stream (nil when the block timed out).
+pub(crate) fn parse_read_reply(v: Value) -> Result<Vec<ReplyEntry>> {
+    match v {
+        Value::Nil => Ok(Vec::new()),
+        Value::Map(streams) => match streams.into_iter().next() {
+            Some((_, entries)) => parse_entries(entries),
+            None => Ok(Vec::new()),
+        },
+        other => match array(other)?.into_iter().next() {
+            Some(stream) => {
+                let mut parts = array(stream)?.into_iter();
+                parts.next();
+                parse_entries(parts.next().unwrap_or(Value::Nil))
+            }
+            None => Ok(Vec::new()),
+        },
+    }
+}
+
+/// Parses an `XAUTOCLAIM` reply: next cursor, claimed entries, ids deleted from the stream.
+pub(crate) fn parse_autoclaim_reply(v: Value) -> Result<(EntryId, Vec<ReplyEntry>, Vec<EntryId>)> {
+    let mut parts = array(v)?.into_iter();
+    let cursor = entry_id(
+        parts
+            .next()
+            .ok_or_else(|| protocol("XAUTOCLAIM without cursor"))?,
+    )?;
+    let claimed = parse_entries(parts.next().unwrap_or(Value::Nil))?;
+    let deleted = array(parts.next().unwrap_or(Value::Nil))?
+        .into_iter()
+        .map(entry_id)
+        .collect::<Result<Vec<_>>>()?;
+    Ok((cursor, claimed, deleted))
+}
+
+/// One row of an extended `XPENDING` reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PendingRow {
+    pub(crate) id: EntryId,
+    pub(crate) consumer: String,
+    pub(crate) idle_ms: u64,
+    pub(crate) delivery_count: u64,
+}
+
+/// Parses an extended `XPENDING stream group start end count [consumer]` reply.
+pub(crate) fn parse_pending_rows(v: Value) -> Result<Vec<PendingRow>> {
+    let int = |v: Value| -> Result<u64> {
+        match v {
+            Value::Int(i) => u64::try_from(i).map_err(|_| protocol("negative count")),
+            other => String::from_utf8(bytes(other)?)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| protocol("expected an integer")),
+        }
+    };
+    array(v)?
+        .into_iter()
+        .map(|row| {
+            let mut p = array(row)?.into_iter();
+            let mut next = || p.next().ok_or_else(|| protocol("short XPENDING row"));
+            Ok(PendingRow {
+                id: entry_id(next()?)?,
+                consumer: String::from_utf8(bytes(next()?)?).map_err(|_| protocol("consumer not UTF-8"))?,
+                idle_ms: int(next()?)?,
+                delivery_count: int(next()?)?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(id: EntryId, fields: &[(&str, &str)]) -> RawEntry {
+        RawEntry {
+            id,
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    fn to_raw(id: EntryId, fields: Vec<(&'static str, Bytes)>) -> RawEntry {
+        RawEntry {
+            id,
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn encode_then_decode_keeps_everything() {
+        let msg = Message::new("price.update", &serde_json::json!({"p": 1.5}))
+            .unwrap()
+            .with_metadata("source", "feed");
+        let fields = JsonCodec.encode(&msg).unwrap();
+        assert_eq!(encoded_size(&fields), msg.wire_size());
+        let back = JsonCodec.decode(to_raw(EntryId::new(1, 0), fields)).unwrap();
+        assert_eq!(back.event_type(), "price.update");
+        assert_eq!(back.payload(), msg.payload());
+        assert_eq!(back.metadata(), msg.metadata());
+        assert_eq!(back.uuid(), msg.uuid());
+        assert_eq!(back.timestamp_rfc3339(), msg.timestamp_rfc3339());
+    }
+
+    #[test]
+    fn empty_metadata_is_omitted() {
+        let msg = Message::new("t", &1).unwrap();
+        let names: Vec<_> = JsonCodec
+            .encode(&msg)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(names, ["event_type", "payload", "timestamp", "uuid"]);
+    }
+
+    #[test]
+    fn foreign_entries_decode_with_defaults() {
+        let id = EntryId::new(1_795_341_600_123, 4);
+        let m = JsonCodec
+            .decode(raw(
+                id,
+                &[
+                    ("payload", "{\"a\":1}"),
+                    ("event_type", "x.y"),
+                    ("extra", "ignored"),
+                ],
+            ))
+            .unwrap();
+        assert_eq!(m.event_type(), "x.y");
+        assert_eq!(m.timestamp_rfc3339(), "2026-11-22T10:00:00.123Z");
+        assert_eq!(m.uuid(), uuid_for_entry(id));
+        assert!(m.metadata().is_empty());
+        let m = JsonCodec
+            .decode(raw(
+                id,
+                &[
+                    ("event_type", "t"),
+                    ("payload", "1"),
+                    ("metadata", "{\"n\":2,\"b\":true}"),
+                ],
+            ))
+            .unwrap();
+        assert_eq!(m.metadata().get("n"), Some("2"));
+        assert_eq!(m.metadata().get("b"), Some("true"));
+    }
+
+    #[test]
+    fn malformed_entries_say_why() {
+        let id = EntryId::new(1, 0);
+        let cases: [(&[(&str, &str)], &str); 6] = [
+            (&[("payload", "{}")], "no event_type"),
+            (&[("event_type", ""), ("payload", "{}")], "event_type is empty"),
+            (&[("event_type", "t")], "no payload"),
+            (
+                &[("event_type", "t"), ("payload", "not json")],
+                "payload is not JSON",
+            ),
+            (
+                &[("event_type", "t"), ("payload", "{}"), ("metadata", "[1]")],
+                "not a JSON object",
+            ),
+            (
+                &[
+                    ("event_type", "t"),
+                    ("payload", "{}"),
+                    ("metadata", "{\"k\":[1]}"),
+                ],
+                "not a string",
+            ),
+        ];
+        for (fields, why) in cases {
+            let err = JsonCodec.decode(raw(id, fields)).unwrap_err();
+            assert!(err.to_string().contains(why), "{fields:?}: {err}");
+        }
+        let binary = RawEntry {
+            id,
+            fields: vec![
+                (b"event_type".to_vec(), vec![0xff, 0xfe]),
+                (b"payload".to_vec(), b"{}".to_vec()),
+            ],
+        };
+        assert!(
+            JsonCodec
+                .decode(binary)
+                .unwrap_err()
+                .to_string()
+                .contains("not UTF-8")
+        );
+    }
+
+    #[test]
+    fn replies_parse_in_resp2_and_resp3_shapes() {
+        let s = |t: &str| Value::BulkString(t.as_bytes().to_vec());
+        let entry = Value::Array(vec![
+            s("1-1"),
+            Value::Array(vec![s("event_type"), s("t"), s("payload"), s("1")]),
+        ]);
+        let trimmed = Value::Array(vec![s("1-2"), Value::Nil]);
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            s("stream"),
+            Value::Array(vec![entry.clone(), trimmed.clone()]),
+        ])]);
+        let resp3 = Value::Map(vec![(s("stream"), Value::Array(vec![entry.clone(), trimmed]))]);
+        for reply in [resp2, resp3] {
+            let parsed = parse_read_reply(reply).unwrap();
+            assert_eq!(parsed.len(), 2);
+            assert!(
+                matches!(&parsed[0], ReplyEntry::Present(e) if e.id == EntryId::new(1, 1) && e.fields.len() == 2)
+            );
+            assert_eq!(parsed[1], ReplyEntry::Trimmed(EntryId::new(1, 2)));
+        }
+        assert!(parse_read_reply(Value::Nil).unwrap().is_empty());
+        let auto = Value::Array(vec![
+            s("0-0"),
+            Value::Array(vec![entry]),
+            Value::Array(vec![s("1-5")]),
+        ]);
+        let (cursor, claimed, deleted) = parse_autoclaim_reply(auto).unwrap();
+        assert_eq!(
+            (cursor, claimed.len(), deleted),
+            (EntryId::ZERO, 1, vec![EntryId::new(1, 5)])
+        );
+        let pending = Value::Array(vec![Value::Array(vec![
+            s("1-1"),
+            s("c"),
+            Value::Int(5),
+            Value::Int(2),
+        ])]);
+        assert_eq!(
+            parse_pending_rows(pending).unwrap(),
+            [PendingRow {
+                id: EntryId::new(1, 1),
+                consumer: "c".into(),
+                idle_ms: 5,
+                delivery_count: 2
+            }]
+        );
+        assert!(parse_entries(Value::Array(vec![Value::Int(1)])).is_err());
+    }
+}

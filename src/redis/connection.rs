@@ -1,0 +1,447 @@
+//! [`RedisConnection`]: the URL, the retry policy and the shared multiplexed connection that
+//! publishers, subscribers and admin calls use. Commands retry with exponential backoff and
+//! jitter, reconnect transparently, and fail with [`Error::Connection`] only after the retries
+//! are spent. Credentials never appear in `Debug`, errors or logs.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError, RetryMethod};
+use tokio::sync::OnceCell;
+
+use crate::error::{Error, Result};
+
+/// A Redis server to talk to, with the retry policy for every command sent to it.
+///
+/// Cheap to clone; clones share one multiplexed connection, opened on first use.
+///
+/// ```
+/// use std::time::Duration;
+/// use streamwise::redis::RedisConnection;
+///
+/// let conn = RedisConnection::builder("redis://:secret@localhost:6379")
+///     .max_retries(5)
+///     .retry_base_delay(Duration::from_millis(100))
+///     .retry_max_delay(Duration::from_secs(30))
+///     .build()?;
+/// assert_eq!(conn.url(), "redis://:***@localhost:6379");
+/// assert!(!format!("{conn:?}").contains("secret"));
+/// # Ok::<(), streamwise::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisConnection {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    redacted_url: String,
+    settings: Settings,
+    shared: OnceCell<ConnectionManager>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Settings {
+    max_retries: u32,
+    retry_base_delay: Duration,
+    retry_max_delay: Duration,
+    response_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+/// Builds a [`RedisConnection`]; see the defaults on each method.
+#[derive(Clone)]
+pub struct RedisConnectionBuilder {
+    url: String,
+    settings: Settings,
+}
+
+impl fmt::Debug for RedisConnectionBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConnectionBuilder")
+            .field("url", &redact_url(&self.url))
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl RedisConnectionBuilder {
+    /// How many times a failed command is retried before [`Error::Connection`]. Default 5.
+    #[must_use]
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.settings.max_retries = n;
+        self
+    }
+
+    /// The first retry delay; it doubles on each retry. Default 100 ms.
+    #[must_use]
+    pub fn retry_base_delay(mut self, delay: Duration) -> Self {
+        self.settings.retry_base_delay = delay;
+        self
+    }
+
+    /// The longest retry delay. Default 30 s.
+    #[must_use]
+    pub fn retry_max_delay(mut self, delay: Duration) -> Self {
+        self.settings.retry_max_delay = delay;
+        self
+    }
+
+    /// How long a command (other than a blocking read) may wait for its reply. Default 10 s.
+    #[must_use]
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.response_timeout = timeout;
+        self
+    }
+
+    /// How long opening a connection may take. Default 5 s.
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.connect_timeout = timeout;
+        self
+    }
+
+    /// Checks the settings and the URL; does not connect yet.
+    pub fn build(self) -> Result<RedisConnection> {
+        let s = self.settings;
+        if s.retry_base_delay.is_zero() {
+            return Err(Error::invalid("retry_base_delay", "must be longer than zero"));
+        }
+        if s.retry_max_delay < s.retry_base_delay {
+            return Err(Error::invalid(
+                "retry_max_delay",
+                format_args!(
+                    "{:?} is shorter than retry_base_delay {:?}",
+                    s.retry_max_delay, s.retry_base_delay
+                ),
+            ));
+        }
+        if s.response_timeout.is_zero() {
+            return Err(Error::invalid("response_timeout", "must be longer than zero"));
+        }
+        if s.connect_timeout.is_zero() {
+            return Err(Error::invalid("connect_timeout", "must be longer than zero"));
+        }
+        let redacted_url = redact_url(&self.url);
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| {
+            // The client's message may quote the URL; say what is wrong without it.
+            Error::invalid(
+                "redis_url",
+                format_args!("{redacted_url} is not a valid Redis URL ({:?})", e.kind()),
+            )
+        })?;
+        Ok(RedisConnection {
+            inner: Arc::new(Inner {
+                client,
+                redacted_url,
+                settings: s,
+                shared: OnceCell::new(),
+            }),
+        })
+    }
+}
+
+impl RedisConnection {
+    /// A connection to `url` with the default retry policy (5 retries, 100 ms doubling up to
+    /// 30 s). Fails with [`Error::Invalid`] (`redis_url`) for a malformed URL.
+    pub fn new(url: &str) -> Result<Self> {
+        Self::builder(url).build()
+    }
+
+    /// A builder for a connection to `url`.
+    pub fn builder(url: &str) -> RedisConnectionBuilder {
+        RedisConnectionBuilder {
+            url: url.to_owned(),
+            settings: Settings {
+                max_retries: 5,
+                retry_base_delay: Duration::from_millis(100),
+                retry_max_delay: Duration::from_secs(30),
+                response_timeout: Duration::from_secs(10),
+                connect_timeout: Duration::from_secs(5),
+            },
+        }
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn url(&self) -> &str {
+        &self.inner.redacted_url
+    }
+
+    /// Retries before a command fails.
+    pub fn max_retries(&self) -> u32 {
+        self.inner.settings.max_retries
+    }
+
+    /// The first retry delay.
+    pub fn retry_base_delay(&self) -> Duration {
+        self.inner.settings.retry_base_delay
+    }
+
+    /// The longest retry delay.
+    pub fn retry_max_delay(&self) -> Duration {
+        self.inner.settings.retry_max_delay
+    }
+
+    /// The shared multiplexed connection, opened on first use.
+    async fn manager(&self) -> std::result::Result<ConnectionManager, RedisError> {
+        let s = self.inner.settings;
+        self.inner
+            .shared
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_number_of_retries(0)
+                    .set_response_timeout(Some(s.response_timeout))
+                    .set_connection_timeout(Some(s.connect_timeout));
+                ConnectionManager::new_with_config(self.inner.client.clone(), config).await
+            })
+            .await
+            .cloned()
+    }
+
+    /// Runs `op` on the shared connection, retrying connection failures with backoff.
+    /// Server errors that retrying cannot fix are returned at once, as `RedisError`, for the
+    /// caller to map (`NOGROUP` and the like); retries spent become [`Error::Connection`].
+    pub(crate) async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> std::result::Result<T, CommandError>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = std::result::Result<T, RedisError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let result = match self.manager().await {
+                Ok(conn) => op(conn).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) if is_transient(&e) && attempt < self.inner.settings.max_retries => {
+                    let delay = self.backoff(attempt);
+                    tracing::debug!(what, attempt, ?delay, error = %e, url = %self.url(), "redis command failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) if is_transient(&e) || is_auth_failure(&e) => {
+                    return Err(CommandError::Failed(self.connection_error(what, e, attempt)));
+                }
+                Err(e) => return Err(CommandError::Server(e)),
+            }
+        }
+    }
+
+    /// Like [`run`](Self::run), mapping every server error to [`Error::Backend`].
+    pub(crate) async fn run_mapped<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = std::result::Result<T, RedisError>>,
+    {
+        self.run(what, op).await.map_err(CommandError::into_error)
+    }
+
+    /// Opens a connection of its own (for blocking reads, which would stall a shared one).
+    /// `response_timeout` must exceed the longest `BLOCK` sent on it.
+    pub(crate) async fn dedicated(&self, response_timeout: Duration) -> Result<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(response_timeout))
+            .set_connection_timeout(Some(self.inner.settings.connect_timeout));
+        let mut attempt = 0;
+        loop {
+            match self
+                .inner
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                Ok(conn) => return Ok(conn),
+                Err(e) if is_transient(&e) && attempt < self.inner.settings.max_retries => {
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.connection_error("connect", e, attempt)),
+            }
+        }
+    }
+
+    /// The delay before retry number `attempt` (0-based): the base doubled per attempt, capped,
+    /// with "equal jitter" (half fixed, half random) so that clients do not retry in step.
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
+        let s = self.inner.settings;
+        let exp = s
+            .retry_base_delay
+            .saturating_mul(2u32.saturating_pow(attempt.min(31)));
+        let capped = exp.min(s.retry_max_delay);
+        let half = capped / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    pub(crate) fn connection_error(&self, what: &str, e: RedisError, retries: u32) -> Error {
+        let message = if is_auth_failure(&e) {
+            format!("authentication to {} failed during {what}", self.url())
+        } else {
+            format!("{what} on {} failed after {retries} retries", self.url())
+        };
+        Error::connection(message, Some(Box::new(e)))
+    }
+}
+
+impl fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConnection")
+            .field("url", &self.inner.redacted_url)
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+/// A command that failed: either for good on the connection (retries spent, authentication)
+/// or with a server error the caller may want to map.
+#[derive(Debug)]
+pub(crate) enum CommandError {
+    Failed(Error),
+    Server(RedisError),
+}
+
+impl CommandError {
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            CommandError::Failed(e) => e,
+            CommandError::Server(e) => Error::Backend(Box::new(e)),
+        }
+    }
+
+    /// The server error code (`NOGROUP`, `BUSYGROUP`, ...), if this is a server error.
+    pub(crate) fn code(&self) -> Option<&str> {
+        match self {
+            CommandError::Server(e) => e.code(),
+            CommandError::Failed(_) => None,
+        }
+    }
+}
+
+/// Errors that a new attempt, maybe on a new connection, can cure.
+pub(crate) fn is_transient(e: &RedisError) -> bool {
+    if is_auth_failure(e) {
+        return false;
+    }
+    e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.retry_method(),
+            RetryMethod::Reconnect | RetryMethod::RetryImmediately | RetryMethod::WaitAndRetry
+        )
+}
+
+fn is_auth_failure(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+}
+
+/// `url` with the password (and any `pass`/`password` query value) replaced by `***`.
+///
+/// ```
+/// use streamwise::redis::redact_url;
+/// assert_eq!(redact_url("redis://user:pw@host:6379/0"), "redis://user:***@host:6379/0");
+/// assert_eq!(redact_url("rediss://:pw@host"), "rediss://:***@host");
+/// assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+/// assert_eq!(redact_url("redis+unix:///tmp/r.sock?db=1&pass=pw"), "redis+unix:///tmp/r.sock?db=1&pass=***");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") => {
+                        format!("{k}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{authority}{tail}"),
+        None => format!("{authority}{tail}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_urls_and_settings_name_the_field() {
+        for url in ["", "http://host", "redis://host:notaport", "not a url"] {
+            let err = RedisConnection::new(url).unwrap_err();
+            assert_eq!(err.invalid_field(), Some("redis_url"), "{url:?}: {err}");
+        }
+        let err = RedisConnection::builder("redis://:hunter2@host:99999")
+            .build()
+            .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let b = || RedisConnection::builder("redis://localhost");
+        let cases = [
+            (b().retry_base_delay(Duration::ZERO), "retry_base_delay"),
+            (b().retry_max_delay(Duration::from_millis(1)), "retry_max_delay"),
+            (b().response_timeout(Duration::ZERO), "response_timeout"),
+            (b().connect_timeout(Duration::ZERO), "connect_timeout"),
+        ];
+        for (builder, field) in cases {
+            assert_eq!(builder.build().unwrap_err().invalid_field(), Some(field));
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let conn = RedisConnection::new("redis://localhost:6379").unwrap();
+        assert_eq!(conn.max_retries(), 5);
+        assert_eq!(conn.retry_base_delay(), Duration::from_millis(100));
+        assert_eq!(conn.retry_max_delay(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_stays_capped() {
+        let conn = RedisConnection::builder("redis://localhost")
+            .retry_base_delay(Duration::from_millis(100))
+            .retry_max_delay(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        for attempt in 0..40 {
+            let full = Duration::from_millis(100)
+                .saturating_mul(2u32.saturating_pow(attempt.min(31)))
+                .min(Duration::from_secs(1));
+            let d = conn.backoff(attempt);
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d:?} not in [{:?}, {full:?}]",
+                full / 2
+            );
+        }
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let conn = RedisConnection::new("redis://admin:s3cr3t@localhost:6379/2").unwrap();
+        assert_eq!(conn.url(), "redis://admin:***@localhost:6379/2");
+        assert!(!format!("{conn:?}").contains("s3cr3t"));
+        let builder = RedisConnection::builder("redis://admin:s3cr3t@localhost");
+        assert!(!format!("{builder:?}").contains("s3cr3t"));
+    }
+}
