@@ -99,6 +99,9 @@ impl DeliveryInfo {
     }
 }
 
+/// The longest delay [`Delivery::nack_after`] accepts: 30 days.
+pub const MAX_NACK_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// How a delivery was settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Settlement {
@@ -194,7 +197,18 @@ impl Delivery {
     }
 
     /// Settles synchronously; the async methods are thin wrappers over this.
+    ///
+    /// A nack delay longer than [`MAX_NACK_DELAY`] is refused with [`Error::Invalid`]
+    /// (`delay`) and leaves the delivery unsettled.
     pub fn settle(&self, settlement: Settlement) -> Result<()> {
+        if let Settlement::Nack { delay } = settlement
+            && delay > MAX_NACK_DELAY
+        {
+            return Err(Error::invalid(
+                "delay",
+                format_args!("{delay:?} is longer than the longest nack delay, {MAX_NACK_DELAY:?}"),
+            ));
+        }
         if self.settled.swap(true, Ordering::AcqRel) {
             return Err(Error::AlreadySettled { id: self.info.id });
         }
@@ -257,6 +271,17 @@ mod tests {
         assert!(matches!(d.ack().await, Err(Error::AlreadySettled { .. })));
         drop(d);
         assert_eq!(*recorder.0.lock().unwrap(), ["1-0 Ack"]);
+    }
+
+    #[tokio::test]
+    async fn an_absurd_nack_delay_is_refused_and_leaves_the_delivery_unsettled() {
+        let recorder = Arc::new(Recorder::default());
+        let d = delivery(&recorder, 3);
+        let err = d.nack_after(Duration::MAX).await.unwrap_err();
+        assert_eq!(err.invalid_field(), Some("delay"));
+        assert!(!d.is_settled());
+        d.nack_after(MAX_NACK_DELAY).await.unwrap();
+        assert_eq!(*recorder.0.lock().unwrap(), ["1-3 Nack { delay: 2592000s }"]);
     }
 
     #[tokio::test]

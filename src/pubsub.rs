@@ -92,6 +92,12 @@ impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
     }
 }
 
+/// The largest `max_in_flight` and `batch_size` accepted.
+pub const MAX_IN_FLIGHT: usize = 1 << 20;
+
+/// The longest `block`, reclaim `interval` and `min_idle` accepted: one day.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
 /// Where a newly created consumer group starts reading.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StartFrom {
@@ -310,20 +316,34 @@ impl SubscribeOptions {
         validate_name("topic", topic)?;
         validate_name("group", &self.group)?;
         validate_name("consumer", &self.consumer)?;
-        if self.batch_size == 0 {
-            return Err(Error::invalid("batch_size", "must be at least 1"));
-        }
-        if self.max_in_flight == 0 {
-            return Err(Error::invalid("max_in_flight", "must be at least 1"));
-        }
+        let count = |field: &'static str, n: usize| {
+            if n == 0 || n > MAX_IN_FLIGHT {
+                return Err(Error::invalid(
+                    field,
+                    format_args!("{n} is not between 1 and {MAX_IN_FLIGHT}"),
+                ));
+            }
+            Ok(())
+        };
+        let interval = |field: &'static str, d: Duration, zero_ok: bool| {
+            if (d.is_zero() && !zero_ok) || d > MAX_INTERVAL {
+                let least = if zero_ok { "zero" } else { "longer than zero" };
+                return Err(Error::invalid(
+                    field,
+                    format_args!("{d:?} must be {least} and at most {MAX_INTERVAL:?}"),
+                ));
+            }
+            Ok(())
+        };
+        count("batch_size", self.batch_size)?;
+        count("max_in_flight", self.max_in_flight)?;
         if self.max_deliveries == 0 {
             return Err(Error::invalid("max_deliveries", "must be at least 1"));
         }
-        if self.block.is_zero() {
-            return Err(Error::invalid("block", "must be longer than zero"));
-        }
-        if self.reclaim.is_some_and(|r| r.interval.is_zero()) {
-            return Err(Error::invalid("reclaim.interval", "must be longer than zero"));
+        interval("block", self.block, false)?;
+        if let Some(r) = self.reclaim {
+            interval("reclaim.interval", r.interval, false)?;
+            interval("reclaim.min_idle", r.min_idle, true)?;
         }
         Ok(())
     }
@@ -426,6 +446,21 @@ mod tests {
             (ok.clone().max_in_flight(0), "t", "max_in_flight"),
             (ok.clone().block(Duration::ZERO), "t", "block"),
             (ok.clone().max_deliveries(0), "t", "max_deliveries"),
+            (ok.clone().max_in_flight(usize::MAX), "t", "max_in_flight"),
+            (ok.clone().batch_size(MAX_IN_FLIGHT + 1), "t", "batch_size"),
+            (ok.clone().block(Duration::MAX), "t", "block"),
+            (
+                ok.clone()
+                    .reclaim(ReclaimOptions::new(Duration::MAX, Duration::ZERO)),
+                "t",
+                "reclaim.interval",
+            ),
+            (
+                ok.clone()
+                    .reclaim(ReclaimOptions::new(Duration::from_secs(1), Duration::MAX)),
+                "t",
+                "reclaim.min_idle",
+            ),
             (
                 ok.clone()
                     .reclaim(ReclaimOptions::new(Duration::ZERO, Duration::ZERO)),

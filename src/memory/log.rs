@@ -25,7 +25,7 @@ struct Group {
     name: Arc<str>,
     last_delivered: EntryId,
     pending: BTreeMap<EntryId, Pending>,
-    /// Nacked entries by the time they may be delivered again.
+    /// Nacked entries by the time they may be delivered again (to their owner).
     retry: RetryQueue,
     live_consumers: HashSet<Arc<str>>,
 }
@@ -63,12 +63,26 @@ pub(crate) struct GivenUp {
 /// What a fetch may do besides reading new entries.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FetchPlan {
-    /// Redeliver the consumer's own pending entries left by an earlier subscription.
+    /// Redeliver the consumer's own pending entries left by an earlier subscription (as a
+    /// Redis consumer does when it reads its history from id `0` on start).
     pub(crate) drain_own: bool,
     /// Take over entries idle at least this long.
     pub(crate) reclaim_min_idle: Option<Duration>,
     /// Entries delivered this many times are given up instead of delivered again.
     pub(crate) max_deliveries: u64,
+}
+
+/// What a fetch produced.
+#[derive(Debug, Default)]
+pub(crate) struct FetchOut {
+    pub(crate) fetched: Vec<Fetched>,
+    pub(crate) given_up: Vec<GivenUp>,
+    /// Some of the consumer's own leftovers did not fit the budget: drain again.
+    pub(crate) own_left: bool,
+    /// The reclaim of the plan ran (it is skipped when the budget was used up before it).
+    pub(crate) reclaim_ran: bool,
+    /// When the earliest of this consumer's nacked entries becomes due.
+    pub(crate) next_retry: Option<Instant>,
 }
 
 impl StreamLog {
@@ -142,10 +156,10 @@ impl StreamLog {
             .map(|i| &self.entries[i].1)
     }
 
-    /// Hands up to `budget` entries to `consumer`: nacked entries that are due first, then
-    /// (per `plan`) its own leftovers and entries reclaimed from idle consumers, then new
-    /// entries. Entries past `max_deliveries` or trimmed away leave the pending list into
-    /// `given_up`. Returns the earliest time a nacked entry becomes due, if any.
+    /// Hands up to `budget` entries to `consumer`, in this order: its nacked entries that are
+    /// due; per `plan`, its own leftovers and entries idle past `min_idle` (any owner, as
+    /// `XAUTOCLAIM`); then new entries. Entries past `max_deliveries` or trimmed away leave
+    /// the pending list into `out.given_up`.
     pub(crate) fn fetch(
         &mut self,
         group: &str,
@@ -153,97 +167,104 @@ impl StreamLog {
         budget: usize,
         now: Instant,
         plan: FetchPlan,
-        out: &mut Vec<Fetched>,
-        given_up: &mut Vec<GivenUp>,
-    ) -> Option<Instant> {
-        let gi = self.group_index(group)?;
-        let start = out.len();
+        out: &mut FetchOut,
+    ) {
+        let Some(gi) = self.group_index(group) else {
+            return;
+        };
+        let g = &mut self.groups[gi];
         let mut redeliver: Vec<EntryId> = Vec::new();
 
-        // Nacked entries whose delay is over.
-        let group_state = &mut self.groups[gi];
-        while redeliver.len() < budget {
-            match group_state.retry.first() {
-                Some(&(at, id)) if at <= now => {
-                    group_state.retry.pop_first();
-                    redeliver.push(id);
-                }
-                _ => break,
-            }
+        // This consumer's nacked entries whose delay is over (a nack redelivers to the
+        // consumer that nacked, as the Redis backend does).
+        let due: Vec<(Instant, EntryId)> = g
+            .retry
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .filter(|(_, id)| g.pending.get(id).is_some_and(|p| p.consumer == *consumer))
+            .take(budget)
+            .copied()
+            .collect();
+        for key in &due {
+            g.retry.remove(key);
+            redeliver.push(key.1);
         }
+
+        let idle_owned = |p: &Pending| !p.in_flight;
         if plan.drain_own && redeliver.len() < budget {
-            let own = group_state
+            let mut own = g
                 .pending
                 .iter()
-                .filter(|(_, p)| !p.in_flight && p.retry_at.is_none() && p.consumer == *consumer)
+                .filter(|(_, p)| idle_owned(p) && p.consumer == *consumer)
                 .map(|(id, _)| *id);
-            redeliver.extend(own.take(budget - redeliver.len()));
+            redeliver.extend(own.by_ref().take(budget - redeliver.len()));
+            out.own_left = own.next().is_some();
         }
         if let Some(min_idle) = plan.reclaim_min_idle
             && redeliver.len() < budget
         {
-            {
-                let idle = group_state
-                    .pending
-                    .iter()
-                    .filter(|(id, p)| {
-                        !p.in_flight
-                            && p.retry_at.is_none()
-                            && now.saturating_duration_since(p.delivered_at) >= min_idle
-                            && !redeliver.contains(id)
-                    })
-                    .map(|(id, _)| *id)
-                    .collect::<Vec<_>>();
-                redeliver.extend(idle.into_iter().take(budget - redeliver.len()));
-            }
+            out.reclaim_ran = true;
+            let idle: Vec<EntryId> = g
+                .pending
+                .iter()
+                .filter(|(id, p)| {
+                    idle_owned(p)
+                        && now.saturating_duration_since(p.delivered_at) >= min_idle
+                        && !redeliver.contains(id)
+                })
+                .map(|(id, _)| *id)
+                .take(budget - redeliver.len())
+                .collect();
+            redeliver.extend(idle);
         }
 
         for id in redeliver {
             let message = self.message(id).cloned();
-            let group_state = &mut self.groups[gi];
-            let Some(p) = group_state.pending.get_mut(&id) else {
+            let g = &mut self.groups[gi];
+            let Some(p) = g.pending.get_mut(&id) else {
                 continue;
             };
-            if message.is_none() || p.delivery_count >= plan.max_deliveries {
-                if message.is_none() {
-                    self.trimmed_pending += 1;
-                    tracing::warn!(
-                        group = %group_state.name,
-                        id = %id,
-                        "pending entry was trimmed from the stream before it was acknowledged"
-                    );
-                }
-                given_up.push(GivenUp {
-                    id,
-                    message,
-                    delivery_count: p.delivery_count,
-                });
-                group_state.pending.remove(&id);
-                continue;
+            if let Some(at) = p.retry_at.take() {
+                g.retry.remove(&(at, id));
             }
-            if let Some(message) = message {
-                p.consumer = consumer.clone();
-                p.delivery_count += 1;
-                p.delivered_at = now;
-                p.in_flight = true;
-                p.retry_at = None;
-                out.push(Fetched {
-                    id,
-                    message,
-                    delivery_count: p.delivery_count,
-                });
+            match message {
+                Some(message) if p.delivery_count < plan.max_deliveries => {
+                    p.consumer = consumer.clone();
+                    p.delivery_count += 1;
+                    p.delivered_at = now;
+                    p.in_flight = true;
+                    out.fetched.push(Fetched {
+                        id,
+                        message,
+                        delivery_count: p.delivery_count,
+                    });
+                }
+                message => {
+                    if message.is_none() {
+                        self.trimmed_pending += 1;
+                        tracing::warn!(
+                            group = %g.name,
+                            id = %id,
+                            "pending entry was trimmed from the stream before it was acknowledged"
+                        );
+                    }
+                    out.given_up.push(GivenUp {
+                        id,
+                        message,
+                        delivery_count: p.delivery_count,
+                    });
+                    g.pending.remove(&id);
+                }
             }
         }
 
-        // New entries.
-        let taken = out.len() - start;
+        // New entries. Given-up entries hold no slot, so they leave the budget untouched.
+        let taken = out.fetched.len();
+        let g = &mut self.groups[gi];
         if taken < budget {
-            let group_state = &mut self.groups[gi];
-            let from = self
-                .entries
-                .partition_point(|(id, _)| *id <= group_state.last_delivered);
+            let from = self.entries.partition_point(|(id, _)| *id <= g.last_delivered);
             for (id, message) in self.entries.range(from..).take(budget - taken) {
-                group_state.pending.insert(
+                g.pending.insert(
                     *id,
                     Pending {
                         consumer: consumer.clone(),
@@ -253,15 +274,19 @@ impl StreamLog {
                         retry_at: None,
                     },
                 );
-                group_state.last_delivered = *id;
-                out.push(Fetched {
+                g.last_delivered = *id;
+                out.fetched.push(Fetched {
                     id: *id,
                     message: message.clone(),
                     delivery_count: 1,
                 });
             }
         }
-        self.groups[gi].retry.first().map(|(at, _)| *at)
+        out.next_retry = g
+            .retry
+            .iter()
+            .find(|(_, id)| g.pending.get(id).is_some_and(|p| p.consumer == *consumer))
+            .map(|(at, _)| *at);
     }
 
     /// Removes `id` from the group's pending list; `true` when it was pending.
@@ -324,7 +349,8 @@ mod tests {
         max_deliveries: 10,
     };
 
-    /// Fetches, asserting that nothing was given up.
+    /// Fetches up to 10 entries into `out`, asserting that nothing was given up; returns the
+    /// next retry time.
     fn fetch(
         log: &mut StreamLog,
         group: &str,
@@ -333,10 +359,11 @@ mod tests {
         plan: FetchPlan,
         out: &mut Vec<Fetched>,
     ) -> Option<Instant> {
-        let mut given_up = Vec::new();
-        let due = log.fetch(group, c, 10, now, plan, out, &mut given_up);
-        assert!(given_up.is_empty(), "gave up {given_up:?}");
-        due
+        let mut o = FetchOut::default();
+        log.fetch(group, c, 10, now, plan, &mut o);
+        assert!(o.given_up.is_empty(), "gave up {:?}", o.given_up);
+        out.extend(o.fetched);
+        o.next_retry
     }
 
     fn msg(n: u32) -> Message {
@@ -448,20 +475,19 @@ mod tests {
         log.append(msg(0), 1, Some(1));
         let c: Arc<str> = "c".into();
         let now = Instant::now();
-        let mut out = Vec::new();
-        let mut given_up = Vec::new();
-        log.fetch("g", &c, 1, now, PLAN, &mut out, &mut given_up);
+        let mut o = FetchOut::default();
+        log.fetch("g", &c, 1, now, PLAN, &mut o);
         log.nack("g", EntryId::new(1, 0), "c", now);
         log.append(msg(1), 2, Some(1));
-        out.clear();
-        log.fetch("g", &c, 10, now, PLAN, &mut out, &mut given_up);
-        assert_eq!(ids(&out), ["2-0#1"]);
+        let mut o = FetchOut::default();
+        log.fetch("g", &c, 10, now, PLAN, &mut o);
+        assert_eq!(ids(&o.fetched), ["2-0#1"]);
         assert_eq!(log.trimmed_pending, 1);
         assert_eq!(log.pending_count("g"), Some(1));
-        assert_eq!(given_up.len(), 1);
-        assert!(given_up[0].message.is_none());
+        assert_eq!(o.given_up.len(), 1);
+        assert!(o.given_up[0].message.is_none());
         assert_eq!(
-            (given_up[0].id, given_up[0].delivery_count),
+            (o.given_up[0].id, o.given_up[0].delivery_count),
             (EntryId::new(1, 0), 1)
         );
     }
@@ -477,20 +503,70 @@ mod tests {
             max_deliveries: 2,
             ..PLAN
         };
-        let (mut out, mut given_up) = (Vec::new(), Vec::new());
         for expected in ["1-0#1", "1-0#2"] {
-            out.clear();
-            log.fetch("g", &c, 10, now, plan, &mut out, &mut given_up);
-            assert_eq!(ids(&out), [expected]);
+            let mut o = FetchOut::default();
+            log.fetch("g", &c, 10, now, plan, &mut o);
+            assert_eq!(ids(&o.fetched), [expected]);
             log.nack("g", EntryId::new(1, 0), "c", now);
         }
-        out.clear();
-        log.fetch("g", &c, 10, now, plan, &mut out, &mut given_up);
-        assert!(out.is_empty());
-        assert_eq!(given_up.len(), 1);
-        assert_eq!(given_up[0].delivery_count, 2);
-        assert!(given_up[0].message.is_some());
+        let mut o = FetchOut::default();
+        log.fetch("g", &c, 10, now, plan, &mut o);
+        assert!(o.fetched.is_empty());
+        assert_eq!(o.given_up.len(), 1);
+        assert_eq!(o.given_up[0].delivery_count, 2);
+        assert!(o.given_up[0].message.is_some());
         assert_eq!(log.pending_count("g"), Some(0));
+    }
+
+    #[test]
+    fn a_nack_redelivers_to_the_consumer_that_nacked_unless_reclaimed() {
+        let mut log = StreamLog::default();
+        log.create_group("g", StartFrom::Beginning);
+        log.append(msg(0), 1, None);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let now = Instant::now();
+        let mut out = Vec::new();
+        fetch(&mut log, "g", &a, now, PLAN, &mut out);
+        log.nack("g", EntryId::new(1, 0), "a", now);
+        out.clear();
+        fetch(&mut log, "g", &b, now, PLAN, &mut out);
+        assert!(out.is_empty(), "another consumer must not get a's nacked entry");
+        let later = now + Duration::from_secs(2);
+        let reclaim = FetchPlan {
+            reclaim_min_idle: Some(Duration::from_secs(1)),
+            ..PLAN
+        };
+        fetch(&mut log, "g", &b, later, reclaim, &mut out);
+        assert_eq!(ids(&out), ["1-0#2"], "idle past min_idle: reclaimable");
+        out.clear();
+        assert_eq!(fetch(&mut log, "g", &a, later, PLAN, &mut out), None);
+        assert!(out.is_empty(), "a's retry went with the entry");
+    }
+
+    #[test]
+    fn draining_reports_leftovers_beyond_the_budget() {
+        let mut log = StreamLog::default();
+        log.create_group("g", StartFrom::Beginning);
+        let c: Arc<str> = "c".into();
+        let now = Instant::now();
+        for n in 0..5 {
+            log.append(msg(n), 1, None);
+        }
+        let mut o = FetchOut::default();
+        log.fetch("g", &c, 5, now, PLAN, &mut o);
+        for f in &o.fetched {
+            log.release("g", f.id, "c");
+        }
+        let drain = FetchPlan {
+            drain_own: true,
+            ..PLAN
+        };
+        let mut o = FetchOut::default();
+        log.fetch("g", &c, 2, now, drain, &mut o);
+        assert_eq!((o.fetched.len(), o.own_left), (2, true));
+        let mut o = FetchOut::default();
+        log.fetch("g", &c, 3, now, drain, &mut o);
+        assert_eq!((o.fetched.len(), o.own_left), (3, false));
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::pubsub::{
     InFlight, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber, Subscription,
 };
 
-use self::log::{FetchPlan, Fetched, GivenUp, StreamLog};
+use self::log::{FetchOut, FetchPlan, GivenUp, StreamLog};
 
 /// The default limit on the encoded size of one entry: 1 MiB.
 pub const DEFAULT_MAX_ENTRY_SIZE: usize = 1024 * 1024;
@@ -328,19 +328,22 @@ impl MemorySubscriber {
             closed: self.closed.clone(),
         });
         let reader = Reader {
-            registration: Registration { stream, origin },
+            buffer: VecDeque::new(),
+            stream,
+            origin: origin.clone(),
+            registration: Some(Registration {
+                stream: settler.stream.clone(),
+                origin,
+            }),
             consumer,
             settler,
             in_flight,
             batch_size: options.batch_size_value(),
             max_deliveries: options.max_deliveries_value(),
             broker: self.broker.clone(),
-            given_up: Vec::new(),
             reclaim: options.reclaim_value(),
             next_reclaim: Instant::now(),
             drained: false,
-            buffer: VecDeque::new(),
-            scratch: Vec::new(),
             closed: self.closed.clone(),
         };
         Ok(Subscription::new(futures::stream::unfold(
@@ -368,19 +371,21 @@ impl Drop for Registration {
 }
 
 struct Reader {
-    registration: Registration,
+    /// Declared first so that, when the reader is dropped, buffered deliveries are released
+    /// before the consumer name is freed for a restart.
+    buffer: VecDeque<Delivery>,
+    stream: Arc<SharedStream>,
+    origin: Arc<Origin>,
+    registration: Option<Registration>,
     consumer: Arc<str>,
     settler: Arc<MemorySettler>,
     in_flight: InFlight,
     batch_size: usize,
     max_deliveries: u64,
     broker: Arc<Broker>,
-    given_up: Vec<GivenUp>,
     reclaim: Option<ReclaimOptions>,
     next_reclaim: Instant,
     drained: bool,
-    buffer: VecDeque<Delivery>,
-    scratch: Vec<Fetched>,
     closed: CancellationToken,
 }
 
@@ -388,6 +393,7 @@ impl Reader {
     async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
             if self.closed.is_cancelled() {
+                self.stop();
                 return None;
             }
             if let Some(d) = self.buffer.pop_front() {
@@ -395,19 +401,24 @@ impl Reader {
             }
             let taken = tokio::select! {
                 biased;
-                _ = self.closed.cancelled() => return None,
+                _ = self.closed.cancelled() => continue,
                 n = self.in_flight.acquire(self.batch_size) => n,
             };
-            if !self.fill(taken).await {
-                return None;
-            }
+            self.fill(taken).await;
         }
     }
 
+    /// After close: unsettled buffered deliveries go back to pending and the consumer name is
+    /// free, without waiting for the subscription to be dropped.
+    fn stop(&mut self) {
+        self.buffer.clear();
+        self.registration = None;
+    }
+
     /// Waits until at least one entry could be fetched into the buffer using the `taken`
-    /// slots; `false` when closed first.
-    async fn fill(&mut self, taken: usize) -> bool {
-        let stream = self.registration.stream.clone();
+    /// slots, or until closed; gives back the slots it did not use.
+    async fn fill(&mut self, taken: usize) {
+        let stream = self.stream.clone();
         loop {
             let changed = stream.changed.notified();
             tokio::pin!(changed);
@@ -420,31 +431,30 @@ impl Reader {
                 reclaim_min_idle: reclaim_due.map(|r| r.min_idle),
                 max_deliveries: self.max_deliveries,
             };
-            let next_retry = stream.log().fetch(
-                self.registration.origin.group(),
-                &self.consumer,
-                taken,
-                now,
-                plan,
-                &mut self.scratch,
-                &mut self.given_up,
-            );
-            self.dead_letter_given_up();
-            self.drained = true;
-            if let Some(r) = reclaim_due {
+            let mut out = FetchOut::default();
+            stream
+                .log()
+                .fetch(self.origin.group(), &self.consumer, taken, now, plan, &mut out);
+            self.drained = !out.own_left;
+            if let Some(r) = reclaim_due.filter(|_| out.reclaim_ran) {
                 self.next_reclaim = now + r.interval;
             }
-            if !self.scratch.is_empty() {
-                self.in_flight.release(taken - self.scratch.len());
+            let gave_up = !out.given_up.is_empty();
+            self.dead_letter(std::mem::take(&mut out.given_up));
+            if !out.fetched.is_empty() {
+                self.in_flight.release(taken - out.fetched.len());
                 let settler: Arc<dyn Settler> = self.settler.clone();
-                for f in self.scratch.drain(..) {
-                    let info = DeliveryInfo::new(f.id, f.delivery_count, self.registration.origin.clone());
+                for f in out.fetched {
+                    let info = DeliveryInfo::new(f.id, f.delivery_count, self.origin.clone());
                     self.buffer
                         .push_back(Delivery::new(f.message, info, settler.clone()));
                 }
-                return true;
+                return;
             }
-            let wake_at = match (next_retry, self.reclaim.map(|_| self.next_reclaim)) {
+            if !self.drained || gave_up {
+                continue;
+            }
+            let wake_at = match (out.next_retry, self.reclaim.map(|_| self.next_reclaim)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -452,29 +462,27 @@ impl Reader {
                 biased;
                 _ = self.closed.cancelled() => {
                     self.in_flight.release(taken);
-                    return false;
+                    return;
                 }
                 _ = &mut changed => {}
                 _ = sleep_until(wake_at) => {}
             }
         }
     }
-}
 
-impl Reader {
-    /// Writes a record for every entry the last fetch gave up on to `<stream>-dead`.
-    fn dead_letter_given_up(&mut self) {
-        if self.given_up.is_empty() {
+    /// Writes a record for every entry given up on to `<stream>-dead`.
+    fn dead_letter(&self, given_up: Vec<GivenUp>) {
+        if given_up.is_empty() {
             return;
         }
-        let origin = &self.registration.origin;
+        let origin = &self.origin;
         let (dead, _) = self
             .broker
             .get_or_create(&dead_letter::stream_for(origin.stream()));
         let now_ms = now_ms();
         {
             let mut log = dead.log();
-            for g in self.given_up.drain(..) {
+            for g in given_up {
                 let exceeded = format!(
                     "delivered {} times, the limit is {}",
                     g.delivery_count, self.max_deliveries

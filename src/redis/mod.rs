@@ -1,7 +1,76 @@
-//! The Redis Streams backend.
+//! The Redis Streams backend: [`RedisPublisher`] and [`RedisSubscriber`] behind the
+//! [`Publisher`](crate::Publisher) and [`Subscriber`](crate::Subscriber) traits, sharing a
+//! [`RedisConnection`].
+//!
+//! ```no_run
+//! # async fn demo() -> streamwise::Result<()> {
+//! use futures::StreamExt;
+//! use streamwise::prelude::*;
+//! use streamwise::redis::RedisBackend;
+//!
+//! let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
+//! let publisher = redis.publisher();
+//! let subscriber = redis.subscriber()?;
+//! let mut orders = subscriber.subscribe("orders", SubscribeOptions::new("billing", "worker-1")).await?;
+//! publisher.publish("orders", Message::new("order.placed", &7)?).await?;
+//! let delivery = orders.next().await.expect("open")?;
+//! delivery.ack().await?;
+//! subscriber.close().await?;
+//! # Ok(()) }
+//! ```
 
+pub mod admin;
+mod checkpoint;
 pub mod codec;
 mod connection;
+mod keys;
+mod lease;
+mod publisher;
+mod scripts;
+mod subscriber;
 
+pub use checkpoint::RedisCheckpointStore;
 pub use codec::{Codec, JsonCodec, RawEntry};
 pub use connection::{RedisConnection, RedisConnectionBuilder, redact_url};
+pub use publisher::{DEFAULT_MAX_ENTRY_SIZE, PublisherOptions, RedisPublisher};
+pub use subscriber::{RedisSubscriber, RedisSubscriberOptions, StatsSnapshot, SubscriberStats};
+
+/// A [`RedisConnection`] with shortcuts to make publishers and subscribers on it.
+#[derive(Clone, Debug)]
+pub struct RedisBackend {
+    conn: RedisConnection,
+}
+
+impl RedisBackend {
+    /// A backend on `url` with the default retry policy.
+    pub fn new(url: &str) -> crate::Result<Self> {
+        Ok(RedisBackend {
+            conn: RedisConnection::new(url)?,
+        })
+    }
+
+    /// A backend on an existing connection.
+    pub fn with_connection(conn: RedisConnection) -> Self {
+        RedisBackend { conn }
+    }
+
+    /// The connection.
+    pub fn connection(&self) -> &RedisConnection {
+        &self.conn
+    }
+
+    /// A publisher with default options.
+    pub fn publisher(&self) -> RedisPublisher {
+        RedisPublisher::new(self.conn.clone(), PublisherOptions::default())
+    }
+
+    /// A subscriber with default options.
+    pub fn subscriber(&self) -> crate::Result<RedisSubscriber> {
+        RedisSubscriber::new(self.conn.clone(), RedisSubscriberOptions::default())
+    }
+
+    /// How many entries of `stream` are pending in `group`.
+    pub async fn pending_count(&self, stream: &str, group: &str) -> crate::Result<u64> {
+        admin::pending_count(&self.conn, stream, group).await
+    }
+}

@@ -1,0 +1,167 @@
+//! Consumer leases and heartbeats. A live consumer holds the key
+//! `streamwise:lease:<stream>:<group>:<consumer>` with a TTL and renews it every third of the
+//! TTL; a second live consumer of the same name is refused. On each renewal the entries it
+//! has held for a while are touched (`XCLAIM ... JUSTID` to itself, only if it still owns them),
+//! so that reclaim does not take them from a handler that is still working.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use redis::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::connection::RedisConnection;
+use super::subscriber::Shared;
+use super::{keys, scripts};
+use crate::delivery::Origin;
+use crate::error::{Error, Result};
+
+/// A held lease.
+pub(crate) struct Lease {
+    conn: RedisConnection,
+    key: String,
+    registry: String,
+    consumer: String,
+    token: String,
+    ttl: Duration,
+}
+
+impl Lease {
+    /// Takes the lease of `origin`'s consumer, or fails with [`Error::ConsumerActive`].
+    pub(crate) async fn acquire(conn: &RedisConnection, origin: &Origin, ttl: Duration) -> Result<Lease> {
+        let (stream, group, consumer) = (origin.stream(), origin.group(), origin.consumer());
+        let lease = Lease {
+            conn: conn.clone(),
+            key: keys::lease(stream, group, consumer),
+            registry: keys::leased_consumers(stream, group),
+            consumer: consumer.to_owned(),
+            token: uuid::Uuid::now_v7().to_string(),
+            ttl,
+        };
+        let ttl_ms = lease.ttl_ms();
+        let taken: (Value, u64) = conn
+            .run_mapped("acquire lease", |mut c| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SET")
+                    .arg(&lease.key)
+                    .arg(&lease.token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .cmd("SADD")
+                    .arg(&lease.registry)
+                    .arg(&lease.consumer);
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
+        if taken.0 == Value::Nil {
+            return Err(Error::ConsumerActive {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+                consumer: consumer.to_owned(),
+            });
+        }
+        Ok(lease)
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn renew(&self) -> Result<bool> {
+        let held: i64 = self
+            .conn
+            .run_mapped("renew lease", |mut c| {
+                let mut call = scripts::RENEW_LEASE.key(&self.key);
+                call.arg(&self.token).arg(self.ttl_ms());
+                async move { call.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(held == 1)
+    }
+
+    async fn release(&self) {
+        let released = self
+            .conn
+            .run_mapped("release lease", |mut c| {
+                let mut call = scripts::RELEASE_LEASE.key(&self.key);
+                call.key(&self.registry).arg(&self.token).arg(&self.consumer);
+                async move { call.invoke_async::<i64>(&mut c).await }
+            })
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(lease = %self.key, error = %e, "lease not released; it expires by itself");
+        }
+    }
+}
+
+/// Renews the lease and touches long-held entries until the subscription stops.
+pub(crate) struct Heartbeat {
+    pub(crate) lease: Lease,
+    pub(crate) shared: Weak<Shared>,
+    pub(crate) interval: Duration,
+}
+
+impl Heartbeat {
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            match self.lease.renew().await {
+                Ok(true) => {}
+                Ok(false) => tracing::error!(
+                    lease = %self.lease.key,
+                    "another consumer holds this consumer's lease; two consumers may share the name"
+                ),
+                Err(e) => tracing::warn!(lease = %self.lease.key, error = %e, "lease not renewed"),
+            }
+            let Some(shared) = self.shared.upgrade() else {
+                break;
+            };
+            if let Err(e) = touch_held(&shared, self.interval).await {
+                tracing::warn!(stream = shared.origin.stream(), error = %e, "heartbeat of held entries failed");
+            }
+        }
+        self.lease.release().await;
+    }
+}
+
+/// Resets the idle time of entries held longer than `older_than`, if still ours.
+async fn touch_held(shared: &Shared, older_than: Duration) -> Result<()> {
+    let now = Instant::now();
+    let ids: Vec<String> = shared
+        .held()
+        .iter()
+        .filter(|(_, at)| now.duration_since(**at) >= older_than)
+        .map(|(id, _)| id.to_string())
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let origin = &shared.origin;
+    let _touched: i64 = shared
+        .conn
+        .run_mapped("heartbeat", |mut c| {
+            let mut call = scripts::TOUCH_OWN.key(origin.stream());
+            call.arg(origin.group()).arg(origin.consumer());
+            for id in &ids {
+                call.arg(id);
+            }
+            async move { call.invoke_async(&mut c).await }
+        })
+        .await?;
+    let mut held = shared.held();
+    for at in held.values_mut() {
+        if now.duration_since(*at) >= older_than {
+            *at = now;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! [`RedisPublisher`]: `XADD` in the wire format, batches in one pipeline, `MAXLEN ~`
+//! trimming, `NOMKSTREAM` when streams must exist, and retention (`XTRIM MINID ~`) from the
+//! stream's settings.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use redis::Value;
+use tokio::time::Instant;
+
+use super::codec::{self, Codec, JsonCodec};
+use super::connection::RedisConnection;
+use super::keys;
+use crate::error::{Error, Result, validate_name};
+use crate::message::{EntryId, Message};
+use crate::pubsub::Publisher;
+
+/// The default limit on the encoded size of one entry: 1 MiB.
+pub const DEFAULT_MAX_ENTRY_SIZE: usize = 1024 * 1024;
+
+/// How long the publisher trusts the stream settings it read.
+const SETTINGS_TTL: Duration = Duration::from_secs(5);
+
+/// How often at most retention trims one stream.
+const RETENTION_EVERY: Duration = Duration::from_secs(1);
+
+/// Options of a [`RedisPublisher`].
+///
+/// ```
+/// use streamwise::redis::PublisherOptions;
+/// let options = PublisherOptions::default().max_length(10_000).auto_create(false);
+/// assert_eq!(options.max_length_value(), Some(10_000));
+/// ```
+#[derive(Clone)]
+pub struct PublisherOptions {
+    max_length: Option<u64>,
+    auto_create: bool,
+    max_entry_size: usize,
+    codec: Arc<dyn Codec>,
+}
+
+impl Default for PublisherOptions {
+    /// No length limit of its own (the stream's `max_length` setting applies), streams created
+    /// on first publish, 1 MiB entries, the JSON wire format.
+    fn default() -> Self {
+        PublisherOptions {
+            max_length: None,
+            auto_create: true,
+            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+            codec: Arc::new(JsonCodec),
+        }
+    }
+}
+
+impl std::fmt::Debug for PublisherOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublisherOptions")
+            .field("max_length", &self.max_length)
+            .field("auto_create", &self.auto_create)
+            .field("max_entry_size", &self.max_entry_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PublisherOptions {
+    /// Trim every stream published to at about `n` entries (`XADD MAXLEN ~ n`). Overrides the
+    /// stream's own `max_length` setting.
+    #[must_use]
+    pub fn max_length(mut self, n: u64) -> Self {
+        self.max_length = Some(n);
+        self
+    }
+
+    /// Whether publishing creates a missing stream (default) or fails with
+    /// [`Error::StreamNotFound`] (`XADD NOMKSTREAM`).
+    #[must_use]
+    pub fn auto_create(mut self, auto_create: bool) -> Self {
+        self.auto_create = auto_create;
+        self
+    }
+
+    /// The limit on the encoded size of an entry. Default 1 MiB.
+    #[must_use]
+    pub fn max_entry_size(mut self, bytes: usize) -> Self {
+        self.max_entry_size = bytes;
+        self
+    }
+
+    /// Another wire layout.
+    #[must_use]
+    pub fn codec(mut self, codec: impl Codec) -> Self {
+        self.codec = Arc::new(codec);
+        self
+    }
+
+    /// The publisher's own length limit.
+    pub fn max_length_value(&self) -> Option<u64> {
+        self.max_length
+    }
+
+    /// Whether missing streams are created.
+    pub fn auto_create_value(&self) -> bool {
+        self.auto_create
+    }
+
+    /// The entry size limit.
+    pub fn max_entry_size_value(&self) -> usize {
+        self.max_entry_size
+    }
+}
+
+/// Publishes to Redis streams. Concurrent publishes share one multiplexed connection.
+///
+/// A publish whose reply was lost to a connection failure is retried, so an entry can, rarely,
+/// be written twice; consumers can drop such duplicates by UUID.
+pub struct RedisPublisher {
+    conn: RedisConnection,
+    options: PublisherOptions,
+    closed: AtomicBool,
+    streams: Mutex<HashMap<String, StreamState>>,
+}
+
+/// What the publisher knows of a stream's settings.
+#[derive(Clone, Copy, Debug, Default)]
+struct StreamState {
+    max_length: Option<u64>,
+    retention: Option<Duration>,
+    read_at: Option<Instant>,
+    trimmed_at: Option<Instant>,
+}
+
+impl RedisPublisher {
+    /// A publisher on `conn`.
+    pub fn new(conn: RedisConnection, options: PublisherOptions) -> Self {
+        RedisPublisher {
+            conn,
+            options,
+            closed: AtomicBool::new(false),
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The options.
+    pub fn options(&self) -> &PublisherOptions {
+        &self.options
+    }
+
+    fn state(&self, topic: &str) -> StreamState {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams.get(topic).copied().unwrap_or_default()
+    }
+
+    fn update_state(&self, topic: &str, f: impl FnOnce(&mut StreamState)) {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        f(streams.entry(topic.to_owned()).or_default());
+    }
+
+    /// The stream's settings, re-read from its metadata hash when stale.
+    async fn settings(&self, topic: &str) -> Result<StreamState> {
+        let state = self.state(topic);
+        if state.read_at.is_some_and(|t| t.elapsed() < SETTINGS_TTL) {
+            return Ok(state);
+        }
+        let key = keys::meta(topic);
+        let (max_length, retention_ms): (Option<u64>, Option<u64>) = self
+            .conn
+            .run_mapped("read stream settings", |mut c| {
+                let key = key.clone();
+                async move {
+                    redis::cmd("HMGET")
+                        .arg(&key)
+                        .arg("max_length")
+                        .arg("retention_ms")
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        self.update_state(topic, |s| {
+            s.max_length = max_length;
+            s.retention = retention_ms.filter(|ms| *ms > 0).map(Duration::from_millis);
+            s.read_at = Some(Instant::now());
+        });
+        Ok(self.state(topic))
+    }
+
+    fn encode(&self, message: &Message) -> Result<Vec<(&'static str, Bytes)>> {
+        let fields = self.options.codec.encode(message)?;
+        let size = codec::encoded_size(&fields);
+        if size > self.options.max_entry_size {
+            return Err(Error::PayloadTooLarge {
+                size,
+                limit: self.options.max_entry_size,
+            });
+        }
+        Ok(fields)
+    }
+
+    async fn append(&self, topic: &str, messages: &[Message]) -> Result<Vec<EntryId>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("publisher"));
+        }
+        validate_name("topic", topic)?;
+        let entries = messages
+            .iter()
+            .map(|m| self.encode(m))
+            .collect::<Result<Vec<_>>>()?;
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let settings = self.settings(topic).await?;
+        let max_length = self.options.max_length.or(settings.max_length);
+        let trim_before = settings
+            .retention
+            .filter(|_| settings.trimmed_at.is_none_or(|t| t.elapsed() >= RETENTION_EVERY))
+            .map(|retention| {
+                now_ms().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX))
+            });
+
+        let mut pipe = redis::pipe();
+        for fields in &entries {
+            let cmd = pipe.cmd("XADD").arg(topic);
+            if !self.options.auto_create {
+                cmd.arg("NOMKSTREAM");
+            }
+            if let Some(n) = max_length {
+                cmd.arg("MAXLEN").arg("~").arg(n);
+            }
+            cmd.arg("*");
+            for (name, value) in fields {
+                cmd.arg(*name).arg(&value[..]);
+            }
+        }
+        if let Some(min_ms) = trim_before {
+            pipe.cmd("XTRIM")
+                .arg(topic)
+                .arg("MINID")
+                .arg("~")
+                .arg(min_ms)
+                .ignore();
+        }
+        let replies: Vec<Value> = self
+            .conn
+            .run_mapped("publish", |mut c| {
+                let pipe = pipe.clone();
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
+        if trim_before.is_some() {
+            self.update_state(topic, |s| s.trimmed_at = Some(Instant::now()));
+        }
+        replies
+            .into_iter()
+            .map(|reply| match reply {
+                Value::Nil => Err(Error::StreamNotFound {
+                    stream: topic.to_owned(),
+                }),
+                other => codec::entry_id(other),
+            })
+            .collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Publisher for RedisPublisher {
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> BoxFuture<'a, Result<EntryId>> {
+        Box::pin(async move {
+            let mut ids = self.append(topic, std::slice::from_ref(&message)).await?;
+            ids.pop()
+                .ok_or_else(|| Error::Backend("XADD returned no id".into()))
+        })
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        messages: Vec<Message>,
+    ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
+        Box::pin(async move { self.append(topic, &messages).await })
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.closed.store(true, Ordering::Release);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+impl std::fmt::Debug for RedisPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPublisher")
+            .field("conn", &self.conn)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,107 @@
+//! Lua scripts, so that "check the owner, then claim" happens atomically in Redis.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Claims pending entries back to this consumer for redelivery, if this consumer still owns
+/// them. KEYS: stream. ARGV: group, consumer, ids... Returns, per id still owned,
+/// `{entry, delivery_count}`, or `{id, -1}` when the entry was trimmed from the stream.
+pub(crate) static CLAIM_OWN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local out = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    local e = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])
+    if e[1] then
+      table.insert(out, {e[1], p[1][4] + 1})
+    else
+      table.insert(out, {ARGV[i], -1})
+    end
+  end
+end
+return out
+",
+    )
+});
+
+/// Resets the idle time of entries this consumer still owns (the heartbeat of long handlers),
+/// without counting a delivery. KEYS: stream. ARGV: group, consumer, ids... Returns how many.
+pub(crate) static TOUCH_OWN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local n = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+",
+    )
+});
+
+/// Keeps a lease: extends it when we hold it, takes it again when it lapsed and is free.
+/// KEYS: lease. ARGV: token, ttl ms. Returns 1 when held, 0 when someone else holds it.
+pub(crate) static RENEW_LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+elseif not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// Drops a lease if we hold it. KEYS: lease, registry. ARGV: token, consumer.
+pub(crate) static RELEASE_LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// Finds crashed consumers: registered (they use leases), lease gone, entries pending.
+/// Forgets registered consumers whose lease is gone and that hold nothing.
+/// KEYS: stream, registry. ARGV: group, this consumer, lease key prefix.
+/// Returns `{name, pending}` per crashed consumer.
+pub(crate) static CRASHED_CONSUMERS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local crashed = {}
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return crashed end
+for _, c in ipairs(consumers) do
+  local name, pending
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1] elseif c[i] == 'pending' then pending = c[i + 1] end
+  end
+  if name and name ~= ARGV[2] and redis.call('SISMEMBER', KEYS[2], name) == 1
+     and redis.call('EXISTS', ARGV[3] .. name) == 0 then
+    if pending > 0 then
+      table.insert(crashed, {name, pending})
+    else
+      redis.call('SREM', KEYS[2], name)
+    end
+  end
+end
+return crashed
+",
+    )
+});
