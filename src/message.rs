@@ -384,10 +384,18 @@ pub fn parse_timestamp(text: &str) -> Result<SystemTime> {
             .map_err(|_| bad(first))?,
     };
     let nanos = ts.as_nanosecond();
-    Ok(if nanos >= 0 {
-        UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    let magnitude = Duration::new(
+        u64::try_from(nanos.unsigned_abs() / 1_000_000_000).unwrap_or(u64::MAX),
+        (nanos.unsigned_abs() % 1_000_000_000) as u32,
+    );
+    let time = if nanos >= 0 {
+        UNIX_EPOCH.checked_add(magnitude)
     } else {
-        UNIX_EPOCH - Duration::from_nanos(u64::try_from(-nanos).unwrap_or(u64::MAX))
+        UNIX_EPOCH.checked_sub(magnitude)
+    };
+    time.ok_or_else(|| Error::Decode {
+        what: "timestamp".into(),
+        reason: format!("{text:?} is outside the range of system time"),
     })
 }
 
@@ -467,5 +475,10 @@ mod tests {
             assert_eq!(parse_timestamp(text).unwrap(), t, "{text}");
         }
         assert!(matches!(parse_timestamp("yesterday"), Err(Error::Decode { .. })));
+        // Far dates keep their value (no silent clamping).
+        let far = parse_timestamp("9999-01-01T00:00:00Z").unwrap();
+        assert_eq!(format_timestamp(far), "9999-01-01T00:00:00.000Z");
+        let early = parse_timestamp("1000-01-01T00:00:00Z").unwrap();
+        assert_eq!(format_timestamp(early), "1000-01-01T00:00:00.000Z");
     }
 }

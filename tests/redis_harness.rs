@@ -15,7 +15,8 @@ fn servers_start_on_distinct_free_ports_and_answer() {
     assert_eq!(a.command("PING"), "+PONG");
     assert_eq!(b.command("PING"), "+PONG");
     // Persistence is off.
-    assert_eq!(a.command("CONFIG GET appendonly"), "*2");
+    assert_eq!(a.config("appendonly"), "no");
+    assert_eq!(a.config("save"), "");
     assert!(a.url().starts_with("redis://127.0.0.1:"));
 }
 
@@ -42,6 +43,7 @@ fn a_dropped_server_is_gone() {
 #[test]
 fn a_killed_server_restarts_on_the_same_port() {
     let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    assert_eq!(server.config("appendonly"), "yes");
     assert_eq!(server.command("SET survivor 1"), "+OK");
     let port = server.port();
     server.kill();

@@ -43,7 +43,7 @@ impl RedisServer {
         for _ in 0..5 {
             let port = free_port();
             let mut child = spawn(port, &dir, &extra);
-            match wait_ready(&mut child, port) {
+            match wait_ready(&mut child, port, &dir) {
                 Ok(()) => {
                     return RedisServer {
                         child,
@@ -87,22 +87,38 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         let mut child = spawn(self.port, &self.dir, &self.extra);
-        if let Err(log) = wait_ready(&mut child, self.port) {
+        if let Err(log) = wait_ready(&mut child, self.port, &self.dir) {
             let _ = child.kill();
             panic!("redis-server did not restart on port {}:\n{log}", self.port);
         }
         self.child = child;
     }
 
-    /// Sends one inline command and returns the first line of the reply (for example
-    /// `+PONG`). Enough for harness checks without a client library.
-    pub fn command(&self, line: &str) -> String {
+    /// Sends one inline command and returns the first `lines` lines of the reply (for example
+    /// `["+PONG"]`). Enough for harness checks without a client library.
+    pub fn command_lines(&self, line: &str, lines: usize) -> Vec<String> {
         let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).expect("connect to test redis");
         stream.set_read_timeout(Some(STARTUP)).expect("timeout");
         stream.write_all(format!("{line}\r\n").as_bytes()).expect("send");
-        let mut reply = String::new();
-        BufReader::new(stream).read_line(&mut reply).expect("reply");
-        reply.trim_end().to_owned()
+        let mut reader = BufReader::new(stream);
+        (0..lines)
+            .map(|_| {
+                let mut reply = String::new();
+                reader.read_line(&mut reply).expect("reply");
+                reply.trim_end().to_owned()
+            })
+            .collect()
+    }
+
+    /// The first line of the reply to one inline command.
+    pub fn command(&self, line: &str) -> String {
+        self.command_lines(line, 1).remove(0)
+    }
+
+    /// The value of a server setting (`CONFIG GET name`).
+    pub fn config(&self, name: &str) -> String {
+        // *2, $len, name, $len, value
+        self.command_lines(&format!("CONFIG GET {name}"), 5).remove(4)
     }
 }
 
@@ -141,9 +157,11 @@ fn spawn(port: u16, dir: &Path, extra: &[String]) -> Child {
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
         .arg("--dir")
         .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
         .args(extra)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped());
     match command.spawn() {
         Ok(child) => child,
@@ -156,11 +174,11 @@ fn spawn(port: u16, dir: &Path, extra: &[String]) -> Child {
 }
 
 /// Waits until the server answers PING; on failure returns what it printed.
-fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
+fn wait_ready(child: &mut Child, port: u16, dir: &Path) -> Result<(), String> {
     let deadline = Instant::now() + STARTUP;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited with {status}:\n{}", output(child)));
+            return Err(format!("exited with {status}:\n{}", output(child, dir)));
         }
         if let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
@@ -177,11 +195,10 @@ fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
     Err(format!("no answer to PING within {STARTUP:?}"))
 }
 
-fn output(child: &mut Child) -> String {
-    let mut text = String::new();
-    if let Some(out) = child.stdout.as_mut() {
-        let _ = out.read_to_string(&mut text);
-    }
+/// What an exited server printed: its log file and standard error (only read once the
+/// process is gone, so nothing blocks on a full pipe while it runs).
+fn output(child: &mut Child, dir: &Path) -> String {
+    let mut text = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
     if let Some(err) = child.stderr.as_mut() {
         let _ = err.read_to_string(&mut text);
     }
