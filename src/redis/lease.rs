@@ -137,7 +137,8 @@ impl Heartbeat {
 async fn touch_held(shared: &Shared, older_than: Duration) -> Result<()> {
     let now = Instant::now();
     let ids: Vec<String> = shared
-        .held()
+        .ledger()
+        .held
         .iter()
         .filter(|(_, at)| now.duration_since(**at) >= older_than)
         .map(|(id, _)| id.to_string())
@@ -157,8 +158,8 @@ async fn touch_held(shared: &Shared, older_than: Duration) -> Result<()> {
             async move { call.invoke_async(&mut c).await }
         })
         .await?;
-    let mut held = shared.held();
-    for at in held.values_mut() {
+    let mut ledger = shared.ledger();
+    for at in ledger.held.values_mut() {
         if now.duration_since(*at) >= older_than {
             *at = now;
         }

@@ -9,7 +9,7 @@
 //! delivery) when due, if this consumer still owns it. Reclaim (`XAUTOCLAIM`), leases,
 //! heartbeats and dead-lettering are in the neighbouring modules.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -239,18 +239,19 @@ impl RedisSubscriber {
         let lease = super::lease::Lease::acquire(&self.conn, &origin, self.options.lease_ttl).await?;
 
         let sub_token = self.closed.child_token();
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
         let (ops_tx, ops_rx) = mpsc::unbounded_channel();
         let sub = Arc::new(Shared {
             conn: self.conn.clone(),
             origin: origin.clone(),
             capacity: InFlight::new(options.max_in_flight_value()),
-            held: Mutex::new(HashMap::new()),
-            retries: Mutex::new(BTreeMap::new()),
+            ledger: ledger.clone(),
             ops: ops_tx,
             blocked_client: AtomicI64::new(0),
             closed: self.closed.clone(),
         });
         let flusher = Flusher {
+            ledger,
             conn: self.conn.clone(),
             origin: origin.clone(),
             store: self.store.clone(),
@@ -389,15 +390,67 @@ async fn create_group(
     }
 }
 
+/// What one subscription knows of the entries it owns in Redis and must not hand out again
+/// when it re-reads its pending list: held by a delivery, acked but not yet flushed, or
+/// nacked and waiting to be retried.
+#[derive(Debug, Default)]
+pub(crate) struct Ledger {
+    /// Handed out and not settled, with the time they were last kept alive.
+    pub(crate) held: HashMap<EntryId, Instant>,
+    /// Acked by the handler; `XACK` not yet confirmed.
+    acking: HashSet<EntryId>,
+    /// Nacked, by due time, with the delivery count so far.
+    retries: BTreeMap<(Instant, EntryId), u64>,
+    retry_due: HashMap<EntryId, Instant>,
+}
+
+impl Ledger {
+    fn is_ours(&self, id: &EntryId) -> bool {
+        self.held.contains_key(id) || self.acking.contains(id) || self.retry_due.contains_key(id)
+    }
+
+    fn owned_count(&self) -> usize {
+        self.held.len() + self.acking.len() + self.retry_due.len()
+    }
+
+    fn add_retry(&mut self, id: EntryId, due: Instant, count: u64) {
+        self.retries.insert((due, id), count);
+        self.retry_due.insert(id, due);
+    }
+
+    /// Up to `budget` retries due at `now`, with their delivery counts so far.
+    fn take_due(&mut self, now: Instant, budget: usize) -> Vec<(EntryId, u64)> {
+        let mut due = Vec::new();
+        while due.len() < budget {
+            match self.retries.first_key_value() {
+                Some(((at, _), _)) if *at <= now => {
+                    if let Some(((_, id), count)) = self.retries.pop_first() {
+                        self.retry_due.remove(&id);
+                        due.push((id, count));
+                    }
+                }
+                _ => break,
+            }
+        }
+        due
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        self.retries.first_key_value().map(|((at, _), _)| *at)
+    }
+}
+
+fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// State one subscription shares with its deliveries (through [`Settler`]) and its tasks.
 pub(crate) struct Shared {
     pub(crate) conn: RedisConnection,
     pub(crate) origin: Arc<Origin>,
     capacity: InFlight,
-    /// Entries handed out and not yet settled, with the time they were last kept alive.
-    pub(crate) held: Mutex<HashMap<EntryId, Instant>>,
-    /// Nacked entries by due time, with their delivery count so far.
-    retries: Mutex<BTreeMap<(Instant, EntryId), u64>>,
+    /// Shared with the flusher, which clears acks once `XACK` succeeded.
+    pub(crate) ledger: Arc<Mutex<Ledger>>,
     ops: mpsc::UnboundedSender<Op>,
     /// The client id of the read connection while it is blocked in `XREADGROUP`, else 0.
     blocked_client: AtomicI64,
@@ -405,12 +458,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn held(&self) -> MutexGuard<'_, HashMap<EntryId, Instant>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn retries(&self) -> MutexGuard<'_, BTreeMap<(Instant, EntryId), u64>> {
-        self.retries.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        lock(&self.ledger)
     }
 
     /// Wakes the reader if it is blocked in `XREADGROUP`, so it sees new retries at once.
@@ -424,18 +473,29 @@ impl Shared {
 
 impl Settler for Shared {
     fn settle(&self, info: &DeliveryInfo, settlement: Settlement) -> Result<()> {
-        self.held().remove(&info.id());
+        let id = info.id();
         let result = if self.closed.is_cancelled() {
+            self.ledger().held.remove(&id);
             Err(Error::Closed("subscriber"))
         } else {
             match settlement {
-                Settlement::Ack => self
-                    .ops
-                    .send(Op::Ack(info.id()))
-                    .map_err(|_| Error::Closed("subscriber")),
+                Settlement::Ack => {
+                    {
+                        let mut ledger = self.ledger();
+                        ledger.held.remove(&id);
+                        ledger.acking.insert(id);
+                    }
+                    self.ops.send(Op::Ack(id)).map_err(|_| {
+                        self.ledger().acking.remove(&id);
+                        Error::Closed("subscriber")
+                    })
+                }
                 Settlement::Nack { delay } => {
-                    self.retries()
-                        .insert((Instant::now() + delay, info.id()), info.delivery_count());
+                    {
+                        let mut ledger = self.ledger();
+                        ledger.held.remove(&id);
+                        ledger.add_retry(id, Instant::now() + delay, info.delivery_count());
+                    }
                     self.wake_reader();
                     Ok(())
                 }
@@ -446,7 +506,7 @@ impl Settler for Shared {
     }
 
     fn release(&self, info: &DeliveryInfo) {
-        self.held().remove(&info.id());
+        self.ledger().held.remove(&info.id());
         self.capacity.release(1);
     }
 }
@@ -459,6 +519,7 @@ enum Op {
 
 /// Sends acks in batches, records checkpoints, and unblocks the reader when asked.
 struct Flusher {
+    ledger: Arc<Mutex<Ledger>>,
     conn: RedisConnection,
     origin: Arc<Origin>,
     store: Option<Arc<dyn CheckpointStore>>,
@@ -550,6 +611,12 @@ impl Flusher {
         {
             Ok(_) => {
                 SubscriberStats::add(&self.stats.acked, batch.len() as u64);
+                {
+                    let mut ledger = lock(&self.ledger);
+                    for id in batch.iter() {
+                        ledger.acking.remove(id);
+                    }
+                }
                 let furthest = batch.iter().max().copied();
                 batch.clear();
                 if let (Some(store), Some(id)) = (&self.store, furthest) {
@@ -703,8 +770,8 @@ impl Reader {
     /// retry or reclaim is due.
     fn block_for(&self, now: Instant) -> Duration {
         let mut until = now + self.options.block_value();
-        if let Some(((at, _), _)) = self.shared.retries().first_key_value() {
-            until = until.min(*at);
+        if let Some(at) = self.shared.ledger().next_retry() {
+            until = until.min(at);
         }
         if self.options.reclaim_value().is_some() {
             until = until.min(self.next_reclaim);
@@ -713,18 +780,7 @@ impl Reader {
     }
 
     fn take_due_retries(&self, now: Instant, budget: usize) -> Vec<(EntryId, u64)> {
-        let mut retries = self.shared.retries();
-        let mut due = Vec::new();
-        while due.len() < budget {
-            match retries.first_key_value() {
-                Some(((at, _), _)) if *at <= now => {
-                    let ((_, id), count) = retries.pop_first().expect("checked non-empty");
-                    due.push((id, count));
-                }
-                _ => break,
-            }
-        }
-        due
+        self.shared.ledger().take_due(now, budget)
     }
 
     async fn read_conn(&mut self) -> std::result::Result<&mut MultiplexedConnection, ReadError> {
@@ -782,7 +838,7 @@ impl Reader {
             return Ok(Vec::new());
         };
         let origin = &self.shared.origin;
-        let limit = entries.len() + self.shared.held().len();
+        let limit = entries.len() + self.shared.ledger().owned_count();
         let rows: Value = redis::cmd("XPENDING")
             .arg(origin.stream())
             .arg(origin.group())
@@ -931,7 +987,7 @@ impl Reader {
         let mut dead: Vec<(EntryId, Message)> = Vec::new();
         for (entry, count) in fetched {
             let id = entry.id();
-            if self.shared.held().contains_key(&id) {
+            if self.shared.ledger().is_ours(&id) {
                 continue;
             }
             let origin = &self.shared.origin;
@@ -957,7 +1013,7 @@ impl Reader {
                             dead.push((id, record(&reason, count - 1).for_message(&message)));
                         }
                         Ok(message) => {
-                            self.shared.held().insert(id, Instant::now());
+                            self.shared.ledger().held.insert(id, Instant::now());
                             let info = DeliveryInfo::new(id, count, origin.clone());
                             self.buffer
                                 .push_back(Delivery::new(message, info, self.settler.clone()));

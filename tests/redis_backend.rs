@@ -1,0 +1,699 @@
+//! The Redis backend's own promises (DESIGN §3, §4), each against a private redis-server:
+//! wire format, trimming, size limit, stream auto-creation, foreign and malformed entries,
+//! crashed consumers, heartbeats, checkpoints, retention, restarts and the retry budget.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::streams::StreamRangeReply;
+use streamwise::dead_letter::{self, keys as dl};
+use streamwise::redis::{
+    PublisherOptions, RedisBackend, RedisConnection, RedisPublisher, RedisSubscriber, RedisSubscriberOptions,
+};
+use streamwise::{Error, Message, Publisher, ReclaimOptions, SubscribeOptions, Subscriber, Subscription};
+
+use common::RedisServer;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+fn redis_cli(server: &RedisServer, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &server.port().to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli is installed with redis-server");
+    assert!(out.status.success(), "redis-cli failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+async fn recv(sub: &mut Subscription) -> streamwise::Delivery {
+    match tokio::time::timeout(WAIT, sub.next()).await {
+        Ok(Some(Ok(d))) => d,
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+fn opts(group: &str, consumer: &str) -> SubscribeOptions {
+    SubscribeOptions::new(group, consumer).block(Duration::from_millis(200))
+}
+
+fn string(v: &redis::Value) -> String {
+    redis::from_redis_value(v.clone()).expect("string value")
+}
+
+#[tokio::test]
+async fn publisher_writes_the_wire_format() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let msg = Message::new(
+        "price.update",
+        &serde_json::json!({"symbol": "AAPL", "price": 150.25}),
+    )
+    .unwrap()
+    .with_metadata("source", "market-feed");
+    let id = backend
+        .publisher()
+        .publish("data-updates", msg.clone())
+        .await
+        .unwrap();
+
+    let mut c = raw(&server).await;
+    let reply: StreamRangeReply = redis::cmd("XRANGE")
+        .arg("data-updates")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(reply.ids.len(), 1);
+    let entry = &reply.ids[0];
+    assert_eq!(entry.id, id.to_string());
+    let fields: HashMap<&str, String> = entry.map.iter().map(|(k, v)| (k.as_str(), string(v))).collect();
+    assert_eq!(fields["event_type"], "price.update");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&fields["payload"]).unwrap(),
+        serde_json::json!({"symbol": "AAPL", "price": 150.25})
+    );
+    assert_eq!(fields["metadata"], r#"{"source":"market-feed"}"#);
+    assert_eq!(fields["timestamp"], msg.timestamp_rfc3339());
+    assert_eq!(fields["timestamp"].len(), "2026-11-22T10:00:00.123Z".len());
+    assert!(fields["timestamp"].ends_with('Z'));
+    assert_eq!(fields["uuid"], msg.uuid().to_string());
+    assert_eq!(fields.len(), 5);
+}
+
+#[tokio::test]
+async fn max_length_trims_approximately_and_batches_keep_order() {
+    let server = RedisServer::start();
+    let conn = RedisConnection::new(&server.url()).unwrap();
+    let publisher = RedisPublisher::new(conn, PublisherOptions::default().max_length(100));
+    let mut last = None;
+    for batch in 0..10u64 {
+        let messages = (0..100u64)
+            .map(|n| Message::new("t", &(batch * 100 + n)).unwrap())
+            .collect();
+        let ids = publisher.publish_batch("trimmed", messages).await.unwrap();
+        assert_eq!(ids.len(), 100);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert!(last.is_none_or(|l| l < ids[0]));
+        last = ids.last().copied();
+    }
+    let len: u64 = redis::cmd("XLEN")
+        .arg("trimmed")
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    // MAXLEN ~ keeps at least the limit and trims whole nodes (100 entries each by default).
+    assert!(
+        (100..=200).contains(&len),
+        "XLEN {len} after 1000 publishes with max_length 100"
+    );
+}
+
+#[tokio::test]
+async fn oversized_entries_are_refused_before_anything_is_written() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    let big = Message::from_json_bytes("t", format!("\"{}\"", "x".repeat(1024 * 1024))).unwrap();
+    match publisher.publish("big", big.clone()).await {
+        Err(Error::PayloadTooLarge { size, limit }) => {
+            assert_eq!(limit, 1024 * 1024);
+            assert_eq!(size, big.wire_size());
+        }
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    // One bad message in a batch: nothing of the batch is written.
+    let small = Message::new("t", &1).unwrap();
+    assert!(matches!(
+        publisher.publish_batch("big", vec![small, big]).await,
+        Err(Error::PayloadTooLarge { .. })
+    ));
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg("big")
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "nothing may be written");
+    // The limit is configurable.
+    let conn = RedisConnection::new(&server.url()).unwrap();
+    let tight = RedisPublisher::new(conn, PublisherOptions::default().max_entry_size(100));
+    assert!(matches!(
+        tight
+            .publish("big", Message::new("t", &"x".repeat(50)).unwrap())
+            .await,
+        Err(Error::PayloadTooLarge { limit: 100, .. })
+    ));
+}
+
+#[tokio::test]
+async fn without_auto_create_a_missing_stream_is_stream_not_found() {
+    let server = RedisServer::start();
+    let conn = RedisConnection::new(&server.url()).unwrap();
+    let publisher = RedisPublisher::new(conn, PublisherOptions::default().auto_create(false));
+    match publisher.publish("absent", Message::new("t", &1).unwrap()).await {
+        Err(Error::StreamNotFound { stream }) => assert_eq!(stream, "absent"),
+        other => panic!("expected StreamNotFound, got {other:?}"),
+    }
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg("absent")
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+    redis_cli(
+        &server,
+        &["XADD", "present", "*", "event_type", "t", "payload", "1"],
+    );
+    publisher
+        .publish("present", Message::new("t", &2).unwrap())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_entry_written_by_redis_cli_is_consumed() {
+    let server = RedisServer::start();
+    let id = redis_cli(
+        &server,
+        &[
+            "XADD",
+            "data-updates",
+            "*",
+            "event_type",
+            "price.update",
+            "payload",
+            r#"{"symbol":"AAPL","price":150.25}"#,
+            "metadata",
+            r#"{"source":"market-feed"}"#,
+            "timestamp",
+            "2026-11-22T10:00:00.123Z",
+            "uuid",
+            "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+            "written_by",
+            "redis-cli",
+        ],
+    );
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let subscriber = backend.subscriber().unwrap();
+    let mut sub = subscriber
+        .subscribe("data-updates", opts("processors", "worker-1"))
+        .await
+        .unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.id().to_string(), id);
+    let m = d.message();
+    assert_eq!(m.event_type(), "price.update");
+    assert_eq!(
+        m.json().unwrap(),
+        serde_json::json!({"symbol": "AAPL", "price": 150.25})
+    );
+    assert_eq!(m.metadata().get("source"), Some("market-feed"));
+    assert_eq!(m.timestamp_rfc3339(), "2026-11-22T10:00:00.123Z");
+    assert_eq!(m.uuid().to_string(), "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b");
+    d.ack().await.unwrap();
+    subscriber.close().await.unwrap();
+    assert_eq!(
+        backend.pending_count("data-updates", "processors").await.unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn malformed_entries_are_dead_lettered_and_the_subscription_goes_on() {
+    let server = RedisServer::start();
+    let bad = [
+        vec!["payload", r#"{"no":"type"}"#],
+        vec!["event_type", "t", "payload", "not json"],
+        vec!["event_type", "t"],
+        vec!["event_type", "t", "payload", "{}", "metadata", "[1,2]"],
+    ];
+    let mut bad_ids = Vec::new();
+    for fields in &bad {
+        let mut args = vec!["XADD", "orders", "*"];
+        args.extend(fields);
+        bad_ids.push(redis_cli(&server, &args));
+    }
+    let mut c = raw(&server).await;
+    let binary: String = redis::cmd("XADD")
+        .arg("orders")
+        .arg("*")
+        .arg("event_type")
+        .arg(&[0xffu8, 0xfe, 0x00][..])
+        .arg("payload")
+        .arg(&[0x80u8, 0x81][..])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    bad_ids.push(binary);
+    let good = redis_cli(
+        &server,
+        &[
+            "XADD",
+            "orders",
+            "*",
+            "event_type",
+            "order.placed",
+            "payload",
+            "7",
+        ],
+    );
+
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let subscriber = backend.subscriber().unwrap();
+    let mut sub = subscriber
+        .subscribe("orders", opts("billing", "c"))
+        .await
+        .unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(
+        d.id().to_string(),
+        good,
+        "the good entry arrives; the bad ones never do"
+    );
+    d.ack().await.unwrap();
+
+    let mut dead = subscriber
+        .subscribe(&dead_letter::stream_for("orders"), opts("inspect", "c"))
+        .await
+        .unwrap();
+    let mut reasons = HashMap::new();
+    for _ in 0..bad_ids.len() {
+        let r = recv(&mut dead).await;
+        let m = r.message();
+        assert_eq!(m.event_type(), dead_letter::UNDECODABLE_EVENT_TYPE);
+        assert_eq!(m.metadata().get(dl::STREAM), Some("orders"));
+        assert_eq!(m.metadata().get(dl::GROUP), Some("billing"));
+        reasons.insert(
+            m.metadata().get(dl::ORIGINAL_ID).unwrap().to_owned(),
+            m.metadata().get(dl::REASON).unwrap().to_owned(),
+        );
+        r.ack().await.unwrap();
+    }
+    assert_eq!(
+        reasons.keys().cloned().collect::<HashSet<_>>(),
+        bad_ids.iter().cloned().collect()
+    );
+    assert!(reasons[&bad_ids[0]].contains("no event_type"), "{reasons:?}");
+    assert!(
+        reasons[&bad_ids[1]].contains("payload is not JSON"),
+        "{reasons:?}"
+    );
+    assert!(reasons[&bad_ids[2]].contains("no payload"), "{reasons:?}");
+    assert!(reasons[&bad_ids[3]].contains("metadata"), "{reasons:?}");
+    assert!(reasons[&bad_ids[4]].contains("UTF-8"), "{reasons:?}");
+    assert_eq!(subscriber.stats().undecodable, 5);
+    subscriber.close().await.unwrap();
+    assert_eq!(backend.pending_count("orders", "billing").await.unwrap(), 0);
+}
+
+/// Runs a consumer on a runtime of its own, takes `n` entries without settling them, then
+/// kills the runtime: no close, no lease release, connections gone, as in a process crash.
+fn crash_after_taking(
+    url: String,
+    stream: &'static str,
+    group: &'static str,
+    n: usize,
+    lease: Duration,
+) -> Vec<String> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ids = rt.block_on(async {
+            let conn = RedisConnection::new(&url).unwrap();
+            let subscriber =
+                RedisSubscriber::new(conn, RedisSubscriberOptions::default().lease_ttl(lease)).unwrap();
+            let mut sub = subscriber
+                .subscribe(stream, opts(group, "doomed").max_in_flight(n).batch_size(n))
+                .await
+                .unwrap();
+            let mut held = Vec::new();
+            while held.len() < n {
+                held.push(recv(&mut sub).await);
+            }
+            let ids = held.iter().map(|d| d.id().to_string()).collect();
+            // Keep everything from running its clean-up: a crash runs no destructors.
+            std::mem::forget(held);
+            std::mem::forget(sub);
+            std::mem::forget(subscriber);
+            ids
+        });
+        rt.shutdown_background();
+        ids
+    })
+    .join()
+    .expect("crashing consumer thread")
+}
+
+#[tokio::test]
+async fn a_crashed_consumers_hundred_entries_are_finished_by_another() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    let messages = (0..100u64).map(|n| Message::new("t", &n).unwrap()).collect();
+    publisher.publish_batch("work", messages).await.unwrap();
+
+    let taken = crash_after_taking(server.url(), "work", "workers", 100, Duration::from_millis(300));
+    assert_eq!(taken.len(), 100);
+    assert_eq!(backend.pending_count("work", "workers").await.unwrap(), 100);
+
+    // min_idle is far away: only the crash (lease gone, entries pending) lets the survivor
+    // take the entries now.
+    let subscriber = backend.subscriber().unwrap();
+    let reclaim = ReclaimOptions::new(Duration::from_millis(100), Duration::from_secs(3600));
+    let mut sub = subscriber
+        .subscribe(
+            "work",
+            opts("workers", "survivor")
+                .max_in_flight(100)
+                .batch_size(100)
+                .reclaim(reclaim),
+        )
+        .await
+        .unwrap();
+    let mut finished = HashSet::new();
+    while finished.len() < 100 {
+        let d = recv(&mut sub).await;
+        assert_eq!(d.delivery_count(), 2, "{:?}", d.info());
+        finished.insert(d.id().to_string());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(finished, taken.into_iter().collect());
+    assert!(subscriber.stats().crashed_consumers >= 1);
+    subscriber.close().await.unwrap();
+    assert_eq!(backend.pending_count("work", "workers").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_long_handler_keeps_its_entry_by_heartbeat() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let id = backend
+        .publisher()
+        .publish("slow", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+
+    // Heartbeat every 100 ms (a third of the lease).
+    let conn = RedisConnection::new(&server.url()).unwrap();
+    let worker = RedisSubscriber::new(
+        conn,
+        RedisSubscriberOptions::default().lease_ttl(Duration::from_millis(300)),
+    )
+    .unwrap();
+    let mut busy = worker.subscribe("slow", opts("g", "busy")).await.unwrap();
+    let held = recv(&mut busy).await;
+    assert_eq!(held.id(), id);
+
+    let thief = backend.subscriber().unwrap();
+    let reclaim = ReclaimOptions::new(Duration::from_millis(50), Duration::from_millis(400));
+    let mut other = thief
+        .subscribe("slow", opts("g", "thief").reclaim(reclaim))
+        .await
+        .unwrap();
+    // The handler works for 4x min_idle; the entry must stay with it all along.
+    match tokio::time::timeout(Duration::from_millis(1600), other.next()).await {
+        Err(_) => {}
+        Ok(item) => panic!("a live handler's entry was reclaimed: {item:?}"),
+    }
+    held.ack().await.unwrap();
+    worker.close().await.unwrap();
+    thief.close().await.unwrap();
+    assert_eq!(backend.pending_count("slow", "g").await.unwrap(), 0);
+    assert_eq!(thief.stats().reclaimed, 0);
+}
+
+#[tokio::test]
+async fn checkpoints_follow_acks_and_a_vanished_group_resumes_there() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    let first: Vec<_> = (0..5u64).map(|n| Message::new("t", &n).unwrap()).collect();
+    let ids = publisher.publish_batch("resume", first).await.unwrap();
+
+    let subscriber = backend.subscriber().unwrap();
+    let mut sub = subscriber.subscribe("resume", opts("g", "c")).await.unwrap();
+    for _ in 0..5 {
+        recv(&mut sub).await.ack().await.unwrap();
+    }
+    subscriber.close().await.unwrap();
+    let mut c = raw(&server).await;
+    let checkpoint: String = redis::cmd("HGET")
+        .arg("streamwise:checkpoint:resume")
+        .arg("g:c")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let checkpoint: serde_json::Value = serde_json::from_str(&checkpoint).unwrap();
+    assert_eq!(checkpoint["message_id"], ids[4].to_string());
+    assert!(streamwise::parse_timestamp(checkpoint["timestamp"].as_str().unwrap()).is_ok());
+
+    // The group disappears (deleted by hand, or lost with a server without persistence).
+    let destroyed: u64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg("resume")
+        .arg("g")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(destroyed, 1);
+    let later = publisher
+        .publish("resume", Message::new("t", &5u64).unwrap())
+        .await
+        .unwrap();
+
+    // Re-created at the checkpoint: the five acked entries do not come back.
+    let subscriber = backend.subscriber().unwrap();
+    let mut sub = subscriber.subscribe("resume", opts("g", "c")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.id(), later);
+    d.ack().await.unwrap();
+    match tokio::time::timeout(Duration::from_millis(400), sub.next()).await {
+        Err(_) => {}
+        Ok(item) => panic!("an acked entry came back: {item:?}"),
+    }
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_trims_entries_older_than_retention_ms() {
+    let server = RedisServer::start();
+    let mut c = raw(&server).await;
+    // 300 entries from 1970: far older than any retention.
+    for n in 1..=300u64 {
+        let _: String = redis::cmd("XADD")
+            .arg("kept")
+            .arg(format!("{n}-0"))
+            .arg("event_type")
+            .arg("t")
+            .arg("payload")
+            .arg("1")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("HSET")
+        .arg("streamwise:meta:kept")
+        .arg("retention_ms")
+        .arg(86_400_000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    backend
+        .publisher()
+        .publish("kept", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    let len: u64 = redis::cmd("XLEN").arg("kept").query_async(&mut c).await.unwrap();
+    // MINID ~ removes whole nodes of old entries; the new entry stays.
+    assert!(len <= 101, "XLEN {len}: old entries were not trimmed");
+    let first: StreamRangeReply = redis::cmd("XRANGE")
+        .arg("kept")
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(first.ids[0].id.parse::<streamwise::EntryId>().is_ok());
+}
+
+#[tokio::test]
+async fn publisher_and_consumer_ride_out_a_server_restart() {
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let conn = RedisConnection::builder(&server.url())
+        .max_retries(12)
+        .retry_base_delay(Duration::from_millis(20))
+        .retry_max_delay(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let publisher = Arc::new(RedisPublisher::new(conn.clone(), PublisherOptions::default()));
+    let subscriber = RedisSubscriber::new(conn.clone(), RedisSubscriberOptions::default()).unwrap();
+    let mut sub = subscriber
+        .subscribe("survive", opts("g", "c").max_in_flight(50).batch_size(50))
+        .await
+        .unwrap();
+
+    let total = 400u64;
+    let (published_tx, mut published_rx) = tokio::sync::mpsc::unbounded_channel();
+    let producer = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            for n in 0..total {
+                let id = publisher.publish("survive", Message::new("t", &n).unwrap()).await;
+                published_tx.send((n, id)).unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut consumed: HashMap<u64, u64> = HashMap::new();
+    let mut restarts = 0;
+    while consumed.len() < total as usize {
+        let d = recv(&mut sub).await;
+        let n: u64 = d.message().decode().unwrap();
+        *consumed.entry(n).or_default() += 1;
+        d.ack().await.unwrap();
+        if (consumed.len() == 100 && restarts == 0) || (consumed.len() == 250 && restarts == 1) {
+            server.kill();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            server.restart();
+            restarts += 1;
+        }
+    }
+    producer.await.unwrap();
+    let mut published = 0;
+    while let Ok((n, id)) = published_rx.try_recv() {
+        id.unwrap_or_else(|e| panic!("publish {n} failed across the restart: {e}"));
+        published += 1;
+    }
+    assert_eq!(published, total);
+    assert_eq!(restarts, 2);
+    // The consumer never died, so nothing it handled comes back: entries it held, acked
+    // but not yet flushed, or read in a reply lost to the kill are all accounted for.
+    let duplicates: u64 = consumed.values().map(|c| c - 1).sum();
+    assert_eq!(duplicates, 0, "messages handled twice across server restarts");
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_surface_only_after_the_retry_budget_and_the_stream_recovers() {
+    let mut server = RedisServer::start();
+    let conn = RedisConnection::builder(&server.url())
+        .max_retries(2)
+        .retry_base_delay(Duration::from_millis(10))
+        .retry_max_delay(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let publisher = RedisPublisher::new(conn.clone(), PublisherOptions::default());
+    let subscriber = RedisSubscriber::new(conn.clone(), RedisSubscriberOptions::default()).unwrap();
+    let mut sub = subscriber.subscribe("flaky", opts("g", "c")).await.unwrap();
+    publisher
+        .publish("flaky", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    recv(&mut sub).await.ack().await.unwrap();
+
+    server.kill();
+    match publisher.publish("flaky", Message::new("t", &2).unwrap()).await {
+        Err(Error::Connection { message, .. }) => assert!(message.contains("after 2 retries"), "{message}"),
+        other => panic!("expected a connection error, got {other:?}"),
+    }
+    match tokio::time::timeout(WAIT, sub.next()).await {
+        Ok(Some(Err(Error::Connection { .. }))) => {}
+        other => panic!("expected the stream to report the outage, got {other:?}"),
+    }
+    server.restart();
+    publisher
+        .publish("flaky", Message::new("t", &3).unwrap())
+        .await
+        .unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.message().decode::<u64>().unwrap(), 3);
+    d.ack().await.unwrap();
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn connection_errors_never_show_the_password() {
+    let server = RedisServer::start();
+    let port = server.port();
+    drop(server);
+    let conn = RedisConnection::builder(&format!("redis://user:hunter2@127.0.0.1:{port}"))
+        .max_retries(1)
+        .retry_base_delay(Duration::from_millis(5))
+        .retry_max_delay(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let publisher = RedisPublisher::new(conn.clone(), PublisherOptions::default());
+    let err = publisher
+        .publish("s", Message::new("t", &1).unwrap())
+        .await
+        .unwrap_err();
+    let mut text = format!("{err} {err:?} {conn:?}");
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    assert!(matches!(err, Error::Connection { .. }), "{err}");
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("user:***@"), "{text}");
+}
+
+#[tokio::test]
+async fn a_pending_entry_trimmed_away_is_reported_and_dead_lettered() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let id = backend
+        .publisher()
+        .publish("trim", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    let first = backend.subscriber().unwrap();
+    let mut sub = first.subscribe("trim", opts("g", "c")).await.unwrap();
+    let held = recv(&mut sub).await;
+    first.close().await.unwrap();
+    drop(held);
+    drop(sub);
+    redis_cli(&server, &["XTRIM", "trim", "MAXLEN", "0"]);
+
+    // The restarted consumer drains its pending list first and finds the entry gone.
+    let second = backend.subscriber().unwrap();
+    let mut sub = second.subscribe("trim", opts("g", "c")).await.unwrap();
+    match tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        Err(_) => {}
+        Ok(item) => panic!("a trimmed entry cannot be delivered: {item:?}"),
+    }
+    let mut dead = second
+        .subscribe(&dead_letter::stream_for("trim"), opts("inspect", "c"))
+        .await
+        .unwrap();
+    let record = recv(&mut dead).await;
+    assert_eq!(record.message().event_type(), dead_letter::TRIMMED_EVENT_TYPE);
+    assert_eq!(
+        record.message().metadata().get(dl::ORIGINAL_ID),
+        Some(id.to_string().as_str())
+    );
+    record.ack().await.unwrap();
+    assert_eq!(second.stats().trimmed_pending, 1);
+    second.close().await.unwrap();
+    assert_eq!(backend.pending_count("trim", "g").await.unwrap(), 0);
+}
