@@ -12,10 +12,14 @@ use std::time::Duration;
 use futures::StreamExt;
 use redis::streams::StreamRangeReply;
 use streamwise::dead_letter::{self, keys as dl};
+use streamwise::redis::admin::{self, StreamSettings};
 use streamwise::redis::{
     PublisherOptions, RedisBackend, RedisConnection, RedisPublisher, RedisSubscriber, RedisSubscriberOptions,
+    StreamReader,
 };
-use streamwise::{Error, Message, Publisher, ReclaimOptions, SubscribeOptions, Subscriber, Subscription};
+use streamwise::{
+    Error, Message, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber, Subscription,
+};
 
 use common::RedisServer;
 
@@ -696,4 +700,136 @@ async fn a_pending_entry_trimmed_away_is_reported_and_dead_lettered() {
     assert_eq!(second.stats().trimmed_pending, 1);
     second.close().await.unwrap();
     assert_eq!(backend.pending_count("trim", "g").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn created_streams_are_empty_keep_their_settings_and_publishers_apply_them() {
+    let server = RedisServer::start();
+    let conn = RedisConnection::new(&server.url()).unwrap();
+    let settings = StreamSettings {
+        retention_ms: Some(86_400_000),
+        max_length: Some(100),
+    };
+    assert!(admin::create_stream(&conn, "made", settings).await.unwrap());
+    assert!(
+        !admin::create_stream(&conn, "made", StreamSettings::default())
+            .await
+            .unwrap()
+    );
+    let mut c = raw(&server).await;
+    let len: u64 = redis::cmd("XLEN").arg("made").query_async(&mut c).await.unwrap();
+    assert_eq!(len, 0);
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg("made")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(exists, 1, "an empty stream exists");
+    assert_eq!(
+        redis_cli(&server, &["XINFO", "GROUPS", "made"]),
+        "",
+        "no phantom group"
+    );
+    let (read, created_at) = admin::stream_settings(&conn, "made").await.unwrap();
+    assert_eq!(read, settings, "the second create_stream left the settings alone");
+    let age = std::time::SystemTime::now()
+        .duration_since(created_at.unwrap())
+        .unwrap();
+    assert!(age < Duration::from_secs(60));
+
+    // The publisher has no max_length of its own: the stream's applies.
+    let publisher = RedisBackend::new(&server.url()).unwrap().publisher();
+    for batch in 0..5u64 {
+        let messages = (0..100u64)
+            .map(|n| Message::new("t", &(batch * 100 + n)).unwrap())
+            .collect();
+        publisher.publish_batch("made", messages).await.unwrap();
+    }
+    let len: u64 = redis::cmd("XLEN").arg("made").query_async(&mut c).await.unwrap();
+    assert!(
+        (100..=200).contains(&len),
+        "XLEN {len} with the stream's max_length 100"
+    );
+
+    for (settings, field) in [
+        (
+            StreamSettings {
+                max_length: Some(0),
+                ..Default::default()
+            },
+            "max_length",
+        ),
+        (
+            StreamSettings {
+                retention_ms: Some(0),
+                ..Default::default()
+            },
+            "retention_ms",
+        ),
+    ] {
+        let err = admin::create_stream(&conn, "other", settings).await.unwrap_err();
+        assert_eq!(err.invalid_field(), Some(field));
+    }
+    let err = admin::create_stream(&conn, "bad name", StreamSettings::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.invalid_field(), Some("stream"));
+}
+
+#[tokio::test]
+async fn a_reader_without_a_group_resumes_after_its_checkpoint() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let messages = (0..5u64).map(|n| Message::new("t", &n).unwrap()).collect();
+    let ids = backend
+        .publisher()
+        .publish_batch("audit", messages)
+        .await
+        .unwrap();
+    redis_cli(&server, &["XADD", "audit", "*", "not", "ours"]);
+
+    let conn = backend.connection().clone();
+    let mut reader = StreamReader::open(conn.clone(), "audit", "archiver", StartFrom::Beginning)
+        .await
+        .unwrap();
+    let batch = reader.next_batch(3, Duration::from_millis(100)).await.unwrap();
+    let got: Vec<_> = batch
+        .iter()
+        .map(|(id, m)| (*id, m.as_ref().unwrap().decode::<u64>().unwrap()))
+        .collect();
+    assert_eq!(got, [(ids[0], 0), (ids[1], 1), (ids[2], 2)]);
+    reader.commit(ids[1]).await.unwrap();
+    drop(reader);
+
+    // Reopened: resumes after the committed id, not after what was merely read.
+    let mut reader = StreamReader::open(conn.clone(), "audit", "archiver", StartFrom::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(reader.cursor(), ids[1].to_string());
+    let batch = reader.next_batch(10, Duration::from_millis(100)).await.unwrap();
+    let numbers: Vec<_> = batch
+        .iter()
+        .filter_map(|(_, m)| m.as_ref().ok())
+        .map(|m| m.decode::<u64>().unwrap())
+        .collect();
+    assert_eq!(numbers, [2, 3, 4]);
+    assert!(
+        batch.last().unwrap().1.is_err(),
+        "an entry in another format comes with its decode error"
+    );
+    assert_eq!(reader.checkpoint().await.unwrap().unwrap().message_id, ids[1]);
+
+    // Another reader name has its own position; `$` means only new entries.
+    let mut fresh = StreamReader::open(conn, "audit", "tail", StartFrom::Latest)
+        .await
+        .unwrap();
+    assert!(
+        fresh
+            .next_batch(10, Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let err = fresh.next_batch(0, Duration::from_millis(50)).await.unwrap_err();
+    assert_eq!(err.invalid_field(), Some("count"));
 }

@@ -1,10 +1,80 @@
 //! Inspection and housekeeping of streams and groups: reply parsing for `XINFO`, pending
 //! counts, stream creation with its settings hash.
 
+use std::time::SystemTime;
+
 use redis::Value;
 
 use super::connection::RedisConnection;
-use crate::error::{Error, Result};
+use super::{keys, scripts};
+use crate::error::{Error, Result, validate_name};
+use crate::message::{format_timestamp, parse_timestamp};
+
+/// A stream's settings, kept in the hash `streamwise:meta:<stream>` beside it. Publishers
+/// apply them: `max_length` as `XADD MAXLEN ~`, `retention_ms` as `XTRIM MINID ~` at most once
+/// a second.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// Entries older than this many milliseconds are trimmed.
+    pub retention_ms: Option<u64>,
+    /// The stream is trimmed to about this many entries.
+    pub max_length: Option<u64>,
+}
+
+/// Creates `stream` empty, with `settings` and `created_at` in its settings hash. `false`
+/// when the stream existed (its settings are then left as they are).
+pub async fn create_stream(conn: &RedisConnection, stream: &str, settings: StreamSettings) -> Result<bool> {
+    validate_name("stream", stream)?;
+    if settings.max_length == Some(0) {
+        return Err(Error::invalid("max_length", "must be at least 1"));
+    }
+    if settings.retention_ms == Some(0) {
+        return Err(Error::invalid("retention_ms", "must be at least 1"));
+    }
+    let created_at = format_timestamp(SystemTime::now());
+    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+    let (retention, max_length) = (opt(settings.retention_ms), opt(settings.max_length));
+    let created: i64 = conn
+        .run_mapped("create stream", |mut c| {
+            let mut call = scripts::CREATE_STREAM.key(stream);
+            call.key(keys::meta(stream))
+                .arg(&created_at)
+                .arg(&retention)
+                .arg(&max_length);
+            async move { call.invoke_async(&mut c).await }
+        })
+        .await?;
+    Ok(created == 1)
+}
+
+/// The settings of `stream` and when it was created (both absent for a stream that was not
+/// made by [`create_stream`]).
+pub async fn stream_settings(
+    conn: &RedisConnection,
+    stream: &str,
+) -> Result<(StreamSettings, Option<SystemTime>)> {
+    validate_name("stream", stream)?;
+    let key = keys::meta(stream);
+    let (created_at, retention_ms, max_length): (Option<String>, Option<u64>, Option<u64>) = conn
+        .run_mapped("read stream settings", |mut c| {
+            let cmd = redis::cmd("HMGET")
+                .arg(&key)
+                .arg("created_at")
+                .arg("retention_ms")
+                .arg("max_length")
+                .clone();
+            async move { cmd.query_async(&mut c).await }
+        })
+        .await?;
+    let created_at = created_at.as_deref().map(parse_timestamp).transpose()?;
+    Ok((
+        StreamSettings {
+            retention_ms,
+            max_length,
+        },
+        created_at,
+    ))
+}
 
 fn protocol(what: &str) -> Error {
     Error::Decode {

@@ -26,6 +26,7 @@ mod connection;
 mod keys;
 mod lease;
 mod publisher;
+mod reader;
 mod scripts;
 mod subscriber;
 
@@ -33,6 +34,7 @@ pub use checkpoint::RedisCheckpointStore;
 pub use codec::{Codec, JsonCodec, RawEntry};
 pub use connection::{RedisConnection, RedisConnectionBuilder, redact_url};
 pub use publisher::{DEFAULT_MAX_ENTRY_SIZE, PublisherOptions, RedisPublisher};
+pub use reader::StreamReader;
 pub use subscriber::{RedisSubscriber, RedisSubscriberOptions, StatsSnapshot, SubscriberStats};
 
 /// A [`RedisConnection`] with shortcuts to make publishers and subscribers on it.

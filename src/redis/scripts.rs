@@ -105,3 +105,21 @@ return crashed
 ",
     )
 });
+
+/// Creates an empty stream with its settings hash, unless the stream exists. The temporary
+/// group that makes `MKSTREAM` work is gone before anyone can see it.
+/// KEYS: stream, meta. ARGV: created_at, retention_ms or '', max_length or ''.
+pub(crate) static CREATE_STREAM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('XGROUP', 'CREATE', KEYS[1], '~streamwise-create', '$', 'MKSTREAM')
+redis.call('XGROUP', 'DESTROY', KEYS[1], '~streamwise-create')
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'created_at', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'retention_ms', ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'max_length', ARGV[3]) end
+return 1
+",
+    )
+});
