@@ -1,14 +1,18 @@
-//! Inspection and housekeeping of streams and groups: reply parsing for `XINFO`, pending
-//! counts, stream creation with its settings hash.
+//! Inspection and housekeeping of streams, groups and consumers: creation and deletion with
+//! the keys streamwise keeps beside a stream, `XINFO` figures (length, groups, pending, lag),
+//! consumer status from leases, pending lists and direct acknowledgement.
 
-use std::time::SystemTime;
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
 
 use redis::Value;
 
-use super::connection::RedisConnection;
+use super::codec::{self, JsonCodec, RawEntry};
+use super::connection::{CommandError, RedisConnection};
 use super::{keys, scripts};
 use crate::error::{Error, Result, validate_name};
-use crate::message::{format_timestamp, parse_timestamp};
+use crate::message::{EntryId, Message, format_timestamp, parse_timestamp};
+use crate::pubsub::StartFrom;
 
 /// A stream's settings, kept in the hash `streamwise:meta:<stream>` beside it. Publishers
 /// apply them: `max_length` as `XADD MAXLEN ~`, `retention_ms` as `XTRIM MINID ~` at most once
@@ -148,4 +152,490 @@ pub async fn pending_count(conn: &RedisConnection, stream: &str, group: &str) ->
         }),
         Err(e) => Err(e.into_error()),
     }
+}
+
+fn stream_not_found(stream: &str) -> Error {
+    Error::StreamNotFound {
+        stream: stream.to_owned(),
+    }
+}
+
+fn group_not_found(stream: &str, group: &str) -> Error {
+    Error::GroupNotFound {
+        stream: stream.to_owned(),
+        group: group.to_owned(),
+    }
+}
+
+fn is_no_such_key(e: &CommandError) -> bool {
+    matches!(e, CommandError::Server(e) if e.to_string().contains("no such key"))
+}
+
+fn int(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// One entry as stored in a stream: its id and its fields (as text).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// The entry id.
+    pub id: EntryId,
+    /// The fields, values as text (invalid UTF-8 replaced).
+    pub fields: BTreeMap<String, String>,
+}
+
+impl StoredEntry {
+    /// The message in the entry, if it is in the standard wire format.
+    pub fn message(&self) -> Result<Message> {
+        use super::codec::Codec;
+        let raw = RawEntry {
+            id: self.id,
+            fields: self
+                .fields
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        };
+        JsonCodec.decode(raw)
+    }
+
+    fn from_value(v: Value) -> Result<Option<StoredEntry>> {
+        if v == Value::Nil {
+            return Ok(None);
+        }
+        Ok(codec::parse_entries(Value::Array(vec![v]))?.pop().and_then(|e| match e {
+            codec::ReplyEntry::Present(raw) => Some(StoredEntry {
+                id: raw.id,
+                fields: raw
+                    .fields
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            String::from_utf8_lossy(&k).into_owned(),
+                            String::from_utf8_lossy(&v).into_owned(),
+                        )
+                    })
+                    .collect(),
+            }),
+            codec::ReplyEntry::Trimmed(_) => None,
+        }))
+    }
+}
+
+/// What `XINFO STREAM` and the settings hash tell about a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamInfo {
+    /// Number of entries.
+    pub length: u64,
+    /// The first entry, if any.
+    pub first_entry: Option<StoredEntry>,
+    /// The last entry, if any.
+    pub last_entry: Option<StoredEntry>,
+    /// Keys of the stream's radix tree (internal storage).
+    pub radix_tree_keys: u64,
+    /// Number of consumer groups.
+    pub groups: u64,
+    /// The id of the last entry ever added.
+    pub last_generated_id: Option<EntryId>,
+    /// The stream's settings (see [`create_stream`]).
+    pub settings: StreamSettings,
+    /// When [`create_stream`] made it, if it did.
+    pub created_at: Option<SystemTime>,
+}
+
+/// Everything about `stream`: length, first and last entry, storage, groups and settings.
+/// [`Error::StreamNotFound`] when it does not exist.
+pub async fn stream_info(conn: &RedisConnection, stream: &str) -> Result<StreamInfo> {
+    validate_name("stream", stream)?;
+    let reply = conn
+        .run("XINFO STREAM", |mut c| {
+            let cmd = redis::cmd("XINFO").arg("STREAM").arg(stream).clone();
+            async move { cmd.query_async::<Value>(&mut c).await }
+        })
+        .await;
+    let fields = match reply {
+        Ok(v) => record_fields(v)?,
+        Err(e) if is_no_such_key(&e) => return Err(stream_not_found(stream)),
+        Err(e) => return Err(e.into_error()),
+    };
+    let mut info = StreamInfo {
+        length: 0,
+        first_entry: None,
+        last_entry: None,
+        radix_tree_keys: 0,
+        groups: 0,
+        last_generated_id: None,
+        settings: StreamSettings::default(),
+        created_at: None,
+    };
+    for (name, value) in fields {
+        match name.as_str() {
+            "length" => info.length = int(&value).unwrap_or(0),
+            "radix-tree-keys" => info.radix_tree_keys = int(&value).unwrap_or(0),
+            "groups" => info.groups = int(&value).unwrap_or(0),
+            "last-generated-id" => info.last_generated_id = text(&value).and_then(|t| t.parse().ok()),
+            "first-entry" => info.first_entry = StoredEntry::from_value(value)?,
+            "last-entry" => info.last_entry = StoredEntry::from_value(value)?,
+            _ => {}
+        }
+    }
+    (info.settings, info.created_at) = stream_settings(conn, stream).await?;
+    Ok(info)
+}
+
+/// Deletes `stream` with everything streamwise keeps beside it (settings, checkpoints,
+/// leases, consumer registries) and returns how many keys were deleted.
+pub async fn delete_stream(conn: &RedisConnection, stream: &str) -> Result<u64> {
+    validate_name("stream", stream)?;
+    let mut doomed = vec![stream.to_owned(), keys::meta(stream), keys::checkpoints(stream)];
+    for pattern in [keys::lease(stream, "*", "*"), keys::leased_consumers(stream, "*")] {
+        doomed.extend(scan(conn, &pattern).await?);
+    }
+    conn.run_mapped("delete stream", |mut c| {
+        let cmd = redis::cmd("DEL").arg(&doomed).clone();
+        async move { cmd.query_async::<u64>(&mut c).await }
+    })
+    .await
+}
+
+async fn scan(conn: &RedisConnection, pattern: &str) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = conn
+            .run_mapped("SCAN", |mut c| {
+                let cmd = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await?;
+        found.extend(keys);
+        if next == 0 {
+            return Ok(found);
+        }
+        cursor = next;
+    }
+}
+
+/// Creates consumer group `group` on `stream`, starting at `start`. `false` when it existed.
+/// With `mkstream` false, a missing stream is [`Error::StreamNotFound`].
+pub async fn create_group(
+    conn: &RedisConnection,
+    stream: &str,
+    group: &str,
+    start: StartFrom,
+    mkstream: bool,
+) -> Result<bool> {
+    validate_name("stream", stream)?;
+    validate_name("group", group)?;
+    let start = start.to_string();
+    let created = conn
+        .run("XGROUP CREATE", |mut c| {
+            let mut cmd = redis::cmd("XGROUP");
+            cmd.arg("CREATE").arg(stream).arg(group).arg(&start);
+            if mkstream {
+                cmd.arg("MKSTREAM");
+            }
+            async move { cmd.query_async::<()>(&mut c).await }
+        })
+        .await;
+    match created {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+        Err(CommandError::Server(e)) if e.to_string().contains("MKSTREAM") || e.to_string().contains("no such key") => {
+            Err(stream_not_found(stream))
+        }
+        Err(e) => Err(e.into_error()),
+    }
+}
+
+/// Deletes consumer group `group` with its pending list. `false` when there was no such group.
+pub async fn delete_group(conn: &RedisConnection, stream: &str, group: &str) -> Result<bool> {
+    validate_name("stream", stream)?;
+    validate_name("group", group)?;
+    let destroyed = conn
+        .run("XGROUP DESTROY", |mut c| {
+            let cmd = redis::cmd("XGROUP").arg("DESTROY").arg(stream).arg(group).clone();
+            async move { cmd.query_async::<u64>(&mut c).await }
+        })
+        .await;
+    match destroyed {
+        Ok(n) => Ok(n > 0),
+        Err(e) if is_no_such_key(&e) => Ok(false),
+        Err(e) => Err(e.into_error()),
+    }
+}
+
+/// Statistics of one consumer group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupInfo {
+    /// The group name.
+    pub name: String,
+    /// Number of consumers known to the group.
+    pub consumers: u64,
+    /// Entries delivered and not acknowledged.
+    pub pending: u64,
+    /// The last entry delivered to the group.
+    pub last_delivered_id: EntryId,
+    /// Entries in the stream the group has not read yet (Redis 7 `lag`; `None` when Redis
+    /// cannot tell, for example after deletions in the unread range).
+    pub lag: Option<u64>,
+}
+
+async fn groups(conn: &RedisConnection, stream: &str) -> Result<Vec<GroupInfo>> {
+    validate_name("stream", stream)?;
+    let reply = conn
+        .run("XINFO GROUPS", |mut c| {
+            let cmd = redis::cmd("XINFO").arg("GROUPS").arg(stream).clone();
+            async move { cmd.query_async::<Value>(&mut c).await }
+        })
+        .await;
+    let groups = match reply {
+        Ok(Value::Array(groups)) => groups,
+        Ok(other) => return Err(protocol(&format!("XINFO GROUPS {other:?}"))),
+        Err(e) if is_no_such_key(&e) => return Err(stream_not_found(stream)),
+        Err(e) => return Err(e.into_error()),
+    };
+    groups
+        .into_iter()
+        .map(|g| {
+            let mut info = GroupInfo {
+                name: String::new(),
+                consumers: 0,
+                pending: 0,
+                last_delivered_id: EntryId::ZERO,
+                lag: None,
+            };
+            for (k, v) in record_fields(g)? {
+                match k.as_str() {
+                    "name" => info.name = text(&v).unwrap_or_default(),
+                    "consumers" => info.consumers = int(&v).unwrap_or(0),
+                    "pending" => info.pending = int(&v).unwrap_or(0),
+                    "last-delivered-id" => {
+                        info.last_delivered_id = text(&v).and_then(|t| t.parse().ok()).unwrap_or(EntryId::ZERO)
+                    }
+                    "lag" => info.lag = int(&v),
+                    _ => {}
+                }
+            }
+            Ok(info)
+        })
+        .collect()
+}
+
+/// The names of the consumer groups of `stream`; [`Error::StreamNotFound`] when it does not
+/// exist.
+pub async fn list_groups(conn: &RedisConnection, stream: &str) -> Result<Vec<String>> {
+    Ok(groups(conn, stream).await?.into_iter().map(|g| g.name).collect())
+}
+
+/// Statistics of `group`; [`Error::GroupNotFound`] when the stream or the group is missing.
+pub async fn group_info(conn: &RedisConnection, stream: &str, group: &str) -> Result<GroupInfo> {
+    validate_name("group", group)?;
+    match groups(conn, stream).await {
+        Ok(all) => all
+            .into_iter()
+            .find(|g| g.name == group)
+            .ok_or_else(|| group_not_found(stream, group)),
+        Err(Error::StreamNotFound { .. }) => Err(group_not_found(stream, group)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where a consumer stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConsumerStatus {
+    /// Holds its lease and read or acknowledged within the idle threshold.
+    Active,
+    /// Holds its lease but has done nothing for longer than the idle threshold.
+    Idle,
+    /// Holds no lease: closed, crashed, or a client that does not use leases.
+    Disconnected,
+}
+
+/// One consumer of a group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerInfo {
+    /// The consumer name.
+    pub name: String,
+    /// Entries delivered to it and not acknowledged.
+    pub pending: u64,
+    /// Milliseconds since it last read or claimed.
+    pub idle_ms: u64,
+    /// Active, idle or disconnected, from its lease and idle time.
+    pub status: ConsumerStatus,
+    /// It used a lease that lapsed while it still held entries: it crashed (see
+    /// [`Error::ConsumerCrashed`]); reclaim takes its entries at once.
+    pub crashed: bool,
+}
+
+/// The consumers of `group`, with a status from their leases: those idle longer than
+/// `idle_after` are [`ConsumerStatus::Idle`].
+pub async fn consumers(
+    conn: &RedisConnection,
+    stream: &str,
+    group: &str,
+    idle_after: Duration,
+) -> Result<Vec<ConsumerInfo>> {
+    validate_name("stream", stream)?;
+    validate_name("group", group)?;
+    let reply = conn
+        .run("XINFO CONSUMERS", |mut c| {
+            let cmd = redis::cmd("XINFO").arg("CONSUMERS").arg(stream).arg(group).clone();
+            async move { cmd.query_async::<Value>(&mut c).await }
+        })
+        .await;
+    let records = match reply {
+        Ok(Value::Array(records)) => records,
+        Ok(other) => return Err(protocol(&format!("XINFO CONSUMERS {other:?}"))),
+        Err(e) if is_no_such_key(&e) || e.code() == Some("NOGROUP") => return Err(group_not_found(stream, group)),
+        Err(e) => return Err(e.into_error()),
+    };
+    let mut found = Vec::new();
+    for record in records {
+        let (mut name, mut pending, mut idle_ms) = (String::new(), 0, 0);
+        for (k, v) in record_fields(record)? {
+            match k.as_str() {
+                "name" => name = text(&v).unwrap_or_default(),
+                "pending" => pending = int(&v).unwrap_or(0),
+                "idle" => idle_ms = int(&v).unwrap_or(0),
+                _ => {}
+            }
+        }
+        found.push((name, pending, idle_ms));
+    }
+    let mut pipe = redis::pipe();
+    for (name, _, _) in &found {
+        pipe.cmd("EXISTS").arg(keys::lease(stream, group, name));
+        pipe.cmd("SISMEMBER").arg(keys::leased_consumers(stream, group)).arg(name);
+    }
+    let flags: Vec<u64> = if found.is_empty() {
+        Vec::new()
+    } else {
+        conn.run_mapped("consumer leases", |mut c| {
+            let pipe = pipe.clone();
+            async move { pipe.query_async(&mut c).await }
+        })
+        .await?
+    };
+    let idle_after_ms = u64::try_from(idle_after.as_millis()).unwrap_or(u64::MAX);
+    Ok(found
+        .into_iter()
+        .zip(flags.chunks(2))
+        .map(|((name, pending, idle_ms), flags)| {
+            let (leased, registered) = (flags[0] == 1, flags.get(1) == Some(&1));
+            let status = match (leased, idle_ms >= idle_after_ms) {
+                (false, _) => ConsumerStatus::Disconnected,
+                (true, false) => ConsumerStatus::Active,
+                (true, true) => ConsumerStatus::Idle,
+            };
+            ConsumerInfo {
+                crashed: !leased && registered && pending > 0,
+                name,
+                pending,
+                idle_ms,
+                status,
+            }
+        })
+        .collect())
+}
+
+/// One entry of a pending list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PendingEntry {
+    /// The entry id.
+    pub id: EntryId,
+    /// The consumer holding it.
+    pub consumer: String,
+    /// Milliseconds since it was last delivered.
+    pub idle_ms: u64,
+    /// How many times it was delivered.
+    pub delivery_count: u64,
+}
+
+/// The pending entries of `group`, of one consumer or of all, oldest first.
+pub async fn pending_entries(
+    conn: &RedisConnection,
+    stream: &str,
+    group: &str,
+    consumer: Option<&str>,
+) -> Result<Vec<PendingEntry>> {
+    validate_name("stream", stream)?;
+    validate_name("group", group)?;
+    if let Some(c) = consumer {
+        validate_name("consumer", c)?;
+    }
+    const PAGE: usize = 1000;
+    let mut all = Vec::new();
+    let mut start = "-".to_owned();
+    loop {
+        let reply = conn
+            .run("XPENDING", |mut c| {
+                let mut cmd = redis::cmd("XPENDING");
+                cmd.arg(stream).arg(group).arg(&start).arg("+").arg(PAGE);
+                if let Some(consumer) = consumer {
+                    cmd.arg(consumer);
+                }
+                async move { cmd.query_async::<Value>(&mut c).await }
+            })
+            .await;
+        let rows = match reply {
+            Ok(v) => codec::parse_pending_rows(v)?,
+            Err(e) if is_no_such_key(&e) || e.code() == Some("NOGROUP") => {
+                return Err(group_not_found(stream, group));
+            }
+            Err(e) => return Err(e.into_error()),
+        };
+        let full = rows.len() == PAGE;
+        if let Some(last) = rows.last() {
+            start = format!("({}", last.id);
+        }
+        all.extend(rows.into_iter().map(|r| PendingEntry {
+            id: r.id,
+            consumer: r.consumer,
+            idle_ms: r.idle_ms,
+            delivery_count: r.delivery_count,
+        }));
+        if !full {
+            return Ok(all);
+        }
+    }
+}
+
+/// Acknowledges `ids` in `group` at once (no batching) and returns how many were pending.
+pub async fn ack(conn: &RedisConnection, stream: &str, group: &str, ids: &[EntryId]) -> Result<u64> {
+    validate_name("stream", stream)?;
+    validate_name("group", group)?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<String> = ids.iter().map(EntryId::to_string).collect();
+    conn.run_mapped("XACK", |mut c| {
+        let cmd = redis::cmd("XACK").arg(stream).arg(group).arg(&ids).clone();
+        async move { cmd.query_async::<u64>(&mut c).await }
+    })
+    .await
 }
