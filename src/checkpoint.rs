@@ -1,7 +1,8 @@
-//! Checkpoints: the last acknowledged position of a consumer, `{message_id, timestamp}`,
-//! recorded after acknowledgements (coalesced per flush, not per message). It is the
-//! consumer's `position`, and drives resume where the stream alone cannot: a group that was
-//! deleted is re-created after the checkpoint instead of at `0` or `$`.
+//! Checkpoints: the position of a consumer, `{message_id, timestamp}`, recorded after
+//! acknowledgements (coalesced per flush, not per message). The position is a low watermark:
+//! every entry up to it that this consumer received is acknowledged. It drives resume where
+//! the stream alone cannot: a group that was deleted is re-created after the lowest position of
+//! its consumers instead of at `0` or `$`, and a group-less reader resumes after its own.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,7 +13,7 @@ use futures::future::BoxFuture;
 use crate::error::Result;
 use crate::message::EntryId;
 
-/// A consumer's position: the last entry it acknowledged, and when.
+/// A consumer's position: every entry up to `message_id` that it received is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
     /// The last acknowledged entry.
@@ -41,7 +42,8 @@ pub trait CheckpointStore: Send + Sync + 'static {
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Option<Checkpoint>>>;
 
-    /// The furthest checkpoint of any consumer of `group`: where the group as a whole got to.
+    /// The lowest checkpoint of the consumers of `group`: where the group as a whole got to
+    /// without leaving anything unacknowledged behind.
     fn load_group<'a>(&'a self, stream: &'a str, group: &'a str)
     -> BoxFuture<'a, Result<Option<Checkpoint>>>;
 }
@@ -92,13 +94,13 @@ impl CheckpointStore for MemoryCheckpointStore {
         stream: &'a str,
         group: &'a str,
     ) -> BoxFuture<'a, Result<Option<Checkpoint>>> {
-        let furthest = self
+        let lowest = self
             .points()
             .iter()
             .filter(|((s, g, _), _)| s == stream && g == group)
             .map(|(_, cp)| *cp)
-            .max_by_key(|cp| cp.message_id);
-        Box::pin(std::future::ready(Ok(furthest)))
+            .min_by_key(|cp| cp.message_id);
+        Box::pin(std::future::ready(Ok(lowest)))
     }
 }
 
@@ -119,7 +121,7 @@ mod tests {
         store.save("s", "g", "b", at(6)).await.unwrap();
         store.save("s", "other", "c", at(99)).await.unwrap();
         assert_eq!(store.load("s", "g", "a").await.unwrap(), Some(at(7)));
-        assert_eq!(store.load_group("s", "g").await.unwrap(), Some(at(7)));
+        assert_eq!(store.load_group("s", "g").await.unwrap(), Some(at(6)));
         assert_eq!(store.load_group("s", "none").await.unwrap(), None);
     }
 }

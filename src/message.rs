@@ -47,6 +47,15 @@ impl EntryId {
         self.seq
     }
 
+    /// The largest id below `self`, if any: everything up to it comes before `self`.
+    pub fn prev(self) -> Option<Self> {
+        match (self.ms, self.seq) {
+            (0, 0) => None,
+            (ms, 0) => Some(EntryId::new(ms - 1, u64::MAX)),
+            (ms, seq) => Some(EntryId::new(ms, seq - 1)),
+        }
+    }
+
     /// The id that a stream assigns after `self` when the clock reads `now_ms`.
     pub(crate) fn next_at(self, now_ms: u64) -> Self {
         if now_ms > self.ms {
@@ -425,6 +434,9 @@ mod tests {
         assert_eq!(EntryId::new(5, 2).next_at(4), EntryId::new(5, 3));
         assert_eq!(EntryId::new(5, 2).next_at(9), EntryId::new(9, 0));
         assert_eq!(EntryId::new(5, u64::MAX).next_at(5), EntryId::new(6, 0));
+        assert_eq!(EntryId::new(5, 2).prev(), Some(EntryId::new(5, 1)));
+        assert_eq!(EntryId::new(5, 0).prev(), Some(EntryId::new(4, u64::MAX)));
+        assert_eq!(EntryId::ZERO.prev(), None);
     }
 
     #[test]

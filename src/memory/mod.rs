@@ -131,6 +131,7 @@ impl MemoryBackend {
         MemorySubscriber {
             broker: self.broker.clone(),
             closed: CancellationToken::new(),
+            settlers: Arc::default(),
         }
     }
 
@@ -272,6 +273,8 @@ impl Publisher for MemoryPublisher {
 pub struct MemorySubscriber {
     broker: Arc<Broker>,
     closed: CancellationToken,
+    /// The subscriptions made, so that close frees their consumer names at once.
+    settlers: Arc<Mutex<Vec<std::sync::Weak<MemorySettler>>>>,
 }
 
 impl Subscriber for MemorySubscriber {
@@ -285,6 +288,10 @@ impl Subscriber for MemorySubscriber {
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.closed.cancel();
+        let settlers = std::mem::take(&mut *self.settlers.lock().unwrap_or_else(|p| p.into_inner()));
+        for settler in settlers.iter().filter_map(std::sync::Weak::upgrade) {
+            settler.unregister();
+        }
         Box::pin(std::future::ready(Ok(())))
     }
 }
@@ -326,15 +333,20 @@ impl MemorySubscriber {
             origin: origin.clone(),
             in_flight: in_flight.clone(),
             closed: self.closed.clone(),
+            registration: Mutex::new(Some(Registration {
+                stream: stream.clone(),
+                origin: origin.clone(),
+            })),
         });
+        {
+            let mut settlers = self.settlers.lock().unwrap_or_else(|p| p.into_inner());
+            settlers.retain(|s| s.strong_count() > 0);
+            settlers.push(Arc::downgrade(&settler));
+        }
         let reader = Reader {
             buffer: VecDeque::new(),
             stream,
-            origin: origin.clone(),
-            registration: Some(Registration {
-                stream: settler.stream.clone(),
-                origin,
-            }),
+            origin,
             consumer,
             settler,
             in_flight,
@@ -356,7 +368,8 @@ impl MemorySubscriber {
     }
 }
 
-/// Keeps the consumer name taken while the subscription lives.
+/// Keeps the consumer name taken while the subscription or any of its deliveries lives (a
+/// handler still working on an entry keeps the name from being reused), or until close.
 struct Registration {
     stream: Arc<SharedStream>,
     origin: Arc<Origin>,
@@ -371,12 +384,9 @@ impl Drop for Registration {
 }
 
 struct Reader {
-    /// Declared first so that, when the reader is dropped, buffered deliveries are released
-    /// before the consumer name is freed for a restart.
     buffer: VecDeque<Delivery>,
     stream: Arc<SharedStream>,
     origin: Arc<Origin>,
-    registration: Option<Registration>,
     consumer: Arc<str>,
     settler: Arc<MemorySettler>,
     in_flight: InFlight,
@@ -412,7 +422,7 @@ impl Reader {
     /// free, without waiting for the subscription to be dropped.
     fn stop(&mut self) {
         self.buffer.clear();
-        self.registration = None;
+        self.settler.unregister();
     }
 
     /// Waits until at least one entry could be fetched into the buffer using the `taken`
@@ -522,6 +532,14 @@ struct MemorySettler {
     origin: Arc<Origin>,
     in_flight: InFlight,
     closed: CancellationToken,
+    registration: Mutex<Option<Registration>>,
+}
+
+impl MemorySettler {
+    /// Frees the consumer name.
+    fn unregister(&self) {
+        self.registration.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
 }
 
 impl Settler for MemorySettler {

@@ -217,22 +217,24 @@ impl StoredEntry {
         if v == Value::Nil {
             return Ok(None);
         }
-        Ok(codec::parse_entries(Value::Array(vec![v]))?.pop().and_then(|e| match e {
-            codec::ReplyEntry::Present(raw) => Some(StoredEntry {
-                id: raw.id,
-                fields: raw
-                    .fields
-                    .into_iter()
-                    .map(|(k, v)| {
-                        (
-                            String::from_utf8_lossy(&k).into_owned(),
-                            String::from_utf8_lossy(&v).into_owned(),
-                        )
-                    })
-                    .collect(),
-            }),
-            codec::ReplyEntry::Trimmed(_) => None,
-        }))
+        Ok(codec::parse_entries(Value::Array(vec![v]))?
+            .pop()
+            .and_then(|e| match e {
+                codec::ReplyEntry::Present(raw) => Some(StoredEntry {
+                    id: raw.id,
+                    fields: raw
+                        .fields
+                        .into_iter()
+                        .map(|(k, v)| {
+                            (
+                                String::from_utf8_lossy(&k).into_owned(),
+                                String::from_utf8_lossy(&v).into_owned(),
+                            )
+                        })
+                        .collect(),
+                }),
+                codec::ReplyEntry::Trimmed(_) => None,
+            }))
     }
 }
 
@@ -362,7 +364,9 @@ pub async fn create_group(
     match created {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
-        Err(CommandError::Server(e)) if e.to_string().contains("MKSTREAM") || e.to_string().contains("no such key") => {
+        Err(CommandError::Server(e))
+            if e.to_string().contains("MKSTREAM") || e.to_string().contains("no such key") =>
+        {
             Err(stream_not_found(stream))
         }
         Err(e) => Err(e.into_error()),
@@ -433,7 +437,8 @@ async fn groups(conn: &RedisConnection, stream: &str) -> Result<Vec<GroupInfo>> 
                     "consumers" => info.consumers = int(&v).unwrap_or(0),
                     "pending" => info.pending = int(&v).unwrap_or(0),
                     "last-delivered-id" => {
-                        info.last_delivered_id = text(&v).and_then(|t| t.parse().ok()).unwrap_or(EntryId::ZERO)
+                        info.last_delivered_id =
+                            text(&v).and_then(|t| t.parse().ok()).unwrap_or(EntryId::ZERO)
                     }
                     "lag" => info.lag = int(&v),
                     _ => {}
@@ -503,14 +508,20 @@ pub async fn consumers(
     validate_name("group", group)?;
     let reply = conn
         .run("XINFO CONSUMERS", |mut c| {
-            let cmd = redis::cmd("XINFO").arg("CONSUMERS").arg(stream).arg(group).clone();
+            let cmd = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(stream)
+                .arg(group)
+                .clone();
             async move { cmd.query_async::<Value>(&mut c).await }
         })
         .await;
     let records = match reply {
         Ok(Value::Array(records)) => records,
         Ok(other) => return Err(protocol(&format!("XINFO CONSUMERS {other:?}"))),
-        Err(e) if is_no_such_key(&e) || e.code() == Some("NOGROUP") => return Err(group_not_found(stream, group)),
+        Err(e) if is_no_such_key(&e) || e.code() == Some("NOGROUP") => {
+            return Err(group_not_found(stream, group));
+        }
         Err(e) => return Err(e.into_error()),
     };
     let mut found = Vec::new();
@@ -529,7 +540,9 @@ pub async fn consumers(
     let mut pipe = redis::pipe();
     for (name, _, _) in &found {
         pipe.cmd("EXISTS").arg(keys::lease(stream, group, name));
-        pipe.cmd("SISMEMBER").arg(keys::leased_consumers(stream, group)).arg(name);
+        pipe.cmd("SISMEMBER")
+            .arg(keys::leased_consumers(stream, group))
+            .arg(name);
     }
     let flags: Vec<u64> = if found.is_empty() {
         Vec::new()

@@ -106,17 +106,17 @@ impl CheckpointStore for RedisCheckpointStore {
                     async move { cmd.query_async(&mut c).await }
                 })
                 .await?;
-            let mut furthest: Option<Checkpoint> = None;
+            let mut lowest: Option<Checkpoint> = None;
             for (field, raw) in all {
                 // Consumer names cannot contain ':', so the prefix names the group exactly.
                 if field.strip_prefix(&prefix).is_some_and(|c| !c.contains(':')) {
                     let cp = decode(&raw)?;
-                    if furthest.is_none_or(|f| cp.message_id > f.message_id) {
-                        furthest = Some(cp);
+                    if lowest.is_none_or(|l| cp.message_id < l.message_id) {
+                        lowest = Some(cp);
                     }
                 }
             }
-            Ok(furthest)
+            Ok(lowest)
         })
     }
 }

@@ -237,19 +237,22 @@ pub(crate) fn parse_read_reply(v: Value) -> Result<Vec<ReplyEntry>> {
     }
 }
 
-/// Parses an `XAUTOCLAIM` reply: next cursor, claimed entries, ids deleted from the stream.
-pub(crate) fn parse_autoclaim_reply(v: Value) -> Result<(EntryId, Vec<ReplyEntry>, Vec<EntryId>)> {
+/// Parses `XAUTOCLAIM ... JUSTID`: next cursor, claimed ids, ids deleted from the stream.
+pub(crate) fn parse_autoclaim_justid(v: Value) -> Result<(EntryId, Vec<EntryId>, Vec<EntryId>)> {
     let mut parts = array(v)?.into_iter();
     let cursor = entry_id(
         parts
             .next()
             .ok_or_else(|| protocol("XAUTOCLAIM without cursor"))?,
     )?;
-    let claimed = parse_entries(parts.next().unwrap_or(Value::Nil))?;
-    let deleted = array(parts.next().unwrap_or(Value::Nil))?
-        .into_iter()
-        .map(entry_id)
-        .collect::<Result<Vec<_>>>()?;
+    let ids = |v: Option<Value>| -> Result<Vec<EntryId>> {
+        array(v.unwrap_or(Value::Nil))?
+            .into_iter()
+            .map(entry_id)
+            .collect()
+    };
+    let claimed = ids(parts.next())?;
+    let deleted = ids(parts.next())?;
     Ok((cursor, claimed, deleted))
 }
 
@@ -438,13 +441,13 @@ mod tests {
         assert!(parse_read_reply(Value::Nil).unwrap().is_empty());
         let auto = Value::Array(vec![
             s("0-0"),
-            Value::Array(vec![entry]),
+            Value::Array(vec![s("1-1")]),
             Value::Array(vec![s("1-5")]),
         ]);
-        let (cursor, claimed, deleted) = parse_autoclaim_reply(auto).unwrap();
+        let (cursor, claimed, deleted) = parse_autoclaim_justid(auto).unwrap();
         assert_eq!(
-            (cursor, claimed.len(), deleted),
-            (EntryId::ZERO, 1, vec![EntryId::new(1, 5)])
+            (cursor, claimed, deleted),
+            (EntryId::ZERO, vec![EntryId::new(1, 1)], vec![EntryId::new(1, 5)])
         );
         let pending = Value::Array(vec![Value::Array(vec![
             s("1-1"),

@@ -7,12 +7,11 @@
 use std::sync::Weak;
 use std::time::Duration;
 
-use redis::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::RedisConnection;
-use super::subscriber::Shared;
+use super::subscriber::SubscriptionState as Shared;
 use super::{keys, scripts};
 use crate::delivery::Origin;
 use crate::error::{Error, Result};
@@ -39,23 +38,7 @@ impl Lease {
             token: uuid::Uuid::now_v7().to_string(),
             ttl,
         };
-        let ttl_ms = lease.ttl_ms();
-        let taken: (Value, u64) = conn
-            .run_mapped("acquire lease", |mut c| {
-                let mut pipe = redis::pipe();
-                pipe.cmd("SET")
-                    .arg(&lease.key)
-                    .arg(&lease.token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl_ms)
-                    .cmd("SADD")
-                    .arg(&lease.registry)
-                    .arg(&lease.consumer);
-                async move { pipe.query_async(&mut c).await }
-            })
-            .await?;
-        if taken.0 == Value::Nil {
+        if !lease.hold().await? {
             return Err(Error::ConsumerActive {
                 stream: stream.to_owned(),
                 group: group.to_owned(),
@@ -69,12 +52,17 @@ impl Lease {
         u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
-    async fn renew(&self) -> Result<bool> {
+    /// Takes or extends the lease; `false` when another consumer holds it. Retrying is safe:
+    /// our own token counts as ours.
+    async fn hold(&self) -> Result<bool> {
         let held: i64 = self
             .conn
-            .run_mapped("renew lease", |mut c| {
-                let mut call = scripts::RENEW_LEASE.key(&self.key);
-                call.arg(&self.token).arg(self.ttl_ms());
+            .run_mapped("hold lease", |mut c| {
+                let mut call = scripts::HOLD_LEASE.key(&self.key);
+                call.key(&self.registry)
+                    .arg(&self.token)
+                    .arg(self.ttl_ms())
+                    .arg(&self.consumer);
                 async move { call.invoke_async(&mut c).await }
             })
             .await?;
@@ -96,36 +84,44 @@ impl Lease {
     }
 }
 
-/// Renews the lease and touches long-held entries until the subscription stops.
+/// Renews the lease and touches long-held and waiting entries for as long as the subscription
+/// or any of its deliveries lives and the subscriber is open.
 pub(crate) struct Heartbeat {
     pub(crate) lease: Lease,
     pub(crate) shared: Weak<Shared>,
     pub(crate) interval: Duration,
+    /// Cancelled when another consumer turns out to hold the lease: the reader then stops.
+    pub(crate) lease_lost: CancellationToken,
 }
 
 impl Heartbeat {
-    pub(crate) async fn run(self, stop: CancellationToken) {
+    pub(crate) async fn run(self, closed: CancellationToken, released: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => break,
+                _ = closed.cancelled() => break,
+                _ = released.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            match self.lease.renew().await {
+            match self.lease.hold().await {
                 Ok(true) => {}
-                Ok(false) => tracing::error!(
-                    lease = %self.lease.key,
-                    "another consumer holds this consumer's lease; two consumers may share the name"
-                ),
+                Ok(false) => {
+                    tracing::error!(
+                        lease = %self.lease.key,
+                        "another consumer took this consumer's lease; this subscription stops"
+                    );
+                    self.lease_lost.cancel();
+                    return;
+                }
                 Err(e) => tracing::warn!(lease = %self.lease.key, error = %e, "lease not renewed"),
             }
             let Some(shared) = self.shared.upgrade() else {
                 break;
             };
-            if let Err(e) = touch_held(&shared, self.interval).await {
+            if let Err(e) = touch_owned(&shared, self.interval).await {
                 tracing::warn!(stream = shared.origin.stream(), error = %e, "heartbeat of held entries failed");
             }
         }
@@ -133,16 +129,21 @@ impl Heartbeat {
     }
 }
 
-/// Resets the idle time of entries held longer than `older_than`, if still ours.
-async fn touch_held(shared: &Shared, older_than: Duration) -> Result<()> {
+/// Resets the idle time of entries held longer than `older_than`, and of entries waiting to
+/// be retried, if still ours.
+async fn touch_owned(shared: &Shared, older_than: Duration) -> Result<()> {
     let now = Instant::now();
-    let ids: Vec<String> = shared
-        .ledger()
-        .held
-        .iter()
-        .filter(|(_, at)| now.duration_since(**at) >= older_than)
-        .map(|(id, _)| id.to_string())
-        .collect();
+    let ids: Vec<String> = {
+        let ledger = shared.ledger();
+        let held = ledger
+            .held
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= older_than)
+            .map(|(id, _)| id);
+        held.chain(ledger.retry_due.keys())
+            .map(|id| id.to_string())
+            .collect()
+    };
     if ids.is_empty() {
         return Ok(());
     }

@@ -4,16 +4,18 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Claims pending entries back to this consumer for redelivery, if this consumer still owns
-/// them. KEYS: stream. ARGV: group, consumer, ids... Returns, per id still owned,
-/// `{entry, delivery_count}`, or `{id, -1}` when the entry was trimmed from the stream.
-pub(crate) static CLAIM_OWN: LazyLock<Script> = LazyLock::new(|| {
+/// Claims pending entries for redelivery to a consumer, each only if it is still owned by
+/// the expected consumer (this one, or a crashed one being taken over), counting a delivery.
+/// KEYS: stream. ARGV: group, claimer, expected owner, ids... Returns, per id claimed,
+/// `{entry, delivery_count}`, or `{id, -1}` when the entry was trimmed from the stream (the
+/// claim then drops it from the pending list).
+pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local out = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
+  if p[1] and p[1][2] == ARGV[3] then
     local e = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])
     if e[1] then
       table.insert(out, {e[1], p[1][4] + 1})
@@ -27,15 +29,17 @@ return out
     )
 });
 
-/// Resets the idle time of entries this consumer still owns (the heartbeat of long handlers),
-/// without counting a delivery. KEYS: stream. ARGV: group, consumer, ids... Returns how many.
+/// Resets the idle time of entries this consumer still owns and that still exist (the
+/// heartbeat of long handlers and of nacked entries waiting for their retry), without counting
+/// a delivery. A trimmed entry is left alone: claiming it would drop it from the pending list
+/// unreported. KEYS: stream. ARGV: group, consumer, ids... Returns how many were touched.
 pub(crate) static TOUCH_OWN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local n = 0
 for i = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
+  if p[1] and p[1][2] == ARGV[2] and #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) > 0 then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
     n = n + 1
   end
@@ -45,9 +49,11 @@ return n
     )
 });
 
-/// Keeps a lease: extends it when we hold it, takes it again when it lapsed and is free.
-/// KEYS: lease. ARGV: token, ttl ms. Returns 1 when held, 0 when someone else holds it.
-pub(crate) static RENEW_LEASE: LazyLock<Script> = LazyLock::new(|| {
+/// Takes or keeps a lease: extends it when this token holds it, takes it (and registers the
+/// consumer as a lease user) when it is free. Safe to retry.
+/// KEYS: lease, registry. ARGV: token, ttl ms, consumer. Returns 1 when held, 0 when another
+/// token holds it.
+pub(crate) static HOLD_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local holder = redis.call('GET', KEYS[1])
@@ -56,6 +62,7 @@ if holder == ARGV[1] then
   return 1
 elseif not holder then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[3])
   return 1
 end
 return 0

@@ -774,7 +774,7 @@ pub async fn missing_group_is_an_error_without_create(backend: &dyn TestBackend)
     subscriber.close().await.expect("close");
 }
 
-/// A consumer name is live once per group.
+/// A consumer name is live once per group, and free again once its subscriber closed.
 pub async fn same_consumer_name_twice_is_refused(backend: &dyn TestBackend) {
     let topic = unique_topic("same-name");
     let first = backend.subscriber().await.expect("subscriber");
@@ -786,11 +786,11 @@ pub async fn same_consumer_name_twice_is_refused(backend: &dyn TestBackend) {
     }
     // Another group may use the name.
     let other_group = subscribe(&*second, &topic, opts("g2", "worker-1")).await;
+    // Closing frees the name at once, even while the closed subscription is still around.
     first.close().await.expect("close");
-    drop(sub);
-    // Once the first is gone, the name is free again.
     let again = second.subscribe(&topic, opts("g", "worker-1")).await;
     assert!(again.is_ok(), "name still taken after close: {again:?}");
+    drop(sub);
     drop(other_group);
     second.close().await.expect("close");
 }

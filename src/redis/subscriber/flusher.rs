@@ -1,0 +1,179 @@
+//! The flusher task of a subscription: acks gather for a short interval and go out as one
+//! multi-id `XACK`; a failed batch is retried on a timer; then the checkpoint is saved. It also
+//! unblocks the reader's blocking read when a nack needs it awake.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use redis::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::SubscriberStats;
+use super::shared::{Ledger, Op, lock};
+use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::delivery::Origin;
+use crate::message::EntryId;
+use crate::redis::connection::RedisConnection;
+
+/// Most ids in one `XACK`.
+const MAX_ACK_BATCH: usize = 1000;
+
+pub(crate) struct Flusher {
+    pub(crate) ledger: Arc<Mutex<Ledger>>,
+    pub(crate) conn: RedisConnection,
+    pub(crate) origin: Arc<Origin>,
+    pub(crate) store: Option<Arc<dyn CheckpointStore>>,
+    pub(crate) stats: Arc<SubscriberStats>,
+    pub(crate) interval: Duration,
+    /// The highest id acked so far, and the checkpoint last saved.
+    pub(crate) acked_up_to: Option<EntryId>,
+    pub(crate) saved: Option<EntryId>,
+}
+
+enum Wake {
+    Op(Op),
+    Retry,
+    Stop,
+}
+
+impl Flusher {
+    pub(crate) async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>, closed: CancellationToken) {
+        let mut batch = Vec::new();
+        let mut failures = 0;
+        loop {
+            let retry_in = self.conn.backoff(failures);
+            let wake = tokio::select! {
+                biased;
+                _ = closed.cancelled() => Wake::Stop,
+                op = ops.recv() => op.map_or(Wake::Stop, Wake::Op),
+                _ = tokio::time::sleep(retry_in), if !batch.is_empty() => Wake::Retry,
+            };
+            match wake {
+                Wake::Stop => break,
+                Wake::Retry => {}
+                Wake::Op(first) => {
+                    self.take(first, &mut batch).await;
+                    let gather = tokio::time::sleep(self.interval);
+                    tokio::pin!(gather);
+                    while batch.len() < MAX_ACK_BATCH {
+                        tokio::select! {
+                            biased;
+                            _ = closed.cancelled() => break,
+                            op = ops.recv() => match op {
+                                Some(op) => self.take(op, &mut batch).await,
+                                None => break,
+                            },
+                            _ = &mut gather => break,
+                        }
+                    }
+                }
+            }
+            if self.flush(&mut batch).await {
+                failures = 0;
+            } else {
+                failures += 1;
+            }
+        }
+        // Closed, or every sender is gone: take what was sent before, flush it, stop.
+        ops.close();
+        while let Ok(op) = ops.try_recv() {
+            if let Op::Ack(id) = op {
+                batch.push(id);
+            }
+        }
+        self.flush(&mut batch).await;
+        if !batch.is_empty() {
+            tracing::error!(
+                stream = self.origin.stream(),
+                group = self.origin.group(),
+                unacked = batch.len(),
+                "acknowledgements could not be flushed on close; the entries stay pending and will be redelivered"
+            );
+        }
+    }
+
+    async fn take(&self, op: Op, batch: &mut Vec<EntryId>) {
+        match op {
+            Op::Ack(id) => batch.push(id),
+            Op::Unblock(client) => {
+                let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(client).clone();
+                let result = self
+                    .conn
+                    .run("CLIENT UNBLOCK", |mut c| {
+                        let cmd = unblock.clone();
+                        async move { cmd.query_async::<Value>(&mut c).await }
+                    })
+                    .await;
+                if let Err(e) = result {
+                    // Without the right to unblock, the reader notices at the end of its BLOCK.
+                    tracing::debug!(error = ?e, "CLIENT UNBLOCK failed");
+                }
+            }
+        }
+    }
+
+    /// Sends the batch as one `XACK`; `false` (batch kept) when it failed.
+    async fn flush(&mut self, batch: &mut Vec<EntryId>) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let (stream, group) = (self.origin.stream(), self.origin.group());
+        let mut xack = redis::cmd("XACK");
+        xack.arg(stream).arg(group);
+        for id in batch.iter() {
+            xack.arg(id.to_string());
+        }
+        let sent = self
+            .conn
+            .run_mapped("XACK", |mut c| {
+                let cmd = xack.clone();
+                async move { cmd.query_async::<u64>(&mut c).await }
+            })
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(stream, group, pending = batch.len(), error = %e, "XACK failed; will try again");
+            return false;
+        }
+        SubscriberStats::add(&self.stats.acked, batch.len() as u64);
+        let oldest_owned = {
+            let mut ledger = lock(&self.ledger);
+            for id in batch.iter() {
+                ledger.acking.remove(id);
+            }
+            ledger.oldest_owned()
+        };
+        self.acked_up_to = self.acked_up_to.max(batch.iter().max().copied());
+        batch.clear();
+        self.save_checkpoint(oldest_owned).await;
+        true
+    }
+
+    /// Saves the low watermark: the highest acked id, unless this subscription still owns an
+    /// older entry, in which case just below that one. A re-created group resumes from the
+    /// lowest watermark of its consumers, so nothing unacked is skipped. Never moves back.
+    async fn save_checkpoint(&mut self, oldest_owned: Option<EntryId>) {
+        let (Some(store), Some(acked)) = (&self.store, self.acked_up_to) else {
+            return;
+        };
+        let watermark = match oldest_owned {
+            Some(oldest) if oldest <= acked => oldest.prev(),
+            _ => Some(acked),
+        };
+        let Some(watermark) = watermark.filter(|w| self.saved.is_none_or(|s| *w > s)) else {
+            return;
+        };
+        let checkpoint = Checkpoint {
+            message_id: watermark,
+            timestamp: SystemTime::now(),
+        };
+        let (stream, group) = (self.origin.stream(), self.origin.group());
+        match store
+            .save(stream, group, self.origin.consumer(), checkpoint)
+            .await
+        {
+            Ok(()) => self.saved = Some(watermark),
+            Err(e) => tracing::warn!(stream, group, error = %e, "checkpoint not saved"),
+        }
+    }
+}

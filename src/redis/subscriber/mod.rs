@@ -1,0 +1,404 @@
+//! [`RedisSubscriber`]: consumer-group subscriptions on Redis Streams.
+//!
+//! Each subscription reads on a connection of its own with `XREADGROUP COUNT n BLOCK t` (a
+//! blocking read would stall a shared connection), with a response timeout above `BLOCK`. On
+//! start and after every read error it first drains its own pending list, then reads `>`;
+//! entries it owns already are never handed out twice ([`read_loop`]). Acks go to a flusher
+//! task that sends one multi-id `XACK` per short interval and records the checkpoint
+//! ([`flusher`]). A nacked entry waits in the subscription's ledger and is claimed back when
+//! due, if this consumer still owns it ([`shared`]). Leases and heartbeats are in
+//! [`super::lease`].
+
+mod flusher;
+mod read_loop;
+mod shared;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use redis::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use self::flusher::Flusher;
+use self::read_loop::Reader;
+use self::shared::{Ledger, Shared};
+use super::checkpoint::RedisCheckpointStore;
+use super::codec::{Codec, JsonCodec};
+use super::connection::{CommandError, RedisConnection};
+use crate::checkpoint::CheckpointStore;
+use crate::delivery::Origin;
+use crate::error::{Error, Result};
+use crate::pubsub::{InFlight, StartFrom, SubscribeOptions, Subscriber, Subscription};
+
+pub(crate) use self::shared::Shared as SubscriptionState;
+
+/// Options of a [`RedisSubscriber`] (per-subscription knobs are in [`SubscribeOptions`]).
+#[derive(Clone)]
+pub struct RedisSubscriberOptions {
+    codec: Arc<dyn Codec>,
+    checkpoints: Checkpoints,
+    lease_ttl: Duration,
+    ack_flush_interval: Duration,
+}
+
+#[derive(Clone)]
+enum Checkpoints {
+    Redis,
+    Store(Arc<dyn CheckpointStore>),
+    Off,
+}
+
+impl Default for RedisSubscriberOptions {
+    /// JSON wire format, checkpoints in Redis, 10 s leases, acks flushed every 5 ms.
+    fn default() -> Self {
+        RedisSubscriberOptions {
+            codec: Arc::new(JsonCodec),
+            checkpoints: Checkpoints::Redis,
+            lease_ttl: Duration::from_secs(10),
+            ack_flush_interval: Duration::from_millis(5),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisSubscriberOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let checkpoints = match self.checkpoints {
+            Checkpoints::Redis => "redis",
+            Checkpoints::Store(_) => "custom",
+            Checkpoints::Off => "off",
+        };
+        f.debug_struct("RedisSubscriberOptions")
+            .field("checkpoints", &checkpoints)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("ack_flush_interval", &self.ack_flush_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisSubscriberOptions {
+    /// Another wire layout.
+    #[must_use]
+    pub fn codec(mut self, codec: impl Codec) -> Self {
+        self.codec = Arc::new(codec);
+        self
+    }
+
+    /// Keep checkpoints in `store` instead of Redis (for example a
+    /// [`MemoryCheckpointStore`](crate::checkpoint::MemoryCheckpointStore)).
+    #[must_use]
+    pub fn checkpoint_store(mut self, store: Arc<dyn CheckpointStore>) -> Self {
+        self.checkpoints = Checkpoints::Store(store);
+        self
+    }
+
+    /// Record no checkpoints.
+    #[must_use]
+    pub fn without_checkpoints(mut self) -> Self {
+        self.checkpoints = Checkpoints::Off;
+        self
+    }
+
+    /// How long a consumer's lease lives without renewal. It is renewed (and held entries are
+    /// heartbeated) every third of it, so keep reclaim `min_idle` above two thirds of it.
+    /// Default 10 s.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// How long acks gather before one `XACK` sends them. Default 5 ms.
+    #[must_use]
+    pub fn ack_flush_interval(mut self, interval: Duration) -> Self {
+        self.ack_flush_interval = interval;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.lease_ttl < Duration::from_millis(30) {
+            return Err(Error::invalid("lease_ttl", "must be at least 30 ms"));
+        }
+        if self.ack_flush_interval.is_zero() {
+            return Err(Error::invalid("ack_flush_interval", "must be longer than zero"));
+        }
+        Ok(())
+    }
+}
+
+/// Counters of what a subscriber had to deal with, for metrics.
+#[derive(Debug, Default)]
+pub struct SubscriberStats {
+    acked: AtomicU64,
+    dead_lettered: AtomicU64,
+    undecodable: AtomicU64,
+    trimmed_pending: AtomicU64,
+    reclaimed: AtomicU64,
+    crashed_consumers: AtomicU64,
+    read_errors: AtomicU64,
+    dead_letter_failures: AtomicU64,
+}
+
+/// A snapshot of [`SubscriberStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Entries acknowledged in Redis.
+    pub acked: u64,
+    /// Entries written to a dead-letter stream.
+    pub dead_lettered: u64,
+    /// Entries that could not be decoded (dead-lettered).
+    pub undecodable: u64,
+    /// Pending entries found trimmed from their stream (reported and dead-lettered).
+    pub trimmed_pending: u64,
+    /// Entries taken over from other consumers.
+    pub reclaimed: u64,
+    /// Crashed consumers found (lease gone, entries pending).
+    pub crashed_consumers: u64,
+    /// Failed reads (each retried).
+    pub read_errors: u64,
+    /// Dead-letter records that could not be written (the entries stay pending).
+    pub dead_letter_failures: u64,
+}
+
+impl SubscriberStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            acked: get(&self.acked),
+            dead_lettered: get(&self.dead_lettered),
+            undecodable: get(&self.undecodable),
+            trimmed_pending: get(&self.trimmed_pending),
+            reclaimed: get(&self.reclaimed),
+            crashed_consumers: get(&self.crashed_consumers),
+            read_errors: get(&self.read_errors),
+            dead_letter_failures: get(&self.dead_letter_failures),
+        }
+    }
+}
+
+/// Subscribes to Redis streams in consumer groups.
+pub struct RedisSubscriber {
+    conn: RedisConnection,
+    options: RedisSubscriberOptions,
+    store: Option<Arc<dyn CheckpointStore>>,
+    closed: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    stats: Arc<SubscriberStats>,
+}
+
+impl std::fmt::Debug for RedisSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSubscriber")
+            .field("conn", &self.conn)
+            .field("options", &self.options)
+            .field("closed", &self.closed.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisSubscriber {
+    /// A subscriber on `conn`. Fails when an option is invalid.
+    pub fn new(conn: RedisConnection, options: RedisSubscriberOptions) -> Result<Self> {
+        options.validate()?;
+        let store: Option<Arc<dyn CheckpointStore>> = match &options.checkpoints {
+            Checkpoints::Redis => Some(Arc::new(RedisCheckpointStore::new(conn.clone()))),
+            Checkpoints::Store(store) => Some(store.clone()),
+            Checkpoints::Off => None,
+        };
+        Ok(RedisSubscriber {
+            conn,
+            options,
+            store,
+            closed: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+            stats: Arc::new(SubscriberStats::default()),
+        })
+    }
+
+    /// What this subscriber had to deal with so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    fn tasks(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn start(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        if self.closed.is_cancelled() {
+            return Err(Error::Closed("subscriber"));
+        }
+        options.validate(topic)?;
+        let origin = Arc::new(Origin::new(topic, options.group(), options.consumer()));
+        ensure_group(&self.conn, self.store.as_deref(), &origin, &options).await?;
+        let lease = super::lease::Lease::acquire(&self.conn, &origin, self.options.lease_ttl).await?;
+
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+        let released = CancellationToken::new();
+        let lease_lost = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            conn: self.conn.clone(),
+            origin: origin.clone(),
+            capacity: InFlight::new(options.max_in_flight_value()),
+            ledger: ledger.clone(),
+            ops: ops_tx,
+            blocked_client: AtomicI64::new(0),
+            closed: self.closed.clone(),
+            released: released.clone(),
+        });
+        let flusher = Flusher {
+            ledger,
+            conn: self.conn.clone(),
+            origin,
+            store: self.store.clone(),
+            stats: self.stats.clone(),
+            interval: self.options.ack_flush_interval,
+            acked_up_to: None,
+            saved: None,
+        };
+        let heartbeat = super::lease::Heartbeat {
+            lease,
+            shared: Arc::downgrade(&shared),
+            interval: self.options.lease_ttl / 3,
+            lease_lost: lease_lost.clone(),
+        };
+        {
+            let mut tasks = self.tasks();
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(tokio::spawn(flusher.run(ops_rx, self.closed.clone())));
+            tasks.push(tokio::spawn(heartbeat.run(self.closed.clone(), released)));
+        }
+        let reader = Reader {
+            settler: shared.clone(),
+            shared,
+            codec: self.options.codec.clone(),
+            store: self.store.clone(),
+            stats: self.stats.clone(),
+            options,
+            read_conn: None,
+            drain_from: Some("-".to_owned()),
+            autoclaim_cursor: crate::EntryId::ZERO,
+            next_reclaim: Instant::now(),
+            buffer: VecDeque::new(),
+            failures: 0,
+            lease_lost,
+            lease_loss_reported: false,
+        };
+        Ok(Subscription::new(futures::stream::unfold(
+            reader,
+            |mut reader| async move {
+                let item = reader.next().await?;
+                Some((item, reader))
+            },
+        )))
+    }
+}
+
+impl Subscriber for RedisSubscriber {
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<Subscription>> {
+        Box::pin(self.start(topic, options))
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.closed.cancel();
+        let tasks = std::mem::take(&mut *self.tasks());
+        Box::pin(async move {
+            for task in tasks {
+                // A task that panicked has nothing left to flush; closing still succeeds.
+                let _ = task.await;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Makes sure the group exists: when it vanished, created at the lowest checkpoint of its
+/// consumers (so nothing unacked is skipped), else at the configured start; or
+/// `GroupNotFound` when creating is off.
+async fn ensure_group(
+    conn: &RedisConnection,
+    store: Option<&dyn CheckpointStore>,
+    origin: &Origin,
+    options: &SubscribeOptions,
+) -> Result<()> {
+    let (stream, group) = (origin.stream(), origin.group());
+    let exists = group_exists(conn, stream, group).await?;
+    if exists {
+        return Ok(());
+    }
+    if !options.create_group_value() {
+        return Err(Error::GroupNotFound {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+        });
+    }
+    create_group(conn, store, stream, group, options.start_from_value()).await
+}
+
+async fn group_exists(conn: &RedisConnection, stream: &str, group: &str) -> Result<bool> {
+    let reply = conn
+        .run("XINFO GROUPS", |mut c| {
+            let cmd = redis::cmd("XINFO").arg("GROUPS").arg(stream).clone();
+            async move { cmd.query_async::<Value>(&mut c).await }
+        })
+        .await;
+    match reply {
+        Ok(groups) => Ok(super::admin::group_names(groups)?.iter().any(|g| g == group)),
+        // No such key: no stream, so no group either.
+        Err(CommandError::Server(e)) if e.to_string().contains("no such key") => Ok(false),
+        Err(e) => Err(e.into_error()),
+    }
+}
+
+pub(crate) async fn create_group(
+    conn: &RedisConnection,
+    store: Option<&dyn CheckpointStore>,
+    stream: &str,
+    group: &str,
+    start: StartFrom,
+) -> Result<()> {
+    let checkpoint = match store {
+        Some(store) => store.load_group(stream, group).await?,
+        None => None,
+    };
+    let start_id = match checkpoint {
+        Some(cp) => {
+            tracing::info!(stream, group, at = %cp.message_id, "re-creating consumer group at its checkpoint");
+            cp.message_id.to_string()
+        }
+        None => start.to_string(),
+    };
+    let created = conn
+        .run("XGROUP CREATE", |mut c| {
+            let cmd = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(group)
+                .arg(&start_id)
+                .arg("MKSTREAM")
+                .clone();
+            async move { cmd.query_async::<()>(&mut c).await }
+        })
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e.into_error()),
+    }
+}

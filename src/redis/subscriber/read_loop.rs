@@ -1,0 +1,542 @@
+//! The read side of one subscription: the state behind its [`Subscription`] stream.
+//!
+//! Each step takes capacity first, then, in order: nacked entries that are due; the drain of
+//! this consumer's own pending list (on start and after every read error); reclaim when due
+//! (crashed consumers at once, then `XAUTOCLAIM` past `min_idle`); else a blocking read of new
+//! entries. Every redelivery goes through one owner-checked claim ([`scripts::CLAIM`]) that
+//! counts the delivery; entries the subscription owns already (held, being acked, waiting to
+//! retry) are never claimed or handed out again.
+//!
+//! [`Subscription`]: crate::Subscription
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::SubscriberStats;
+use super::shared::Shared;
+use crate::checkpoint::CheckpointStore;
+use crate::dead_letter::{self, DeadLetter};
+use crate::delivery::{Delivery, DeliveryInfo, Origin, Settler};
+use crate::error::{Error, Result};
+use crate::message::{EntryId, Message};
+use crate::pubsub::{ReclaimOptions, SubscribeOptions};
+use crate::redis::codec::{self, Codec, ReplyEntry};
+use crate::redis::connection::is_transient;
+use crate::redis::{keys, scripts};
+
+/// Entries fetched by one step, with their delivery counts (this delivery included).
+type Fetched = Vec<(ReplyEntry, u64)>;
+
+pub(crate) struct Reader {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) settler: Arc<dyn Settler>,
+    pub(crate) codec: Arc<dyn Codec>,
+    pub(crate) store: Option<Arc<dyn CheckpointStore>>,
+    pub(crate) stats: Arc<SubscriberStats>,
+    pub(crate) options: SubscribeOptions,
+    pub(crate) read_conn: Option<(MultiplexedConnection, i64)>,
+    /// Where the drain of this consumer's own pending list has got to; `None` once done.
+    pub(crate) drain_from: Option<String>,
+    pub(crate) autoclaim_cursor: EntryId,
+    pub(crate) next_reclaim: Instant,
+    pub(crate) buffer: VecDeque<Delivery>,
+    pub(crate) failures: u32,
+    /// Cancelled by the heartbeat when another consumer took this consumer's lease.
+    pub(crate) lease_lost: CancellationToken,
+    pub(crate) lease_loss_reported: bool,
+}
+
+impl Reader {
+    pub(crate) async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if self.shared.closed.is_cancelled() {
+                self.buffer.clear();
+                return None;
+            }
+            if self.lease_lost.is_cancelled() {
+                self.buffer.clear();
+                if self.lease_loss_reported {
+                    return None;
+                }
+                self.lease_loss_reported = true;
+                let origin = &self.shared.origin;
+                return Some(Err(Error::ConsumerActive {
+                    stream: origin.stream().to_owned(),
+                    group: origin.group().to_owned(),
+                    consumer: origin.consumer().to_owned(),
+                }));
+            }
+            if let Some(d) = self.buffer.pop_front() {
+                return Some(Ok(d));
+            }
+            let (closed, lease_lost) = (self.shared.closed.clone(), self.lease_lost.clone());
+            let taken = tokio::select! {
+                biased;
+                _ = closed.cancelled() => continue,
+                _ = lease_lost.cancelled() => continue,
+                n = self.shared.capacity.acquire(self.options.batch_size_value()) => n,
+            };
+            let result = tokio::select! {
+                biased;
+                _ = closed.cancelled() => Ok(0),
+                _ = lease_lost.cancelled() => Ok(0),
+                r = self.fetch(taken) => r,
+            };
+            match result {
+                Ok(used) => {
+                    self.shared.capacity.release(taken - used);
+                    self.failures = 0;
+                }
+                Err(e) => {
+                    self.shared.capacity.release(taken);
+                    if let Some(e) = self.after_error(e).await {
+                        return Some(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a failed step: reconnects and re-drains after connection trouble, re-creates a
+    /// vanished group (when allowed). Returns the error to yield once the retry budget is spent.
+    async fn after_error(&mut self, e: ReadError) -> Option<Error> {
+        SubscriberStats::add(&self.stats.read_errors, 1);
+        self.read_conn = None;
+        self.drain_from = Some("-".to_owned());
+        let origin = self.shared.origin.clone();
+        if let ReadError::Redis(e) = &e
+            && e.code() == Some("NOGROUP")
+        {
+            if !self.options.create_group_value() {
+                self.pause().await;
+                return Some(Error::GroupNotFound {
+                    stream: origin.stream().to_owned(),
+                    group: origin.group().to_owned(),
+                });
+            }
+            tracing::warn!(
+                stream = origin.stream(),
+                group = origin.group(),
+                "consumer group vanished; re-creating it"
+            );
+            let recreated = super::create_group(
+                &self.shared.conn,
+                self.store.as_deref(),
+                origin.stream(),
+                origin.group(),
+                self.options.start_from_value(),
+            )
+            .await;
+            return recreated.err();
+        }
+        let conn = self.shared.conn.clone();
+        tracing::warn!(stream = origin.stream(), error = %e, attempt = self.failures + 1, "read failed; retrying");
+        self.pause().await;
+        self.failures += 1;
+        if self.failures > conn.max_retries() {
+            self.failures = 0;
+            return Some(match e {
+                ReadError::Redis(e) => conn.connection_error("XREADGROUP", e, conn.max_retries()),
+                ReadError::Other(e) => e,
+            });
+        }
+        None
+    }
+
+    /// Waits the backoff of the current failure count, or until closed.
+    async fn pause(&self) {
+        let delay = self.shared.conn.backoff(self.failures);
+        tokio::select! {
+            _ = self.shared.closed.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    /// One step; turns what it got into deliveries and returns how many slots they use.
+    async fn fetch(&mut self, budget: usize) -> std::result::Result<usize, ReadError> {
+        let now = Instant::now();
+        let due = self.shared.ledger().take_due(now, budget);
+        let fetched = if !due.is_empty() {
+            let me = self.shared.origin.consumer().to_owned();
+            let ids: Vec<EntryId> = due.iter().map(|(id, _)| *id).collect();
+            self.claim(&me, &ids).await?
+        } else if self.drain_from.is_some() {
+            self.drain(budget).await?
+        } else if let Some(reclaim) = self.options.reclaim_value().filter(|_| now >= self.next_reclaim) {
+            self.next_reclaim = now + reclaim.interval;
+            self.reclaim(reclaim, budget).await?
+        } else {
+            let block = self.block_for(now);
+            let entries = self.read_new(budget, block).await?;
+            entries.into_iter().map(|e| (e, 1)).collect()
+        };
+        Ok(self.admit(fetched).await)
+    }
+
+    /// How long the next blocking read may wait: `block`, but no longer than until the next
+    /// retry or reclaim is due.
+    fn block_for(&self, now: Instant) -> Duration {
+        let mut until = now + self.options.block_value();
+        if let Some(at) = self.shared.ledger().next_retry() {
+            until = until.min(at);
+        }
+        if self.options.reclaim_value().is_some() {
+            until = until.min(self.next_reclaim);
+        }
+        until.saturating_duration_since(now).max(Duration::from_millis(1))
+    }
+
+    async fn read_conn(&mut self) -> std::result::Result<(&mut MultiplexedConnection, i64), ReadError> {
+        if self.read_conn.is_none() {
+            let timeout = self.options.block_value() + Duration::from_secs(10);
+            let mut conn = self
+                .shared
+                .conn
+                .dedicated(timeout)
+                .await
+                .map_err(ReadError::Other)?;
+            let client_id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await?;
+            self.read_conn = Some((conn, client_id));
+        }
+        let (conn, id) = self.read_conn.as_mut().expect("just set");
+        Ok((conn, *id))
+    }
+
+    /// `XREADGROUP ... BLOCK t STREAMS s >`: entries never delivered to the group.
+    async fn read_new(
+        &mut self,
+        count: usize,
+        block: Duration,
+    ) -> std::result::Result<Vec<ReplyEntry>, ReadError> {
+        let origin = self.shared.origin.clone();
+        let shared = self.shared.clone();
+        let cmd = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(origin.group())
+            .arg(origin.consumer())
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(origin.stream())
+            .arg(">")
+            .clone();
+        let (conn, client_id) = self.read_conn().await?;
+        shared.blocked_client.store(client_id, Ordering::Release);
+        let reply = cmd.query_async::<Value>(conn).await;
+        shared.blocked_client.store(0, Ordering::Release);
+        Ok(codec::parse_read_reply(reply?)?)
+    }
+
+    /// Claims `ids` for this consumer, each only if `expected_owner` still owns it.
+    async fn claim(
+        &mut self,
+        expected_owner: &str,
+        ids: &[EntryId],
+    ) -> std::result::Result<Fetched, ReadError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let origin = self.shared.origin.clone();
+        let mut call = scripts::CLAIM.key(origin.stream());
+        call.arg(origin.group())
+            .arg(origin.consumer())
+            .arg(expected_owner);
+        for id in ids {
+            call.arg(id.to_string());
+        }
+        let (conn, _) = self.read_conn().await?;
+        let reply: Value = call.invoke_async(conn).await?;
+        let mut fetched = Vec::new();
+        for item in array(reply)? {
+            let mut parts = array(item)?.into_iter();
+            let (Some(entry), Some(Value::Int(count))) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if count < 0 {
+                fetched.push((ReplyEntry::Trimmed(codec::entry_id(entry)?), 0));
+            } else if let Some(e) = codec::parse_entries(Value::Array(vec![entry]))?.pop() {
+                fetched.push((e, count as u64));
+            }
+        }
+        Ok(fetched)
+    }
+
+    /// One page of this consumer's own pending list (left by an earlier run, or read in a
+    /// reply that a connection failure lost), minus what this subscription owns already.
+    async fn drain(&mut self, budget: usize) -> std::result::Result<Fetched, ReadError> {
+        let origin = self.shared.origin.clone();
+        let from = self.drain_from.clone().unwrap_or_else(|| "-".to_owned());
+        let page = budget.max(16);
+        let rows: Value = {
+            let (conn, _) = self.read_conn().await?;
+            redis::cmd("XPENDING")
+                .arg(origin.stream())
+                .arg(origin.group())
+                .arg(&from)
+                .arg("+")
+                .arg(page)
+                .arg(origin.consumer())
+                .query_async(conn)
+                .await?
+        };
+        let rows = codec::parse_pending_rows(rows)?;
+        self.drain_from = match rows.last() {
+            Some(last) if rows.len() == page => Some(format!("({}", last.id)),
+            _ => None,
+        };
+        let ids: Vec<EntryId> = {
+            let ledger = self.shared.ledger();
+            rows.iter()
+                .map(|r| r.id)
+                .filter(|id| !ledger.is_ours(id))
+                .take(budget)
+                .collect()
+        };
+        // What did not fit the budget is read on the next page.
+        if let Some(last) = ids.last()
+            && ids.len() == budget
+            && rows.iter().any(|r| r.id > *last)
+        {
+            self.drain_from = Some(format!("({last}"));
+        }
+        self.claim(origin.consumer(), &ids).await
+    }
+
+    /// Takes over the entries of crashed consumers at once, then entries idle past
+    /// `min_idle`.
+    async fn reclaim(
+        &mut self,
+        reclaim: ReclaimOptions,
+        budget: usize,
+    ) -> std::result::Result<Fetched, ReadError> {
+        let origin = self.shared.origin.clone();
+        let (stream, group, me) = (origin.stream(), origin.group(), origin.consumer());
+        let mut fetched = Vec::new();
+
+        let crashed: Vec<(String, i64)> = {
+            let (conn, _) = self.read_conn().await?;
+            scripts::CRASHED_CONSUMERS
+                .key(stream)
+                .key(keys::leased_consumers(stream, group))
+                .arg(group)
+                .arg(me)
+                .arg(keys::lease(stream, group, ""))
+                .invoke_async(conn)
+                .await?
+        };
+        for (name, pending) in crashed {
+            SubscriberStats::add(&self.stats.crashed_consumers, 1);
+            let report = Error::ConsumerCrashed {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+                consumer: name.clone(),
+                pending: pending.max(0) as u64,
+            };
+            tracing::warn!(error = %report, "taking over the entries of a crashed consumer");
+            let want = budget.saturating_sub(fetched.len());
+            if want == 0 {
+                break;
+            }
+            let rows: Value = {
+                let (conn, _) = self.read_conn().await?;
+                redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(group)
+                    .arg("-")
+                    .arg("+")
+                    .arg(want)
+                    .arg(&name)
+                    .query_async(conn)
+                    .await?
+            };
+            let ids: Vec<EntryId> = codec::parse_pending_rows(rows)?.iter().map(|r| r.id).collect();
+            fetched.extend(self.claim(&name, &ids).await?);
+        }
+
+        let want = budget.saturating_sub(fetched.len());
+        if want > 0 {
+            let reply: Value = {
+                let cursor = self.autoclaim_cursor.to_string();
+                let (conn, _) = self.read_conn().await?;
+                redis::cmd("XAUTOCLAIM")
+                    .arg(stream)
+                    .arg(group)
+                    .arg(me)
+                    .arg(reclaim.min_idle.as_millis() as u64)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(want)
+                    .arg("JUSTID")
+                    .query_async(conn)
+                    .await?
+            };
+            let (cursor, ids, deleted) = codec::parse_autoclaim_justid(reply)?;
+            self.autoclaim_cursor = cursor;
+            // Now ours without a counted delivery; the claim below counts it. Entries this
+            // subscription owns already stay where they are.
+            let ids: Vec<EntryId> = {
+                let ledger = self.shared.ledger();
+                ids.into_iter().filter(|id| !ledger.is_ours(id)).collect()
+            };
+            fetched.extend(self.claim(me, &ids).await?);
+            fetched.extend(deleted.into_iter().map(|id| (ReplyEntry::Trimmed(id), 0)));
+        }
+        let reclaimed = fetched
+            .iter()
+            .filter(|(e, _)| matches!(e, ReplyEntry::Present(_)))
+            .count();
+        SubscriberStats::add(&self.stats.reclaimed, reclaimed as u64);
+        Ok(fetched)
+    }
+
+    /// Turns fetched entries into deliveries. First dead-letters the undecodable, the trimmed
+    /// and those past `max_deliveries` (an entry whose record cannot be written stays pending
+    /// and comes back on the next drain), then hands out the rest; never fails once
+    /// deliveries exist, so the capacity they use stays accounted for.
+    async fn admit(&mut self, fetched: Fetched) -> usize {
+        let max = self.options.max_deliveries_value();
+        let origin = self.shared.origin.clone();
+        let mut dead: Vec<(EntryId, Message)> = Vec::new();
+        let mut ready: Vec<(EntryId, u64, Message)> = Vec::new();
+        for (entry, count) in fetched {
+            let id = entry.id();
+            if self.shared.ledger().is_ours(&id) {
+                continue;
+            }
+            let record = |reason, delivered| dead_letter_of(&origin, id, reason, delivered);
+            match entry {
+                ReplyEntry::Trimmed(_) => {
+                    SubscriberStats::add(&self.stats.trimmed_pending, 1);
+                    tracing::warn!(stream = origin.stream(), group = origin.group(), %id,
+                        "pending entry was trimmed from the stream before it was acknowledged");
+                    let r = record("trimmed from the stream while pending", count.saturating_sub(1))
+                        .for_trimmed();
+                    dead.push((id, r));
+                }
+                ReplyEntry::Present(raw) => {
+                    let fields = raw.fields.clone();
+                    match self.codec.decode(raw) {
+                        Err(e) => {
+                            SubscriberStats::add(&self.stats.undecodable, 1);
+                            dead.push((id, record(&e.to_string(), count).for_undecodable(&fields)));
+                        }
+                        Ok(message) if count > max => {
+                            let reason = format!("delivered {} times, the limit is {max}", count - 1);
+                            dead.push((id, record(&reason, count - 1).for_message(&message)));
+                        }
+                        Ok(message) => ready.push((id, count, message)),
+                    }
+                }
+            }
+        }
+        for (id, record) in dead {
+            if let Err(e) = self.dead_letter(id, &record).await {
+                SubscriberStats::add(&self.stats.dead_letter_failures, 1);
+                tracing::error!(stream = origin.stream(), group = origin.group(), %id, error = %e,
+                    "dead-letter record not written; the entry stays pending");
+            }
+        }
+        let used = ready.len();
+        let mut ledger = self.shared.ledger();
+        let now = Instant::now();
+        for (id, count, message) in ready {
+            ledger.held.insert(id, now);
+            let info = DeliveryInfo::new(id, count, origin.clone());
+            self.buffer
+                .push_back(Delivery::new(message, info, self.settler.clone()));
+        }
+        used
+    }
+
+    /// Writes `record` to `<stream>-dead`, then acknowledges `id` in the source. (A close in
+    /// between leaves the entry pending: the record is then written again on restart.)
+    async fn dead_letter(&mut self, id: EntryId, record: &Message) -> Result<()> {
+        let origin = self.shared.origin.clone();
+        let fields = self.codec.encode(record)?;
+        let dead_stream = dead_letter::stream_for(origin.stream());
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&dead_stream).arg("*");
+        for (name, value) in &fields {
+            xadd.arg(*name).arg(&value[..]);
+        }
+        let conn = &self.shared.conn;
+        conn.run_mapped("dead-letter XADD", |mut c| {
+            let cmd = xadd.clone();
+            async move { cmd.query_async::<Value>(&mut c).await }
+        })
+        .await?;
+        let xack = redis::cmd("XACK")
+            .arg(origin.stream())
+            .arg(origin.group())
+            .arg(id.to_string())
+            .clone();
+        conn.run_mapped("dead-letter XACK", |mut c| {
+            let cmd = xack.clone();
+            async move { cmd.query_async::<u64>(&mut c).await }
+        })
+        .await?;
+        SubscriberStats::add(&self.stats.dead_lettered, 1);
+        tracing::warn!(stream = origin.stream(), group = origin.group(), %id,
+            reason = record.metadata().get(dead_letter::keys::REASON).unwrap_or(""), "dead-lettered");
+        Ok(())
+    }
+}
+
+fn dead_letter_of<'a>(origin: &'a Origin, id: EntryId, reason: &'a str, delivered: u64) -> DeadLetter<'a> {
+    DeadLetter {
+        reason,
+        original_id: id,
+        stream: origin.stream(),
+        group: origin.group(),
+        delivery_count: delivered,
+    }
+}
+
+fn array(v: Value) -> Result<Vec<Value>> {
+    match v {
+        Value::Array(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(Error::Decode {
+            what: "redis reply".into(),
+            reason: format!("expected an array, got {other:?}"),
+        }),
+    }
+}
+
+/// Why a reader step failed.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    Redis(redis::RedisError),
+    Other(Error),
+}
+
+impl From<redis::RedisError> for ReadError {
+    fn from(e: redis::RedisError) -> Self {
+        ReadError::Redis(e)
+    }
+}
+
+impl From<Error> for ReadError {
+    fn from(e: Error) -> Self {
+        ReadError::Other(e)
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Redis(e) if is_transient(e) => write!(f, "connection trouble: {e}"),
+            ReadError::Redis(e) => e.fmt(f),
+            ReadError::Other(e) => e.fmt(f),
+        }
+    }
+}

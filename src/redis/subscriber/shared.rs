@@ -1,0 +1,158 @@
+//! What one subscription shares between its reader, its deliveries (through [`Settler`]), its
+//! flusher and its heartbeat: the ledger of entries it owns, the in-flight limit, and the
+//! channel to the flusher.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::{DeliveryInfo, Origin, Settlement, Settler};
+use crate::error::{Error, Result};
+use crate::message::EntryId;
+use crate::pubsub::InFlight;
+use crate::redis::connection::RedisConnection;
+
+/// What one subscription knows of the entries it owns in Redis and must not hand out again
+/// when it re-reads its pending list: held by a delivery, acked but not yet flushed, or
+/// nacked and waiting to be retried.
+#[derive(Debug, Default)]
+pub(crate) struct Ledger {
+    /// Handed out and not settled, with the time they were last kept alive.
+    pub(crate) held: HashMap<EntryId, Instant>,
+    /// Acked by the handler; `XACK` not yet confirmed.
+    pub(crate) acking: HashSet<EntryId>,
+    /// Nacked, by due time, with the delivery count so far.
+    retries: BTreeMap<(Instant, EntryId), u64>,
+    pub(crate) retry_due: HashMap<EntryId, Instant>,
+}
+
+impl Ledger {
+    pub(crate) fn is_ours(&self, id: &EntryId) -> bool {
+        self.held.contains_key(id) || self.acking.contains(id) || self.retry_due.contains_key(id)
+    }
+
+    /// The oldest entry this subscription still owns (held, acking or waiting to retry).
+    pub(crate) fn oldest_owned(&self) -> Option<EntryId> {
+        let held = self.held.keys().min();
+        let acking = self.acking.iter().min();
+        let retrying = self.retry_due.keys().min();
+        [held, acking, retrying].into_iter().flatten().min().copied()
+    }
+
+    fn add_retry(&mut self, id: EntryId, due: Instant, count: u64) {
+        self.retries.insert((due, id), count);
+        self.retry_due.insert(id, due);
+    }
+
+    /// Up to `budget` retries due at `now`, with their delivery counts so far.
+    pub(crate) fn take_due(&mut self, now: Instant, budget: usize) -> Vec<(EntryId, u64)> {
+        let mut due = Vec::new();
+        while due.len() < budget {
+            match self.retries.first_key_value() {
+                Some(((at, _), _)) if *at <= now => {
+                    if let Some(((_, id), count)) = self.retries.pop_first() {
+                        self.retry_due.remove(&id);
+                        due.push((id, count));
+                    }
+                }
+                _ => break,
+            }
+        }
+        due
+    }
+
+    pub(crate) fn next_retry(&self) -> Option<Instant> {
+        self.retries.first_key_value().map(|((at, _), _)| *at)
+    }
+}
+
+pub(crate) fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Work for the flusher task.
+pub(crate) enum Op {
+    Ack(EntryId),
+    Unblock(i64),
+}
+
+/// State one subscription shares with its deliveries and its tasks.
+pub(crate) struct Shared {
+    pub(crate) conn: RedisConnection,
+    pub(crate) origin: Arc<Origin>,
+    pub(crate) capacity: InFlight,
+    /// Shared with the flusher, which clears acks once `XACK` succeeded.
+    pub(crate) ledger: Arc<Mutex<Ledger>>,
+    pub(crate) ops: mpsc::UnboundedSender<Op>,
+    /// The client id of the read connection while it is blocked in `XREADGROUP`, else 0.
+    pub(crate) blocked_client: AtomicI64,
+    /// The subscriber was closed.
+    pub(crate) closed: CancellationToken,
+    /// Cancelled when the last user of this state (reader or delivery) is gone: the heartbeat
+    /// then releases the lease.
+    pub(crate) released: CancellationToken,
+}
+
+impl Shared {
+    pub(crate) fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        lock(&self.ledger)
+    }
+
+    /// Wakes the reader if it is blocked in `XREADGROUP`, so it sees new retries at once.
+    fn wake_reader(&self) {
+        let client = self.blocked_client.load(Ordering::Acquire);
+        if client != 0 {
+            let _ = self.ops.send(Op::Unblock(client));
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.released.cancel();
+    }
+}
+
+impl Settler for Shared {
+    fn settle(&self, info: &DeliveryInfo, settlement: Settlement) -> Result<()> {
+        let id = info.id();
+        let result = if self.closed.is_cancelled() {
+            self.ledger().held.remove(&id);
+            Err(Error::Closed("subscriber"))
+        } else {
+            match settlement {
+                Settlement::Ack => {
+                    {
+                        let mut ledger = self.ledger();
+                        ledger.held.remove(&id);
+                        ledger.acking.insert(id);
+                    }
+                    self.ops.send(Op::Ack(id)).map_err(|_| {
+                        self.ledger().acking.remove(&id);
+                        Error::Closed("subscriber")
+                    })
+                }
+                Settlement::Nack { delay } => {
+                    {
+                        let mut ledger = self.ledger();
+                        ledger.held.remove(&id);
+                        ledger.add_retry(id, Instant::now() + delay, info.delivery_count());
+                    }
+                    self.wake_reader();
+                    Ok(())
+                }
+            }
+        };
+        self.capacity.release(1);
+        result
+    }
+
+    fn release(&self, info: &DeliveryInfo) {
+        self.ledger().held.remove(&info.id());
+        self.capacity.release(1);
+    }
+}

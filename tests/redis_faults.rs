@@ -1,0 +1,420 @@
+//! Faults the Redis subscriber must ride out without handing an entry out twice, cutting a
+//! nack delay short, exceeding its in-flight limit, sharing a consumer name, or skipping
+//! unacked entries (DESIGN §3). Each of these once failed; each names the promise it guards.
+
+mod common;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use streamwise::redis::{RedisBackend, RedisConnection, RedisSubscriber, RedisSubscriberOptions};
+use streamwise::{Delivery, Message, Publisher, SubscribeOptions, Subscriber, Subscription};
+
+use common::RedisServer;
+
+fn msg(n: u64) -> Message {
+    Message::new("n", &n).unwrap()
+}
+
+/// Next Ok delivery within `t`, skipping Err items; None on timeout.
+async fn next_ok(sub: &mut Subscription, t: Duration) -> Option<Delivery> {
+    let deadline = tokio::time::Instant::now() + t;
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Err(_) => return None,
+            Ok(None) => return None,
+            Ok(Some(Ok(d))) => return Some(d),
+            Ok(Some(Err(e))) => eprintln!("err item: {e}"),
+        }
+    }
+}
+
+fn subscriber(server: &RedisServer, options: RedisSubscriberOptions) -> RedisSubscriber {
+    RedisSubscriber::new(RedisConnection::new(&server.url()).unwrap(), options).unwrap()
+}
+
+/// An entry acked (Ok) whose `XACK` is not flushed yet is not handed out again when a read
+/// error makes the subscription re-read its pending list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_but_unflushed_entries_are_not_handed_out_again_after_a_read_error() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    for n in 0..3 {
+        publisher.publish("t", msg(n)).await.unwrap();
+    }
+    // A slow flush stands in for an XACK delayed by an outage (the flusher retries with
+    // backoff, keeping the batch, while the reader has already reconnected).
+    let sub_ = subscriber(
+        &server,
+        RedisSubscriberOptions::default().ack_flush_interval(Duration::from_secs(3)),
+    );
+    let mut sub = sub_
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+        d.ack().await.unwrap();
+    }
+    // Connection trouble on the read connection.
+    server.command("CLIENT KILL TYPE normal");
+    let again = next_ok(&mut sub, Duration::from_secs(2)).await;
+    assert!(
+        again.is_none(),
+        "an entry acked (Ok) was handed out again: {:?}",
+        again.map(|d| d.info().clone())
+    );
+    sub_.close().await.unwrap();
+}
+
+/// A `nack_after` delay holds across a read error: the re-read of the pending list leaves the
+/// waiting entry alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_after_delay_survives_a_read_error() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    backend.publisher().publish("t", msg(1)).await.unwrap();
+    let sub_ = subscriber(&server, RedisSubscriberOptions::default());
+    let mut sub = sub_
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    d.nack_after(Duration::from_secs(10)).await.unwrap();
+    server.command("CLIENT KILL TYPE normal");
+    let early = next_ok(&mut sub, Duration::from_secs(3)).await;
+    assert!(
+        early.is_none(),
+        "nack_after(10s) redelivered within 3s: {:?}",
+        early.map(|d| d.info().clone())
+    );
+    sub_.close().await.unwrap();
+}
+
+/// With reclaim on, the subscription's own `XAUTOCLAIM` does not take back its own entry
+/// waiting out a `nack_after` delay longer than `min_idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_reclaim_does_not_cut_a_nack_delay_short() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    backend.publisher().publish("t", msg(1)).await.unwrap();
+    let sub_ = subscriber(
+        &server,
+        RedisSubscriberOptions::default().lease_ttl(Duration::from_secs(3)),
+    );
+    let mut sub = sub_
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c")
+                .block(Duration::from_millis(200))
+                .reclaim(streamwise::ReclaimOptions::new(
+                    Duration::from_millis(500),
+                    Duration::from_secs(2),
+                )),
+        )
+        .await
+        .unwrap();
+    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    d.nack_after(Duration::from_secs(8)).await.unwrap();
+    let early = next_ok(&mut sub, Duration::from_secs(5)).await;
+    assert!(
+        early.is_none(),
+        "nack_after(8s) redelivered within 5s: {:?}",
+        early.map(|d| d.info().clone())
+    );
+    sub_.close().await.unwrap();
+}
+
+/// A dead-letter write that fails (its stream has the wrong type) in the middle of a batch
+/// never lets the subscription exceed `max_in_flight`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fetch_does_not_over_release_capacity() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    publisher.publish("t", msg(1)).await.unwrap();
+    publisher.publish("t", msg(2)).await.unwrap();
+    // A malformed entry (no event_type) and a dead-letter stream that cannot be written yet.
+    server.command("XADD t * foo bar");
+    for n in 3..10 {
+        publisher.publish("t", msg(n)).await.unwrap();
+    }
+    server.command("SET t-dead not-a-stream");
+    let sub_ = subscriber(&server, RedisSubscriberOptions::default());
+    let mut sub = sub_
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c")
+                .max_in_flight(3)
+                .batch_size(3)
+                .block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery"));
+    }
+    // The dead-letter stream works again.
+    server.command("DEL t-dead");
+    while let Some(d) = next_ok(&mut sub, Duration::from_secs(3)).await {
+        held.push(d);
+    }
+    assert!(
+        held.len() <= 3,
+        "{} deliveries unsettled at once with max_in_flight 3: {:?}",
+        held.len(),
+        held.iter().map(|d| d.id().to_string()).collect::<Vec<_>>()
+    );
+    sub_.close().await.unwrap();
+}
+
+/// When another consumer takes this consumer's lease (after a pause longer than its TTL, say),
+/// the subscription reports `ConsumerActive` and stops, instead of going on beside the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_lost_its_lease_stops() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    publisher.publish("t", msg(1)).await.unwrap();
+    let opts = || SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
+    let a_ = subscriber(
+        &server,
+        RedisSubscriberOptions::default().lease_ttl(Duration::from_millis(600)),
+    );
+    let mut a = a_.subscribe("t", opts()).await.unwrap();
+    let _held = next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery");
+    // Someone else holds the lease now.
+    assert_eq!(
+        server.command("SET streamwise:lease:t:g:c another-token PX 60000"),
+        "+OK"
+    );
+    match tokio::time::timeout(Duration::from_secs(5), a.next()).await {
+        Ok(Some(Err(streamwise::Error::ConsumerActive { consumer, .. }))) => assert_eq!(consumer, "c"),
+        other => panic!("expected ConsumerActive from the subscription that lost its lease, got {other:?}"),
+    }
+    match tokio::time::timeout(Duration::from_secs(5), a.next()).await {
+        Ok(None) => {}
+        other => panic!("the subscription must end after losing its lease, got {other:?}"),
+    }
+    // The lease stays with its new holder.
+    assert_eq!(server.command("GET streamwise:lease:t:g:c"), "$13");
+    a_.close().await.unwrap();
+}
+
+/// Dropping the subscription stream (stop fetching) while a delivery is still being handled
+/// keeps the lease: the same consumer name cannot start elsewhere and take that entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_stream_keeps_the_lease_while_deliveries_are_in_flight() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    backend.publisher().publish("t", msg(1)).await.unwrap();
+    let opts = || SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
+    let a_ = subscriber(&server, RedisSubscriberOptions::default());
+    let mut a = a_.subscribe("t", opts()).await.unwrap();
+    let in_flight = next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery");
+    drop(a); // stop fetching; the handler still works on `in_flight`
+    // Give a premature lease release (the failure this guards against) time to happen.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b_ = subscriber(&server, RedisSubscriberOptions::default());
+    let second = b_.subscribe("t", opts()).await;
+    let dup = match second {
+        Err(_) => None,
+        Ok(mut b) => next_ok(&mut b, Duration::from_secs(2)).await,
+    };
+    assert!(
+        dup.is_none(),
+        "entry {} handed to a second consumer named c while the first still handles it",
+        in_flight.id()
+    );
+    in_flight.ack().await.unwrap();
+}
+
+/// The checkpoint is a low watermark: a group re-created at it redelivers an entry that was
+/// still unacked, even though later entries were acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_recreated_at_checkpoint_skips_pending_entries() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(publisher.publish("t", msg(n)).await.unwrap());
+    }
+    let sub_ = subscriber(&server, RedisSubscriberOptions::default());
+    let mut sub = sub_
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c")
+                .max_in_flight(3)
+                .block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    let mut ds = Vec::new();
+    for _ in 0..3 {
+        ds.push(next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery"));
+    }
+    // Entry 0 is still being handled; entries 1 and 2 are acked.
+    let first = ds.remove(0);
+    for d in ds {
+        d.ack().await.unwrap();
+    }
+    // Closing flushes the acks and the checkpoint.
+    sub_.close().await.unwrap();
+    drop(first); // handler crashed: entry 0 must come back
+    drop(sub);
+    // The group is destroyed (operator mistake, failover to a replica without it...).
+    server.command("XGROUP DESTROY t g");
+    let next = subscriber(&server, RedisSubscriberOptions::default());
+    let mut sub = next
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    let got = next_ok(&mut sub, Duration::from_secs(2)).await;
+    assert_eq!(
+        got.map(|d| d.id()),
+        Some(ids[0]),
+        "entry 0 was never acked but the group was re-created past it"
+    );
+}
+
+/// The server is killed and restarted (no persistence): the subscription reports an error
+/// after its retry budget, then recovers on its own, and the publisher recovers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_persistence_recovers_with_an_error_item_in_between() {
+    let mut server = RedisServer::start();
+    let conn = || {
+        RedisConnection::builder(&server.url())
+            .max_retries(2)
+            .retry_base_delay(Duration::from_millis(50))
+            .retry_max_delay(Duration::from_millis(200))
+            .build()
+            .unwrap()
+    };
+    let backend = RedisBackend::with_connection(conn());
+    let publisher = backend.publisher();
+    publisher.publish("t", msg(1)).await.unwrap();
+    let sub_ = RedisSubscriber::new(conn(), RedisSubscriberOptions::default()).unwrap();
+    let mut sub = sub_
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    d.ack().await.unwrap();
+    server.kill();
+    let t0 = std::time::Instant::now();
+    let item = tokio::time::timeout(Duration::from_secs(20), sub.next()).await;
+    eprintln!(
+        "after kill: {:?} in {:?}",
+        item.as_ref().map(|o| o
+            .as_ref()
+            .map(|r| r.as_ref().map(|d| d.id()).map_err(|e| e.to_string()))),
+        t0.elapsed()
+    );
+    assert!(
+        matches!(item, Ok(Some(Err(_)))),
+        "expected an Err item while the server is down"
+    );
+    server.restart();
+    // Publisher recovers.
+    let mut published = None;
+    for _ in 0..20 {
+        match publisher.publish("t", msg(2)).await {
+            Ok(id) => {
+                published = Some(id);
+                break;
+            }
+            Err(e) => eprintln!("publish: {e}"),
+        }
+    }
+    let id = published.expect("publisher recovered");
+    let got = next_ok(&mut sub, Duration::from_secs(10)).await;
+    assert_eq!(got.as_ref().map(|d| d.id()), Some(id), "subscription recovered");
+    eprintln!("stats {:?}", sub_.stats());
+    sub_.close().await.unwrap();
+}
+
+/// With `create_group(false)`, a group that vanishes is reported (`GroupNotFound`), not
+/// re-created behind the user's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_group_off_is_respected_after_the_group_vanishes() {
+    let server = RedisServer::start();
+    server.command("XGROUP CREATE t g $ MKSTREAM");
+    let sub_ = subscriber(&server, RedisSubscriberOptions::default());
+    let mut sub = sub_
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c")
+                .create_group(false)
+                .block(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    let _ = next_ok(&mut sub, Duration::from_millis(300)).await;
+    server.command("XGROUP DESTROY t g");
+    match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+        Ok(Some(Err(streamwise::Error::GroupNotFound { group, .. }))) => assert_eq!(group, "g"),
+        other => panic!("expected GroupNotFound once the group vanished, got {other:?}"),
+    }
+    let groups = server.command_lines("XINFO GROUPS t", 1);
+    assert_eq!(
+        groups,
+        ["*0"],
+        "the group was re-created although create_group is off"
+    );
+}
+
+/// Default settings, server with AOF: an ack returns Ok, the server dies before the `XACK`
+/// lands, and comes back after longer than the retry budget. The flusher retries on its own
+/// timer until the ack is written, and the re-drain does not hand the entry out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_during_outage_is_flushed_after_restart_and_not_redelivered() {
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let conn = || {
+        RedisConnection::builder(&server.url())
+            .max_retries(2)
+            .retry_base_delay(Duration::from_millis(50))
+            .retry_max_delay(Duration::from_millis(200))
+            .build()
+            .unwrap()
+    };
+    let backend = RedisBackend::with_connection(conn());
+    backend.publisher().publish("t", msg(1)).await.unwrap();
+    let sub_ = RedisSubscriber::new(conn(), RedisSubscriberOptions::default()).unwrap();
+    let mut sub = sub_
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    server.kill();
+    d.ack().await.expect("ack is Ok");
+    // An outage longer than the flusher's retry budget (2 retries, at most 200 ms apart).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.restart();
+    let again = next_ok(&mut sub, Duration::from_secs(3)).await;
+    let pending = backend.pending_count("t", "g").await.unwrap();
+    assert!(
+        again.is_none(),
+        "acked entry handed out again: {:?}",
+        again.map(|d| d.info().clone())
+    );
+    assert_eq!(pending, 0, "the Ok ack was never flushed");
+    sub_.close().await.unwrap();
+}
