@@ -79,6 +79,21 @@ pub enum Error {
         consumer: String,
     },
 
+    /// The consumers are too far behind: the group's lag is above the producer's limit.
+    #[error(
+        "backpressure: group `{group}` on stream `{stream}` is {lag} entries behind, the limit is {limit}"
+    )]
+    Backpressure {
+        /// The stream.
+        stream: String,
+        /// The consumer group watched.
+        group: String,
+        /// Its lag when the producer gave up.
+        lag: u64,
+        /// The producer's limit.
+        limit: u64,
+    },
+
     /// An argument or setting is not acceptable.
     #[error("invalid {field}: {reason}")]
     Invalid {

@@ -34,6 +34,8 @@
 //! [`Delivery`] is settled exactly once; settling again is an [`Error::AlreadySettled`] value.
 
 pub mod checkpoint;
+#[cfg(feature = "redis")]
+pub mod config;
 pub mod dead_letter;
 pub mod delivery;
 pub mod error;
@@ -42,6 +44,8 @@ pub mod message;
 pub mod pubsub;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+pub mod redis_streams;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -168,6 +168,16 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Metadata {
     }
 }
 
+impl<K: Into<String>, V: Into<String>, const N: usize> From<[(K, V); N]> for Metadata {
+    /// ```
+    /// let m = streamwise::Metadata::from([("source", "market-feed")]);
+    /// assert_eq!(m.get("source"), Some("market-feed"));
+    /// ```
+    fn from(pairs: [(K, V); N]) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
 impl From<BTreeMap<String, String>> for Metadata {
     fn from(map: BTreeMap<String, String>) -> Self {
         Metadata(map)

@@ -1,0 +1,694 @@
+//! Configuration: YAML (either shape of the seed documents) overlaid with the environment
+//! (`REDIS_URL`, `STREAM_NAME`, `CONSUMER_GROUP`, `CONSUMER_NAME`), overlaid with values set in
+//! code. Unknown keys and bad values are [`Error::Invalid`] naming the full key.
+//!
+//! Both shapes are accepted:
+//!
+//! ```yaml
+//! redis_streams:
+//!   url: "redis://localhost:6379"
+//!   producer:
+//!     stream: "events"
+//!     max_length: 10000
+//!   consumer:
+//!     group: "my-group"
+//!     block_ms: 5000
+//!     count: 10
+//! ```
+//!
+//! ```yaml
+//! redis_streams:
+//!   producer:
+//!     redis_url: "redis://localhost:6379"
+//!     stream_name: "events"
+//!     max_length: 10000
+//!     auto_create_stream: true
+//!   consumer:
+//!     redis_url: "redis://localhost:6379"
+//!     streams:
+//!       - name: "events"
+//!         group: "my-group"
+//!         consumer: "consumer-1"
+//!     block_ms: 5000
+//!     count: 10
+//!     auto_ack: false
+//! ```
+//!
+//! ```
+//! use streamwise::config::Config;
+//!
+//! let yaml = "redis_streams:\n  producer:\n    stream: events\n  consumer:\n    group: my-group\n";
+//! let env = [("CONSUMER_NAME", "worker-7")];
+//! let config = Config::from_yaml_str(yaml)?
+//!     .overlay_vars(|name| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))?;
+//! assert_eq!(config.consumer_binding(0)?.consumer, "worker-7");
+//! assert_eq!(config.consumer_binding(0)?.stream, "events");
+//! # Ok::<(), streamwise::Error>(())
+//! ```
+
+use std::path::Path;
+
+use serde_norway::{Mapping, Value};
+
+use crate::error::{Error, Result, validate_name};
+use crate::redis::RedisConnection;
+use crate::redis_streams::{ConsumerOptions, ProducerOptions, StreamConsumer, StreamProducer};
+
+/// The default Redis URL.
+pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
+
+/// Producer and consumer settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The Redis URL (`redis_streams.url`, or a section's `redis_url`; `REDIS_URL`).
+    pub redis_url: String,
+    /// The producer section.
+    pub producer: ProducerConfig,
+    /// The consumer section.
+    pub consumer: ConsumerConfig,
+}
+
+/// The producer section.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ProducerConfig {
+    /// The stream (`stream` or `stream_name`; `STREAM_NAME`).
+    pub stream: Option<String>,
+    /// `max_length`, `auto_create_stream`.
+    pub options: ProducerOptions,
+}
+
+/// The consumer section.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ConsumerConfig {
+    /// What to consume: `streams: [{name, group, consumer}]`, or `group`/`consumer` (and the
+    /// producer's stream) directly in the section.
+    pub bindings: Vec<Binding>,
+    /// `block_ms`, `count`, `auto_ack`, `use_redis_checkpoint`, `reclaim_*`, ...
+    pub options: ConsumerOptions,
+}
+
+/// One stream/group/consumer to consume, as far as configured.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Binding {
+    /// The stream.
+    pub stream: Option<String>,
+    /// The consumer group.
+    pub group: Option<String>,
+    /// The consumer name.
+    pub consumer: Option<String>,
+}
+
+/// A complete binding, every name present and valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedBinding {
+    /// The stream.
+    pub stream: String,
+    /// The consumer group.
+    pub group: String,
+    /// The consumer name.
+    pub consumer: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            redis_url: DEFAULT_REDIS_URL.to_owned(),
+            producer: ProducerConfig::default(),
+            consumer: ConsumerConfig::default(),
+        }
+    }
+}
+
+const ROOT: &str = "redis_streams";
+
+impl Config {
+    /// Reads a YAML file (see the module docs for the shapes).
+    pub fn from_yaml_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::invalid("config", format_args!("cannot read {}: {e}", path.display())))?;
+        Self::from_yaml_str(&text)
+    }
+
+    /// Parses YAML text.
+    pub fn from_yaml_str(yaml: &str) -> Result<Self> {
+        let doc: Value = serde_norway::from_str(yaml)
+            .map_err(|e| Error::invalid("config", format_args!("not valid YAML: {e}")))?;
+        let mut config = Config::default();
+        if doc.is_null() {
+            return Ok(config);
+        }
+        let top = mapping(&doc, "(top level)")?;
+        for (key, value) in top {
+            match key_str(key, "(top level)")? {
+                ROOT => config.read_root(value)?,
+                other => return Err(unknown(other)),
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Overlays the environment variables `REDIS_URL`, `STREAM_NAME`, `CONSUMER_GROUP` and
+    /// `CONSUMER_NAME` (they win over YAML).
+    pub fn overlay_env(self) -> Result<Self> {
+        self.overlay_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Overlays variables from `lookup` (for tests and other sources): `REDIS_URL` sets the
+    /// URL; `STREAM_NAME` the producer's stream and the first binding's; `CONSUMER_GROUP` and
+    /// `CONSUMER_NAME` the first binding's group and consumer.
+    pub fn overlay_vars(mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        if let Some(url) = lookup("REDIS_URL") {
+            RedisConnection::new(&url).map_err(|e| rename(e, "REDIS_URL"))?;
+            self.redis_url = url;
+        }
+        let mut first = self.consumer.bindings.first().cloned().unwrap_or_default();
+        if let Some(stream) = lookup("STREAM_NAME") {
+            validate_name("STREAM_NAME", &stream)?;
+            self.producer.stream = Some(stream.clone());
+            first.stream = Some(stream);
+        }
+        if let Some(group) = lookup("CONSUMER_GROUP") {
+            validate_name("CONSUMER_GROUP", &group)?;
+            first.group = Some(group);
+        }
+        if let Some(consumer) = lookup("CONSUMER_NAME") {
+            validate_name("CONSUMER_NAME", &consumer)?;
+            first.consumer = Some(consumer);
+        }
+        if first != Binding::default() {
+            match self.consumer.bindings.first_mut() {
+                Some(b) => *b = first,
+                None => self.consumer.bindings.push(first),
+            }
+        }
+        Ok(self)
+    }
+
+    /// Reads `path` if given, then the environment: the usual way to configure a service.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        match path {
+            Some(p) => Self::from_yaml_file(p)?.overlay_env(),
+            None => Config::default().overlay_env(),
+        }
+    }
+
+    /// The consumer binding `index`, completed: its stream defaults to the producer's.
+    pub fn consumer_binding(&self, index: usize) -> Result<ResolvedBinding> {
+        let path = format!("{ROOT}.consumer.streams[{index}]");
+        let b = self.consumer.bindings.get(index).cloned().unwrap_or_default();
+        let need = |value: Option<String>, key: &str, env: &str| {
+            value.ok_or_else(|| {
+                Error::invalid(
+                    format!("{path}.{key}"),
+                    format_args!("is not set (set it in YAML or with {env})"),
+                )
+            })
+        };
+        Ok(ResolvedBinding {
+            stream: need(
+                b.stream.or_else(|| self.producer.stream.clone()),
+                "name",
+                "STREAM_NAME",
+            )?,
+            group: need(b.group, "group", "CONSUMER_GROUP")?,
+            consumer: need(b.consumer, "consumer", "CONSUMER_NAME")?,
+        })
+    }
+
+    /// A producer as configured.
+    pub fn stream_producer(&self) -> Result<StreamProducer> {
+        let stream = self.producer.stream.as_deref().ok_or_else(|| {
+            Error::invalid(
+                format!("{ROOT}.producer.stream"),
+                "is not set (set it in YAML or with STREAM_NAME)",
+            )
+        })?;
+        StreamProducer::with_options(
+            RedisConnection::new(&self.redis_url)?,
+            stream,
+            self.producer.options.clone(),
+        )
+    }
+
+    /// A consumer for binding `index`, as configured.
+    pub fn stream_consumer(&self, index: usize) -> Result<StreamConsumer> {
+        let b = self.consumer_binding(index)?;
+        StreamConsumer::with_options(
+            RedisConnection::new(&self.redis_url)?,
+            &b.stream,
+            &b.group,
+            &b.consumer,
+            self.consumer.options.clone(),
+        )
+    }
+
+    fn read_root(&mut self, value: &Value) -> Result<()> {
+        for (key, value) in mapping(value, ROOT)? {
+            let key = key_str(key, ROOT)?;
+            let path = format!("{ROOT}.{key}");
+            match key {
+                "url" | "redis_url" => self.redis_url = redis_url(value, &path)?,
+                "producer" => self.read_producer(value)?,
+                "consumer" => self.read_consumer(value)?,
+                _ => return Err(unknown(&path)),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_producer(&mut self, value: &Value) -> Result<()> {
+        let section = format!("{ROOT}.producer");
+        for (key, value) in mapping(value, &section)? {
+            let key = key_str(key, &section)?;
+            let path = format!("{section}.{key}");
+            let p = &mut self.producer;
+            match key {
+                "redis_url" => self.redis_url = redis_url(value, &path)?,
+                "stream" | "stream_name" => p.stream = Some(name(value, &path)?),
+                "max_length" => p.options.max_length = positive(value, &path)?,
+                "auto_create_stream" => p.options.auto_create_stream = boolean(value, &path)?,
+                "max_entry_size" => p.options.max_entry_size = positive(value, &path)? as usize,
+                _ => return Err(unknown(&path)),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_consumer(&mut self, value: &Value) -> Result<()> {
+        let section = format!("{ROOT}.consumer");
+        let mut direct = Binding::default();
+        for (key, value) in mapping(value, &section)? {
+            let key = key_str(key, &section)?;
+            let path = format!("{section}.{key}");
+            let o = &mut self.consumer.options;
+            match key {
+                "redis_url" => self.redis_url = redis_url(value, &path)?,
+                "streams" => self.consumer.bindings = bindings(value, &path)?,
+                "stream" | "stream_name" => direct.stream = Some(name(value, &path)?),
+                "group" => direct.group = Some(name(value, &path)?),
+                "consumer" | "name" => direct.consumer = Some(name(value, &path)?),
+                "block_ms" => o.block_ms = positive(value, &path)?,
+                "count" => o.count = positive(value, &path)? as usize,
+                "auto_ack" => o.auto_ack = boolean(value, &path)?,
+                "use_redis_checkpoint" => o.use_redis_checkpoint = boolean(value, &path)?,
+                "reclaim_enabled" => o.reclaim_enabled = boolean(value, &path)?,
+                "reclaim_interval_ms" => o.reclaim_interval_ms = positive(value, &path)?,
+                "reclaim_min_idle_ms" => o.reclaim_min_idle_ms = unsigned(value, &path)?,
+                "create_group" => o.create_group = boolean(value, &path)?,
+                "start_id" => o.start_id = string(value, &path)?,
+                "max_deliveries" => o.max_deliveries = positive(value, &path)?,
+                _ => return Err(unknown(&path)),
+            }
+        }
+        if direct != Binding::default() {
+            self.consumer.bindings.insert(0, direct);
+        }
+        Ok(())
+    }
+
+    /// Checks what the options cannot check alone, naming the YAML key.
+    fn validate(&self) -> Result<()> {
+        let section = format!("{ROOT}.consumer");
+        let o = &self.consumer.options;
+        crate::pubsub::StartFrom::parse(&o.start_id).map_err(|e| rename(e, format!("{section}.start_id")))?;
+        let probe = StreamConsumer::with_options(
+            RedisConnection::new(&self.redis_url).map_err(|e| rename(e, format!("{ROOT}.url")))?,
+            "probe",
+            "probe",
+            "probe",
+            o.clone(),
+        );
+        probe.map(drop).map_err(|e| match e.invalid_field() {
+            Some(field) => {
+                let field = field.to_owned();
+                rename(e, format!("{section}.{field}"))
+            }
+            None => e,
+        })
+    }
+}
+
+/// Gives an [`Error::Invalid`] the name of the key it came from.
+fn rename(e: Error, field: impl Into<std::borrow::Cow<'static, str>>) -> Error {
+    match e {
+        Error::Invalid { reason, .. } => Error::Invalid {
+            field: field.into(),
+            reason,
+        },
+        other => other,
+    }
+}
+
+fn unknown(path: &str) -> Error {
+    Error::invalid(path.to_owned(), "is not a known configuration key")
+}
+
+fn mapping<'a>(v: &'a Value, path: &str) -> Result<&'a Mapping> {
+    v.as_mapping().ok_or_else(|| {
+        Error::invalid(
+            path.to_owned(),
+            format_args!("must be a mapping, got {}", kind(v)),
+        )
+    })
+}
+
+fn key_str<'a>(key: &'a Value, path: &str) -> Result<&'a str> {
+    key.as_str().ok_or_else(|| {
+        Error::invalid(
+            path.to_owned(),
+            format_args!("has a key that is not a string: {key:?}"),
+        )
+    })
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+fn string(v: &Value, path: &str) -> Result<String> {
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| Error::invalid(path.to_owned(), format_args!("must be a string, got {}", kind(v))))
+}
+
+fn name(v: &Value, path: &str) -> Result<String> {
+    let s = string(v, path)?;
+    validate_name("name", &s).map_err(|e| rename(e, path.to_owned()))?;
+    Ok(s)
+}
+
+fn redis_url(v: &Value, path: &str) -> Result<String> {
+    let url = string(v, path)?;
+    RedisConnection::new(&url).map_err(|e| rename(e, path.to_owned()))?;
+    Ok(url)
+}
+
+fn unsigned(v: &Value, path: &str) -> Result<u64> {
+    v.as_u64().ok_or_else(|| {
+        Error::invalid(
+            path.to_owned(),
+            format_args!("must be a whole number ≥ 0, got {}", kind(v)),
+        )
+    })
+}
+
+fn positive(v: &Value, path: &str) -> Result<u64> {
+    match unsigned(v, path)? {
+        0 => Err(Error::invalid(path.to_owned(), "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+fn boolean(v: &Value, path: &str) -> Result<bool> {
+    v.as_bool().ok_or_else(|| {
+        Error::invalid(
+            path.to_owned(),
+            format_args!("must be true or false, got {}", kind(v)),
+        )
+    })
+}
+
+fn bindings(v: &Value, path: &str) -> Result<Vec<Binding>> {
+    let list = v
+        .as_sequence()
+        .ok_or_else(|| Error::invalid(path.to_owned(), format_args!("must be a list, got {}", kind(v))))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let item_path = format!("{path}[{i}]");
+            let mut b = Binding::default();
+            for (key, value) in mapping(item, &item_path)? {
+                let key = key_str(key, &item_path)?;
+                let path = format!("{item_path}.{key}");
+                match key {
+                    "name" | "stream" => b.stream = Some(name(value, &path)?),
+                    "group" => b.group = Some(name(value, &path)?),
+                    "consumer" => b.consumer = Some(name(value, &path)?),
+                    _ => return Err(unknown(&path)),
+                }
+            }
+            Ok(b)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUICKSTART: &str = r#"
+redis_streams:
+  url: "redis://localhost:6379"
+
+  producer:
+    stream: "events"
+    max_length: 10000
+
+  consumer:
+    group: "my-group"
+    block_ms: 5000
+    count: 10
+"#;
+
+    const CONTRACT: &str = r#"
+redis_streams:
+  producer:
+    redis_url: "redis://localhost:6380"
+    stream_name: "events"
+    max_length: 500
+    auto_create_stream: false
+
+  consumer:
+    redis_url: "redis://localhost:6380"
+    streams:
+      - name: "events"
+        group: "my-group"
+        consumer: "consumer-1"
+      - name: "audit"
+        group: "auditors"
+        consumer: "consumer-2"
+    block_ms: 2000
+    count: 20
+    auto_ack: true
+"#;
+
+    fn vars(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn the_quickstart_shape_loads() {
+        let c = Config::from_yaml_str(QUICKSTART).unwrap();
+        assert_eq!(c.redis_url, "redis://localhost:6379");
+        assert_eq!(c.producer.stream.as_deref(), Some("events"));
+        assert_eq!(c.producer.options.max_length, 10_000);
+        assert_eq!(c.consumer.options.block_ms, 5000);
+        assert_eq!(c.consumer.options.count, 10);
+        let err = c.consumer_binding(0).unwrap_err();
+        assert_eq!(
+            err.invalid_field(),
+            Some("redis_streams.consumer.streams[0].consumer")
+        );
+        let c = c.overlay_vars(vars(&[("CONSUMER_NAME", "worker-1")])).unwrap();
+        let b = c.consumer_binding(0).unwrap();
+        assert_eq!(
+            (b.stream.as_str(), b.group.as_str(), b.consumer.as_str()),
+            ("events", "my-group", "worker-1")
+        );
+    }
+
+    #[test]
+    fn the_contract_shape_loads() {
+        let c = Config::from_yaml_str(CONTRACT).unwrap();
+        assert_eq!(c.redis_url, "redis://localhost:6380");
+        assert_eq!(c.producer.options.max_length, 500);
+        assert!(!c.producer.options.auto_create_stream);
+        assert!(c.consumer.options.auto_ack);
+        assert_eq!(c.consumer.options.count, 20);
+        assert_eq!(c.consumer.bindings.len(), 2);
+        let second = c.consumer_binding(1).unwrap();
+        assert_eq!(
+            (second.stream.as_str(), second.group.as_str()),
+            ("audit", "auditors")
+        );
+    }
+
+    #[test]
+    fn defaults_apply_where_yaml_is_silent() {
+        let c = Config::from_yaml_str("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.redis_url, DEFAULT_REDIS_URL);
+        assert_eq!(c.producer.options, ProducerOptions::default());
+        assert_eq!(c.consumer.options, ConsumerOptions::default());
+    }
+
+    #[test]
+    fn the_environment_wins_over_yaml_and_code_wins_over_both() {
+        let env = vars(&[
+            ("REDIS_URL", "redis://cache:6379"),
+            ("STREAM_NAME", "orders"),
+            ("CONSUMER_GROUP", "billing"),
+            ("CONSUMER_NAME", "w-2"),
+        ]);
+        let mut c = Config::from_yaml_str(CONTRACT)
+            .unwrap()
+            .overlay_vars(env)
+            .unwrap();
+        assert_eq!(c.redis_url, "redis://cache:6379");
+        assert_eq!(c.producer.stream.as_deref(), Some("orders"));
+        let first = c.consumer_binding(0).unwrap();
+        assert_eq!(
+            (
+                first.stream.as_str(),
+                first.group.as_str(),
+                first.consumer.as_str()
+            ),
+            ("orders", "billing", "w-2")
+        );
+        assert_eq!(
+            c.consumer_binding(1).unwrap().stream,
+            "audit",
+            "only the first binding is overlaid"
+        );
+        c.consumer.options.count = 3;
+        assert_eq!(c.consumer.options.count, 3);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_in_full() {
+        let cases = [
+            ("other: 1", "other"),
+            ("redis_streams:\n  urll: x", "redis_streams.urll"),
+            (
+                "redis_streams:\n  producer:\n    max_lenght: 5",
+                "redis_streams.producer.max_lenght",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    blok_ms: 5",
+                "redis_streams.consumer.blok_ms",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    streams:\n      - nme: x",
+                "redis_streams.consumer.streams[0].nme",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = Config::from_yaml_str(yaml).unwrap_err();
+            assert_eq!(err.invalid_field(), Some(key), "{yaml}: {err}");
+            assert!(err.to_string().contains("not a known configuration key"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_named_in_full() {
+        let cases = [
+            ("redis_streams:\n  url: 'http://x'", "redis_streams.url"),
+            (
+                "redis_streams:\n  producer:\n    max_length: 0",
+                "redis_streams.producer.max_length",
+            ),
+            (
+                "redis_streams:\n  producer:\n    max_length: -3",
+                "redis_streams.producer.max_length",
+            ),
+            (
+                "redis_streams:\n  producer:\n    stream: 'bad name'",
+                "redis_streams.producer.stream",
+            ),
+            (
+                "redis_streams:\n  producer:\n    auto_create_stream: maybe",
+                "redis_streams.producer.auto_create_stream",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    block_ms: fast",
+                "redis_streams.consumer.block_ms",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    count: 0",
+                "redis_streams.consumer.count",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    count: 99999999",
+                "redis_streams.consumer.count",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    start_id: later",
+                "redis_streams.consumer.start_id",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    streams: events",
+                "redis_streams.consumer.streams",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    streams:\n      - group: 'a b'",
+                "redis_streams.consumer.streams[0].group",
+            ),
+            ("redis_streams: [1]", "redis_streams"),
+            (
+                "redis_streams:\n  consumer:\n    reclaim_enabled: true\n    reclaim_interval_ms: 0",
+                "redis_streams.consumer.reclaim_interval_ms",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = Config::from_yaml_str(yaml).unwrap_err();
+            assert_eq!(err.invalid_field(), Some(key), "{yaml}: {err}");
+        }
+        let err = Config::from_yaml_str("redis_streams: {").unwrap_err();
+        assert_eq!(err.invalid_field(), Some("config"));
+    }
+
+    #[test]
+    fn bad_environment_values_name_the_variable() {
+        for (name, value) in [
+            ("REDIS_URL", "nope"),
+            ("STREAM_NAME", "a b"),
+            ("CONSUMER_GROUP", ""),
+            ("CONSUMER_NAME", "x/y"),
+        ] {
+            let lookup = move |n: &str| (n == name).then(|| value.to_owned());
+            let err = Config::default().overlay_vars(lookup).unwrap_err();
+            assert_eq!(err.invalid_field(), Some(name), "{name}={value:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn files_load_and_missing_files_say_so() {
+        let dir = std::env::temp_dir().join(format!("streamwise-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("streams.yaml");
+        std::fs::write(&path, QUICKSTART).unwrap();
+        assert_eq!(
+            Config::from_yaml_file(&path).unwrap().producer.stream.as_deref(),
+            Some("events")
+        );
+        let err = Config::from_yaml_file(dir.join("absent.yaml")).unwrap_err();
+        assert_eq!(err.invalid_field(), Some("config"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn producers_and_consumers_are_built_from_config() {
+        let c = Config::from_yaml_str(CONTRACT).unwrap();
+        let producer = c.stream_producer().unwrap();
+        assert_eq!(producer.stream_name(), "events");
+        let consumer = c.stream_consumer(1).unwrap();
+        assert!(consumer.options().auto_ack);
+        let err = Config::default().stream_producer().unwrap_err();
+        assert_eq!(err.invalid_field(), Some("redis_streams.producer.stream"));
+    }
+}

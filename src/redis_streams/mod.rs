@@ -1,0 +1,29 @@
+//! The seed contract: `StreamProducer`, `StreamManager`, `StreamConsumer`,
+//! `ConsumerGroupManager`, `RedisConnection`, `EventMessage`, `PendingMessage` and the named
+//! errors, as a thin facade over the Redis backend ([`crate::redis`]).
+//!
+//! | seed (Python) | Rust |
+//! |---|---|
+//! | `StreamProducer(redis_url, stream_name, max_length=10000)` | [`StreamProducer::new`], [`StreamProducer::with_options`] + [`ProducerOptions`] |
+//! | `producer.publish(event_type, payload, metadata=None) -> id` | [`StreamProducer::publish`] |
+//! | `StreamManager(redis_url)`: `create_stream`, `delete_stream`, `get_stream_info` | [`StreamManager`] |
+//! | `StreamConsumer(redis_url, stream, group, consumer, ...)` | [`StreamConsumer::new`], [`StreamConsumer::with_options`] + [`ConsumerOptions`] |
+//! | `consumer.subscribe(callback, event_types=None)` | [`StreamConsumer::subscribe`] (async callback returning `bool`) |
+//! | `acknowledge`, `get_pending`, `close`, `lag` | [`StreamConsumer`] methods |
+//! | `ConsumerGroupManager(redis_url)`: `create_group`, `delete_group`, `list_groups`, `get_group_info` | [`ConsumerGroupManager`] |
+//! | `RedisConnection(url, max_retries=5, retry_base_delay=0.1, retry_max_delay=30.0)` | [`RedisConnection::builder`] |
+//! | `StreamNotFoundError`, `GroupNotFoundError`, `PayloadTooLargeError`, `RedisConnectionError`, `ConsumerCrashedError` | [`Error::StreamNotFound`](crate::Error::StreamNotFound), [`Error::GroupNotFound`](crate::Error::GroupNotFound), [`Error::PayloadTooLarge`](crate::Error::PayloadTooLarge), [`Error::Connection`](crate::Error::Connection), [`Error::ConsumerCrashed`](crate::Error::ConsumerCrashed) |
+//! | YAML config + `REDIS_URL`, `STREAM_NAME`, `CONSUMER_GROUP`, `CONSUMER_NAME` | [`crate::config::Config`] |
+
+mod consumer;
+mod groups;
+mod manager;
+mod producer;
+
+pub use consumer::{ConsumerOptions, EventMessage, PendingMessage, StreamConsumer};
+pub use groups::ConsumerGroupManager;
+pub use manager::{StreamManager, StreamOptions};
+pub use producer::{Backpressure, BackpressureMode, ProducerOptions, StreamProducer};
+
+pub use crate::redis::RedisConnection;
+pub use crate::redis::admin::{ConsumerInfo, ConsumerStatus, GroupInfo, StoredEntry, StreamInfo};
