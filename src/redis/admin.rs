@@ -167,8 +167,13 @@ fn group_not_found(stream: &str, group: &str) -> Error {
     }
 }
 
+/// The server said the stream does not exist (`XINFO`: "no such key"; `XGROUP`: "requires the
+/// key to exist").
 fn is_no_such_key(e: &CommandError) -> bool {
-    matches!(e, CommandError::Server(e) if e.to_string().contains("no such key"))
+    matches!(e, CommandError::Server(e) if {
+        let text = e.to_string();
+        text.contains("no such key") || text.contains("requires the key to exist")
+    })
 }
 
 fn int(v: &Value) -> Option<u64> {
@@ -364,11 +369,7 @@ pub async fn create_group(
     match created {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
-        Err(CommandError::Server(e))
-            if e.to_string().contains("MKSTREAM") || e.to_string().contains("no such key") =>
-        {
-            Err(stream_not_found(stream))
-        }
+        Err(e) if is_no_such_key(&e) => Err(stream_not_found(stream)),
         Err(e) => Err(e.into_error()),
     }
 }
