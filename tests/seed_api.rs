@@ -737,3 +737,64 @@ async fn one_connection_serves_every_facade() {
     task.await.unwrap().unwrap();
     assert_eq!(groups.get_group_info("shared", "g").await.unwrap().pending, 0);
 }
+
+#[tokio::test]
+async fn close_is_graceful_the_event_in_hand_is_acknowledged() {
+    let server = RedisServer::start();
+    ConsumerGroupManager::new(&server.url())
+        .unwrap()
+        .create_group("grace", "g", "0")
+        .await
+        .unwrap();
+    let producer = StreamProducer::new(&server.url(), "grace").unwrap();
+    for n in 0..3 {
+        producer.publish("t", &n, None).await.unwrap();
+    }
+    let consumer =
+        Arc::new(StreamConsumer::with_options(conn(&server), "grace", "g", "c", fast_consumer()).unwrap());
+    let (in_callback_tx, mut in_callback) = mpsc::unbounded_channel();
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let task = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move {
+            consumer
+                .subscribe(
+                    move |msg| {
+                        let _ = in_callback_tx.send(msg.id);
+                        let mut release = release.clone();
+                        async move {
+                            // A slow handler: it finishes only when the test says so.
+                            let _ = release.wait_for(|go| *go).await;
+                            true
+                        }
+                    },
+                    None,
+                )
+                .await
+        })
+    };
+    let in_hand = tokio::time::timeout(WAIT, in_callback.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // Close while the callback is still running, then let it finish.
+    consumer.close().await.unwrap();
+    release_tx.send(true).unwrap();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    let pending: Vec<String> = consumer
+        .get_pending()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert!(
+        !pending.contains(&in_hand),
+        "the event in hand was acknowledged and flushed: {pending:?}"
+    );
+    assert!(in_callback.try_recv().is_err(), "no event after close");
+    assert!(matches!(
+        consumer.subscribe(|_| async { true }, None).await,
+        Err(Error::Closed(_))
+    ));
+}

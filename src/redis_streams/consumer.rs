@@ -3,11 +3,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::MemoryCheckpointStore;
 use crate::error::{Error, Result, validate_name};
@@ -185,6 +186,10 @@ pub struct StreamConsumer {
     options: ConsumerOptions,
     subscriber: RedisSubscriber,
     skipped: AtomicU64,
+    /// Asks a running `subscribe` to stop after the event in hand.
+    stop: CancellationToken,
+    /// How many `subscribe` calls are running (each closes the subscriber on its way out).
+    running: AtomicUsize,
 }
 
 impl StreamConsumer {
@@ -225,6 +230,8 @@ impl StreamConsumer {
             options,
             subscriber,
             skipped: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+            running: AtomicUsize::new(0),
         })
     }
 
@@ -238,20 +245,49 @@ impl StreamConsumer {
     /// restart or through reclaim). With `event_types`, events of other types are acknowledged
     /// without calling back, and counted in [`skipped`](Self::skipped).
     ///
+    /// After `close`, the event in hand is finished and acknowledged, acknowledgements are
+    /// flushed, and `subscribe` returns `Ok(())`.
+    ///
     /// Fails with [`Error::GroupNotFound`] when the group does not exist (unless
     /// `create_group`), [`Error::ConsumerActive`] when this consumer name is live elsewhere,
-    /// and [`Error::Connection`] once the connection stays down past its retries.
+    /// [`Error::Connection`] once the connection stays down past its retries, and
+    /// [`Error::Closed`] when called after `close`.
     pub async fn subscribe<F, Fut>(&self, mut callback: F, event_types: Option<&[&str]>) -> Result<()>
     where
         F: FnMut(EventMessage) -> Fut,
         Fut: Future<Output = bool>,
     {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        let result = self.consume(&mut callback, event_types).await;
+        self.running.fetch_sub(1, Ordering::AcqRel);
+        if self.stop.is_cancelled() {
+            // Stopped by close: flush what was acknowledged and let go of the connection.
+            self.subscriber.close().await?;
+        }
+        result
+    }
+
+    async fn consume<F, Fut>(&self, callback: &mut F, event_types: Option<&[&str]>) -> Result<()>
+    where
+        F: FnMut(EventMessage) -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        if self.stop.is_cancelled() {
+            return Err(Error::Closed("consumer"));
+        }
         let options = self.options.subscribe_options(&self.group, &self.consumer)?;
         let mut deliveries = self.subscriber.subscribe(&self.stream, options).await?;
-        while let Some(delivery) = deliveries.next().await {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return Ok(()),
+                next = deliveries.next() => next,
+            };
             // A lost lease or group, or a connection down past its retries, ends the call; the
             // caller decides whether to subscribe again.
-            let delivery = delivery?;
+            let Some(delivery) = next.transpose()? else {
+                return Ok(());
+            };
             let m = delivery.message();
             if event_types.is_some_and(|types| !types.contains(&m.event_type())) {
                 self.skipped.fetch_add(1, Ordering::Relaxed);
@@ -278,7 +314,6 @@ impl StreamConsumer {
             }
             // `false`: dropping the delivery leaves the event pending.
         }
-        Ok(())
     }
 
     /// Acknowledges `message_id` now and returns how many messages were acknowledged (0 when it
@@ -318,9 +353,15 @@ impl StreamConsumer {
         self.skipped.load(Ordering::Relaxed)
     }
 
-    /// Stops consuming: [`subscribe`](Self::subscribe) returns, acknowledgements are flushed,
-    /// the connection closes. Idempotent.
+    /// Stops consuming, gracefully: a running [`subscribe`](Self::subscribe) finishes the
+    /// event in hand, flushes acknowledgements, closes the connection and returns. When no
+    /// `subscribe` is running, the connection closes here. Idempotent. (Call it from another
+    /// task than the callback's, or spawn it from the callback.)
     pub async fn close(&self) -> Result<()> {
-        self.subscriber.close().await
+        self.stop.cancel();
+        if self.running.load(Ordering::Acquire) == 0 {
+            self.subscriber.close().await?;
+        }
+        Ok(())
     }
 }
