@@ -798,3 +798,40 @@ async fn close_is_graceful_the_event_in_hand_is_acknowledged() {
         Err(Error::Closed(_))
     ));
 }
+
+#[tokio::test]
+async fn position_and_crash_reports() {
+    let server = RedisServer::start();
+    let groups = ConsumerGroupManager::new(&server.url()).unwrap();
+    groups.create_group("pos", "g", "0").await.unwrap();
+    let producer = StreamProducer::new(&server.url(), "pos").unwrap();
+    let id = producer.publish("t", &1, None).await.unwrap();
+    let consumer =
+        Arc::new(StreamConsumer::with_options(conn(&server), "pos", "g", "c", fast_consumer()).unwrap());
+    assert_eq!(consumer.position().await.unwrap(), None);
+    let (mut events, task) = run_consumer(consumer.clone(), None, |_| true);
+    next_event(&mut events).await;
+    assert_eq!(
+        groups.check_consumer("pos", "g", "c").await.unwrap().status,
+        ConsumerStatus::Active
+    );
+    consumer.close().await.unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        consumer.position().await.unwrap().unwrap().message_id.to_string(),
+        id
+    );
+
+    // A consumer that used a lease and vanished holding an entry: crashed.
+    producer.publish("t", &2, None).await.unwrap();
+    server.command("XREADGROUP GROUP g ghost COUNT 1 STREAMS pos >");
+    server.command("SADD streamwise:consumers:pos:g ghost");
+    match groups.check_consumer("pos", "g", "ghost").await {
+        Err(Error::ConsumerCrashed {
+            consumer, pending, ..
+        }) => assert_eq!((consumer.as_str(), pending), ("ghost", 1)),
+        other => panic!("expected ConsumerCrashed, got {other:?}"),
+    }
+    let err = groups.check_consumer("pos", "g", "nobody").await.unwrap_err();
+    assert_eq!(err.invalid_field(), Some("consumer"));
+}

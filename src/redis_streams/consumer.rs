@@ -10,12 +10,12 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::MemoryCheckpointStore;
+use crate::checkpoint::{Checkpoint, CheckpointStore, MemoryCheckpointStore};
 use crate::error::{Error, Result, validate_name};
 use crate::message::{EntryId, Metadata};
 use crate::pubsub::{MAX_IN_FLIGHT, MAX_INTERVAL, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber};
 use crate::redis::admin;
-use crate::redis::{RedisConnection, RedisSubscriber, RedisSubscriberOptions};
+use crate::redis::{RedisCheckpointStore, RedisConnection, RedisSubscriber, RedisSubscriberOptions};
 
 /// One event as the callback sees it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -346,6 +346,18 @@ impl StreamConsumer {
         Ok(admin::group_info(&self.conn, &self.stream, &self.group)
             .await?
             .lag)
+    }
+
+    /// This consumer's position (the data model's `position`): its checkpoint, the entry up to
+    /// which everything it received is acknowledged. `None` before its first acknowledgement,
+    /// or with in-memory checkpoints.
+    pub async fn position(&self) -> Result<Option<Checkpoint>> {
+        if !self.options.use_redis_checkpoint {
+            return Ok(None);
+        }
+        RedisCheckpointStore::new(self.conn.clone())
+            .load(&self.stream, &self.group, &self.consumer)
+            .await
     }
 
     /// Events of other types skipped by the `event_types` filter so far.

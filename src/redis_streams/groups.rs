@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::error::Result;
+use crate::error::{Error, Result, validate_name};
 use crate::pubsub::StartFrom;
 use crate::redis::RedisConnection;
 use crate::redis::admin::{self, ConsumerInfo, GroupInfo};
@@ -80,6 +80,34 @@ impl ConsumerGroupManager {
     /// [`Error::GroupNotFound`](crate::Error::GroupNotFound) when it does not exist.
     pub async fn get_group_info(&self, stream: &str, group: &str) -> Result<GroupInfo> {
         admin::group_info(&self.conn, stream, group).await
+    }
+
+    /// One consumer's status; [`Error::ConsumerCrashed`](crate::Error::ConsumerCrashed) when
+    /// its lease lapsed while it still held entries (no heartbeat: run reclaim), and
+    /// [`Error::Invalid`](crate::Error::Invalid) (`consumer`) when the group has no such
+    /// consumer.
+    pub async fn check_consumer(&self, stream: &str, group: &str, consumer: &str) -> Result<ConsumerInfo> {
+        validate_name("consumer", consumer)?;
+        let info = self
+            .consumers(stream, group)
+            .await?
+            .into_iter()
+            .find(|c| c.name == consumer)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "consumer",
+                    format_args!("{consumer:?} is not a consumer of group {group:?}"),
+                )
+            })?;
+        if info.crashed {
+            return Err(Error::ConsumerCrashed {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+                consumer: consumer.to_owned(),
+                pending: info.pending,
+            });
+        }
+        Ok(info)
     }
 
     /// The consumers of `group` with their status: active, idle or disconnected (from their
