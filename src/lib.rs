@@ -46,6 +46,7 @@ pub mod pubsub;
 pub mod redis;
 #[cfg(feature = "redis")]
 pub mod redis_streams;
+pub mod router;
 #[cfg(feature = "testing")]
 pub mod testing;
 

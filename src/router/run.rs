@@ -1,0 +1,346 @@
+//! Running a router: one loop per subscription pulls deliveries (only as fast as
+//! `max_in_flight` lets the subscription hand them out), runs each through its service stack
+//! in a task of its own, and settles it from the outcome. Shutdown has two phases: stop
+//! fetching, then let in-flight handlers finish until the deadline, settle them, and close the
+//! subscriber (which flushes acks and checkpoints).
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::{FutureExt, Shared};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use super::incoming::Incoming;
+use super::outcome::{Outcome, Verdict, outcome_of_error};
+use super::{BoxRoute, OrderKey, Plan};
+use crate::dead_letter::{self, DeadLetter};
+use crate::delivery::Delivery;
+use crate::error::Result;
+use crate::pubsub::{Publisher, Subscriber};
+
+/// What a shutdown did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Deliveries handled and settled over the router's life.
+    pub handled: u64,
+    /// Handlers still running at the deadline; their deliveries stay pending and come back.
+    pub abandoned: u64,
+}
+
+/// A started router; [`shutdown`](Self::shutdown) stops it gracefully.
+pub struct RunningRouter {
+    stop_fetching: CancellationToken,
+    abandon: CancellationToken,
+    loops: Vec<JoinHandle<()>>,
+    handlers: TaskTracker,
+    subscriber: Arc<dyn Subscriber>,
+    deadline: Duration,
+    handled: Arc<AtomicU64>,
+    in_flight: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for RunningRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningRouter")
+            .field("subscriptions", &self.loops.len())
+            .field("handled", &self.handled())
+            .field("in_flight", &self.in_flight())
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Completes on ctrl-c or, on Unix, SIGTERM: pass it to [`Router::run`](super::Router::run).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
+
+pub(crate) async fn start(
+    plans: Vec<Plan>,
+    deadline: Duration,
+    subscriber: Arc<dyn Subscriber>,
+    publisher: Arc<dyn Publisher>,
+) -> Result<RunningRouter> {
+    let stop_fetching = CancellationToken::new();
+    let abandon = CancellationToken::new();
+    let handlers = TaskTracker::new();
+    let handled = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    // Subscribe everything first, so that a bad subscription fails the start as a whole.
+    let mut subscriptions = Vec::new();
+    for plan in plans {
+        let subscription = subscriber.subscribe(&plan.topic, plan.options.clone()).await?;
+        subscriptions.push((plan, subscription));
+    }
+    let loops = subscriptions
+        .into_iter()
+        .map(|(plan, subscription)| {
+            let worker = Worker {
+                service: plan.service,
+                publisher: publisher.clone(),
+                abandon: abandon.clone(),
+                handled: handled.clone(),
+                in_flight: in_flight.clone(),
+            };
+            let ordering = plan.order_by.map(|key| KeyOrder {
+                key,
+                tails: Arc::new(Mutex::new(HashMap::new())),
+            });
+            tokio::spawn(fetch_loop(
+                plan.topic,
+                subscription,
+                worker,
+                ordering,
+                stop_fetching.clone(),
+                handlers.clone(),
+            ))
+        })
+        .collect();
+    Ok(RunningRouter {
+        stop_fetching,
+        abandon,
+        loops,
+        handlers,
+        subscriber,
+        deadline,
+        handled,
+        in_flight,
+    })
+}
+
+impl RunningRouter {
+    /// Deliveries handled and settled so far.
+    pub fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
+    }
+
+    /// Handlers running right now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Stops fetching, lets in-flight handlers finish (until the deadline) and settles them,
+    /// then closes the subscriber, which flushes acks and checkpoints. Handlers still running
+    /// at the deadline are dropped; their deliveries stay pending and come back later.
+    pub async fn shutdown(self) -> Result<ShutdownReport> {
+        self.stop_fetching.cancel();
+        for l in self.loops {
+            // A loop only ends by itself; a panic there cannot hold up the shutdown.
+            let _ = l.await;
+        }
+        self.handlers.close();
+        let finished = tokio::time::timeout(self.deadline, self.handlers.wait())
+            .await
+            .is_ok();
+        let abandoned = if finished {
+            0
+        } else {
+            let n = self.in_flight.load(Ordering::Relaxed);
+            tracing::warn!(abandoned = n, deadline = ?self.deadline, "handlers still running at the shutdown deadline; their deliveries stay pending");
+            self.abandon.cancel();
+            self.handlers.wait().await;
+            n
+        };
+        self.subscriber.close().await?;
+        Ok(ShutdownReport {
+            handled: self.handled.load(Ordering::Relaxed),
+            abandoned,
+        })
+    }
+}
+
+/// The tail of each ordering key: completes when the last delivery with that key is settled.
+type Tail = Shared<oneshot::Receiver<()>>;
+
+struct KeyOrder {
+    key: OrderKey,
+    tails: Arc<Mutex<HashMap<String, (u64, Tail)>>>,
+}
+
+async fn fetch_loop(
+    topic: String,
+    mut subscription: crate::pubsub::Subscription,
+    worker: Worker,
+    ordering: Option<KeyOrder>,
+    stop_fetching: CancellationToken,
+    handlers: TaskTracker,
+) {
+    let mut sequence = 0u64;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop_fetching.cancelled() => break,
+            next = subscription.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                tracing::error!(topic, error = %e, "subscription error; the router keeps going");
+                continue;
+            }
+            None => break,
+        };
+        let delivery = Arc::new(delivery);
+        let worker = worker.clone();
+        sequence += 1;
+        match &ordering {
+            None => {
+                handlers.spawn(async move { worker.handle(delivery).await });
+            }
+            Some(ordering) => {
+                let incoming = Incoming::new(delivery.clone());
+                let Some(key) = ordering.key.of(&incoming) else {
+                    handlers.spawn(async move { worker.handle(delivery).await });
+                    continue;
+                };
+                drop(incoming);
+                let (done, tail) = oneshot::channel::<()>();
+                let previous = ordering
+                    .tails
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone(), (sequence, tail.shared()));
+                let tails = ordering.tails.clone();
+                let me = sequence;
+                handlers.spawn(async move {
+                    if let Some((_, previous)) = previous {
+                        // Settled, or its task is gone (sender dropped): either way our turn.
+                        let _ = previous.await;
+                    }
+                    worker.handle(delivery).await;
+                    let _ = done.send(());
+                    let mut tails = tails.lock().unwrap_or_else(|p| p.into_inner());
+                    if tails.get(&key).is_some_and(|(seq, _)| *seq == me) {
+                        tails.remove(&key);
+                    }
+                });
+            }
+        }
+    }
+    // Dropping the subscription stops fetching; deliveries it still buffered go back to
+    // pending. In-flight deliveries keep it alive in the backend until settled.
+    drop(subscription);
+}
+
+/// Runs deliveries of one subscription through its service and settles them.
+#[derive(Clone)]
+struct Worker {
+    service: BoxRoute,
+    publisher: Arc<dyn Publisher>,
+    abandon: CancellationToken,
+    handled: Arc<AtomicU64>,
+    in_flight: Arc<AtomicU64>,
+}
+
+impl Worker {
+    async fn handle(self, delivery: Arc<Delivery>) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let run =
+            AssertUnwindSafe(self.service.clone().oneshot(Incoming::new(delivery.clone()))).catch_unwind();
+        let outcome = tokio::select! {
+            biased;
+            // Past the shutdown deadline: drop the handler; the delivery stays pending.
+            _ = self.abandon.cancelled() => None,
+            result = run => Some(match result {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(error)) => {
+                    tracing::warn!(id = %delivery.id(), error = %error, "handler failed");
+                    outcome_of_error(&error)
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a non-string panic".into());
+                    tracing::error!(id = %delivery.id(), panic = what, "handler panicked; the delivery is nacked");
+                    Outcome::nack()
+                }
+            }),
+        };
+        if let Some(outcome) = outcome {
+            settle(&delivery, outcome, &*self.publisher).await;
+            self.handled.fetch_add(1, Ordering::Relaxed);
+        }
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Settles `delivery` from `outcome`: messages first, then the ack; a failed publish nacks.
+async fn settle(delivery: &Delivery, outcome: Outcome, publisher: &dyn Publisher) {
+    let (verdict, messages) = outcome.into_parts();
+    let result = match verdict {
+        Verdict::Ack => {
+            let mut published = Ok(());
+            for out in messages {
+                if let Err(e) = publisher.publish(&out.topic, out.message).await {
+                    published = Err(e);
+                    break;
+                }
+            }
+            match published {
+                Ok(()) => delivery.ack().await,
+                Err(e) => {
+                    tracing::warn!(id = %delivery.id(), error = %e, "publishing the handler's messages failed; the delivery is nacked");
+                    delivery.nack().await
+                }
+            }
+        }
+        Verdict::Nack { delay } => delivery.nack_after(delay).await,
+        Verdict::DeadLetter { reason } => {
+            let info = delivery.info();
+            let record = DeadLetter {
+                reason: &reason,
+                original_id: info.id(),
+                stream: info.stream(),
+                group: info.group(),
+                delivery_count: info.delivery_count(),
+            }
+            .for_message(delivery.message());
+            match publisher
+                .publish(&dead_letter::stream_for(info.stream()), record)
+                .await
+            {
+                Ok(_) => {
+                    tracing::warn!(id = %info.id(), stream = info.stream(), reason, "dead-lettered");
+                    delivery.ack().await
+                }
+                Err(e) => {
+                    tracing::error!(id = %info.id(), error = %e, "dead-letter record not written; the delivery is nacked");
+                    delivery.nack().await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(id = %delivery.id(), error = %e, "settling the delivery failed; it stays pending");
+    }
+}

@@ -1,0 +1,677 @@
+//! The router on the in-memory backend: dispatch, extractors, outcomes, errors and panics,
+//! layers at three levels, concurrency and ordering, shutdown.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use streamwise::dead_letter::keys as dl;
+use streamwise::memory::MemoryBackend;
+use streamwise::router::{
+    BoxRoute, DeliveryInfo, EventType, Fallback, Incoming, Json, Metadata, OrderKey, Outcome, Outgoing,
+    Permanent, Router, Routes, State, handler_service,
+};
+use streamwise::{EntryId, Error, Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription};
+use tokio::sync::mpsc;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Clone)]
+struct Order {
+    id: u32,
+    customer: String,
+}
+
+fn order(id: u32, customer: &str) -> Message {
+    Message::new(
+        "order.placed",
+        &Order {
+            id,
+            customer: customer.into(),
+        },
+    )
+    .unwrap()
+}
+
+fn opts() -> SubscribeOptions {
+    SubscribeOptions::new("svc", "w1")
+}
+
+struct Harness {
+    backend: MemoryBackend,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness {
+            backend: MemoryBackend::new(),
+        }
+    }
+    fn subscriber(&self) -> Arc<dyn Subscriber> {
+        Arc::new(self.backend.subscriber())
+    }
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(self.backend.publisher())
+    }
+    async fn publish(&self, topic: &str, message: Message) -> EntryId {
+        self.backend.publisher().publish(topic, message).await.unwrap()
+    }
+    async fn watch(&self, topic: &str) -> Subscription {
+        self.backend
+            .subscriber()
+            .subscribe(topic, SubscribeOptions::new("inspector", "i"))
+            .await
+            .unwrap()
+    }
+    /// Waits until `group` has nothing pending on `topic` and `handled` deliveries were settled.
+    async fn settled(&self, running: &streamwise::router::RunningRouter, handled: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while running.handled() < handled {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {handled} handled",
+                running.handled()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+async fn recv(sub: &mut Subscription) -> streamwise::Delivery {
+    match tokio::time::timeout(WAIT, sub.next()).await {
+        Ok(Some(Ok(d))) => d,
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn deliveries_are_dispatched_by_event_type_with_extractors() {
+    let h = Harness::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    async fn placed(
+        Json(order): Json<Order>,
+        metadata: Metadata,
+        info: DeliveryInfo,
+        EventType(t): EventType,
+        State(tx): State<mpsc::UnboundedSender<String>>,
+    ) {
+        let source = metadata.get("source").unwrap_or("-").to_owned();
+        tx.send(format!(
+            "{t} {} {} {source} {}#{}",
+            order.id,
+            order.customer,
+            info.stream(),
+            info.delivery_count()
+        ))
+        .unwrap();
+    }
+    async fn cancelled(message: Message, State(tx): State<mpsc::UnboundedSender<String>>) {
+        tx.send(format!("cancelled {}", message.json().unwrap())).unwrap();
+    }
+    let router = Router::with_state(tx);
+    let routes = router
+        .routes()
+        .route("order.placed", placed)
+        .route("order.cancelled", cancelled);
+    let running = router
+        .subscribe("orders", opts(), routes)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("orders", order(7, "ada").with_metadata("source", "web"))
+        .await;
+    h.publish("orders", Message::new("order.cancelled", &7).unwrap())
+        .await;
+    let got = vec![
+        tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap(),
+        tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap(),
+    ];
+    assert!(
+        got.contains(&"order.placed 7 ada web orders#1".to_owned()),
+        "{got:?}"
+    );
+    assert!(got.contains(&"cancelled 7".to_owned()), "{got:?}");
+    h.settled(&running, 2).await;
+    let report = running.shutdown().await.unwrap();
+    assert_eq!((report.handled, report.abandoned), (2, 0));
+    assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0);
+}
+
+#[tokio::test]
+async fn fallback_policies() {
+    for (fallback, dead, pending) in [
+        (Fallback::AckAndSkip, 0, 0),
+        (Fallback::DeadLetter, 1, 0),
+        (Fallback::Nack, 0, 1),
+    ] {
+        let h = Harness::new();
+        let routes = Routes::new()
+            .route("known", || async {})
+            .fallback(fallback.clone());
+        let options = opts().max_deliveries(1000);
+        let running = Router::new()
+            .subscribe("t", options, routes)
+            .start(h.subscriber(), h.publisher())
+            .await
+            .unwrap();
+        h.publish("t", Message::new("unknown", &1).unwrap()).await;
+        h.publish("t", Message::new("known", &2).unwrap()).await;
+        h.settled(&running, 2).await;
+        running.shutdown().await.unwrap();
+        let dead_len = h.backend.stream_len("t-dead").unwrap_or(0);
+        assert_eq!(dead_len, dead, "{fallback:?}");
+        assert_eq!(
+            h.backend.pending_count("t", "svc").unwrap(),
+            pending,
+            "{fallback:?}"
+        );
+    }
+    let h = Harness::new();
+    let running = Router::new()
+        .subscribe("t", opts(), Routes::new())
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("t", Message::new("unknown", &1).unwrap()).await;
+    let mut dead = h.watch("t-dead").await;
+    let record = recv(&mut dead).await;
+    assert!(
+        record
+            .message()
+            .metadata()
+            .get(dl::REASON)
+            .unwrap()
+            .contains("no route for event type \"unknown\"")
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_payload_that_does_not_decode_is_dead_lettered_with_the_reason() {
+    let h = Harness::new();
+    async fn placed(Json(_): Json<Order>) -> Outcome {
+        panic!("never called with a bad payload");
+    }
+    let running = Router::new()
+        .subscribe("orders", opts(), Routes::new().route("order.placed", placed))
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    let id = h
+        .publish("orders", Message::new("order.placed", &"not an order").unwrap())
+        .await;
+    let mut dead = h.watch("orders-dead").await;
+    let record = recv(&mut dead).await;
+    let m = record.message().metadata();
+    assert!(
+        m.get(dl::REASON).unwrap().contains("payload does not decode"),
+        "{m:?}"
+    );
+    assert_eq!(m.get(dl::ORIGINAL_ID), Some(id.to_string().as_str()));
+    assert_eq!(m.get(dl::STREAM), Some("orders"));
+    h.settled(&running, 1).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0);
+}
+
+/// A publisher that records, at each publish, whether the input entry was still pending.
+struct Witness {
+    inner: streamwise::memory::MemoryPublisher,
+    backend: MemoryBackend,
+    seen_pending: Mutex<Vec<usize>>,
+    fail: bool,
+}
+
+impl Publisher for Witness {
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> BoxFuture<'a, Result<EntryId>> {
+        self.seen_pending
+            .lock()
+            .unwrap()
+            .push(self.backend.pending_count("orders", "svc").unwrap());
+        if self.fail {
+            return Box::pin(async { Err(Error::connection("the broker is away", None)) });
+        }
+        self.inner.publish(topic, message)
+    }
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        messages: Vec<Message>,
+    ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
+        self.inner.publish_batch(topic, messages)
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.inner.close()
+    }
+}
+
+#[tokio::test]
+async fn produced_messages_are_published_before_the_input_is_acked() {
+    let h = Harness::new();
+    let witness = Arc::new(Witness {
+        inner: h.backend.publisher(),
+        backend: h.backend.clone(),
+        seen_pending: Mutex::new(Vec::new()),
+        fail: false,
+    });
+    async fn placed(Json(order): Json<Order>) -> Vec<Outgoing> {
+        vec![
+            Outgoing::new("invoices", Message::new("invoice.requested", &order.id).unwrap()),
+            Outgoing::new(
+                "emails",
+                Message::new("email.requested", &order.customer).unwrap(),
+            ),
+        ]
+    }
+    let running = Router::new()
+        .subscribe("orders", opts(), Routes::new().route("order.placed", placed))
+        .start(h.subscriber(), witness.clone())
+        .await
+        .unwrap();
+    h.publish("orders", order(1, "ada")).await;
+    h.settled(&running, 1).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(
+        *witness.seen_pending.lock().unwrap(),
+        [1, 1],
+        "the input was pending at each publish"
+    );
+    assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0, "then acked");
+    assert_eq!(h.backend.stream_len("invoices").unwrap(), 1);
+    assert_eq!(h.backend.stream_len("emails").unwrap(), 1);
+
+    // When publishing fails, the input is nacked, not acked: nothing is lost.
+    let h = Harness::new();
+    let failing = Arc::new(Witness {
+        inner: h.backend.publisher(),
+        backend: h.backend.clone(),
+        seen_pending: Mutex::new(Vec::new()),
+        fail: true,
+    });
+    let running = Router::new()
+        .subscribe(
+            "orders",
+            opts().max_deliveries(1000),
+            Routes::new().route("order.placed", placed),
+        )
+        .start(h.subscriber(), failing.clone())
+        .await
+        .unwrap();
+    h.publish("orders", order(2, "bob")).await;
+    h.settled(&running, 3).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(
+        h.backend.pending_count("orders", "svc").unwrap(),
+        1,
+        "nacked, still pending"
+    );
+}
+
+#[tokio::test]
+async fn outcomes_errors_and_panics_settle_as_documented() {
+    let h = Harness::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    async fn flaky(
+        info: DeliveryInfo,
+        State(calls): State<Arc<AtomicUsize>>,
+    ) -> std::result::Result<(), String> {
+        calls.fetch_add(1, Ordering::SeqCst);
+        if info.delivery_count() < 3 {
+            Err("not yet".into())
+        } else {
+            Ok(())
+        }
+    }
+    async fn hopeless() -> std::result::Result<(), Permanent> {
+        Err(Permanent::new("unknown customer"))
+    }
+    async fn later(info: DeliveryInfo) -> Outcome {
+        if info.delivery_count() == 1 {
+            Outcome::nack_after(Duration::from_millis(300))
+        } else {
+            Outcome::ack()
+        }
+    }
+    async fn boom(info: DeliveryInfo) {
+        if info.delivery_count() == 1 {
+            panic!("handler bug");
+        }
+    }
+    let router = Router::with_state(calls.clone());
+    let routes = router
+        .routes()
+        .route("flaky", flaky)
+        .route("hopeless", hopeless)
+        .route("later", later)
+        .route("boom", boom);
+    let running = router
+        .subscribe("t", opts().max_in_flight(4), routes)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("t", Message::new("flaky", &1).unwrap()).await;
+    h.publish("t", Message::new("hopeless", &2).unwrap()).await;
+    let started = tokio::time::Instant::now();
+    h.publish("t", Message::new("later", &3).unwrap()).await;
+    h.publish("t", Message::new("boom", &4).unwrap()).await;
+    // flaky: 3 runs; hopeless: 1; later: 2; boom: 2 (the panic is nacked, the router goes on).
+    h.settled(&running, 8).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "nack_after waited"
+    );
+    running.shutdown().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(h.backend.pending_count("t", "svc").unwrap(), 0);
+    let mut dead = h.watch("t-dead").await;
+    let record = recv(&mut dead).await;
+    assert_eq!(record.message().event_type(), "hopeless");
+    assert!(
+        record
+            .message()
+            .metadata()
+            .get(dl::REASON)
+            .unwrap()
+            .contains("unknown customer")
+    );
+}
+
+/// A layer that records its name on the way in.
+#[derive(Clone)]
+struct Mark(&'static str, Arc<Mutex<Vec<&'static str>>>);
+
+impl<S> Layer<S> for Mark {
+    type Service = Marked<S>;
+    fn layer(&self, inner: S) -> Marked<S> {
+        Marked(self.clone(), inner)
+    }
+}
+
+#[derive(Clone)]
+struct Marked<S>(Mark, S);
+
+impl<S: Service<Incoming>> Service<Incoming> for Marked<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), S::Error>> {
+        self.1.poll_ready(cx)
+    }
+    fn call(&mut self, req: Incoming) -> S::Future {
+        self.0.1.lock().unwrap().push(self.0.0);
+        self.1.call(req)
+    }
+}
+
+#[tokio::test]
+async fn layers_at_three_levels_run_in_the_documented_order() {
+    let h = Harness::new();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mark = |name| Mark(name, log.clone());
+    let handler_log = log.clone();
+    let handler = move || {
+        let log = handler_log.clone();
+        async move { log.lock().unwrap().push("handler") }
+    };
+    let routes = Routes::new()
+        .route_layered("t", handler, mark("route"))
+        .layer(mark("subscription-1"))
+        .layer(mark("subscription-2"));
+    let running = Router::new()
+        .layer(mark("router-1"))
+        .layer(mark("router-2"))
+        .subscribe("t", opts(), routes)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("t", Message::new("t", &1).unwrap()).await;
+    h.settled(&running, 1).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "router-2",
+            "router-1",
+            "subscription-2",
+            "subscription-1",
+            "route",
+            "handler"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn stock_tower_layers_wrap_handlers() {
+    let h = Harness::new();
+    async fn slow(info: DeliveryInfo) {
+        if info.delivery_count() == 1 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+    }
+    let routes = Routes::new()
+        .route_layered(
+            "slow",
+            slow,
+            tower::timeout::TimeoutLayer::new(Duration::from_millis(100)),
+        )
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1));
+    let running = Router::new()
+        .subscribe("t", opts(), routes)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("t", Message::new("slow", &1).unwrap()).await;
+    // The timeout turns the first run into an error (nack); the second run succeeds.
+    h.settled(&running, 2).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(h.backend.pending_count("t", "svc").unwrap(), 0);
+}
+
+#[tokio::test]
+async fn max_in_flight_bounds_concurrency_and_order_by_keeps_key_order() {
+    let h = Harness::new();
+    #[derive(Default)]
+    struct Seen {
+        running: AtomicUsize,
+        peak: AtomicUsize,
+        order: Mutex<Vec<(String, u32)>>,
+    }
+    let seen = Arc::new(Seen::default());
+    async fn work(Json(order): Json<Order>, State(seen): State<Arc<Seen>>) {
+        let now = seen.running.fetch_add(1, Ordering::SeqCst) + 1;
+        seen.peak.fetch_max(now, Ordering::SeqCst);
+        // Later orders of a customer finish faster: without ordering they would overtake.
+        tokio::time::sleep(Duration::from_millis(u64::from(20 - order.id % 20))).await;
+        seen.order
+            .lock()
+            .unwrap()
+            .push((order.customer.clone(), order.id));
+        seen.running.fetch_sub(1, Ordering::SeqCst);
+    }
+    let router = Router::with_state(seen.clone());
+    let routes = router
+        .routes()
+        .route("order.placed", work)
+        .order_by(OrderKey::Payload("/customer".into()));
+    let running = router
+        .subscribe("orders", opts().max_in_flight(8).batch_size(8), routes)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    let customers = ["ada", "bob", "cy", "dee"];
+    for id in 0..40 {
+        h.publish("orders", order(id, customers[id as usize % 4])).await;
+    }
+    h.settled(&running, 40).await;
+    running.shutdown().await.unwrap();
+    let peak = seen.peak.load(Ordering::SeqCst);
+    assert!(peak <= 8, "{peak} handlers at once with max_in_flight 8");
+    assert!(peak >= 2, "different customers ran concurrently (peak {peak})");
+    let order = seen.order.lock().unwrap();
+    for c in customers {
+        let ids: Vec<u32> = order
+            .iter()
+            .filter(|(who, _)| who == c)
+            .map(|(_, id)| *id)
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{c}: {ids:?}");
+        assert_eq!(ids.len(), 10);
+    }
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_handlers_finish_and_abandons_them_at_the_deadline() {
+    let h = Harness::new();
+    let (started_tx, mut started) = mpsc::unbounded_channel::<u32>();
+    async fn work(Json(n): Json<u32>, State(started): State<mpsc::UnboundedSender<u32>>) {
+        started.send(n).unwrap();
+        let pause = if n == 1 { 200 } else { 60_000 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    let router = Router::with_state(started_tx).shutdown_deadline(Duration::from_millis(800));
+    let routes = router.routes().route("n", work);
+    let running = router
+        .subscribe("t", opts().max_in_flight(2), routes)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("t", Message::new("n", &1u32).unwrap()).await;
+    h.publish("t", Message::new("n", &2u32).unwrap()).await;
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, started.recv()).await.unwrap().unwrap();
+    }
+    // Fetching stops at once: this one is never handled by this router.
+    h.publish("t", Message::new("n", &3u32).unwrap()).await;
+    let report = running.shutdown().await.unwrap();
+    assert_eq!((report.handled, report.abandoned), (1, 1));
+    assert!(
+        started.try_recv().is_err(),
+        "nothing new started after shutdown began"
+    );
+    // The finished one is acked; the abandoned one stays pending; the third was never taken.
+    assert_eq!(h.backend.pending_count("t", "svc").unwrap(), 1);
+    let next = h.backend.subscriber();
+    let mut sub = next.subscribe("t", opts()).await.unwrap();
+    let mut rest = Vec::new();
+    for _ in 0..2 {
+        let d = recv(&mut sub).await;
+        rest.push(d.message().decode::<u32>().unwrap());
+        d.ack().await.unwrap();
+    }
+    rest.sort();
+    assert_eq!(rest, [2, 3]);
+}
+
+#[tokio::test]
+async fn handlers_are_unit_tested_as_services_without_a_backend() {
+    async fn price(Json(p): Json<f64>) -> Outcome {
+        if p < 0.0 {
+            Outcome::dead_letter("negative")
+        } else {
+            Outcome::ack().publish("audit", Message::new("seen", &p).unwrap())
+        }
+    }
+    let svc = handler_service(price, ());
+    let ok = svc
+        .clone()
+        .oneshot(Incoming::for_test(Message::new("p", &1.5).unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(ok.messages().len(), 1);
+    let bad = svc
+        .clone()
+        .oneshot(Incoming::for_test(Message::new("p", &-1.0).unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(bad, Outcome::dead_letter("negative"));
+    let garbage = svc
+        .oneshot(Incoming::for_test(Message::new("p", &"x").unwrap()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        garbage.verdict(),
+        streamwise::router::Verdict::DeadLetter { .. }
+    ));
+    // Layers too: a whole stack is a service.
+    let stacked = ServiceBuilder::new()
+        .layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(1)))
+        .service(handler_service(price, ()));
+    let out = stacked
+        .oneshot(Incoming::for_test(Message::new("p", &2.0).unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(out.messages()[0].topic, "audit");
+}
+
+#[tokio::test]
+async fn misconfigured_routers_do_not_start() {
+    let h = Harness::new();
+    let twice = Routes::new().route("a", || async {}).route("a", || async {});
+    let err = Router::new()
+        .subscribe("t", opts(), twice)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap_err();
+    assert_eq!(err.invalid_field(), Some("event_type"));
+    let empty_type = Routes::new().route("", || async {});
+    let err = Router::new()
+        .subscribe("t", opts(), empty_type)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap_err();
+    assert_eq!(err.invalid_field(), Some("event_type"));
+    let err = Router::new()
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap_err();
+    assert_eq!(err.invalid_field(), Some("subscriptions"));
+    let err = Router::new()
+        .subscribe("bad topic", opts(), Routes::new())
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap_err();
+    assert_eq!(err.invalid_field(), Some("topic"));
+}
+
+#[tokio::test]
+async fn several_subscriptions_run_side_by_side() {
+    let h = Harness::new();
+    let count = Arc::new(AtomicUsize::new(0));
+    let router = Router::with_state(count.clone());
+    async fn bump(State(c): State<Arc<AtomicUsize>>) {
+        c.fetch_add(1, Ordering::SeqCst);
+    }
+    let running = router
+        .subscribe(
+            "a",
+            SubscribeOptions::new("svc", "w1"),
+            Routes::with_state(count.clone()).route("x", bump),
+        )
+        .subscribe(
+            "b",
+            SubscribeOptions::new("svc", "w1"),
+            Routes::with_state(count.clone()).route("y", bump),
+        )
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("a", Message::new("x", &1).unwrap()).await;
+    h.publish("b", Message::new("y", &1).unwrap()).await;
+    h.settled(&running, 2).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_boxed_route_is_a_plain_tower_service() {
+    fn assert_service<S: Service<Incoming, Response = Outcome> + Clone + Send + Sync>(_: &S) {}
+    let route: BoxRoute = BoxRoute::new(handler_service(|| async {}, ()));
+    assert_service(&route);
+}
