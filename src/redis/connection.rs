@@ -231,6 +231,26 @@ impl RedisConnection {
         }
     }
 
+    /// Runs one command on the shared connection with the retry policy, for extensions (for
+    /// example a deduplication store) that need Redis commands of their own. Server errors
+    /// are [`Error::Backend`].
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: streamwise::redis::RedisConnection) -> streamwise::Result<()> {
+    /// use streamwise::redis::client::cmd;
+    /// let fresh: Option<String> = conn
+    ///     .command(cmd("SET").arg("seen:42").arg(1).arg("NX").arg("PX").arg(60_000))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        self.run_mapped("command", |mut c| {
+            let cmd = cmd.clone();
+            async move { cmd.query_async(&mut c).await }
+        })
+        .await
+    }
+
     /// Like [`run`](Self::run), mapping every server error to [`Error::Backend`].
     pub(crate) async fn run_mapped<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
     where

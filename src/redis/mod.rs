@@ -30,6 +30,8 @@ mod reader;
 mod scripts;
 mod subscriber;
 
+/// The `redis` crate this backend is built on, for [`RedisConnection::command`].
+pub use ::redis as client;
 pub use checkpoint::RedisCheckpointStore;
 pub use codec::{Codec, JsonCodec, RawEntry};
 pub use connection::{RedisConnection, RedisConnectionBuilder, redact_url};
