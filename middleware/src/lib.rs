@@ -65,7 +65,8 @@ pub mod timeout;
 pub mod trace;
 
 /// The future every middleware service in this crate returns.
-pub type BoxResponse = futures::future::BoxFuture<'static, Result<streamwise::router::Outcome, streamwise::BoxError>>;
+pub type BoxResponse =
+    futures::future::BoxFuture<'static, Result<streamwise::router::Outcome, streamwise::BoxError>>;
 
 /// The name of the dead-letter stream of `stream`: `<stream>-dead` (the same rule as the
 /// backends, [`streamwise::dead_letter::stream_for`]).

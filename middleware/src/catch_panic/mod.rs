@@ -161,7 +161,11 @@ mod tests {
                 std::panic::panic_any(42u8)
             }
         }
-        let err = CatchPanicLayer::new().layer(PanicsOnCall).oneshot(incoming()).await.unwrap_err();
+        let err = CatchPanicLayer::new()
+            .layer(PanicsOnCall)
+            .oneshot(incoming())
+            .await
+            .unwrap_err();
         assert_eq!(err.to_string(), "handler panicked: a panic without a message");
     }
 

@@ -1,0 +1,1 @@
+//! Placeholder: this middleware is being written.
