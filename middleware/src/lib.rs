@@ -5,7 +5,7 @@
 //! one) and can be added at any of the router's three levels:
 //!
 //! ```
-//! # #[cfg(all(feature = "trace", feature = "timeout"))] {
+//! # #[cfg(all(feature = "trace", feature = "timeout"))] fn main() -> streamwise::Result<()> {
 //! use std::time::Duration;
 //! use streamwise::router::{Router, Routes};
 //! use streamwise::SubscribeOptions;
@@ -16,9 +16,10 @@
 //!     .subscribe(
 //!         "orders",
 //!         SubscribeOptions::new("billing", "worker-1"),
-//!         Routes::new().route("order.placed", || async {}).layer(TimeoutLayer::new(Duration::from_secs(5))),
+//!         Routes::new().route("order.placed", || async {}).layer(TimeoutLayer::new(Duration::from_secs(5))?),
 //!     );
-//! # let _ = router; }
+//! # let _ = router; Ok(()) }
+//! # #[cfg(not(all(feature = "trace", feature = "timeout")))] fn main() {}
 //! ```
 //!
 //! | feature | module | what it does |
@@ -63,6 +64,9 @@ pub mod throttle;
 pub mod timeout;
 #[cfg(feature = "trace")]
 pub mod trace;
+
+#[cfg(test)]
+mod test_util;
 
 /// The future every middleware service in this crate returns.
 pub type BoxResponse =

@@ -1,1 +1,175 @@
-//! Placeholder: this middleware is being written.
+//! Tracing: one [`tracing`] span per delivery, named `delivery`, with the fields `stream`,
+//! `group`, `consumer`, `event_type`, `id` and `delivery_count`, and, once the handler is done,
+//! `outcome` (`ack`, `nack`, `dead_letter` or `error`) and `duration_ms`. The handler runs inside
+//! the span, so its own events carry these fields. A closing event is logged at `INFO` for an
+//! ack, at `WARN` otherwise.
+//!
+//! ```
+//! use streamwise::router::{Router, Routes};
+//! use streamwise::SubscribeOptions;
+//! use streamwise_middleware::trace::TraceLayer;
+//!
+//! let router = Router::new().layer(TraceLayer::new()).subscribe(
+//!     "orders",
+//!     SubscribeOptions::new("billing", "worker-1"),
+//!     Routes::new().route("order.placed", || async { tracing::info!("billing the order") }),
+//! );
+//! # let _ = router;
+//! ```
+
+use std::task::{Context, Poll};
+
+use streamwise::BoxError;
+use streamwise::router::{Incoming, Outcome, Verdict};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::{BoxResponse, take_ready};
+
+/// Wraps services in [`Trace`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceLayer {
+    _private: (),
+}
+
+impl TraceLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S> Layer<S> for TraceLayer {
+    type Service = Trace<S>;
+    fn layer(&self, inner: S) -> Trace<S> {
+        Trace { inner }
+    }
+}
+
+/// Runs each delivery inside a `delivery` span and records its outcome and duration.
+#[derive(Clone, Debug)]
+pub struct Trace<S> {
+    inner: S,
+}
+
+fn label(result: &Result<Outcome, BoxError>) -> &'static str {
+    match result {
+        Ok(outcome) => match outcome.verdict() {
+            Verdict::Ack => "ack",
+            Verdict::Nack { .. } => "nack",
+            Verdict::DeadLetter { .. } => "dead_letter",
+        },
+        Err(_) => "error",
+    }
+}
+
+impl<S> Service<Incoming> for Trace<S>
+where
+    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Outcome;
+    type Error = BoxError;
+    type Future = BoxResponse;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+        let info = incoming.info();
+        let span = tracing::info_span!(
+            "delivery",
+            stream = info.stream(),
+            group = info.group(),
+            consumer = info.consumer(),
+            event_type = incoming.message().event_type(),
+            id = %info.id(),
+            delivery_count = info.delivery_count(),
+            outcome = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
+        let mut inner = take_ready(&mut self.inner);
+        let future = span.in_scope(|| inner.call(incoming));
+        let record = span.clone();
+        Box::pin(
+            async move {
+                let started = Instant::now();
+                let result = future.await.map_err(Into::into);
+                let outcome = label(&result);
+                let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+                record.record("outcome", outcome);
+                record.record("duration_ms", duration_ms);
+                match &result {
+                    Ok(o) if *o.verdict() == Verdict::Ack => tracing::info!(outcome, duration_ms, "delivery handled"),
+                    Ok(o) => tracing::warn!(outcome, duration_ms, verdict = ?o.verdict(), "delivery not acknowledged"),
+                    Err(e) => tracing::warn!(outcome, duration_ms, error = %e, "handler failed"),
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use streamwise::Message;
+    use streamwise::router::{Incoming, Outcome, handler_service};
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::test_util::Captured;
+
+    async fn traced(handler_outcome: Outcome) -> String {
+        let (subscriber, captured) = Captured::subscriber();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let handler = move || {
+            let outcome = handler_outcome.clone();
+            async move {
+                tracing::info!("inside the handler");
+                outcome
+            }
+        };
+        let message = Message::new("order.placed", &1).unwrap();
+        let svc = TraceLayer::new().layer(handler_service(handler, ()));
+        svc.oneshot(Incoming::for_test(message)).await.unwrap();
+        captured.text()
+    }
+
+    #[tokio::test]
+    async fn every_delivery_gets_a_span_with_its_fields_and_outcome() {
+        let log = traced(Outcome::ack()).await;
+        for field in [
+            "stream=\"test\"",
+            "group=\"test\"",
+            "event_type=\"order.placed\"",
+            "id=0-1",
+            "delivery_count=1",
+        ] {
+            assert!(log.contains(field), "{field} missing from:\n{log}");
+        }
+        let handler_line = log
+            .lines()
+            .find(|l| l.contains("inside the handler"))
+            .expect("handler event");
+        assert!(
+            handler_line.contains("delivery{"),
+            "the handler's event is inside the span: {handler_line}"
+        );
+        assert!(log.contains("INFO") && log.contains("delivery handled"), "{log}");
+        assert!(log.contains("outcome=\"ack\""), "{log}");
+        assert!(log.contains("duration_ms="), "{log}");
+    }
+
+    #[tokio::test]
+    async fn anything_but_an_ack_is_a_warning() {
+        let log = traced(Outcome::dead_letter("bad")).await;
+        assert!(
+            log.contains("WARN") && log.contains("outcome=\"dead_letter\""),
+            "{log}"
+        );
+    }
+}
