@@ -36,6 +36,7 @@
 pub mod checkpoint;
 #[cfg(feature = "redis")]
 pub mod config;
+pub mod cqrs;
 pub mod dead_letter;
 pub mod delivery;
 pub mod error;

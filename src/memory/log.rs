@@ -145,6 +145,18 @@ impl StreamLog {
         }
     }
 
+    pub(crate) fn entries(&self) -> Vec<(EntryId, Message)> {
+        self.entries.iter().cloned().collect()
+    }
+
+    /// Every group has read up to the last entry and has nothing pending.
+    pub(crate) fn is_idle(&self) -> bool {
+        let last = self.entries.back().map(|(id, _)| *id);
+        self.groups
+            .iter()
+            .all(|g| g.pending.is_empty() && last.is_none_or(|last| g.last_delivered >= last))
+    }
+
     pub(crate) fn pending_count(&self, group: &str) -> Option<usize> {
         self.group_index(group).map(|i| self.groups[i].pending.len())
     }

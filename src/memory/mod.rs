@@ -165,6 +165,18 @@ impl MemoryBackend {
             })
     }
 
+    /// The entries of a stream, oldest first (a snapshot, for tests and inspection).
+    pub fn messages(&self, topic: &str) -> Result<Vec<(EntryId, Message)>> {
+        Ok(self.broker.existing(topic)?.log().entries())
+    }
+
+    /// Whether every consumer group of every stream has read everything and has nothing
+    /// pending: all messages published so far are handled.
+    pub fn is_idle(&self) -> bool {
+        let streams: Vec<Arc<SharedStream>> = self.broker.streams().values().cloned().collect();
+        streams.iter().all(|s| s.log().is_idle())
+    }
+
     /// Entries that were trimmed (by `max_length`) while still pending, and so could not be
     /// redelivered.
     pub fn trimmed_pending(&self, topic: &str) -> Result<u64> {

@@ -82,9 +82,9 @@ use crate::pubsub::{Publisher, SubscribeOptions, Subscriber};
 /// A route's service once type-erased: what layers wrap and the router calls.
 pub type BoxRoute = BoxCloneSyncService<Incoming, Outcome, BoxError>;
 
-type LayerFn = Arc<dyn Fn(BoxRoute) -> BoxRoute + Send + Sync>;
+pub(crate) type LayerFn = Arc<dyn Fn(BoxRoute) -> BoxRoute + Send + Sync>;
 
-fn boxed<Svc>(service: Svc) -> BoxRoute
+pub(crate) fn boxed<Svc>(service: Svc) -> BoxRoute
 where
     Svc: Service<Incoming, Response = Outcome> + Clone + Send + Sync + 'static,
     Svc::Error: Into<BoxError>,
@@ -93,7 +93,7 @@ where
     BoxCloneSyncService::new(service.map_err(Into::into))
 }
 
-fn layer_fn<L>(layer: L) -> LayerFn
+pub(crate) fn layer_fn<L>(layer: L) -> LayerFn
 where
     L: Layer<BoxRoute> + Send + Sync + 'static,
     L::Service: Service<Incoming, Response = Outcome> + Clone + Send + Sync + 'static,
@@ -145,7 +145,7 @@ impl OrderKey {
 pub struct Routes<S = ()> {
     routes: HashMap<String, BoxRoute>,
     fallback: Fallback,
-    layers: Vec<LayerFn>,
+    pub(crate) layers: Vec<LayerFn>,
     order_by: Option<OrderKey>,
     state: Option<S>,
     errors: Vec<Error>,
