@@ -57,6 +57,8 @@ pub use message::{EntryId, Message, Metadata, format_timestamp, parse_timestamp}
 pub use pubsub::{
     InFlight, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber, Subscription,
 };
+/// The UUID type of message ids (re-exported so that extensions can name it).
+pub use uuid::Uuid;
 
 /// The names most programs need: `use streamwise::prelude::*;`.
 pub mod prelude {

@@ -24,18 +24,18 @@
 //!
 //! | feature | module | what it does |
 //! |---|---|---|
-//! | `retry` | [`retry`] | retries failed handlers in-process with exponential backoff and jitter, bounded, never [`Permanent`](streamwise::router::Permanent) errors |
-//! | `trace` | [`trace`] | a `tracing` span per delivery (stream, group, event type, id, delivery count), outcome and duration |
-//! | `timeout` | [`timeout`] | fails a handler that runs too long (the delivery is nacked) |
-//! | `catch-panic` | [`catch_panic`] | turns a panic into an error, so retry and dead-letter see it |
-//! | `dead-letter` | [`dead_letter`] | dead-letters after N failed deliveries, with the reason |
-//! | `checkpoint` | [`checkpoint`] | records the position after each successful delivery |
-//! | `reclaim` | [`reclaim`] | a per-route delivery limit for reclaimed entries, and warnings for slow handlers |
-//! | `dedup` / `dedup-redis` | [`dedup`] | skips messages already handled, by UUID, in memory or in Redis (`SET NX PX`) |
-//! | `correlation` | [`correlation`] | carries a correlation id from the input to every message a handler produces |
-//! | `throttle` | [`throttle`] | at most N deliveries per second |
-//! | `circuit-breaker` | [`circuit_breaker`] | stops calling a failing handler for a while (deliveries are nacked with a delay) |
-//! | `from-fn` | [`from_fn`] | write a middleware as an async fn |
+//! | `retry` | `retry` | retries failed handlers in-process with exponential backoff and jitter, bounded, never [`Permanent`](streamwise::router::Permanent) errors |
+//! | `trace` | `trace` | a `tracing` span per delivery (stream, group, event type, id, delivery count), outcome and duration |
+//! | `timeout` | `timeout` | fails a handler that runs too long (the delivery is nacked) |
+//! | `catch-panic` | `catch_panic` | turns a panic into an error, so retry and dead-letter see it |
+//! | `dead-letter` | `dead_letter` | dead-letters after N failed deliveries, with the reason |
+//! | `checkpoint` | `checkpoint` | records the position after each successful delivery |
+//! | `reclaim` | `reclaim` | a per-route delivery limit for reclaimed entries, and warnings for slow handlers |
+//! | `dedup` / `dedup-redis` | `dedup` | skips messages already handled, by UUID, in memory or in Redis (`SET NX PX`) |
+//! | `correlation` | `correlation` | carries a correlation id from the input to every message a handler produces |
+//! | `throttle` | `throttle` | at most N deliveries per second |
+//! | `circuit-breaker` | `circuit_breaker` | stops calling a failing handler for a while (deliveries are nacked with a delay) |
+//! | `from-fn` | `from_fn` | write a middleware as an async fn |
 //!
 //! [`Incoming`]: streamwise::router::Incoming
 //! [`Outcome`]: streamwise::router::Outcome
@@ -66,6 +66,7 @@ pub mod timeout;
 pub mod trace;
 
 #[cfg(test)]
+#[allow(dead_code)] // each feature's tests use part of it
 mod test_util;
 
 /// The future every middleware service in this crate returns.

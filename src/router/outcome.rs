@@ -75,9 +75,12 @@ impl Outcome {
         Self::nack_after(Duration::ZERO)
     }
 
-    /// Deliver again, no sooner than `delay`.
+    /// Deliver again, no sooner than `delay` (at most [`MAX_NACK_DELAY`](crate::MAX_NACK_DELAY);
+    /// longer delays are cut to it).
     pub fn nack_after(delay: Duration) -> Self {
-        Self::from(Verdict::Nack { delay })
+        Self::from(Verdict::Nack {
+            delay: delay.min(crate::MAX_NACK_DELAY),
+        })
     }
 
     /// Write to the dead-letter stream with `reason`, then acknowledge.

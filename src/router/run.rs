@@ -314,7 +314,8 @@ async fn settle(delivery: &Delivery, outcome: Outcome, publisher: &dyn Publisher
                 }
             }
         }
-        Verdict::Nack { delay } => delivery.nack_after(delay).await,
+        // A verdict built by hand may ask for more than a delivery accepts.
+        Verdict::Nack { delay } => delivery.nack_after(delay.min(crate::MAX_NACK_DELAY)).await,
         Verdict::DeadLetter { reason } => {
             let info = delivery.info();
             let record = DeadLetter {
