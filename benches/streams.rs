@@ -1,0 +1,772 @@
+//! The streamwise benchmark: every workload against the limits of this machine, measured in
+//! the same run. Starts its own redis-server on a free loopback port; prints one table and one
+//! JSON line per result.
+//!
+//! ```sh
+//! cargo bench --bench streams                      # everything (a few minutes)
+//! BENCH_BACKLOG=200000 cargo bench --bench streams # a smaller backlog for the consume workload
+//! ```
+//!
+//! Baselines: a raw `redis` crate loop written here (XADD awaited one at a time; XREADGROUP
+//! COUNT 100 + one XACK per batch), and `redis-benchmark` XADD with `-c 1 -P 1` and
+//! `-c 50 -P 64`. Each workload runs with 1 and with 2 tokio worker threads.
+
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use streamwise::memory::MemoryBackend;
+use streamwise::redis::client::{self as redis_client, AsyncCommands, Value};
+use streamwise::redis::RedisBackend;
+use streamwise::router::{Router, Routes};
+use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber};
+
+// ----------------------------------------------------------------------------- measurement
+
+/// One result row.
+struct Row {
+    workload: String,
+    system: String,
+    threads: usize,
+    payload: usize,
+    events: u64,
+    seconds: f64,
+    latency_us: Option<[f64; 3]>,
+    cpu_us_per_event: f64,
+    peak_rss_mb: f64,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds
+    }
+
+    fn json(&self) -> String {
+        let latency = match self.latency_us {
+            Some([p50, p99, p999]) => format!(r#"{{"p50":{p50:.1},"p99":{p99:.1},"p999":{p999:.1}}}"#),
+            None => "null".into(),
+        };
+        format!(
+            r#"{{"workload":"{}","system":"{}","threads":{},"payload_bytes":{},"events":{},"seconds":{:.3},"events_per_s":{:.0},"latency_us":{},"cpu_us_per_event":{:.2},"peak_rss_mb":{:.1}}}"#,
+            self.workload,
+            self.system,
+            self.threads,
+            self.payload,
+            self.events,
+            self.seconds,
+            self.rate(),
+            latency,
+            self.cpu_us_per_event,
+            self.peak_rss_mb
+        )
+    }
+}
+
+/// CPU time of this process (user + system), from /proc/self/stat (clock ticks of 10 ms).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // Fields 14 and 15 of the file (utime, stime) are 11 and 12 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Resets the peak RSS (Linux: writing 5 to clear_refs) so each workload has its own peak.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> Option<[f64; 3]> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[i].as_secs_f64() * 1e6
+    };
+    Some([at(0.50), at(0.99), at(0.999)])
+}
+
+/// Runs `work` on a runtime with `threads` workers and records a row.
+fn measure<F, Fut>(workload: &str, system: &str, threads: usize, payload: usize, work: F) -> Row
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = (u64, Vec<Duration>)>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    reset_peak_rss();
+    let cpu = cpu_time();
+    let started = Instant::now();
+    let (events, latencies) = rt.block_on(work());
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_time().saturating_sub(cpu);
+    drop(rt);
+    let row = Row {
+        workload: workload.into(),
+        system: system.into(),
+        threads,
+        payload,
+        events,
+        seconds,
+        latency_us: percentiles(latencies),
+        cpu_us_per_event: cpu.as_secs_f64() * 1e6 / events.max(1) as f64,
+        peak_rss_mb: peak_rss_mb(),
+    };
+    println!("{}", row.json());
+    row
+}
+
+// ----------------------------------------------------------------------------- redis-server
+
+struct Server {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = {
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("free port");
+            l.local_addr().expect("addr").port()
+        };
+        let dir = std::env::temp_dir().join(format!("streamwise-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server { child, port, dir }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn flush(&self) {
+        let client = redis_client::Client::open(self.url()).expect("url");
+        let mut c = client.get_connection().expect("connect");
+        let _: () = redis_client::cmd("FLUSHALL").query(&mut c).expect("FLUSHALL");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ----------------------------------------------------------------------------- workloads
+
+fn payload_of(size: usize) -> serde_json::Value {
+    // A JSON object of about `size` bytes.
+    serde_json::json!({ "data": "x".repeat(size.saturating_sub(12)) })
+}
+
+fn message(size: usize) -> Message {
+    Message::new("bench.event", &payload_of(size)).expect("message")
+}
+
+async fn raw_conn(url: &str) -> redis_client::aio::MultiplexedConnection {
+    redis_client::Client::open(url)
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+/// XADD of the same fields streamwise writes, awaited one at a time.
+async fn raw_publish_awaited(url: String, n: u64, size: usize) -> (u64, Vec<Duration>) {
+    let mut c = raw_conn(&url).await;
+    let body = serde_json::to_vec(&payload_of(size)).expect("json");
+    let mut lat = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let t = Instant::now();
+        let _: String = redis_client::cmd("XADD")
+            .arg("raw-pub")
+            .arg("*")
+            .arg("event_type")
+            .arg("bench.event")
+            .arg("payload")
+            .arg(&body[..])
+            .arg("timestamp")
+            .arg("2026-11-22T10:00:00.123Z")
+            .arg("uuid")
+            .arg("01935f4e-0000-7000-8000-000000000000")
+            .query_async(&mut c)
+            .await
+            .expect("XADD");
+        lat.push(t.elapsed());
+    }
+    (n, lat)
+}
+
+async fn streamwise_publish_awaited(url: String, n: u64, size: usize) -> (u64, Vec<Duration>) {
+    let publisher = RedisBackend::new(&url).expect("url").publisher();
+    let mut lat = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let m = message(size);
+        let t = Instant::now();
+        publisher.publish("sw-pub", m).await.expect("publish");
+        lat.push(t.elapsed());
+    }
+    (n, lat)
+}
+
+/// 50 tasks publishing batches of 64, on one shared connection.
+async fn streamwise_publish_batched(url: String, n: u64, size: usize) -> (u64, Vec<Duration>) {
+    let publisher = Arc::new(RedisBackend::new(&url).expect("url").publisher());
+    let tasks = 50u64;
+    let batch = 64u64;
+    let per_task = n / tasks / batch;
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let publisher = publisher.clone();
+        handles.push(tokio::spawn(async move {
+            for _ in 0..per_task {
+                let batch: Vec<Message> = (0..batch).map(|_| message(size)).collect();
+                publisher
+                    .publish_batch("sw-batch", batch)
+                    .await
+                    .expect("publish_batch");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("task");
+    }
+    (tasks * per_task * batch, Vec::new())
+}
+
+/// Fills `stream` with `n` entries in the wire format, pipelined, for the consume workloads.
+async fn preload(url: &str, stream: &str, n: u64, size: usize) {
+    let mut c = raw_conn(url).await;
+    let messages: Vec<Vec<(&'static str, bytes::Bytes)>> = (0..1000)
+        .map(|_| {
+            use streamwise::redis::Codec;
+            streamwise::redis::JsonCodec
+                .encode(&message(size))
+                .expect("encode")
+        })
+        .collect();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(1000);
+        let mut pipe = redis_client::pipe();
+        for fields in messages.iter().take(k as usize) {
+            let cmd = pipe.cmd("XADD").arg(stream).arg("*");
+            for (name, value) in fields {
+                cmd.arg(*name).arg(&value[..]);
+            }
+            cmd.ignore();
+        }
+        let _: () = pipe.query_async(&mut c).await.expect("preload");
+        left -= k;
+    }
+    let _: () = c.xgroup_create(stream, "g", "0").await.expect("group");
+}
+
+/// XREADGROUP COUNT 100, then one XACK for the batch, in a loop.
+async fn raw_consume(url: String, stream: &'static str, n: u64) -> (u64, Vec<Duration>) {
+    let mut c = raw_conn(&url).await;
+    let mut done = 0u64;
+    while done < n {
+        let reply: Value = redis_client::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("c")
+            .arg("COUNT")
+            .arg(100)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(&mut c)
+            .await
+            .expect("XREADGROUP");
+        let ids = ids_of(reply);
+        if ids.is_empty() {
+            break;
+        }
+        let _: u64 = redis_client::cmd("XACK")
+            .arg(stream)
+            .arg("g")
+            .arg(&ids)
+            .query_async(&mut c)
+            .await
+            .expect("XACK");
+        done += ids.len() as u64;
+    }
+    (done, Vec::new())
+}
+
+fn ids_of(reply: Value) -> Vec<String> {
+    let mut ids = Vec::new();
+    if let Value::Array(streams) = reply {
+        for s in streams {
+            if let Value::Array(mut parts) = s
+                && let Some(Value::Array(entries)) = parts.pop()
+            {
+                for e in entries {
+                    if let Value::Array(mut f) = e
+                        && !f.is_empty()
+                        && let Value::BulkString(id) = f.swap_remove(0)
+                    {
+                        ids.push(String::from_utf8_lossy(&id).into_owned());
+                    }
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// The router with a no-op handler over a subscriber, until `n` are handled.
+async fn router_consume(
+    subscriber: Arc<dyn Subscriber>,
+    publisher: Arc<dyn Publisher>,
+    stream: &str,
+    n: u64,
+) -> (u64, Vec<Duration>) {
+    let options = SubscribeOptions::new("g", "c")
+        .batch_size(100)
+        .max_in_flight(256)
+        .block(Duration::from_millis(100))
+        .start_from(StartFrom::Beginning);
+    let running = Router::new()
+        .subscribe(stream, options, Routes::new().route("bench.event", || async {}))
+        .start(subscriber, publisher)
+        .await
+        .expect("router");
+    while running.handled() < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let report = running.shutdown().await.expect("shutdown");
+    (report.handled, Vec::new())
+}
+
+/// End to end at `rate` events/s (0 = as fast as possible) for `n` events, latency from
+/// publish to handler, both in this process.
+async fn streamwise_end_to_end(
+    url: String,
+    stream: &'static str,
+    n: u64,
+    rate: u64,
+    size: usize,
+) -> (u64, Vec<Duration>) {
+    let redis = RedisBackend::new(&url).expect("url");
+    let base = Instant::now();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
+    let got = Arc::new(AtomicU64::new(0));
+    let (s, g) = (seen.clone(), got.clone());
+    let handler = move |m: Message| {
+        let (s, g) = (s.clone(), g.clone());
+        async move {
+            let sent: u64 = m
+                .metadata()
+                .get("sent_ns")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let now = base.elapsed().as_nanos() as u64;
+            s.lock()
+                .expect("lock")
+                .push(Duration::from_nanos(now.saturating_sub(sent)));
+            g.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let options = SubscribeOptions::new("g", "c")
+        .batch_size(100)
+        .max_in_flight(256)
+        .start_from(StartFrom::Latest);
+    let running = Router::new()
+        .subscribe(stream, options, Routes::new().route("bench.event", handler))
+        .start(
+            Arc::new(redis.subscriber().expect("subscriber")),
+            Arc::new(redis.publisher()),
+        )
+        .await
+        .expect("router");
+    let publisher = redis.publisher();
+    let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
+    let start = Instant::now();
+    for i in 0..n {
+        if let Some(every) = interval {
+            let due = start + every * i as u32;
+            let now = Instant::now();
+            if due > now {
+                tokio::time::sleep(due - now).await;
+            }
+        }
+        let m = message(size).with_metadata("sent_ns", base.elapsed().as_nanos().to_string());
+        publisher.publish(stream, m).await.expect("publish");
+    }
+    while got.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    running.shutdown().await.expect("shutdown");
+    let latencies = std::mem::take(&mut *seen.lock().expect("lock"));
+    (n, latencies)
+}
+
+/// The same with the raw crate: paced XADD; a reader with XREADGROUP BLOCK + XACK.
+async fn raw_end_to_end(
+    url: String,
+    stream: &'static str,
+    n: u64,
+    rate: u64,
+    size: usize,
+) -> (u64, Vec<Duration>) {
+    let mut setup = raw_conn(&url).await;
+    let _: () = redis_client::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("g")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut setup)
+        .await
+        .expect("group");
+    let base = Instant::now();
+    let reader_url = url.clone();
+    let reader = tokio::spawn(async move {
+        let mut c = raw_conn(&reader_url).await;
+        let mut lat = Vec::with_capacity(n as usize);
+        while (lat.len() as u64) < n {
+            let reply: Value = redis_client::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("g")
+                .arg("c")
+                .arg("COUNT")
+                .arg(100)
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">")
+                .query_async(&mut c)
+                .await
+                .expect("XREADGROUP");
+            let now = base.elapsed().as_nanos() as u64;
+            let entries = sent_of(reply);
+            let ids: Vec<&String> = entries.iter().map(|(id, _)| id).collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let _: u64 = redis_client::cmd("XACK")
+                .arg(stream)
+                .arg("g")
+                .arg(&ids)
+                .query_async(&mut c)
+                .await
+                .expect("XACK");
+            lat.extend(
+                entries
+                    .iter()
+                    .map(|(_, sent)| Duration::from_nanos(now.saturating_sub(*sent))),
+            );
+        }
+        lat
+    });
+    let mut c = raw_conn(&url).await;
+    let body = serde_json::to_vec(&payload_of(size)).expect("json");
+    let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
+    let start = Instant::now();
+    for i in 0..n {
+        if let Some(every) = interval {
+            let due = start + every * i as u32;
+            let now = Instant::now();
+            if due > now {
+                tokio::time::sleep(due - now).await;
+            }
+        }
+        let _: String = redis_client::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("event_type")
+            .arg("bench.event")
+            .arg("payload")
+            .arg(&body[..])
+            .arg("sent_ns")
+            .arg(base.elapsed().as_nanos() as u64)
+            .query_async(&mut c)
+            .await
+            .expect("XADD");
+    }
+    let lat = reader.await.expect("reader");
+    (n, lat)
+}
+
+fn sent_of(reply: Value) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    if let Value::Array(streams) = reply {
+        for s in streams {
+            let Value::Array(mut parts) = s else { continue };
+            let Some(Value::Array(entries)) = parts.pop() else {
+                continue;
+            };
+            for e in entries {
+                let Value::Array(mut f) = e else { continue };
+                let (Some(Value::Array(fields)), Some(Value::BulkString(id))) = (f.pop(), f.pop()) else {
+                    continue;
+                };
+                let mut sent = 0;
+                for pair in fields.chunks(2) {
+                    if let [Value::BulkString(k), Value::BulkString(v)] = pair
+                        && k == b"sent_ns"
+                    {
+                        sent = String::from_utf8_lossy(v).parse().unwrap_or(0);
+                    }
+                }
+                out.push((String::from_utf8_lossy(&id).into_owned(), sent));
+            }
+        }
+    }
+    out
+}
+
+fn redis_benchmark(server: &Server, clients: u32, pipeline: u32, n: u64, size: usize) -> Row {
+    let value = "x".repeat(size);
+    let started = Instant::now();
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &server.port.to_string(),
+            "-c",
+            &clients.to_string(),
+            "-P",
+            &pipeline.to_string(),
+        ])
+        .args(["-n", &n.to_string(), "-q"])
+        .args(["XADD", "rb-stream", "*", "payload", &value])
+        .output()
+        .expect("redis-benchmark is installed with redis-server");
+    let seconds = started.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "XADD rb-stream * payload ...: 123456.79 requests per second, p50=0.391 msec"
+    let rps = text
+        .split("requests per second")
+        .next()
+        .and_then(|head| head.rsplit(": ").next())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(n as f64 / seconds);
+    let row = Row {
+        workload: format!("redis-benchmark XADD -c {clients} -P {pipeline}"),
+        system: "redis-benchmark".into(),
+        threads: 0,
+        payload: size,
+        events: n,
+        seconds: n as f64 / rps,
+        latency_us: None,
+        cpu_us_per_event: 0.0,
+        peak_rss_mb: 0.0,
+    };
+    println!("{}", row.json());
+    row
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let backlog = env("BENCH_BACKLOG", 1_000_000);
+    let publish_n = env("BENCH_PUBLISH", 20_000);
+    let latency_n = env("BENCH_LATENCY_EVENTS", 5_000);
+    let memory_n = env("BENCH_MEMORY", 1_000_000);
+    let server = Server::start();
+    let url = server.url();
+    let mut rows = Vec::new();
+
+    rows.push(redis_benchmark(&server, 1, 1, publish_n, 200));
+    rows.push(redis_benchmark(&server, 50, 64, 1_000_000, 200));
+    server.flush();
+
+    for threads in [1, 2] {
+        for size in [200, 16 * 1024] {
+            let n = if size > 1000 { publish_n / 4 } else { publish_n };
+            rows.push(measure(
+                "publish awaited",
+                "raw redis loop",
+                threads,
+                size,
+                || raw_publish_awaited(url.clone(), n, size),
+            ));
+            rows.push(measure("publish awaited", "streamwise", threads, size, || {
+                streamwise_publish_awaited(url.clone(), n, size)
+            }));
+            server.flush();
+        }
+        let n = 320_000;
+        rows.push(measure(
+            "publish batched (50 tasks x 64)",
+            "streamwise",
+            threads,
+            200,
+            || streamwise_publish_batched(url.clone(), n, 200),
+        ));
+        server.flush();
+
+        for (size, count) in [(200, backlog), (16 * 1024, (backlog / 10).max(1000))] {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(preload(&url, "raw-backlog", count, size));
+            rows.push(measure(
+                "consume backlog",
+                "raw redis loop (COUNT 100 + XACK)",
+                threads,
+                size,
+                || raw_consume(url.clone(), "raw-backlog", count),
+            ));
+            server.flush();
+            rt.block_on(preload(&url, "sw-backlog", count, size));
+            drop(rt);
+            rows.push(measure(
+                "consume backlog",
+                "streamwise router",
+                threads,
+                size,
+                || {
+                    let redis = RedisBackend::new(&url).expect("url");
+                    let subscriber = redis.subscriber().expect("subscriber");
+                    router_consume(
+                        Arc::new(subscriber),
+                        Arc::new(redis.publisher()),
+                        "sw-backlog",
+                        count,
+                    )
+                },
+            ));
+            server.flush();
+        }
+
+        rows.push(measure(
+            "end to end at 1000/s",
+            "raw redis loop",
+            threads,
+            200,
+            || raw_end_to_end(url.clone(), "raw-e2e", latency_n, 1000, 200),
+        ));
+        rows.push(measure(
+            "end to end at 1000/s",
+            "streamwise router",
+            threads,
+            200,
+            || streamwise_end_to_end(url.clone(), "sw-e2e", latency_n, 1000, 200),
+        ));
+        server.flush();
+        rows.push(measure(
+            "end to end, max rate",
+            "raw redis loop",
+            threads,
+            200,
+            || raw_end_to_end(url.clone(), "raw-e2e-max", latency_n * 4, 0, 200),
+        ));
+        rows.push(measure(
+            "end to end, max rate",
+            "streamwise router",
+            threads,
+            200,
+            || streamwise_end_to_end(url.clone(), "sw-e2e-max", latency_n * 4, 0, 200),
+        ));
+        server.flush();
+
+        rows.push(measure(
+            "in-memory through the router",
+            "streamwise router",
+            threads,
+            200,
+            || async move {
+                let backend = MemoryBackend::new();
+                let publisher = backend.publisher();
+                let m = message(200);
+                for _ in 0..memory_n / 1000 {
+                    publisher
+                        .publish_batch("mem", vec![m.clone(); 1000])
+                        .await
+                        .expect("publish");
+                }
+                router_consume(
+                    Arc::new(backend.subscriber()),
+                    Arc::new(publisher),
+                    "mem",
+                    memory_n,
+                )
+                .await
+            },
+        ));
+    }
+
+    println!();
+    println!(
+        "{:<34} {:<36} {:>3} {:>7} {:>12} {:>10} {:>10} {:>10} {:>9} {:>8}",
+        "workload",
+        "system",
+        "thr",
+        "bytes",
+        "events/s",
+        "p50 us",
+        "p99 us",
+        "p999 us",
+        "cpu us/ev",
+        "rss MB"
+    );
+    for r in &rows {
+        let (p50, p99, p999) = match r.latency_us {
+            Some([a, b, c]) => (format!("{a:.0}"), format!("{b:.0}"), format!("{c:.0}")),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:<34} {:<36} {:>3} {:>7} {:>12.0} {:>10} {:>10} {:>10} {:>9.2} {:>8.1}",
+            r.workload,
+            r.system,
+            r.threads,
+            r.payload,
+            r.rate(),
+            p50,
+            p99,
+            p999,
+            r.cpu_us_per_event,
+            r.peak_rss_mb
+        );
+    }
+}
