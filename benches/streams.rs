@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use streamwise::memory::MemoryBackend;
-use streamwise::redis::client::{self as redis_client, AsyncCommands, Value};
 use streamwise::redis::RedisBackend;
+use streamwise::redis::client::{self as redis_client, AsyncCommands, Value};
 use streamwise::router::{Router, Routes};
 use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber};
 
@@ -101,9 +101,19 @@ fn percentiles(mut samples: Vec<Duration>) -> Option<[f64; 3]> {
     Some([at(0.50), at(0.99), at(0.999)])
 }
 
-/// Runs `work` on a runtime with `threads` workers and records a row.
-fn measure<F, Fut>(workload: &str, system: &str, threads: usize, payload: usize, work: F) -> Row
+/// Runs `work` on a runtime with `threads` workers and records a row. `setup` runs first,
+/// outside the measurement (preloading a backlog, say).
+fn measure<P, PF, F, Fut>(
+    workload: &str,
+    system: &str,
+    threads: usize,
+    payload: usize,
+    setup: P,
+    work: F,
+) -> Row
 where
+    P: FnOnce() -> PF,
+    PF: std::future::Future<Output = ()>,
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = (u64, Vec<Duration>)>,
 {
@@ -112,14 +122,16 @@ where
         .enable_all()
         .build()
         .expect("runtime");
+    rt.block_on(setup());
     reset_peak_rss();
     let cpu = cpu_time();
     let started = Instant::now();
     let (events, latencies) = rt.block_on(work());
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_time().saturating_sub(cpu);
+    let peak = peak_rss_mb();
     drop(rt);
-    let row = Row {
+    Row {
         workload: workload.into(),
         system: system.into(),
         threads,
@@ -128,10 +140,8 @@ where
         seconds,
         latency_us: percentiles(latencies),
         cpu_us_per_event: cpu.as_secs_f64() * 1e6 / events.max(1) as f64,
-        peak_rss_mb: peak_rss_mb(),
-    };
-    println!("{}", row.json());
-    row
+        peak_rss_mb: peak,
+    }
 }
 
 // ----------------------------------------------------------------------------- redis-server
@@ -586,7 +596,7 @@ fn redis_benchmark(server: &Server, clients: u32, pipeline: u32, n: u64, size: u
         .and_then(|head| head.rsplit(": ").next())
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(n as f64 / seconds);
-    let row = Row {
+    Row {
         workload: format!("redis-benchmark XADD -c {clients} -P {pipeline}"),
         system: "redis-benchmark".into(),
         threads: 0,
@@ -596,9 +606,7 @@ fn redis_benchmark(server: &Server, clients: u32, pipeline: u32, n: u64, size: u
         latency_us: None,
         cpu_us_per_event: 0.0,
         peak_rss_mb: 0.0,
-    };
-    println!("{}", row.json());
-    row
+    }
 }
 
 fn env(name: &str, default: u64) -> u64 {
@@ -608,137 +616,196 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn main() {
-    // `cargo bench` passes --bench; nothing else to parse.
-    let backlog = env("BENCH_BACKLOG", 1_000_000);
-    let publish_n = env("BENCH_PUBLISH", 20_000);
-    let latency_n = env("BENCH_LATENCY_EVENTS", 5_000);
-    let memory_n = env("BENCH_MEMORY", 1_000_000);
-    let server = Server::start();
-    let url = server.url();
-    let mut rows = Vec::new();
+/// One workload, run in a child process of its own so that its CPU time and peak RSS are its
+/// alone.
+#[derive(Clone, Debug)]
+struct Spec {
+    workload: &'static str,
+    system: &'static str,
+    threads: usize,
+    size: usize,
+    events: u64,
+}
 
-    rows.push(redis_benchmark(&server, 1, 1, publish_n, 200));
-    rows.push(redis_benchmark(&server, 50, 64, 1_000_000, 200));
-    server.flush();
+async fn nothing() {}
 
-    for threads in [1, 2] {
-        for size in [200, 16 * 1024] {
-            let n = if size > 1000 { publish_n / 4 } else { publish_n };
-            rows.push(measure(
-                "publish awaited",
-                "raw redis loop",
-                threads,
-                size,
-                || raw_publish_awaited(url.clone(), n, size),
-            ));
-            rows.push(measure("publish awaited", "streamwise", threads, size, || {
-                streamwise_publish_awaited(url.clone(), n, size)
-            }));
-            server.flush();
-        }
-        let n = 320_000;
-        rows.push(measure(
-            "publish batched (50 tasks x 64)",
-            "streamwise",
-            threads,
-            200,
-            || streamwise_publish_batched(url.clone(), n, 200),
-        ));
-        server.flush();
-
-        for (size, count) in [(200, backlog), (16 * 1024, (backlog / 10).max(1000))] {
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            rt.block_on(preload(&url, "raw-backlog", count, size));
-            rows.push(measure(
-                "consume backlog",
-                "raw redis loop (COUNT 100 + XACK)",
-                threads,
-                size,
-                || raw_consume(url.clone(), "raw-backlog", count),
-            ));
-            server.flush();
-            rt.block_on(preload(&url, "sw-backlog", count, size));
-            drop(rt);
-            rows.push(measure(
-                "consume backlog",
-                "streamwise router",
-                threads,
-                size,
-                || {
+/// Runs one workload in this (child) process and returns its row.
+fn run_spec(spec: &Spec, url: &str) -> Row {
+    let (n, size, url) = (spec.events, spec.size, url.to_owned());
+    let (w, sys, t) = (spec.workload, spec.system, spec.threads);
+    let raw = sys.starts_with("raw");
+    match w {
+        "publish awaited" if raw => measure(w, sys, t, size, nothing, || raw_publish_awaited(url, n, size)),
+        "publish awaited" => measure(w, sys, t, size, nothing, || {
+            streamwise_publish_awaited(url, n, size)
+        }),
+        "publish batched (50 tasks x 64)" => measure(w, sys, t, size, nothing, || {
+            streamwise_publish_batched(url, n, size)
+        }),
+        "consume backlog" => {
+            let u = url.clone();
+            let setup = move || async move { preload(&u, "backlog", n, size).await };
+            if raw {
+                measure(w, sys, t, size, setup, || raw_consume(url, "backlog", n))
+            } else {
+                measure(w, sys, t, size, setup, || {
                     let redis = RedisBackend::new(&url).expect("url");
                     let subscriber = redis.subscriber().expect("subscriber");
-                    router_consume(
-                        Arc::new(subscriber),
-                        Arc::new(redis.publisher()),
-                        "sw-backlog",
-                        count,
-                    )
-                },
-            ));
-            server.flush();
+                    router_consume(Arc::new(subscriber), Arc::new(redis.publisher()), "backlog", n)
+                })
+            }
         }
-
-        rows.push(measure(
-            "end to end at 1000/s",
-            "raw redis loop",
-            threads,
-            200,
-            || raw_end_to_end(url.clone(), "raw-e2e", latency_n, 1000, 200),
-        ));
-        rows.push(measure(
-            "end to end at 1000/s",
-            "streamwise router",
-            threads,
-            200,
-            || streamwise_end_to_end(url.clone(), "sw-e2e", latency_n, 1000, 200),
-        ));
-        server.flush();
-        rows.push(measure(
-            "end to end, max rate",
-            "raw redis loop",
-            threads,
-            200,
-            || raw_end_to_end(url.clone(), "raw-e2e-max", latency_n * 4, 0, 200),
-        ));
-        rows.push(measure(
-            "end to end, max rate",
-            "streamwise router",
-            threads,
-            200,
-            || streamwise_end_to_end(url.clone(), "sw-e2e-max", latency_n * 4, 0, 200),
-        ));
-        server.flush();
-
-        rows.push(measure(
-            "in-memory through the router",
-            "streamwise router",
-            threads,
-            200,
-            || async move {
-                let backend = MemoryBackend::new();
-                let publisher = backend.publisher();
-                let m = message(200);
-                for _ in 0..memory_n / 1000 {
+        "end to end at 1000/s" if raw => measure(w, sys, t, size, nothing, || {
+            raw_end_to_end(url, "e2e", n, 1000, size)
+        }),
+        "end to end at 1000/s" => measure(w, sys, t, size, nothing, || {
+            streamwise_end_to_end(url, "e2e", n, 1000, size)
+        }),
+        "end to end, max rate" if raw => measure(w, sys, t, size, nothing, || {
+            raw_end_to_end(url, "e2e", n, 0, size)
+        }),
+        "end to end, max rate" => measure(w, sys, t, size, nothing, || {
+            streamwise_end_to_end(url, "e2e", n, 0, size)
+        }),
+        "in-memory through the router" => {
+            let backend = MemoryBackend::new();
+            let b = backend.clone();
+            let n = n / 1000 * 1000;
+            let setup = move || async move {
+                let publisher = b.publisher();
+                let m = message(size);
+                for _ in 0..n / 1000 {
                     publisher
                         .publish_batch("mem", vec![m.clone(); 1000])
                         .await
                         .expect("publish");
                 }
-                router_consume(
-                    Arc::new(backend.subscriber()),
-                    Arc::new(publisher),
-                    "mem",
-                    memory_n,
-                )
-                .await
-            },
+            };
+            measure(w, sys, t, size, setup, move || {
+                let publisher = backend.publisher();
+                router_consume(Arc::new(backend.subscriber()), Arc::new(publisher), "mem", n)
+            })
+        }
+        other => panic!("unknown workload {other:?}"),
+    }
+}
+
+fn specs() -> Vec<Spec> {
+    let backlog = env("BENCH_BACKLOG", 1_000_000);
+    let publish_n = env("BENCH_PUBLISH", 20_000);
+    let latency_n = env("BENCH_LATENCY_EVENTS", 5_000);
+    let memory_n = env("BENCH_MEMORY", 1_000_000);
+    let mut specs = Vec::new();
+    for threads in [1, 2] {
+        let spec = |workload, system, size, events| Spec {
+            workload,
+            system,
+            threads,
+            size,
+            events,
+        };
+        for (size, n) in [(200, publish_n), (16 * 1024, publish_n / 4)] {
+            specs.push(spec("publish awaited", "raw redis loop", size, n));
+            specs.push(spec("publish awaited", "streamwise", size, n));
+        }
+        specs.push(spec(
+            "publish batched (50 tasks x 64)",
+            "streamwise",
+            200,
+            320_000,
+        ));
+        for (size, n) in [(200, backlog), (16 * 1024, (backlog / 10).max(1000))] {
+            specs.push(spec(
+                "consume backlog",
+                "raw redis loop (COUNT 100 + XACK)",
+                size,
+                n,
+            ));
+            specs.push(spec("consume backlog", "streamwise router", size, n));
+        }
+        specs.push(spec("end to end at 1000/s", "raw redis loop", 200, latency_n));
+        specs.push(spec("end to end at 1000/s", "streamwise router", 200, latency_n));
+        specs.push(spec("end to end, max rate", "raw redis loop", 200, latency_n * 4));
+        specs.push(spec(
+            "end to end, max rate",
+            "streamwise router",
+            200,
+            latency_n * 4,
+        ));
+        specs.push(spec(
+            "in-memory through the router",
+            "streamwise router",
+            200,
+            memory_n,
         ));
     }
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        specs.retain(|s| s.workload.contains(only.as_str()));
+    }
+    specs
+}
+
+fn parse_row(json: &str) -> Option<Row> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let latency = v["latency_us"].as_object().map(|l| {
+        let f = |k: &str| l.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+        [f("p50"), f("p99"), f("p999")]
+    });
+    Some(Row {
+        workload: v["workload"].as_str()?.to_owned(),
+        system: v["system"].as_str()?.to_owned(),
+        threads: v["threads"].as_u64()? as usize,
+        payload: v["payload_bytes"].as_u64()? as usize,
+        events: v["events"].as_u64()?,
+        seconds: v["seconds"].as_f64()?,
+        latency_us: latency,
+        cpu_us_per_event: v["cpu_us_per_event"].as_f64()?,
+        peak_rss_mb: v["peak_rss_mb"].as_f64()?,
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // A child: `--run <index> <url>` runs one workload and prints its JSON line.
+    if let Some(pos) = args.iter().position(|a| a == "--run") {
+        let index: usize = args[pos + 1].parse().expect("index");
+        let row = run_spec(&specs()[index], &args[pos + 2]);
+        println!("{}", row.json());
+        return;
+    }
+    let server = Server::start();
+    let url = server.url();
+    let exe = std::env::current_exe().expect("own path");
+    let mut rows = Vec::new();
+    if std::env::var_os("BENCH_ONLY").is_none() {
+        for (clients, pipeline, n) in [(1, 1, env("BENCH_PUBLISH", 20_000)), (50, 64, 1_000_000)] {
+            let row = redis_benchmark(&server, clients, pipeline, n, 200);
+            println!("{}", row.json());
+            rows.push(row);
+            server.flush();
+        }
+    }
+    for (index, spec) in specs().iter().enumerate() {
+        server.flush();
+        let out = Command::new(&exe)
+            .args(["--run", &index.to_string(), &url])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run a workload");
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.lines().rev().find_map(parse_row) {
+            Some(row) => {
+                println!("{}", row.json());
+                rows.push(row);
+            }
+            None => eprintln!("workload {spec:?} failed: {}", out.status),
+        }
+    }
+    server.flush();
 
     println!();
     println!(
-        "{:<34} {:<36} {:>3} {:>7} {:>12} {:>10} {:>10} {:>10} {:>9} {:>8}",
+        "{:<32} {:<34} {:>3} {:>6} {:>10} {:>8} {:>8} {:>8} {:>9} {:>7}",
         "workload",
         "system",
         "thr",
@@ -756,7 +823,7 @@ fn main() {
             None => ("-".into(), "-".into(), "-".into()),
         };
         println!(
-            "{:<34} {:<36} {:>3} {:>7} {:>12.0} {:>10} {:>10} {:>10} {:>9.2} {:>8.1}",
+            "{:<32} {:<34} {:>3} {:>6} {:>10.0} {:>8} {:>8} {:>8} {:>9.2} {:>7.1}",
             r.workload,
             r.system,
             r.threads,

@@ -48,6 +48,7 @@ pub mod redis;
 #[cfg(feature = "redis")]
 pub mod redis_streams;
 pub mod router;
+mod signal;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -249,6 +249,23 @@ impl Message {
         })
     }
 
+    /// A message from all its parts, as a codec decodes it (no validation, no clock read).
+    pub(crate) fn from_parts(
+        uuid: Uuid,
+        event_type: Arc<str>,
+        payload: Bytes,
+        metadata: Metadata,
+        timestamp: SystemTime,
+    ) -> Self {
+        Message {
+            uuid,
+            event_type,
+            payload,
+            metadata,
+            timestamp,
+        }
+    }
+
     /// Adds one metadata pair.
     #[must_use]
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -372,6 +389,9 @@ impl std::io::Write for ByteCounter {
 /// assert_eq!(streamwise::format_timestamp(t), "2026-11-22T10:00:00.123Z");
 /// ```
 pub fn format_timestamp(time: SystemTime) -> String {
+    if let Some(text) = format_fast(time) {
+        return text;
+    }
     let ms = match time.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
@@ -391,6 +411,9 @@ pub fn format_timestamp(time: SystemTime) -> String {
 /// # Ok::<(), streamwise::Error>(())
 /// ```
 pub fn parse_timestamp(text: &str) -> Result<SystemTime> {
+    if let Some(time) = parse_fast(text) {
+        return Ok(time);
+    }
     let bad = |e: jiff::Error| Error::Decode {
         what: "timestamp".into(),
         reason: format!("{text:?} is not an ISO 8601 time: {e}"),
@@ -418,9 +441,120 @@ pub fn parse_timestamp(text: &str) -> Result<SystemTime> {
     })
 }
 
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The wire format for the common case (years 1970 to 9999), without a general formatter.
+fn format_fast(time: SystemTime) -> Option<String> {
+    let ms = u64::try_from(time.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()?;
+    let (days, ms_of_day) = (ms / 86_400_000, ms % 86_400_000);
+    let (y, m, d) = civil_from_days(i64::try_from(days).ok()?);
+    if y > 9999 {
+        return None;
+    }
+    let (h, min, sec, milli) = (
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1000 % 60,
+        ms_of_day % 1000,
+    );
+    Some(format!(
+        "{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{sec:02}.{milli:03}Z"
+    ))
+}
+
+/// Parses exactly `YYYY-MM-DDTHH:MM:SS.mmmZ` (what streamwise writes); anything else goes to
+/// the general parser.
+fn parse_fast(text: &str) -> Option<SystemTime> {
+    let b = text.as_bytes();
+    if b.len() != 24
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'.'
+        || b[23] != b'Z'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        b[r].iter().try_fold(0i64, |n, c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+        })
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, min, s, ms) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..23)?);
+    let days_in_month = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if y < 1970 || d < 1 || d > days_in_month || h > 23 || min > 59 || s > 59 {
+        return None;
+    }
+    let total_ms = ((days_from_civil(y, m, d) * 24 + h) * 60 + min) * 60_000 + s * 1000 + ms;
+    Some(UNIX_EPOCH + Duration::from_millis(u64::try_from(total_ms).ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_timestamp_paths_agree_with_jiff() {
+        for ms in [
+            0u64,
+            1,
+            951_782_400_000,
+            1_795_341_600_123,
+            4_107_542_399_999,
+            253_402_207_199_999,
+        ] {
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            let fast = format_fast(t).unwrap();
+            let slow = jiff::Timestamp::from_millisecond(ms as i64)
+                .unwrap()
+                .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
+                .to_string();
+            assert_eq!(fast, slow, "{ms}");
+            assert_eq!(parse_fast(&fast), Some(t), "{fast}");
+        }
+        for not_fast in [
+            "2026-02-30T00:00:00.000Z",
+            "2026-13-01T00:00:00.000Z",
+            "2026-11-22T10:00:00.123+00:00",
+            "1969-12-31T23:59:59.999Z",
+        ] {
+            assert_eq!(parse_fast(not_fast), None, "{not_fast}");
+        }
+        assert!(
+            parse_timestamp("2026-02-30T00:00:00.000Z").is_err(),
+            "an impossible date is an error"
+        );
+    }
 
     #[test]
     fn entry_ids_parse_print_and_order() {

@@ -675,3 +675,24 @@ async fn a_boxed_route_is_a_plain_tower_service() {
     let route: BoxRoute = BoxRoute::new(handler_service(|| async {}, ()));
     assert_service(&route);
 }
+
+#[tokio::test]
+async fn shutdown_with_nothing_in_flight_does_not_wait_for_the_deadline() {
+    let h = Harness::new();
+    let running = Router::new()
+        .shutdown_deadline(Duration::from_secs(60))
+        .subscribe("t", opts(), Routes::new().route("t", || async {}))
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("t", Message::new("t", &1).unwrap()).await;
+    h.settled(&running, 1).await;
+    let started = tokio::time::Instant::now();
+    let report = running.shutdown().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert_eq!((report.handled, report.abandoned), (1, 0));
+}

@@ -27,10 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::signal::Signal;
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{self, DeadLetter};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, Settlement, Settler};
@@ -130,7 +130,7 @@ impl MemoryBackend {
     pub fn subscriber(&self) -> MemorySubscriber {
         MemorySubscriber {
             broker: self.broker.clone(),
-            closed: CancellationToken::new(),
+            closed: Signal::new(),
             settlers: Arc::default(),
         }
     }
@@ -284,7 +284,7 @@ impl Publisher for MemoryPublisher {
 #[derive(Clone, Debug)]
 pub struct MemorySubscriber {
     broker: Arc<Broker>,
-    closed: CancellationToken,
+    closed: Signal,
     /// The subscriptions made, so that close frees their consumer names at once.
     settlers: Arc<Mutex<Vec<std::sync::Weak<MemorySettler>>>>,
 }
@@ -408,7 +408,7 @@ struct Reader {
     reclaim: Option<ReclaimOptions>,
     next_reclaim: Instant,
     drained: bool,
-    closed: CancellationToken,
+    closed: Signal,
 }
 
 impl Reader {
@@ -543,7 +543,7 @@ struct MemorySettler {
     stream: Arc<SharedStream>,
     origin: Arc<Origin>,
     in_flight: InFlight,
-    closed: CancellationToken,
+    closed: Signal,
     registration: Mutex<Option<Registration>>,
 }
 

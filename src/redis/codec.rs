@@ -106,10 +106,13 @@ impl Codec for JsonCodec {
         let uuid = uuid
             .and_then(|u| std::str::from_utf8(&u).ok().and_then(|u| Uuid::parse_str(u).ok()))
             .unwrap_or_else(|| uuid_for_entry(id));
-        Ok(Message::from_json_bytes(event_type, payload)?
-            .with_metadata_map(metadata)
-            .with_timestamp(timestamp)
-            .with_uuid(uuid))
+        Ok(Message::from_parts(
+            uuid,
+            event_type.into(),
+            Bytes::from(payload),
+            metadata,
+            timestamp,
+        ))
     }
 }
 

@@ -7,8 +7,8 @@
 use std::sync::Weak;
 use std::time::Duration;
 
+use crate::signal::Signal;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::connection::RedisConnection;
 use super::subscriber::SubscriptionState as Shared;
@@ -91,11 +91,11 @@ pub(crate) struct Heartbeat {
     pub(crate) shared: Weak<Shared>,
     pub(crate) interval: Duration,
     /// Cancelled when another consumer turns out to hold the lease: the reader then stops.
-    pub(crate) lease_lost: CancellationToken,
+    pub(crate) lease_lost: Signal,
 }
 
 impl Heartbeat {
-    pub(crate) async fn run(self, closed: CancellationToken, released: CancellationToken) {
+    pub(crate) async fn run(self, closed: Signal, released: Signal) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;

@@ -1,6 +1,8 @@
-//! Running a router: one loop per subscription pulls deliveries (only as fast as
+//! Running a router: one task per subscription pulls deliveries (only as fast as
 //! `max_in_flight` lets the subscription hand them out), runs each through its service stack
-//! in a task of its own, and settles it from the outcome. Shutdown has two phases: stop
+//! as one of the task's concurrent futures, and settles it from the outcome. (Handlers of one
+//! subscription share its task: they run concurrently, not in parallel; CPU-heavy handlers
+//! should use `spawn_blocking`. Subscriptions run in parallel.) Shutdown has two phases: stop
 //! fetching, then let in-flight handlers finish until the deadline, settle them, and close the
 //! subscriber (which flushes acks and checkpoints).
 
@@ -12,10 +14,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::{FutureExt, Shared};
+use futures::stream::FuturesUnordered;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::incoming::Incoming;
@@ -41,7 +43,6 @@ pub struct RunningRouter {
     stop_fetching: CancellationToken,
     abandon: CancellationToken,
     loops: Vec<JoinHandle<()>>,
-    handlers: TaskTracker,
     subscriber: Arc<dyn Subscriber>,
     deadline: Duration,
     handled: Arc<AtomicU64>,
@@ -91,7 +92,6 @@ pub(crate) async fn start(
 ) -> Result<RunningRouter> {
     let stop_fetching = CancellationToken::new();
     let abandon = CancellationToken::new();
-    let handlers = TaskTracker::new();
     let handled = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(AtomicU64::new(0));
     // Subscribe everything first, so that a bad subscription fails the start as a whole.
@@ -106,7 +106,6 @@ pub(crate) async fn start(
             let worker = Worker {
                 service: plan.service,
                 publisher: publisher.clone(),
-                abandon: abandon.clone(),
                 handled: handled.clone(),
                 in_flight: in_flight.clone(),
             };
@@ -120,7 +119,7 @@ pub(crate) async fn start(
                 worker,
                 ordering,
                 stop_fetching.clone(),
-                handlers.clone(),
+                abandon.clone(),
             ))
         })
         .collect();
@@ -128,7 +127,6 @@ pub(crate) async fn start(
         stop_fetching,
         abandon,
         loops,
-        handlers,
         subscriber,
         deadline,
         handled,
@@ -152,22 +150,18 @@ impl RunningRouter {
     /// at the deadline are dropped; their deliveries stay pending and come back later.
     pub async fn shutdown(self) -> Result<ShutdownReport> {
         self.stop_fetching.cancel();
-        for l in self.loops {
-            // A loop only ends by itself; a panic there cannot hold up the shutdown.
-            let _ = l.await;
-        }
-        self.handlers.close();
-        let finished = tokio::time::timeout(self.deadline, self.handlers.wait())
-            .await
-            .is_ok();
-        let abandoned = if finished {
-            0
-        } else {
-            let n = self.in_flight.load(Ordering::Relaxed);
-            tracing::warn!(abandoned = n, deadline = ?self.deadline, "handlers still running at the shutdown deadline; their deliveries stay pending");
-            self.abandon.cancel();
-            self.handlers.wait().await;
-            n
+        // Each subscription task stops fetching and ends once its handlers are done.
+        let all = futures::future::join_all(self.loops);
+        tokio::pin!(all);
+        let abandoned = match tokio::time::timeout(self.deadline, &mut all).await {
+            Ok(_) => 0,
+            Err(_) => {
+                let n = self.in_flight.load(Ordering::Relaxed);
+                tracing::warn!(abandoned = n, deadline = ?self.deadline, "handlers still running at the shutdown deadline; their deliveries stay pending");
+                self.abandon.cancel();
+                all.await;
+                n
+            }
         };
         self.subscriber.close().await?;
         Ok(ShutdownReport {
@@ -187,18 +181,30 @@ struct KeyOrder {
 
 async fn fetch_loop(
     topic: String,
-    mut subscription: crate::pubsub::Subscription,
+    subscription: crate::pubsub::Subscription,
     worker: Worker,
     ordering: Option<KeyOrder>,
     stop_fetching: CancellationToken,
-    handlers: TaskTracker,
+    abandon: CancellationToken,
 ) {
+    let mut subscription = Some(subscription);
+    let mut handlers = FuturesUnordered::new();
     let mut sequence = 0u64;
     loop {
+        if subscription.is_none() && handlers.is_empty() {
+            break;
+        }
         let next = tokio::select! {
             biased;
-            _ = stop_fetching.cancelled() => break,
-            next = subscription.next() => next,
+            _ = abandon.cancelled() => break,
+            Some(()) = handlers.next(), if !handlers.is_empty() => continue,
+            _ = stop_fetching.cancelled(), if subscription.is_some() => {
+                // Stop fetching: deliveries the subscription still buffered go back to
+                // pending. In-flight ones keep it alive in the backend until settled.
+                subscription = None;
+                continue;
+            }
+            next = next_delivery(&mut subscription), if subscription.is_some() => next,
         };
         let delivery = match next {
             Some(Ok(d)) => d,
@@ -206,22 +212,19 @@ async fn fetch_loop(
                 tracing::error!(topic, error = %e, "subscription error; the router keeps going");
                 continue;
             }
-            None => break,
+            None => {
+                subscription = None;
+                continue;
+            }
         };
         let delivery = Arc::new(delivery);
         let worker = worker.clone();
         sequence += 1;
-        match &ordering {
-            None => {
-                handlers.spawn(async move { worker.handle(delivery).await });
-            }
-            Some(ordering) => {
-                let incoming = Incoming::new(delivery.clone());
-                let Some(key) = ordering.key.of(&incoming) else {
-                    handlers.spawn(async move { worker.handle(delivery).await });
-                    continue;
-                };
-                drop(incoming);
+        let key = ordering
+            .as_ref()
+            .and_then(|o| o.key.of(&Incoming::new(delivery.clone())));
+        match (&ordering, key) {
+            (Some(ordering), Some(key)) => {
                 let (done, tail) = oneshot::channel::<()>();
                 let previous = ordering
                     .tails
@@ -230,24 +233,32 @@ async fn fetch_loop(
                     .insert(key.clone(), (sequence, tail.shared()));
                 let tails = ordering.tails.clone();
                 let me = sequence;
-                handlers.spawn(async move {
-                    if let Some((_, previous)) = previous {
-                        // Settled, or its task is gone (sender dropped): either way our turn.
-                        let _ = previous.await;
+                handlers.push(
+                    async move {
+                        if let Some((_, previous)) = previous {
+                            // Settled, or its future is gone (sender dropped): our turn.
+                            let _ = previous.await;
+                        }
+                        worker.handle(delivery).await;
+                        let _ = done.send(());
+                        let mut tails = tails.lock().unwrap_or_else(|p| p.into_inner());
+                        if tails.get(&key).is_some_and(|(seq, _)| *seq == me) {
+                            tails.remove(&key);
+                        }
                     }
-                    worker.handle(delivery).await;
-                    let _ = done.send(());
-                    let mut tails = tails.lock().unwrap_or_else(|p| p.into_inner());
-                    if tails.get(&key).is_some_and(|(seq, _)| *seq == me) {
-                        tails.remove(&key);
-                    }
-                });
+                    .boxed(),
+                );
             }
+            _ => handlers.push(async move { worker.handle(delivery).await }.boxed()),
         }
     }
-    // Dropping the subscription stops fetching; deliveries it still buffered go back to
-    // pending. In-flight deliveries keep it alive in the backend until settled.
-    drop(subscription);
+}
+
+async fn next_delivery(subscription: &mut Option<crate::pubsub::Subscription>) -> Option<Result<Delivery>> {
+    match subscription {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs deliveries of one subscription through its service and settles them.
@@ -255,7 +266,6 @@ async fn fetch_loop(
 struct Worker {
     service: BoxRoute,
     publisher: Arc<dyn Publisher>,
-    abandon: CancellationToken,
     handled: Arc<AtomicU64>,
     in_flight: Arc<AtomicU64>,
 }
@@ -265,31 +275,26 @@ impl Worker {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let run =
             AssertUnwindSafe(self.service.clone().oneshot(Incoming::new(delivery.clone()))).catch_unwind();
-        let outcome = tokio::select! {
-            biased;
-            // Past the shutdown deadline: drop the handler; the delivery stays pending.
-            _ = self.abandon.cancelled() => None,
-            result = run => Some(match result {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(error)) => {
-                    tracing::warn!(id = %delivery.id(), error = %error, "handler failed");
-                    outcome_of_error(&error)
-                }
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a non-string panic".into());
-                    tracing::error!(id = %delivery.id(), panic = what, "handler panicked; the delivery is nacked");
-                    Outcome::nack()
-                }
-            }),
+        let outcome = match run.await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(error)) => {
+                tracing::warn!(id = %delivery.id(), error = %error, "handler failed");
+                outcome_of_error(&error)
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-string panic".into());
+                tracing::error!(id = %delivery.id(), panic = what, "handler panicked; the delivery is nacked");
+                Outcome::nack()
+            }
         };
-        if let Some(outcome) = outcome {
-            settle(&delivery, outcome, &*self.publisher).await;
-            self.handled.fetch_add(1, Ordering::Relaxed);
-        }
+        settle(&delivery, outcome, &*self.publisher).await;
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        // (A future dropped at the shutdown deadline never gets here: its delivery stays
+        // pending, and the count is reported as abandoned.)
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -5,9 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::signal::Signal;
 use redis::Value;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::SubscriberStats;
 use super::shared::{Ledger, Op, lock};
@@ -38,7 +38,7 @@ enum Wake {
 }
 
 impl Flusher {
-    pub(crate) async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>, closed: CancellationToken) {
+    pub(crate) async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>, closed: Signal) {
         let mut batch = Vec::new();
         let mut failures = 0;
         loop {

@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::signal::Signal;
 use futures::future::BoxFuture;
 use redis::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use self::flusher::Flusher;
 use self::read_loop::Reader;
@@ -192,7 +192,7 @@ pub struct RedisSubscriber {
     conn: RedisConnection,
     options: RedisSubscriberOptions,
     store: Option<Arc<dyn CheckpointStore>>,
-    closed: CancellationToken,
+    closed: Signal,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stats: Arc<SubscriberStats>,
 }
@@ -220,7 +220,7 @@ impl RedisSubscriber {
             conn,
             options,
             store,
-            closed: CancellationToken::new(),
+            closed: Signal::new(),
             tasks: Mutex::new(Vec::new()),
             stats: Arc::new(SubscriberStats::default()),
         })
@@ -246,8 +246,8 @@ impl RedisSubscriber {
 
         let ledger = Arc::new(Mutex::new(Ledger::default()));
         let (ops_tx, ops_rx) = mpsc::unbounded_channel();
-        let released = CancellationToken::new();
-        let lease_lost = CancellationToken::new();
+        let released = Signal::new();
+        let lease_lost = Signal::new();
         let shared = Arc::new(Shared {
             conn: self.conn.clone(),
             origin: origin.clone(),

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::signal::Signal;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::SubscriberStats;
 use super::shared::Shared;
@@ -49,7 +49,7 @@ pub(crate) struct Reader {
     pub(crate) buffer: VecDeque<Delivery>,
     pub(crate) failures: u32,
     /// Cancelled by the heartbeat when another consumer took this consumer's lease.
-    pub(crate) lease_lost: CancellationToken,
+    pub(crate) lease_lost: Signal,
     pub(crate) lease_loss_reported: bool,
 }
 

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::signal::Signal;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::delivery::{DeliveryInfo, Origin, Settlement, Settler};
 use crate::error::{Error, Result};
@@ -91,10 +91,10 @@ pub(crate) struct Shared {
     /// The client id of the read connection while it is blocked in `XREADGROUP`, else 0.
     pub(crate) blocked_client: AtomicI64,
     /// The subscriber was closed.
-    pub(crate) closed: CancellationToken,
+    pub(crate) closed: Signal,
     /// Cancelled when the last user of this state (reader or delivery) is gone: the heartbeat
     /// then releases the lease.
-    pub(crate) released: CancellationToken,
+    pub(crate) released: Signal,
 }
 
 impl Shared {
