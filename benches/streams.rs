@@ -251,9 +251,11 @@ async fn raw_publish_awaited(url: String, n: u64, size: usize) -> (u64, Vec<Dura
 
 async fn streamwise_publish_awaited(url: String, n: u64, size: usize) -> (u64, Vec<Duration>) {
     let publisher = RedisBackend::new(&url).expect("url").publisher();
+    let base = message(size);
     let mut lat = Vec::with_capacity(n as usize);
     for _ in 0..n {
-        let m = message(size);
+        // A clone of one message, as the raw loop sends one pre-serialized body.
+        let m = base.clone();
         let t = Instant::now();
         publisher.publish("sw-pub", m).await.expect("publish");
         lat.push(t.elapsed());
@@ -267,12 +269,14 @@ async fn streamwise_publish_batched(url: String, n: u64, size: usize) -> (u64, V
     let tasks = 50u64;
     let batch = 64u64;
     let per_task = n / tasks / batch;
+    let base = message(size);
     let mut handles = Vec::new();
     for _ in 0..tasks {
         let publisher = publisher.clone();
+        let base = base.clone();
         handles.push(tokio::spawn(async move {
             for _ in 0..per_task {
-                let batch: Vec<Message> = (0..batch).map(|_| message(size)).collect();
+                let batch: Vec<Message> = (0..batch).map(|_| base.clone()).collect();
                 publisher
                     .publish_batch("sw-batch", batch)
                     .await

@@ -221,9 +221,9 @@ impl RedisPublisher {
                 now_ms().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX))
             });
 
-        let mut pipe = redis::pipe();
-        for fields in &entries {
-            let cmd = pipe.cmd("XADD").arg(topic);
+        let xadd = |fields: &Vec<(&'static str, Bytes)>| {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(topic);
             if !self.options.auto_create {
                 cmd.arg("NOMKSTREAM");
             }
@@ -234,22 +234,40 @@ impl RedisPublisher {
             for (name, value) in fields {
                 cmd.arg(*name).arg(&value[..]);
             }
-        }
-        if let Some(min_ms) = trim_before {
-            pipe.cmd("XTRIM")
-                .arg(topic)
-                .arg("MINID")
-                .arg("~")
-                .arg(min_ms)
-                .ignore();
-        }
-        let replies: Vec<Value> = self
-            .conn
-            .run_mapped("publish", |mut c| {
-                let pipe = pipe.clone();
-                async move { pipe.query_async(&mut c).await }
-            })
-            .await?;
+            cmd
+        };
+        let replies: Vec<Value> = if let ([fields], None) = (entries.as_slice(), trim_before) {
+            // One entry: a plain command, without a pipeline's overhead.
+            let cmd = xadd(fields);
+            let reply: Value = self
+                .conn
+                .run_mapped("publish", |mut c| {
+                    let cmd = &cmd;
+                    async move { cmd.query_async(&mut c).await }
+                })
+                .await?;
+            vec![reply]
+        } else {
+            let mut pipe = redis::pipe();
+            for fields in &entries {
+                pipe.add_command(xadd(fields));
+            }
+            if let Some(min_ms) = trim_before {
+                pipe.cmd("XTRIM")
+                    .arg(topic)
+                    .arg("MINID")
+                    .arg("~")
+                    .arg(min_ms)
+                    .ignore();
+            }
+            self.conn
+                .run_mapped("publish", |mut c| {
+                    // Borrowed, not cloned: a retry resends the same pipeline.
+                    let pipe = &pipe;
+                    async move { pipe.query_async(&mut c).await }
+                })
+                .await?
+        };
         if trim_before.is_some() {
             self.update_state(topic, |s| s.trimmed_at = Some(Instant::now()));
         }

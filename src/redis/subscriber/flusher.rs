@@ -127,7 +127,7 @@ impl Flusher {
         let sent = self
             .conn
             .run_mapped("XACK", |mut c| {
-                let cmd = xack.clone();
+                let cmd = &xack;
                 async move { cmd.query_async::<u64>(&mut c).await }
             })
             .await;
