@@ -5,13 +5,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::future::Future;
 
-use tower::{Layer, Service, service_fn};
+use tower::service_fn;
 
 use super::marshal::{self, Command, Event};
 use super::{CORRELATION_ID, Cqrs, IntoEmit, Kind, REPLY_TO};
 use crate::error::{BoxError, Error, Result, validate_name};
 use crate::pubsub::SubscribeOptions;
-use crate::router::{BoxRoute, Fallback, Incoming, LayerFn, Outcome, Router, boxed, layer_fn};
+use crate::router::{BoxRoute, Fallback, Incoming, LayerFn, Outcome, RouteLayer, Router, boxed};
 
 /// One typed handler, ready to route.
 struct Entry {
@@ -19,6 +19,16 @@ struct Entry {
     name: String,
     topic: Result<String>,
     service: BoxRoute,
+}
+
+impl Entry {
+    fn new(cqrs: &Cqrs, kind: Kind, name: String, service: BoxRoute) -> Self {
+        Entry {
+            topic: cqrs.topic(kind, &name),
+            name,
+            service,
+        }
+    }
 }
 
 /// Decodes the typed value of a delivery, or the dead-letter outcome when it does not decode.
@@ -114,13 +124,13 @@ impl CommandProcessor {
         R: IntoEmit + 'static,
         E: Into<BoxError> + 'static,
     {
-        let name = C::name().into_owned();
         let service = typed_service(self.cqrs.clone(), handler);
-        self.entries.push(Entry {
-            topic: self.cqrs.topic(Kind::Command, &name),
-            name,
+        self.entries.push(Entry::new(
+            &self.cqrs,
+            Kind::Command,
+            C::name().into_owned(),
             service,
-        });
+        ));
         self
     }
 
@@ -162,24 +172,15 @@ impl CommandProcessor {
                 }
             }
         }));
-        self.entries.push(Entry {
-            topic: self.cqrs.topic(Kind::Command, &name),
-            name,
-            service,
-        });
+        self.entries
+            .push(Entry::new(&self.cqrs, Kind::Command, name, service));
         self
     }
 
     /// Wraps every command handler of this processor (like [`Routes::layer`](crate::router::Routes::layer)).
     #[must_use]
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: Layer<BoxRoute> + Send + Sync + 'static,
-        L::Service: Service<Incoming, Response = Outcome> + Clone + Send + Sync + 'static,
-        <L::Service as Service<Incoming>>::Error: Into<BoxError>,
-        <L::Service as Service<Incoming>>::Future: Send + 'static,
-    {
-        self.layers.push(layer_fn(layer));
+    pub fn layer(mut self, layer: impl RouteLayer) -> Self {
+        self.layers.push(layer.into_route_fn());
         self
     }
 
@@ -273,29 +274,16 @@ impl EventProcessor {
         R: IntoEmit + 'static,
         Err: Into<BoxError> + 'static,
     {
-        let name = E::name().into_owned();
         let service = typed_service(self.cqrs.clone(), handler);
-        self.entries.push((
-            handler_name.to_owned(),
-            Entry {
-                topic: self.cqrs.topic(Kind::Event, &name),
-                name,
-                service,
-            },
-        ));
+        let entry = Entry::new(&self.cqrs, Kind::Event, E::name().into_owned(), service);
+        self.entries.push((handler_name.to_owned(), entry));
         self
     }
 
     /// Wraps every event handler of this processor.
     #[must_use]
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: Layer<BoxRoute> + Send + Sync + 'static,
-        L::Service: Service<Incoming, Response = Outcome> + Clone + Send + Sync + 'static,
-        <L::Service as Service<Incoming>>::Error: Into<BoxError>,
-        <L::Service as Service<Incoming>>::Future: Send + 'static,
-    {
-        self.layers.push(layer_fn(layer));
+    pub fn layer(mut self, layer: impl RouteLayer) -> Self {
+        self.layers.push(layer.into_route_fn());
         self
     }
 
@@ -381,26 +369,20 @@ impl EventGroupProcessor {
         R: IntoEmit + 'static,
         Err: Into<BoxError> + 'static,
     {
-        let name = E::name().into_owned();
         let service = typed_service(self.cqrs.clone(), handler);
-        self.entries.push(Entry {
-            topic: self.cqrs.topic(Kind::Event, &name),
-            name,
+        self.entries.push(Entry::new(
+            &self.cqrs,
+            Kind::Event,
+            E::name().into_owned(),
             service,
-        });
+        ));
         self
     }
 
     /// Wraps every handler of the group.
     #[must_use]
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: Layer<BoxRoute> + Send + Sync + 'static,
-        L::Service: Service<Incoming, Response = Outcome> + Clone + Send + Sync + 'static,
-        <L::Service as Service<Incoming>>::Error: Into<BoxError>,
-        <L::Service as Service<Incoming>>::Future: Send + 'static,
-    {
-        self.layers.push(layer_fn(layer));
+    pub fn layer(mut self, layer: impl RouteLayer) -> Self {
+        self.layers.push(layer.into_route_fn());
         self
     }
 

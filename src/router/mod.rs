@@ -103,6 +103,27 @@ where
     Arc::new(move |inner| boxed(layer.layer(inner)))
 }
 
+/// A tower [`Layer`] that fits the router: it wraps a [`BoxRoute`] into another cloneable
+/// service from [`Incoming`] to [`Outcome`]. Every such layer implements it (tower's own,
+/// `streamwise-middleware`'s, yours).
+pub trait RouteLayer: Send + Sync + 'static {
+    /// The layer as a function on boxed routes.
+    #[doc(hidden)]
+    fn into_route_fn(self) -> Arc<dyn Fn(BoxRoute) -> BoxRoute + Send + Sync>;
+}
+
+impl<L> RouteLayer for L
+where
+    L: Layer<BoxRoute> + Send + Sync + 'static,
+    L::Service: Service<Incoming, Response = Outcome> + Clone + Send + Sync + 'static,
+    <L::Service as Service<Incoming>>::Error: Into<BoxError>,
+    <L::Service as Service<Incoming>>::Future: Send + 'static,
+{
+    fn into_route_fn(self) -> LayerFn {
+        layer_fn(self)
+    }
+}
+
 /// What to do with a delivery whose event type has no route.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Fallback {
@@ -249,14 +270,8 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
 
     /// Wraps every delivery of this subscription (a subscription-level layer).
     #[must_use]
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: Layer<BoxRoute> + Send + Sync + 'static,
-        L::Service: Service<Incoming, Response = Outcome> + Clone + Send + Sync + 'static,
-        <L::Service as Service<Incoming>>::Error: Into<BoxError>,
-        <L::Service as Service<Incoming>>::Future: Send + 'static,
-    {
-        self.layers.push(layer_fn(layer));
+    pub fn layer(mut self, layer: impl RouteLayer) -> Self {
+        self.layers.push(layer.into_route_fn());
         self
     }
 
@@ -380,14 +395,8 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
 
     /// Wraps every delivery of every subscription (a router-level layer, outermost).
     #[must_use]
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: Layer<BoxRoute> + Send + Sync + 'static,
-        L::Service: Service<Incoming, Response = Outcome> + Clone + Send + Sync + 'static,
-        <L::Service as Service<Incoming>>::Error: Into<BoxError>,
-        <L::Service as Service<Incoming>>::Future: Send + 'static,
-    {
-        self.layers.push(layer_fn(layer));
+    pub fn layer(mut self, layer: impl RouteLayer) -> Self {
+        self.layers.push(layer.into_route_fn());
         self
     }
 
