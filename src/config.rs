@@ -132,8 +132,17 @@ impl Config {
 
     /// Parses YAML text.
     pub fn from_yaml_str(yaml: &str) -> Result<Self> {
-        let doc: Value = serde_norway::from_str(yaml)
-            .map_err(|e| Error::invalid("config", format_args!("not valid YAML: {e}")))?;
+        let doc: Value = serde_norway::from_str(yaml).map_err(|e| {
+            // The parser names the key path when a value cannot be represented (a number too
+            // big for 64 bits, say): keep that as the field.
+            let text = e.to_string();
+            let field = text
+                .split_once(": ")
+                .map(|(path, _)| path)
+                .filter(|path| path.starts_with(ROOT) && !path.contains(char::is_whitespace))
+                .map_or_else(|| "config".to_owned(), str::to_owned);
+            Error::invalid(field, format_args!("not valid YAML: {text}"))
+        })?;
         let mut config = Config::default();
         if doc.is_null() {
             return Ok(config);
