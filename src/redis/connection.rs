@@ -342,7 +342,7 @@ impl CommandError {
 
 /// Errors that a new attempt, maybe on a new connection, can cure.
 pub(crate) fn is_transient(e: &RedisError) -> bool {
-    if is_auth_failure(e) {
+    if is_auth_failure(e) || e.code() == Some("NOPERM") {
         return false;
     }
     e.is_timeout()
@@ -354,8 +354,10 @@ pub(crate) fn is_transient(e: &RedisError) -> bool {
         )
 }
 
+/// Wrong or missing credentials: retrying cannot help, and the error says so. (`NOPERM`, an
+/// ACL refusing a command or key, is a server error of its own, not a failed login.)
 fn is_auth_failure(e: &RedisError) -> bool {
-    e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+    e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
 }
 
 /// `url` with the password (and any `pass`/`password` query value) replaced by `***`.

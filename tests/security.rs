@@ -1,0 +1,246 @@
+//! Security: password authentication and an ACL user restricted to its keys work end to end;
+//! wrong credentials give a clear error at once; passwords never appear in `Debug`, `Display`,
+//! error messages or log output.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use streamwise::redis::{RedisBackend, RedisConnection};
+use streamwise::{Error, Message, Publisher, SubscribeOptions, Subscriber};
+use tracing_subscriber::fmt::MakeWriter;
+
+use common::RedisServer;
+
+const PASSWORD: &str = "s3cret-Pa55";
+
+fn url_with(server: &RedisServer, userinfo: &str) -> String {
+    format!("redis://{userinfo}@127.0.0.1:{}", server.port())
+}
+
+async fn round_trip(url: &str, stream: &str) -> streamwise::Result<()> {
+    let redis = RedisBackend::new(url)?;
+    let subscriber = redis.subscriber()?;
+    let mut sub = subscriber
+        .subscribe(
+            stream,
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
+        )
+        .await?;
+    let id = redis.publisher().publish(stream, Message::new("t", &1)?).await?;
+    let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("a delivery in time")
+        .expect("open")?;
+    assert_eq!(d.id(), id);
+    d.ack().await?;
+    subscriber.close().await?;
+    assert_eq!(redis.pending_count(stream, "g").await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_password_protected_server_works_end_to_end() {
+    let server = RedisServer::start_with(&["--requirepass", PASSWORD]);
+    round_trip(&url_with(&server, &format!(":{PASSWORD}")), "orders")
+        .await
+        .unwrap();
+    // Without the password: a clear error, not retried for long.
+    let started = tokio::time::Instant::now();
+    let conn = RedisConnection::builder(&format!("redis://127.0.0.1:{}", server.port()))
+        .max_retries(5)
+        .retry_base_delay(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let err = RedisBackend::with_connection(conn)
+        .publisher()
+        .publish("orders", Message::new("t", &1).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "authentication errors are not retried"
+    );
+    assert!(
+        matches!(err, Error::Connection { .. } | Error::Backend(_)),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("NOAUTH") || err.to_string().contains("authentication"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_acl_user_limited_to_its_keys_works_and_is_refused_elsewhere() {
+    // The default user is off; alice may touch her streams and streamwise's keys, and may not
+    // run dangerous commands (CLIENT UNBLOCK among them: the subscriber copes without it).
+    let server = RedisServer::start_with(&[
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "alice",
+        "on",
+        &format!(">{PASSWORD}"),
+        "~orders*",
+        "~streamwise:*",
+        "&*",
+        "+@all",
+        "-@dangerous",
+    ]);
+    let url = url_with(&server, &format!("alice:{PASSWORD}"));
+    round_trip(&url, "orders").await.unwrap();
+
+    // A nack is still redelivered (the reader wakes at the end of its block, not by UNBLOCK).
+    let redis = RedisBackend::new(&url).unwrap();
+    let subscriber = redis.subscriber().unwrap();
+    let mut sub = subscriber
+        .subscribe(
+            "orders-2",
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    redis
+        .publisher()
+        .publish("orders-2", Message::new("t", &2).unwrap())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    first.nack().await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.id(), again.delivery_count()), (first.id(), 2));
+    again.ack().await.unwrap();
+    subscriber.close().await.unwrap();
+
+    // Outside her key patterns: NOPERM, at once, naming the refusal.
+    let err = redis
+        .publisher()
+        .publish("payments", Message::new("t", &1).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Backend(_)), "{err:?}");
+    assert!(err.to_string().to_lowercase().contains("noperm"), "{err}");
+    assert!(!err.to_string().contains(PASSWORD), "{err}");
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_a_clear_connection_error() {
+    let server = RedisServer::start_with(&["--user", "alice", "on", ">right", "~*", "&*", "+@all"]);
+    let conn = RedisConnection::builder(&url_with(&server, "alice:wrong-password"))
+        .max_retries(5)
+        .retry_base_delay(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let err = RedisBackend::with_connection(conn)
+        .publisher()
+        .publish("s", Message::new("t", &1).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "not retried: {:?}",
+        started.elapsed()
+    );
+    match &err {
+        Error::Connection { message, .. } => {
+            assert!(message.contains("authentication"), "{message}");
+            assert!(message.contains("alice:***@"), "{message}");
+        }
+        other => panic!("expected a connection error, got {other:?}"),
+    }
+    let mut everything = format!("{err} {err:?}");
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        everything.push_str(&format!(" {s} {s:?}"));
+        source = s.source();
+    }
+    assert!(!everything.contains("wrong-password"), "{everything}");
+    // The subscriber says the same.
+    let conn = RedisConnection::new(&url_with(&server, "alice:wrong-password")).unwrap();
+    let subscriber = RedisBackend::with_connection(conn).subscriber().unwrap();
+    let err = subscriber
+        .subscribe("s", SubscribeOptions::new("g", "c"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains("wrong-password"));
+}
+
+/// Collects log output.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn passwords_never_reach_debug_display_errors_or_logs() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    // A server that goes away: retries are logged, then the error surfaces.
+    let server = RedisServer::start_with(&["--requirepass", PASSWORD]);
+    let url = url_with(&server, &format!(":{PASSWORD}"));
+    let conn = RedisConnection::builder(&url)
+        .max_retries(2)
+        .retry_base_delay(Duration::from_millis(5))
+        .retry_max_delay(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let redis = RedisBackend::with_connection(conn.clone());
+    let publisher = redis.publisher();
+    publisher
+        .publish("s", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    drop(server);
+    let err = publisher
+        .publish("s", Message::new("t", &2).unwrap())
+        .await
+        .unwrap_err();
+
+    let mut everything = format!("{err} {err:?} {conn:?} {redis:?} {publisher:?} {}", conn.url());
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        everything.push_str(&format!(" {s} {s:?}"));
+        source = s.source();
+    }
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("retrying"), "the retries were logged:\n{logs}");
+    assert!(!everything.contains(PASSWORD), "{everything}");
+    assert!(!logs.contains(PASSWORD), "{logs}");
+    assert!(everything.contains(":***@"), "{everything}");
+}
