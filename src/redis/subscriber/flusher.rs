@@ -1,6 +1,8 @@
-//! The flusher task of a subscription: acks gather for a short interval and go out as one
-//! multi-id `XACK`; a failed batch is retried on a timer; then the checkpoint is saved. It also
-//! unblocks the reader's blocking read when a nack needs it awake.
+//! The flusher task of a subscription: acks go out as multi-id `XACK`s. A batch is sent as soon
+//! as the previous one returned, with every ack that queued meanwhile (so batches grow with the
+//! load and few acks wait unflushed), or after an optional gathering interval. A failed batch is
+//! retried on a timer. The checkpoint is saved at most every 100 ms and on close. The flusher
+//! also unblocks the reader's blocking read when a nack needs it awake.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -19,6 +21,9 @@ use crate::redis::connection::RedisConnection;
 /// Most ids in one `XACK`.
 const MAX_ACK_BATCH: usize = 1000;
 
+/// How often at most the checkpoint is saved while acks flow (it is saved on close too).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
 pub(crate) struct Flusher {
     pub(crate) ledger: Arc<Mutex<Ledger>>,
     pub(crate) conn: RedisConnection,
@@ -29,6 +34,7 @@ pub(crate) struct Flusher {
     /// The highest id acked so far, and the checkpoint last saved.
     pub(crate) acked_up_to: Option<EntryId>,
     pub(crate) saved: Option<EntryId>,
+    pub(crate) saved_at: Option<tokio::time::Instant>,
 }
 
 enum Wake {
@@ -54,9 +60,16 @@ impl Flusher {
                 Wake::Retry => {}
                 Wake::Op(first) => {
                     self.take(first, &mut batch).await;
+                    // What queued while the last XACK was on its way: the natural batch.
+                    while batch.len() < MAX_ACK_BATCH {
+                        match ops.try_recv() {
+                            Ok(op) => self.take(op, &mut batch).await,
+                            Err(_) => break,
+                        }
+                    }
                     let gather = tokio::time::sleep(self.interval);
                     tokio::pin!(gather);
-                    while batch.len() < MAX_ACK_BATCH {
+                    while !self.interval.is_zero() && batch.len() < MAX_ACK_BATCH {
                         tokio::select! {
                             biased;
                             _ = closed.cancelled() => break,
@@ -83,6 +96,7 @@ impl Flusher {
             }
         }
         self.flush(&mut batch).await;
+        self.save_checkpoint(true).await;
         if !batch.is_empty() {
             tracing::error!(
                 stream = self.origin.stream(),
@@ -136,26 +150,30 @@ impl Flusher {
             return false;
         }
         SubscriberStats::add(&self.stats.acked, batch.len() as u64);
-        let oldest_owned = {
+        {
             let mut ledger = lock(&self.ledger);
             for id in batch.iter() {
                 ledger.acking.remove(id);
             }
-            ledger.oldest_owned()
-        };
+        }
         self.acked_up_to = self.acked_up_to.max(batch.iter().max().copied());
         batch.clear();
-        self.save_checkpoint(oldest_owned).await;
+        self.save_checkpoint(false).await;
         true
     }
 
     /// Saves the low watermark: the highest acked id, unless this subscription still owns an
     /// older entry, in which case just below that one. A re-created group resumes from the
     /// lowest watermark of its consumers, so nothing unacked is skipped. Never moves back.
-    async fn save_checkpoint(&mut self, oldest_owned: Option<EntryId>) {
+    /// (At most every [`CHECKPOINT_EVERY`], unless `now`.)
+    async fn save_checkpoint(&mut self, now: bool) {
+        if !now && self.saved_at.is_some_and(|t| t.elapsed() < CHECKPOINT_EVERY) {
+            return;
+        }
         let (Some(store), Some(acked)) = (&self.store, self.acked_up_to) else {
             return;
         };
+        let oldest_owned = lock(&self.ledger).oldest_owned();
         let watermark = match oldest_owned {
             Some(oldest) if oldest <= acked => oldest.prev(),
             _ => Some(acked),

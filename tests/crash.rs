@@ -1,0 +1,196 @@
+//! Crashes: a consumer process is killed with SIGKILL 20 times at random points while 100,000
+//! messages flow; the next processes (reclaiming the dead ones' entries) finish the work.
+//! Every message is handled at least once, duplicates stay within the in-flight windows of
+//! the killed processes, and nothing is left pending.
+//!
+//! The consumer process is this test binary run again with `STREAMWISE_CRASH_URL` set (see
+//! [`consumer_process_entry_point`]).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use streamwise::redis::client::cmd;
+use streamwise::redis::{RedisBackend, RedisConnection, RedisSubscriber, RedisSubscriberOptions};
+use streamwise::router::{Json, Router, State};
+use streamwise::{Message, Publisher, ReclaimOptions, SubscribeOptions};
+
+use common::RedisServer;
+
+const MESSAGES: u64 = 100_000;
+const KILLS: u32 = 20;
+const STREAM: &str = "work";
+const HANDLED: &str = "crash-test:handled";
+/// Per consumer process: deliveries in flight and entries per read.
+const WINDOW: usize = 50;
+
+/// Not a test of its own: the body of the consumer processes that
+/// [`twenty_sigkills_lose_nothing`] starts. Without `STREAMWISE_CRASH_URL` it does nothing.
+#[test]
+fn consumer_process_entry_point() {
+    let (Ok(url), Ok(name)) = (
+        std::env::var("STREAMWISE_CRASH_URL"),
+        std::env::var("STREAMWISE_CRASH_NAME"),
+    ) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let conn = RedisConnection::new(&url).expect("url");
+        // A short lease: a killed process counts as crashed after a second, and the next
+        // process takes its entries at once.
+        let subscriber = RedisSubscriber::new(
+            conn.clone(),
+            RedisSubscriberOptions::default().lease_ttl(Duration::from_secs(1)),
+        )
+        .expect("subscriber");
+        async fn handle(Json(n): Json<u64>, State(conn): State<RedisConnection>) -> streamwise::Result<()> {
+            // Recorded before the ack: a crash after this line is a duplicate, never a loss.
+            conn.command::<i64>(cmd("HINCRBY").arg(HANDLED).arg(n).arg(1))
+                .await?;
+            Ok(())
+        }
+        let options = SubscribeOptions::new("workers", &name)
+            .max_in_flight(WINDOW)
+            .batch_size(WINDOW)
+            .block(Duration::from_millis(200))
+            .reclaim(ReclaimOptions::new(
+                Duration::from_millis(200),
+                Duration::from_secs(30),
+            ));
+        let router = Router::with_state(conn.clone());
+        let routes = router.routes().route("n", handle);
+        let _running = router
+            .subscribe(STREAM, options, routes)
+            .start(
+                Arc::new(subscriber),
+                Arc::new(RedisBackend::with_connection(conn).publisher()),
+            )
+            .await
+            .expect("router");
+        println!("consumer {name} running");
+        // Runs until killed.
+        std::future::pending::<()>().await;
+    });
+}
+
+fn spawn_consumer(url: &str, name: &str) -> Child {
+    Command::new(std::env::current_exe().expect("own path"))
+        .args([
+            "consumer_process_entry_point",
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("STREAMWISE_CRASH_URL", url)
+        .env("STREAMWISE_CRASH_NAME", name)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a consumer process")
+}
+
+/// A small deterministic generator for kill points (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_sigkills_lose_nothing() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let conn = RedisConnection::new(&url).unwrap();
+    let publisher = RedisBackend::with_connection(conn.clone()).publisher();
+    for batch in 0..MESSAGES / 1000 {
+        let messages = (batch * 1000..(batch + 1) * 1000)
+            .map(|n| Message::new("n", &n).unwrap())
+            .collect();
+        publisher.publish_batch(STREAM, messages).await.unwrap();
+    }
+    let handled = || async {
+        conn.command::<u64>(&cmd("HLEN").arg(HANDLED).clone())
+            .await
+            .unwrap()
+    };
+    let seed = Instant::now().elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    let mut rng = Rng(seed | 1);
+    let started = Instant::now();
+
+    for kill in 0..KILLS {
+        let mut child = spawn_consumer(&url, &format!("c{kill}"));
+        // Kill while messages flow: after it handled something, at a random point.
+        let before = handled().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while handled().await <= before {
+            assert!(Instant::now() < deadline, "consumer c{kill} made no progress");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "consumer c{kill} exited by itself"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(300))).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let at_last_kill = handled().await;
+    assert!(
+        at_last_kill < MESSAGES,
+        "the kills happened while messages were still flowing"
+    );
+
+    let mut last = spawn_consumer(&url, "survivor");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let pending: Vec<streamwise::redis::client::Value> = conn
+            .command(cmd("XPENDING").arg(STREAM).arg("workers"))
+            .await
+            .unwrap();
+        let pending = match pending.first() {
+            Some(streamwise::redis::client::Value::Int(n)) => *n,
+            _ => -1,
+        };
+        if handled().await == MESSAGES && pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not finished: {} handled, {pending} pending",
+            handled().await
+        );
+        assert!(
+            last.try_wait().unwrap().is_none(),
+            "the surviving consumer exited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last.kill().unwrap();
+    last.wait().unwrap();
+
+    let counts: Vec<u64> = conn.command(cmd("HVALS").arg(HANDLED)).await.unwrap();
+    let total: u64 = counts.iter().sum();
+    let duplicates = total - MESSAGES;
+    println!(
+        "crash test: {MESSAGES} messages, {KILLS} SIGKILLs, {duplicates} duplicates, 0 lost, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        counts.len() as u64,
+        MESSAGES,
+        "every message handled at least once"
+    );
+    // Each killed process could have handled, but not yet acked, its in-flight window, plus
+    // the acks of the last flush interval.
+    let bound = u64::from(KILLS) * 2 * WINDOW as u64;
+    assert!(duplicates <= bound, "{duplicates} duplicates, more than {bound}");
+}
