@@ -47,6 +47,8 @@ fn consumer_process_entry_point() {
         )
         .expect("subscriber");
         async fn handle(Json(n): Json<u64>, State(conn): State<RedisConnection>) -> streamwise::Result<()> {
+            // Some work first, as real handlers do: a kill often lands in the middle of it.
+            tokio::time::sleep(Duration::from_millis(2)).await;
             // Recorded before the ack: a crash after this line is a duplicate, never a loss.
             conn.command::<i64>(cmd("HINCRBY").arg(HANDLED).arg(n).arg(1))
                 .await?;
@@ -160,8 +162,20 @@ async fn twenty_sigkills_lose_nothing() {
             Some(streamwise::redis::client::Value::Int(n)) => *n,
             _ => -1,
         };
-        if handled().await == MESSAGES && pending == 0 {
+        let done = handled().await;
+        if done == MESSAGES && pending == 0 {
             break;
+        }
+        // Everything delivered and acknowledged, yet not everything handled: lost for good.
+        let lag = streamwise::redis::admin::group_info(&conn, STREAM, "workers")
+            .await
+            .unwrap()
+            .lag;
+        if pending == 0 && lag == Some(0) && handled().await < MESSAGES {
+            panic!(
+                "{} messages were acknowledged without being handled: lost",
+                MESSAGES - handled().await
+            );
         }
         assert!(
             Instant::now() < deadline,
