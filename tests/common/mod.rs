@@ -140,7 +140,8 @@ fn scratch_dir() -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
+/// A free loopback port other than 6379 (for a second listener, such as a TLS port).
+pub fn free_port() -> u16 {
     loop {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a free port");
         let port = listener.local_addr().expect("local addr").port();

@@ -1,0 +1,235 @@
+//! TLS: a `rediss://` URL with a private CA's root certificate carries a publish, a delivery
+//! and its ack end to end; a server whose certificate the client does not trust is refused
+//! with a clear connection error that does not quote the password; a malformed root
+//! certificate is refused when the connection is built.
+//!
+//! The certificates are made for each run with the `openssl` command line tool (installed by
+//! `scripts/test`), so no key material is committed.
+#![cfg(feature = "tls")]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use futures::StreamExt;
+use streamwise::redis::{RedisBackend, RedisConnection};
+use streamwise::{Error, Message, Publisher, SubscribeOptions, Subscriber};
+
+use common::RedisServer;
+
+const PASSWORD: &str = "tls-Pa55word";
+
+/// Runs `openssl` with `args` in `dir`, panicking with its output when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the TLS test needs the `openssl` tool (`apt-get install openssl`)");
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Makes `<name>-ca.pem` (a self-signed CA) and, signed by it, `<name>-server.pem` and
+/// `<name>-server.key` for 127.0.0.1 and localhost.
+fn make_certificates(dir: &Path, name: &str) {
+    let ca_key = format!("{name}-ca.key");
+    let ca = format!("{name}-ca.pem");
+    let key = format!("{name}-server.key");
+    let csr = format!("{name}-server.csr");
+    let cert = format!("{name}-server.pem");
+    let ext = format!("{name}-server.ext");
+    openssl(dir, &["genrsa", "-out", &ca_key, "2048"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &ca_key,
+            "-sha256",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=streamwise test CA {name}"),
+            "-out",
+            &ca,
+        ],
+    );
+    openssl(dir, &["genrsa", "-out", &key, "2048"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            "/CN=127.0.0.1",
+            "-out",
+            &csr,
+        ],
+    );
+    std::fs::write(
+        dir.join(&ext),
+        "basicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\n\
+         subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-sha256",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ],
+    );
+}
+
+/// A server with a password, its plain port for the harness and a TLS port for the test.
+struct TlsServer {
+    /// Kept so that the server lives as long as the test.
+    _server: RedisServer,
+    tls_port: u16,
+}
+
+impl TlsServer {
+    fn start(certificates: &Path) -> Self {
+        make_certificates(certificates, "good");
+        let path = |file: &str| certificates.join(file).to_string_lossy().into_owned();
+        let tls_port = common::free_port();
+        let server = RedisServer::start_with(&[
+            "--requirepass",
+            PASSWORD,
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &path("good-server.pem"),
+            "--tls-key-file",
+            &path("good-server.key"),
+            "--tls-ca-cert-file",
+            &path("good-ca.pem"),
+            "--tls-auth-clients",
+            "no",
+        ]);
+        TlsServer {
+            _server: server,
+            tls_port,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("rediss://:{PASSWORD}@127.0.0.1:{}", self.tls_port)
+    }
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("streamwise-tls-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn a_rediss_url_with_the_private_ca_publishes_delivers_and_acks() {
+    let dir = scratch("round-trip");
+    let tls = TlsServer::start(&dir);
+    let ca = std::fs::read(dir.join("good-ca.pem")).unwrap();
+    let conn = RedisConnection::builder(&tls.url())
+        .tls_root_certificate(ca)
+        .build()
+        .unwrap();
+    let redis = RedisBackend::with_connection(conn);
+    let subscriber = redis.subscriber().unwrap();
+    let mut sub = subscriber
+        .subscribe(
+            "orders",
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    let id = redis
+        .publisher()
+        .publish("orders", Message::new("order.placed", &7).unwrap())
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("a delivery in time")
+        .expect("open")
+        .unwrap();
+    assert_eq!(delivery.id(), id);
+    assert_eq!(delivery.message().decode::<i32>().unwrap(), 7);
+    delivery.ack().await.unwrap();
+    subscriber.close().await.unwrap();
+    assert_eq!(redis.pending_count("orders", "g").await.unwrap(), 0);
+    drop(tls);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_server_certificate_from_another_ca_is_refused_without_quoting_the_password() {
+    let dir = scratch("wrong-ca");
+    let tls = TlsServer::start(&dir);
+    make_certificates(&dir, "other");
+    let other_ca = std::fs::read(dir.join("other-ca.pem")).unwrap();
+    let conn = RedisConnection::builder(&tls.url())
+        .tls_root_certificate(other_ca)
+        .max_retries(5)
+        .retry_base_delay(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let err = RedisBackend::with_connection(conn)
+        .publisher()
+        .publish("orders", Message::new("t", &1).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "an untrusted certificate is not retried"
+    );
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains(PASSWORD), "{text}");
+    assert!(
+        err.to_string().contains("TLS handshake") && err.to_string().contains("UnknownIssuer"),
+        "the error says the certificate is the problem: {text}"
+    );
+    drop(tls);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_malformed_root_certificate_is_refused_when_building() {
+    let err = RedisConnection::builder(&format!("rediss://:{PASSWORD}@127.0.0.1:1"))
+        .tls_root_certificate(b"not a certificate".to_vec())
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Invalid { field, .. } if field == "tls_root_certificate"),
+        "{err:?}"
+    );
+    assert!(!format!("{err} {err:?}").contains(PASSWORD));
+}
