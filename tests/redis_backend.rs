@@ -324,6 +324,83 @@ async fn malformed_entries_are_dead_lettered_and_the_subscription_goes_on() {
     assert_eq!(backend.pending_count("orders", "billing").await.unwrap(), 0);
 }
 
+#[tokio::test]
+async fn oversized_entries_are_dead_lettered_whole_and_unknown_fields_are_ignored() {
+    let server = RedisServer::start();
+    let big_payload = format!("\"{}\"", "x".repeat(2000));
+    let big = redis_cli(
+        &server,
+        &[
+            "XADD",
+            "orders",
+            "*",
+            "event_type",
+            "order.placed",
+            "payload",
+            &big_payload,
+        ],
+    );
+    // A field another producer added (say, a tracing header): ignored, the entry is delivered.
+    let extra = redis_cli(
+        &server,
+        &[
+            "XADD",
+            "orders",
+            "*",
+            "event_type",
+            "order.placed",
+            "payload",
+            "7",
+            "x-trace",
+            "abc",
+        ],
+    );
+
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let conn = RedisConnection::new(&server.url()).unwrap();
+    assert!(matches!(
+        RedisSubscriber::new(conn.clone(), RedisSubscriberOptions::default().max_entry_size(0)),
+        Err(Error::Invalid { field, .. }) if field == "max_entry_size"
+    ));
+    let subscriber =
+        RedisSubscriber::new(conn, RedisSubscriberOptions::default().max_entry_size(1024)).unwrap();
+    let mut sub = subscriber
+        .subscribe("orders", opts("billing", "c"))
+        .await
+        .unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(
+        d.id().to_string(),
+        extra,
+        "the oversized entry is never handed out"
+    );
+    assert_eq!(d.message().decode::<i32>().unwrap(), 7);
+    d.ack().await.unwrap();
+
+    // The record is as large as the entry: read it with the default limit.
+    let inspector = backend.subscriber().unwrap();
+    let mut dead = inspector
+        .subscribe(&dead_letter::stream_for("orders"), opts("inspect", "c"))
+        .await
+        .unwrap();
+    let r = recv(&mut dead).await;
+    let m = r.message();
+    assert_eq!(
+        m.event_type(),
+        "order.placed",
+        "the record is the original message"
+    );
+    assert_eq!(m.decode::<String>().unwrap().len(), 2000);
+    assert_eq!(m.metadata().get(dl::ORIGINAL_ID), Some(big.as_str()));
+    let reason = m.metadata().get(dl::REASON).unwrap();
+    assert!(reason.contains("larger than max_entry_size 1024"), "{reason}");
+    r.ack().await.unwrap();
+    inspector.close().await.unwrap();
+    assert_eq!(subscriber.stats().oversized, 1);
+    subscriber.close().await.unwrap();
+    assert_eq!(backend.pending_count("orders", "billing").await.unwrap(), 0);
+}
+
 /// Runs a consumer on a runtime of its own, takes `n` entries without settling them, then
 /// kills the runtime: no close, no lease release, connections gone, as in a process crash.
 fn crash_after_taking(

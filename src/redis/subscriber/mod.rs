@@ -31,6 +31,7 @@ use self::shared::{Ledger, Shared};
 use super::checkpoint::RedisCheckpointStore;
 use super::codec::{Codec, JsonCodec};
 use super::connection::{CommandError, RedisConnection};
+use super::publisher::DEFAULT_MAX_ENTRY_SIZE;
 use crate::checkpoint::CheckpointStore;
 use crate::delivery::Origin;
 use crate::error::{Error, Result};
@@ -45,6 +46,7 @@ pub struct RedisSubscriberOptions {
     checkpoints: Checkpoints,
     lease_ttl: Duration,
     ack_flush_interval: Duration,
+    max_entry_size: usize,
 }
 
 #[derive(Clone)]
@@ -56,13 +58,14 @@ enum Checkpoints {
 
 impl Default for RedisSubscriberOptions {
     /// JSON wire format, checkpoints in Redis, 10 s leases, acks sent as soon as the previous
-    /// `XACK` returned.
+    /// `XACK` returned, entries up to 1 MiB.
     fn default() -> Self {
         RedisSubscriberOptions {
             codec: Arc::new(JsonCodec),
             checkpoints: Checkpoints::Redis,
             lease_ttl: Duration::from_secs(10),
             ack_flush_interval: Duration::ZERO,
+            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
         }
     }
 }
@@ -78,6 +81,7 @@ impl std::fmt::Debug for RedisSubscriberOptions {
             .field("checkpoints", &checkpoints)
             .field("lease_ttl", &self.lease_ttl)
             .field("ack_flush_interval", &self.ack_flush_interval)
+            .field("max_entry_size", &self.max_entry_size)
             .finish_non_exhaustive()
     }
 }
@@ -124,7 +128,20 @@ impl RedisSubscriberOptions {
         self
     }
 
+    /// The largest entry (field names and values, in bytes) handed to the application.
+    /// Larger entries are dead-lettered whole, with the sizes in the reason, and the
+    /// subscription goes on. Default [`DEFAULT_MAX_ENTRY_SIZE`] (1 MiB), the publisher's
+    /// default: raise both together.
+    #[must_use]
+    pub fn max_entry_size(mut self, bytes: usize) -> Self {
+        self.max_entry_size = bytes;
+        self
+    }
+
     fn validate(&self) -> Result<()> {
+        if self.max_entry_size == 0 {
+            return Err(Error::invalid("max_entry_size", "must be at least 1 byte"));
+        }
         if self.lease_ttl < Duration::from_millis(30) {
             return Err(Error::invalid("lease_ttl", "must be at least 30 ms"));
         }
@@ -141,6 +158,7 @@ pub struct SubscriberStats {
     acked: AtomicU64,
     dead_lettered: AtomicU64,
     undecodable: AtomicU64,
+    oversized: AtomicU64,
     trimmed_pending: AtomicU64,
     reclaimed: AtomicU64,
     crashed_consumers: AtomicU64,
@@ -158,6 +176,8 @@ pub struct StatsSnapshot {
     pub dead_lettered: u64,
     /// Entries that could not be decoded (dead-lettered).
     pub undecodable: u64,
+    /// Entries larger than `max_entry_size` (dead-lettered).
+    pub oversized: u64,
     /// Pending entries found trimmed from their stream (reported and dead-lettered).
     pub trimmed_pending: u64,
     /// Entries taken over from other consumers.
@@ -182,6 +202,7 @@ impl SubscriberStats {
             acked: get(&self.acked),
             dead_lettered: get(&self.dead_lettered),
             undecodable: get(&self.undecodable),
+            oversized: get(&self.oversized),
             trimmed_pending: get(&self.trimmed_pending),
             reclaimed: get(&self.reclaimed),
             crashed_consumers: get(&self.crashed_consumers),
@@ -289,6 +310,7 @@ impl RedisSubscriber {
             settler: shared.clone(),
             shared,
             codec: self.options.codec.clone(),
+            max_entry_size: self.options.max_entry_size,
             store: self.store.clone(),
             stats: self.stats.clone(),
             options,

@@ -38,6 +38,7 @@ pub(crate) struct Reader {
     pub(crate) shared: Arc<Shared>,
     pub(crate) settler: Arc<dyn Settler>,
     pub(crate) codec: Arc<dyn Codec>,
+    pub(crate) max_entry_size: usize,
     pub(crate) store: Option<Arc<dyn CheckpointStore>>,
     pub(crate) stats: Arc<SubscriberStats>,
     pub(crate) options: SubscribeOptions,
@@ -424,10 +425,19 @@ impl Reader {
                 }
                 ReplyEntry::Present(raw) => {
                     let fields = raw.fields.clone();
+                    let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
                     match self.codec.decode(raw) {
                         Err(e) => {
                             SubscriberStats::add(&self.stats.undecodable, 1);
                             dead.push((id, record(&e.to_string(), count).for_undecodable(&fields)));
+                        }
+                        Ok(message) if size > self.max_entry_size => {
+                            SubscriberStats::add(&self.stats.oversized, 1);
+                            let reason = format!(
+                                "entry of {size} bytes is larger than max_entry_size {}",
+                                self.max_entry_size
+                            );
+                            dead.push((id, record(&reason, count).for_message(&message)));
                         }
                         Ok(message) if count > max => {
                             let reason = format!("delivered {} times, the limit is {max}", count - 1);
