@@ -222,13 +222,25 @@ async fn a_server_certificate_from_another_ca_is_refused_without_quoting_the_pas
 }
 
 #[test]
-fn a_malformed_root_certificate_is_refused_when_building() {
+fn a_malformed_root_certificate_or_a_plain_url_is_refused_when_building() {
     let err = RedisConnection::builder(&format!("rediss://:{PASSWORD}@127.0.0.1:1"))
         .tls_root_certificate(b"not a certificate".to_vec())
         .build()
         .unwrap_err();
     assert!(
         matches!(&err, Error::Invalid { field, .. } if field == "tls_root_certificate"),
+        "{err:?}"
+    );
+    assert!(!format!("{err} {err:?}").contains(PASSWORD));
+
+    // A root certificate with a plain URL: the URL is what is wrong.
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let err = RedisConnection::builder(&format!("redis://:{PASSWORD}@127.0.0.1:1"))
+        .tls_root_certificate(pem)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Invalid { field, .. } if field == "redis_url"),
         "{err:?}"
     );
     assert!(!format!("{err} {err:?}").contains(PASSWORD));

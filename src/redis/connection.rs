@@ -160,7 +160,7 @@ impl RedisConnectionBuilder {
             return Err(Error::invalid("connect_timeout", "must be longer than zero"));
         }
         let redacted_url = redact_url(&self.url);
-        if cfg!(not(feature = "tls")) && self.url.starts_with("rediss://") {
+        if cfg!(not(feature = "tls")) && self.url.to_ascii_lowercase().starts_with("rediss://") {
             return Err(Error::invalid(
                 "redis_url",
                 format_args!("{redacted_url} needs TLS: enable streamwise's `tls` feature"),
@@ -190,9 +190,17 @@ impl RedisConnectionBuilder {
 fn open_client(info: redis::ConnectionInfo, root_certificate: Option<Vec<u8>>) -> Result<redis::Client> {
     #[cfg(feature = "tls")]
     {
-        // rustls needs a process-wide crypto provider. Install ring unless the application
-        // already chose one (then `install_default` fails, and the application's choice stands).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        if tls {
+            // rustls needs a process-wide crypto provider. Install ring unless the application
+            // already chose one (then `install_default` fails, and its choice stands).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        } else if root_certificate.is_some() {
+            return Err(Error::invalid(
+                "redis_url",
+                "a TLS root certificate was given, but the URL is not rediss://",
+            ));
+        }
         if let Some(pem) = &root_certificate {
             check_pem_certificates(pem)?;
             let certificates = redis::TlsCertificates {
@@ -464,12 +472,41 @@ fn tls_refusal(e: &RedisError) -> Option<String> {
             Some(io) => io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
             None => inner.downcast_ref::<rustls::Error>(),
         };
-        if let Some(tls) = tls {
+        if let Some(tls) = tls.filter(|tls| is_configuration_refusal(tls)) {
             return Some(tls.to_string());
         }
         cause = inner.source();
     }
     None
+}
+
+/// TLS errors that come from how the client or server is set up (certificates, protocol
+/// versions), as opposed to a connection damaged in transit, which a reconnect cures.
+#[cfg(feature = "tls")]
+fn is_configuration_refusal(e: &rustls::Error) -> bool {
+    use rustls::AlertDescription as Alert;
+    match e {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::PeerIncompatible(_)
+        | rustls::Error::UnsupportedNameType => true,
+        rustls::Error::AlertReceived(alert) => matches!(
+            alert,
+            Alert::HandshakeFailure
+                | Alert::NoCertificate
+                | Alert::BadCertificate
+                | Alert::UnsupportedCertificate
+                | Alert::CertificateRevoked
+                | Alert::CertificateExpired
+                | Alert::CertificateUnknown
+                | Alert::UnknownCA
+                | Alert::AccessDenied
+                | Alert::ProtocolVersion
+                | Alert::InsufficientSecurity
+                | Alert::CertificateRequired
+        ),
+        _ => false,
+    }
 }
 
 #[cfg(not(feature = "tls"))]
@@ -530,6 +567,29 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn only_tls_setup_errors_are_refusals_and_transit_damage_is_retried() {
+        let wrapped =
+            |e: rustls::Error| RedisError::from(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        let untrusted = wrapped(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        assert!(tls_refusal(&untrusted).unwrap().contains("UnknownIssuer"));
+        assert!(!is_transient(&untrusted));
+        let alert = wrapped(rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA));
+        assert!(tls_refusal(&alert).is_some());
+        for damage in [
+            rustls::Error::DecryptError,
+            rustls::Error::AlertReceived(rustls::AlertDescription::InternalError),
+            rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac),
+        ] {
+            assert_eq!(tls_refusal(&wrapped(damage)), None);
+        }
+        let reset = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(tls_refusal(&reset), None);
+    }
 
     #[test]
     fn bad_urls_and_settings_name_the_field() {

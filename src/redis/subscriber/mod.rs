@@ -131,7 +131,8 @@ impl RedisSubscriberOptions {
     /// The largest entry (field names and values, in bytes) handed to the application.
     /// Larger entries are dead-lettered whole, with the sizes in the reason, and the
     /// subscription goes on. Default [`DEFAULT_MAX_ENTRY_SIZE`] (1 MiB), the publisher's
-    /// default: raise both together.
+    /// default: raise both together. Dead-letter streams (`<stream>-dead`) are read without
+    /// the limit, since their records are as large as the entries they keep.
     #[must_use]
     pub fn max_entry_size(mut self, bytes: usize) -> Self {
         self.max_entry_size = bytes;
@@ -310,7 +311,11 @@ impl RedisSubscriber {
             settler: shared.clone(),
             shared,
             codec: self.options.codec.clone(),
-            max_entry_size: self.options.max_entry_size,
+            max_entry_size: if topic.ends_with(crate::dead_letter::SUFFIX) {
+                usize::MAX
+            } else {
+                self.options.max_entry_size
+            },
             store: self.store.clone(),
             stats: self.stats.clone(),
             options,
