@@ -39,6 +39,14 @@ pub trait Codec: Send + Sync + 'static {
     /// The message stored in `entry`. Errors are [`Error::Decode`] with the reason; the
     /// subscriber dead-letters such entries.
     fn decode(&self, entry: RawEntry) -> Result<Message>;
+
+    /// Like [`decode`](Self::decode), but hands the entry back on failure, for the subscriber's
+    /// dead-letter record. The default keeps a copy of the entry while decoding; override it
+    /// when the codec can check an entry before taking it apart, to save that copy.
+    fn decode_or_return(&self, entry: RawEntry) -> std::result::Result<Message, (Error, RawEntry)> {
+        let copy = entry.clone();
+        self.decode(entry).map_err(|e| (e, copy))
+    }
 }
 
 /// The standard layout of DESIGN §4.
@@ -70,50 +78,83 @@ impl Codec for JsonCodec {
     }
 
     fn decode(&self, entry: RawEntry) -> Result<Message> {
-        let id = entry.id;
-        let bad = |reason: String| Error::Decode {
-            what: format!("entry {id}").into(),
-            reason,
-        };
-        let (mut event_type, mut payload, mut metadata, mut timestamp, mut uuid) =
-            (None, None, None, None, None);
-        for (name, value) in entry.fields {
-            match name.as_slice() {
-                b"event_type" => event_type = Some(value),
-                b"payload" => payload = Some(value),
-                b"metadata" => metadata = Some(value),
-                b"timestamp" => timestamp = Some(value),
-                b"uuid" => uuid = Some(value),
-                _ => {}
+        self.decode_or_return(entry).map_err(|(e, _)| e)
+    }
+
+    fn decode_or_return(&self, mut entry: RawEntry) -> std::result::Result<Message, (Error, RawEntry)> {
+        // Everything is checked on the borrowed entry first, so that a bad one goes back
+        // whole and a good one gives up its payload without a copy.
+        match check_entry(&entry) {
+            Err(reason) => {
+                let error = Error::Decode {
+                    what: format!("entry {}", entry.id).into(),
+                    reason,
+                };
+                Err((error, entry))
+            }
+            Ok(checked) => {
+                let payload = std::mem::take(&mut entry.fields[checked.payload].1);
+                Ok(Message::from_parts(
+                    checked.uuid,
+                    checked.event_type.into(),
+                    Bytes::from(payload),
+                    checked.metadata,
+                    checked.timestamp,
+                ))
             }
         }
-        let event_type = match event_type {
-            None => return Err(bad("it has no event_type field".into())),
-            Some(v) if v.is_empty() => return Err(bad("its event_type is empty".into())),
-            Some(v) => String::from_utf8(v).map_err(|_| bad("its event_type is not UTF-8".into()))?,
-        };
-        let payload = payload.ok_or_else(|| bad("it has no payload field".into()))?;
-        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
-            return Err(bad(format!("its payload is not JSON: {e}")));
-        }
-        let metadata = match metadata {
-            None => Metadata::new(),
-            Some(raw) => decode_metadata(&raw).map_err(bad)?,
-        };
-        let timestamp = timestamp
-            .and_then(|t| std::str::from_utf8(&t).ok().and_then(|t| parse_timestamp(t).ok()))
-            .unwrap_or_else(|| UNIX_EPOCH + Duration::from_millis(id.ms()));
-        let uuid = uuid
-            .and_then(|u| std::str::from_utf8(&u).ok().and_then(|u| Uuid::parse_str(u).ok()))
-            .unwrap_or_else(|| uuid_for_entry(id));
-        Ok(Message::from_parts(
-            uuid,
-            event_type.into(),
-            Bytes::from(payload),
-            metadata,
-            timestamp,
-        ))
     }
+}
+
+/// What [`check_entry`] found in a well-formed entry; the payload stays in place (by index).
+struct CheckedEntry {
+    event_type: String,
+    payload: usize,
+    metadata: Metadata,
+    timestamp: std::time::SystemTime,
+    uuid: Uuid,
+}
+
+/// Checks an entry of the standard layout without taking it apart; the error is the reason.
+fn check_entry(entry: &RawEntry) -> std::result::Result<CheckedEntry, String> {
+    let id = entry.id;
+    let (mut event_type, mut payload, mut metadata, mut timestamp, mut uuid) = (None, None, None, None, None);
+    for (index, (name, value)) in entry.fields.iter().enumerate() {
+        match name.as_slice() {
+            b"event_type" => event_type = Some(value),
+            b"payload" => payload = Some(index),
+            b"metadata" => metadata = Some(value),
+            b"timestamp" => timestamp = Some(value),
+            b"uuid" => uuid = Some(value),
+            _ => {}
+        }
+    }
+    let event_type = match event_type {
+        None => return Err("it has no event_type field".into()),
+        Some(v) if v.is_empty() => return Err("its event_type is empty".into()),
+        Some(v) => std::str::from_utf8(v).map_err(|_| "its event_type is not UTF-8".to_owned())?,
+    };
+    let payload = payload.ok_or_else(|| "it has no payload field".to_owned())?;
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&entry.fields[payload].1) {
+        return Err(format!("its payload is not JSON: {e}"));
+    }
+    let metadata = match metadata {
+        None => Metadata::new(),
+        Some(raw) => decode_metadata(raw)?,
+    };
+    let timestamp = timestamp
+        .and_then(|t| std::str::from_utf8(t).ok().and_then(|t| parse_timestamp(t).ok()))
+        .unwrap_or_else(|| UNIX_EPOCH + Duration::from_millis(id.ms()));
+    let uuid = uuid
+        .and_then(|u| std::str::from_utf8(u).ok().and_then(|u| Uuid::parse_str(u).ok()))
+        .unwrap_or_else(|| uuid_for_entry(id));
+    Ok(CheckedEntry {
+        event_type: event_type.to_owned(),
+        payload,
+        metadata,
+        timestamp,
+        uuid,
+    })
 }
 
 /// Metadata is a JSON object of strings; numbers and booleans written by other clients are
@@ -331,6 +372,43 @@ mod tests {
         assert_eq!(back.metadata(), msg.metadata());
         assert_eq!(back.uuid(), msg.uuid());
         assert_eq!(back.timestamp_rfc3339(), msg.timestamp_rfc3339());
+    }
+
+    #[test]
+    fn a_bad_entry_comes_back_whole_and_a_good_one_keeps_its_payload() {
+        let id = EntryId::new(5, 1);
+        for bad in [
+            raw(id, &[("event_type", "t"), ("payload", "not json"), ("x", "y")]),
+            raw(id, &[("payload", "1")]),
+            raw(id, &[("event_type", "t"), ("payload", "1"), ("metadata", "[1]")]),
+        ] {
+            let (error, back) = JsonCodec.decode_or_return(bad.clone()).unwrap_err();
+            assert!(matches!(error, Error::Decode { .. }), "{error:?}");
+            assert_eq!(back, bad);
+        }
+        let good = raw(
+            id,
+            &[("x-extra", "ignored"), ("event_type", "t"), ("payload", "[1,2]")],
+        );
+        let message = JsonCodec.decode_or_return(good).unwrap();
+        assert_eq!(message.event_type(), "t");
+        assert_eq!(&message.payload()[..], b"[1,2]");
+
+        // A codec that only implements `decode` gets the entry back through the default.
+        struct DecodeOnly;
+        impl Codec for DecodeOnly {
+            fn encode(&self, message: &Message) -> Result<Vec<(&'static str, Bytes)>> {
+                JsonCodec.encode(message)
+            }
+            fn decode(&self, _: RawEntry) -> Result<Message> {
+                Err(Error::Decode {
+                    what: "entry".into(),
+                    reason: "never".into(),
+                })
+            }
+        }
+        let entry = raw(id, &[("a", "b")]);
+        assert_eq!(DecodeOnly.decode_or_return(entry.clone()).unwrap_err().1, entry);
     }
 
     #[test]

@@ -424,12 +424,11 @@ impl Reader {
                     dead.push((id, r));
                 }
                 ReplyEntry::Present(raw) => {
-                    let fields = raw.fields.clone();
-                    let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
-                    match self.codec.decode(raw) {
-                        Err(e) => {
+                    let size: usize = raw.fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+                    match self.codec.decode_or_return(raw) {
+                        Err((e, raw)) => {
                             SubscriberStats::add(&self.stats.undecodable, 1);
-                            dead.push((id, record(&e.to_string(), count).for_undecodable(&fields)));
+                            dead.push((id, record(&e.to_string(), count).for_undecodable(&raw.fields)));
                         }
                         Ok(message) if size > self.max_entry_size => {
                             SubscriberStats::add(&self.stats.oversized, 1);
