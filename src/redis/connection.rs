@@ -174,7 +174,7 @@ impl RedisConnectionBuilder {
                 format_args!("{redacted_url} is not a valid Redis URL ({:?})", e.kind()),
             )
         })?;
-        let client = open_client(info, root_certificate)?;
+        let client = open_client(info, root_certificate, &redacted_url)?;
         Ok(RedisConnection {
             inner: Arc::new(Inner {
                 client,
@@ -187,7 +187,11 @@ impl RedisConnectionBuilder {
 }
 
 /// A client for `info`; with a root certificate, TLS trusts only that certificate.
-fn open_client(info: redis::ConnectionInfo, root_certificate: Option<Vec<u8>>) -> Result<redis::Client> {
+fn open_client(
+    info: redis::ConnectionInfo,
+    root_certificate: Option<Vec<u8>>,
+    redacted_url: &str,
+) -> Result<redis::Client> {
     #[cfg(feature = "tls")]
     {
         let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
@@ -216,7 +220,12 @@ fn open_client(info: redis::ConnectionInfo, root_certificate: Option<Vec<u8>>) -
         }
     }
     debug_assert!(root_certificate.is_none());
-    redis::Client::open(info).map_err(|e| Error::invalid("redis_url", format_args!("{:?}", e.kind())))
+    redis::Client::open(info).map_err(|e| {
+        Error::invalid(
+            "redis_url",
+            format_args!("{redacted_url} cannot be used ({:?})", e.kind()),
+        )
+    })
 }
 
 /// Refuses a root certificate that holds no PEM certificate, or a broken one: the client would
