@@ -250,6 +250,7 @@ impl Message {
     }
 
     /// A message from all its parts, as a codec decodes it (no validation, no clock read).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // only the Redis codec decodes
     pub(crate) fn from_parts(
         uuid: Uuid,
         event_type: Arc<str>,
