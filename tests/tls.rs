@@ -1,7 +1,8 @@
 //! TLS: a `rediss://` URL with a private CA's root certificate carries a publish, a delivery
 //! and its ack end to end; a server whose certificate the client does not trust is refused
 //! with a clear connection error that does not quote the password; a malformed root
-//! certificate is refused when the connection is built.
+//! certificate is refused when the connection is built; mutual TLS works with a client
+//! certificate and is refused without one.
 //!
 //! The certificates are made for each run with the `openssl` command line tool (installed by
 //! `scripts/test`), so no key material is committed.
@@ -36,75 +37,59 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// Makes `<name>-ca.pem` (a self-signed CA) and, signed by it, `<name>-server.pem` and
-/// `<name>-server.key` for 127.0.0.1 and localhost.
+/// `<name>-server.key` for 127.0.0.1 and localhost, and `<name>-client.pem` and
+/// `<name>-client.key` for mutual TLS.
 fn make_certificates(dir: &Path, name: &str) {
     let ca_key = format!("{name}-ca.key");
     let ca = format!("{name}-ca.pem");
-    let key = format!("{name}-server.key");
-    let csr = format!("{name}-server.csr");
-    let cert = format!("{name}-server.pem");
-    let ext = format!("{name}-server.ext");
     openssl(dir, &["genrsa", "-out", &ca_key, "2048"]);
+    let subject = format!("/CN=streamwise test CA {name}");
     openssl(
         dir,
         &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            &ca_key,
-            "-sha256",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=streamwise test CA {name}"),
-            "-out",
-            &ca,
+            "req", "-x509", "-new", "-key", &ca_key, "-sha256", "-days", "2", "-subj", &subject, "-out", &ca,
         ],
     );
-    openssl(dir, &["genrsa", "-out", &key, "2048"]);
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-key",
-            &key,
-            "-subj",
-            "/CN=127.0.0.1",
-            "-out",
-            &csr,
-        ],
-    );
-    std::fs::write(
-        dir.join(&ext),
-        "basicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=serverAuth\n\
-         subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-sha256",
-            "-extfile",
-            &ext,
-            "-out",
-            &cert,
-        ],
-    );
+    let server_ext = "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n";
+    for (role, extensions) in [
+        ("server", server_ext),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let key = format!("{name}-{role}.key");
+        let csr = format!("{name}-{role}.csr");
+        let cert = format!("{name}-{role}.pem");
+        let ext = format!("{name}-{role}.ext");
+        openssl(dir, &["genrsa", "-out", &key, "2048"]);
+        let subject = format!("/CN=streamwise test {role}");
+        openssl(
+            dir,
+            &["req", "-new", "-key", &key, "-subj", &subject, "-out", &csr],
+        );
+        let extensions =
+            format!("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n{extensions}");
+        std::fs::write(dir.join(&ext), extensions).unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-sha256",
+                "-extfile",
+                &ext,
+                "-out",
+                &cert,
+            ],
+        );
+    }
 }
 
 /// A server with a password, its plain port for the harness and a TLS port for the test.
@@ -115,7 +100,8 @@ struct TlsServer {
 }
 
 impl TlsServer {
-    fn start(certificates: &Path) -> Self {
+    /// `auth_clients`: `"no"`, or `"yes"` for mutual TLS.
+    fn start(certificates: &Path, auth_clients: &str) -> Self {
         make_certificates(certificates, "good");
         let path = |file: &str| certificates.join(file).to_string_lossy().into_owned();
         let tls_port = common::free_port();
@@ -131,7 +117,7 @@ impl TlsServer {
             "--tls-ca-cert-file",
             &path("good-ca.pem"),
             "--tls-auth-clients",
-            "no",
+            auth_clients,
         ]);
         TlsServer {
             _server: server,
@@ -154,7 +140,7 @@ fn scratch(name: &str) -> std::path::PathBuf {
 #[tokio::test]
 async fn a_rediss_url_with_the_private_ca_publishes_delivers_and_acks() {
     let dir = scratch("round-trip");
-    let tls = TlsServer::start(&dir);
+    let tls = TlsServer::start(&dir, "no");
     let ca = std::fs::read(dir.join("good-ca.pem")).unwrap();
     let conn = RedisConnection::builder(&tls.url())
         .tls_root_certificate(ca)
@@ -191,7 +177,7 @@ async fn a_rediss_url_with_the_private_ca_publishes_delivers_and_acks() {
 #[tokio::test]
 async fn a_server_certificate_from_another_ca_is_refused_without_quoting_the_password() {
     let dir = scratch("wrong-ca");
-    let tls = TlsServer::start(&dir);
+    let tls = TlsServer::start(&dir, "no");
     make_certificates(&dir, "other");
     let other_ca = std::fs::read(dir.join("other-ca.pem")).unwrap();
     let conn = RedisConnection::builder(&tls.url())
@@ -244,4 +230,78 @@ fn a_malformed_root_certificate_or_a_plain_url_is_refused_when_building() {
         "{err:?}"
     );
     assert!(!format!("{err} {err:?}").contains(PASSWORD));
+}
+
+#[tokio::test]
+async fn mutual_tls_needs_the_client_certificate_and_works_with_it() {
+    let dir = scratch("mutual");
+    let tls = TlsServer::start(&dir, "yes");
+    let read = |file: &str| std::fs::read(dir.join(file)).unwrap();
+
+    let without = RedisConnection::builder(&tls.url())
+        .tls_root_certificate(read("good-ca.pem"))
+        .max_retries(1)
+        .retry_base_delay(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let err = RedisBackend::with_connection(without)
+        .publisher()
+        .publish("orders", Message::new("t", &1).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("TLS handshake"),
+        "the server's refusal is reported as such, not retried: {err}"
+    );
+    assert!(!format!("{err} {err:?}").contains(PASSWORD));
+
+    let conn = RedisConnection::builder(&tls.url())
+        .tls_root_certificate(read("good-ca.pem"))
+        .tls_client_certificate(read("good-client.pem"), read("good-client.key"))
+        .build()
+        .unwrap();
+    let debug = format!("{conn:?}");
+    assert!(
+        !debug.contains("PRIVATE KEY") && !debug.contains(PASSWORD),
+        "{debug}"
+    );
+    let redis = RedisBackend::with_connection(conn);
+    let id = redis
+        .publisher()
+        .publish("orders", Message::new("order.placed", &8).unwrap())
+        .await
+        .unwrap();
+    let subscriber = redis.subscriber().unwrap();
+    let mut sub = subscriber
+        .subscribe(
+            "orders",
+            SubscribeOptions::new("g", "c")
+                .start_from(streamwise::StartFrom::Beginning)
+                .block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("a delivery in time")
+        .expect("open")
+        .unwrap();
+    assert_eq!(delivery.id(), id);
+    delivery.ack().await.unwrap();
+    subscriber.close().await.unwrap();
+    assert_eq!(redis.pending_count("orders", "g").await.unwrap(), 0);
+
+    // A key file without a key is refused when building, without quoting it.
+    let err = RedisConnection::builder(&tls.url())
+        .tls_client_certificate(read("good-client.pem"), read("good-client.pem"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Invalid { field, .. } if field == "tls_client_key"),
+        "{err:?}"
+    );
+    assert!(!format!("{err:?}").contains("BEGIN CERTIFICATE"));
+    drop(tls);
+    let _ = std::fs::remove_dir_all(&dir);
 }

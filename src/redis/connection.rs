@@ -57,8 +57,18 @@ struct Settings {
 pub struct RedisConnectionBuilder {
     url: String,
     settings: Settings,
+    tls: TlsMaterial,
+}
+
+/// Certificates for `rediss://`, beyond the system's roots (empty without the `tls` feature).
+#[derive(Clone, Default)]
+struct TlsMaterial {
+    /// The CA to trust instead of the system's roots (PEM).
     #[cfg(feature = "tls")]
-    root_certificate: Option<Vec<u8>>,
+    root: Option<Vec<u8>>,
+    /// The client's certificate chain and private key (PEM), for servers that ask for one.
+    #[cfg(feature = "tls")]
+    client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl fmt::Debug for RedisConnectionBuilder {
@@ -124,22 +134,27 @@ impl RedisConnectionBuilder {
     #[cfg(feature = "tls")]
     #[must_use]
     pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.root_certificate = Some(pem.into());
+        self.tls.root = Some(pem.into());
         self
     }
 
+    /// Presents this certificate chain and private key (both PEM) to a server that checks
+    /// clients (mutual TLS, `tls-auth-clients yes`). [`build`](Self::build) refuses PEM without
+    /// a certificate (`tls_client_certificate`) or without a private key (`tls_client_key`).
+    /// The key is never printed, not even by `Debug`.
     #[cfg(feature = "tls")]
-    fn root_certificate_pem(&mut self) -> Option<Vec<u8>> {
-        self.root_certificate.take()
-    }
-
-    #[cfg(not(feature = "tls"))]
-    fn root_certificate_pem(&mut self) -> Option<Vec<u8>> {
-        None
+    #[must_use]
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((certificate_pem.into(), key_pem.into()));
+        self
     }
 
     /// Checks the settings and the URL; does not connect yet.
-    pub fn build(mut self) -> Result<RedisConnection> {
+    pub fn build(self) -> Result<RedisConnection> {
         let s = self.settings;
         if s.retry_base_delay.is_zero() {
             return Err(Error::invalid("retry_base_delay", "must be longer than zero"));
@@ -166,7 +181,6 @@ impl RedisConnectionBuilder {
                 format_args!("{redacted_url} needs TLS: enable streamwise's `tls` feature"),
             ));
         }
-        let root_certificate = self.root_certificate_pem();
         let info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()).map_err(|e| {
             // The client's message may quote the URL; say what is wrong without it.
             Error::invalid(
@@ -174,7 +188,7 @@ impl RedisConnectionBuilder {
                 format_args!("{redacted_url} is not a valid Redis URL ({:?})", e.kind()),
             )
         })?;
-        let client = open_client(info, root_certificate, &redacted_url)?;
+        let client = open_client(info, self.tls, &redacted_url)?;
         Ok(RedisConnection {
             inner: Arc::new(Inner {
                 client,
@@ -186,40 +200,46 @@ impl RedisConnectionBuilder {
     }
 }
 
-/// A client for `info`; with a root certificate, TLS trusts only that certificate.
-fn open_client(
-    info: redis::ConnectionInfo,
-    root_certificate: Option<Vec<u8>>,
-    redacted_url: &str,
-) -> Result<redis::Client> {
+/// A client for `info`, with the TLS material given to the builder.
+fn open_client(info: redis::ConnectionInfo, tls: TlsMaterial, redacted_url: &str) -> Result<redis::Client> {
     #[cfg(feature = "tls")]
     {
-        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
-        if tls {
+        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
             // rustls needs a process-wide crypto provider. Install ring unless the application
             // already chose one (then `install_default` fails, and its choice stands).
             let _ = rustls::crypto::ring::default_provider().install_default();
-        } else if root_certificate.is_some() {
+        } else if tls.root.is_some() || tls.client.is_some() {
             return Err(Error::invalid(
                 "redis_url",
-                "a TLS root certificate was given, but the URL is not rediss://",
+                "TLS certificates were given, but the URL is not rediss://",
             ));
         }
-        if let Some(pem) = &root_certificate {
-            check_pem_certificates(pem)?;
+        if tls.root.is_some() || tls.client.is_some() {
+            if let Some(pem) = &tls.root {
+                check_pem_certificates("tls_root_certificate", pem)?;
+            }
+            if let Some((certificate, key)) = &tls.client {
+                check_pem_certificates("tls_client_certificate", certificate)?;
+                check_pem_key(key)?;
+            }
             let certificates = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: root_certificate,
+                client_tls: tls
+                    .client
+                    .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }),
+                root_cert: tls.root,
             };
             return redis::Client::build_with_tls(info, certificates).map_err(|e| {
                 Error::invalid(
-                    "tls_root_certificate",
-                    format_args!("is not a usable PEM certificate ({e})"),
+                    "tls_client_certificate",
+                    format_args!("the TLS certificates cannot be used ({e})"),
                 )
             });
         }
     }
-    debug_assert!(root_certificate.is_none());
+    let _ = tls;
     redis::Client::open(info).map_err(|e| {
         Error::invalid(
             "redis_url",
@@ -231,21 +251,32 @@ fn open_client(
 /// Refuses a root certificate that holds no PEM certificate, or a broken one: the client would
 /// otherwise trust nothing and fail only when it connects.
 #[cfg(feature = "tls")]
-fn check_pem_certificates(pem: &[u8]) -> Result<()> {
+fn check_pem_certificates(field: &'static str, pem: &[u8]) -> Result<()> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let mut count = 0;
     for certificate in CertificateDer::pem_slice_iter(pem) {
-        certificate
-            .map_err(|e| Error::invalid("tls_root_certificate", format_args!("is not valid PEM ({e})")))?;
+        certificate.map_err(|e| Error::invalid(field, format_args!("is not valid PEM ({e})")))?;
         count += 1;
     }
     if count == 0 {
         return Err(Error::invalid(
-            "tls_root_certificate",
+            field,
             "holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
         ));
     }
     Ok(())
+}
+
+/// Refuses a client key that holds no private key. The PEM error names no key material.
+#[cfg(feature = "tls")]
+fn check_pem_key(pem: &[u8]) -> Result<()> {
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    PrivateKeyDer::from_pem_slice(pem).map(drop).map_err(|_| {
+        Error::invalid(
+            "tls_client_key",
+            "holds no PEM private key (-----BEGIN ... PRIVATE KEY-----)",
+        )
+    })
 }
 
 impl RedisConnection {
@@ -259,8 +290,7 @@ impl RedisConnection {
     pub fn builder(url: &str) -> RedisConnectionBuilder {
         RedisConnectionBuilder {
             url: url.to_owned(),
-            #[cfg(feature = "tls")]
-            root_certificate: None,
+            tls: TlsMaterial::default(),
             settings: Settings {
                 max_retries: 5,
                 retry_base_delay: Duration::from_millis(100),
