@@ -22,24 +22,7 @@ fn url_with(server: &RedisServer, userinfo: &str) -> String {
 }
 
 async fn round_trip(url: &str, stream: &str) -> streamwise::Result<()> {
-    let redis = RedisBackend::new(url)?;
-    let subscriber = redis.subscriber()?;
-    let mut sub = subscriber
-        .subscribe(
-            stream,
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await?;
-    let id = redis.publisher().publish(stream, Message::new("t", &1)?).await?;
-    let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
-        .await
-        .expect("a delivery in time")
-        .expect("open")?;
-    assert_eq!(d.id(), id);
-    d.ack().await?;
-    subscriber.close().await?;
-    assert_eq!(redis.pending_count(stream, "g").await?, 0);
-    Ok(())
+    common::round_trip(&RedisBackend::new(url)?, stream).await
 }
 
 #[tokio::test]

@@ -14,9 +14,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use futures::StreamExt;
 use streamwise::redis::{RedisBackend, RedisConnection};
-use streamwise::{Error, Message, Publisher, SubscribeOptions, Subscriber};
+use streamwise::{Error, Message, Publisher};
 
 use common::RedisServer;
 
@@ -146,30 +145,9 @@ async fn a_rediss_url_with_the_private_ca_publishes_delivers_and_acks() {
         .tls_root_certificate(ca)
         .build()
         .unwrap();
-    let redis = RedisBackend::with_connection(conn);
-    let subscriber = redis.subscriber().unwrap();
-    let mut sub = subscriber
-        .subscribe(
-            "orders",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
+    common::round_trip(&RedisBackend::with_connection(conn), "orders")
         .await
         .unwrap();
-    let id = redis
-        .publisher()
-        .publish("orders", Message::new("order.placed", &7).unwrap())
-        .await
-        .unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(20), sub.next())
-        .await
-        .expect("a delivery in time")
-        .expect("open")
-        .unwrap();
-    assert_eq!(delivery.id(), id);
-    assert_eq!(delivery.message().decode::<i32>().unwrap(), 7);
-    delivery.ack().await.unwrap();
-    subscriber.close().await.unwrap();
-    assert_eq!(redis.pending_count("orders", "g").await.unwrap(), 0);
     drop(tls);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -266,31 +244,9 @@ async fn mutual_tls_needs_the_client_certificate_and_works_with_it() {
         !debug.contains("PRIVATE KEY") && !debug.contains(PASSWORD),
         "{debug}"
     );
-    let redis = RedisBackend::with_connection(conn);
-    let id = redis
-        .publisher()
-        .publish("orders", Message::new("order.placed", &8).unwrap())
+    common::round_trip(&RedisBackend::with_connection(conn), "orders")
         .await
         .unwrap();
-    let subscriber = redis.subscriber().unwrap();
-    let mut sub = subscriber
-        .subscribe(
-            "orders",
-            SubscribeOptions::new("g", "c")
-                .start_from(streamwise::StartFrom::Beginning)
-                .block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(20), sub.next())
-        .await
-        .expect("a delivery in time")
-        .expect("open")
-        .unwrap();
-    assert_eq!(delivery.id(), id);
-    delivery.ack().await.unwrap();
-    subscriber.close().await.unwrap();
-    assert_eq!(redis.pending_count("orders", "g").await.unwrap(), 0);
 
     // A key file without a key is refused when building, without quoting it.
     let err = RedisConnection::builder(&tls.url())

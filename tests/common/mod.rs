@@ -206,3 +206,27 @@ fn output(child: &mut Child, dir: &Path) -> String {
     }
     text
 }
+
+/// Publishes one message on `stream`, receives it as consumer `c` of group `g` (created at the
+/// beginning of the stream), acks it and checks that nothing stays pending: the smallest proof
+/// that a connection works end to end.
+pub async fn round_trip(redis: &streamwise::redis::RedisBackend, stream: &str) -> streamwise::Result<()> {
+    use futures::StreamExt;
+    use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber};
+    let id = redis.publisher().publish(stream, Message::new("t", &1)?).await?;
+    let subscriber = redis.subscriber()?;
+    let options = SubscribeOptions::new("g", "c")
+        .start_from(StartFrom::Beginning)
+        .block(Duration::from_millis(200));
+    let mut deliveries = subscriber.subscribe(stream, options).await?;
+    let delivery = tokio::time::timeout(Duration::from_secs(20), deliveries.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the subscription is open")?;
+    assert_eq!(delivery.id(), id);
+    assert_eq!(delivery.message().decode::<i32>()?, 1);
+    delivery.ack().await?;
+    subscriber.close().await?;
+    assert_eq!(redis.pending_count(stream, "g").await?, 0);
+    Ok(())
+}
