@@ -30,6 +30,13 @@ pub struct RawEntry {
     pub fields: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+impl RawEntry {
+    /// The entry's size as [`encoded_size`] counts it: field names and values, in bytes.
+    pub fn size(&self) -> usize {
+        self.fields.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
 /// Turns messages into stream entries and back. Implement it for another layout (for example
 /// Watermill's or natricine's field names).
 pub trait Codec: Send + Sync + 'static {
@@ -366,7 +373,9 @@ mod tests {
             .with_metadata("source", "feed");
         let fields = JsonCodec.encode(&msg).unwrap();
         assert_eq!(encoded_size(&fields), msg.wire_size());
-        let back = JsonCodec.decode(to_raw(EntryId::new(1, 0), fields)).unwrap();
+        let raw = to_raw(EntryId::new(1, 0), fields);
+        assert_eq!(raw.size(), msg.wire_size(), "read and write count sizes alike");
+        let back = JsonCodec.decode(raw).unwrap();
         assert_eq!(back.event_type(), "price.update");
         assert_eq!(back.payload(), msg.payload());
         assert_eq!(back.metadata(), msg.metadata());

@@ -424,7 +424,7 @@ impl Reader {
                     dead.push((id, r));
                 }
                 ReplyEntry::Present(raw) => {
-                    let size: usize = raw.fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+                    let size = raw.size();
                     match self.codec.decode_or_return(raw) {
                         Err((e, raw)) => {
                             SubscriberStats::add(&self.stats.undecodable, 1);
