@@ -35,6 +35,8 @@ struct Row {
     seconds: f64,
     latency_us: Option<[f64; 3]>,
     cpu_us_per_event: f64,
+    /// redis-server's CPU (user + system, from `INFO cpu`) per event, while the workload ran.
+    server_cpu_us_per_event: f64,
     peak_rss_mb: f64,
 }
 
@@ -49,7 +51,7 @@ impl Row {
             None => "null".into(),
         };
         format!(
-            r#"{{"workload":"{}","system":"{}","threads":{},"payload_bytes":{},"events":{},"seconds":{:.3},"events_per_s":{:.0},"latency_us":{},"cpu_us_per_event":{:.2},"peak_rss_mb":{:.1}}}"#,
+            r#"{{"workload":"{}","system":"{}","threads":{},"payload_bytes":{},"events":{},"seconds":{:.3},"events_per_s":{:.0},"latency_us":{},"cpu_us_per_event":{:.2},"server_cpu_us_per_event":{:.2},"peak_rss_mb":{:.1}}}"#,
             self.workload,
             self.system,
             self.threads,
@@ -59,6 +61,7 @@ impl Row {
             self.rate(),
             latency,
             self.cpu_us_per_event,
+            self.server_cpu_us_per_event,
             self.peak_rss_mb
         )
     }
@@ -72,6 +75,27 @@ fn cpu_time() -> Duration {
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     // Fields 14 and 15 of the file (utime, stime) are 11 and 12 after the name.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// The server the workloads of this (child) process run against, for its CPU time.
+static SERVER_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// redis-server's CPU time so far (`used_cpu_user` + `used_cpu_sys` of `INFO cpu`).
+fn server_cpu_time() -> Duration {
+    let Some(url) = SERVER_URL.get() else {
+        return Duration::ZERO;
+    };
+    let info: String = redis_client::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .and_then(|mut c| redis_client::cmd("INFO").arg("cpu").query(&mut c))
+        .unwrap_or_default();
+    let seconds: f64 = info
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| *k == "used_cpu_user" || *k == "used_cpu_sys")
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .sum();
+    Duration::from_secs_f64(seconds)
 }
 
 /// Resets the peak RSS (Linux: writing 5 to clear_refs) so each workload has its own peak.
@@ -123,12 +147,14 @@ where
         .build()
         .expect("runtime");
     rt.block_on(setup());
+    let server_cpu = server_cpu_time();
     reset_peak_rss();
     let cpu = cpu_time();
     let started = Instant::now();
     let (events, latencies) = rt.block_on(work());
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_time().saturating_sub(cpu);
+    let server_cpu = server_cpu_time().saturating_sub(server_cpu);
     let peak = peak_rss_mb();
     drop(rt);
     Row {
@@ -140,6 +166,7 @@ where
         seconds,
         latency_us: percentiles(latencies),
         cpu_us_per_event: cpu.as_secs_f64() * 1e6 / events.max(1) as f64,
+        server_cpu_us_per_event: server_cpu.as_secs_f64() * 1e6 / events.max(1) as f64,
         peak_rss_mb: peak,
     }
 }
@@ -609,6 +636,7 @@ fn redis_benchmark(server: &Server, clients: u32, pipeline: u32, n: u64, size: u
         seconds: n as f64 / rps,
         latency_us: None,
         cpu_us_per_event: 0.0,
+        server_cpu_us_per_event: 0.0,
         peak_rss_mb: 0.0,
     }
 }
@@ -638,6 +666,9 @@ fn run_spec(spec: &Spec, url: &str) -> Row {
     let (n, size, url) = (spec.events, spec.size, url.to_owned());
     let (w, sys, t) = (spec.workload, spec.system, spec.threads);
     let raw = sys.starts_with("raw");
+    if !w.starts_with("in-memory") {
+        let _ = SERVER_URL.set(url.clone());
+    }
     match w {
         "publish awaited" if raw => measure(w, sys, t, size, nothing, || raw_publish_awaited(url, n, size)),
         "publish awaited" => measure(w, sys, t, size, nothing, || {
@@ -764,6 +795,7 @@ fn parse_row(json: &str) -> Option<Row> {
         seconds: v["seconds"].as_f64()?,
         latency_us: latency,
         cpu_us_per_event: v["cpu_us_per_event"].as_f64()?,
+        server_cpu_us_per_event: v["server_cpu_us_per_event"].as_f64().unwrap_or(0.0),
         peak_rss_mb: v["peak_rss_mb"].as_f64()?,
     })
 }
@@ -809,7 +841,7 @@ fn main() {
 
     println!();
     println!(
-        "{:<32} {:<34} {:>3} {:>6} {:>10} {:>8} {:>8} {:>8} {:>9} {:>7}",
+        "{:<32} {:<34} {:>3} {:>6} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7}",
         "workload",
         "system",
         "thr",
@@ -819,6 +851,7 @@ fn main() {
         "p99 us",
         "p999 us",
         "cpu us/ev",
+        "srv us/ev",
         "rss MB"
     );
     for r in &rows {
@@ -827,7 +860,7 @@ fn main() {
             None => ("-".into(), "-".into(), "-".into()),
         };
         println!(
-            "{:<32} {:<34} {:>3} {:>6} {:>10.0} {:>8} {:>8} {:>8} {:>9.2} {:>7.1}",
+            "{:<32} {:<34} {:>3} {:>6} {:>10.0} {:>8} {:>8} {:>8} {:>9.2} {:>9.2} {:>7.1}",
             r.workload,
             r.system,
             r.threads,
@@ -837,6 +870,7 @@ fn main() {
             p99,
             p999,
             r.cpu_us_per_event,
+            r.server_cpu_us_per_event,
             r.peak_rss_mb
         );
     }
