@@ -398,23 +398,35 @@ impl InFlight {
     /// Waits until at least one slot is free, then takes up to `want` of them (at least one)
     /// and returns how many it took.
     pub async fn acquire(&self, want: usize) -> usize {
-        let want = u32::try_from(want.max(1)).unwrap_or(u32::MAX);
         match self.slots.acquire().await {
             Ok(first) => first.forget(),
             // The semaphore is never closed; treat it as one slot rather than panic.
             Err(_) => return 1,
         }
-        let mut taken = 1;
-        while taken < want {
-            match self.slots.try_acquire() {
-                Ok(p) => {
-                    p.forget();
-                    taken += 1;
+        1 + self.try_acquire(want.max(1) - 1)
+    }
+
+    /// Takes up to `want` slots that are free right now, without waiting, and returns how
+    /// many it took (maybe none).
+    pub fn try_acquire(&self, want: usize) -> usize {
+        loop {
+            let free = self.slots.available_permits().min(want);
+            let Ok(n) = u32::try_from(free) else {
+                return 0;
+            };
+            if n == 0 {
+                return 0;
+            }
+            match self.slots.try_acquire_many(n) {
+                Ok(permits) => {
+                    permits.forget();
+                    return free;
                 }
-                Err(_) => break,
+                // Someone took slots in between: look again.
+                Err(tokio::sync::TryAcquireError::NoPermits) => continue,
+                Err(tokio::sync::TryAcquireError::Closed) => return 0,
             }
         }
-        taken as usize
     }
 
     /// Gives `n` slots back.
@@ -494,5 +506,10 @@ mod tests {
         };
         gate.release(1);
         assert_eq!(waiter.await.unwrap(), 1);
+        assert_eq!(gate.try_acquire(4), 0, "nothing free, nothing taken");
+        gate.release(3);
+        assert_eq!(gate.try_acquire(2), 2);
+        assert_eq!(gate.try_acquire(4), 1);
+        assert_eq!(gate.available(), 0);
     }
 }

@@ -88,6 +88,9 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("no_second_delivery_while_unacked", |b| {
         no_second_delivery_while_unacked(b).boxed()
     }),
+    ("nothing_read_beyond_max_in_flight", |b| {
+        nothing_read_beyond_max_in_flight(b).boxed()
+    }),
     ("settling_twice_is_an_error", |b| {
         settling_twice_is_an_error(b).boxed()
     }),
@@ -130,7 +133,7 @@ macro_rules! conformance_tests {
             round_trip publish_batch_keeps_order parallel_publishers topic_isolation
             competing_consumers every_group_gets_every_message nack_redelivers_with_higher_count
             nack_after_waits_for_the_delay no_second_delivery_while_unacked
-            settling_twice_is_an_error unacked_survive_close close_while_receiving
+            nothing_read_beyond_max_in_flight settling_twice_is_an_error unacked_survive_close close_while_receiving
             concurrent_closes_lose_nothing order_kept_for_one_consumer claim_dead_consumer
             start_from_latest missing_group_is_an_error_without_create
             same_consumer_name_twice_is_refused invalid_arguments_name_the_field
@@ -471,6 +474,48 @@ pub async fn no_second_delivery_while_unacked(backend: &dyn TestBackend) {
     third.ack().await.expect("ack");
     subscriber.close().await.expect("close");
     assert_eq!(backend.pending(&topic, "g").await.expect("pending"), 1);
+}
+
+/// However fast a backlog is read, no more entries are taken from the backend than
+/// `max_in_flight`: with every slot held by an unsettled delivery, exactly that many are
+/// pending, and settling some lets exactly that many more in.
+pub async fn nothing_read_beyond_max_in_flight(backend: &dyn TestBackend) {
+    let topic = unique_topic("in-flight");
+    let publisher = backend.publisher().await.expect("publisher");
+    publish_numbers(&*publisher, &topic, 0..300).await;
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(
+        &*subscriber,
+        &topic,
+        opts("g", "c").batch_size(16).max_in_flight(40),
+    )
+    .await;
+    let mut held = Vec::new();
+    for n in 0..40 {
+        let d = recv(&mut sub).await;
+        assert_eq!(number(&d), n);
+        held.push(d);
+    }
+    expect_quiet(&mut sub, "a delivery beyond max_in_flight").await;
+    assert_eq!(backend.pending(&topic, "g").await.expect("pending"), 40);
+    for d in held.drain(..10) {
+        d.ack().await.expect("ack");
+    }
+    for n in 40..50 {
+        let d = recv(&mut sub).await;
+        assert_eq!(number(&d), n);
+        held.push(d);
+    }
+    expect_quiet(&mut sub, "a delivery beyond max_in_flight after some acks").await;
+    let pending = backend.pending(&topic, "g").await.expect("pending");
+    // The ten acks may still be on their way to the backend.
+    assert!((40..=50).contains(&pending), "{pending} pending");
+    for d in held {
+        d.ack().await.expect("ack");
+    }
+    subscriber.close().await.expect("close");
+    // The 250 never read are not pending either.
+    assert_nothing_pending(backend, &topic, "g").await;
 }
 
 /// A second settlement is an error value, and the first one stands.
