@@ -74,13 +74,13 @@ impl DeadLetter<'_> {
     }
 
     /// The record for an entry that could not be decoded, keeping its raw fields.
-    pub fn for_undecodable(&self, fields: &[(Vec<u8>, Vec<u8>)]) -> Message {
+    pub fn for_undecodable<K: AsRef<[u8]>, V: AsRef<[u8]>>(&self, fields: &[(K, V)]) -> Message {
         let object: serde_json::Map<String, serde_json::Value> = fields
             .iter()
             .map(|(k, v)| {
-                let text = String::from_utf8_lossy(v).into_owned();
+                let text = String::from_utf8_lossy(v.as_ref()).into_owned();
                 (
-                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(k.as_ref()).into_owned(),
                     serde_json::Value::String(text),
                 )
             })

@@ -41,7 +41,7 @@ fn to_raw(id: EntryId, fields: Vec<(&'static str, Bytes)>) -> RawEntry {
         id,
         fields: fields
             .into_iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+            .map(|(k, v)| (Bytes::from_static(k.as_bytes()), v))
             .collect(),
     }
 }
@@ -86,6 +86,7 @@ proptest! {
         ms in any::<u64>(),
         seq in any::<u64>(),
     ) {
+        let fields = fields.into_iter().map(|(k, v)| (Bytes::from(k), Bytes::from(v))).collect();
         match JsonCodec.decode(RawEntry { id: EntryId::new(ms, seq), fields }) {
             Ok(m) => prop_assert!(!m.event_type().is_empty()),
             Err(Error::Decode { what, reason }) => {

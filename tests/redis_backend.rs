@@ -908,3 +908,24 @@ async fn a_reader_without_a_group_resumes_after_its_checkpoint() {
     let err = fresh.next_batch(0, Duration::from_millis(50)).await.unwrap_err();
     assert_eq!(err.invalid_field(), Some("count"));
 }
+
+/// The subscriber's and the reader's own connections use the URL's database, like the shared
+/// one: a mismatch would read an empty stream in database 0 and never deliver.
+#[tokio::test]
+async fn the_urls_database_is_used_by_the_read_connections_too() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&format!("{}/3", server.url())).unwrap();
+    common::round_trip(&backend, "in-db-3").await.unwrap();
+    let mut reader = StreamReader::open(
+        backend.connection().clone(),
+        "in-db-3",
+        "archiver",
+        StartFrom::Beginning,
+    )
+    .await
+    .unwrap();
+    let batch = reader.next_batch(10, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(redis_cli(&server, &["-n", "3", "XLEN", "in-db-3"]), "1");
+    assert_eq!(redis_cli(&server, &["-n", "0", "EXISTS", "in-db-3"]), "0");
+}

@@ -212,7 +212,12 @@ impl StoredEntry {
             fields: self
                 .fields
                 .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .map(|(k, v)| {
+                    (
+                        bytes::Bytes::copy_from_slice(k.as_bytes()),
+                        bytes::Bytes::copy_from_slice(v.as_bytes()),
+                    )
+                })
                 .collect(),
         };
         JsonCodec.decode(raw)

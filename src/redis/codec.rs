@@ -26,8 +26,9 @@ use crate::message::{EntryId, Message, Metadata, parse_timestamp};
 pub struct RawEntry {
     /// The entry id.
     pub id: EntryId,
-    /// Field/value pairs in stream order.
-    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Field/value pairs in stream order. Read from Redis, they are slices of the reply they
+    /// came in (no copy); a value kept (a message's payload) keeps that reply's buffer alive.
+    pub fields: Vec<(Bytes, Bytes)>,
 }
 
 impl RawEntry {
@@ -104,7 +105,7 @@ impl Codec for JsonCodec {
                 Ok(Message::from_parts(
                     checked.uuid,
                     checked.event_type.into(),
-                    Bytes::from(payload),
+                    payload,
                     checked.metadata,
                     checked.timestamp,
                 ))
@@ -127,7 +128,7 @@ fn check_entry(entry: &RawEntry) -> std::result::Result<CheckedEntry, String> {
     let id = entry.id;
     let (mut event_type, mut payload, mut metadata, mut timestamp, mut uuid) = (None, None, None, None, None);
     for (index, (name, value)) in entry.fields.iter().enumerate() {
-        match name.as_slice() {
+        match name.as_ref() {
             b"event_type" => event_type = Some(value),
             b"payload" => payload = Some(index),
             b"metadata" => metadata = Some(value),
@@ -214,11 +215,11 @@ fn protocol(what: &str) -> Error {
     }
 }
 
-fn bytes(v: Value) -> Result<Vec<u8>> {
+fn bytes(v: Value) -> Result<Bytes> {
     match v {
-        Value::BulkString(b) => Ok(b),
-        Value::SimpleString(s) => Ok(s.into_bytes()),
-        Value::Int(i) => Ok(i.to_string().into_bytes()),
+        Value::BulkString(b) => Ok(Bytes::from(b)),
+        Value::SimpleString(s) => Ok(Bytes::from(s)),
+        Value::Int(i) => Ok(Bytes::from(i.to_string())),
         other => Err(protocol(&format!("expected a string, got {other:?}"))),
     }
 }
@@ -269,25 +270,6 @@ pub(crate) fn parse_entries(v: Value) -> Result<Vec<ReplyEntry>> {
         .collect()
 }
 
-/// Parses an `XREAD`/`XREADGROUP` reply for one stream (nil when the block timed out).
-pub(crate) fn parse_read_reply(v: Value) -> Result<Vec<ReplyEntry>> {
-    match v {
-        Value::Nil => Ok(Vec::new()),
-        Value::Map(streams) => match streams.into_iter().next() {
-            Some((_, entries)) => parse_entries(entries),
-            None => Ok(Vec::new()),
-        },
-        other => match array(other)?.into_iter().next() {
-            Some(stream) => {
-                let mut parts = array(stream)?.into_iter();
-                parts.next();
-                parse_entries(parts.next().unwrap_or(Value::Nil))
-            }
-            None => Ok(Vec::new()),
-        },
-    }
-}
-
 /// Parses `XAUTOCLAIM ... JUSTID`: next cursor, claimed ids, ids deleted from the stream.
 pub(crate) fn parse_autoclaim_justid(v: Value) -> Result<(EntryId, Vec<EntryId>, Vec<EntryId>)> {
     let mut parts = array(v)?.into_iter();
@@ -321,7 +303,7 @@ pub(crate) fn parse_pending_rows(v: Value) -> Result<Vec<PendingRow>> {
     let int = |v: Value| -> Result<u64> {
         match v {
             Value::Int(i) => u64::try_from(i).map_err(|_| protocol("negative count")),
-            other => String::from_utf8(bytes(other)?)
+            other => std::str::from_utf8(&bytes(other)?)
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| protocol("expected an integer")),
@@ -334,7 +316,8 @@ pub(crate) fn parse_pending_rows(v: Value) -> Result<Vec<PendingRow>> {
             let mut next = || p.next().ok_or_else(|| protocol("short XPENDING row"));
             Ok(PendingRow {
                 id: entry_id(next()?)?,
-                consumer: String::from_utf8(bytes(next()?)?).map_err(|_| protocol("consumer not UTF-8"))?,
+                consumer: String::from_utf8(bytes(next()?)?.into())
+                    .map_err(|_| protocol("consumer not UTF-8"))?,
                 idle_ms: int(next()?)?,
                 delivery_count: int(next()?)?,
             })
@@ -351,7 +334,12 @@ mod tests {
             id,
             fields: fields
                 .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .map(|(k, v)| {
+                    (
+                        Bytes::copy_from_slice(k.as_bytes()),
+                        Bytes::copy_from_slice(v.as_bytes()),
+                    )
+                })
                 .collect(),
         }
     }
@@ -361,7 +349,7 @@ mod tests {
             id,
             fields: fields
                 .into_iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+                .map(|(k, v)| (Bytes::from_static(k.as_bytes()), v))
                 .collect(),
         }
     }
@@ -494,8 +482,11 @@ mod tests {
         let binary = RawEntry {
             id,
             fields: vec![
-                (b"event_type".to_vec(), vec![0xff, 0xfe]),
-                (b"payload".to_vec(), b"{}".to_vec()),
+                (
+                    Bytes::from_static(b"event_type"),
+                    Bytes::from_static(&[0xff, 0xfe]),
+                ),
+                (Bytes::from_static(b"payload"), Bytes::from_static(b"{}")),
             ],
         };
         assert!(
@@ -510,25 +501,24 @@ mod tests {
     #[test]
     fn replies_parse_in_resp2_and_resp3_shapes() {
         let s = |t: &str| Value::BulkString(t.as_bytes().to_vec());
-        let entry = Value::Array(vec![
-            s("1-1"),
-            Value::Array(vec![s("event_type"), s("t"), s("payload"), s("1")]),
+        let fields = [s("event_type"), s("t"), s("payload"), s("1")];
+        let resp2 = Value::Array(vec![
+            Value::Array(vec![s("1-1"), Value::Array(fields.to_vec())]),
+            Value::Array(vec![s("1-2"), Value::Nil]),
         ]);
-        let trimmed = Value::Array(vec![s("1-2"), Value::Nil]);
-        let resp2 = Value::Array(vec![Value::Array(vec![
-            s("stream"),
-            Value::Array(vec![entry.clone(), trimmed.clone()]),
-        ])]);
-        let resp3 = Value::Map(vec![(s("stream"), Value::Array(vec![entry.clone(), trimmed]))]);
+        let pairs = vec![(s("event_type"), s("t")), (s("payload"), s("1"))];
+        let resp3 = Value::Array(vec![
+            Value::Array(vec![s("1-1"), Value::Map(pairs)]),
+            Value::Array(vec![s("1-2"), Value::Nil]),
+        ]);
         for reply in [resp2, resp3] {
-            let parsed = parse_read_reply(reply).unwrap();
+            let parsed = parse_entries(reply).unwrap();
             assert_eq!(parsed.len(), 2);
             assert!(
                 matches!(&parsed[0], ReplyEntry::Present(e) if e.id == EntryId::new(1, 1) && e.fields.len() == 2)
             );
             assert_eq!(parsed[1], ReplyEntry::Trimmed(EntryId::new(1, 2)));
         }
-        assert!(parse_read_reply(Value::Nil).unwrap().is_empty());
         let auto = Value::Array(vec![
             s("0-0"),
             Value::Array(vec![s("1-1")]),

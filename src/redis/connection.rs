@@ -8,10 +8,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, ErrorKind, RedisError, RetryMethod};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, RetryMethod};
 use tokio::sync::OnceCell;
 
+use super::dedicated::{DedicatedConnection, TlsSetup};
 use crate::error::{Error, Result};
 
 /// A Redis server to talk to, with the retry policy for every command sent to it.
@@ -41,6 +42,12 @@ struct Inner {
     redacted_url: String,
     settings: Settings,
     shared: OnceCell<ConnectionManager>,
+    /// The certificates given to the builder, for the dedicated connections' TLS.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    tls: TlsMaterial,
+    /// The TLS client configuration of the dedicated connections, built on first use.
+    #[cfg(feature = "tls")]
+    tls_config: std::sync::OnceLock<std::result::Result<TlsSetup, String>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -188,13 +195,16 @@ impl RedisConnectionBuilder {
                 format_args!("{redacted_url} is not a valid Redis URL ({:?})", e.kind()),
             )
         })?;
-        let client = open_client(info, self.tls, &redacted_url)?;
+        let client = open_client(info, self.tls.clone(), &redacted_url)?;
         Ok(RedisConnection {
             inner: Arc::new(Inner {
                 client,
                 redacted_url,
                 settings: s,
                 shared: OnceCell::new(),
+                tls: self.tls,
+                #[cfg(feature = "tls")]
+                tls_config: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -246,6 +256,54 @@ fn open_client(info: redis::ConnectionInfo, tls: TlsMaterial, redacted_url: &str
             format_args!("{redacted_url} cannot be used ({:?})", e.kind()),
         )
     })
+}
+
+/// The rustls configuration of the dedicated connections: the given root certificate, else
+/// the system's roots (as redis-rs does), and the client certificate when one was given. The
+/// crypto provider is the application's process default, else ring.
+#[cfg(feature = "tls")]
+fn tls_client_config(tls: &TlsMaterial) -> std::result::Result<TlsSetup, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.root {
+        Some(pem) => {
+            for certificate in CertificateDer::pem_slice_iter(pem) {
+                let certificate = certificate.map_err(|e| format!("root certificate: {e}"))?;
+                roots
+                    .add(certificate)
+                    .map_err(|e| format!("root certificate: {e}"))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found.errors.first().map(|e| e.to_string()).unwrap_or_default();
+                return Err(format!("no root certificates found on this system {why}"));
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let config = match &tls.client {
+        Some((certificate, key)) => {
+            let chain = CertificateDer::pem_slice_iter(certificate)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| format!("client certificate: {e}"))?;
+            // The PEM error could quote key material: say only what is wrong.
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|_| "client key is not PEM".to_owned())?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
 }
 
 /// Refuses a root certificate that holds no PEM certificate, or a broken one: the client would
@@ -396,20 +454,26 @@ impl RedisConnection {
         self.run(what, op).await.map_err(CommandError::into_error)
     }
 
-    /// Opens a connection of its own (for blocking reads, which would stall a shared one).
-    /// `response_timeout` must exceed the longest `BLOCK` sent on it.
-    pub(crate) async fn dedicated(&self, response_timeout: Duration) -> Result<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(Some(response_timeout))
-            .set_connection_timeout(Some(self.inner.settings.connect_timeout));
+    /// Opens a connection of its own (for blocking reads, which would stall a shared one),
+    /// retrying connection failures with backoff. `response_timeout` must exceed the longest
+    /// `BLOCK` sent on it.
+    pub(crate) async fn dedicated(&self, response_timeout: Duration) -> Result<DedicatedConnection> {
+        let info = self.inner.client.get_connection_info();
         let mut attempt = 0;
         loop {
-            match self
-                .inner
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-            {
+            let connected = match self.tls_setup() {
+                Ok(tls) => {
+                    DedicatedConnection::connect(
+                        info,
+                        tls,
+                        self.inner.settings.connect_timeout,
+                        response_timeout,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match connected {
                 Ok(conn) => return Ok(conn),
                 Err(e) if is_transient(&e) && attempt < self.inner.settings.max_retries => {
                     tokio::time::sleep(self.backoff(attempt)).await;
@@ -418,6 +482,32 @@ impl RedisConnection {
                 Err(e) => return Err(self.connection_error("connect", e, attempt)),
             }
         }
+    }
+
+    /// The TLS client configuration for a `rediss://` URL (`None` for other URLs).
+    #[cfg(feature = "tls")]
+    fn tls_setup(&self) -> std::result::Result<Option<TlsSetup>, RedisError> {
+        let info = self.inner.client.get_connection_info();
+        if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            return Ok(None);
+        }
+        match self
+            .inner
+            .tls_config
+            .get_or_init(|| tls_client_config(&self.inner.tls))
+        {
+            Ok(config) => Ok(Some(config.clone())),
+            Err(reason) => Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "TLS configuration",
+                reason.clone(),
+            ))),
+        }
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls_setup(&self) -> std::result::Result<Option<TlsSetup>, RedisError> {
+        Ok(None)
     }
 
     /// The delay before retry number `attempt` (0-based): the base doubled per attempt, capped,

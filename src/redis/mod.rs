@@ -23,10 +23,12 @@ pub mod admin;
 mod checkpoint;
 pub mod codec;
 mod connection;
+mod dedicated;
 mod keys;
 mod lease;
 mod publisher;
 mod reader;
+mod resp;
 mod scripts;
 mod subscriber;
 

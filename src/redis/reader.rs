@@ -4,12 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use redis::Value;
-use redis::aio::MultiplexedConnection;
-
 use super::checkpoint::RedisCheckpointStore;
-use super::codec::{self, Codec, JsonCodec, ReplyEntry};
+use super::codec::{Codec, JsonCodec, ReplyEntry};
 use super::connection::{RedisConnection, is_transient};
+use super::dedicated::DedicatedConnection;
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::error::{Error, Result, validate_name};
 use crate::message::{EntryId, Message};
@@ -38,7 +36,7 @@ const READER_GROUP: &str = "~reader";
 /// ```
 pub struct StreamReader {
     conn: RedisConnection,
-    read_conn: Option<MultiplexedConnection>,
+    read_conn: Option<DedicatedConnection>,
     store: Arc<dyn CheckpointStore>,
     codec: Arc<dyn Codec>,
     stream: String,
@@ -120,8 +118,7 @@ impl StreamReader {
                 format_args!("{block:?} must be longer than zero and at most {MAX_INTERVAL:?}"),
             ));
         }
-        let reply = self.read(count, block).await?;
-        let entries = codec::parse_read_reply(reply)?;
+        let entries = self.read(count, block).await?;
         if let Some(last) = entries.last() {
             self.cursor = last.id().to_string();
         }
@@ -137,7 +134,7 @@ impl StreamReader {
 
     /// One `XREAD`, on a connection of its own, retrying connection failures with the
     /// connection's backoff.
-    async fn read(&mut self, count: usize, block: Duration) -> Result<Value> {
+    async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<ReplyEntry>> {
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(count)
@@ -154,7 +151,7 @@ impl StreamReader {
                     .read_conn
                     .insert(self.conn.dedicated(block + Duration::from_secs(10)).await?),
             };
-            match cmd.query_async(conn).await {
+            match conn.read_entries(&cmd).await {
                 Ok(reply) => return Ok(reply),
                 Err(e) if is_transient(&e) && attempt < self.conn.max_retries() => {
                     self.read_conn = None;

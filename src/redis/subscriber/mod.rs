@@ -320,6 +320,7 @@ impl RedisSubscriber {
             stats: self.stats.clone(),
             options,
             read_conn: None,
+            read_ahead: None,
             drain_from: Some("-".to_owned()),
             autoclaim_cursor: crate::EntryId::ZERO,
             next_reclaim: Instant::now(),

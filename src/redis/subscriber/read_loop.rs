@@ -7,6 +7,11 @@
 //! counts the delivery; entries the subscription owns already (held, being acked, waiting to
 //! retry) are never claimed or handed out again.
 //!
+//! A read that came back full is followed at once by the next one, sent ahead without
+//! `BLOCK` when at least half a batch of capacity is free: the server prepares that batch
+//! while this one is handled, and the next step only takes its reply. The slots it may fill
+//! are taken when it is sent, so `max_in_flight` still bounds everything read.
+//!
 //! [`Subscription`]: crate::Subscription
 
 use std::collections::VecDeque;
@@ -16,7 +21,6 @@ use std::time::Duration;
 
 use crate::signal::Signal;
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 
 use super::SubscriberStats;
@@ -29,6 +33,7 @@ use crate::message::{EntryId, Message};
 use crate::pubsub::{ReclaimOptions, SubscribeOptions};
 use crate::redis::codec::{self, Codec, ReplyEntry};
 use crate::redis::connection::is_transient;
+use crate::redis::dedicated::DedicatedConnection;
 use crate::redis::{keys, scripts};
 
 /// Entries fetched by one step, with their delivery counts (this delivery included).
@@ -42,7 +47,9 @@ pub(crate) struct Reader {
     pub(crate) store: Option<Arc<dyn CheckpointStore>>,
     pub(crate) stats: Arc<SubscriberStats>,
     pub(crate) options: SubscribeOptions,
-    pub(crate) read_conn: Option<(MultiplexedConnection, i64)>,
+    pub(crate) read_conn: Option<(DedicatedConnection, i64)>,
+    /// The slots taken for a read sent ahead, whose reply the next step takes.
+    pub(crate) read_ahead: Option<usize>,
     /// Where the drain of this consumer's own pending list has got to; `None` once done.
     pub(crate) drain_from: Option<String>,
     pub(crate) autoclaim_cursor: EntryId,
@@ -78,17 +85,23 @@ impl Reader {
                 return Some(Ok(d));
             }
             let (closed, lease_lost) = (self.shared.closed.clone(), self.lease_lost.clone());
-            let taken = tokio::select! {
-                biased;
-                _ = closed.cancelled() => continue,
-                _ = lease_lost.cancelled() => continue,
-                n = self.shared.capacity.acquire(self.options.batch_size_value()) => n,
+            let (taken, ahead) = match self.read_ahead.take() {
+                Some(taken) => (taken, true),
+                None => {
+                    let taken = tokio::select! {
+                        biased;
+                        _ = closed.cancelled() => continue,
+                        _ = lease_lost.cancelled() => continue,
+                        n = self.shared.capacity.acquire(self.options.batch_size_value()) => n,
+                    };
+                    (taken, false)
+                }
             };
             let result = tokio::select! {
                 biased;
                 _ = closed.cancelled() => Ok(0),
                 _ = lease_lost.cancelled() => Ok(0),
-                r = self.fetch(taken) => r,
+                r = self.fetch(taken, ahead) => r,
             };
             match result {
                 Ok(used) => {
@@ -109,8 +122,7 @@ impl Reader {
     /// vanished group (when allowed). Returns the error to yield once the retry budget is spent.
     async fn after_error(&mut self, e: ReadError) -> Option<Error> {
         SubscriberStats::add(&self.stats.read_errors, 1);
-        self.read_conn = None;
-        self.drain_from = Some("-".to_owned());
+        self.drop_read_conn();
         let origin = self.shared.origin.clone();
         if let ReadError::Redis(e) = &e
             && e.code() == Some("NOGROUP")
@@ -160,9 +172,24 @@ impl Reader {
         }
     }
 
+    /// Forgets the read connection; whatever it may have read into this consumer's pending
+    /// list meanwhile is found by the drain that follows.
+    fn drop_read_conn(&mut self) {
+        self.read_conn = None;
+        if let Some(slots) = self.read_ahead.take() {
+            self.shared.capacity.release(slots);
+        }
+        self.drain_from = Some("-".to_owned());
+    }
+
     /// One step; turns what it got into deliveries and returns how many slots they use.
-    async fn fetch(&mut self, budget: usize) -> std::result::Result<usize, ReadError> {
+    /// `ahead`: this step takes the reply of the read sent ahead (`budget` is its slots).
+    async fn fetch(&mut self, budget: usize, ahead: bool) -> std::result::Result<usize, ReadError> {
         let now = Instant::now();
+        if ahead {
+            let entries = self.receive_new(budget).await?;
+            return Ok(self.admit(entries.into_iter().map(|e| (e, 1)).collect()).await);
+        }
         let due = self.shared.ledger().take_due(now, budget);
         let fetched = if !due.is_empty() {
             let me = self.shared.origin.consumer().to_owned();
@@ -174,9 +201,13 @@ impl Reader {
             self.next_reclaim = now + reclaim.interval;
             self.reclaim(reclaim, budget).await?
         } else {
-            let block = self.block_for(now);
-            let entries = self.read_new(budget, block).await?;
-            entries.into_iter().map(|e| (e, 1)).collect()
+            let read = read_group(&self.shared.origin, budget, Some(self.block_for(now)));
+            let (conn, client_id) = self.read_conn().await?;
+            conn.send(&read).await?;
+            self.shared.blocked_client.store(client_id, Ordering::Release);
+            let entries = self.receive_new(budget).await;
+            self.shared.blocked_client.store(0, Ordering::Release);
+            entries?.into_iter().map(|e| (e, 1)).collect()
         };
         Ok(self.admit(fetched).await)
     }
@@ -194,7 +225,7 @@ impl Reader {
         until.saturating_duration_since(now).max(Duration::from_millis(1))
     }
 
-    async fn read_conn(&mut self) -> std::result::Result<(&mut MultiplexedConnection, i64), ReadError> {
+    async fn read_conn(&mut self) -> std::result::Result<(&mut DedicatedConnection, i64), ReadError> {
         if self.read_conn.is_none() {
             let timeout = self.options.block_value() + Duration::from_secs(10);
             let mut conn = self
@@ -210,31 +241,39 @@ impl Reader {
         Ok((conn, *id))
     }
 
-    /// `XREADGROUP ... BLOCK t STREAMS s >`: entries never delivered to the group.
-    async fn read_new(
-        &mut self,
-        count: usize,
-        block: Duration,
-    ) -> std::result::Result<Vec<ReplyEntry>, ReadError> {
-        let origin = self.shared.origin.clone();
-        let shared = self.shared.clone();
-        let cmd = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(origin.group())
-            .arg(origin.consumer())
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block.as_millis().max(1) as u64)
-            .arg("STREAMS")
-            .arg(origin.stream())
-            .arg(">")
-            .clone();
-        let (conn, client_id) = self.read_conn().await?;
-        shared.blocked_client.store(client_id, Ordering::Release);
-        let reply = cmd.query_async::<Value>(conn).await;
-        shared.blocked_client.store(0, Ordering::Release);
-        Ok(codec::parse_read_reply(reply?)?)
+    /// Takes the reply of the `XREADGROUP ... >` sent last (`count` entries at most); when it
+    /// is full, sends the next one ahead.
+    async fn receive_new(&mut self, count: usize) -> std::result::Result<Vec<ReplyEntry>, ReadError> {
+        let (conn, _) = self.read_conn().await?;
+        let entries = conn.recv_entries().await?;
+        if entries.len() == count {
+            self.read_ahead().await;
+        }
+        Ok(entries)
+    }
+
+    /// Sends the next `XREADGROUP` without `BLOCK`, if at least half a batch of capacity is
+    /// free; the slots are taken now and used by the step that takes the reply.
+    async fn read_ahead(&mut self) {
+        let batch = self.options.batch_size_value();
+        let slots = self.shared.capacity.try_acquire(batch);
+        if slots == 0 || slots < batch.div_ceil(2) || self.shared.closed.is_cancelled() {
+            self.shared.capacity.release(slots);
+            return;
+        }
+        let Some((conn, _)) = self.read_conn.as_mut() else {
+            self.shared.capacity.release(slots);
+            return;
+        };
+        let cmd = read_group(&self.shared.origin, slots, None);
+        match conn.send(&cmd).await {
+            Ok(()) => self.read_ahead = Some(slots),
+            Err(e) => {
+                tracing::debug!(error = %e, "read ahead failed; reconnecting");
+                self.shared.capacity.release(slots);
+                self.drop_read_conn();
+            }
+        }
     }
 
     /// Claims `ids` for this consumer, each only if `expected_owner` still owns it.
@@ -498,6 +537,21 @@ impl Reader {
             reason = record.metadata().get(dead_letter::keys::REASON).unwrap_or(""), "dead-lettered");
         Ok(())
     }
+}
+
+/// `XREADGROUP GROUP g c COUNT n [BLOCK t] STREAMS s >`: entries never delivered to the group.
+fn read_group(origin: &Origin, count: usize, block: Option<Duration>) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(origin.group())
+        .arg(origin.consumer())
+        .arg("COUNT")
+        .arg(count);
+    if let Some(block) = block {
+        cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+    }
+    cmd.arg("STREAMS").arg(origin.stream()).arg(">");
+    cmd
 }
 
 fn dead_letter_of<'a>(origin: &'a Origin, id: EntryId, reason: &'a str, delivered: u64) -> DeadLetter<'a> {
