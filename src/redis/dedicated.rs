@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::codec::ReplyEntry;
-use super::resp::{self, Scan};
+use super::resp::{self, Scan, ScanState};
 
 /// A byte stream to a server.
 trait Socket: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
@@ -38,6 +38,8 @@ pub(crate) type TlsSetup = ();
 pub(crate) struct DedicatedConnection {
     socket: Box<dyn Socket>,
     input: BytesMut,
+    /// How far the reply at the start of `input` has been scanned.
+    scanned: ScanState,
     output: Vec<u8>,
     db: i64,
     response_timeout: Duration,
@@ -63,6 +65,7 @@ impl DedicatedConnection {
             let mut conn = DedicatedConnection {
                 socket,
                 input: BytesMut::with_capacity(READ_CHUNK),
+                scanned: ScanState::default(),
                 output: Vec::with_capacity(256),
                 db: info.redis_settings().db(),
                 response_timeout,
@@ -136,7 +139,7 @@ impl DedicatedConnection {
         self.in_step = false;
         let deadline = Instant::now() + self.response_timeout;
         loop {
-            match resp::scan(&self.input)? {
+            match resp::scan(&self.input, &mut self.scanned)? {
                 Scan::Complete(len) => {
                     self.unread -= 1;
                     self.in_step = true;
@@ -283,6 +286,7 @@ mod tests {
         let conn = DedicatedConnection {
             socket: Box::new(client),
             input: BytesMut::new(),
+            scanned: ScanState::default(),
             output: Vec::new(),
             db: 0,
             response_timeout: Duration::from_secs(5),

@@ -69,23 +69,37 @@ fn length(text: &[u8]) -> RedisResult<Option<usize>> {
     }
 }
 
+/// How far [`scan`] got into a reply that is not complete yet, so that the next call, with
+/// more bytes, goes on from there instead of from the start (a reply of a hundred 16 KiB
+/// entries arrives in many reads).
+#[derive(Debug, Default)]
+pub(crate) struct ScanState {
+    /// Where the next item starts.
+    pos: usize,
+    /// Items still to read, the one at `pos` included; zero before a reply starts.
+    remaining: usize,
+}
+
 /// Finds the end of the reply at the start of `buf`, skipping bulk strings by their length.
-pub(crate) fn scan(buf: &[u8]) -> RedisResult<Scan> {
-    let mut pos = 0;
-    // Items still to read, arrays included: a reply is one item, an array adds its items.
-    let mut remaining: usize = 1;
-    while remaining > 0 {
-        remaining -= 1;
+/// `state` carries the progress over calls on the same, growing, buffer; it is reset when a
+/// reply is complete (and must be reset by the caller when the buffer is replaced).
+pub(crate) fn scan(buf: &[u8], state: &mut ScanState) -> RedisResult<Scan> {
+    if state.remaining == 0 {
+        *state = ScanState { pos: 0, remaining: 1 };
+    }
+    while state.remaining > 0 {
+        let pos = state.pos;
         if pos >= buf.len() {
             return Ok(Scan::Incomplete(pos + 1));
         }
         let Some((header, next)) = line(buf, pos)? else {
             return Ok(Scan::Incomplete(buf.len() + 1));
         };
-        match buf[pos] {
-            b'+' | b'-' | b':' => pos = next,
+        // Each item is one; an array's items come after its header.
+        let (after, items) = match buf[pos] {
+            b'+' | b'-' | b':' => (next, 0),
             b'$' => match length(header)? {
-                None => pos = next,
+                None => (next, 0),
                 Some(len) if len > MAX_BULK => {
                     return Err(protocol_error("malformed reply", format!("bulk of {len} bytes")));
                 }
@@ -100,22 +114,23 @@ pub(crate) fn scan(buf: &[u8]) -> RedisResult<Scan> {
                             "a bulk string does not end in CRLF".into(),
                         ));
                     }
-                    pos = end;
+                    (end, 0)
                 }
             },
-            b'*' => {
-                remaining = remaining.saturating_add(length(header)?.unwrap_or(0));
-                pos = next;
-            }
+            b'*' => (next, length(header)?.unwrap_or(0)),
             other => {
                 return Err(protocol_error(
                     "malformed reply",
                     format!("unknown reply type {:?}", other as char),
                 ));
             }
-        }
+        };
+        state.pos = after;
+        state.remaining = (state.remaining - 1).saturating_add(items);
     }
-    Ok(Scan::Complete(pos))
+    let len = state.pos;
+    *state = ScanState::default();
+    Ok(Scan::Complete(len))
 }
 
 /// Any complete reply as a redis-rs [`Value`] (server errors included, as
@@ -321,14 +336,44 @@ mod tests {
             encode(&v, &mut bytes);
             let len = bytes.len();
             bytes.extend_from_slice(&tail);
-            prop_assert_eq!(scan(&bytes).unwrap(), Scan::Complete(len));
+            prop_assert_eq!(scan(&bytes, &mut ScanState::default()).unwrap(), Scan::Complete(len));
             prop_assert_eq!(value(&bytes[..len]).unwrap(), v);
             for cut in 0..len {
-                match scan(&bytes[..cut]).unwrap() {
+                match scan(&bytes[..cut], &mut ScanState::default()).unwrap() {
                     Scan::Incomplete(at_least) => prop_assert!(at_least > cut && at_least <= len),
                     Scan::Complete(n) => prop_assert!(false, "complete at {} of {}", n, len),
                 }
             }
+        }
+
+        /// Scanning a reply as it arrives, piece by piece with one state, ends where scanning
+        /// it whole does, and the state is ready for the next reply.
+        #[test]
+        fn scanning_as_it_arrives_ends_where_scanning_whole_does(
+            v in resp_value(),
+            pieces in proptest::collection::vec(1usize..9, 1..200),
+        ) {
+            let mut bytes = Vec::new();
+            encode(&v, &mut bytes);
+            bytes.extend_from_slice(b"+NEXT\r\n");
+            let whole = match scan(&bytes, &mut ScanState::default()).unwrap() {
+                Scan::Complete(n) => n,
+                other => return Err(TestCaseError::fail(format!("{other:?}"))),
+            };
+            let mut state = ScanState::default();
+            let mut have = 0;
+            let mut piece = pieces.iter().cycle();
+            loop {
+                have = (have + piece.next().unwrap()).min(bytes.len());
+                match scan(&bytes[..have], &mut state).unwrap() {
+                    Scan::Complete(n) => {
+                        prop_assert_eq!(n, whole);
+                        break;
+                    }
+                    Scan::Incomplete(at_least) => prop_assert!(at_least > have),
+                }
+            }
+            prop_assert_eq!(scan(&bytes[whole..], &mut state).unwrap(), Scan::Complete(7));
         }
 
         /// Stream replies parse to the same entries as through redis-rs's value tree.
@@ -411,7 +456,7 @@ mod tests {
             b"$99999999999999999999\r\n",
             b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\nnot\r\n*0\r\n",
         ] {
-            let scanned = scan(bad);
+            let scanned = scan(bad, &mut ScanState::default());
             let parsed =
                 matches!(scanned, Ok(Scan::Complete(_))).then(|| stream_reply(&Bytes::copy_from_slice(bad)));
             assert!(
