@@ -2,6 +2,7 @@
 //! subscription, and [`InFlight`], the capacity gate that keeps backends from prefetching.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -370,6 +371,62 @@ impl Stream for Subscription {
     type Item = Result<Delivery>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// A backend's reader behind a [`Subscription`] ([`reader_stream`]): deliveries it holds
+/// already are handed out by a plain call; only when it has to wait does a future run, and
+/// that future owns the reader meanwhile. (A stream made with `unfold` moves the reader in
+/// and out of a new future for every delivery.)
+pub(crate) trait BackendReader: Send + Unpin + Sized + 'static {
+    /// A delivery that can be handed out right now, if there is one and nothing (a close, an
+    /// error to report) has to be looked at first.
+    fn ready(&mut self) -> Option<Delivery>;
+
+    /// The next item, however long it takes; `None` ends the subscription.
+    fn next(self) -> impl Future<Output = (Self, Option<Result<Delivery>>)> + Send;
+}
+
+/// The stream of `reader`'s deliveries.
+pub(crate) fn reader_stream<R: BackendReader>(reader: R) -> impl Stream<Item = Result<Delivery>> + Send {
+    ReaderStream {
+        reader: Some(reader),
+        waiting: None,
+    }
+}
+
+struct ReaderStream<R> {
+    /// `None` while `waiting` owns it, and once the stream ended.
+    reader: Option<R>,
+    waiting: Option<BoxFuture<'static, (R, Option<Result<Delivery>>)>>,
+}
+
+impl<R: BackendReader> Stream for ReaderStream<R> {
+    type Item = Result<Delivery>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let waiting = match &mut this.waiting {
+            Some(waiting) => waiting,
+            None => {
+                let Some(reader) = this.reader.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                if let Some(delivery) = reader.ready() {
+                    return Poll::Ready(Some(Ok(delivery)));
+                }
+                let Some(reader) = this.reader.take() else {
+                    return Poll::Ready(None);
+                };
+                this.waiting.insert(Box::pin(reader.next()))
+            }
+        };
+        let (reader, item) = std::task::ready!(waiting.as_mut().poll(cx));
+        this.waiting = None;
+        if item.is_some() {
+            this.reader = Some(reader);
+        }
+        Poll::Ready(item)
     }
 }
 

@@ -152,7 +152,9 @@ async fn fallback_policies() {
         let routes = Routes::new()
             .route("known", || async {})
             .fallback(fallback.clone());
-        let options = opts().max_deliveries(1000);
+        // A nacked entry comes back at once, again and again until the shutdown: never
+        // dead-lettered, however many redeliveries fit in before it.
+        let options = opts().max_deliveries(u64::MAX);
         let running = Router::new()
             .subscribe("t", options, routes)
             .start(h.subscriber(), h.publisher())
@@ -295,7 +297,8 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
     let running = Router::new()
         .subscribe(
             "orders",
-            opts().max_deliveries(1000),
+            // Redelivered at once until the shutdown, and never dead-lettered meanwhile.
+            opts().max_deliveries(u64::MAX),
             Routes::new().route("order.placed", placed),
         )
         .start(h.subscriber(), failing.clone())
@@ -347,7 +350,12 @@ async fn outcomes_errors_and_panics_settle_as_documented() {
         .route("flaky", flaky)
         .route("hopeless", hopeless)
         .route("later", later)
-        .route("boom", boom);
+        .route("boom", boom)
+        // Panics when called, before it returns its future.
+        .route("eager", |info: DeliveryInfo| {
+            assert!(info.delivery_count() > 1, "handler bug before the future");
+            async {}
+        });
     let running = router
         .subscribe("t", opts().max_in_flight(4), routes)
         .start(h.subscriber(), h.publisher())
@@ -358,8 +366,10 @@ async fn outcomes_errors_and_panics_settle_as_documented() {
     let started = tokio::time::Instant::now();
     h.publish("t", Message::new("later", &3).unwrap()).await;
     h.publish("t", Message::new("boom", &4).unwrap()).await;
-    // flaky: 3 runs; hopeless: 1; later: 2; boom: 2 (the panic is nacked, the router goes on).
-    h.settled(&running, 8).await;
+    h.publish("t", Message::new("eager", &5).unwrap()).await;
+    // flaky: 3 runs; hopeless: 1; later: 2; boom and eager: 2 each (the panic is nacked, the
+    // router goes on).
+    h.settled(&running, 10).await;
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "nack_after waited"
@@ -695,4 +705,39 @@ async fn shutdown_with_nothing_in_flight_does_not_wait_for_the_deadline() {
         started.elapsed()
     );
     assert_eq!((report.handled, report.abandoned), (1, 0));
+}
+
+/// A backlog far larger than what the router takes in one go (a batch of ready deliveries)
+/// is handled whole, each message once, none left pending.
+#[tokio::test]
+async fn a_large_backlog_is_handled_whole_and_once() {
+    let h = Harness::new();
+    let messages: Vec<Message> = (0..5000u32).map(|n| order(n, "ada")).collect();
+    h.backend
+        .publisher()
+        .publish_batch("orders", messages)
+        .await
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let handler = move |Json(o): Json<Order>| {
+        let s = s.clone();
+        async move { s.lock().unwrap().push(o.id) }
+    };
+    let options = opts()
+        .batch_size(100)
+        .max_in_flight(256)
+        .start_from(streamwise::StartFrom::Beginning);
+    let running = Router::new()
+        .subscribe("orders", options, Routes::new().route("order.placed", handler))
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.settled(&running, 5000).await;
+    let report = running.shutdown().await.unwrap();
+    assert_eq!(report.handled, 5000);
+    let mut ids = std::mem::take(&mut *seen.lock().unwrap());
+    ids.sort_unstable();
+    assert_eq!(ids, (0..5000).collect::<Vec<_>>(), "each message once");
+    assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0);
 }

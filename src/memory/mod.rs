@@ -370,13 +370,7 @@ impl MemorySubscriber {
             drained: false,
             closed: self.closed.clone(),
         };
-        Ok(Subscription::new(futures::stream::unfold(
-            reader,
-            |mut reader| async move {
-                let item = reader.next().await?;
-                Some((item, reader))
-            },
-        )))
+        Ok(Subscription::new(crate::pubsub::reader_stream(reader)))
     }
 }
 
@@ -411,8 +405,22 @@ struct Reader {
     closed: Signal,
 }
 
+impl crate::pubsub::BackendReader for Reader {
+    fn ready(&mut self) -> Option<Delivery> {
+        if self.closed.is_cancelled() {
+            return None;
+        }
+        self.buffer.pop_front()
+    }
+
+    async fn next(mut self) -> (Self, Option<Result<Delivery>>) {
+        let item = self.next_item().await;
+        (self, item)
+    }
+}
+
 impl Reader {
-    async fn next(&mut self) -> Option<Result<Delivery>> {
+    async fn next_item(&mut self) -> Option<Result<Delivery>> {
         loop {
             if self.closed.is_cancelled() {
                 self.stop();

@@ -107,6 +107,17 @@ where
     }
 
     fn call(&mut self, incoming: Incoming) -> Self::Future {
+        self.call_ref(incoming)
+    }
+}
+
+impl<H, T, S> HandlerService<H, T, S>
+where
+    H: Handler<T, S>,
+    S: Clone + Send + Sync + 'static,
+{
+    /// Runs the handler on `incoming` (it needs no exclusive access).
+    pub(crate) fn call_ref(&self, incoming: Incoming) -> BoxFuture<'static, Result<Outcome, BoxError>> {
         self.handler.clone().call(incoming, self.state.clone())
     }
 }

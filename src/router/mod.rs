@@ -162,9 +162,35 @@ impl OrderKey {
     }
 }
 
+/// A route as [`Dispatch`] calls it.
+#[derive(Clone)]
+pub(crate) enum Route {
+    /// A plain handler, called through a shared reference: no clone of a boxed service and
+    /// no box around its future per delivery.
+    Handler(Arc<dyn CallHandler>),
+    /// A service (layered, or given as one), called as tower services are.
+    Service(BoxRoute),
+}
+
+/// A handler with its state, callable through a shared reference.
+pub(crate) trait CallHandler: Send + Sync + 'static {
+    fn call(&self, incoming: Incoming) -> futures::future::BoxFuture<'static, Result<Outcome, BoxError>>;
+}
+
+impl<H, T, S> CallHandler for HandlerService<H, T, S>
+where
+    H: Handler<T, S>,
+    T: 'static,
+    S: Clone + Send + Sync + 'static,
+{
+    fn call(&self, incoming: Incoming) -> futures::future::BoxFuture<'static, Result<Outcome, BoxError>> {
+        self.call_ref(incoming)
+    }
+}
+
 /// The routes of one subscription: a handler per event type, a fallback, layers and ordering.
 pub struct Routes<S = ()> {
-    routes: HashMap<String, BoxRoute>,
+    routes: HashMap<String, Route>,
     fallback: Fallback,
     pub(crate) layers: Vec<LayerFn>,
     order_by: Option<OrderKey>,
@@ -220,7 +246,8 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
         T: 'static,
     {
         let state = self.state.clone().expect("routes always carry their state");
-        self.route_service(event_type, handler_service(handler, state))
+        let route = Route::Handler(Arc::new(handler_service(handler, state)));
+        self.add_route(event_type, route)
     }
 
     /// Routes `event_type` to `handler` wrapped in `layer` (a route-level layer).
@@ -240,19 +267,19 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
 
     /// Routes `event_type` to any service from [`Incoming`] to [`Outcome`].
     #[must_use]
-    pub fn route_service<Svc>(mut self, event_type: &str, service: Svc) -> Self
+    pub fn route_service<Svc>(self, event_type: &str, service: Svc) -> Self
     where
         Svc: Service<Incoming, Response = Outcome> + Clone + Send + Sync + 'static,
         Svc::Error: Into<BoxError>,
         Svc::Future: Send + 'static,
     {
+        self.add_route(event_type, Route::Service(boxed(service)))
+    }
+
+    fn add_route(mut self, event_type: &str, route: Route) -> Self {
         if let Err(e) = validate_event_type(event_type) {
             self.errors.push(e);
-        } else if self
-            .routes
-            .insert(event_type.to_owned(), boxed(service))
-            .is_some()
-        {
+        } else if self.routes.insert(event_type.to_owned(), route).is_some() {
             self.errors.push(Error::invalid(
                 "event_type",
                 format_args!("{event_type:?} is routed twice in one subscription"),
@@ -287,9 +314,26 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
 
 /// Dispatches a delivery to its route, or applies the fallback.
 #[derive(Clone)]
-struct Dispatch {
-    routes: Arc<HashMap<String, BoxRoute>>,
+pub(crate) struct Dispatch {
+    /// Sorted by event type: a binary search costs less per delivery than hashing the type.
+    routes: Arc<[(String, Route)]>,
     fallback: Fallback,
+}
+
+impl Dispatch {
+    fn new(routes: HashMap<String, Route>, fallback: Fallback) -> Self {
+        let mut routes: Vec<(String, Route)> = routes.into_iter().collect();
+        routes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Dispatch {
+            routes: routes.into(),
+            fallback,
+        }
+    }
+
+    fn route(&self, event_type: &str) -> Option<&Route> {
+        let found = self.routes.binary_search_by(|(t, _)| t.as_str().cmp(event_type));
+        found.ok().map(|i| &self.routes[i].1)
+    }
 }
 
 impl Service<Incoming> for Dispatch {
@@ -302,8 +346,9 @@ impl Service<Incoming> for Dispatch {
     }
 
     fn call(&mut self, incoming: Incoming) -> Self::Future {
-        match self.routes.get(incoming.message().event_type()) {
-            Some(route) => Box::pin(route.clone().oneshot(incoming)),
+        match self.route(incoming.message().event_type()) {
+            Some(Route::Handler(handler)) => handler.call(incoming),
+            Some(Route::Service(route)) => Box::pin(route.clone().oneshot(incoming)),
             None => {
                 let event_type = incoming.message().event_type().to_owned();
                 let outcome = match self.fallback {
@@ -322,11 +367,20 @@ impl Service<Incoming> for Dispatch {
     }
 }
 
+/// What runs a subscription's deliveries.
+#[derive(Clone)]
+pub(crate) enum PlanService {
+    /// No layers: the dispatch itself, called directly (it is always ready).
+    Dispatch(Dispatch),
+    /// The dispatch inside the subscription's and the router's layers.
+    Layered(BoxRoute),
+}
+
 /// One subscription of a router, ready to run.
 pub(crate) struct Plan {
     topic: String,
     options: SubscribeOptions,
-    service: BoxRoute,
+    service: PlanService,
     order_by: Option<OrderKey>,
 }
 
@@ -419,13 +473,13 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             if let Some(e) = routes.errors.drain(..).next() {
                 return Err(e);
             }
-            let mut service = boxed(Dispatch {
-                routes: Arc::new(routes.routes),
-                fallback: routes.fallback,
-            });
-            for layer in routes.layers.iter().chain(self.layers.iter()) {
-                service = layer(service);
-            }
+            let dispatch = Dispatch::new(routes.routes, routes.fallback);
+            let mut layers = routes.layers.iter().chain(self.layers.iter()).peekable();
+            let service = if layers.peek().is_none() {
+                PlanService::Dispatch(dispatch)
+            } else {
+                PlanService::Layered(layers.fold(boxed(dispatch), |service, layer| layer(service)))
+            };
             plans.push(Plan {
                 topic,
                 options,

@@ -12,21 +12,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::future::Future;
+use std::task::Poll;
+
 use futures::StreamExt;
-use futures::future::{FutureExt, Shared};
+use futures::future::{Either, FutureExt, Shared};
 use futures::stream::FuturesUnordered;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 use super::incoming::Incoming;
 use super::outcome::{Outcome, Verdict, outcome_of_error};
-use super::{BoxRoute, OrderKey, Plan};
+use super::{OrderKey, Plan, PlanService};
 use crate::dead_letter::{self, DeadLetter};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, Settlement};
 use crate::error::Result;
 use crate::pubsub::{Publisher, Subscriber};
+use crate::signal::Signal;
 
 /// What a shutdown did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,8 +43,8 @@ pub struct ShutdownReport {
 
 /// A started router; [`shutdown`](Self::shutdown) stops it gracefully.
 pub struct RunningRouter {
-    stop_fetching: CancellationToken,
-    abandon: CancellationToken,
+    stop_fetching: Signal,
+    abandon: Signal,
     loops: Vec<JoinHandle<()>>,
     subscriber: Arc<dyn Subscriber>,
     deadline: Duration,
@@ -90,8 +93,8 @@ pub(crate) async fn start(
     subscriber: Arc<dyn Subscriber>,
     publisher: Arc<dyn Publisher>,
 ) -> Result<RunningRouter> {
-    let stop_fetching = CancellationToken::new();
-    let abandon = CancellationToken::new();
+    let stop_fetching = Signal::new();
+    let abandon = Signal::new();
     let handled = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(AtomicU64::new(0));
     // Subscribe everything first, so that a bad subscription fails the start as a whole.
@@ -105,9 +108,11 @@ pub(crate) async fn start(
         .map(|(plan, subscription)| {
             let worker = Worker {
                 service: plan.service,
-                publisher: publisher.clone(),
-                handled: handled.clone(),
-                in_flight: in_flight.clone(),
+                common: Arc::new(Common {
+                    publisher: publisher.clone(),
+                    handled: handled.clone(),
+                    in_flight: in_flight.clone(),
+                }),
             };
             let ordering = plan.order_by.map(|key| KeyOrder {
                 key,
@@ -179,26 +184,34 @@ struct KeyOrder {
     tails: Arc<Mutex<HashMap<String, (u64, Tail)>>>,
 }
 
+/// The most deliveries taken from a subscription in one go when they are ready at once
+/// (buffered by the backend), before the loop looks at handlers and shutdown again.
+const READY_BATCH: usize = 64;
+
 async fn fetch_loop(
     topic: String,
     subscription: crate::pubsub::Subscription,
     worker: Worker,
     ordering: Option<KeyOrder>,
-    stop_fetching: CancellationToken,
-    abandon: CancellationToken,
+    stop_fetching: Signal,
+    abandon: Signal,
 ) {
     let mut subscription = Some(subscription);
     let mut handlers = FuturesUnordered::new();
     let mut sequence = 0u64;
+    // Waited on across iterations, at the cost of one atomic load per poll.
+    let abandoned = abandon.wait();
+    let stopped = stop_fetching.wait();
+    tokio::pin!(abandoned, stopped);
     loop {
         if subscription.is_none() && handlers.is_empty() {
             break;
         }
-        let next = tokio::select! {
+        let mut next = tokio::select! {
             biased;
-            _ = abandon.cancelled() => break,
+            _ = &mut abandoned => break,
             Some(()) = handlers.next(), if !handlers.is_empty() => continue,
-            _ = stop_fetching.cancelled(), if subscription.is_some() => {
+            _ = &mut stopped, if subscription.is_some() => {
                 // Stop fetching: deliveries the subscription still buffered go back to
                 // pending. In-flight ones keep it alive in the backend until settled.
                 subscription = None;
@@ -206,52 +219,64 @@ async fn fetch_loop(
             }
             next = next_delivery(&mut subscription), if subscription.is_some() => next,
         };
-        let delivery = match next {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                tracing::error!(topic, error = %e, "subscription error; the router keeps going");
-                continue;
+        for taken in 1.. {
+            match next {
+                Some(Ok(delivery)) => {
+                    sequence += 1;
+                    handlers.push(handling(&worker, ordering.as_ref(), delivery, sequence));
+                }
+                Some(Err(e)) => {
+                    tracing::error!(topic, error = %e, "subscription error; the router keeps going");
+                }
+                None => {
+                    subscription = None;
+                    break;
+                }
             }
-            None => {
-                subscription = None;
-                continue;
+            if taken == READY_BATCH || stop_fetching.is_cancelled() {
+                break;
             }
-        };
-        let delivery = Arc::new(delivery);
-        let worker = worker.clone();
-        sequence += 1;
-        let key = ordering
-            .as_ref()
-            .and_then(|o| o.key.of(&Incoming::new(delivery.clone())));
-        match (&ordering, key) {
-            (Some(ordering), Some(key)) => {
-                let (done, tail) = oneshot::channel::<()>();
-                let previous = ordering
-                    .tails
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key.clone(), (sequence, tail.shared()));
-                let tails = ordering.tails.clone();
-                let me = sequence;
-                handlers.push(
-                    async move {
-                        if let Some((_, previous)) = previous {
-                            // Settled, or its future is gone (sender dropped): our turn.
-                            let _ = previous.await;
-                        }
-                        worker.handle(delivery).await;
-                        let _ = done.send(());
-                        let mut tails = tails.lock().unwrap_or_else(|p| p.into_inner());
-                        if tails.get(&key).is_some_and(|(seq, _)| *seq == me) {
-                            tails.remove(&key);
-                        }
-                    }
-                    .boxed(),
-                );
+            match ready_delivery(&mut subscription).await {
+                Some(item) => next = item,
+                None => break,
             }
-            _ => handlers.push(async move { worker.handle(delivery).await }.boxed()),
         }
     }
+}
+
+/// The future that handles `delivery`: at once, or after the one before it with the same
+/// ordering key.
+fn handling(
+    worker: &Worker,
+    ordering: Option<&KeyOrder>,
+    delivery: Delivery,
+    sequence: u64,
+) -> Either<impl Future<Output = ()> + use<>, impl Future<Output = ()> + use<>> {
+    let delivery = Arc::new(delivery);
+    let worker = worker.clone();
+    let keyed = ordering.and_then(|o| Some((o, o.key.of(&Incoming::new(delivery.clone()))?)));
+    let Some((ordering, key)) = keyed else {
+        return Either::Right(worker.handle(delivery));
+    };
+    let (done, tail) = oneshot::channel::<()>();
+    let previous = ordering
+        .tails
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key.clone(), (sequence, tail.shared()));
+    let tails = ordering.tails.clone();
+    Either::Left(async move {
+        if let Some((_, previous)) = previous {
+            // Settled, or its future is gone (sender dropped): our turn.
+            let _ = previous.await;
+        }
+        worker.handle(delivery).await;
+        let _ = done.send(());
+        let mut tails = tails.lock().unwrap_or_else(|p| p.into_inner());
+        if tails.get(&key).is_some_and(|(seq, _)| *seq == sequence) {
+            tails.remove(&key);
+        }
+    })
 }
 
 async fn next_delivery(subscription: &mut Option<crate::pubsub::Subscription>) -> Option<Result<Delivery>> {
@@ -261,10 +286,31 @@ async fn next_delivery(subscription: &mut Option<crate::pubsub::Subscription>) -
     }
 }
 
+/// The next item of the subscription if it is ready now, without waiting.
+async fn ready_delivery(
+    subscription: &mut Option<crate::pubsub::Subscription>,
+) -> Option<Option<Result<Delivery>>> {
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match subscription {
+            Some(s) => match s.poll_next_unpin(cx) {
+                Poll::Ready(item) => Some(item),
+                Poll::Pending => None,
+            },
+            None => None,
+        })
+    })
+    .await
+}
+
 /// Runs deliveries of one subscription through its service and settles them.
 #[derive(Clone)]
 struct Worker {
-    service: BoxRoute,
+    service: PlanService,
+    /// One reference count per delivery for all of them.
+    common: Arc<Common>,
+}
+
+struct Common {
     publisher: Arc<dyn Publisher>,
     handled: Arc<AtomicU64>,
     in_flight: Arc<AtomicU64>,
@@ -272,9 +318,18 @@ struct Worker {
 
 impl Worker {
     async fn handle(self, delivery: Arc<Delivery>) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let run =
-            AssertUnwindSafe(self.service.clone().oneshot(Incoming::new(delivery.clone()))).catch_unwind();
+        let Worker { service, common } = self;
+        common.in_flight.fetch_add(1, Ordering::Relaxed);
+        let incoming = Incoming::new(delivery.clone());
+        // Called inside the future, so that a handler panicking before it returns its
+        // future is caught like one panicking while it runs.
+        let call = async move {
+            match service {
+                PlanService::Dispatch(mut dispatch) => dispatch.call(incoming).await,
+                PlanService::Layered(service) => service.oneshot(incoming).await,
+            }
+        };
+        let run = AssertUnwindSafe(call).catch_unwind();
         let outcome = match run.await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(error)) => {
@@ -291,11 +346,11 @@ impl Worker {
                 Outcome::nack()
             }
         };
-        settle(&delivery, outcome, &*self.publisher).await;
-        self.handled.fetch_add(1, Ordering::Relaxed);
+        settle(&delivery, outcome, &*common.publisher).await;
+        common.handled.fetch_add(1, Ordering::Relaxed);
         // (A future dropped at the shutdown deadline never gets here: its delivery stays
         // pending, and the count is reported as abandoned.)
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        common.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -303,6 +358,29 @@ impl Worker {
 async fn settle(delivery: &Delivery, outcome: Outcome, publisher: &dyn Publisher) {
     let (verdict, messages) = outcome.into_parts();
     let result = match verdict {
+        // Nothing to publish: settled at once. (Publishing is boxed, so that its state does
+        // not make every handler's future larger.)
+        Verdict::Ack if messages.is_empty() => delivery.settle(Settlement::Ack),
+        // A verdict built by hand may ask for more than a delivery accepts.
+        Verdict::Nack { delay } => delivery.settle(Settlement::Nack {
+            delay: delay.min(crate::MAX_NACK_DELAY),
+        }),
+        verdict => Box::pin(publish_then_settle(delivery, verdict, messages, publisher)).await,
+    };
+    if let Err(e) = result {
+        tracing::warn!(id = %delivery.id(), error = %e, "settling the delivery failed; it stays pending");
+    }
+}
+
+/// Publishes what the outcome carries (the handler's messages, or the dead-letter record),
+/// then acks; nacks when publishing failed.
+async fn publish_then_settle(
+    delivery: &Delivery,
+    verdict: Verdict,
+    messages: Vec<super::Outgoing>,
+    publisher: &dyn Publisher,
+) -> Result<()> {
+    match verdict {
         Verdict::Ack => {
             let mut published = Ok(());
             for out in messages {
@@ -319,7 +397,6 @@ async fn settle(delivery: &Delivery, outcome: Outcome, publisher: &dyn Publisher
                 }
             }
         }
-        // A verdict built by hand may ask for more than a delivery accepts.
         Verdict::Nack { delay } => delivery.nack_after(delay.min(crate::MAX_NACK_DELAY)).await,
         Verdict::DeadLetter { reason } => {
             let info = delivery.info();
@@ -345,8 +422,5 @@ async fn settle(delivery: &Delivery, outcome: Outcome, publisher: &dyn Publisher
                 }
             }
         }
-    };
-    if let Err(e) = result {
-        tracing::warn!(id = %delivery.id(), error = %e, "settling the delivery failed; it stays pending");
     }
 }

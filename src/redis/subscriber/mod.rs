@@ -329,13 +329,7 @@ impl RedisSubscriber {
             lease_lost,
             lease_loss_reported: false,
         };
-        Ok(Subscription::new(futures::stream::unfold(
-            reader,
-            |mut reader| async move {
-                let item = reader.next().await?;
-                Some((item, reader))
-            },
-        )))
+        Ok(Subscription::new(crate::pubsub::reader_stream(reader)))
     }
 }
 

@@ -61,8 +61,22 @@ pub(crate) struct Reader {
     pub(crate) lease_loss_reported: bool,
 }
 
+impl crate::pubsub::BackendReader for Reader {
+    fn ready(&mut self) -> Option<Delivery> {
+        if self.shared.closed.is_cancelled() || self.lease_lost.is_cancelled() {
+            return None;
+        }
+        self.buffer.pop_front()
+    }
+
+    async fn next(mut self) -> (Self, Option<Result<Delivery>>) {
+        let item = self.next_item().await;
+        (self, item)
+    }
+}
+
 impl Reader {
-    pub(crate) async fn next(&mut self) -> Option<Result<Delivery>> {
+    async fn next_item(&mut self) -> Option<Result<Delivery>> {
         loop {
             if self.shared.closed.is_cancelled() {
                 self.buffer.clear();
