@@ -929,3 +929,85 @@ async fn the_urls_database_is_used_by_the_read_connections_too() {
     assert_eq!(redis_cli(&server, &["-n", "3", "XLEN", "in-db-3"]), "1");
     assert_eq!(redis_cli(&server, &["-n", "0", "EXISTS", "in-db-3"]), "0");
 }
+
+/// One publisher shared by many tasks: every publish lands once, with the id it was given
+/// (one task at a time uses the publisher's own connection, the others the shared one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_shared_by_many_tasks_gives_each_publish_its_own_id() {
+    let server = RedisServer::start();
+    let publisher = Arc::new(RedisBackend::new(&server.url()).unwrap().publisher());
+    let mut tasks = Vec::new();
+    for task in 0..20u64 {
+        let publisher = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for n in 0..50u64 {
+                let value = task * 1000 + n;
+                let id = publisher
+                    .publish("shared", Message::new("t", &value).unwrap())
+                    .await
+                    .unwrap();
+                sent.push((id, value));
+            }
+            sent
+        }));
+    }
+    let mut sent = HashMap::new();
+    for task in tasks {
+        sent.extend(task.await.unwrap());
+    }
+    assert_eq!(sent.len(), 1000, "ids are unique");
+    let mut c = raw(&server).await;
+    let stored: StreamRangeReply = redis::cmd("XRANGE")
+        .arg("shared")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(stored.ids.len(), 1000);
+    for entry in stored.ids {
+        let id: streamwise::EntryId = entry.id.parse().unwrap();
+        let payload: String = entry.get("payload").unwrap();
+        assert_eq!(
+            payload,
+            sent[&id].to_string(),
+            "entry {id} is the publish that got its id"
+        );
+    }
+}
+
+/// A publish dropped while it waits for its reply leaves the publisher's own connection owing
+/// that reply; the next publish must not take it for its own.
+#[tokio::test]
+async fn a_publish_dropped_halfway_does_not_hand_its_reply_to_the_next() {
+    let server = RedisServer::start();
+    let publisher = RedisBackend::new(&server.url()).unwrap().publisher();
+    publisher
+        .publish("halfway", Message::new("t", &0).unwrap())
+        .await
+        .unwrap();
+    let mut c = raw(&server).await;
+    let mut dropped = 0;
+    for n in 1..=20u64 {
+        let mut abandoned = Box::pin(publisher.publish("halfway", Message::new("t", &(n * 100)).unwrap()));
+        if futures::poll!(abandoned.as_mut()).is_pending() {
+            dropped += 1;
+        }
+        drop(abandoned);
+        let id = publisher
+            .publish("halfway", Message::new("t", &n).unwrap())
+            .await
+            .unwrap();
+        let stored: StreamRangeReply = redis::cmd("XRANGE")
+            .arg("halfway")
+            .arg(id.to_string())
+            .arg(id.to_string())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let payload: String = stored.ids[0].get("payload").unwrap();
+        assert_eq!(payload, n.to_string(), "the id returned is this publish's entry");
+    }
+    assert!(dropped > 0, "no publish was caught waiting for its reply");
+}

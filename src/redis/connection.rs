@@ -484,6 +484,15 @@ impl RedisConnection {
         }
     }
 
+    /// Opens a connection of its own once, without retries (for a caller that falls back to
+    /// the shared connection when it fails), with the configured response timeout.
+    pub(crate) async fn dedicated_once(&self) -> std::result::Result<DedicatedConnection, RedisError> {
+        let s = self.inner.settings;
+        let tls = self.tls_setup()?;
+        let info = self.inner.client.get_connection_info();
+        DedicatedConnection::connect(info, tls, s.connect_timeout, s.response_timeout).await
+    }
+
     /// The TLS client configuration for a `rediss://` URL (`None` for other URLs).
     #[cfg(feature = "tls")]
     fn tls_setup(&self) -> std::result::Result<Option<TlsSetup>, RedisError> {

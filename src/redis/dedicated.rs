@@ -95,6 +95,11 @@ impl DedicatedConnection {
         }
     }
 
+    /// Whether the connection can take a request: no reply owed, none abandoned half-way.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_step && self.unread == 0
+    }
+
     fn out_of_step() -> RedisError {
         io::Error::new(
             io::ErrorKind::NotConnected,

@@ -13,7 +13,8 @@ use redis::Value;
 use tokio::time::Instant;
 
 use super::codec::{self, Codec, JsonCodec};
-use super::connection::RedisConnection;
+use super::connection::{RedisConnection, is_transient};
+use super::dedicated::DedicatedConnection;
 use super::keys;
 use crate::error::{Error, Result, validate_name};
 use crate::message::{EntryId, Message};
@@ -113,7 +114,12 @@ impl PublisherOptions {
     }
 }
 
-/// Publishes to Redis streams. Concurrent publishes share one multiplexed connection.
+/// Publishes to Redis streams.
+///
+/// A publisher has a connection of its own, which one publish at a time uses: an awaited
+/// publish then costs one write and one read in the caller's task. Publishes made meanwhile
+/// by other tasks go through the [`RedisConnection`]'s shared multiplexed connection, which
+/// pipelines them; so does a publish after its own connection failed, with the retry policy.
 ///
 /// A publish whose reply was lost to a connection failure is retried, so an entry can, rarely,
 /// be written twice; consumers can drop such duplicates by UUID.
@@ -122,6 +128,25 @@ pub struct RedisPublisher {
     options: PublisherOptions,
     closed: AtomicBool,
     streams: Mutex<HashMap<String, StreamState>>,
+    own: tokio::sync::Mutex<OwnConnection>,
+}
+
+/// The publisher's own connection, opened on first use; after a failure to open it, not
+/// tried again before `retry_at` (publishes use the shared connection meanwhile).
+#[derive(Default)]
+struct OwnConnection {
+    conn: Option<DedicatedConnection>,
+    retry_at: Option<Instant>,
+}
+
+/// How long a publisher waits before it tries to open its own connection again.
+const OWN_CONNECTION_RETRY: Duration = Duration::from_secs(1);
+
+/// What one publish sends: one command, or a pipeline (batches, retention trims).
+#[derive(Clone, Copy)]
+enum Request<'a> {
+    One(&'a redis::Cmd),
+    Pipeline(&'a redis::Pipeline),
 }
 
 /// What the publisher knows of a stream's settings.
@@ -141,7 +166,62 @@ impl RedisPublisher {
             options,
             closed: AtomicBool::new(false),
             streams: Mutex::new(HashMap::new()),
+            own: tokio::sync::Mutex::new(OwnConnection::default()),
         }
+    }
+
+    /// Sends `request` on the publisher's own connection, if no other publish uses it and it
+    /// is (or can be) open. `None` means: send it on the shared connection (which retries
+    /// connection failures; a reply lost here may mean a duplicate, as after any retry).
+    async fn send_own(&self, request: Request<'_>) -> Option<Result<Vec<Value>>> {
+        let mut own = self.own.try_lock().ok()?;
+        if own.conn.as_ref().is_some_and(|c| !c.is_idle()) {
+            // An earlier publish was dropped half-way: its reply would be taken for ours.
+            own.conn = None;
+        }
+        if own.conn.is_none() {
+            if own.retry_at.is_some_and(|at| Instant::now() < at) {
+                return None;
+            }
+            match self.conn.dedicated_once().await {
+                Ok(conn) => own.conn = Some(conn),
+                Err(e) => {
+                    tracing::debug!(error = %e, url = %self.conn.url(), "publisher's own connection not opened; using the shared one");
+                    own.retry_at = Some(Instant::now() + OWN_CONNECTION_RETRY);
+                    return None;
+                }
+            }
+        }
+        let conn = own.conn.as_mut()?;
+        let sent = match request {
+            Request::One(cmd) => cmd.query_async::<Value>(conn).await.map(|v| vec![v]),
+            Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(conn).await,
+        };
+        match sent {
+            Ok(replies) => Some(Ok(replies)),
+            Err(e) if is_transient(&e) => {
+                own.conn = None;
+                None
+            }
+            // A server error: the same on any connection.
+            Err(e) => Some(Err(Error::Backend(Box::new(e)))),
+        }
+    }
+
+    /// Sends `request`: on the publisher's own connection when free, else on the shared one.
+    async fn send(&self, request: Request<'_>) -> Result<Vec<Value>> {
+        if let Some(result) = self.send_own(request).await {
+            return result;
+        }
+        self.conn
+            .run_mapped("publish", |mut c| async move {
+                // Borrowed, not cloned: a retry resends the same request.
+                match request {
+                    Request::One(cmd) => cmd.query_async::<Value>(&mut c).await.map(|v| vec![v]),
+                    Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(&mut c).await,
+                }
+            })
+            .await
     }
 
     /// The options.
@@ -238,15 +318,7 @@ impl RedisPublisher {
         };
         let replies: Vec<Value> = if let ([fields], None) = (entries.as_slice(), trim_before) {
             // One entry: a plain command, without a pipeline's overhead.
-            let cmd = xadd(fields);
-            let reply: Value = self
-                .conn
-                .run_mapped("publish", |mut c| {
-                    let cmd = &cmd;
-                    async move { cmd.query_async(&mut c).await }
-                })
-                .await?;
-            vec![reply]
+            self.send(Request::One(&xadd(fields))).await?
         } else {
             let mut pipe = redis::pipe();
             for fields in &entries {
@@ -260,13 +332,7 @@ impl RedisPublisher {
                     .arg(min_ms)
                     .ignore();
             }
-            self.conn
-                .run_mapped("publish", |mut c| {
-                    // Borrowed, not cloned: a retry resends the same pipeline.
-                    let pipe = &pipe;
-                    async move { pipe.query_async(&mut c).await }
-                })
-                .await?
+            self.send(Request::Pipeline(&pipe)).await?
         };
         if trim_before.is_some() {
             self.update_state(topic, |s| s.trimmed_at = Some(Instant::now()));
