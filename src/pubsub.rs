@@ -355,14 +355,45 @@ impl SubscribeOptions {
 /// An `Err` item reports a problem the backend could not get past on its own (for example a
 /// connection that stayed down after all retries); the stream goes on after it.
 pub struct Subscription {
-    inner: Pin<Box<dyn Stream<Item = Result<Delivery>> + Send>>,
+    inner: Inner,
+}
+
+enum Inner {
+    /// A backend's own stream.
+    Stream(Pin<Box<dyn Stream<Item = Result<Delivery>> + Send>>),
+    /// A built-in backend's reader, whose buffered deliveries can be taken without a fetch.
+    Reader(Box<dyn Buffered>),
+}
+
+/// A stream that can tell what it holds already.
+trait Buffered: Stream<Item = Result<Delivery>> + Send + Unpin {
+    fn take_buffered(&mut self) -> Option<Delivery>;
 }
 
 impl Subscription {
     /// Wraps a backend's stream of deliveries.
     pub fn new(stream: impl Stream<Item = Result<Delivery>> + Send + 'static) -> Self {
         Subscription {
-            inner: Box::pin(stream),
+            inner: Inner::Stream(Box::pin(stream)),
+        }
+    }
+
+    /// The subscription of a built-in backend's reader.
+    pub(crate) fn from_reader<R: BackendReader>(reader: R) -> Self {
+        Subscription {
+            inner: Inner::Reader(Box::new(ReaderStream {
+                reader: Some(reader),
+                waiting: None,
+            })),
+        }
+    }
+
+    /// A delivery the subscription holds already, if any: taking it starts no fetch (the
+    /// router takes these in one go, and lets handlers run before the next read goes out).
+    pub(crate) fn take_buffered(&mut self) -> Option<Delivery> {
+        match &mut self.inner {
+            Inner::Stream(_) => None,
+            Inner::Reader(reader) => reader.take_buffered(),
         }
     }
 }
@@ -370,11 +401,14 @@ impl Subscription {
 impl Stream for Subscription {
     type Item = Result<Delivery>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.inner.as_mut().poll_next(cx)
+        match &mut self.inner {
+            Inner::Stream(stream) => stream.as_mut().poll_next(cx),
+            Inner::Reader(reader) => Pin::new(&mut **reader).poll_next(cx),
+        }
     }
 }
 
-/// A backend's reader behind a [`Subscription`] ([`reader_stream`]): deliveries it holds
+/// A backend's reader behind a [`Subscription`] ([`Subscription::from_reader`]): deliveries it holds
 /// already are handed out by a plain call; only when it has to wait does a future run, and
 /// that future owns the reader meanwhile. (A stream made with `unfold` moves the reader in
 /// and out of a new future for every delivery.)
@@ -387,18 +421,17 @@ pub(crate) trait BackendReader: Send + Unpin + Sized + 'static {
     fn next(self) -> impl Future<Output = (Self, Option<Result<Delivery>>)> + Send;
 }
 
-/// The stream of `reader`'s deliveries.
-pub(crate) fn reader_stream<R: BackendReader>(reader: R) -> impl Stream<Item = Result<Delivery>> + Send {
-    ReaderStream {
-        reader: Some(reader),
-        waiting: None,
-    }
-}
-
 struct ReaderStream<R> {
     /// `None` while `waiting` owns it, and once the stream ended.
     reader: Option<R>,
     waiting: Option<BoxFuture<'static, (R, Option<Result<Delivery>>)>>,
+}
+
+impl<R: BackendReader> Buffered for ReaderStream<R> {
+    fn take_buffered(&mut self) -> Option<Delivery> {
+        // While a fetch runs, the reader is inside it.
+        self.reader.as_mut()?.ready()
+    }
 }
 
 impl<R: BackendReader> Stream for ReaderStream<R> {

@@ -370,7 +370,7 @@ impl MemorySubscriber {
             drained: false,
             closed: self.closed.clone(),
         };
-        Ok(Subscription::new(crate::pubsub::reader_stream(reader)))
+        Ok(Subscription::from_reader(reader))
     }
 }
 

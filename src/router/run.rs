@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use std::future::Future;
-use std::task::Poll;
 
 use futures::StreamExt;
 use futures::future::{Either, FutureExt, Shared};
@@ -236,8 +235,10 @@ async fn fetch_loop(
             if taken == READY_BATCH || stop_fetching.is_cancelled() {
                 break;
             }
-            match ready_delivery(&mut subscription).await {
-                Some(item) => next = item,
+            // Only what the subscription holds already: a fetch would send the next read
+            // before the handlers just started have run.
+            match subscription.as_mut().and_then(|s| s.take_buffered()) {
+                Some(delivery) => next = Some(Ok(delivery)),
                 None => break,
             }
         }
@@ -284,22 +285,6 @@ async fn next_delivery(subscription: &mut Option<crate::pubsub::Subscription>) -
         Some(s) => s.next().await,
         None => std::future::pending().await,
     }
-}
-
-/// The next item of the subscription if it is ready now, without waiting.
-async fn ready_delivery(
-    subscription: &mut Option<crate::pubsub::Subscription>,
-) -> Option<Option<Result<Delivery>>> {
-    std::future::poll_fn(|cx| {
-        Poll::Ready(match subscription {
-            Some(s) => match s.poll_next_unpin(cx) {
-                Poll::Ready(item) => Some(item),
-                Poll::Pending => None,
-            },
-            None => None,
-        })
-    })
-    .await
 }
 
 /// Runs deliveries of one subscription through its service and settles them.

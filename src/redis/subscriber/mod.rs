@@ -329,7 +329,7 @@ impl RedisSubscriber {
             lease_lost,
             lease_loss_reported: false,
         };
-        Ok(Subscription::new(crate::pubsub::reader_stream(reader)))
+        Ok(Subscription::from_reader(reader))
     }
 }
 
