@@ -390,8 +390,9 @@ impl std::io::Write for ByteCounter {
 /// assert_eq!(streamwise::format_timestamp(t), "2026-11-22T10:00:00.123Z");
 /// ```
 pub fn format_timestamp(time: SystemTime) -> String {
-    if let Some(text) = format_fast(time) {
-        return text;
+    let mut buf = [0u8; 24];
+    if let Some(text) = format_fast(time, &mut buf) {
+        return text.to_owned();
     }
     let ms = match time.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
@@ -465,23 +466,32 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// The wire format for the common case (years 1970 to 9999), without a general formatter.
-fn format_fast(time: SystemTime) -> Option<String> {
+/// The wire format for the common case (years 1970 to 9999), written into `buf` without a
+/// general formatter; `None` for other times.
+pub(crate) fn format_fast(time: SystemTime, buf: &mut [u8; 24]) -> Option<&str> {
     let ms = u64::try_from(time.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()?;
     let (days, ms_of_day) = (ms / 86_400_000, ms % 86_400_000);
     let (y, m, d) = civil_from_days(i64::try_from(days).ok()?);
     if y > 9999 {
         return None;
     }
-    let (h, min, sec, milli) = (
-        ms_of_day / 3_600_000,
-        ms_of_day / 60_000 % 60,
-        ms_of_day / 1000 % 60,
-        ms_of_day % 1000,
-    );
-    Some(format!(
-        "{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{sec:02}.{milli:03}Z"
-    ))
+    let fields: [(u64, usize, usize); 7] = [
+        (y as u64, 0, 4),
+        (m as u64, 5, 2),
+        (d as u64, 8, 2),
+        (ms_of_day / 3_600_000, 11, 2),
+        (ms_of_day / 60_000 % 60, 14, 2),
+        (ms_of_day / 1000 % 60, 17, 2),
+        (ms_of_day % 1000, 20, 3),
+    ];
+    *buf = *b"0000-00-00T00:00:00.000Z";
+    for (mut value, at, width) in fields {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    std::str::from_utf8(buf).ok()
 }
 
 /// Parses exactly `YYYY-MM-DDTHH:MM:SS.mmmZ` (what streamwise writes); anything else goes to
@@ -535,13 +545,14 @@ mod tests {
             253_402_207_199_999,
         ] {
             let t = UNIX_EPOCH + Duration::from_millis(ms);
-            let fast = format_fast(t).unwrap();
+            let mut buf = [0; 24];
+            let fast = format_fast(t, &mut buf).unwrap();
             let slow = jiff::Timestamp::from_millisecond(ms as i64)
                 .unwrap()
                 .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
                 .to_string();
             assert_eq!(fast, slow, "{ms}");
-            assert_eq!(parse_fast(&fast), Some(t), "{fast}");
+            assert_eq!(parse_fast(fast), Some(t), "{fast}");
         }
         for not_fast in [
             "2026-02-30T00:00:00.000Z",

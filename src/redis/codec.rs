@@ -44,6 +44,17 @@ pub trait Codec: Send + Sync + 'static {
     /// The field/value pairs to append for `message`.
     fn encode(&self, message: &Message) -> Result<Vec<(&'static str, Bytes)>>;
 
+    /// Hands the field/value pairs of `message` to `field`, in order, and returns their size
+    /// as [`encoded_size`] counts it. The publisher uses this; the default goes through
+    /// [`encode`](Self::encode). Override it to write the fields without building them first.
+    fn encode_with(&self, message: &Message, field: &mut dyn FnMut(&'static str, &[u8])) -> Result<usize> {
+        let fields = self.encode(message)?;
+        for (name, value) in &fields {
+            field(name, value);
+        }
+        Ok(encoded_size(&fields))
+    }
+
     /// The message stored in `entry`. Errors are [`Error::Decode`] with the reason; the
     /// subscriber dead-letters such entries.
     fn decode(&self, entry: RawEntry) -> Result<Message>;
@@ -83,6 +94,33 @@ impl Codec for JsonCodec {
         let uuid = message.uuid().hyphenated().encode_lower(&mut uuid);
         fields.push(("uuid", Bytes::copy_from_slice(uuid.as_bytes())));
         Ok(fields)
+    }
+
+    fn encode_with(&self, message: &Message, field: &mut dyn FnMut(&'static str, &[u8])) -> Result<usize> {
+        // The same fields as `encode`, from stack buffers instead of an allocation each.
+        field("event_type", message.event_type().as_bytes());
+        field("payload", message.payload());
+        let mut size = "event_type".len() + message.event_type().len() + "payload".len();
+        size += message.payload().len();
+        if !message.metadata().is_empty() {
+            let json = serde_json::to_vec(message.metadata()).map_err(Error::Encode)?;
+            field("metadata", &json);
+            size += "metadata".len() + json.len();
+        }
+        let mut time = [0u8; 24];
+        let owned;
+        let timestamp = match crate::message::format_fast(message.timestamp(), &mut time) {
+            Some(text) => text,
+            None => {
+                owned = message.timestamp_rfc3339();
+                &owned
+            }
+        };
+        field("timestamp", timestamp.as_bytes());
+        let mut uuid = Uuid::encode_buffer();
+        let uuid = message.uuid().hyphenated().encode_lower(&mut uuid);
+        field("uuid", uuid.as_bytes());
+        Ok(size + "timestamp".len() + timestamp.len() + "uuid".len() + uuid.len())
     }
 
     fn decode(&self, entry: RawEntry) -> Result<Message> {
@@ -406,6 +444,28 @@ mod tests {
         }
         let entry = raw(id, &[("a", "b")]);
         assert_eq!(DecodeOnly.decode_or_return(entry.clone()).unwrap_err().1, entry);
+    }
+
+    #[test]
+    fn encode_with_writes_what_encode_builds() {
+        let plain = Message::new("t", &1).unwrap();
+        let rich = Message::new("price.update", &serde_json::json!({"p": 1.5}))
+            .unwrap()
+            .with_metadata("source", "feed")
+            // Before 1970: outside the fast timestamp format.
+            .with_timestamp(UNIX_EPOCH - Duration::from_secs(1));
+        for message in [plain, rich] {
+            let built = JsonCodec.encode(&message).unwrap();
+            let mut written = Vec::new();
+            let size = JsonCodec
+                .encode_with(&message, &mut |name, value| {
+                    written.push((name, Bytes::copy_from_slice(value)))
+                })
+                .unwrap();
+            assert_eq!(written, built);
+            assert_eq!(size, encoded_size(&built));
+            assert_eq!(size, message.wire_size());
+        }
     }
 
     #[test]

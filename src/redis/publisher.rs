@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use redis::Value;
 use tokio::time::Instant;
@@ -268,16 +267,33 @@ impl RedisPublisher {
         Ok(self.state(topic))
     }
 
-    fn encode(&self, message: &Message) -> Result<Vec<(&'static str, Bytes)>> {
-        let fields = self.options.codec.encode(message)?;
-        let size = codec::encoded_size(&fields);
+    fn too_large(&self, size: usize) -> Result<()> {
         if size > self.options.max_entry_size {
             return Err(Error::PayloadTooLarge {
                 size,
                 limit: self.options.max_entry_size,
             });
         }
-        Ok(fields)
+        Ok(())
+    }
+
+    /// The `XADD` of `message`, written straight from the codec (no field list in between);
+    /// refused when the entry is over the size limit.
+    fn xadd(&self, topic: &str, max_length: Option<u64>, message: &Message) -> Result<redis::Cmd> {
+        let mut cmd = redis::Cmd::with_capacity(16, topic.len() + message.wire_size() + 64);
+        cmd.arg("XADD").arg(topic);
+        if !self.options.auto_create {
+            cmd.arg("NOMKSTREAM");
+        }
+        if let Some(n) = max_length {
+            cmd.arg("MAXLEN").arg("~").arg(n);
+        }
+        cmd.arg("*");
+        let size = self.options.codec.encode_with(message, &mut |name, value| {
+            cmd.arg(name).arg(value);
+        })?;
+        self.too_large(size)?;
+        Ok(cmd)
     }
 
     async fn append(&self, topic: &str, messages: &[Message]) -> Result<Vec<EntryId>> {
@@ -285,12 +301,19 @@ impl RedisPublisher {
             return Err(Error::Closed("publisher"));
         }
         validate_name("topic", topic)?;
-        let entries = messages
-            .iter()
-            .map(|m| self.encode(m))
-            .collect::<Result<Vec<_>>>()?;
-        if entries.is_empty() {
+        if messages.is_empty() {
             return Ok(Vec::new());
+        }
+        if self
+            .state(topic)
+            .read_at
+            .is_none_or(|t| t.elapsed() >= SETTINGS_TTL)
+        {
+            // The settings are read before the commands are built; a bad entry is refused
+            // before that read, as when they are cached (so without a server too).
+            for message in messages {
+                self.too_large(self.options.codec.encode_with(message, &mut |_, _| {})?)?;
+            }
         }
         let settings = self.settings(topic).await?;
         let max_length = self.options.max_length.or(settings.max_length);
@@ -300,29 +323,17 @@ impl RedisPublisher {
             .map(|retention| {
                 now_ms().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX))
             });
-
-        let xadd = |fields: &Vec<(&'static str, Bytes)>| {
-            let mut cmd = redis::cmd("XADD");
-            cmd.arg(topic);
-            if !self.options.auto_create {
-                cmd.arg("NOMKSTREAM");
-            }
-            if let Some(n) = max_length {
-                cmd.arg("MAXLEN").arg("~").arg(n);
-            }
-            cmd.arg("*");
-            for (name, value) in fields {
-                cmd.arg(*name).arg(&value[..]);
-            }
-            cmd
-        };
-        let replies: Vec<Value> = if let ([fields], None) = (entries.as_slice(), trim_before) {
+        let commands = messages
+            .iter()
+            .map(|m| self.xadd(topic, max_length, m))
+            .collect::<Result<Vec<_>>>()?;
+        let replies: Vec<Value> = if let ([xadd], None) = (commands.as_slice(), trim_before) {
             // One entry: a plain command, without a pipeline's overhead.
-            self.send(Request::One(&xadd(fields))).await?
+            self.send(Request::One(xadd)).await?
         } else {
-            let mut pipe = redis::pipe();
-            for fields in &entries {
-                pipe.add_command(xadd(fields));
+            let mut pipe = redis::Pipeline::with_capacity(commands.len() + 1);
+            for xadd in commands {
+                pipe.add_command(xadd);
             }
             if let Some(min_ms) = trim_before {
                 pipe.cmd("XTRIM")
