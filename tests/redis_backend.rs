@@ -1011,3 +1011,39 @@ async fn a_publish_dropped_halfway_does_not_hand_its_reply_to_the_next() {
     }
     assert!(dropped > 0, "no publish was caught waiting for its reply");
 }
+
+/// A nack during a long backlog comes back within a few batches: reading ahead while
+/// batches come back full must not keep a due retry waiting until the backlog is gone.
+#[tokio::test]
+async fn a_nack_is_redelivered_during_a_backlog_not_after_it() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let messages: Vec<Message> = (0..3000u64).map(|n| Message::new("t", &n).unwrap()).collect();
+    backend
+        .publisher()
+        .publish_batch("backlog", messages)
+        .await
+        .unwrap();
+    let subscriber = backend.subscriber().unwrap();
+    let options = opts("g", "c")
+        .batch_size(50)
+        .max_in_flight(200)
+        .start_from(StartFrom::Beginning);
+    let mut sub = subscriber.subscribe("backlog", options).await.unwrap();
+    let first = recv(&mut sub).await;
+    let nacked = first.id();
+    first.nack().await.unwrap();
+    let mut seen = 1;
+    loop {
+        let d = recv(&mut sub).await;
+        seen += 1;
+        if d.id() == nacked {
+            assert_eq!(d.delivery_count(), 2);
+            d.ack().await.unwrap();
+            break;
+        }
+        d.ack().await.unwrap();
+    }
+    assert!(seen < 500, "the nacked entry came back after {seen} deliveries");
+    subscriber.close().await.unwrap();
+}

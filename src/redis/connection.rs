@@ -454,9 +454,9 @@ impl RedisConnection {
         self.run(what, op).await.map_err(CommandError::into_error)
     }
 
-    /// Opens a connection of its own (for blocking reads, which would stall a shared one),
-    /// retrying connection failures with backoff. `response_timeout` must exceed the longest
-    /// `BLOCK` sent on it.
+    /// Opens a connection of its own (for blocking reads, which would stall a shared one, and
+    /// for reads sent ahead), retrying connection failures with backoff. `response_timeout`
+    /// must exceed the longest `BLOCK` sent on it.
     pub(crate) async fn dedicated(&self, response_timeout: Duration) -> Result<DedicatedConnection> {
         let info = self.inner.client.get_connection_info();
         let mut attempt = 0;

@@ -1,5 +1,6 @@
-//! [`DedicatedConnection`]: a connection of one's own for the reads of one subscription or
-//! reader, speaking RESP2 itself over TCP, a Unix socket or TLS.
+//! [`DedicatedConnection`]: a connection of one's own (the reads of one subscription or
+//! reader, a publisher's awaited publishes), speaking RESP2 itself over TCP, a Unix socket or
+//! TLS.
 //!
 //! Why not a redis-rs connection: a stream reply parsed by redis-rs becomes a value tree with a
 //! `Vec<u8>` per field, which cost more than everything else the subscriber does per entry.
@@ -74,12 +75,7 @@ impl DedicatedConnection {
             };
             let settings = info.redis_settings();
             if let Some(password) = settings.password() {
-                let mut auth = redis::cmd("AUTH");
-                if let Some(user) = settings.username() {
-                    auth.arg(user);
-                }
-                auth.arg(password);
-                auth.query_async::<()>(&mut conn).await?;
+                conn.authenticate(settings.username(), password).await?;
             }
             if conn.db != 0 {
                 redis::cmd("SELECT")
@@ -93,6 +89,41 @@ impl DedicatedConnection {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connecting timed out").into()),
         }
+    }
+
+    /// `AUTH`, as redis-rs does it: a refusal is [`ErrorKind::AuthenticationFailed`] (the
+    /// server's message, which never holds the password, is dropped with it), and a server
+    /// older than 6 that knows no user names is asked again with the password alone.
+    async fn authenticate(&mut self, username: Option<&str>, password: &str) -> RedisResult<()> {
+        let auth = |user: Option<&str>| {
+            let mut cmd = redis::cmd("AUTH");
+            if let Some(user) = user {
+                cmd.arg(user);
+            }
+            cmd.arg(password);
+            cmd
+        };
+        let refused = |e: RedisError| match e.code() {
+            // Refused by the server; an I/O error stays what it is (and is retried).
+            Some(_) => RedisError::from((ErrorKind::AuthenticationFailed, "Password authentication failed")),
+            None => e,
+        };
+        match auth(username).query_async::<()>(self).await {
+            Ok(()) => Ok(()),
+            Err(e)
+                if username.is_some()
+                    && e.to_string()
+                        .contains("wrong number of arguments for 'auth' command") =>
+            {
+                auth(None).query_async::<()>(self).await.map_err(refused)
+            }
+            Err(e) => Err(refused(e)),
+        }
+    }
+
+    /// Bounds every reply from now on (a reader whose `BLOCK` grew needs a longer one).
+    pub(crate) fn set_response_timeout(&mut self, timeout: Duration) {
+        self.response_timeout = timeout;
     }
 
     /// Whether the connection can take a request: no reply owed, none abandoned half-way.
@@ -262,12 +293,14 @@ async fn open(addr: &ConnectionAddr, tls: Option<TlsSetup>) -> RedisResult<Box<d
                 .await?;
             Ok(Box::new(stream))
         }
-        other => {
+        // `rediss://...#insecure` (no certificate checks), which redis-rs also refuses
+        // without its `tls-rustls-insecure` feature. (The address's Debug output would list
+        // the certificates.)
+        _ => {
             let _ = tls;
             Err(RedisError::from((
                 ErrorKind::InvalidClientConfig,
-                "connection type not supported",
-                format!("{other:?}"),
+                "connection type not supported (TLS without certificate checks)",
             )))
         }
     }
@@ -377,6 +410,27 @@ mod tests {
         assert!(waited.is_err());
         let err = ping.query_async::<String>(&mut conn).await.unwrap_err();
         assert!(err.is_connection_dropped(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_auth_is_an_authentication_failure_and_old_servers_get_the_password_alone() {
+        let (mut conn, mut server) = pipe();
+        server
+            .write_all(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
+            .await
+            .unwrap();
+        let err = conn.authenticate(Some("app"), "pw").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AuthenticationFailed, "{err}");
+        expect_request(&mut server, redis::cmd("AUTH").arg("app").arg("pw")).await;
+
+        // Redis 5: no user names; asked again with the password alone.
+        server
+            .write_all(b"-ERR wrong number of arguments for 'auth' command\r\n+OK\r\n")
+            .await
+            .unwrap();
+        conn.authenticate(Some("app"), "pw").await.unwrap();
+        expect_request(&mut server, redis::cmd("AUTH").arg("app").arg("pw")).await;
+        expect_request(&mut server, redis::cmd("AUTH").arg("pw")).await;
     }
 
     #[tokio::test]

@@ -145,12 +145,13 @@ impl StreamReader {
             .arg(&self.cursor);
         let mut attempt = 0;
         loop {
+            let timeout = block + Duration::from_secs(10);
             let conn = match &mut self.read_conn {
                 Some(conn) => conn,
-                None => self
-                    .read_conn
-                    .insert(self.conn.dedicated(block + Duration::from_secs(10)).await?),
+                None => self.read_conn.insert(self.conn.dedicated(timeout).await?),
             };
+            // Each read may block for another time.
+            conn.set_response_timeout(timeout);
             match conn.read_entries(&cmd).await {
                 Ok(reply) => return Ok(reply),
                 Err(e) if is_transient(&e) && attempt < self.conn.max_retries() => {

@@ -28,14 +28,21 @@ fn protocol_error(what: &'static str, detail: String) -> RedisError {
     RedisError::from((ErrorKind::Parse, what, detail))
 }
 
+/// The longest header or simple line accepted (an error message from a script, say).
+const MAX_LINE: usize = 1024 * 1024;
+
 /// The header line starting at `pos`: its content (without the type byte and CRLF) and where
 /// the next item starts, or `None` when the line is not complete yet.
 fn line(buf: &[u8], pos: usize) -> RedisResult<Option<(&[u8], usize)>> {
     let Some(offset) = buf[pos..].iter().position(|&b| b == b'\n') else {
+        if buf.len() - pos > MAX_LINE {
+            return Err(protocol_error("malformed reply", "a line without end".into()));
+        }
         return Ok(None);
     };
     let end = pos + offset;
-    if end == pos || buf[end - 1] != b'\r' {
+    // A type byte, then CR, then LF at `end`.
+    if offset < 2 || buf[end - 1] != b'\r' {
         return Err(protocol_error(
             "malformed reply",
             "a line does not end in CRLF".into(),
@@ -64,8 +71,9 @@ fn number(text: &[u8]) -> RedisResult<i64> {
 fn length(text: &[u8]) -> RedisResult<Option<usize>> {
     match number(text)? {
         -1 => Ok(None),
-        n if n < 0 => Err(protocol_error("malformed reply", format!("negative length {n}"))),
-        n => Ok(Some(n as usize)),
+        n => usize::try_from(n)
+            .map(Some)
+            .map_err(|_| protocol_error("malformed reply", format!("length {n}"))),
     }
 }
 
@@ -418,6 +426,30 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Whatever bytes arrive (here: pieces of RESP in any order), scanning and parsing
+        /// return a value or an error, never panic.
+        #[test]
+        fn any_bytes_are_scanned_and_parsed_without_panic(
+            pieces in proptest::collection::vec(
+                prop_oneof![
+                    Just(&b"*"[..]), Just(&b"$"[..]), Just(&b":"[..]), Just(&b"+"[..]),
+                    Just(&b"-"[..]), Just(&b"\r\n"[..]), Just(&b"\r"[..]), Just(&b"\n"[..]),
+                    Just(&b"-1"[..]), Just(&b"0"[..]), Just(&b"1"[..]), Just(&b"2"[..]),
+                    Just(&b"3"[..]), Just(&b"1-1"[..]), Just(&b"x"[..]),
+                ],
+                0..40,
+            ),
+        ) {
+            let bytes: Vec<u8> = pieces.concat();
+            if let Ok(Scan::Complete(len)) = scan(&bytes, &mut ScanState::default()) {
+                let frame = Bytes::copy_from_slice(&bytes[..len]);
+                let _ = stream_reply(&frame);
+                let _ = value(&frame);
+            }
+        }
+    }
+
     #[test]
     fn nil_replies_and_errors() {
         assert_eq!(stream_reply(&Bytes::from_static(b"*-1\r\n")).unwrap(), []);
@@ -448,6 +480,10 @@ mod tests {
     #[test]
     fn malformed_input_is_an_error_not_a_panic() {
         for bad in [
+            &b"\r\n"[..],
+            b"\n",
+            b"*1\r\n\r\n",
+            b"*2\r\n:1\r\n\n",
             &b"?x\r\n"[..],
             b"$3\r\nabcd\r\n",
             b"*x\r\n",

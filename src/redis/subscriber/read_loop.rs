@@ -8,9 +8,13 @@
 //! retry) are never claimed or handed out again.
 //!
 //! A read that came back full is followed at once by the next one, sent ahead without
-//! `BLOCK` when at least half a batch of capacity is free: the server prepares that batch
-//! while this one is handled, and the next step only takes its reply. The slots it may fill
-//! are taken when it is sent, so `max_in_flight` still bounds everything read.
+//! `BLOCK` when at least half a batch of capacity is free and nothing else is due (a retry,
+//! the drain, a reclaim): the server prepares that batch while this one is handled, and the
+//! next step only takes its reply; so whatever falls due waits one batch at most. The slots
+//! it may fill are taken when it is sent, so `max_in_flight` still bounds everything read.
+//! Entries of a read sent ahead that is outstanding when the subscription ends stay pending
+//! for this consumer, like buffered deliveries, and come back on its next start (or by
+//! reclaim).
 //!
 //! [`Subscription`]: crate::Subscription
 
@@ -267,8 +271,15 @@ impl Reader {
     }
 
     /// Sends the next `XREADGROUP` without `BLOCK`, if at least half a batch of capacity is
-    /// free; the slots are taken now and used by the step that takes the reply.
+    /// free and no other step is due; the slots are taken now and used by the step that
+    /// takes the reply.
     async fn read_ahead(&mut self) {
+        let now = Instant::now();
+        let retry_due = self.shared.ledger().next_retry().is_some_and(|at| at <= now);
+        let reclaim_due = self.options.reclaim_value().is_some() && now >= self.next_reclaim;
+        if retry_due || reclaim_due || self.drain_from.is_some() {
+            return;
+        }
         let batch = self.options.batch_size_value();
         let slots = self.shared.capacity.try_acquire(batch);
         if slots == 0 || slots < batch.div_ceil(2) || self.shared.closed.is_cancelled() {
