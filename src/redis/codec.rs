@@ -79,25 +79,20 @@ pub fn encoded_size(fields: &[(&'static str, Bytes)]) -> usize {
 
 impl Codec for JsonCodec {
     fn encode(&self, message: &Message) -> Result<Vec<(&'static str, Bytes)>> {
+        // The layout lives in `encode_with`; the payload is shared, not copied.
         let mut fields = Vec::with_capacity(5);
-        fields.push((
-            "event_type",
-            Bytes::copy_from_slice(message.event_type().as_bytes()),
-        ));
-        fields.push(("payload", message.payload().clone()));
-        if !message.metadata().is_empty() {
-            let json = serde_json::to_vec(message.metadata()).map_err(Error::Encode)?;
-            fields.push(("metadata", Bytes::from(json)));
-        }
-        fields.push(("timestamp", Bytes::from(message.timestamp_rfc3339())));
-        let mut uuid = Uuid::encode_buffer();
-        let uuid = message.uuid().hyphenated().encode_lower(&mut uuid);
-        fields.push(("uuid", Bytes::copy_from_slice(uuid.as_bytes())));
+        self.encode_with(message, &mut |name, value| {
+            let value = match name {
+                "payload" => message.payload().clone(),
+                _ => Bytes::copy_from_slice(value),
+            };
+            fields.push((name, value));
+        })?;
         Ok(fields)
     }
 
     fn encode_with(&self, message: &Message, field: &mut dyn FnMut(&'static str, &[u8])) -> Result<usize> {
-        // The same fields as `encode`, from stack buffers instead of an allocation each.
+        // The wire layout (DESIGN §4), from stack buffers instead of an allocation each.
         field("event_type", message.event_type().as_bytes());
         field("payload", message.payload());
         let mut size = "event_type".len() + message.event_type().len() + "payload".len();

@@ -7,12 +7,11 @@
 //! subscriber (which flushes acks and checkpoints).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::future::Future;
 
 use futures::StreamExt;
 use futures::future::{Either, FutureExt, Shared};
