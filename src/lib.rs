@@ -34,6 +34,7 @@
 //! [`Delivery`] is settled exactly once; settling again is an [`Error::AlreadySettled`] value.
 
 pub mod checkpoint;
+pub mod codec;
 #[cfg(feature = "redis")]
 pub mod config;
 pub mod cqrs;

@@ -250,7 +250,6 @@ impl Message {
     }
 
     /// A message from all its parts, as a codec decodes it (no validation, no clock read).
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // only the Redis codec decodes
     pub(crate) fn from_parts(
         uuid: Uuid,
         event_type: Arc<str>,
@@ -367,6 +366,58 @@ impl Message {
     /// Decodes the payload into a JSON value.
     pub fn json(&self) -> Result<serde_json::Value> {
         self.decode()
+    }
+}
+
+/// Checks that `payload` is one JSON value, exactly as strict as [`Message::json`]: UTF-8
+/// everywhere (also inside strings, which a skipping parser would not look at), no lone
+/// surrogate escapes, numbers within range, nesting within serde_json's limit. A payload that
+/// passes always decodes with [`Message::json`]; backends refuse (dead-letter) one that fails.
+pub(crate) fn check_json(payload: &[u8]) -> std::result::Result<(), serde_json::Error> {
+    serde_json::from_slice::<AnyJson>(payload).map(|_| ())
+}
+
+/// A JSON value parsed and thrown away as it is read (nothing is kept or allocated).
+struct AnyJson;
+
+impl<'de> Deserialize<'de> for AnyJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(AnyJson)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for AnyJson {
+    type Value = AnyJson;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    // Strings reach the visitor only after serde_json checked their UTF-8 and escapes.
+    fn visit_str<E>(self, _: &str) -> std::result::Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<AnyJson, E> {
+        Ok(AnyJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<AnyJson, A::Error> {
+        while seq.next_element::<AnyJson>()?.is_some() {}
+        Ok(AnyJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<AnyJson, A::Error> {
+        while map.next_entry::<AnyJson, AnyJson>()?.is_some() {}
+        Ok(AnyJson)
     }
 }
 
@@ -612,6 +663,45 @@ mod tests {
         assert_eq!(msg.uuid().get_version_num(), 7);
         let err = msg.decode::<u32>().unwrap_err();
         assert!(matches!(err, Error::Decode { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_json_check_refuses_what_json_cannot_decode() {
+        let refused: [&[u8]; 9] = [
+            b"\"\xff\"",
+            b"{\"k\":\"\xc3\"}",
+            b"[\"\xed\xa0\x80\"]",
+            b"\"\\ud800\"",
+            b"1e400",
+            b"this is not json",
+            b"",
+            b"{} {}",
+            b"{\"a\":}",
+        ];
+        for payload in refused {
+            assert!(check_json(payload).is_err(), "{:?}", String::from_utf8_lossy(payload));
+            let m = Message::from_json_bytes("t", payload.to_vec()).unwrap();
+            assert!(m.json().is_err(), "json() agrees on {payload:?}");
+        }
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(check_json(deep.as_bytes()).is_err(), "deeper than json() decodes");
+        let accepted: [&[u8]; 8] = [
+            b"null",
+            b" 1 ",
+            b"-0.5e10",
+            b"\"\\ud83d\\ude00 \xc3\xa9\"",
+            b"{\"a\":[1,{\"b\":null}],\"c\":\"\\n\"}",
+            b"18446744073709551616",
+            b"[]",
+            "\"\u{1F600}\"".as_bytes(),
+        ];
+        for payload in accepted {
+            check_json(payload).unwrap();
+            let m = Message::from_json_bytes("t", payload.to_vec()).unwrap();
+            m.json().unwrap();
+        }
+        let nested = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        check_json(nested.as_bytes()).unwrap();
     }
 
     #[test]

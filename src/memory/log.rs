@@ -13,11 +13,19 @@ use crate::pubsub::StartFrom;
 /// One stream: entries in id order, and its groups.
 #[derive(Debug, Default)]
 pub(crate) struct StreamLog {
-    entries: VecDeque<(EntryId, Message)>,
+    entries: VecDeque<Stored>,
     last_id: EntryId,
     groups: Vec<Group>,
     /// Entries that were trimmed away while still pending in some group.
     pub(crate) trimmed_pending: u64,
+}
+
+/// An entry, and whether its payload is JSON (checked once, when it was appended).
+#[derive(Debug)]
+struct Stored {
+    id: EntryId,
+    message: Message,
+    json: bool,
 }
 
 #[derive(Debug)]
@@ -58,6 +66,19 @@ pub(crate) struct GivenUp {
     /// `None` when the entry was trimmed from the stream while pending.
     pub(crate) message: Option<Message>,
     pub(crate) delivery_count: u64,
+    pub(crate) why: GiveUp,
+}
+
+/// Why a fetch gave up on an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// Delivered `max_deliveries` times.
+    Exceeded,
+    /// Trimmed from the stream while pending.
+    Trimmed,
+    /// Its payload is not JSON: never handed out (a Redis subscriber dead-letters such an
+    /// entry on its first read, too).
+    NotJson,
 }
 
 /// What a fetch may do besides reading new entries.
@@ -91,10 +112,24 @@ impl StreamLog {
     }
 
     /// Appends `message`, trimming the oldest entries beyond `max_length`.
+    #[cfg(test)]
     pub(crate) fn append(&mut self, message: Message, now_ms: u64, max_length: Option<usize>) -> EntryId {
+        let json = crate::message::check_json(message.payload()).is_ok();
+        self.append_checked(message, json, now_ms, max_length)
+    }
+
+    /// Appends `message`, whose payload is JSON or not as `json` says (checked by the caller,
+    /// outside the lock), trimming the oldest entries beyond `max_length`.
+    pub(crate) fn append_checked(
+        &mut self,
+        message: Message,
+        json: bool,
+        now_ms: u64,
+        max_length: Option<usize>,
+    ) -> EntryId {
         let id = self.last_id.next_at(now_ms);
         self.last_id = id;
-        self.entries.push_back((id, message));
+        self.entries.push_back(Stored { id, message, json });
         if let Some(max) = max_length {
             while self.entries.len() > max {
                 self.entries.pop_front();
@@ -146,12 +181,12 @@ impl StreamLog {
     }
 
     pub(crate) fn entries(&self) -> Vec<(EntryId, Message)> {
-        self.entries.iter().cloned().collect()
+        self.entries.iter().map(|e| (e.id, e.message.clone())).collect()
     }
 
     /// Every group has read up to the last entry and has nothing pending.
     pub(crate) fn is_idle(&self) -> bool {
-        let last = self.entries.back().map(|(id, _)| *id);
+        let last = self.entries.back().map(|e| e.id);
         self.groups
             .iter()
             .all(|g| g.pending.is_empty() && last.is_none_or(|last| g.last_delivered >= last))
@@ -163,9 +198,9 @@ impl StreamLog {
 
     fn message(&self, id: EntryId) -> Option<&Message> {
         self.entries
-            .binary_search_by_key(&id, |(id, _)| *id)
+            .binary_search_by_key(&id, |e| e.id)
             .ok()
-            .map(|i| &self.entries[i].1)
+            .map(|i| &self.entries[i].message)
     }
 
     /// Hands up to `budget` entries to `consumer`, in this order: its nacked entries that are
@@ -252,6 +287,7 @@ impl StreamLog {
                     });
                 }
                 message => {
+                    let why = if message.is_some() { GiveUp::Exceeded } else { GiveUp::Trimmed };
                     if message.is_none() {
                         self.trimmed_pending += 1;
                         tracing::warn!(
@@ -264,6 +300,7 @@ impl StreamLog {
                         id,
                         message,
                         delivery_count: p.delivery_count,
+                        why,
                     });
                     g.pending.remove(&id);
                 }
@@ -274,8 +311,23 @@ impl StreamLog {
         let taken = out.fetched.len();
         let g = &mut self.groups[gi];
         if taken < budget {
-            let from = self.entries.partition_point(|(id, _)| *id <= g.last_delivered);
-            for (id, message) in self.entries.range(from..).take(budget - taken) {
+            let from = self.entries.partition_point(|e| e.id <= g.last_delivered);
+            let mut room = budget - taken;
+            for Stored { id, message, json } in self.entries.range(from..) {
+                if room == 0 {
+                    break;
+                }
+                g.last_delivered = *id;
+                if !json {
+                    out.given_up.push(GivenUp {
+                        id: *id,
+                        message: Some(message.clone()),
+                        delivery_count: 1,
+                        why: GiveUp::NotJson,
+                    });
+                    continue;
+                }
+                room -= 1;
                 g.pending.insert(
                     *id,
                     Pending {
@@ -286,7 +338,6 @@ impl StreamLog {
                         retry_at: None,
                     },
                 );
-                g.last_delivered = *id;
                 out.fetched.push(Fetched {
                     id: *id,
                     message: message.clone(),
@@ -405,7 +456,7 @@ mod tests {
             log.append(msg(n), 1, Some(3));
         }
         assert_eq!(log.len(), 3);
-        assert_eq!(log.entries.front().unwrap().0, EntryId::new(1, 7));
+        assert_eq!(log.entries.front().unwrap().id, EntryId::new(1, 7));
     }
 
     #[test]

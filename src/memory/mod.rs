@@ -32,15 +32,16 @@ use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::codec::Codec;
 use crate::dead_letter::{self, DeadLetter};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, Settlement, Settler};
 use crate::error::{Error, Result, validate_name};
-use crate::message::{EntryId, Message};
+use crate::message::{EntryId, Message, check_json};
 use crate::pubsub::{
     InFlight, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber, Subscription,
 };
 
-use self::log::{FetchOut, FetchPlan, GivenUp, StreamLog};
+use self::log::{FetchOut, FetchPlan, GiveUp, GivenUp, StreamLog};
 
 /// The default limit on the encoded size of one entry: 1 MiB.
 pub const DEFAULT_MAX_ENTRY_SIZE: usize = 1024 * 1024;
@@ -240,12 +241,21 @@ impl MemoryPublisher {
 
     fn append(&self, topic: &str, messages: Vec<Message>) -> Result<Vec<EntryId>> {
         let stream = self.check(topic, &messages)?;
+        // Checked here, outside the lock and once for every group; a payload that is not JSON
+        // is stored (as Redis would store it) and dead-lettered when a group reads it.
+        let checked: Vec<(Message, bool)> = messages
+            .into_iter()
+            .map(|m| {
+                let json = check_json(m.payload()).is_ok();
+                (m, json)
+            })
+            .collect();
         let now_ms = now_ms();
         let ids = {
             let mut log = stream.log();
-            messages
+            checked
                 .into_iter()
-                .map(|m| log.append(m, now_ms, self.max_length))
+                .map(|(m, json)| log.append_checked(m, json, now_ms, self.max_length))
                 .collect()
         };
         stream.changed.notify_waiters();
@@ -513,27 +523,35 @@ impl Reader {
         {
             let mut log = dead.log();
             for g in given_up {
-                let exceeded = format!(
-                    "delivered {} times, the limit is {}",
-                    g.delivery_count, self.max_deliveries
-                );
-                let why = DeadLetter {
-                    reason: if g.message.is_some() {
-                        &exceeded
-                    } else {
-                        "trimmed from the stream while pending"
+                // The reasons and records are the Redis subscriber's, word for word.
+                let reason = match (g.why, &g.message) {
+                    (GiveUp::Exceeded, _) => format!(
+                        "delivered {} times, the limit is {}",
+                        g.delivery_count, self.max_deliveries
+                    ),
+                    (GiveUp::Trimmed, _) => "trimmed from the stream while pending".to_owned(),
+                    (GiveUp::NotJson, Some(m)) => match check_json(m.payload()) {
+                        Err(e) => crate::codec::not_json(g.id, e).to_string(),
+                        Ok(()) => "its payload is not JSON".to_owned(),
                     },
+                    (GiveUp::NotJson, None) => "its payload is not JSON".to_owned(),
+                };
+                let why = DeadLetter {
+                    reason: &reason,
                     original_id: g.id,
                     stream: origin.stream(),
                     group: origin.group(),
                     delivery_count: g.delivery_count,
                 };
-                let record = match &g.message {
-                    Some(m) => why.for_message(m),
-                    None => why.for_trimmed(),
+                let record = match (g.why, &g.message) {
+                    (GiveUp::NotJson, Some(m)) => {
+                        why.for_undecodable(&crate::codec::JsonCodec.encode(m).unwrap_or_default())
+                    }
+                    (_, Some(m)) => why.for_message(m),
+                    (_, None) => why.for_trimmed(),
                 };
                 tracing::warn!(stream = origin.stream(), group = origin.group(), id = %g.id, reason = why.reason, "dead-lettered");
-                log.append(record, now_ms, None);
+                log.append_checked(record, true, now_ms, None);
             }
         }
         dead.changed.notify_waiters();

@@ -125,7 +125,10 @@ impl StreamReader {
         Ok(entries
             .into_iter()
             .filter_map(|e| match e {
-                ReplyEntry::Present(raw) => Some((raw.id, self.codec.decode(raw))),
+                ReplyEntry::Present(raw) => {
+                    let id = raw.id;
+                    Some((id, crate::codec::decode_entry(&*self.codec, raw).map_err(|(e, _)| e)))
+                }
                 // XREAD reads the stream itself, so there are no trimmed placeholders.
                 ReplyEntry::Trimmed(_) => None,
             })

@@ -120,6 +120,9 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("poison_message_is_dead_lettered", |b| {
         poison_message_is_dead_lettered(b).boxed()
     }),
+    ("payloads_that_are_not_json_are_dead_lettered", |b| {
+        payloads_that_are_not_json_are_dead_lettered(b).boxed()
+    }),
 ];
 
 /// Expands to one `#[tokio::test]` per scenario of the suite, each running against the
@@ -137,7 +140,8 @@ macro_rules! conformance_tests {
             concurrent_closes_lose_nothing order_kept_for_one_consumer claim_dead_consumer
             start_from_latest missing_group_is_an_error_without_create
             same_consumer_name_twice_is_refused invalid_arguments_name_the_field
-            closed_publisher_refuses ten_thousand_end_to_end poison_message_is_dead_lettered);
+            closed_publisher_refuses ten_thousand_end_to_end poison_message_is_dead_lettered
+            payloads_that_are_not_json_are_dead_lettered);
     };
     (@each $backend:expr; $($name:ident)*) => {
         #[test]
@@ -995,6 +999,58 @@ pub async fn poison_message_is_dead_lettered(backend: &dyn TestBackend) {
     assert!(m.metadata().get(keys::REASON).is_some_and(|r| !r.is_empty()));
     record.ack().await.expect("ack");
     expect_quiet(&mut sub, "the poison message came back after dead-lettering").await;
+    subscriber.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
+}
+
+/// Payloads that are not JSON, however they fail (not JSON at all, invalid UTF-8 inside a
+/// string, a lone surrogate escape, a number out of range, nothing, two values), never reach
+/// the subscriber: each goes to `<topic>-dead` on its first read, as an undecodable record
+/// with the same reason on every backend, and the good messages behind them flow on.
+pub async fn payloads_that_are_not_json_are_dead_lettered(backend: &dyn TestBackend) {
+    let topic = unique_topic("not-json");
+    let publisher = backend.publisher().await.expect("publisher");
+    let bad: [&[u8]; 7] = [
+        b"this is not json",
+        b"\"\xff\"",
+        b"{\"k\":\"\xc3\"}",
+        b"\"\\ud800\"",
+        b"1e400",
+        b"",
+        b"{} {}",
+    ];
+    let mut bad_ids = Vec::new();
+    for (n, payload) in bad.iter().enumerate() {
+        let m = Message::from_json_bytes("test.bad", payload.to_vec()).expect("message");
+        bad_ids.push(publisher.publish(&topic, m).await.expect("publish"));
+        publisher.publish(&topic, numbered(n as u64)).await.expect("publish");
+    }
+
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c")).await;
+    for n in 0..bad.len() as u64 {
+        let d = recv(&mut sub).await;
+        assert_eq!(number(&d), n, "only the JSON messages are delivered, in order");
+        d.ack().await.expect("ack");
+    }
+    let dead_topic = dead_letter::stream_for(&topic);
+    let mut dead = subscribe(&*subscriber, &dead_topic, opts("inspect", "c")).await;
+    for (payload, id) in bad.iter().zip(&bad_ids) {
+        let record = recv(&mut dead).await;
+        let m = record.message();
+        let error = serde_json::from_slice::<serde_json::Value>(payload).expect_err("not JSON");
+        let reason = format!("cannot decode entry {id}: its payload is not JSON: {error}");
+        assert_eq!(m.metadata().get(keys::REASON), Some(reason.as_str()));
+        assert_eq!(m.metadata().get(keys::ORIGINAL_ID), Some(id.to_string().as_str()));
+        assert_eq!(m.metadata().get(keys::GROUP), Some("g"));
+        assert_eq!(m.metadata().get(keys::DELIVERY_COUNT), Some("1"));
+        assert_eq!(m.event_type(), dead_letter::UNDECODABLE_EVENT_TYPE);
+        let fields = m.json().expect("an undecodable record is JSON");
+        assert_eq!(fields["event_type"], "test.bad");
+        assert_eq!(fields["payload"], *String::from_utf8_lossy(payload));
+        record.ack().await.expect("ack");
+    }
+    expect_quiet(&mut sub, "a payload that is not JSON was delivered").await;
     subscriber.close().await.expect("close");
     assert_nothing_pending(backend, &topic, "g").await;
 }

@@ -489,7 +489,7 @@ impl Reader {
                 }
                 ReplyEntry::Present(raw) => {
                     let size = raw.size();
-                    match self.codec.decode_or_return(raw) {
+                    match crate::codec::decode_entry(&*self.codec, raw) {
                         Err((e, raw)) => {
                             SubscriberStats::add(&self.stats.undecodable, 1);
                             dead.push((id, record(&e.to_string(), count).for_undecodable(&raw.fields)));
