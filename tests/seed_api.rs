@@ -835,3 +835,46 @@ async fn position_and_crash_reports() {
     let err = groups.check_consumer("pos", "g", "nobody").await.unwrap_err();
     assert_eq!(err.invalid_field(), Some("consumer"));
 }
+
+#[tokio::test]
+async fn a_payload_with_invalid_utf8_never_reaches_the_callback() {
+    // As redis-py writes it: JSON quotes around a byte that is not UTF-8.
+    let server = RedisServer::start();
+    let groups = ConsumerGroupManager::new(&server.url()).unwrap();
+    groups.create_group("raw", "g", "0").await.unwrap();
+    let client = streamwise::redis::client::Client::open(server.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let bad: String = streamwise::redis::client::cmd("XADD")
+        .arg("raw")
+        .arg("*")
+        .arg("event_type")
+        .arg("e")
+        .arg("payload")
+        .arg(&b"\"\xff\""[..])
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let producer = StreamProducer::new(&server.url(), "raw").unwrap();
+    let good = producer.publish("e", &serde_json::json!({"ok": true}), None).await.unwrap();
+
+    let consumer =
+        Arc::new(StreamConsumer::with_options(conn(&server), "raw", "g", "c", fast_consumer()).unwrap());
+    let (mut events, task) = run_consumer(consumer.clone(), None, |_| true);
+    let event = next_event(&mut events).await;
+    assert_eq!(event.id, good, "the entry behind the bad one is delivered");
+    assert_eq!(event.payload, serde_json::json!({"ok": true}));
+    consumer.close().await.unwrap();
+    task.await.unwrap().expect("subscribe ends cleanly");
+    assert!(events.try_recv().is_err(), "the bad entry was never called back");
+    assert!(consumer.get_pending().await.unwrap().is_empty());
+    assert_eq!(server.command("XLEN raw-dead"), ":1");
+    let dead: streamwise::redis::client::Value = streamwise::redis::client::cmd("XRANGE")
+        .arg("raw-dead")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let record = format!("{dead:?}");
+    assert!(record.contains(&bad) && record.contains("payload is not JSON"), "{record}");
+}
