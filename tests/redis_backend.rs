@@ -570,6 +570,52 @@ async fn checkpoints_follow_acks_and_a_vanished_group_resumes_there() {
     subscriber.close().await.unwrap();
 }
 
+/// The checkpoint never passes an entry still pending for its consumer: e1 and e3 acked, e2
+/// dropped unsettled (or nacked, its retry not yet due) leaves the checkpoint at e1, and a
+/// group re-created from it delivers e2 again.
+#[tokio::test]
+async fn the_checkpoint_stays_below_an_entry_left_pending() {
+    for leave in ["drop", "nack"] {
+        let server = RedisServer::start();
+        let backend = RedisBackend::new(&server.url()).unwrap();
+        let publisher = backend.publisher();
+        let batch: Vec<_> = (1..=3u64).map(|n| Message::new("t", &n).unwrap()).collect();
+        let ids = publisher.publish_batch("hole", batch).await.unwrap();
+
+        let subscriber = backend.subscriber().unwrap();
+        let mut sub = subscriber.subscribe("hole", opts("g", "c")).await.unwrap();
+        let (e1, e2, e3) = (recv(&mut sub).await, recv(&mut sub).await, recv(&mut sub).await);
+        e1.ack().await.unwrap();
+        e3.ack().await.unwrap();
+        match leave {
+            "drop" => drop(e2),
+            _ => e2.nack_after(Duration::from_secs(3600)).await.unwrap(),
+        }
+        subscriber.close().await.unwrap();
+        let store = streamwise::redis::RedisCheckpointStore::new(backend.connection().clone());
+        use streamwise::checkpoint::CheckpointStore;
+        let position = store.load("hole", "g", "c").await.unwrap().expect("a checkpoint");
+        assert_eq!(position.message_id, ids[0], "{leave}: the checkpoint passed e2");
+
+        let mut c = raw(&server).await;
+        let _: u64 = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg("hole")
+            .arg("g")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let subscriber = backend.subscriber().unwrap();
+        let mut sub = subscriber.subscribe("hole", opts("g", "c")).await.unwrap();
+        let again: Vec<_> = [recv(&mut sub).await, recv(&mut sub).await]
+            .iter()
+            .map(|d| d.id())
+            .collect();
+        assert_eq!(again, [ids[1], ids[2]], "{leave}: e2 (and e3 after it) come back");
+        subscriber.close().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn retention_trims_entries_older_than_retention_ms() {
     let server = RedisServer::start();

@@ -35,11 +35,14 @@ pub(crate) struct Flusher {
     pub(crate) acked_up_to: Option<EntryId>,
     pub(crate) saved: Option<EntryId>,
     pub(crate) saved_at: Option<tokio::time::Instant>,
+    /// Acks were confirmed since the checkpoint was last saved (held back by the rate limit).
+    pub(crate) checkpoint_behind: bool,
 }
 
 enum Wake {
     Op(Op),
     Retry,
+    Checkpoint,
     Stop,
 }
 
@@ -49,15 +52,22 @@ impl Flusher {
         let mut failures = 0;
         loop {
             let retry_in = self.conn.backoff(failures);
+            // A checkpoint held back by the rate limit is saved when the limit allows.
+            let checkpoint_at = self.saved_at.map(|t| t + CHECKPOINT_EVERY);
             let wake = tokio::select! {
                 biased;
                 _ = closed.cancelled() => Wake::Stop,
                 op = ops.recv() => op.map_or(Wake::Stop, Wake::Op),
                 _ = tokio::time::sleep(retry_in), if !batch.is_empty() => Wake::Retry,
+                _ = sleep_until(checkpoint_at), if self.checkpoint_behind => Wake::Checkpoint,
             };
             match wake {
                 Wake::Stop => break,
                 Wake::Retry => {}
+                Wake::Checkpoint => {
+                    self.save_checkpoint(false).await;
+                    continue;
+                }
                 Wake::Op(first) => {
                     self.take(first, &mut batch).await;
                     // What queued while the last XACK was on its way: the natural batch.
@@ -162,30 +172,46 @@ impl Flusher {
         true
     }
 
-    /// Saves the low watermark: the highest acked id, unless this subscription still owns an
-    /// older entry, in which case just below that one. A re-created group resumes from the
-    /// lowest watermark of its consumers, so nothing unacked is skipped. Never moves back.
-    /// (At most every [`CHECKPOINT_EVERY`], unless `now`.)
+    /// Saves the low watermark: the highest acked id, unless an older entry is still pending
+    /// for this consumer, in which case just below the oldest such entry. Pending means what
+    /// Redis says (`XPENDING` for this consumer: held, dropped unsettled, nacked, read but not
+    /// yet handed out) and what this subscription still owns (an ack not yet confirmed). A
+    /// re-created group resumes from the lowest watermark of its consumers, so nothing
+    /// unacked is skipped. The watermark moves back when an older entry became this
+    /// consumer's again (taken over from another). (At most every [`CHECKPOINT_EVERY`],
+    /// unless `now`.)
     async fn save_checkpoint(&mut self, now: bool) {
         if !now && self.saved_at.is_some_and(|t| t.elapsed() < CHECKPOINT_EVERY) {
+            self.checkpoint_behind = true;
             return;
         }
+        self.checkpoint_behind = false;
         let (Some(store), Some(acked)) = (&self.store, self.acked_up_to) else {
             return;
         };
+        let (stream, group) = (self.origin.stream(), self.origin.group());
+        let oldest_pending = match oldest_pending(&self.conn, &self.origin).await {
+            Ok(oldest) => oldest,
+            Err(e) => {
+                // Without knowing what is pending, the watermark might pass it: keep the old one.
+                tracing::warn!(stream, group, error = %e, "checkpoint not saved: the pending list could not be read");
+                return;
+            }
+        };
         let oldest_owned = lock(&self.ledger).oldest_owned();
-        let watermark = match oldest_owned {
+        let oldest = oldest_pending.into_iter().chain(oldest_owned).min();
+        let watermark = match oldest {
             Some(oldest) if oldest <= acked => oldest.prev(),
             _ => Some(acked),
         };
-        let Some(watermark) = watermark.filter(|w| self.saved.is_none_or(|s| *w > s)) else {
+        let Some(watermark) = watermark.filter(|w| self.saved != Some(*w)) else {
             return;
         };
         let checkpoint = Checkpoint {
             message_id: watermark,
             timestamp: SystemTime::now(),
         };
-        let (stream, group) = (self.origin.stream(), self.origin.group());
+        self.saved_at = Some(tokio::time::Instant::now());
         match store
             .save(stream, group, self.origin.consumer(), checkpoint)
             .await
@@ -193,5 +219,33 @@ impl Flusher {
             Ok(()) => self.saved = Some(watermark),
             Err(e) => tracing::warn!(stream, group, error = %e, "checkpoint not saved"),
         }
+    }
+}
+
+/// The oldest entry of the group's pending list that belongs to this consumer, if any.
+async fn oldest_pending(conn: &RedisConnection, origin: &Origin) -> crate::Result<Option<EntryId>> {
+    let reply = conn
+        .run("XPENDING", |mut c| {
+            let cmd = redis::cmd("XPENDING")
+                .arg(origin.stream())
+                .arg(origin.group())
+                .arg("-")
+                .arg("+")
+                .arg(1)
+                .arg(origin.consumer())
+                .clone();
+            async move { cmd.query_async::<Value>(&mut c).await }
+        })
+        .await
+        .map_err(|e| e.into_error())?;
+    Ok(crate::redis::codec::parse_pending_rows(reply)?
+        .first()
+        .map(|row| row.id))
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -294,6 +294,7 @@ impl RedisSubscriber {
             acked_up_to: None,
             saved: None,
             saved_at: None,
+            checkpoint_behind: false,
         };
         let heartbeat = super::lease::Heartbeat {
             lease,
