@@ -5,7 +5,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use streamwise::memory::MemoryBackend;
 use streamwise::testing::TestBackend;
-use streamwise::{Publisher, Result, Subscriber};
+use streamwise::{EntryId, Publisher, Result, Subscriber};
 
 struct Memory(MemoryBackend);
 
@@ -18,6 +18,22 @@ impl TestBackend for Memory {
     }
     fn pending<'a>(&'a self, topic: &'a str, group: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move { Ok(self.0.pending_count(topic, group)? as u64) })
+    }
+    fn position<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Option<EntryId>>> {
+        Box::pin(async move { self.0.position(topic, group, consumer) })
+    }
+    fn pending_of<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
+        Box::pin(async move { self.0.pending_of(topic, group, consumer) })
     }
 }
 

@@ -5,9 +5,10 @@ mod common;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use streamwise::redis::RedisBackend;
+use streamwise::checkpoint::CheckpointStore;
+use streamwise::redis::{RedisBackend, RedisCheckpointStore, admin};
 use streamwise::testing::TestBackend;
-use streamwise::{Publisher, Result, Subscriber};
+use streamwise::{EntryId, Publisher, Result, Subscriber};
 
 use common::RedisServer;
 
@@ -37,6 +38,28 @@ impl TestBackend for Redis {
     }
     fn pending<'a>(&'a self, topic: &'a str, group: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(self.shared.pending_count(topic, group))
+    }
+    fn position<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Option<EntryId>>> {
+        Box::pin(async move {
+            let store = RedisCheckpointStore::new(self.shared.connection().clone());
+            Ok(store.load(topic, group, consumer).await?.map(|cp| cp.message_id))
+        })
+    }
+    fn pending_of<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
+        Box::pin(async move {
+            let rows = admin::pending_entries(self.shared.connection(), topic, group, Some(consumer)).await?;
+            Ok(rows.into_iter().map(|row| row.id).collect())
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! The stream log of the in-memory backend: entries, consumer groups and their pending lists,
 //! as Redis keeps them. Synchronous and clock-free (callers pass `now`), so it is easy to test.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,8 @@ struct Group {
     /// Nacked entries by the time they may be delivered again (to their owner).
     retry: RetryQueue,
     live_consumers: HashSet<Arc<str>>,
+    /// The highest id each consumer acknowledged, for its checkpoint.
+    acked_up_to: HashMap<Arc<str>, EntryId>,
 }
 
 type RetryQueue = BTreeSet<(Instant, EntryId)>;
@@ -162,6 +164,7 @@ impl StreamLog {
             pending: BTreeMap::new(),
             retry: BTreeSet::new(),
             live_consumers: HashSet::new(),
+            acked_up_to: HashMap::new(),
         });
         true
     }
@@ -363,10 +366,41 @@ impl StreamLog {
                 if let Some(at) = p.retry_at {
                     g.retry.remove(&(at, id));
                 }
+                let acked = g.acked_up_to.entry(p.consumer).or_insert(id);
+                *acked = (*acked).max(id);
                 true
             }
             None => false,
         }
+    }
+
+    /// The checkpoint of `consumer`, as the Redis backend keeps it: the highest id it
+    /// acknowledged, or just below the oldest entry still pending for it when that is older.
+    /// `None` before its first acknowledgement.
+    pub(crate) fn position(&self, group: &str, consumer: &str) -> Option<EntryId> {
+        let g = &self.groups[self.group_index(group)?];
+        let acked = *g.acked_up_to.get(consumer)?;
+        let oldest = g
+            .pending
+            .iter()
+            .find(|(_, p)| &*p.consumer == consumer)
+            .map(|(id, _)| *id);
+        match oldest {
+            Some(oldest) if oldest <= acked => oldest.prev(),
+            _ => Some(acked),
+        }
+    }
+
+    /// The entries pending for `consumer`, oldest first.
+    pub(crate) fn pending_of(&self, group: &str, consumer: &str) -> Option<Vec<EntryId>> {
+        let g = &self.groups[self.group_index(group)?];
+        Some(
+            g.pending
+                .iter()
+                .filter(|(_, p)| &*p.consumer == consumer)
+                .map(|(id, _)| *id)
+                .collect(),
+        )
     }
 
     /// The pending entry `id`, if the live subscription of `consumer` holds it, and the

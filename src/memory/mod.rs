@@ -166,6 +166,33 @@ impl MemoryBackend {
             })
     }
 
+    /// The checkpoint of `consumer` in `group`, kept as the Redis backend keeps it: the entry
+    /// up to which everything the consumer received is acknowledged, never past an entry
+    /// still pending for it. `None` before its first acknowledgement.
+    pub fn position(&self, topic: &str, group: &str, consumer: &str) -> Result<Option<EntryId>> {
+        let stream = self.broker.existing(topic)?;
+        let log = stream.log();
+        if !log.has_group(group) {
+            return Err(Error::GroupNotFound {
+                stream: topic.to_owned(),
+                group: group.to_owned(),
+            });
+        }
+        Ok(log.position(group, consumer))
+    }
+
+    /// The entries pending for `consumer` in `group`, oldest first.
+    pub fn pending_of(&self, topic: &str, group: &str, consumer: &str) -> Result<Vec<EntryId>> {
+        self.broker
+            .existing(topic)?
+            .log()
+            .pending_of(group, consumer)
+            .ok_or_else(|| Error::GroupNotFound {
+                stream: topic.to_owned(),
+                group: group.to_owned(),
+            })
+    }
+
     /// The entries of a stream, oldest first (a snapshot, for tests and inspection).
     pub fn messages(&self, topic: &str) -> Result<Vec<(EntryId, Message)>> {
         Ok(self.broker.existing(topic)?.log().entries())

@@ -62,6 +62,31 @@ pub trait TestBackend: Send + Sync {
     fn subscriber(&self) -> BoxFuture<'_, Result<Arc<dyn Subscriber>>>;
     /// How many entries of `topic` are delivered in `group` and not yet acknowledged.
     fn pending<'a>(&'a self, topic: &'a str, group: &'a str) -> BoxFuture<'a, Result<u64>>;
+
+    /// The checkpoint of `consumer`: the entry up to which everything it received is
+    /// acknowledged (`None` before its first acknowledgement). Backends that keep no
+    /// checkpoints leave the default, which makes the checkpoint scenario skip them.
+    fn position<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Option<EntryId>>> {
+        let _ = (topic, group, consumer);
+        Box::pin(async { Err(Error::Backend("this backend keeps no checkpoints".into())) })
+    }
+
+    /// The entries pending for `consumer` in `group`, oldest first (needed with
+    /// [`position`](Self::position)).
+    fn pending_of<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
+        let _ = (topic, group, consumer);
+        Box::pin(async { Err(Error::Backend("this backend keeps no checkpoints".into())) })
+    }
 }
 
 /// A scenario of the suite.
@@ -123,6 +148,9 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("payloads_that_are_not_json_are_dead_lettered", |b| {
         payloads_that_are_not_json_are_dead_lettered(b).boxed()
     }),
+    ("checkpoint_never_passes_a_pending_entry", |b| {
+        checkpoint_never_passes_a_pending_entry(b).boxed()
+    }),
 ];
 
 /// Expands to one `#[tokio::test]` per scenario of the suite, each running against the
@@ -141,7 +169,7 @@ macro_rules! conformance_tests {
             start_from_latest missing_group_is_an_error_without_create
             same_consumer_name_twice_is_refused invalid_arguments_name_the_field
             closed_publisher_refuses ten_thousand_end_to_end poison_message_is_dead_lettered
-            payloads_that_are_not_json_are_dead_lettered);
+            payloads_that_are_not_json_are_dead_lettered checkpoint_never_passes_a_pending_entry);
     };
     (@each $backend:expr; $($name:ident)*) => {
         #[test]
@@ -1053,4 +1081,117 @@ pub async fn payloads_that_are_not_json_are_dead_lettered(backend: &dyn TestBack
     expect_quiet(&mut sub, "a payload that is not JSON was delivered").await;
     subscriber.close().await.expect("close");
     assert_nothing_pending(backend, &topic, "g").await;
+}
+
+/// A small deterministic generator (xorshift64*), so that a failing sequence can be replayed
+/// from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
+/// Asserts that the checkpoint of `consumer` lies below every entry still pending for it.
+async fn assert_checkpoint_below_pending(
+    backend: &dyn TestBackend,
+    topic: &str,
+    consumer: &str,
+    context: &str,
+) -> Option<EntryId> {
+    // The checkpoint first: whatever becomes pending after it is read is newer than it.
+    let position = backend.position(topic, "g", consumer).await.expect("position");
+    let pending = backend.pending_of(topic, "g", consumer).await.expect("pending");
+    if let (Some(position), Some(oldest)) = (position, pending.first()) {
+        assert!(
+            position < *oldest,
+            "{context}: the checkpoint {position} passed {oldest}, still pending ({pending:?})"
+        );
+    }
+    position
+}
+
+/// Random sequences of receive, ack, nack, nack with a long delay, drop, and restart (the
+/// subscriber closed with deliveries unsettled, as a process that goes away): after every
+/// step the consumer's checkpoint is below every entry pending for it, and once everything
+/// is acknowledged it reaches the last entry. Replay a failure with its seed.
+pub async fn checkpoint_never_passes_a_pending_entry(backend: &dyn TestBackend) {
+    let probe = unique_topic("checkpoint-probe");
+    backend.publisher().await.expect("publisher").publish(&probe, numbered(0)).await.expect("publish");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    drop(subscribe(&*subscriber, &probe, opts("g", "c")).await);
+    subscriber.close().await.expect("close");
+    if backend.position(&probe, "g", "c").await.is_err() {
+        eprintln!("checkpoint_never_passes_a_pending_entry: the backend keeps no checkpoints; skipped");
+        return;
+    }
+    const MESSAGES: u64 = 12;
+    for seed in [0x5eed_0001_u64, 0x5eed_0002, 0x5eed_0003, 0x5eed_0004, 0x5eed_0005] {
+        let mut rng = Rng(seed);
+        let topic = unique_topic("checkpoint");
+        let publisher = backend.publisher().await.expect("publisher");
+        let ids = publish_numbers(&*publisher, &topic, 0..MESSAGES).await;
+        let options = opts("g", "c").max_in_flight(4).batch_size(4);
+        let mut subscriber = backend.subscriber().await.expect("subscriber");
+        let mut sub = subscribe(&*subscriber, &topic, options.clone()).await;
+        let mut held: Vec<Delivery> = Vec::new();
+        let mut acked: HashSet<EntryId> = HashSet::new();
+        let mut steps = Vec::new();
+        for step in 0..30 {
+            let op = rng.below(7);
+            steps.push(op);
+            let context = format!("seed {seed:#x}, steps {steps:?}");
+            match op {
+                0..=2 if held.len() < 4 => {
+                    // Something may or may not be deliverable now: a short look, not a wait.
+                    if let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(50), sub.next()).await {
+                        held.push(d);
+                    }
+                }
+                3 if !held.is_empty() => {
+                    let d = held.swap_remove(rng.below(held.len()));
+                    d.ack().await.expect("ack");
+                    acked.insert(d.id());
+                }
+                4 if !held.is_empty() => {
+                    let d = held.swap_remove(rng.below(held.len()));
+                    let delay = if rng.below(2) == 0 { Duration::ZERO } else { Duration::from_secs(3600) };
+                    d.nack_after(delay).await.expect("nack");
+                }
+                5 if !held.is_empty() => drop(held.swap_remove(rng.below(held.len()))),
+                6 => {
+                    held.clear();
+                    drop(sub);
+                    subscriber.close().await.expect("close");
+                    assert_checkpoint_below_pending(backend, &topic, "c", &context).await;
+                    subscriber = backend.subscriber().await.expect("subscriber");
+                    sub = subscribe(&*subscriber, &topic, options.clone()).await;
+                }
+                _ => {}
+            }
+            assert_checkpoint_below_pending(backend, &topic, "c", &context).await;
+        }
+        // Everything pending comes back to a new run and is acknowledged: the checkpoint then
+        // reaches the last entry.
+        held.clear();
+        drop(sub);
+        subscriber.close().await.expect("close");
+        let subscriber = backend.subscriber().await.expect("subscriber");
+        let mut sub = subscribe(&*subscriber, &topic, opts("g", "c")).await;
+        let mut left: HashSet<EntryId> = ids.iter().filter(|id| !acked.contains(id)).copied().collect();
+        while !left.is_empty() {
+            let d = recv(&mut sub).await;
+            left.remove(&d.id());
+            d.ack().await.expect("ack");
+        }
+        subscriber.close().await.expect("close");
+        let context = format!("seed {seed:#x}, steps {steps:?}, after acking everything");
+        let last = assert_checkpoint_below_pending(backend, &topic, "c", &context).await;
+        assert_eq!(last, ids.last().copied(), "{context}");
+        assert_nothing_pending(backend, &topic, "g").await;
+    }
 }
