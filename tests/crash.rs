@@ -107,6 +107,32 @@ impl Rng {
     }
 }
 
+/// The checkpoint a killed consumer left lies below every entry still pending for it (checked
+/// before another consumer takes them over), so a group re-created from checkpoints would
+/// deliver them again.
+async fn assert_checkpoint_below_pending(conn: &RedisConnection, consumer: &str) {
+    let saved: Option<String> = conn
+        .command(cmd("HGET").arg("streamwise:checkpoint:work").arg(format!("workers:{consumer}")))
+        .await
+        .unwrap();
+    let Some(saved) = saved else {
+        return;
+    };
+    let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    let checkpoint: streamwise::EntryId = saved["message_id"].as_str().unwrap().parse().unwrap();
+    let oldest: Vec<(String, String, u64, u64)> = conn
+        .command(cmd("XPENDING").arg(STREAM).arg("workers").arg("-").arg("+").arg(1).arg(consumer))
+        .await
+        .unwrap();
+    if let Some((oldest, ..)) = oldest.first() {
+        let oldest: streamwise::EntryId = oldest.parse().unwrap();
+        assert!(
+            checkpoint < oldest,
+            "{consumer} was killed with its checkpoint {checkpoint} past {oldest}, still pending"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_sigkills_lose_nothing() {
     let server = RedisServer::start();
@@ -144,6 +170,7 @@ async fn twenty_sigkills_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(50 + rng.below(300))).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
+        assert_checkpoint_below_pending(&conn, &format!("c{kill}")).await;
     }
     let at_last_kill = handled().await;
     assert!(
