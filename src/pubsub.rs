@@ -93,6 +93,48 @@ impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
     }
 }
 
+/// A consumer name of its own for this process: `<prefix>-<host>-<pid>-<random>`, made of the
+/// characters a name may have (others in the host name become `-`).
+///
+/// Which name to use:
+/// - **A stable name** (a StatefulSet's pod name such as `worker-0`, a systemd unit's
+///   instance) when the same process comes back after a crash: the restart takes over its own
+///   lease once it runs out (at most the lease TTL) and gets the entries it held first.
+/// - **A unique name** from this function when replicas come and go (a Deployment, autoscaling):
+///   a name is never taken by two processes at once, and turn on
+///   [`SubscribeOptions::reclaim`] so that the entries of a replica that vanished are taken
+///   over by the others once its lease is gone.
+///
+/// ```
+/// let name = streamwise::unique_consumer_name("billing");
+/// assert!(name.starts_with("billing-"));
+/// streamwise::validate_name("consumer", &name)?;
+/// assert_ne!(name, streamwise::unique_consumer_name("billing"));
+/// # Ok::<(), streamwise::Error>(())
+/// ```
+pub fn unique_consumer_name(prefix: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    let clean = |text: &str| -> String {
+        text.chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+            .collect()
+    };
+    // The last hex digits of a UUID v7 are random.
+    let random = uuid::Uuid::now_v7().simple().to_string();
+    format!(
+        "{}-{}-{}-{}",
+        clean(prefix),
+        clean(&host),
+        std::process::id(),
+        &random[random.len() - 8..]
+    )
+}
+
 /// The largest `max_in_flight` and `batch_size` accepted.
 pub const MAX_IN_FLIGHT: usize = 1 << 20;
 

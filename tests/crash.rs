@@ -235,3 +235,60 @@ async fn twenty_sigkills_lose_nothing() {
     let bound = u64::from(KILLS) * 2 * WINDOW as u64;
     assert!(duplicates <= bound, "{duplicates} duplicates, more than {bound}");
 }
+
+/// A consumer killed with SIGKILL and restarted at once under the same name (as systemd or a
+/// StatefulSet does) takes over its own lease once it runs out, instead of failing with
+/// `ConsumerActive`, and finishes the work, the entries it held first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_consumer_restarts_under_its_own_name() {
+    const BACKLOG: u64 = 3000;
+    let server = RedisServer::start();
+    let url = server.url();
+    let conn = RedisConnection::new(&url).unwrap();
+    let publisher = RedisBackend::with_connection(conn.clone()).publisher();
+    let messages = (0..BACKLOG).map(|n| Message::new("n", &n).unwrap()).collect();
+    publisher.publish_batch(STREAM, messages).await.unwrap();
+    let handled = || async {
+        conn.command::<u64>(&cmd("HLEN").arg(HANDLED).clone())
+            .await
+            .unwrap()
+    };
+    let mut first = spawn_consumer(&url, "same");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handled().await == 0 {
+        assert!(Instant::now() < deadline, "the first process made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let at_kill = handled().await;
+    assert!(at_kill < BACKLOG, "killed while messages were flowing");
+
+    let mut restarted = spawn_consumer(&url, "same");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let summary: Vec<streamwise::redis::client::Value> = conn
+            .command(cmd("XPENDING").arg(STREAM).arg("workers"))
+            .await
+            .unwrap();
+        let pending = match summary.first() {
+            Some(streamwise::redis::client::Value::Int(n)) => *n,
+            _ => -1,
+        };
+        if handled().await == BACKLOG && pending == 0 {
+            break;
+        }
+        assert!(
+            restarted.try_wait().unwrap().is_none(),
+            "the restarted process exited (refused its own name?)"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "not finished: {} of {BACKLOG} handled, {pending} pending",
+            handled().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    restarted.kill().unwrap();
+    restarted.wait().unwrap();
+}

@@ -209,6 +209,58 @@ async fn a_consumer_that_lost_its_lease_stops() {
     a_.close().await.unwrap();
 }
 
+/// A process that died holding its lease (killed, the lease left to run out) is restarted at
+/// once under the same name: `subscribe` waits for the lease to run out, takes it over, and
+/// the entries the dead process held come first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_under_the_same_name_takes_over_the_lease_of_a_dead_process() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    let held = publisher.publish("t", msg(1)).await.unwrap();
+    assert_eq!(server.command("XGROUP CREATE t g 0"), "+OK");
+    // What the dead process left: its lease (not renewed any more) and an entry it held.
+    assert_eq!(server.command("SET streamwise:lease:t:g:c dead-token PX 1500"), "+OK");
+    assert_eq!(server.command("SADD streamwise:consumers:t:g c"), ":1");
+    assert_eq!(server.command("XREADGROUP GROUP g c COUNT 1 STREAMS t >"), "*1");
+    let later = publisher.publish("t", msg(2)).await.unwrap();
+
+    let restarted = subscriber(&server, RedisSubscriberOptions::default());
+    let opts = SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
+    let mut sub = tokio::time::timeout(Duration::from_secs(10), restarted.subscribe("t", opts))
+        .await
+        .expect("subscribe waits no longer than the lease had left")
+        .expect("the lease of a dead holder is taken over");
+    let first = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    assert_eq!((first.id(), first.delivery_count()), (held, 2), "the dead process's entry first");
+    first.ack().await.unwrap();
+    let second = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    assert_eq!(second.id(), later);
+    second.ack().await.unwrap();
+    assert_ne!(server.command("GET streamwise:lease:t:g:c"), "$10", "not the dead token");
+    restarted.close().await.unwrap();
+}
+
+/// A name whose holder is alive (it renews its lease) is refused, after a look no longer than
+/// the holder's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_holder_keeps_its_name() {
+    let server = RedisServer::start();
+    let opts = || SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
+    let live = subscriber(
+        &server,
+        RedisSubscriberOptions::default().lease_ttl(Duration::from_millis(600)),
+    );
+    let _sub = live.subscribe("t", opts()).await.unwrap();
+    let second = subscriber(&server, RedisSubscriberOptions::default());
+    match tokio::time::timeout(Duration::from_secs(5), second.subscribe("t", opts())).await {
+        Ok(Err(streamwise::Error::ConsumerActive { consumer, .. })) => assert_eq!(consumer, "c"),
+        other => panic!("expected ConsumerActive while the holder lives, got {other:?}"),
+    }
+    live.close().await.unwrap();
+    second.close().await.unwrap();
+}
+
 /// Dropping the subscription stream (stop fetching) while a delivery is still being handled
 /// keeps the lease: the same consumer name cannot start elsewhere and take that entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

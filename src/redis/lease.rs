@@ -27,7 +27,11 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// Takes the lease of `origin`'s consumer, or fails with [`Error::ConsumerActive`].
+    /// Takes the lease of `origin`'s consumer. When another holds it, waits (at most as long
+    /// as that lease has left to live) to see whether its holder is alive: a holder that renews
+    /// it is live, and the call fails with [`Error::ConsumerActive`]; a lease that runs out
+    /// was left by a process that died (a restart under the same name after a crash), and is
+    /// taken over.
     pub(crate) async fn acquire(conn: &RedisConnection, origin: &Origin, ttl: Duration) -> Result<Lease> {
         let (stream, group, consumer) = (origin.stream(), origin.group(), origin.consumer());
         let lease = Lease {
@@ -38,14 +42,51 @@ impl Lease {
             token: uuid::Uuid::now_v7().to_string(),
             ttl,
         };
-        if !lease.hold().await? {
-            return Err(Error::ConsumerActive {
-                stream: stream.to_owned(),
-                group: group.to_owned(),
-                consumer: consumer.to_owned(),
-            });
+        let active = || Error::ConsumerActive {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            consumer: consumer.to_owned(),
+        };
+        let mut seen: Option<(String, i64)> = None;
+        loop {
+            if lease.hold().await? {
+                if seen.is_some() {
+                    tracing::info!(lease = %lease.key, "took over a lease its holder stopped renewing");
+                }
+                return Ok(lease);
+            }
+            let (holder, left_ms) = lease.state().await?;
+            match &seen {
+                // Renewed since the last look (its time went up), or taken by another: live.
+                Some((before, before_ms)) if *before != holder || left_ms > *before_ms => {
+                    return Err(active());
+                }
+                // No expiry: not a lease of ours to wait out.
+                _ if left_ms == -1 => return Err(active()),
+                _ => {}
+            }
+            if seen.is_none() {
+                tracing::info!(lease = %lease.key, left_ms, "consumer name held; waiting to see whether its holder is alive");
+            }
+            seen = Some((holder, left_ms));
+            // A live holder renews every third of its TTL, so several looks fall between two
+            // renewals; the wait ends at the latest when the lease runs out.
+            let look = Duration::from_millis(u64::try_from(left_ms).unwrap_or(0) / 8).clamp(
+                Duration::from_millis(5),
+                Duration::from_millis(250),
+            );
+            tokio::time::sleep(look).await;
         }
-        Ok(lease)
+    }
+
+    /// The lease's holder token and milliseconds left (`-2` when free, `-1` without expiry).
+    async fn state(&self) -> Result<(String, i64)> {
+        self.conn
+            .run_mapped("read lease", |mut c| {
+                let call = scripts::LEASE_STATE.key(&self.key);
+                async move { call.invoke_async(&mut c).await }
+            })
+            .await
     }
 
     fn ttl_ms(&self) -> u64 {

@@ -70,6 +70,20 @@ return 0
     )
 });
 
+/// The holder of a lease and its remaining time. KEYS: lease. Returns `{holder, pttl ms}`, or
+/// `{"", -2}` when the lease is free.
+pub(crate) static LEASE_STATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  return {'', -2}
+end
+return {holder, redis.call('PTTL', KEYS[1])}
+",
+    )
+});
+
 /// Drops a lease if we hold it. KEYS: lease, registry. ARGV: token, consumer.
 pub(crate) static RELEASE_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(

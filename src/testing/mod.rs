@@ -1141,7 +1141,7 @@ pub async fn checkpoint_never_passes_a_pending_entry(backend: &dyn TestBackend) 
         let mut held: Vec<Delivery> = Vec::new();
         let mut acked: HashSet<EntryId> = HashSet::new();
         let mut steps = Vec::new();
-        for step in 0..30 {
+        for _ in 0..30 {
             let op = rng.below(7);
             steps.push(op);
             let context = format!("seed {seed:#x}, steps {steps:?}");
