@@ -127,6 +127,20 @@ pub enum Error {
     #[error("{0} is closed")]
     Closed(&'static str),
 
+    /// A subscription ended by itself while the router ran (its consumer lost its lease to
+    /// another process, say, or the subscriber was closed from outside): the router stopped,
+    /// so that the process exits and is restarted rather than stay up doing nothing.
+    #[error("subscription to `{topic}` ended: {reason}")]
+    SubscriptionEnded {
+        /// The topic of the subscription.
+        topic: String,
+        /// What ended it.
+        reason: String,
+        /// The error the subscription reported last, if any.
+        #[source]
+        source: Option<Box<Error>>,
+    },
+
     /// An error from a backend that fits no other kind.
     #[error("backend error: {0}")]
     Backend(#[source] BoxError),

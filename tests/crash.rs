@@ -64,12 +64,18 @@ fn consumer_process_entry_point() {
             ));
         let router = Router::with_state(conn.clone());
         let routes = router.routes().route("n", handle);
+        let router = router.subscribe(STREAM, options, routes);
+        let publisher = Arc::new(RedisBackend::with_connection(conn).publisher());
+        if std::env::var("STREAMWISE_CRASH_MODE").as_deref() == Ok("run") {
+            // As a service's main runs it: until a signal, or until the router gives up.
+            let stopped = router
+                .run(Arc::new(subscriber), publisher, std::future::pending())
+                .await;
+            eprintln!("router stopped: {stopped:?}");
+            std::process::exit(if stopped.is_err() { 3 } else { 0 });
+        }
         let _running = router
-            .subscribe(STREAM, options, routes)
-            .start(
-                Arc::new(subscriber),
-                Arc::new(RedisBackend::with_connection(conn).publisher()),
-            )
+            .start(Arc::new(subscriber), publisher)
             .await
             .expect("router");
         println!("consumer {name} running");
@@ -79,7 +85,12 @@ fn consumer_process_entry_point() {
 }
 
 fn spawn_consumer(url: &str, name: &str) -> Child {
-    Command::new(std::env::current_exe().expect("own path"))
+    consumer_command(url, name).spawn().expect("start a consumer process")
+}
+
+fn consumer_command(url: &str, name: &str) -> Command {
+    let mut command = Command::new(std::env::current_exe().expect("own path"));
+    command
         .args([
             "consumer_process_entry_point",
             "--exact",
@@ -90,9 +101,16 @@ fn spawn_consumer(url: &str, name: &str) -> Child {
         .env("STREAMWISE_CRASH_URL", url)
         .env("STREAMWISE_CRASH_NAME", name)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a consumer process")
+        .stderr(Stdio::null());
+    command
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill(1)");
+    assert!(status.success(), "kill -{name} failed");
 }
 
 /// A small deterministic generator for kill points (xorshift).
@@ -291,4 +309,61 @@ async fn a_killed_consumer_restarts_under_its_own_name() {
     }
     restarted.kill().unwrap();
     restarted.wait().unwrap();
+}
+
+/// Polls `done` until it holds (bounded).
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A consumer paused (SIGSTOP) past its lease, whose name another process took meanwhile,
+/// does not stay up doing nothing once resumed: its router stops with an error and the
+/// process exits (non-zero), for its supervisor to restart it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_lost_its_lease_while_paused_exits() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let conn = RedisConnection::new(&url).unwrap();
+    let publisher = RedisBackend::with_connection(conn.clone()).publisher();
+    let messages = (0..200u64).map(|n| Message::new("n", &n).unwrap()).collect();
+    publisher.publish_batch(STREAM, messages).await.unwrap();
+    let holder = || {
+        let reply = server.command_lines("GET streamwise:lease:work:workers:paused", 1);
+        if reply[0] == "$-1" {
+            None
+        } else {
+            Some(server.command_lines("GET streamwise:lease:work:workers:paused", 2).remove(1))
+        }
+    };
+
+    let mut paused = consumer_command(&url, "paused")
+        .env("STREAMWISE_CRASH_MODE", "run")
+        .spawn()
+        .unwrap();
+    wait_until("the first process to take its lease", || holder().is_some()).await;
+    let first_holder = holder();
+    signal(&paused, "STOP");
+    // Its lease (1 s) runs out; a second process of the same name takes it over.
+    let mut second = spawn_consumer(&url, "paused");
+    wait_until("the second process to hold the name", || {
+        holder().is_some_and(|h| Some(&h) != first_holder.as_ref())
+    })
+    .await;
+    signal(&paused, "CONT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = paused.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the resumed process stayed up without its lease");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(3), "the router returned an error: {status:?}");
+    assert!(second.try_wait().unwrap().is_none(), "the new holder keeps running");
+    second.kill().unwrap();
+    second.wait().unwrap();
 }

@@ -741,3 +741,27 @@ async fn a_large_backlog_is_handled_whole_and_once() {
     assert_eq!(ids, (0..5000).collect::<Vec<_>>(), "each message once");
     assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_subscription_that_ends_by_itself_stops_run_with_the_reason() {
+    let backend = MemoryBackend::new();
+    let subscriber = backend.subscriber();
+    async fn ignore(_: Message) {}
+    let router = Router::new().subscribe("t", opts(), Routes::new().route("e", ignore));
+    let run = tokio::spawn(router.run(
+        Arc::new(subscriber.clone()),
+        Arc::new(backend.publisher()),
+        std::future::pending(),
+    ));
+    // Closed from outside the router: its subscription ends, and nothing would consume.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while backend.pending_count("t", "svc").is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the router never subscribed");
+        tokio::task::yield_now().await;
+    }
+    subscriber.close().await.unwrap();
+    match tokio::time::timeout(WAIT, run).await.expect("run returns").unwrap() {
+        Err(Error::SubscriptionEnded { topic, .. }) => assert_eq!(topic, "t"),
+        other => panic!("expected SubscriptionEnded, got {other:?}"),
+    }
+}

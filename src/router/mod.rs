@@ -502,6 +502,11 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
 
     /// Runs until `shutdown` completes (for example [`shutdown_signal`]: ctrl-c or SIGTERM),
     /// then shuts down gracefully.
+    ///
+    /// A subscription that ends by itself meanwhile (its consumer lost its lease to another
+    /// process after a pause longer than the lease, say) stops the router too: it shuts down
+    /// gracefully and returns [`Error::SubscriptionEnded`], so that the process exits and its
+    /// supervisor restarts it, instead of staying up doing nothing.
     pub async fn run(
         self,
         subscriber: Arc<dyn Subscriber>,
@@ -509,7 +514,14 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<ShutdownReport> {
         let running = self.start(subscriber, publisher).await?;
-        shutdown.await;
-        running.shutdown().await
+        let failed = tokio::select! {
+            _ = shutdown => None,
+            error = running.failed() => Some(error),
+        };
+        let report = running.shutdown().await;
+        match failed {
+            Some(error) => Err(error),
+            None => report,
+        }
     }
 }

@@ -25,7 +25,7 @@ use super::outcome::{Outcome, Verdict, outcome_of_error};
 use super::{OrderKey, Plan, PlanService};
 use crate::dead_letter::{self, DeadLetter};
 use crate::delivery::{Delivery, Settlement};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pubsub::{Publisher, Subscriber};
 use crate::signal::Signal;
 
@@ -42,6 +42,7 @@ pub struct ShutdownReport {
 /// A started router; [`shutdown`](Self::shutdown) stops it gracefully.
 pub struct RunningRouter {
     stop_fetching: Signal,
+    failure: Arc<Failure>,
     abandon: Signal,
     loops: Vec<JoinHandle<()>>,
     subscriber: Arc<dyn Subscriber>,
@@ -93,6 +94,7 @@ pub(crate) async fn start(
 ) -> Result<RunningRouter> {
     let stop_fetching = Signal::new();
     let abandon = Signal::new();
+    let failure = Arc::new(Failure::default());
     let handled = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(AtomicU64::new(0));
     // Subscribe everything first, so that a bad subscription fails the start as a whole.
@@ -123,11 +125,13 @@ pub(crate) async fn start(
                 ordering,
                 stop_fetching.clone(),
                 abandon.clone(),
+                failure.clone(),
             ))
         })
         .collect();
     Ok(RunningRouter {
         stop_fetching,
+        failure,
         abandon,
         loops,
         subscriber,
@@ -146,6 +150,20 @@ impl RunningRouter {
     /// Handlers running right now.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Completes when a subscription ended by itself (not through
+    /// [`shutdown`](Self::shutdown)): its consumer lost its lease to another process, for
+    /// example. The others keep running until `shutdown`. [`Router::run`](super::Router::run)
+    /// waits for this beside its shutdown signal and returns the error.
+    pub async fn failed(&self) -> Error {
+        self.failure.signal.cancelled().await;
+        let taken = self.failure.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        taken.unwrap_or_else(|| Error::SubscriptionEnded {
+            topic: String::new(),
+            reason: "reported already".into(),
+            source: None,
+        })
     }
 
     /// Stops fetching, lets in-flight handlers finish (until the deadline) and settles them,
@@ -174,6 +192,32 @@ impl RunningRouter {
     }
 }
 
+/// The first subscription that ended by itself, and why.
+#[derive(Default)]
+struct Failure {
+    signal: Signal,
+    error: Mutex<Option<Error>>,
+}
+
+impl Failure {
+    fn report(&self, topic: &str, last_error: Option<Error>) {
+        let reason = match &last_error {
+            Some(e) => e.to_string(),
+            None => "the subscription's stream ended".to_owned(),
+        };
+        tracing::error!(topic, reason, "a subscription ended while the router ran; the router stops");
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.signal.is_cancelled() {
+            *slot = Some(Error::SubscriptionEnded {
+                topic: topic.to_owned(),
+                reason,
+                source: last_error.map(Box::new),
+            });
+            self.signal.cancel();
+        }
+    }
+}
+
 /// The tail of each ordering key: completes when the last delivery with that key is settled.
 type Tail = Shared<oneshot::Receiver<()>>;
 
@@ -193,8 +237,10 @@ async fn fetch_loop(
     ordering: Option<KeyOrder>,
     stop_fetching: Signal,
     abandon: Signal,
+    failure: Arc<Failure>,
 ) {
     let mut subscription = Some(subscription);
+    let mut last_error = None;
     let mut handlers = FuturesUnordered::new();
     let mut sequence = 0u64;
     // Waited on across iterations, at the cost of one atomic load per poll.
@@ -225,9 +271,13 @@ async fn fetch_loop(
                 }
                 Some(Err(e)) => {
                     tracing::error!(topic, error = %e, "subscription error; the router keeps going");
+                    last_error = Some(e);
                 }
                 None => {
                     subscription = None;
+                    if !stop_fetching.is_cancelled() {
+                        failure.report(&topic, last_error.take());
+                    }
                     break;
                 }
             }
