@@ -212,7 +212,10 @@ fn check_entry(entry: &RawEntry) -> std::result::Result<CheckedEntry, String> {
 /// Decodes `entry` with `codec`, and refuses a payload that is not JSON even when the codec
 /// does not check it ([`Codec::checks_json`]): what a backend hands out always decodes with
 /// [`Message::json`]. A refused entry comes back whole, for its dead-letter record.
-pub(crate) fn decode_entry(codec: &dyn Codec, entry: RawEntry) -> std::result::Result<Message, (Error, RawEntry)> {
+pub(crate) fn decode_entry(
+    codec: &dyn Codec,
+    entry: RawEntry,
+) -> std::result::Result<Message, (Error, RawEntry)> {
     if codec.checks_json() {
         return codec.decode_or_return(entry);
     }

@@ -308,6 +308,9 @@ impl Config {
                 "create_group" => o.create_group = boolean(value, &path)?,
                 "start_id" => o.start_id = string(value, &path)?,
                 "max_deliveries" => o.max_deliveries = positive(value, &path)?,
+                "lease_ttl_ms" => o.lease_ttl_ms = positive(value, &path)?,
+                "ack_flush_interval_ms" => o.ack_flush_interval_ms = unsigned(value, &path)?,
+                "max_entry_size" => o.max_entry_size = positive(value, &path)? as usize,
                 _ => return Err(unknown(&path)),
             }
         }
@@ -579,6 +582,21 @@ redis_streams:
     }
 
     #[test]
+    fn every_consumer_option_has_a_key() {
+        let yaml = "redis_streams:\n  consumer:\n    group: g\n    lease_ttl_ms: 1500\n    ack_flush_interval_ms: 20\n    max_entry_size: 4096\n    max_deliveries: 3\n";
+        let o = Config::from_yaml_str(yaml).unwrap().consumer.options;
+        assert_eq!(
+            (
+                o.lease_ttl_ms,
+                o.ack_flush_interval_ms,
+                o.max_entry_size,
+                o.max_deliveries
+            ),
+            (1500, 20, 4096, 3)
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_named_in_full() {
         let cases = [
             ("other: 1", "other"),
@@ -630,6 +648,18 @@ redis_streams:
             (
                 "redis_streams:\n  consumer:\n    count: 0",
                 "redis_streams.consumer.count",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    lease_ttl_ms: 5",
+                "redis_streams.consumer.lease_ttl_ms",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    ack_flush_interval_ms: 60000",
+                "redis_streams.consumer.ack_flush_interval_ms",
+            ),
+            (
+                "redis_streams:\n  consumer:\n    max_entry_size: 0",
+                "redis_streams.consumer.max_entry_size",
             ),
             (
                 "redis_streams:\n  consumer:\n    count: 99999999",

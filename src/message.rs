@@ -679,7 +679,11 @@ mod tests {
             b"{\"a\":}",
         ];
         for payload in refused {
-            assert!(check_json(payload).is_err(), "{:?}", String::from_utf8_lossy(payload));
+            assert!(
+                check_json(payload).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(payload)
+            );
             let m = Message::from_json_bytes("t", payload.to_vec()).unwrap();
             assert!(m.json().is_err(), "json() agrees on {payload:?}");
         }

@@ -121,7 +121,13 @@ pub fn unique_consumer_name(prefix: &str) -> String {
         .unwrap_or_else(|| "host".to_owned());
     let clean = |text: &str| -> String {
         text.chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .collect()
     };
     // The last hex digits of a UUID v7 are random.
@@ -398,6 +404,7 @@ impl SubscribeOptions {
 /// connection that stayed down after all retries); the stream goes on after it.
 pub struct Subscription {
     inner: Inner,
+    flush: Option<Arc<dyn Flush>>,
 }
 
 enum Inner {
@@ -417,7 +424,30 @@ impl Subscription {
     pub fn new(stream: impl Stream<Item = Result<Delivery>> + Send + 'static) -> Self {
         Subscription {
             inner: Inner::Stream(Box::pin(stream)),
+            flush: None,
         }
+    }
+
+    /// Gives the subscription its backend's [`Flush`], for [`flush`](Self::flush). Backends
+    /// that write settlements at once need none.
+    #[must_use]
+    pub fn with_flush(mut self, flush: Arc<dyn Flush>) -> Self {
+        self.flush = Some(flush);
+        self
+    }
+
+    /// Waits until every settlement made so far on this subscription's deliveries is written
+    /// to the backend, and returns the error that stopped it if one did. An `ack` that
+    /// returned `Ok` is only queued (acks are batched); after `flush` returns `Ok`, it is
+    /// recorded. After the subscription ended, [`Error::Closed`].
+    pub async fn flush(&self) -> Result<()> {
+        self.flush_handle().flush().await
+    }
+
+    /// A handle that flushes this subscription from elsewhere (another task, or while the
+    /// subscription is borrowed by a loop over it).
+    pub fn flush_handle(&self) -> FlushHandle {
+        FlushHandle(self.flush.clone())
     }
 
     /// The subscription of a built-in backend's reader.
@@ -427,6 +457,7 @@ impl Subscription {
                 reader: Some(reader),
                 waiting: None,
             })),
+            flush: None,
         }
     }
 
@@ -502,6 +533,34 @@ impl<R: BackendReader> Stream for ReaderStream<R> {
             this.reader = Some(reader);
         }
         Poll::Ready(item)
+    }
+}
+
+/// The backend side of [`Subscription::flush`]: resolves once every settlement made before
+/// the call is written (or with the error that stopped it).
+pub trait Flush: Send + Sync + 'static {
+    /// Flushes what was settled so far.
+    fn flush(&self) -> BoxFuture<'static, Result<()>>;
+}
+
+/// Flushes one subscription's settlements ([`Subscription::flush_handle`]). Cheap to clone;
+/// it does not keep the subscription alive.
+#[derive(Clone)]
+pub struct FlushHandle(Option<Arc<dyn Flush>>);
+
+impl FlushHandle {
+    /// See [`Subscription::flush`].
+    pub async fn flush(&self) -> Result<()> {
+        match &self.0 {
+            Some(flush) => flush.flush().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Debug for FlushHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlushHandle").finish_non_exhaustive()
     }
 }
 

@@ -85,7 +85,9 @@ fn consumer_process_entry_point() {
 }
 
 fn spawn_consumer(url: &str, name: &str) -> Child {
-    consumer_command(url, name).spawn().expect("start a consumer process")
+    consumer_command(url, name)
+        .spawn()
+        .expect("start a consumer process")
 }
 
 fn consumer_command(url: &str, name: &str) -> Command {
@@ -130,7 +132,11 @@ impl Rng {
 /// deliver them again.
 async fn assert_checkpoint_below_pending(conn: &RedisConnection, consumer: &str) {
     let saved: Option<String> = conn
-        .command(cmd("HGET").arg("streamwise:checkpoint:work").arg(format!("workers:{consumer}")))
+        .command(
+            cmd("HGET")
+                .arg("streamwise:checkpoint:work")
+                .arg(format!("workers:{consumer}")),
+        )
         .await
         .unwrap();
     let Some(saved) = saved else {
@@ -139,7 +145,15 @@ async fn assert_checkpoint_below_pending(conn: &RedisConnection, consumer: &str)
     let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
     let checkpoint: streamwise::EntryId = saved["message_id"].as_str().unwrap().parse().unwrap();
     let oldest: Vec<(String, String, u64, u64)> = conn
-        .command(cmd("XPENDING").arg(STREAM).arg("workers").arg("-").arg("+").arg(1).arg(consumer))
+        .command(
+            cmd("XPENDING")
+                .arg(STREAM)
+                .arg("workers")
+                .arg("-")
+                .arg("+")
+                .arg(1)
+                .arg(consumer),
+        )
         .await
         .unwrap();
     if let Some((oldest, ..)) = oldest.first() {
@@ -336,7 +350,11 @@ async fn a_consumer_that_lost_its_lease_while_paused_exits() {
         if reply[0] == "$-1" {
             None
         } else {
-            Some(server.command_lines("GET streamwise:lease:work:workers:paused", 2).remove(1))
+            Some(
+                server
+                    .command_lines("GET streamwise:lease:work:workers:paused", 2)
+                    .remove(1),
+            )
         }
     };
 
@@ -359,11 +377,17 @@ async fn a_consumer_that_lost_its_lease_while_paused_exits() {
         if let Some(status) = paused.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "the resumed process stayed up without its lease");
+        assert!(
+            Instant::now() < deadline,
+            "the resumed process stayed up without its lease"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.code(), Some(3), "the router returned an error: {status:?}");
-    assert!(second.try_wait().unwrap().is_none(), "the new holder keeps running");
+    assert!(
+        second.try_wait().unwrap().is_none(),
+        "the new holder keeps running"
+    );
     second.kill().unwrap();
     second.wait().unwrap();
 }

@@ -616,6 +616,57 @@ async fn the_checkpoint_stays_below_an_entry_left_pending() {
     }
 }
 
+/// `flush` returns once the acks made before it are in Redis (nothing pending at that very
+/// moment), and with the error when they cannot be written.
+#[tokio::test]
+async fn flush_returns_once_acks_are_written_or_with_the_error() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    let batch: Vec<_> = (0..50u64).map(|n| Message::new("t", &n).unwrap()).collect();
+    publisher.publish_batch("fl", batch).await.unwrap();
+    let subscriber = backend.subscriber().unwrap();
+    let mut sub = subscriber
+        .subscribe("fl", opts("g", "c").max_in_flight(50).batch_size(50))
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        recv(&mut sub).await.ack().await.unwrap();
+    }
+    sub.flush().await.unwrap();
+    assert_eq!(
+        backend.pending_count("fl", "g").await.unwrap(),
+        0,
+        "flushed means written"
+    );
+
+    // Acks that Redis refuses: the flush says so.
+    publisher
+        .publish("fl", Message::new("t", &50u64).unwrap())
+        .await
+        .unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(server.command("ACL SETUSER default -xack"), "+OK");
+    d.ack().await.unwrap();
+    let err = tokio::time::timeout(WAIT, sub.flush())
+        .await
+        .expect("flush answers")
+        .unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(err.to_string().contains("acknowledgements not written"), "{err}");
+    assert_eq!(server.command("ACL SETUSER default +xack"), "+OK");
+    // The ack is kept and written on a later attempt.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sub.flush().await.is_err() || backend.pending_count("fl", "g").await.unwrap() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused ack was never written"
+        );
+    }
+    subscriber.close().await.unwrap();
+    assert!(matches!(sub.flush().await, Err(Error::Closed(_))));
+}
+
 #[tokio::test]
 async fn retention_trims_entries_older_than_retention_ms() {
     let server = RedisServer::start();

@@ -220,7 +220,10 @@ async fn a_restart_under_the_same_name_takes_over_the_lease_of_a_dead_process() 
     let held = publisher.publish("t", msg(1)).await.unwrap();
     assert_eq!(server.command("XGROUP CREATE t g 0"), "+OK");
     // What the dead process left: its lease (not renewed any more) and an entry it held.
-    assert_eq!(server.command("SET streamwise:lease:t:g:c dead-token PX 1500"), "+OK");
+    assert_eq!(
+        server.command("SET streamwise:lease:t:g:c dead-token PX 1500"),
+        "+OK"
+    );
     assert_eq!(server.command("SADD streamwise:consumers:t:g c"), ":1");
     assert_eq!(server.command("XREADGROUP GROUP g c COUNT 1 STREAMS t >"), "*1");
     let later = publisher.publish("t", msg(2)).await.unwrap();
@@ -232,12 +235,20 @@ async fn a_restart_under_the_same_name_takes_over_the_lease_of_a_dead_process() 
         .expect("subscribe waits no longer than the lease had left")
         .expect("the lease of a dead holder is taken over");
     let first = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
-    assert_eq!((first.id(), first.delivery_count()), (held, 2), "the dead process's entry first");
+    assert_eq!(
+        (first.id(), first.delivery_count()),
+        (held, 2),
+        "the dead process's entry first"
+    );
     first.ack().await.unwrap();
     let second = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
     assert_eq!(second.id(), later);
     second.ack().await.unwrap();
-    assert_ne!(server.command("GET streamwise:lease:t:g:c"), "$10", "not the dead token");
+    assert_ne!(
+        server.command("GET streamwise:lease:t:g:c"),
+        "$10",
+        "not the dead token"
+    );
     restarted.close().await.unwrap();
 }
 

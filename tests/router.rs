@@ -756,11 +756,18 @@ async fn a_subscription_that_ends_by_itself_stops_run_with_the_reason() {
     // Closed from outside the router: its subscription ends, and nothing would consume.
     let deadline = tokio::time::Instant::now() + WAIT;
     while backend.pending_count("t", "svc").is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "the router never subscribed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the router never subscribed"
+        );
         tokio::task::yield_now().await;
     }
     subscriber.close().await.unwrap();
-    match tokio::time::timeout(WAIT, run).await.expect("run returns").unwrap() {
+    match tokio::time::timeout(WAIT, run)
+        .await
+        .expect("run returns")
+        .unwrap()
+    {
         Err(Error::SubscriptionEnded { topic, .. }) => assert_eq!(topic, "t"),
         other => panic!("expected SubscriptionEnded, got {other:?}"),
     }

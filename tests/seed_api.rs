@@ -598,6 +598,27 @@ async fn consumer_options_are_validated_by_name() {
             },
             "reclaim_interval_ms",
         ),
+        (
+            ConsumerOptions {
+                lease_ttl_ms: 1,
+                ..ConsumerOptions::default()
+            },
+            "lease_ttl_ms",
+        ),
+        (
+            ConsumerOptions {
+                ack_flush_interval_ms: 3_600_000,
+                ..ConsumerOptions::default()
+            },
+            "ack_flush_interval_ms",
+        ),
+        (
+            ConsumerOptions {
+                max_entry_size: 0,
+                ..ConsumerOptions::default()
+            },
+            "max_entry_size",
+        ),
     ];
     for (options, field) in cases {
         let err = StreamConsumer::with_options(conn(&server), "s", "g", "c", options).unwrap_err();
@@ -855,7 +876,10 @@ async fn a_payload_with_invalid_utf8_never_reaches_the_callback() {
         .await
         .unwrap();
     let producer = StreamProducer::new(&server.url(), "raw").unwrap();
-    let good = producer.publish("e", &serde_json::json!({"ok": true}), None).await.unwrap();
+    let good = producer
+        .publish("e", &serde_json::json!({"ok": true}), None)
+        .await
+        .unwrap();
 
     let consumer =
         Arc::new(StreamConsumer::with_options(conn(&server), "raw", "g", "c", fast_consumer()).unwrap());
@@ -876,5 +900,86 @@ async fn a_payload_with_invalid_utf8_never_reaches_the_callback() {
         .await
         .unwrap();
     let record = format!("{dead:?}");
-    assert!(record.contains(&bad) && record.contains("payload is not JSON"), "{record}");
+    assert!(
+        record.contains(&bad) && record.contains("payload is not JSON"),
+        "{record}"
+    );
+}
+
+/// Acks gather for 10 s here; `flush` sends them at once and returns when they are written.
+#[tokio::test]
+async fn flush_returns_once_the_callbacks_acknowledgements_are_written() {
+    let server = RedisServer::start();
+    let groups = ConsumerGroupManager::new(&server.url()).unwrap();
+    groups.create_group("fl", "g", "0").await.unwrap();
+    let producer = StreamProducer::new(&server.url(), "fl").unwrap();
+    let mut ids = Vec::new();
+    for n in 0..21 {
+        ids.push(producer.publish("t", &n, None).await.unwrap());
+    }
+    let slow_acks = ConsumerOptions {
+        ack_flush_interval_ms: 10_000,
+        ..fast_consumer()
+    };
+    let consumer = Arc::new(StreamConsumer::with_options(conn(&server), "fl", "g", "c", slow_acks).unwrap());
+    consumer.flush().await.expect("nothing to flush before subscribe");
+    let (mut events, task) = run_consumer(consumer.clone(), None, |_| true);
+    // The callback runs one event at a time: when the 21st is called back, the first 20 are
+    // acknowledged (queued, gathering for 10 s).
+    for _ in 0..21 {
+        next_event(&mut events).await;
+    }
+    let before = consumer.get_pending().await.unwrap();
+    assert!(
+        before.len() >= 20,
+        "the acks are still gathering: {}",
+        before.len()
+    );
+    tokio::time::timeout(Duration::from_secs(5), consumer.flush())
+        .await
+        .expect("flush does not wait out the gathering")
+        .unwrap();
+    let pending: Vec<String> = consumer
+        .get_pending()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert!(
+        ids[..20].iter().all(|id| !pending.contains(id)),
+        "flushed acks are in Redis: {pending:?}"
+    );
+    consumer.close().await.unwrap();
+    task.await.unwrap().unwrap();
+}
+
+/// The lease TTL set in the options is the one Redis holds.
+#[tokio::test]
+async fn the_lease_ttl_is_taken_from_the_options() {
+    let server = RedisServer::start();
+    ConsumerGroupManager::new(&server.url())
+        .unwrap()
+        .create_group("lt", "g", "0")
+        .await
+        .unwrap();
+    let options = ConsumerOptions {
+        lease_ttl_ms: 1200,
+        ..fast_consumer()
+    };
+    let consumer = Arc::new(StreamConsumer::with_options(conn(&server), "lt", "g", "c", options).unwrap());
+    let (_events, task) = run_consumer(consumer.clone(), None, |_| true);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let ttl = loop {
+        let reply = server.command("PTTL streamwise:lease:lt:g:c");
+        let ms: i64 = reply.trim_start_matches(':').parse().unwrap();
+        if ms > 0 {
+            break ms;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no lease taken");
+        tokio::task::yield_now().await;
+    };
+    assert!(ttl <= 1200, "PTTL {ttl} ms is above the configured 1200 ms");
+    consumer.close().await.unwrap();
+    task.await.unwrap().unwrap();
 }

@@ -290,7 +290,11 @@ impl StreamLog {
                     });
                 }
                 message => {
-                    let why = if message.is_some() { GiveUp::Exceeded } else { GiveUp::Trimmed };
+                    let why = if message.is_some() {
+                        GiveUp::Exceeded
+                    } else {
+                        GiveUp::Trimmed
+                    };
                     if message.is_none() {
                         self.trimmed_pending += 1;
                         tracing::warn!(

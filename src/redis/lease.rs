@@ -71,10 +71,8 @@ impl Lease {
             seen = Some((holder, left_ms));
             // A live holder renews every third of its TTL, so several looks fall between two
             // renewals; the wait ends at the latest when the lease runs out.
-            let look = Duration::from_millis(u64::try_from(left_ms).unwrap_or(0) / 8).clamp(
-                Duration::from_millis(5),
-                Duration::from_millis(250),
-            );
+            let look = Duration::from_millis(u64::try_from(left_ms).unwrap_or(0) / 8)
+                .clamp(Duration::from_millis(5), Duration::from_millis(250));
             tokio::time::sleep(look).await;
         }
     }

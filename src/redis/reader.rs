@@ -127,7 +127,10 @@ impl StreamReader {
             .filter_map(|e| match e {
                 ReplyEntry::Present(raw) => {
                     let id = raw.id;
-                    Some((id, crate::codec::decode_entry(&*self.codec, raw).map_err(|(e, _)| e)))
+                    Some((
+                        id,
+                        crate::codec::decode_entry(&*self.codec, raw).map_err(|(e, _)| e),
+                    ))
                 }
                 // XREAD reads the stream itself, so there are no trimmed placeholders.
                 ReplyEntry::Trimmed(_) => None,

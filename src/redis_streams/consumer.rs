@@ -61,6 +61,13 @@ pub struct PendingMessage {
     pub delivered: u64,
 }
 
+fn rename_invalid(e: Error, field: &'static str) -> Error {
+    match e {
+        Error::Invalid { reason, .. } => Error::invalid(field, reason),
+        other => other,
+    }
+}
+
 /// Options of a [`StreamConsumer`], with the seed's defaults.
 ///
 /// ```
@@ -93,6 +100,16 @@ pub struct ConsumerOptions {
     pub start_id: String,
     /// After this many deliveries an event goes to `<stream>-dead`. Default 10.
     pub max_deliveries: u64,
+    /// How long this consumer's lease lives without renewal: after a crash, how long until
+    /// others see it as crashed, and the longest a restart under the same name waits for its
+    /// old lease. Default 10,000.
+    pub lease_ttl_ms: u64,
+    /// How long acknowledgements gather before one `XACK` sends them; 0 (default) sends them
+    /// as soon as the previous `XACK` returned.
+    pub ack_flush_interval_ms: u64,
+    /// The largest entry handed to the callback, in bytes; larger ones are dead-lettered.
+    /// Default 1 MiB, the producer's default limit.
+    pub max_entry_size: usize,
 }
 
 impl Default for ConsumerOptions {
@@ -108,6 +125,9 @@ impl Default for ConsumerOptions {
             create_group: false,
             start_id: "0".into(),
             max_deliveries: 10,
+            lease_ttl_ms: 10_000,
+            ack_flush_interval_ms: 0,
+            max_entry_size: crate::redis::DEFAULT_MAX_ENTRY_SIZE,
         }
     }
 }
@@ -190,6 +210,8 @@ pub struct StreamConsumer {
     stop: CancellationToken,
     /// How many `subscribe` calls are running (each closes the subscriber on its way out).
     running: AtomicUsize,
+    /// Flushes the running subscription's acknowledgements.
+    flush: std::sync::Mutex<Option<crate::pubsub::FlushHandle>>,
 }
 
 impl StreamConsumer {
@@ -217,11 +239,20 @@ impl StreamConsumer {
         validate_name("group", group)?;
         validate_name("consumer", consumer)?;
         options.subscribe_options(group, consumer)?.validate(stream)?;
-        let mut subscriber_options = RedisSubscriberOptions::default();
+        let mut subscriber_options = RedisSubscriberOptions::default()
+            .lease_ttl(Duration::from_millis(options.lease_ttl_ms))
+            .ack_flush_interval(Duration::from_millis(options.ack_flush_interval_ms))
+            .max_entry_size(options.max_entry_size);
         if !options.use_redis_checkpoint {
             subscriber_options = subscriber_options.checkpoint_store(Arc::new(MemoryCheckpointStore::new()));
         }
-        let subscriber = RedisSubscriber::new(conn.clone(), subscriber_options)?;
+        // The subscriber's options under the names they have here.
+        let subscriber =
+            RedisSubscriber::new(conn.clone(), subscriber_options).map_err(|e| match e.invalid_field() {
+                Some("lease_ttl") => rename_invalid(e, "lease_ttl_ms"),
+                Some("ack_flush_interval") => rename_invalid(e, "ack_flush_interval_ms"),
+                _ => e,
+            })?;
         Ok(StreamConsumer {
             conn,
             stream: stream.to_owned(),
@@ -232,6 +263,7 @@ impl StreamConsumer {
             skipped: AtomicU64::new(0),
             stop: CancellationToken::new(),
             running: AtomicUsize::new(0),
+            flush: std::sync::Mutex::new(None),
         })
     }
 
@@ -277,6 +309,7 @@ impl StreamConsumer {
         }
         let options = self.options.subscribe_options(&self.group, &self.consumer)?;
         let mut deliveries = self.subscriber.subscribe(&self.stream, options).await?;
+        *self.flush.lock().unwrap_or_else(|p| p.into_inner()) = Some(deliveries.flush_handle());
         loop {
             let next = tokio::select! {
                 biased;
@@ -358,6 +391,18 @@ impl StreamConsumer {
         RedisCheckpointStore::new(self.conn.clone())
             .load(&self.stream, &self.group, &self.consumer)
             .await
+    }
+
+    /// Waits until every acknowledgement made so far (a callback's `true`, `auto_ack`, skipped
+    /// types) is written to Redis, or returns the error that stopped it. A callback's `true`
+    /// only queues the acknowledgement (they are sent in batches); after `flush` returns `Ok`
+    /// it is recorded. `Ok` at once when no `subscribe` has run.
+    pub async fn flush(&self) -> Result<()> {
+        let handle = self.flush.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match handle {
+            Some(handle) => handle.flush().await,
+            None => Ok(()),
+        }
     }
 
     /// Events of other types skipped by the `event_types` filter so far.

@@ -158,7 +158,12 @@ impl RunningRouter {
     /// waits for this beside its shutdown signal and returns the error.
     pub async fn failed(&self) -> Error {
         self.failure.signal.cancelled().await;
-        let taken = self.failure.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let taken = self
+            .failure
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         taken.unwrap_or_else(|| Error::SubscriptionEnded {
             topic: String::new(),
             reason: "reported already".into(),
@@ -205,7 +210,11 @@ impl Failure {
             Some(e) => e.to_string(),
             None => "the subscription's stream ended".to_owned(),
         };
-        tracing::error!(topic, reason, "a subscription ended while the router ran; the router stops");
+        tracing::error!(
+            topic,
+            reason,
+            "a subscription ended while the router ran; the router stops"
+        );
         let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if !self.signal.is_cancelled() {
             *slot = Some(Error::SubscriptionEnded {

@@ -1051,7 +1051,10 @@ pub async fn payloads_that_are_not_json_are_dead_lettered(backend: &dyn TestBack
     for (n, payload) in bad.iter().enumerate() {
         let m = Message::from_json_bytes("test.bad", payload.to_vec()).expect("message");
         bad_ids.push(publisher.publish(&topic, m).await.expect("publish"));
-        publisher.publish(&topic, numbered(n as u64)).await.expect("publish");
+        publisher
+            .publish(&topic, numbered(n as u64))
+            .await
+            .expect("publish");
     }
 
     let subscriber = backend.subscriber().await.expect("subscriber");
@@ -1121,7 +1124,13 @@ async fn assert_checkpoint_below_pending(
 /// is acknowledged it reaches the last entry. Replay a failure with its seed.
 pub async fn checkpoint_never_passes_a_pending_entry(backend: &dyn TestBackend) {
     let probe = unique_topic("checkpoint-probe");
-    backend.publisher().await.expect("publisher").publish(&probe, numbered(0)).await.expect("publish");
+    backend
+        .publisher()
+        .await
+        .expect("publisher")
+        .publish(&probe, numbered(0))
+        .await
+        .expect("publish");
     let subscriber = backend.subscriber().await.expect("subscriber");
     drop(subscribe(&*subscriber, &probe, opts("g", "c")).await);
     subscriber.close().await.expect("close");
@@ -1130,7 +1139,13 @@ pub async fn checkpoint_never_passes_a_pending_entry(backend: &dyn TestBackend) 
         return;
     }
     const MESSAGES: u64 = 12;
-    for seed in [0x5eed_0001_u64, 0x5eed_0002, 0x5eed_0003, 0x5eed_0004, 0x5eed_0005] {
+    for seed in [
+        0x5eed_0001_u64,
+        0x5eed_0002,
+        0x5eed_0003,
+        0x5eed_0004,
+        0x5eed_0005,
+    ] {
         let mut rng = Rng(seed);
         let topic = unique_topic("checkpoint");
         let publisher = backend.publisher().await.expect("publisher");
@@ -1148,7 +1163,8 @@ pub async fn checkpoint_never_passes_a_pending_entry(backend: &dyn TestBackend) 
             match op {
                 0..=2 if held.len() < 4 => {
                     // Something may or may not be deliverable now: a short look, not a wait.
-                    if let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(50), sub.next()).await {
+                    if let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(50), sub.next()).await
+                    {
                         held.push(d);
                     }
                 }
@@ -1159,7 +1175,11 @@ pub async fn checkpoint_never_passes_a_pending_entry(backend: &dyn TestBackend) 
                 }
                 4 if !held.is_empty() => {
                     let d = held.swap_remove(rng.below(held.len()));
-                    let delay = if rng.below(2) == 0 { Duration::ZERO } else { Duration::from_secs(3600) };
+                    let delay = if rng.below(2) == 0 {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_secs(3600)
+                    };
                     d.nack_after(delay).await.expect("nack");
                 }
                 5 if !held.is_empty() => drop(held.swap_remove(rng.below(held.len()))),

@@ -37,6 +37,8 @@ pub(crate) struct Flusher {
     pub(crate) saved_at: Option<tokio::time::Instant>,
     /// Acks were confirmed since the checkpoint was last saved (held back by the rate limit).
     pub(crate) checkpoint_behind: bool,
+    /// `flush` calls waiting for the acks sent before them to be written.
+    pub(crate) flush_waiters: Vec<tokio::sync::oneshot::Sender<crate::Result<()>>>,
 }
 
 enum Wake {
@@ -79,7 +81,10 @@ impl Flusher {
                     }
                     let gather = tokio::time::sleep(self.interval);
                     tokio::pin!(gather);
-                    while !self.interval.is_zero() && batch.len() < MAX_ACK_BATCH {
+                    while !self.interval.is_zero()
+                        && batch.len() < MAX_ACK_BATCH
+                        && self.flush_waiters.is_empty()
+                    {
                         tokio::select! {
                             biased;
                             _ = closed.cancelled() => break,
@@ -89,23 +94,36 @@ impl Flusher {
                             },
                             _ = &mut gather => break,
                         }
+                        // Someone waits for what was acked: no more gathering.
+                        if !self.flush_waiters.is_empty() {
+                            break;
+                        }
                     }
                 }
             }
-            if self.flush(&mut batch).await {
-                failures = 0;
-            } else {
-                failures += 1;
+            match self.flush(&mut batch).await {
+                Ok(()) => {
+                    failures = 0;
+                    self.answer_flushes(None);
+                }
+                Err(e) => {
+                    failures += 1;
+                    // The XACK spent the connection's retries already: tell who waits.
+                    self.answer_flushes(Some(&e));
+                }
             }
         }
         // Closed, or every sender is gone: take what was sent before, flush it, stop.
         ops.close();
         while let Ok(op) = ops.try_recv() {
-            if let Op::Ack(id) = op {
-                batch.push(id);
+            match op {
+                Op::Ack(id) => batch.push(id),
+                Op::Flush(waiter) => self.flush_waiters.push(waiter),
+                Op::Unblock(_) => {}
             }
         }
-        self.flush(&mut batch).await;
+        let last = self.flush(&mut batch).await;
+        self.answer_flushes(last.as_ref().err());
         self.save_checkpoint(true).await;
         if !batch.is_empty() {
             tracing::error!(
@@ -117,9 +135,25 @@ impl Flusher {
         }
     }
 
-    async fn take(&self, op: Op, batch: &mut Vec<EntryId>) {
+    /// Answers every `flush` waiting: `None` once everything acked before it is written.
+    fn answer_flushes(&mut self, error: Option<&crate::Error>) {
+        for waiter in self.flush_waiters.drain(..) {
+            let answer = match error {
+                None => Ok(()),
+                Some(e) => Err(crate::Error::connection(
+                    format!("acknowledgements not written: {e}"),
+                    None,
+                )),
+            };
+            let _ = waiter.send(answer);
+        }
+    }
+
+    async fn take(&mut self, op: Op, batch: &mut Vec<EntryId>) {
         match op {
             Op::Ack(id) => batch.push(id),
+            // Answered after the flush that follows: every ack sent before it is in the batch.
+            Op::Flush(waiter) => self.flush_waiters.push(waiter),
             Op::Unblock(client) => {
                 let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(client).clone();
                 let result = self
@@ -137,10 +171,10 @@ impl Flusher {
         }
     }
 
-    /// Sends the batch as one `XACK`; `false` (batch kept) when it failed.
-    async fn flush(&mut self, batch: &mut Vec<EntryId>) -> bool {
+    /// Sends the batch as one `XACK`; the error (batch kept) when it failed.
+    async fn flush(&mut self, batch: &mut Vec<EntryId>) -> crate::Result<()> {
         if batch.is_empty() {
-            return true;
+            return Ok(());
         }
         let (stream, group) = (self.origin.stream(), self.origin.group());
         let mut xack = redis::cmd("XACK");
@@ -157,7 +191,7 @@ impl Flusher {
             .await;
         if let Err(e) = sent {
             tracing::warn!(stream, group, pending = batch.len(), error = %e, "XACK failed; will try again");
-            return false;
+            return Err(e);
         }
         SubscriberStats::add(&self.stats.acked, batch.len() as u64);
         {
@@ -169,7 +203,7 @@ impl Flusher {
         self.acked_up_to = self.acked_up_to.max(batch.iter().max().copied());
         batch.clear();
         self.save_checkpoint(false).await;
-        true
+        Ok(())
     }
 
     /// Saves the low watermark: the highest acked id, unless an older entry is still pending

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use self::flusher::Flusher;
 use self::read_loop::Reader;
-use self::shared::{Ledger, Shared};
+use self::shared::{Ledger, Op, Shared};
 use super::checkpoint::RedisCheckpointStore;
 use super::codec::{Codec, JsonCodec};
 use super::connection::{CommandError, RedisConnection};
@@ -272,6 +272,7 @@ impl RedisSubscriber {
 
         let ledger = Arc::new(Mutex::new(Ledger::default()));
         let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+        let ops_weak = ops_tx.downgrade();
         let released = Signal::new();
         let lease_lost = Signal::new();
         let shared = Arc::new(Shared {
@@ -295,6 +296,7 @@ impl RedisSubscriber {
             saved: None,
             saved_at: None,
             checkpoint_behind: false,
+            flush_waiters: Vec::new(),
         };
         let heartbeat = super::lease::Heartbeat {
             lease,
@@ -330,7 +332,24 @@ impl RedisSubscriber {
             lease_lost,
             lease_loss_reported: false,
         };
-        Ok(Subscription::from_reader(reader))
+        let flush = Arc::new(FlushAcks(ops_weak));
+        Ok(Subscription::from_reader(reader).with_flush(flush))
+    }
+}
+
+/// [`Subscription::flush`] for a Redis subscription: a request to its flusher, in line with
+/// the acks sent before it. Holds no sender, so it keeps neither flusher nor lease alive.
+struct FlushAcks(mpsc::WeakUnboundedSender<Op>);
+
+impl crate::pubsub::Flush for FlushAcks {
+    fn flush(&self) -> BoxFuture<'static, Result<()>> {
+        let ops = self.0.upgrade();
+        Box::pin(async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            ops.and_then(|ops| ops.send(Op::Flush(tx)).ok())
+                .ok_or(Error::Closed("subscription"))?;
+            rx.await.map_err(|_| Error::Closed("subscription"))?
+        })
     }
 }
 

@@ -78,6 +78,8 @@ pub(crate) fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
 pub(crate) enum Op {
     Ack(EntryId),
     Unblock(i64),
+    /// Answer once every ack sent before this is written (or could not be).
+    Flush(tokio::sync::oneshot::Sender<Result<()>>),
 }
 
 /// State one subscription shares with its deliveries and its tasks.
