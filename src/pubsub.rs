@@ -62,6 +62,13 @@ pub trait Subscriber: Send + Sync {
     /// Closes the subscriber: every subscription's stream ends, buffered acknowledgements are
     /// flushed, unsettled deliveries stay pending. Idempotent.
     fn close(&self) -> BoxFuture<'_, Result<()>>;
+
+    /// Settlements accepted but not yet written to the backend (acks waiting for their
+    /// write), over all subscriptions: what a close that is cut short leaves pending. Zero for
+    /// backends that write settlements at once (the default).
+    fn unflushed(&self) -> u64 {
+        0
+    }
 }
 
 impl<P: Publisher + ?Sized> Publisher for Arc<P> {
@@ -90,6 +97,9 @@ impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
     }
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         (**self).close()
+    }
+    fn unflushed(&self) -> u64 {
+        (**self).unflushed()
     }
 }
 

@@ -67,9 +67,18 @@ fn consumer_process_entry_point() {
         let router = router.subscribe(STREAM, options, routes);
         let publisher = Arc::new(RedisBackend::with_connection(conn).publisher());
         if std::env::var("STREAMWISE_CRASH_MODE").as_deref() == Ok("run") {
-            // As a service's main runs it: until a signal, or until the router gives up.
+            // As a service's main runs it: until SIGTERM, or until the router gives up.
+            let deadline = std::env::var("STREAMWISE_CRASH_DEADLINE_MS")
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map_or(Duration::from_secs(30), Duration::from_millis);
             let stopped = router
-                .run(Arc::new(subscriber), publisher, std::future::pending())
+                .shutdown_deadline(deadline)
+                .run(
+                    Arc::new(subscriber),
+                    publisher,
+                    streamwise::router::shutdown_signal(),
+                )
                 .await;
             eprintln!("router stopped: {stopped:?}");
             std::process::exit(if stopped.is_err() { 3 } else { 0 });
@@ -390,4 +399,60 @@ async fn a_consumer_that_lost_its_lease_while_paused_exits() {
     );
     second.kill().unwrap();
     second.wait().unwrap();
+}
+
+/// SIGTERM to a router whose Redis stopped answering (SIGSTOP): the process exits within its
+/// shutdown deadline, flush included, and reports the acks it could not write (their entries
+/// stay pending and come back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_when_redis_stops_answering() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let conn = RedisConnection::new(&url).unwrap();
+    let publisher = RedisBackend::with_connection(conn.clone()).publisher();
+    let messages = (0..20_000u64).map(|n| Message::new("n", &n).unwrap()).collect();
+    publisher.publish_batch(STREAM, messages).await.unwrap();
+    let mut child = consumer_command(&url, "frozen")
+        .env("STREAMWISE_CRASH_MODE", "run")
+        .env("STREAMWISE_CRASH_DEADLINE_MS", "2000")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let handled = || async {
+        conn.command::<u64>(&cmd("HLEN").arg(HANDLED).clone())
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handled().await < 500 {
+        assert!(Instant::now() < deadline, "the consumer made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.freeze();
+    signal(&child, "TERM");
+    let asked = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "shutdown with a 2 s deadline is still running after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = asked.elapsed();
+    server.thaw();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    // The 2 s deadline, plus the process's own start-up of the signal handling and exit.
+    assert!(took < Duration::from_secs(4), "shutdown took {took:?}: {stderr}");
+    let unflushed: u64 = stderr
+        .split("unflushed: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no unflushed count in the report: {stderr}"));
+    assert!(unflushed > 0, "acks were cut off by the frozen server: {stderr}");
 }

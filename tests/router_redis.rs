@@ -107,3 +107,52 @@ async fn a_router_over_redis_handles_produces_retries_and_dead_letters() {
     );
     assert_eq!(record.event_type(), "order.broken");
 }
+
+/// A handler that never returns does not stretch the shutdown past its deadline: the
+/// delivery is abandoned (it stays pending), the others' acks are flushed, all within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_handler_does_not_stretch_the_shutdown_deadline() {
+    let server = RedisServer::start();
+    let redis = RedisBackend::new(&server.url()).unwrap();
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    async fn work(Json(n): Json<u32>, State(started): State<tokio::sync::mpsc::UnboundedSender<u32>>) {
+        started.send(n).unwrap();
+        if n == 0 {
+            std::future::pending::<()>().await;
+        }
+    }
+    let deadline = Duration::from_secs(2);
+    let router = Router::with_state(started_tx).shutdown_deadline(deadline);
+    let routes = router.routes().route("n", work);
+    let running = router
+        .subscribe("t", SubscribeOptions::new("g", "c").max_in_flight(10), routes)
+        .start(Arc::new(redis.subscriber().unwrap()), Arc::new(redis.publisher()))
+        .await
+        .unwrap();
+    let publisher = redis.publisher();
+    for n in 0..5u32 {
+        publisher
+            .publish("t", Message::new("n", &n).unwrap())
+            .await
+            .unwrap();
+    }
+    for _ in 0..5 {
+        tokio::time::timeout(Duration::from_secs(20), started.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let asked = std::time::Instant::now();
+    let report = running.shutdown().await.unwrap();
+    let took = asked.elapsed();
+    assert_eq!((report.handled, report.abandoned, report.unflushed), (4, 1, 0));
+    assert!(
+        took < deadline + Duration::from_millis(500),
+        "shutdown took {took:?}"
+    );
+    assert_eq!(
+        redis.pending_count("t", "g").await.unwrap(),
+        1,
+        "only the hung one is pending"
+    );
+}

@@ -37,6 +37,9 @@ pub struct ShutdownReport {
     pub handled: u64,
     /// Handlers still running at the deadline; their deliveries stay pending and come back.
     pub abandoned: u64,
+    /// Settlements (acks) not written to the backend by the deadline; their entries stay
+    /// pending and come back.
+    pub unflushed: u64,
 }
 
 /// A started router; [`shutdown`](Self::shutdown) stops it gracefully.
@@ -171,15 +174,21 @@ impl RunningRouter {
         })
     }
 
-    /// Stops fetching, lets in-flight handlers finish (until the deadline) and settles them,
-    /// then closes the subscriber, which flushes acks and checkpoints. Handlers still running
-    /// at the deadline are dropped; their deliveries stay pending and come back later.
+    /// Stops fetching, lets in-flight handlers finish and settles them, then closes the
+    /// subscriber, which flushes acks and checkpoints; all of it within the shutdown deadline.
+    /// Handlers get the deadline less a reserve for the flush (a quarter of it, at most 2 s);
+    /// those still running then are dropped, and their deliveries stay pending and come back
+    /// later. A flush that cannot finish in time (the server does not answer) is given up:
+    /// its acks stay pending too (redelivered later), and the report counts them.
     pub async fn shutdown(self) -> Result<ShutdownReport> {
+        let started = tokio::time::Instant::now();
+        let reserve = (self.deadline / 4).min(Duration::from_secs(2));
         self.stop_fetching.cancel();
         // Each subscription task stops fetching and ends once its handlers are done.
         let all = futures::future::join_all(self.loops);
         tokio::pin!(all);
-        let abandoned = match tokio::time::timeout(self.deadline, &mut all).await {
+        let handlers_until = started + self.deadline.saturating_sub(reserve);
+        let abandoned = match tokio::time::timeout_at(handlers_until, &mut all).await {
             Ok(_) => 0,
             Err(_) => {
                 let n = self.in_flight.load(Ordering::Relaxed);
@@ -189,10 +198,22 @@ impl RunningRouter {
                 n
             }
         };
-        self.subscriber.close().await?;
+        let unflushed = match tokio::time::timeout_at(started + self.deadline, self.subscriber.close()).await
+        {
+            Ok(closed) => {
+                closed?;
+                0
+            }
+            Err(_) => {
+                let n = self.subscriber.unflushed();
+                tracing::error!(unflushed = n, deadline = ?self.deadline, "settlements not written by the shutdown deadline; those entries stay pending and come back");
+                n
+            }
+        };
         Ok(ShutdownReport {
             handled: self.handled.load(Ordering::Relaxed),
             abandoned,
+            unflushed,
         })
     }
 }

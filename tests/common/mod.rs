@@ -94,6 +94,16 @@ impl RedisServer {
         self.child = child;
     }
 
+    /// Stops the server process (SIGSTOP): connections stay open, nothing is answered.
+    pub fn freeze(&self) {
+        send_signal(self.child.id(), "STOP");
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        send_signal(self.child.id(), "CONT");
+    }
+
     /// Sends one inline command and returns the first `lines` lines of the reply (for example
     /// `["+PONG"]`). Enough for harness checks without a client library.
     pub fn command_lines(&self, line: &str, lines: usize) -> Vec<String> {
@@ -229,4 +239,12 @@ pub async fn round_trip(redis: &streamwise::redis::RedisBackend, stream: &str) -
     subscriber.close().await?;
     assert_eq!(redis.pending_count(stream, "g").await?, 0);
     Ok(())
+}
+
+fn send_signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill(1)");
+    assert!(status.success(), "kill -{name} {pid} failed");
 }

@@ -221,6 +221,8 @@ pub struct RedisSubscriber {
     closed: Signal,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stats: Arc<SubscriberStats>,
+    /// Every subscription's ledger, for [`Subscriber::unflushed`].
+    ledgers: Mutex<Vec<std::sync::Weak<Mutex<Ledger>>>>,
 }
 
 impl std::fmt::Debug for RedisSubscriber {
@@ -249,6 +251,7 @@ impl RedisSubscriber {
             closed: Signal::new(),
             tasks: Mutex::new(Vec::new()),
             stats: Arc::new(SubscriberStats::default()),
+            ledgers: Mutex::new(Vec::new()),
         })
     }
 
@@ -271,6 +274,11 @@ impl RedisSubscriber {
         let lease = super::lease::Lease::acquire(&self.conn, &origin, self.options.lease_ttl).await?;
 
         let ledger = Arc::new(Mutex::new(Ledger::default()));
+        {
+            let mut ledgers = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+            ledgers.retain(|l| l.strong_count() > 0);
+            ledgers.push(Arc::downgrade(&ledger));
+        }
         let (ops_tx, ops_rx) = mpsc::unbounded_channel();
         let ops_weak = ops_tx.downgrade();
         let released = Signal::new();
@@ -360,6 +368,15 @@ impl Subscriber for RedisSubscriber {
         options: SubscribeOptions,
     ) -> BoxFuture<'a, Result<Subscription>> {
         Box::pin(self.start(topic, options))
+    }
+
+    fn unflushed(&self) -> u64 {
+        let ledgers = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        ledgers
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .map(|ledger| shared::lock(&ledger).acking.len() as u64)
+            .sum()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
