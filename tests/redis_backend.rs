@@ -667,6 +667,66 @@ async fn flush_returns_once_acks_are_written_or_with_the_error() {
     assert!(matches!(sub.flush().await, Err(Error::Closed(_))));
 }
 
+/// A dead-letter record Redis refuses (no right to XADD) leaves its entry pending, is retried
+/// with backoff while the subscription goes on, and is written once the right is back: no
+/// restart needed.
+#[tokio::test]
+async fn a_refused_dead_letter_write_is_retried_until_it_succeeds() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    publisher
+        .publish("dl", Message::from_json_bytes("t", "not json").unwrap())
+        .await
+        .unwrap();
+    let good = publisher
+        .publish("dl", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(server.command("ACL SETUSER default -xadd"), "+OK");
+    let subscriber = backend.subscriber().unwrap();
+    let mut sub = subscriber.subscribe("dl", opts("g", "c")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(
+        d.id(),
+        good,
+        "the subscription goes on past the entry it cannot dead-letter"
+    );
+    d.ack().await.unwrap();
+    // The subscription works while it is read from.
+    let reading = tokio::spawn(async move {
+        while let Some(item) = sub.next().await {
+            panic!("nothing else is deliverable: {item:?}");
+        }
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while subscriber.stats().dead_letter_failures < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write was not retried: {:?}",
+            subscriber.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        backend.pending_count("dl", "g").await.unwrap(),
+        1,
+        "kept pending meanwhile"
+    );
+    assert_eq!(server.command("ACL SETUSER default +xadd"), "+OK");
+    while backend.pending_count("dl", "g").await.unwrap() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dead-lettered after the right came back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.command("XLEN dl-dead"), ":1");
+    assert_eq!(subscriber.stats().dead_lettered, 1);
+    subscriber.close().await.unwrap();
+    reading.await.unwrap();
+}
+
 #[tokio::test]
 async fn retention_trims_entries_older_than_retention_ms() {
     let server = RedisServer::start();

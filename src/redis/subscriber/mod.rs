@@ -339,6 +339,7 @@ impl RedisSubscriber {
             failures: 0,
             lease_lost,
             lease_loss_reported: false,
+            dead_letters: Default::default(),
         };
         let flush = Arc::new(FlushAcks(ops_weak));
         Ok(Subscription::from_reader(reader).with_flush(flush))

@@ -63,6 +63,27 @@ pub(crate) struct Reader {
     /// Cancelled by the heartbeat when another consumer took this consumer's lease.
     pub(crate) lease_lost: Signal,
     pub(crate) lease_loss_reported: bool,
+    /// Dead-letter records that could not be written (their entries stay pending), retried
+    /// with the connection's backoff.
+    pub(crate) dead_letters: DeadLetterRetry,
+}
+
+/// Dead-letter records whose write failed, and when to try them again.
+#[derive(Default)]
+pub(crate) struct DeadLetterRetry {
+    records: Vec<(EntryId, Message)>,
+    at: Option<Instant>,
+    failures: u32,
+}
+
+impl DeadLetterRetry {
+    fn holds(&self, id: EntryId) -> bool {
+        self.records.iter().any(|(held, _)| *held == id)
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        !self.records.is_empty() && self.at.is_some_and(|at| at <= now)
+    }
 }
 
 impl crate::pubsub::BackendReader for Reader {
@@ -208,6 +229,9 @@ impl Reader {
             let entries = self.receive_new(budget).await?;
             return Ok(self.admit(entries.into_iter().map(|e| (e, 1)).collect()).await);
         }
+        if self.dead_letters.due(now) {
+            self.retry_dead_letters().await;
+        }
         let due = self.shared.ledger().take_due(now, budget);
         let fetched = if !due.is_empty() {
             let me = self.shared.origin.consumer().to_owned();
@@ -239,6 +263,13 @@ impl Reader {
         }
         if self.options.reclaim_value().is_some() {
             until = until.min(self.next_reclaim);
+        }
+        if let Some(at) = self
+            .dead_letters
+            .at
+            .filter(|_| !self.dead_letters.records.is_empty())
+        {
+            until = until.min(at);
         }
         until.saturating_duration_since(now).max(Duration::from_millis(1))
     }
@@ -474,7 +505,7 @@ impl Reader {
         let mut ready: Vec<(EntryId, u64, Message)> = Vec::new();
         for (entry, count) in fetched {
             let id = entry.id();
-            if self.shared.ledger().is_ours(&id) {
+            if self.shared.ledger().is_ours(&id) || self.dead_letters.holds(id) {
                 continue;
             }
             let record = |reason, delivered| dead_letter_of(&origin, id, reason, delivered);
@@ -515,7 +546,9 @@ impl Reader {
             if let Err(e) = self.dead_letter(id, &record).await {
                 SubscriberStats::add(&self.stats.dead_letter_failures, 1);
                 tracing::error!(stream = origin.stream(), group = origin.group(), %id, error = %e,
-                    "dead-letter record not written; the entry stays pending");
+                    "dead-letter record not written; the entry stays pending and the write is retried");
+                self.dead_letters.records.push((id, record));
+                self.schedule_dead_letter_retry();
             }
         }
         let used = ready.len();
@@ -528,6 +561,36 @@ impl Reader {
                 .push_back(Delivery::new(message, info, self.settler.clone()));
         }
         used
+    }
+
+    /// Tries the dead-letter records that failed before again; those that fail again wait
+    /// for the next, longer backoff.
+    async fn retry_dead_letters(&mut self) {
+        let records = std::mem::take(&mut self.dead_letters.records);
+        let mut failed = 0;
+        for (id, record) in records {
+            if let Err(e) = self.dead_letter(id, &record).await {
+                SubscriberStats::add(&self.stats.dead_letter_failures, 1);
+                failed += 1;
+                if failed == 1 {
+                    tracing::warn!(stream = self.shared.origin.stream(), %id, error = %e,
+                        attempt = self.dead_letters.failures + 1, "dead-letter record still not written; retrying later");
+                }
+                self.dead_letters.records.push((id, record));
+            }
+        }
+        if failed == 0 {
+            self.dead_letters.failures = 0;
+            self.dead_letters.at = None;
+        } else {
+            self.schedule_dead_letter_retry();
+        }
+    }
+
+    fn schedule_dead_letter_retry(&mut self) {
+        let delay = self.shared.conn.backoff(self.dead_letters.failures);
+        self.dead_letters.failures = self.dead_letters.failures.saturating_add(1);
+        self.dead_letters.at = Some(Instant::now() + delay);
     }
 
     /// Writes `record` to `<stream>-dead`, then acknowledges `id` in the source. (A close in
