@@ -481,3 +481,67 @@ async fn ack_during_outage_is_flushed_after_restart_and_not_redelivered() {
     assert_eq!(pending, 0, "the Ok ack was never flushed");
     sub_.close().await.unwrap();
 }
+
+/// The server's CPU seconds so far (`INFO cpu`: user + sys).
+fn server_cpu(server: &RedisServer) -> f64 {
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let info: String = redis::cmd("INFO").arg("cpu").query(&mut c).unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+        .filter_map(|l| l.split(':').nth(1)?.parse::<f64>().ok())
+        .sum()
+}
+
+/// How many commands the server has run (`INFO stats`).
+fn commands(server: &RedisServer) -> u64 {
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let info: String = redis::cmd("INFO").arg("stats").query(&mut c).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A vanished group that cannot be re-created (the user may not run XGROUP) is retried with
+/// the connection's backoff, not in a busy loop: a handful of reads and errors in two seconds,
+/// and the server stays idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_cannot_be_recreated_is_retried_with_backoff() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let subscriber = backend.subscriber().unwrap();
+    let mut sub = subscriber
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(server.command("ACL SETUSER default -xgroup"), "+OK");
+    assert_eq!(server.command("DEL t"), ":1");
+    let (commands_before, cpu_before) = (commands(&server), server_cpu(&server));
+    let watch = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut errors = 0;
+    while let Ok(item) = tokio::time::timeout_at(watch, sub.next()).await {
+        match item {
+            Some(Err(_)) => errors += 1,
+            other => panic!("expected errors only, got {other:?}"),
+        }
+    }
+    let reads = commands(&server) - commands_before;
+    let cpu = server_cpu(&server) - cpu_before;
+    assert!(errors >= 1, "the fault is reported");
+    assert!(
+        errors <= 10 && reads <= 60,
+        "{errors} errors, {reads} commands in 2 s: a busy loop"
+    );
+    assert!(cpu < 0.5, "the server spent {cpu:.2} s of CPU in 2 s");
+    assert_eq!(server.command("ACL SETUSER default +xgroup"), "+OK");
+    subscriber.close().await.unwrap();
+}

@@ -340,6 +340,7 @@ impl RedisSubscriber {
             lease_lost,
             lease_loss_reported: false,
             dead_letters: Default::default(),
+            log: Default::default(),
         };
         let flush = Arc::new(FlushAcks(ops_weak));
         Ok(Subscription::from_reader(reader).with_flush(flush))

@@ -66,6 +66,47 @@ pub(crate) struct Reader {
     /// Dead-letter records that could not be written (their entries stay pending), retried
     /// with the connection's backoff.
     pub(crate) dead_letters: DeadLetterRetry,
+    /// Warnings of the read loop, each repeated one logged with a count.
+    pub(crate) log: RepeatedWarnings,
+}
+
+/// Logs a warning the first time, then the same warning again only with how often it came
+/// meanwhile (at most every [`RepeatedWarnings::EVERY`]): a fault that persists does not
+/// flood the log.
+#[derive(Default)]
+pub(crate) struct RepeatedWarnings {
+    last: Option<(String, Instant)>,
+    repeats: u64,
+}
+
+impl RepeatedWarnings {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn warn(&mut self, stream: &str, message: &str) {
+        let now = Instant::now();
+        match &self.last {
+            Some((last, at)) if last == message && now.duration_since(*at) < Self::EVERY => {
+                self.repeats += 1;
+            }
+            Some((last, _)) if last == message => {
+                tracing::warn!(stream, repeated = self.repeats + 1, "{message}");
+                self.last = Some((message.to_owned(), now));
+                self.repeats = 0;
+            }
+            _ => {
+                if self.repeats > 0 {
+                    tracing::warn!(
+                        stream,
+                        repeated = self.repeats,
+                        "(the warning before this one came again)"
+                    );
+                }
+                tracing::warn!(stream, "{message}");
+                self.last = Some((message.to_owned(), now));
+                self.repeats = 0;
+            }
+        }
+    }
 }
 
 /// Dead-letter records whose write failed, and when to try them again.
@@ -158,7 +199,10 @@ impl Reader {
     }
 
     /// Handles a failed step: reconnects and re-drains after connection trouble, re-creates a
-    /// vanished group (when allowed). Returns the error to yield once the retry budget is spent.
+    /// vanished group (when allowed). Every failure waits the connection's backoff, which grows
+    /// with the failures in a row (until a step succeeds), so that a fault that persists costs
+    /// a few commands a minute, not a busy loop. Returns the error to yield: at once for a group
+    /// that is missing or cannot be re-created, else once per spent retry budget.
     async fn after_error(&mut self, e: ReadError) -> Option<Error> {
         SubscriberStats::add(&self.stats.read_errors, 1);
         self.drop_read_conn();
@@ -167,17 +211,14 @@ impl Reader {
             && e.code() == Some("NOGROUP")
         {
             if !self.options.create_group_value() {
-                self.pause().await;
+                self.pause_after_failure().await;
                 return Some(Error::GroupNotFound {
                     stream: origin.stream().to_owned(),
                     group: origin.group().to_owned(),
                 });
             }
-            tracing::warn!(
-                stream = origin.stream(),
-                group = origin.group(),
-                "consumer group vanished; re-creating it"
-            );
+            self.log
+                .warn(origin.stream(), "consumer group vanished; re-creating it");
             let recreated = super::create_group(
                 &self.shared.conn,
                 self.store.as_deref(),
@@ -186,20 +227,33 @@ impl Reader {
                 self.options.start_from_value(),
             )
             .await;
-            return recreated.err();
+            if let Err(e) = recreated {
+                self.log.warn(
+                    origin.stream(),
+                    &format!("consumer group could not be re-created: {e}"),
+                );
+                self.pause_after_failure().await;
+                return Some(e);
+            }
+            return None;
         }
         let conn = self.shared.conn.clone();
-        tracing::warn!(stream = origin.stream(), error = %e, attempt = self.failures + 1, "read failed; retrying");
-        self.pause().await;
-        self.failures += 1;
-        if self.failures > conn.max_retries() {
-            self.failures = 0;
+        self.log
+            .warn(origin.stream(), &format!("read failed; retrying: {e}"));
+        self.pause_after_failure().await;
+        if self.failures % (conn.max_retries() + 1) == 0 {
             return Some(match e {
                 ReadError::Redis(e) => conn.connection_error("XREADGROUP", e, conn.max_retries()),
                 ReadError::Other(e) => e,
             });
         }
         None
+    }
+
+    /// Waits the backoff of the failures so far (or until closed) and counts this one.
+    async fn pause_after_failure(&mut self) {
+        self.pause().await;
+        self.failures = self.failures.saturating_add(1);
     }
 
     /// Waits the backoff of the current failure count, or until closed.
