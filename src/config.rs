@@ -121,6 +121,67 @@ impl Default for Config {
 
 const ROOT: &str = "redis_streams";
 
+/// The largest configuration text accepted: 1 MiB (a real one is a few hundred bytes).
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+
+/// The deepest nesting accepted in a configuration (block indentation levels, `- ` items and
+/// `[`/`{` flow collections together); the deepest real one is 5.
+pub const MAX_CONFIG_DEPTH: usize = 32;
+
+/// Refuses text that is too large or too deeply nested, by one linear scan before parsing.
+fn check_bounds(yaml: &str) -> Result<()> {
+    if yaml.len() > MAX_CONFIG_BYTES {
+        return Err(Error::invalid(
+            "config",
+            format_args!(
+                "{} bytes is more than the {MAX_CONFIG_BYTES} accepted",
+                yaml.len()
+            ),
+        ));
+    }
+    let too_deep = || {
+        Error::invalid(
+            "config",
+            format_args!("nested deeper than the {MAX_CONFIG_DEPTH} levels accepted"),
+        )
+    };
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    for line in yaml.lines() {
+        let body = line.trim_start_matches(' ');
+        if flow == 0 && !body.is_empty() && !body.starts_with('#') {
+            let indent = line.len() - body.len();
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+        }
+        // `- - x` nests one level per dash on the same line.
+        let dashes = body
+            .split_inclusive(' ')
+            .take_while(|t| t.trim_end() == "-")
+            .count();
+        let (mut quote, mut inner) = (None, 0usize);
+        for c in body.chars() {
+            match (quote, c) {
+                (None, '#') => break,
+                (None, '"' | '\'') => quote = Some(c),
+                (Some(q), c) if c == q => quote = None,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    inner = inner.max(flow);
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+        if indents.len() + dashes + inner.max(flow) > MAX_CONFIG_DEPTH {
+            return Err(too_deep());
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Reads a YAML file (see the module docs for the shapes).
     pub fn from_yaml_file(path: impl AsRef<Path>) -> Result<Self> {
@@ -130,8 +191,11 @@ impl Config {
         Self::from_yaml_str(&text)
     }
 
-    /// Parses YAML text.
+    /// Parses YAML text. Text over [`MAX_CONFIG_BYTES`], or nested deeper than
+    /// [`MAX_CONFIG_DEPTH`], is refused before parsing ([`Error::Invalid`], `config`), so that
+    /// a hostile or broken file cannot stall the parser.
     pub fn from_yaml_str(yaml: &str) -> Result<Self> {
+        check_bounds(yaml)?;
         let doc: Value = serde_norway::from_str(yaml).map_err(|e| {
             // The parser names the key path when a value cannot be represented (a number too
             // big for 64 bits, say): keep that as the field.
@@ -579,6 +643,35 @@ redis_streams:
         );
         c.consumer.options.count = 3;
         assert_eq!(c.consumer.options.count, 3);
+    }
+
+    #[test]
+    fn oversized_or_deeply_nested_text_is_refused_before_parsing() {
+        let started = std::time::Instant::now();
+        for yaml in [
+            format!("redis_streams: {}{}", "[".repeat(64_000), "]".repeat(64_000)),
+            format!("a: {}", "{b: ".repeat(200_000)),
+            (0..40).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect(),
+            format!("redis_streams:\n  {}x", "- ".repeat(40)),
+            format!("# {}\n", "x".repeat(MAX_CONFIG_BYTES)),
+        ] {
+            let err = Config::from_yaml_str(&yaml).unwrap_err();
+            assert_eq!(err.invalid_field(), Some("config"), "{err}");
+        }
+        // A linear scan, not a parse: well under a second for all of them, even in debug.
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Brackets inside quotes and comments do not count; real configs pass.
+        let quoted = format!(
+            "redis_streams:\n  url: \"redis://h/{}\"  # {}\n",
+            "[".repeat(40),
+            "{".repeat(40)
+        );
+        assert_eq!(
+            Config::from_yaml_str(&quoted).unwrap_err().invalid_field(),
+            Some("redis_streams.url")
+        );
+        Config::from_yaml_str(CONTRACT).unwrap();
+        Config::from_yaml_str(QUICKSTART).unwrap();
     }
 
     #[test]

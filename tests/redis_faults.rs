@@ -545,3 +545,82 @@ async fn a_group_that_cannot_be_recreated_is_retried_with_backoff() {
     assert_eq!(server.command("ACL SETUSER default +xgroup"), "+OK");
     subscriber.close().await.unwrap();
 }
+
+/// Deliveries nacked after their group was destroyed and re-created past them (their entries
+/// are in no pending list, and the group will not read them again) are never dropped
+/// silently: each is dead-lettered with the reason, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_whose_group_was_destroyed_are_dead_lettered_not_lost() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    let batch: Vec<_> = (0..5).map(msg).collect();
+    let ids = publisher.publish_batch("t", batch).await.unwrap();
+    let subscriber = backend.subscriber().unwrap();
+    let mut sub = subscriber
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c")
+                .block(Duration::from_millis(200))
+                .max_in_flight(5),
+        )
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery"));
+    }
+    assert_eq!(server.command("XGROUP DESTROY t g"), ":1");
+    assert_eq!(server.command("XGROUP CREATE t g $"), "+OK");
+    for d in held {
+        d.nack().await.unwrap();
+    }
+    let reading = tokio::spawn(async move {
+        while let Some(item) = sub.next().await {
+            panic!("nothing is deliverable again: {item:?}");
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server.command("XLEN t-dead") != ":5" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retries were dropped: {:?}",
+            subscriber.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let records: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("t-dead")
+        .arg("-")
+        .arg("+")
+        .query(&mut c)
+        .unwrap();
+    let mut originals: Vec<streamwise::EntryId> = Vec::new();
+    for record in &records.ids {
+        let metadata: String = record.get("metadata").unwrap();
+        let metadata: serde_json::Value = serde_json::from_str(&metadata).unwrap();
+        assert!(
+            metadata["dead_letter.reason"]
+                .as_str()
+                .unwrap()
+                .contains("no longer pending"),
+            "{metadata}"
+        );
+        originals.push(
+            metadata["dead_letter.original_id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+        );
+    }
+    originals.sort();
+    assert_eq!(originals, ids);
+    assert_eq!(subscriber.stats().unclaimable, 5);
+    subscriber.close().await.unwrap();
+    reading.await.unwrap();
+}

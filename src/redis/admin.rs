@@ -194,6 +194,31 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
+/// The raw entry `id` of `stream`, if it is still there (`XRANGE id id`).
+pub(crate) async fn read_entry(
+    conn: &RedisConnection,
+    stream: &str,
+    id: EntryId,
+) -> Result<Option<RawEntry>> {
+    let id_text = id.to_string();
+    let reply = conn
+        .run_mapped("XRANGE", |mut c| {
+            let cmd = redis::cmd("XRANGE")
+                .arg(stream)
+                .arg(&id_text)
+                .arg(&id_text)
+                .arg("COUNT")
+                .arg(1)
+                .clone();
+            async move { cmd.query_async::<Value>(&mut c).await }
+        })
+        .await?;
+    Ok(codec::parse_entries(reply)?.into_iter().find_map(|e| match e {
+        codec::ReplyEntry::Present(raw) => Some(raw),
+        codec::ReplyEntry::Trimmed(_) => None,
+    }))
+}
+
 /// One entry as stored in a stream: its id and its fields (as text).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredEntry {

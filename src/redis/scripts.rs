@@ -7,8 +7,10 @@ use redis::Script;
 /// Claims pending entries for redelivery to a consumer, each only if it is still owned by
 /// the expected consumer (this one, or a crashed one being taken over), counting a delivery.
 /// KEYS: stream. ARGV: group, claimer, expected owner, ids... Returns, per id claimed,
-/// `{entry, delivery_count}`, or `{id, -1}` when the entry was trimmed from the stream (the
-/// claim then drops it from the pending list).
+/// `{entry, delivery_count}`; `{id, -1}` when the entry was trimmed from the stream (the
+/// claim then drops it from the pending list); `{id, -2}` when it is in no one's pending list
+/// (acknowledged, or its group was destroyed and re-created). Entries another consumer owns
+/// now are left out.
 pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -22,6 +24,8 @@ for i = 4, #ARGV do
     else
       table.insert(out, {ARGV[i], -1})
     end
+  elseif not p[1] then
+    table.insert(out, {ARGV[i], -2})
   end
 end
 return out

@@ -165,6 +165,7 @@ pub struct SubscriberStats {
     crashed_consumers: AtomicU64,
     read_errors: AtomicU64,
     dead_letter_failures: AtomicU64,
+    unclaimable: AtomicU64,
 }
 
 /// A snapshot of [`SubscriberStats`].
@@ -189,6 +190,9 @@ pub struct StatsSnapshot {
     pub read_errors: u64,
     /// Dead-letter records that could not be written (the entries stay pending).
     pub dead_letter_failures: u64,
+    /// Nacked entries found in no pending list when their retry was due (their group was
+    /// re-created past them): dead-lettered, since the group would not deliver them again.
+    pub unclaimable: u64,
 }
 
 impl SubscriberStats {
@@ -209,6 +213,7 @@ impl SubscriberStats {
             crashed_consumers: get(&self.crashed_consumers),
             read_errors: get(&self.read_errors),
             dead_letter_failures: get(&self.dead_letter_failures),
+            unclaimable: get(&self.unclaimable),
         }
     }
 }
@@ -341,6 +346,7 @@ impl RedisSubscriber {
             lease_loss_reported: false,
             dead_letters: Default::default(),
             log: Default::default(),
+            unclaimed: Vec::new(),
         };
         let flush = Arc::new(FlushAcks(ops_weak));
         Ok(Subscription::from_reader(reader).with_flush(flush))

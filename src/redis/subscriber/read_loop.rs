@@ -68,6 +68,8 @@ pub(crate) struct Reader {
     pub(crate) dead_letters: DeadLetterRetry,
     /// Warnings of the read loop, each repeated one logged with a count.
     pub(crate) log: RepeatedWarnings,
+    /// Ids the last claim found in no pending list.
+    pub(crate) unclaimed: Vec<EntryId>,
 }
 
 /// Logs a warning the first time, then the same warning again only with how often it came
@@ -290,7 +292,17 @@ impl Reader {
         let fetched = if !due.is_empty() {
             let me = self.shared.origin.consumer().to_owned();
             let ids: Vec<EntryId> = due.iter().map(|(id, _)| *id).collect();
-            self.claim(&me, &ids).await?
+            let fetched = self.claim(&me, &ids).await?;
+            let unclaimed = std::mem::take(&mut self.unclaimed);
+            if !unclaimed.is_empty() {
+                let counts = due
+                    .iter()
+                    .filter(|(id, _)| unclaimed.contains(id))
+                    .copied()
+                    .collect();
+                self.retries_not_pending(counts).await;
+            }
+            fetched
         } else if self.drain_from.is_some() {
             self.drain(budget).await?
         } else if let Some(reclaim) = self.options.reclaim_value().filter(|_| now >= self.next_reclaim) {
@@ -392,6 +404,7 @@ impl Reader {
         expected_owner: &str,
         ids: &[EntryId],
     ) -> std::result::Result<Fetched, ReadError> {
+        self.unclaimed.clear();
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -411,7 +424,9 @@ impl Reader {
             let (Some(entry), Some(Value::Int(count))) = (parts.next(), parts.next()) else {
                 continue;
             };
-            if count < 0 {
+            if count == -2 {
+                self.unclaimed.push(codec::entry_id(entry)?);
+            } else if count < 0 {
                 fetched.push((ReplyEntry::Trimmed(codec::entry_id(entry)?), 0));
             } else if let Some(e) = codec::parse_entries(Value::Array(vec![entry]))?.pop() {
                 fetched.push((e, count as u64));
@@ -645,6 +660,62 @@ impl Reader {
         let delay = self.shared.conn.backoff(self.dead_letters.failures);
         self.dead_letters.failures = self.dead_letters.failures.saturating_add(1);
         self.dead_letters.at = Some(Instant::now() + delay);
+    }
+
+    /// Nacked entries this consumer owned that are in no pending list any more when their
+    /// retry is due: the group was destroyed and re-created meanwhile (an ack in between is
+    /// ruled out: the entries were held here). Those the group will read again (past its
+    /// last-delivered id) come back that way; the others would be lost, so they are
+    /// dead-lettered with the reason, and counted. Never dropped silently.
+    async fn retries_not_pending(&mut self, entries: Vec<(EntryId, u64)>) {
+        let origin = self.shared.origin.clone();
+        let info = super::super::admin::group_info(&self.shared.conn, origin.stream(), origin.group()).await;
+        let last_delivered = match info {
+            Ok(info) => info.last_delivered_id,
+            Err(e) => {
+                // The group may be gone for good; look again after a while.
+                tracing::warn!(stream = origin.stream(), error = %e, "cannot tell whether retries are lost; looking again later");
+                let mut ledger = self.shared.ledger();
+                let later = Instant::now() + self.shared.conn.backoff(self.failures);
+                for (id, count) in entries {
+                    ledger.add_retry(id, later, count);
+                }
+                return;
+            }
+        };
+        for (id, count) in entries {
+            if id > last_delivered {
+                tracing::info!(stream = origin.stream(), %id, "a retried entry left the pending list; the group reads it again");
+                continue;
+            }
+            SubscriberStats::add(&self.stats.unclaimable, 1);
+            let reason = format!(
+                "no longer pending in group {}: the group was re-created past it and would not deliver it again",
+                origin.group()
+            );
+            let stored = super::super::admin::read_entry(&self.shared.conn, origin.stream(), id).await;
+            let why = dead_letter_of(&origin, id, &reason, count);
+            let record = match stored {
+                Ok(Some(raw)) => match crate::codec::decode_entry(&*self.codec, raw) {
+                    Ok(message) => why.for_message(&message),
+                    Err((_, raw)) => why.for_undecodable(&raw.fields),
+                },
+                Ok(None) => why.for_trimmed(),
+                Err(e) => {
+                    tracing::warn!(stream = origin.stream(), %id, error = %e, "entry not read; looking again later");
+                    let later = Instant::now() + self.shared.conn.backoff(self.failures);
+                    self.shared.ledger().add_retry(id, later, count);
+                    continue;
+                }
+            };
+            tracing::error!(stream = origin.stream(), group = origin.group(), %id, "{reason}; dead-lettering it");
+            if let Err(e) = self.dead_letter(id, &record).await {
+                SubscriberStats::add(&self.stats.dead_letter_failures, 1);
+                tracing::error!(stream = origin.stream(), %id, error = %e, "dead-letter record not written; retried later");
+                self.dead_letters.records.push((id, record));
+                self.schedule_dead_letter_retry();
+            }
+        }
     }
 
     /// Writes `record` to `<stream>-dead`, then acknowledges `id` in the source. (A close in

@@ -43,7 +43,7 @@ impl Ledger {
         [held, acking, retrying].into_iter().flatten().min().copied()
     }
 
-    fn add_retry(&mut self, id: EntryId, due: Instant, count: u64) {
+    pub(crate) fn add_retry(&mut self, id: EntryId, due: Instant, count: u64) {
         self.retries.insert((due, id), count);
         self.retry_due.insert(id, due);
     }
