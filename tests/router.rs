@@ -390,6 +390,52 @@ async fn outcomes_errors_and_panics_settle_as_documented() {
     );
 }
 
+#[tokio::test]
+async fn permanent_errors_inside_anyhow_are_dead_lettered_on_the_first_delivery() {
+    let h = Harness::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    async fn plain(State(calls): State<Arc<AtomicUsize>>) -> anyhow::Result<()> {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Err(Permanent::new("unknown customer"))?;
+        Ok(())
+    }
+    async fn with_context(State(calls): State<Arc<AtomicUsize>>) -> anyhow::Result<()> {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Err(anyhow::anyhow!(Permanent::new("unknown product")).context("while pricing order 7"))
+    }
+    let router = Router::with_state(calls.clone());
+    let routes = router
+        .routes()
+        .route("plain", plain)
+        .route("context", with_context);
+    let running = router
+        .subscribe("t", opts(), routes)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("t", Message::new("plain", &1).unwrap()).await;
+    h.publish("t", Message::new("context", &2).unwrap()).await;
+    let mut dead = h.watch("t-dead").await;
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let record = recv(&mut dead).await;
+        let metadata = record.message().metadata();
+        assert_eq!(metadata.get(dl::DELIVERY_COUNT), Some("1"), "{metadata:?}");
+        reasons.push(metadata.get(dl::REASON).unwrap().to_owned());
+    }
+    running.shutdown().await.unwrap();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "permanent error: unknown customer",
+            "permanent error: while pricing order 7"
+        ]
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "each handler ran once");
+    assert_eq!(h.backend.pending_count("t", "svc").unwrap(), 0);
+}
+
 /// A layer that records its name on the way in.
 #[derive(Clone)]
 struct Mark(&'static str, Arc<Mutex<Vec<&'static str>>>);

@@ -257,6 +257,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn permanent_errors_wrapped_in_anyhow_are_not_retried() {
+        async fn permanent(State(calls): State<Arc<AtomicU32>>) -> anyhow::Result<()> {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(anyhow::anyhow!(Permanent::new("bad input")).context("while pricing"))
+        }
+        async fn plain(State(calls): State<Arc<AtomicU32>>) -> anyhow::Result<()> {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(Permanent::new("bad input"))?;
+            Ok(())
+        }
+        let calls = Arc::new(AtomicU32::new(0));
+        let err = layer(5)
+            .layer(handler_service(permanent, calls.clone()))
+            .oneshot(incoming())
+            .await
+            .unwrap_err();
+        assert!(Permanent::is_permanent(&err));
+        let err = layer(5)
+            .layer(handler_service(plain, calls.clone()))
+            .oneshot(incoming())
+            .await
+            .unwrap_err();
+        assert!(Permanent::is_permanent(&err));
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "one call each, no retry");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn each_delivery_gets_its_own_budget() {
         let calls = Arc::new(AtomicU32::new(0));
         let svc = layer(1).layer(handler_service(always_fails, calls.clone()));
