@@ -4,6 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::RetryBackoff;
 use crate::error::BoxError;
 use crate::message::Message;
 
@@ -272,13 +273,14 @@ impl std::error::Error for Permanent {
     }
 }
 
-/// The outcome of a handler error: dead-letter for a [`Permanent`] error, otherwise nack
+/// The outcome of a handler error on the delivery numbered `delivery_count`, as the router
+/// settles it: dead-letter for a [`Permanent`] error, otherwise nack after `backoff`'s delay
 /// (redelivery, until `max_deliveries` sends it to the dead-letter stream).
-pub fn outcome_of_error(error: &BoxError) -> Outcome {
+pub fn outcome_of_error(error: &BoxError, delivery_count: u64, backoff: &RetryBackoff) -> Outcome {
     if Permanent::is_permanent(error) {
         Outcome::dead_letter(format!("permanent error: {error}"))
     } else {
-        Outcome::nack()
+        Outcome::nack_after(backoff.delay(delivery_count))
     }
 }
 
@@ -314,7 +316,10 @@ mod tests {
     }
 
     fn is_dead_lettered(error: &BoxError) -> bool {
-        matches!(outcome_of_error(error).verdict(), Verdict::DeadLetter { .. })
+        matches!(
+            outcome_of_error(error, 1, &RetryBackoff::default()).verdict(),
+            Verdict::DeadLetter { .. }
+        )
     }
 
     #[test]
@@ -408,13 +413,31 @@ mod tests {
     }
 
     #[test]
+    fn other_errors_nack_after_the_backoff_of_their_delivery() {
+        let error: BoxError = "database busy".into();
+        let backoff =
+            RetryBackoff::exponential(Duration::from_millis(100), Duration::from_secs(10)).jitter(0.0);
+        let delays: Vec<Verdict> = (1..=3)
+            .map(|n| outcome_of_error(&error, n, &backoff).verdict().clone())
+            .collect();
+        let expected = [100, 200, 400].map(|ms| Verdict::Nack {
+            delay: Duration::from_millis(ms),
+        });
+        assert_eq!(delays, expected);
+        assert_eq!(
+            outcome_of_error(&error, 3, &RetryBackoff::none()),
+            Outcome::nack()
+        );
+    }
+
+    #[test]
     fn a_permanent_error_shows_its_cause() {
         let error = Permanent::new(StoreError::Busy);
         assert_eq!(error.to_string(), "the store is busy");
         assert_eq!(error.source().unwrap().to_string(), "the store is busy");
         assert!(error.get_ref().is::<StoreError>());
         assert_eq!(
-            outcome_of_error(&(Box::new(error) as BoxError)).verdict(),
+            outcome_of_error(&(Box::new(error) as BoxError), 1, &RetryBackoff::default()).verdict(),
             &Verdict::DeadLetter {
                 reason: "permanent error: the store is busy".into()
             }
