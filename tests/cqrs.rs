@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use streamwise::cqrs::testing::Scenario;
 use streamwise::cqrs::{Command, Cqrs, Emit, Event, Kind, Replies, ReplyError, TopicNaming};
 use streamwise::memory::MemoryBackend;
-use streamwise::router::{Router, RunningRouter};
+use streamwise::router::{RetryBackoff, Router, RunningRouter};
 use streamwise::{Message, Publisher};
 use streamwise_middleware::dead_letter::DeadLetterLayer;
 
@@ -343,6 +343,81 @@ async fn handlers_get_middleware_and_bad_commands_are_dead_lettered() {
             .unwrap()
             .contains("cannot decode PlaceOrder")
     );
+}
+
+/// The times of each call of a handler that fails its first call.
+#[derive(Clone, Default)]
+struct FailsOnce(Arc<Mutex<Vec<tokio::time::Instant>>>);
+
+impl FailsOnce {
+    fn call(&self) -> Result<(), &'static str> {
+        let mut calls = self.0.lock().unwrap();
+        calls.push(tokio::time::Instant::now());
+        if calls.len() == 1 {
+            Err("the database is down")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The wait between the failed call and the next.
+    fn gap(&self) -> Duration {
+        let calls = self.0.lock().unwrap();
+        assert_eq!(calls.len(), 2, "failed once, then handled");
+        calls[1] - calls[0]
+    }
+}
+
+#[tokio::test]
+async fn failed_commands_and_events_come_back_after_the_default_backoff() {
+    let cqrs = Cqrs::new();
+    let (command, event) = (FailsOnce::default(), FailsOnce::default());
+    let c = command.clone();
+    let commands = cqrs.command_processor("orders").handle(move |p: PlaceOrder| {
+        let c = c.clone();
+        async move { c.call().map(|()| OrderPlaced { id: p.id }) }
+    });
+    let e = event.clone();
+    let events = cqrs.event_processor().handle("notify", move |_: OrderPlaced| {
+        let e = e.clone();
+        async move { e.call() }
+    });
+    let produced = Scenario::new(cqrs)
+        .commands(commands)
+        .unwrap()
+        .events(events)
+        .unwrap()
+        .when(&place(4))
+        .await
+        .unwrap();
+    // The router's default: the first redelivery no sooner than 100 ms after the failure.
+    assert!(command.gap() >= Duration::from_millis(100), "{:?}", command.gap());
+    assert!(event.gap() >= Duration::from_millis(100), "{:?}", event.gap());
+    assert_eq!(produced.events::<OrderPlaced>().unwrap(), [OrderPlaced { id: 4 }]);
+    assert!(produced.dead_letters("commands-PlaceOrder").unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_scenario_sets_the_retry_backoff() {
+    let cqrs = Cqrs::new();
+    let commands = cqrs
+        .command_processor("orders")
+        .handle(|_: PlaceOrder| async { Err::<(), _>("the warehouse is unreachable") });
+    // All ten deliveries at once: dead-lettered within the scenario's wait, which the
+    // default's 32.7 s of backoff would not be.
+    let produced = Scenario::new(cqrs)
+        .retry_backoff(RetryBackoff::none())
+        .commands(commands)
+        .unwrap()
+        .when(&place(5))
+        .await
+        .unwrap();
+    let dead = produced.dead_letters("commands-PlaceOrder").unwrap();
+    assert_eq!(dead.len(), 1);
+    let count = dead[0]
+        .metadata()
+        .get(streamwise::dead_letter::keys::DELIVERY_COUNT);
+    assert_eq!(count, Some("10"));
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use streamwise::dead_letter::keys as dl;
 use streamwise::memory::MemoryBackend;
 use streamwise::router::{
     BoxRoute, DeliveryInfo, EventType, Fallback, Incoming, Json, Metadata, OrderKey, Outcome, Outgoing,
-    Permanent, Router, Routes, State, handler_service,
+    Permanent, RetryBackoff, Router, Routes, State, handler_service,
 };
 use streamwise::{EntryId, Error, Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription};
 use tokio::sync::mpsc;
@@ -390,6 +390,191 @@ async fn outcomes_errors_and_panics_settle_as_documented() {
     );
 }
 
+#[tokio::test]
+async fn permanent_errors_inside_anyhow_are_dead_lettered_on_the_first_delivery() {
+    let h = Harness::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    async fn plain(State(calls): State<Arc<AtomicUsize>>) -> anyhow::Result<()> {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Err(Permanent::new("unknown customer"))?;
+        Ok(())
+    }
+    async fn with_context(State(calls): State<Arc<AtomicUsize>>) -> anyhow::Result<()> {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Err(anyhow::anyhow!(Permanent::new("unknown product")).context("while pricing order 7"))
+    }
+    let router = Router::with_state(calls.clone());
+    let routes = router
+        .routes()
+        .route("plain", plain)
+        .route("context", with_context);
+    let running = router
+        .subscribe("t", opts(), routes)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("t", Message::new("plain", &1).unwrap()).await;
+    h.publish("t", Message::new("context", &2).unwrap()).await;
+    let mut dead = h.watch("t-dead").await;
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let record = recv(&mut dead).await;
+        let metadata = record.message().metadata();
+        assert_eq!(metadata.get(dl::DELIVERY_COUNT), Some("1"), "{metadata:?}");
+        reasons.push(metadata.get(dl::REASON).unwrap().to_owned());
+    }
+    running.shutdown().await.unwrap();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "permanent error: unknown customer",
+            "permanent error: while pricing order 7"
+        ]
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "each handler ran once");
+    assert_eq!(h.backend.pending_count("t", "svc").unwrap(), 0);
+}
+
+/// A handler that fails until `OUTAGE` has passed since its first call (a database that is
+/// down for a few seconds), recording each call's delivery count and time.
+#[derive(Clone, Default)]
+struct Outage {
+    first_call: Arc<Mutex<Option<std::time::Instant>>>,
+    calls: Arc<Mutex<Vec<(u64, Duration)>>>,
+}
+
+const OUTAGE: Duration = Duration::from_secs(3);
+
+impl Outage {
+    fn call(&self, info: &DeliveryInfo) -> std::result::Result<(), String> {
+        let since = self
+            .first_call
+            .lock()
+            .unwrap()
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed();
+        self.calls.lock().unwrap().push((info.delivery_count(), since));
+        if since < OUTAGE {
+            Err(format!("the database is down ({since:?} into the outage)"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn calls(&self) -> Vec<(u64, Duration)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test]
+async fn a_handler_failing_for_three_seconds_recovers_without_dead_letters_by_default() {
+    let h = Harness::new();
+    let outage = Outage::default();
+    async fn store(info: DeliveryInfo, State(outage): State<Outage>) -> std::result::Result<(), String> {
+        outage.call(&info)
+    }
+    let router = Router::with_state(outage.clone());
+    let routes = router.routes().route("order.placed", store);
+    // Default options: max_deliveries 10, no middleware.
+    let running = router
+        .subscribe("orders", opts(), routes)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("orders", order(1, "ada")).await;
+    let deadline = tokio::time::Instant::now() + OUTAGE + WAIT;
+    while outage.calls().last().is_none_or(|(_, at)| *at < OUTAGE) {
+        assert_eq!(
+            h.backend.stream_len("orders-dead").unwrap_or(0),
+            0,
+            "dead-lettered during the outage: {:?}",
+            outage.calls()
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recovered: {:?}",
+            outage.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.settled(&running, outage.calls().len() as u64).await;
+    running.shutdown().await.unwrap();
+    let calls = outage.calls();
+    assert_eq!(h.backend.stream_len("orders-dead").unwrap_or(0), 0, "{calls:?}");
+    assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0, "acked");
+    let counts: Vec<u64> = calls.iter().map(|(count, _)| *count).collect();
+    assert_eq!(counts, (1..=calls.len() as u64).collect::<Vec<_>>(), "{calls:?}");
+    assert!(calls.len() < 10, "room to spare under max_deliveries: {calls:?}");
+    // Each redelivery waited at least the default schedule: 100 ms, doubling.
+    let mut least = Duration::ZERO;
+    for (n, (_, at)) in calls.iter().enumerate().skip(1) {
+        least += Duration::from_millis(100) * 2u32.pow(n as u32 - 1);
+        assert!(*at >= least, "delivery {} came at {at:?}: {calls:?}", n + 1);
+    }
+}
+
+#[tokio::test]
+async fn the_retry_backoff_is_set_per_subscription_and_covers_panics() {
+    let h = Harness::new();
+    let times = Arc::new(Mutex::new(Vec::new()));
+    async fn down() -> std::result::Result<(), &'static str> {
+        Err("down")
+    }
+    async fn shaky(
+        info: DeliveryInfo,
+        State(times): State<Arc<Mutex<Vec<tokio::time::Instant>>>>,
+    ) -> std::result::Result<(), &'static str> {
+        times.lock().unwrap().push(tokio::time::Instant::now());
+        match info.delivery_count() {
+            1 => panic!("handler bug"),
+            2 => Err("not yet"),
+            _ => Ok(()),
+        }
+    }
+    const STEADY: Duration = Duration::from_millis(300);
+    let steady = RetryBackoff::exponential(STEADY, STEADY)
+        .multiplier(1.0)
+        .jitter(0.0);
+    let router = Router::with_state(times.clone()).retry_backoff(RetryBackoff::none());
+    let running = router
+        .subscribe(
+            "fast",
+            opts(),
+            Routes::with_state(times.clone()).route("down", down),
+        )
+        .subscribe(
+            "steady",
+            opts(),
+            Routes::with_state(times.clone())
+                .route("shaky", shaky)
+                .retry_backoff(steady),
+        )
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    h.publish("fast", Message::new("down", &1).unwrap()).await;
+    h.publish("steady", Message::new("shaky", &2).unwrap()).await;
+    // Ten deliveries without backoff: dead-lettered sooner than the default schedule's
+    // 32.7 s of waits would allow.
+    let mut dead = h.watch("fast-dead").await;
+    let record = recv(&mut dead).await;
+    assert_eq!(record.message().metadata().get(dl::DELIVERY_COUNT), Some("10"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while times.lock().unwrap().len() < 3 || h.backend.pending_count("steady", "svc").unwrap() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "steady never acked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running.shutdown().await.unwrap();
+    let times = times.lock().unwrap().clone();
+    assert_eq!(times.len(), 3);
+    // After the panic and after the error alike, the subscription's own 300 ms (not the
+    // router's none, nor the default's 100 ms).
+    assert!(times[1] - times[0] >= STEADY, "{:?}", times[1] - times[0]);
+    assert!(times[2] - times[1] >= STEADY, "{:?}", times[2] - times[1]);
+    assert_eq!(h.backend.stream_len("steady-dead").unwrap_or(0), 0);
+}
+
 /// A layer that records its name on the way in.
 #[derive(Clone)]
 struct Mark(&'static str, Arc<Mutex<Vec<&'static str>>>);
@@ -648,6 +833,20 @@ async fn misconfigured_routers_do_not_start() {
         .await
         .unwrap_err();
     assert_eq!(err.invalid_field(), Some("topic"));
+    let bad_jitter = Routes::new().retry_backoff(RetryBackoff::default().jitter(2.0));
+    let err = Router::new()
+        .subscribe("t", opts(), bad_jitter)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap_err();
+    assert_eq!(err.invalid_field(), Some("retry_backoff.jitter"));
+    let err = Router::new()
+        .retry_backoff(RetryBackoff::default().multiplier(0.5))
+        .subscribe("t", opts(), Routes::new())
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap_err();
+    assert_eq!(err.invalid_field(), Some("retry_backoff.multiplier"));
 }
 
 #[tokio::test]

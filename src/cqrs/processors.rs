@@ -114,7 +114,8 @@ impl CommandProcessor {
 
     /// Handles command `C` with `handler`, an async fn of the command returning
     /// `Result<R, E>`: `R` is `()`, an [`Event`] or an [`Emit`](super::Emit) of events to
-    /// publish before the command is acknowledged; an error nacks (or goes to the middleware).
+    /// publish before the command is acknowledged; an error nacks after the router's
+    /// [`RetryBackoff`](crate::router::RetryBackoff) (or goes to the middleware).
     #[must_use]
     pub fn handle<C, F, Fut, R, E>(mut self, handler: F) -> Self
     where

@@ -54,6 +54,16 @@ impl Scenario {
         }
     }
 
+    /// How long failed deliveries wait before they come back (the router's
+    /// [`RetryBackoff`](crate::router::RetryBackoff)): for a scenario whose handlers fail
+    /// until dead-lettered, [`RetryBackoff::none`](crate::router::RetryBackoff::none) keeps it
+    /// within the time a scenario waits to settle (10 s).
+    #[must_use]
+    pub fn retry_backoff(mut self, backoff: crate::router::RetryBackoff) -> Self {
+        self.router = self.router.retry_backoff(backoff);
+        self
+    }
+
     /// Runs these command handlers.
     pub fn commands(mut self, processor: CommandProcessor) -> Result<Self> {
         self.router = processor.register(self.router, "scenario")?;

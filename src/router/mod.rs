@@ -15,6 +15,10 @@
 //! layers, then the handler; within one level, the layer added last is outermost, as with
 //! tower's `ServiceBuilder` read bottom-up.
 //!
+//! A handler's error or panic nacks the delivery after a delay that grows with its delivery
+//! count ([`RetryBackoff`], set per subscription or for the router); an error with
+//! [`Permanent`] in its source chain dead-letters it at once.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> streamwise::Result<()> {
 //! use std::sync::Arc;
@@ -52,6 +56,7 @@
 //! # Ok(()) }
 //! ```
 
+mod backoff;
 mod extract;
 mod handler;
 mod incoming;
@@ -66,6 +71,7 @@ use std::time::Duration;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 
+pub use self::backoff::RetryBackoff;
 pub use self::extract::{EventType, FromIncoming, Json, State};
 pub use self::handler::{Handler, HandlerService, handler_service};
 pub use self::incoming::Incoming;
@@ -194,6 +200,7 @@ pub struct Routes<S = ()> {
     fallback: Fallback,
     pub(crate) layers: Vec<LayerFn>,
     order_by: Option<OrderKey>,
+    retry_backoff: Option<RetryBackoff>,
     state: Option<S>,
     errors: Vec<Error>,
 }
@@ -207,6 +214,7 @@ impl<S> fmt::Debug for Routes<S> {
             .field("fallback", &self.fallback)
             .field("layers", &self.layers.len())
             .field("order_by", &self.order_by)
+            .field("retry_backoff", &self.retry_backoff)
             .finish()
     }
 }
@@ -232,6 +240,7 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
             fallback: Fallback::default(),
             layers: Vec::new(),
             order_by: None,
+            retry_backoff: None,
             state: Some(state),
             errors: Vec::new(),
         }
@@ -310,6 +319,14 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
         self.order_by = Some(key);
         self
     }
+
+    /// How long a delivery whose handler returned an error or panicked waits before it comes
+    /// back, by its delivery count. Unset, the router's ([`Router::retry_backoff`]) applies.
+    #[must_use]
+    pub fn retry_backoff(mut self, backoff: RetryBackoff) -> Self {
+        self.retry_backoff = Some(backoff);
+        self
+    }
 }
 
 /// Dispatches a delivery to its route, or applies the fallback.
@@ -382,6 +399,7 @@ pub(crate) struct Plan {
     options: SubscribeOptions,
     service: PlanService,
     order_by: Option<OrderKey>,
+    retry_backoff: RetryBackoff,
 }
 
 /// Dispatches deliveries of one or more subscriptions to handlers; see the [module
@@ -391,6 +409,7 @@ pub struct Router<S = ()> {
     subscriptions: Vec<(String, SubscribeOptions, Routes<S>)>,
     layers: Vec<LayerFn>,
     shutdown_deadline: Duration,
+    retry_backoff: RetryBackoff,
 }
 
 impl<S> fmt::Debug for Router<S> {
@@ -406,6 +425,7 @@ impl<S> fmt::Debug for Router<S> {
             )
             .field("layers", &self.layers.len())
             .field("shutdown_deadline", &self.shutdown_deadline)
+            .field("retry_backoff", &self.retry_backoff)
             .finish()
     }
 }
@@ -431,6 +451,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             subscriptions: Vec::new(),
             layers: Vec::new(),
             shutdown_deadline: Duration::from_secs(30),
+            retry_backoff: RetryBackoff::default(),
         }
     }
 
@@ -462,17 +483,28 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         self
     }
 
+    /// The retry backoff of every subscription whose routes set none
+    /// ([`Routes::retry_backoff`]). Default [`RetryBackoff::default`]: 100 ms doubling to 10 s.
+    #[must_use]
+    pub fn retry_backoff(mut self, backoff: RetryBackoff) -> Self {
+        self.retry_backoff = backoff;
+        self
+    }
+
     /// Checks the routes and builds each subscription's service stack.
     fn plan(self) -> Result<(Vec<Plan>, Duration)> {
         if self.subscriptions.is_empty() {
             return Err(Error::invalid("subscriptions", "the router has none"));
         }
+        self.retry_backoff.validate()?;
         let mut plans = Vec::new();
         for (topic, options, mut routes) in self.subscriptions {
             options.validate(&topic)?;
             if let Some(e) = routes.errors.drain(..).next() {
                 return Err(e);
             }
+            let retry_backoff = routes.retry_backoff.unwrap_or(self.retry_backoff);
+            retry_backoff.validate()?;
             let dispatch = Dispatch::new(routes.routes, routes.fallback);
             let mut layers = routes.layers.iter().chain(self.layers.iter()).peekable();
             let service = if layers.peek().is_none() {
@@ -485,6 +517,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                 options,
                 service,
                 order_by: routes.order_by,
+                retry_backoff,
             });
         }
         Ok((plans, self.shutdown_deadline))

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::RetryBackoff;
 use crate::error::BoxError;
 use crate::message::Message;
 
@@ -194,6 +195,10 @@ impl<T: IntoOutcome, E: Into<BoxError>> IntoHandlerResult for Result<T, E> {
 /// An error that retrying cannot fix: the router dead-letters the delivery at once instead of
 /// nacking it, and retry middleware does not retry.
 ///
+/// It is recognised anywhere in an error's [`source`](std::error::Error::source) chain, so it
+/// may be wrapped: in `anyhow` (with or without context), in an error type of yours that keeps
+/// it as its source, or in a `Box<dyn Error>`.
+///
 /// ```
 /// use streamwise::router::Permanent;
 /// async fn handle() -> Result<(), Permanent> {
@@ -201,17 +206,58 @@ impl<T: IntoOutcome, E: Into<BoxError>> IntoHandlerResult for Result<T, E> {
 /// }
 /// ```
 #[derive(Debug)]
-pub struct Permanent(BoxError);
+pub struct Permanent(Cause);
+
+/// The error a [`Permanent`] wraps, given out as its source. It is a type of its own because
+/// some wrappers show only the wrapped error's source, never the error itself (anyhow's
+/// `Box<dyn Error>` conversion, `io::Error::other`, thiserror's `transparent`): finding it in
+/// the chain is how the `Permanent` above it is recognised behind them.
+struct Cause(BoxError);
+
+impl fmt::Debug for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// How deep [`Permanent::is_permanent`] looks: a bound, because a faulty `source` could make
+/// the chain a loop and hang the handler's task.
+const MAX_CHAIN: usize = 64;
 
 impl Permanent {
     /// Marks `error` as permanent.
     pub fn new(error: impl Into<BoxError>) -> Self {
-        Permanent(error.into())
+        Permanent(Cause(error.into()))
     }
 
-    /// Whether `error` is (or wraps, at the top) a [`Permanent`] error.
+    /// The error marked permanent (its source is a private wrapper of it, see the type docs).
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0.0
+    }
+
+    /// Whether `error` is a [`Permanent`] error or has one in its source chain.
     pub fn is_permanent(error: &BoxError) -> bool {
-        error.is::<Permanent>()
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
+        for _ in 0..MAX_CHAIN {
+            let Some(error) = next else { return false };
+            if error.is::<Permanent>() || error.is::<Cause>() {
+                return true;
+            }
+            next = error.source();
+        }
+        false
     }
 }
 
@@ -223,16 +269,178 @@ impl fmt::Display for Permanent {
 
 impl std::error::Error for Permanent {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.0)
+        Some(&self.0)
     }
 }
 
-/// The outcome of a handler error: dead-letter for a [`Permanent`] error, otherwise nack
+/// The outcome of a handler error on the delivery numbered `delivery_count`, as the router
+/// settles it: dead-letter for a [`Permanent`] error, otherwise nack after `backoff`'s delay
 /// (redelivery, until `max_deliveries` sends it to the dead-letter stream).
-pub fn outcome_of_error(error: &BoxError) -> Outcome {
+pub fn outcome_of_error(error: &BoxError, delivery_count: u64, backoff: &RetryBackoff) -> Outcome {
     if Permanent::is_permanent(error) {
         Outcome::dead_letter(format!("permanent error: {error}"))
     } else {
-        Outcome::nack()
+        Outcome::nack_after(backoff.delay(delivery_count))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as StdError;
+    use std::fmt;
+
+    use super::*;
+
+    /// A store's error as a thiserror enum: a cause kept as `#[source]`, as a boxed source, or
+    /// forwarded whole (`transparent`, which shows the wrapped error's own source, not it).
+    #[derive(Debug, thiserror::Error)]
+    enum StoreError {
+        #[error("the store refused the write")]
+        Refused(#[source] Permanent),
+        #[error("the store failed")]
+        Boxed(#[source] BoxError),
+        #[error(transparent)]
+        Transparent(Permanent),
+        #[error("the store is busy")]
+        Busy,
+    }
+
+    fn permanent() -> Permanent {
+        Permanent::new("order 7 refers to an unknown customer")
+    }
+
+    /// What a handler returning `anyhow::Result` hands the router: `?` on a `Permanent`.
+    fn anyhow_handler() -> anyhow::Result<()> {
+        Err(permanent())?;
+        Ok(())
+    }
+
+    fn is_dead_lettered(error: &BoxError) -> bool {
+        matches!(
+            outcome_of_error(error, 1, &RetryBackoff::default()).verdict(),
+            Verdict::DeadLetter { .. }
+        )
+    }
+
+    #[test]
+    fn permanent_is_found_anywhere_in_the_source_chain() {
+        let shapes: Vec<(&str, BoxError)> = vec![
+            ("itself", permanent().into()),
+            ("a Box<dyn Error> of it", Box::new(permanent()) as BoxError),
+            ("anyhow::Error::from", anyhow::Error::from(permanent()).into()),
+            ("anyhow!", anyhow::anyhow!(permanent()).into()),
+            (
+                "? in an anyhow::Result handler",
+                anyhow_handler().unwrap_err().into(),
+            ),
+            (
+                "anyhow! with context",
+                anyhow::anyhow!(permanent()).context("while doing x").into(),
+            ),
+            ("thiserror #[source]", StoreError::Refused(permanent()).into()),
+            (
+                "thiserror #[source] holding a Box<dyn Error>",
+                StoreError::Boxed(Box::new(permanent())).into(),
+            ),
+            (
+                "thiserror transparent",
+                StoreError::Transparent(permanent()).into(),
+            ),
+            ("io::Error::other", std::io::Error::other(permanent()).into()),
+            (
+                "anyhow context around a thiserror wrapper",
+                anyhow::Error::from(StoreError::Refused(permanent()))
+                    .context("while doing x")
+                    .into(),
+            ),
+        ];
+        for (shape, error) in shapes {
+            assert!(Permanent::is_permanent(&error), "{shape}: {error:?}");
+            assert!(is_dead_lettered(&error), "{shape}");
+        }
+    }
+
+    #[test]
+    fn anyhow_into_box_hides_the_permanent_itself() {
+        // Why a check of the chain's types alone is not enough: anyhow's boxed error is a
+        // private wrapper whose source is the Permanent's source, never the Permanent.
+        let boxed: BoxError = anyhow::anyhow!(permanent()).into();
+        assert!(!boxed.is::<Permanent>());
+        let mut chain = Some(&*boxed as &(dyn StdError + 'static));
+        while let Some(e) = chain {
+            assert!(!e.is::<Permanent>(), "{e:?}");
+            chain = e.source();
+        }
+        assert!(Permanent::is_permanent(&boxed));
+    }
+
+    /// An error that is its own source: a loop in the chain.
+    #[derive(Debug)]
+    struct Loop;
+
+    impl fmt::Display for Loop {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("loop")
+        }
+    }
+
+    impl StdError for Loop {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(self)
+        }
+    }
+
+    #[test]
+    fn other_errors_are_not_permanent() {
+        let shapes: Vec<(&str, BoxError)> = vec![
+            ("a string", "database busy".into()),
+            ("thiserror", StoreError::Busy.into()),
+            (
+                "thiserror with a boxed source",
+                StoreError::Boxed("timeout".into()).into(),
+            ),
+            (
+                "anyhow with context",
+                anyhow::anyhow!("timeout").context("while doing x").into(),
+            ),
+            ("io::Error::other", std::io::Error::other("reset").into()),
+            ("a loop in the chain", Box::new(Loop)),
+        ];
+        for (shape, error) in shapes {
+            assert!(!Permanent::is_permanent(&error), "{shape}");
+            assert!(!is_dead_lettered(&error), "{shape}");
+        }
+    }
+
+    #[test]
+    fn other_errors_nack_after_the_backoff_of_their_delivery() {
+        let error: BoxError = "database busy".into();
+        let backoff =
+            RetryBackoff::exponential(Duration::from_millis(100), Duration::from_secs(10)).jitter(0.0);
+        let delays: Vec<Verdict> = (1..=3)
+            .map(|n| outcome_of_error(&error, n, &backoff).verdict().clone())
+            .collect();
+        let expected = [100, 200, 400].map(|ms| Verdict::Nack {
+            delay: Duration::from_millis(ms),
+        });
+        assert_eq!(delays, expected);
+        assert_eq!(
+            outcome_of_error(&error, 3, &RetryBackoff::none()),
+            Outcome::nack()
+        );
+    }
+
+    #[test]
+    fn a_permanent_error_shows_its_cause() {
+        let error = Permanent::new(StoreError::Busy);
+        assert_eq!(error.to_string(), "the store is busy");
+        assert_eq!(error.source().unwrap().to_string(), "the store is busy");
+        assert!(error.get_ref().is::<StoreError>());
+        assert_eq!(
+            outcome_of_error(&(Box::new(error) as BoxError), 1, &RetryBackoff::default()).verdict(),
+            &Verdict::DeadLetter {
+                reason: "permanent error: the store is busy".into()
+            }
+        );
     }
 }

@@ -22,7 +22,7 @@ use tower::{Service, ServiceExt};
 
 use super::incoming::Incoming;
 use super::outcome::{Outcome, Verdict, outcome_of_error};
-use super::{OrderKey, Plan, PlanService};
+use super::{OrderKey, Plan, PlanService, RetryBackoff};
 use crate::dead_letter::{self, DeadLetter};
 use crate::delivery::{Delivery, Settlement};
 use crate::error::{Error, Result};
@@ -115,6 +115,7 @@ pub(crate) async fn start(
                     publisher: publisher.clone(),
                     handled: handled.clone(),
                     in_flight: in_flight.clone(),
+                    retry_backoff: plan.retry_backoff,
                 }),
             };
             let ordering = plan.order_by.map(|key| KeyOrder {
@@ -378,6 +379,8 @@ struct Common {
     publisher: Arc<dyn Publisher>,
     handled: Arc<AtomicU64>,
     in_flight: Arc<AtomicU64>,
+    /// The subscription's delay before failed deliveries come back.
+    retry_backoff: RetryBackoff,
 }
 
 impl Worker {
@@ -397,8 +400,9 @@ impl Worker {
         let outcome = match run.await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(error)) => {
-                tracing::warn!(id = %delivery.id(), error = %error, "handler failed");
-                outcome_of_error(&error)
+                let outcome = outcome_of_error(&error, delivery.delivery_count(), &common.retry_backoff);
+                tracing::warn!(id = %delivery.id(), delivery = delivery.delivery_count(), error = %error, verdict = ?outcome.verdict(), "handler failed");
+                outcome
             }
             Err(panic) => {
                 let what = panic
@@ -406,8 +410,9 @@ impl Worker {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a non-string panic".into());
-                tracing::error!(id = %delivery.id(), panic = what, "handler panicked; the delivery is nacked");
-                Outcome::nack()
+                let delay = common.retry_backoff.delay(delivery.delivery_count());
+                tracing::error!(id = %delivery.id(), delivery = delivery.delivery_count(), panic = what, redelivery_in = ?delay, "handler panicked; the delivery is nacked");
+                Outcome::nack_after(delay)
             }
         };
         settle(&delivery, outcome, &*common.publisher).await;

@@ -2,8 +2,9 @@
 //! unwinding through the router, so the layers outside it (retry, dead-letter, tracing) see it
 //! as a failure like any other.
 //!
-//! The router catches panics too (and nacks), but only at the outside of the whole stack;
-//! put this layer inside retry or dead-letter so that they can act on panics.
+//! The router catches panics too (and nacks, after its retry backoff), but only at the outside
+//! of the whole stack; put this layer inside retry or dead-letter so that they can act on
+//! panics.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {

@@ -1,10 +1,13 @@
 //! In-process retry: a handler that fails (returns an error) is called again, up to
 //! `max_retries` times, with exponential backoff and jitter between attempts. Errors marked
-//! [`Permanent`] are never retried. Outcomes (including nack) are not errors and pass through.
+//! [`Permanent`] (anywhere in their source chain) are never retried. Outcomes (including nack)
+//! are not errors and pass through.
 //!
 //! Built on [`tower::retry`] and its exponential backoff. When the retries are spent, the last
-//! error goes on outwards: the router nacks the delivery (or a dead-letter layer outside this
-//! one dead-letters it).
+//! error goes on outwards: the router nacks the delivery after the subscription's
+//! [`RetryBackoff`] (or a dead-letter layer outside this one dead-letters it). The two
+//! multiply: each delivery makes up to `max_retries + 1` calls, and the delivery holds its
+//! `max_in_flight` slot while this layer waits, which the router's backoff does not.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> streamwise::Result<()> {
@@ -30,6 +33,7 @@
 //! ```
 //!
 //! [`Permanent`]: streamwise::router::Permanent
+//! [`RetryBackoff`]: streamwise::router::RetryBackoff
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -254,6 +258,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((out, calls.load(Ordering::SeqCst)), (Outcome::nack(), 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_wrapped_in_anyhow_are_not_retried() {
+        async fn permanent(State(calls): State<Arc<AtomicU32>>) -> anyhow::Result<()> {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(anyhow::anyhow!(Permanent::new("bad input")).context("while pricing"))
+        }
+        async fn plain(State(calls): State<Arc<AtomicU32>>) -> anyhow::Result<()> {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(Permanent::new("bad input"))?;
+            Ok(())
+        }
+        let calls = Arc::new(AtomicU32::new(0));
+        let err = layer(5)
+            .layer(handler_service(permanent, calls.clone()))
+            .oneshot(incoming())
+            .await
+            .unwrap_err();
+        assert!(Permanent::is_permanent(&err));
+        let err = layer(5)
+            .layer(handler_service(plain, calls.clone()))
+            .oneshot(incoming())
+            .await
+            .unwrap_err();
+        assert!(Permanent::is_permanent(&err));
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "one call each, no retry");
     }
 
     #[tokio::test(start_paused = true)]

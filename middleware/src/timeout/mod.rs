@@ -1,6 +1,6 @@
 //! Timeouts: a handler that takes longer than the limit is dropped and fails with
-//! [`TimedOut`]; the router then nacks the delivery (or a retry or dead-letter layer outside
-//! this one acts on the error).
+//! [`TimedOut`]; the router then nacks the delivery after its retry backoff (or a retry or
+//! dead-letter layer outside this one acts on the error).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> streamwise::Result<()> {
