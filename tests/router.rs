@@ -297,7 +297,7 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
     let running = Router::new()
         .subscribe(
             "orders",
-            // Redelivered at once until the shutdown, and never dead-lettered meanwhile.
+            // Redelivered after the backoff until the shutdown, never dead-lettered meanwhile.
             opts().max_deliveries(u64::MAX),
             Routes::new().route("order.placed", placed),
         )
@@ -312,6 +312,32 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
         1,
         "nacked, still pending"
     );
+
+    // A failed publish waits out the subscription's backoff, like a handler's error.
+    let h = Harness::new();
+    let failing = Arc::new(Witness {
+        inner: h.backend.publisher(),
+        backend: h.backend.clone(),
+        seen_pending: Mutex::new(Vec::new()),
+        fail: true,
+    });
+    let hour = Duration::from_secs(3600);
+    let running = Router::new()
+        .subscribe(
+            "orders",
+            opts(),
+            Routes::new()
+                .route("order.placed", placed)
+                .retry_backoff(streamwise::router::RetryBackoff::exponential(hour, hour)),
+        )
+        .start(h.subscriber(), failing.clone())
+        .await
+        .unwrap();
+    h.publish("orders", order(3, "cy")).await;
+    h.settled(&running, 1).await;
+    tokio::time::sleep(streamwise::testing::QUIET).await; // an observation window, not a sync
+    assert_eq!(running.handled(), 1, "redelivered before its backoff");
+    running.shutdown().await.unwrap();
 }
 
 #[tokio::test]

@@ -415,7 +415,7 @@ impl Worker {
                 Outcome::nack_after(delay)
             }
         };
-        settle(&delivery, outcome, &*common.publisher).await;
+        settle(&delivery, outcome, &*common.publisher, &common.retry_backoff).await;
         common.handled.fetch_add(1, Ordering::Relaxed);
         // (A future dropped at the shutdown deadline never gets here: its delivery stays
         // pending, and the count is reported as abandoned.)
@@ -423,8 +423,9 @@ impl Worker {
     }
 }
 
-/// Settles `delivery` from `outcome`: messages first, then the ack; a failed publish nacks.
-async fn settle(delivery: &Delivery, outcome: Outcome, publisher: &dyn Publisher) {
+/// Settles `delivery` from `outcome`: messages first, then the ack; a failed publish nacks
+/// after the subscription's backoff.
+async fn settle(delivery: &Delivery, outcome: Outcome, publisher: &dyn Publisher, backoff: &RetryBackoff) {
     let (verdict, messages) = outcome.into_parts();
     let result = match verdict {
         // Nothing to publish: settled at once. (Publishing is boxed, so that its state does
@@ -434,7 +435,12 @@ async fn settle(delivery: &Delivery, outcome: Outcome, publisher: &dyn Publisher
         Verdict::Nack { delay } => delivery.settle(Settlement::Nack {
             delay: delay.min(crate::MAX_NACK_DELAY),
         }),
-        verdict => Box::pin(publish_then_settle(delivery, verdict, messages, publisher)).await,
+        verdict => {
+            Box::pin(publish_then_settle(
+                delivery, verdict, messages, publisher, backoff,
+            ))
+            .await
+        }
     };
     if let Err(e) = result {
         tracing::warn!(id = %delivery.id(), error = %e, "settling the delivery failed; it stays pending");
@@ -448,7 +454,10 @@ async fn publish_then_settle(
     verdict: Verdict,
     messages: Vec<super::Outgoing>,
     publisher: &dyn Publisher,
+    backoff: &RetryBackoff,
 ) -> Result<()> {
+    // A publish that failed is an error like a handler's: retried after the backoff.
+    let retry_in = backoff.delay(delivery.delivery_count());
     match verdict {
         Verdict::Ack => {
             let mut published = Ok(());
@@ -461,8 +470,8 @@ async fn publish_then_settle(
             match published {
                 Ok(()) => delivery.ack().await,
                 Err(e) => {
-                    tracing::warn!(id = %delivery.id(), error = %e, "publishing the handler's messages failed; the delivery is nacked");
-                    delivery.nack().await
+                    tracing::warn!(id = %delivery.id(), error = %e, redelivery_in = ?retry_in, "publishing the handler's messages failed; the delivery is nacked");
+                    delivery.nack_after(retry_in).await
                 }
             }
         }
@@ -486,8 +495,8 @@ async fn publish_then_settle(
                     delivery.ack().await
                 }
                 Err(e) => {
-                    tracing::error!(id = %info.id(), error = %e, "dead-letter record not written; the delivery is nacked");
-                    delivery.nack().await
+                    tracing::error!(id = %info.id(), error = %e, redelivery_in = ?retry_in, "dead-letter record not written; the delivery is nacked");
+                    delivery.nack_after(retry_in).await
                 }
             }
         }
