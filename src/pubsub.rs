@@ -44,6 +44,20 @@ pub trait Publisher: Send + Sync {
 
     /// Closes the publisher. Idempotent; later publishes fail with [`Error::Closed`].
     fn close(&self) -> BoxFuture<'_, Result<()>>;
+
+    /// Appends `message` to `topic` and trims the topic to about `max_length` entries (the
+    /// oldest go), whatever the publisher's own limit; for topics that must not grow without
+    /// bound (command and reply topics of [`cqrs`](crate::cqrs)). The default ignores the limit
+    /// (backends that cannot trim).
+    fn publish_capped<'a>(
+        &'a self,
+        topic: &'a str,
+        message: Message,
+        max_length: u64,
+    ) -> BoxFuture<'a, Result<EntryId>> {
+        let _ = max_length;
+        self.publish(topic, message)
+    }
 }
 
 /// Subscribes to topics as a consumer in a consumer group. Object safe.
@@ -69,6 +83,15 @@ pub trait Subscriber: Send + Sync {
     fn unflushed(&self) -> u64 {
         0
     }
+
+    /// Deletes `topic` with everything the backend keeps beside it (its groups, checkpoints,
+    /// leases): for topics of one process's own, such as a reply topic, once it is done.
+    /// Subscriptions still reading it end or fail. The default refuses ([`Error::Backend`]):
+    /// the backend cannot delete topics.
+    fn delete_topic<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
+        let _ = topic;
+        Box::pin(async { Err(Error::Backend("this backend cannot delete topics".into())) })
+    }
 }
 
 impl<P: Publisher + ?Sized> Publisher for Arc<P> {
@@ -85,6 +108,14 @@ impl<P: Publisher + ?Sized> Publisher for Arc<P> {
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         (**self).close()
     }
+    fn publish_capped<'a>(
+        &'a self,
+        topic: &'a str,
+        message: Message,
+        max_length: u64,
+    ) -> BoxFuture<'a, Result<EntryId>> {
+        (**self).publish_capped(topic, message, max_length)
+    }
 }
 
 impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
@@ -100,6 +131,9 @@ impl<S: Subscriber + ?Sized> Subscriber for Arc<S> {
     }
     fn unflushed(&self) -> u64 {
         (**self).unflushed()
+    }
+    fn delete_topic<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
+        (**self).delete_topic(topic)
     }
 }
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use streamwise::cqrs::testing::Scenario;
 use streamwise::cqrs::{Command, Cqrs, Emit, Event, Kind, Replies, ReplyError, TopicNaming};
 use streamwise::memory::MemoryBackend;
-use streamwise::router::{RetryBackoff, Router, RunningRouter};
+use streamwise::router::{Permanent, RetryBackoff, Router, RunningRouter};
 use streamwise::{Message, Publisher};
 use streamwise_middleware::dead_letter::DeadLetterLayer;
 
@@ -429,7 +429,10 @@ async fn send_and_wait_returns_the_typed_result_or_error() {
         .handle_with_reply(|q: GetPrice| async move {
             match q.sku.as_str() {
                 "apple" => Ok(120u32),
-                other => Err(format!("unknown sku {other}")),
+                "plum" => Err(streamwise::BoxError::from(Permanent::new(
+                    "plums are discontinued",
+                ))),
+                other => Err(format!("unknown sku {other}").into()),
             }
         });
     let running = start(commands.register(Router::new(), "w").unwrap(), &backend).await;
@@ -446,8 +449,23 @@ async fn send_and_wait_returns_the_typed_result_or_error() {
         .send_and_wait::<_, u32>(&GetPrice { sku: "pear".into() }, Duration::from_secs(10))
         .await
     {
-        Err(ReplyError::Handler(text)) => assert_eq!(text, "unknown sku pear"),
+        Err(ReplyError::Handler(error)) => {
+            assert_eq!(
+                (error.message.as_str(), error.permanent),
+                ("unknown sku pear", false)
+            )
+        }
         other => panic!("expected the handler's error, got {other:?}"),
+    }
+    match bus
+        .send_and_wait::<_, u32>(&GetPrice { sku: "plum".into() }, Duration::from_secs(10))
+        .await
+    {
+        Err(ReplyError::Handler(error)) => {
+            assert_eq!(error.message, "plums are discontinued");
+            assert!(error.permanent, "the reply says the error was permanent");
+        }
+        other => panic!("expected the handler's permanent error, got {other:?}"),
     }
     match bus
         .send_and_wait::<_, String>(&GetPrice { sku: "apple".into() }, Duration::from_secs(10))
@@ -474,4 +492,55 @@ async fn send_and_wait_returns_the_typed_result_or_error() {
             .await,
         Err(ReplyError::NotListening)
     ));
+}
+
+#[tokio::test]
+async fn closing_replies_deletes_the_reply_topic_and_command_topics_are_capped() {
+    let backend = MemoryBackend::new();
+    let cqrs = Cqrs::new();
+    let commands = cqrs
+        .command_processor("pricing")
+        .handle_with_reply(|_: GetPrice| async move { Ok::<_, Infallible>(1u32) });
+    let running = start(commands.register(Router::new(), "w").unwrap(), &backend).await;
+    let replies = Replies::listen(Arc::new(backend.subscriber())).await.unwrap();
+    let topic = replies.topic().to_owned();
+    let bus = cqrs
+        .command_bus(Arc::new(backend.publisher()))
+        .with_replies(replies.clone())
+        .with_max_length(5);
+    for _ in 0..8 {
+        let one: u32 = bus
+            .send_and_wait(&GetPrice { sku: "apple".into() }, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
+    }
+    assert_eq!(
+        backend.stream_len("commands-GetPrice").unwrap(),
+        5,
+        "trimmed as sent"
+    );
+    assert_eq!(backend.stream_len(&topic).unwrap(), 8);
+    replies.close().await.unwrap();
+    assert!(backend.stream_len(&topic).is_err(), "the reply topic is gone");
+    replies.close().await.unwrap();
+    assert!(matches!(
+        bus.send_and_wait::<_, u32>(&GetPrice { sku: "apple".into() }, Duration::from_secs(1))
+            .await,
+        Err(ReplyError::Closed)
+    ));
+    running.shutdown().await.unwrap();
+
+    // Dropped without close: deleted in the background.
+    let replies = Replies::listen(Arc::new(backend.subscriber())).await.unwrap();
+    let topic = replies.topic().to_owned();
+    drop(replies);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while backend.stream_len(&topic).is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dropped reply topic stayed"
+        );
+        tokio::task::yield_now().await;
+    }
 }

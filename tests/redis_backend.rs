@@ -727,6 +727,64 @@ async fn a_refused_dead_letter_write_is_retried_until_it_succeeds() {
     reading.await.unwrap();
 }
 
+/// Request/reply on Redis leaves nothing behind once the replies are closed: no reply
+/// stream, no checkpoints, no leases; command and reply streams are capped as they grow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_leaves_no_litter_and_command_streams_are_capped() {
+    use streamwise::cqrs::{Command, Cqrs, Replies};
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Ping;
+    impl Command for Ping {
+        fn name() -> std::borrow::Cow<'static, str> {
+            "Ping".into()
+        }
+    }
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let cqrs = Cqrs::new();
+    let router = cqrs
+        .command_processor("pong")
+        .handle_with_reply(|_: Ping| async { Ok::<_, std::convert::Infallible>("pong") })
+        .register(streamwise::router::Router::new(), "w")
+        .unwrap();
+    let running = router
+        .start(
+            Arc::new(backend.subscriber().unwrap()),
+            Arc::new(backend.publisher()),
+        )
+        .await
+        .unwrap();
+    let replies = Replies::listen(Arc::new(backend.subscriber().unwrap()))
+        .await
+        .unwrap();
+    let topic = replies.topic().to_owned();
+    let bus = cqrs
+        .command_bus(Arc::new(backend.publisher()))
+        .with_replies(replies.clone())
+        .with_max_length(100);
+    for _ in 0..500 {
+        let pong: String = bus.send_and_wait(&Ping, WAIT).await.unwrap();
+        assert_eq!(pong, "pong");
+    }
+    let len = |key: &str| -> u64 {
+        server
+            .command(&format!("XLEN {key}"))
+            .trim_start_matches(':')
+            .parse()
+            .unwrap()
+    };
+    // MAXLEN ~ trims whole nodes of (by default) 100 entries.
+    assert!(
+        len("commands-Ping") <= 200,
+        "{} commands kept",
+        len("commands-Ping")
+    );
+    replies.close().await.unwrap();
+    running.shutdown().await.unwrap();
+    let keys = redis_cli(&server, &["--scan", "--pattern", &format!("*{topic}*")]);
+    assert_eq!(keys, "", "left behind by the closed replies");
+}
+
 #[tokio::test]
 async fn retention_trims_entries_older_than_retention_ms() {
     let server = RedisServer::start();

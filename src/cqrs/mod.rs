@@ -55,7 +55,7 @@ use std::sync::Arc;
 
 pub use self::marshal::{Command, Event, JsonMarshaler, Marshaler, short_type_name};
 pub use self::processors::{CommandProcessor, EventGroupProcessor, EventProcessor};
-pub use self::reply::{Replies, ReplyError};
+pub use self::reply::{DEFAULT_REPLY_MAX_LENGTH, RemoteError, Replies, ReplyError};
 
 use crate::error::{Result, validate_name};
 use crate::message::{EntryId, Message};
@@ -218,6 +218,7 @@ impl Cqrs {
             cqrs: self.clone(),
             publisher,
             replies: None,
+            max_length: DEFAULT_COMMAND_MAX_LENGTH,
         }
     }
 
@@ -256,12 +257,18 @@ impl Cqrs {
     }
 }
 
+/// How many entries a command topic keeps at most by default: a [`CommandBus`] trims it to
+/// about this many as it sends ([`CommandBus::with_max_length`] to change). Commands beyond
+/// it that were not handled yet are dead-lettered as trimmed by their subscriber.
+pub const DEFAULT_COMMAND_MAX_LENGTH: u64 = 100_000;
+
 /// Sends commands.
 #[derive(Clone)]
 pub struct CommandBus {
     cqrs: Cqrs,
     publisher: Arc<dyn Publisher>,
     replies: Option<Replies>,
+    max_length: u64,
 }
 
 impl fmt::Debug for CommandBus {
@@ -276,7 +283,17 @@ impl CommandBus {
     /// Sends `command` to its topic; returns the entry id.
     pub async fn send<C: Command>(&self, command: &C) -> Result<EntryId> {
         let out = self.cqrs.command_message(command)?;
-        self.publisher.publish(&out.topic, out.message).await
+        self.publisher
+            .publish_capped(&out.topic, out.message, self.max_length)
+            .await
+    }
+
+    /// Trims command topics to about `max_length` entries as commands are sent. Default
+    /// [`DEFAULT_COMMAND_MAX_LENGTH`].
+    #[must_use]
+    pub fn with_max_length(mut self, max_length: u64) -> Self {
+        self.max_length = max_length;
+        self
     }
 
     /// Lets this bus wait for replies ([`send_and_wait`](Self::send_and_wait)): it listens on
@@ -299,7 +316,9 @@ impl CommandBus {
             .cqrs
             .command_message(command)
             .map_err(ReplyError::Transport)?;
-        replies.request(&*self.publisher, out, timeout).await
+        replies
+            .request(&*self.publisher, out, timeout, self.max_length)
+            .await
     }
 }
 
@@ -424,7 +443,7 @@ pub const REPLY_EVENT_TYPE: &str = "streamwise.reply";
 
 pub(crate) fn reply_message(
     correlation_id: &str,
-    result: std::result::Result<serde_json::Value, String>,
+    result: std::result::Result<serde_json::Value, RemoteError>,
 ) -> Result<Message> {
     let payload = match result {
         Ok(value) => serde_json::json!({ "ok": value }),

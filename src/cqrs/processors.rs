@@ -8,10 +8,10 @@ use std::future::Future;
 use tower::service_fn;
 
 use super::marshal::{self, Command, Event};
-use super::{CORRELATION_ID, Cqrs, IntoEmit, Kind, REPLY_TO};
+use super::{CORRELATION_ID, Cqrs, DEFAULT_REPLY_MAX_LENGTH, IntoEmit, Kind, REPLY_TO, RemoteError};
 use crate::error::{BoxError, Error, Result, validate_name};
 use crate::pubsub::SubscribeOptions;
-use crate::router::{BoxRoute, Fallback, Incoming, LayerFn, Outcome, RouteLayer, Router, boxed};
+use crate::router::{BoxRoute, Fallback, Incoming, LayerFn, Outcome, Outgoing, RouteLayer, Router, boxed};
 
 /// One typed handler, ready to route.
 struct Entry {
@@ -164,11 +164,12 @@ impl CommandProcessor {
                     return result.map(|_| Outcome::ack()).map_err(Into::into);
                 };
                 let reply = match result {
-                    Ok(value) => marshal::to_value(&value).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
+                    Ok(value) => marshal::to_value(&value).map_err(RemoteError::from_error),
+                    Err(e) => Err(RemoteError::from_error(e)),
                 };
                 match super::reply_message(correlation, reply) {
-                    Ok(message) => Ok(Outcome::ack().publish(topic, message)),
+                    Ok(message) => Ok(Outcome::ack()
+                        .publish_outgoing(Outgoing::new(topic, message).capped(DEFAULT_REPLY_MAX_LENGTH))),
                     Err(e) => Ok(Outcome::dead_letter(format!("the reply cannot be encoded: {e}"))),
                 }
             }

@@ -267,6 +267,15 @@ impl MemoryPublisher {
     }
 
     fn append(&self, topic: &str, messages: Vec<Message>) -> Result<Vec<EntryId>> {
+        self.append_capped(topic, messages, None)
+    }
+
+    fn append_capped(&self, topic: &str, messages: Vec<Message>, cap: Option<u64>) -> Result<Vec<EntryId>> {
+        let cap = cap.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        let max_length = match (self.max_length, cap) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let stream = self.check(topic, &messages)?;
         // Checked here, outside the lock and once for every group; a payload that is not JSON
         // is stored (as Redis would store it) and dead-lettered when a group reads it.
@@ -282,7 +291,7 @@ impl MemoryPublisher {
             let mut log = stream.log();
             checked
                 .into_iter()
-                .map(|(m, json)| log.append_checked(m, json, now_ms, self.max_length))
+                .map(|(m, json)| log.append_checked(m, json, now_ms, max_length))
                 .collect()
         };
         stream.changed.notify_waiters();
@@ -315,6 +324,18 @@ impl Publisher for MemoryPublisher {
         self.closed.store(true, Ordering::Release);
         Box::pin(std::future::ready(Ok(())))
     }
+
+    fn publish_capped<'a>(
+        &'a self,
+        topic: &'a str,
+        message: Message,
+        max_length: u64,
+    ) -> BoxFuture<'a, Result<EntryId>> {
+        let result = self
+            .append_capped(topic, vec![message], Some(max_length))
+            .map(|ids| ids[0]);
+        Box::pin(std::future::ready(result))
+    }
 }
 
 /// Subscribes to a [`MemoryBackend`]'s streams.
@@ -333,6 +354,16 @@ impl Subscriber for MemorySubscriber {
         options: SubscribeOptions,
     ) -> BoxFuture<'a, Result<Subscription>> {
         Box::pin(std::future::ready(self.start(topic, options)))
+    }
+
+    fn delete_topic<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
+        let result = validate_name("topic", topic).map(|()| {
+            if let Some(stream) = self.broker.streams().remove(topic) {
+                // Readers waiting on it look again (and find it gone from the broker).
+                stream.changed.notify_waiters();
+            }
+        });
+        Box::pin(std::future::ready(result))
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {

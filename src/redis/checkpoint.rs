@@ -65,8 +65,9 @@ impl CheckpointStore for RedisCheckpointStore {
         Box::pin(async move {
             self.conn
                 .run_mapped("save checkpoint", |mut c| {
-                    let cmd = redis::cmd("HSET").arg(&key).arg(&field).arg(&value).clone();
-                    async move { cmd.query_async::<()>(&mut c).await }
+                    let mut call = super::scripts::SAVE_CHECKPOINT.key(stream);
+                    call.key(&key).arg(&field).arg(&value);
+                    async move { call.invoke_async::<i64>(&mut c).await.map(drop) }
                 })
                 .await
         })

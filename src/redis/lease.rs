@@ -21,6 +21,7 @@ pub(crate) struct Lease {
     conn: RedisConnection,
     key: String,
     registry: String,
+    stream: String,
     consumer: String,
     token: String,
     ttl: Duration,
@@ -38,6 +39,7 @@ impl Lease {
             conn: conn.clone(),
             key: keys::lease(stream, group, consumer),
             registry: keys::leased_consumers(stream, group),
+            stream: stream.to_owned(),
             consumer: consumer.to_owned(),
             token: uuid::Uuid::now_v7().to_string(),
             ttl,
@@ -99,6 +101,7 @@ impl Lease {
             .run_mapped("hold lease", |mut c| {
                 let mut call = scripts::HOLD_LEASE.key(&self.key);
                 call.key(&self.registry)
+                    .key(&self.stream)
                     .arg(&self.token)
                     .arg(self.ttl_ms())
                     .arg(&self.consumer);

@@ -296,7 +296,7 @@ impl RedisPublisher {
         Ok(cmd)
     }
 
-    async fn append(&self, topic: &str, messages: &[Message]) -> Result<Vec<EntryId>> {
+    async fn append(&self, topic: &str, messages: &[Message], cap: Option<u64>) -> Result<Vec<EntryId>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("publisher"));
         }
@@ -316,7 +316,10 @@ impl RedisPublisher {
             }
         }
         let settings = self.settings(topic).await?;
-        let max_length = self.options.max_length.or(settings.max_length);
+        let max_length = match (self.options.max_length.or(settings.max_length), cap) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let trim_before = settings
             .retention
             .filter(|_| settings.trimmed_at.is_none_or(|t| t.elapsed() >= RETENTION_EVERY))
@@ -370,7 +373,7 @@ fn now_ms() -> u64 {
 impl Publisher for RedisPublisher {
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> BoxFuture<'a, Result<EntryId>> {
         Box::pin(async move {
-            let mut ids = self.append(topic, std::slice::from_ref(&message)).await?;
+            let mut ids = self.append(topic, std::slice::from_ref(&message), None).await?;
             ids.pop()
                 .ok_or_else(|| Error::Backend("XADD returned no id".into()))
         })
@@ -381,12 +384,27 @@ impl Publisher for RedisPublisher {
         topic: &'a str,
         messages: Vec<Message>,
     ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
-        Box::pin(async move { self.append(topic, &messages).await })
+        Box::pin(async move { self.append(topic, &messages, None).await })
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.closed.store(true, Ordering::Release);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn publish_capped<'a>(
+        &'a self,
+        topic: &'a str,
+        message: Message,
+        max_length: u64,
+    ) -> BoxFuture<'a, Result<EntryId>> {
+        Box::pin(async move {
+            let mut ids = self
+                .append(topic, std::slice::from_ref(&message), Some(max_length))
+                .await?;
+            ids.pop()
+                .ok_or_else(|| Error::Backend("XADD returned no id".into()))
+        })
     }
 }
 

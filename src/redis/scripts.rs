@@ -54,9 +54,11 @@ return n
 });
 
 /// Takes or keeps a lease: extends it when this token holds it, takes it (and registers the
-/// consumer as a lease user) when it is free. Safe to retry.
-/// KEYS: lease, registry. ARGV: token, ttl ms, consumer. Returns 1 when held, 0 when another
-/// token holds it.
+/// consumer as a lease user) when it is free. Safe to retry. While the stream does not exist
+/// (deleted under a running consumer) a free lease is not taken, so that nothing is left
+/// beside a deleted stream; the consumer counts as holding it, and takes it when its group is
+/// re-created. KEYS: lease, registry, stream. ARGV: token, ttl ms, consumer. Returns 1 when
+/// held, 0 when another token holds it.
 pub(crate) static HOLD_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -65,6 +67,9 @@ if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 elseif not holder then
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    return 1
+  end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
   return 1
@@ -145,6 +150,21 @@ redis.call('HSET', KEYS[2], 'created_at', ARGV[1])
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'retention_ms', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'max_length', ARGV[3]) end
 return 1
+",
+    )
+});
+
+/// Saves a checkpoint, only while its stream exists: a subscription that ends after its
+/// stream was deleted does not leave a checkpoint hash of a stream that is gone behind.
+/// KEYS: stream, checkpoint hash. ARGV: field, value. Returns 1 when saved.
+pub(crate) static SAVE_CHECKPOINT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
 ",
     )
 });

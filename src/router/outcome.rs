@@ -32,6 +32,10 @@ pub struct Outgoing {
     pub topic: String,
     /// The message.
     pub message: Message,
+    /// Trim the topic to about this many entries when publishing
+    /// ([`Publisher::publish_capped`](crate::Publisher::publish_capped)); `None`: the
+    /// publisher's own limit.
+    pub max_length: Option<u64>,
 }
 
 impl Outgoing {
@@ -40,7 +44,15 @@ impl Outgoing {
         Outgoing {
             topic: topic.into(),
             message,
+            max_length: None,
         }
+    }
+
+    /// Trims the topic to about `max_length` entries when this message is published.
+    #[must_use]
+    pub fn capped(mut self, max_length: u64) -> Self {
+        self.max_length = Some(max_length);
+        self
     }
 }
 
@@ -95,6 +107,13 @@ impl Outcome {
     #[must_use]
     pub fn publish(mut self, topic: impl Into<String>, message: Message) -> Self {
         self.messages.push(Outgoing::new(topic, message));
+        self
+    }
+
+    /// Adds a message to publish (before the ack), as it is built ([`Outgoing::capped`], say).
+    #[must_use]
+    pub fn publish_outgoing(mut self, outgoing: Outgoing) -> Self {
+        self.messages.push(outgoing);
         self
     }
 

@@ -462,7 +462,11 @@ async fn publish_then_settle(
         Verdict::Ack => {
             let mut published = Ok(());
             for out in messages {
-                if let Err(e) = publisher.publish(&out.topic, out.message).await {
+                let sent = match out.max_length {
+                    Some(max) => publisher.publish_capped(&out.topic, out.message, max).await,
+                    None => publisher.publish(&out.topic, out.message).await,
+                };
+                if let Err(e) = sent {
                     published = Err(e);
                     break;
                 }

@@ -387,6 +387,10 @@ impl Subscriber for RedisSubscriber {
             .sum()
     }
 
+    fn delete_topic<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { super::admin::delete_stream(&self.conn, topic).await.map(drop) })
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.closed.cancel();
         let tasks = std::mem::take(&mut *self.tasks());
