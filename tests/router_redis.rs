@@ -156,3 +156,40 @@ async fn a_hung_handler_does_not_stretch_the_shutdown_deadline() {
         "only the hung one is pending"
     );
 }
+
+/// Acks made while the server does not answer (SIGSTOP) cannot be written within the
+/// shutdown deadline: the shutdown ends on time all the same and counts them as unflushed
+/// (when the process exits then, their entries stay pending for the next run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_the_server_never_took_are_counted_as_unflushed() {
+    let server = RedisServer::start();
+    let redis = RedisBackend::new(&server.url()).unwrap();
+    let publisher = redis.publisher();
+    let batch: Vec<_> = (0..20u32).map(|n| Message::new("n", &n).unwrap()).collect();
+    publisher.publish_batch("t", batch).await.unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+    async fn work(State((gate, started)): State<(Arc<tokio::sync::Semaphore>, tokio::sync::mpsc::UnboundedSender<()>)>) {
+        started.send(()).unwrap();
+        gate.acquire().await.unwrap().forget();
+    }
+    let deadline = Duration::from_secs(2);
+    let router = Router::with_state((gate.clone(), started_tx)).shutdown_deadline(deadline);
+    let routes = router.routes().route("n", work);
+    let running = router
+        .subscribe("t", SubscribeOptions::new("g", "c").max_in_flight(20).batch_size(20), routes)
+        .start(Arc::new(redis.subscriber().unwrap()), Arc::new(redis.publisher()))
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        tokio::time::timeout(Duration::from_secs(20), started.recv()).await.unwrap().unwrap();
+    }
+    server.freeze();
+    gate.add_permits(20); // every handler returns: 20 acks for a server that does not answer
+    let asked = std::time::Instant::now();
+    let report = running.shutdown().await.unwrap();
+    let took = asked.elapsed();
+    server.thaw();
+    assert_eq!((report.handled, report.abandoned, report.unflushed), (20, 0, 20));
+    assert!(took < deadline + Duration::from_millis(500), "shutdown took {took:?}");
+}
