@@ -15,6 +15,10 @@ use tokio::sync::OnceCell;
 use super::dedicated::{DedicatedConnection, TlsSetup};
 use crate::error::{Error, Result};
 
+/// The longest `retry_base_delay`, `retry_max_delay`, `response_timeout` and
+/// `connect_timeout` that [`RedisConnectionBuilder::build`] accepts: one hour.
+pub const MAX_CONNECTION_DURATION: Duration = Duration::from_secs(3600);
+
 /// A Redis server to talk to, with the retry policy for every command sent to it.
 ///
 /// Cheap to clone; clones share one multiplexed connection, opened on first use.
@@ -88,35 +92,39 @@ impl fmt::Debug for RedisConnectionBuilder {
 }
 
 impl RedisConnectionBuilder {
-    /// How many times a failed command is retried before [`Error::Connection`]. Default 5.
+    /// How many times a failed command is retried before [`Error::Connection`]. Default 5;
+    /// any count is accepted (the delays stay capped by `retry_max_delay`).
     #[must_use]
     pub fn max_retries(mut self, n: u32) -> Self {
         self.settings.max_retries = n;
         self
     }
 
-    /// The first retry delay; it doubles on each retry. Default 100 ms.
+    /// The first retry delay; it doubles on each retry. Default 100 ms, at most
+    /// [`MAX_CONNECTION_DURATION`].
     #[must_use]
     pub fn retry_base_delay(mut self, delay: Duration) -> Self {
         self.settings.retry_base_delay = delay;
         self
     }
 
-    /// The longest retry delay. Default 30 s.
+    /// The longest retry delay. Default 30 s, at most [`MAX_CONNECTION_DURATION`].
     #[must_use]
     pub fn retry_max_delay(mut self, delay: Duration) -> Self {
         self.settings.retry_max_delay = delay;
         self
     }
 
-    /// How long a command (other than a blocking read) may wait for its reply. Default 10 s.
+    /// How long a command (other than a blocking read) may wait for its reply. Default 10 s,
+    /// at most [`MAX_CONNECTION_DURATION`].
     #[must_use]
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.settings.response_timeout = timeout;
         self
     }
 
-    /// How long opening a connection may take. Default 5 s.
+    /// How long opening a connection may take. Default 5 s, at most
+    /// [`MAX_CONNECTION_DURATION`].
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.settings.connect_timeout = timeout;
@@ -160,11 +168,25 @@ impl RedisConnectionBuilder {
         self
     }
 
-    /// Checks the settings and the URL; does not connect yet.
+    /// Checks the settings and the URL; does not connect yet. Every duration must be longer
+    /// than zero and at most [`MAX_CONNECTION_DURATION`] ([`Error::Invalid`] names the option),
+    /// so that no deadline computed from it can overflow later.
     pub fn build(self) -> Result<RedisConnection> {
         let s = self.settings;
-        if s.retry_base_delay.is_zero() {
-            return Err(Error::invalid("retry_base_delay", "must be longer than zero"));
+        for (field, duration) in [
+            ("retry_base_delay", s.retry_base_delay),
+            ("retry_max_delay", s.retry_max_delay),
+            ("response_timeout", s.response_timeout),
+            ("connect_timeout", s.connect_timeout),
+        ] {
+            if duration.is_zero() || duration > MAX_CONNECTION_DURATION {
+                return Err(Error::invalid(
+                    field,
+                    format_args!(
+                        "{duration:?} must be longer than zero and at most {MAX_CONNECTION_DURATION:?}"
+                    ),
+                ));
+            }
         }
         if s.retry_max_delay < s.retry_base_delay {
             return Err(Error::invalid(
@@ -174,12 +196,6 @@ impl RedisConnectionBuilder {
                     s.retry_max_delay, s.retry_base_delay
                 ),
             ));
-        }
-        if s.response_timeout.is_zero() {
-            return Err(Error::invalid("response_timeout", "must be longer than zero"));
-        }
-        if s.connect_timeout.is_zero() {
-            return Err(Error::invalid("connect_timeout", "must be longer than zero"));
         }
         let redacted_url = redact_url(&self.url);
         if cfg!(not(feature = "tls")) && self.url.to_ascii_lowercase().starts_with("rediss://") {
@@ -749,6 +765,34 @@ mod tests {
         for (builder, field) in cases {
             assert_eq!(builder.build().unwrap_err().invalid_field(), Some(field));
         }
+    }
+
+    #[test]
+    fn every_duration_option_is_bounded_at_build() {
+        let b = || RedisConnection::builder("redis://localhost");
+        let cases = [
+            (b().retry_base_delay(Duration::MAX), "retry_base_delay"),
+            (b().retry_max_delay(Duration::MAX), "retry_max_delay"),
+            (b().response_timeout(Duration::MAX), "response_timeout"),
+            (b().connect_timeout(Duration::MAX), "connect_timeout"),
+            (
+                b().retry_base_delay(MAX_CONNECTION_DURATION + Duration::from_nanos(1))
+                    .retry_max_delay(Duration::MAX),
+                "retry_base_delay",
+            ),
+        ];
+        for (builder, field) in cases {
+            let err = builder.build().unwrap_err();
+            assert_eq!(err.invalid_field(), Some(field), "{err}");
+        }
+        // The limits themselves are accepted, and so is any retry count.
+        b().retry_base_delay(MAX_CONNECTION_DURATION)
+            .retry_max_delay(MAX_CONNECTION_DURATION)
+            .response_timeout(MAX_CONNECTION_DURATION)
+            .connect_timeout(MAX_CONNECTION_DURATION)
+            .max_retries(u32::MAX)
+            .build()
+            .unwrap();
     }
 
     #[test]

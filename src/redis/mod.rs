@@ -36,7 +36,7 @@ mod subscriber;
 pub use ::redis as client;
 pub use checkpoint::RedisCheckpointStore;
 pub use codec::{Codec, JsonCodec, RawEntry};
-pub use connection::{RedisConnection, RedisConnectionBuilder, redact_url};
+pub use connection::{MAX_CONNECTION_DURATION, RedisConnection, RedisConnectionBuilder, redact_url};
 pub use publisher::{DEFAULT_MAX_ENTRY_SIZE, PublisherOptions, RedisPublisher};
 pub use reader::StreamReader;
 pub use subscriber::{RedisSubscriber, RedisSubscriberOptions, StatsSnapshot, SubscriberStats};
