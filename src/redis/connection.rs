@@ -5,12 +5,12 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError, RetryMethod};
-use tokio::sync::OnceCell;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError, RetryMethod};
 
 use super::dedicated::{DedicatedConnection, TlsSetup};
 use crate::error::{Error, Result};
@@ -45,13 +45,32 @@ struct Inner {
     client: redis::Client,
     redacted_url: String,
     settings: Settings,
-    shared: OnceCell<ConnectionManager>,
+    shared: SharedConnection,
     /// The certificates given to the builder, for the dedicated connections' TLS.
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     tls: TlsMaterial,
     /// The TLS client configuration of the dedicated connections, built on first use.
     #[cfg(feature = "tls")]
     tls_config: std::sync::OnceLock<std::result::Result<TlsSetup, String>>,
+}
+
+/// The shared multiplexed connection, opened on first use and again after it broke.
+///
+/// Not redis-rs's `ConnectionManager`: it reconnects in the background right when a
+/// connection breaks and hands that attempt's outcome to the next command. Retried after a
+/// backoff, a command then got the refusal of an attempt made before the backoff, so the
+/// last retry never saw a server that came back during it; and a refused login was never
+/// attempted again. Here each retry connects anew when there is no connection.
+#[derive(Default)]
+struct SharedConnection {
+    /// The connection in use, with its generation, so that a failure seen on an old
+    /// connection does not drop a newer one.
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Held while connecting, so that one attempt runs at a time; holds that attempt's
+    /// failure for the commands that waited for it.
+    connecting: tokio::sync::Mutex<Option<RedisError>>,
+    /// Connection attempts finished so far (also the generation of the newest connection).
+    attempts: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -217,7 +236,7 @@ impl RedisConnectionBuilder {
                 client,
                 redacted_url,
                 settings: s,
-                shared: OnceCell::new(),
+                shared: SharedConnection::default(),
                 tls: self.tls,
                 #[cfg(feature = "tls")]
                 tls_config: std::sync::OnceLock::new(),
@@ -395,20 +414,54 @@ impl RedisConnection {
         self.inner.settings.retry_max_delay
     }
 
-    /// The shared multiplexed connection, opened on first use.
-    async fn manager(&self) -> std::result::Result<ConnectionManager, RedisError> {
+    /// The shared multiplexed connection with its generation; opens it when there is none.
+    /// A command that waited while another attempt failed gets that attempt's error (it was
+    /// made after the command asked) instead of trying again at once.
+    async fn shared(&self) -> std::result::Result<(u64, MultiplexedConnection), RedisError> {
+        let shared = &self.inner.shared;
+        if let Some(current) = lock(&shared.current).clone() {
+            return Ok(current);
+        }
+        let attempts_seen = shared.attempts.load(Ordering::Acquire);
+        let mut last_failure = shared.connecting.lock().await;
+        if let Some(current) = lock(&shared.current).clone() {
+            return Ok(current);
+        }
+        if shared.attempts.load(Ordering::Acquire) != attempts_seen
+            && let Some(e) = last_failure.as_ref()
+        {
+            return Err(e.clone());
+        }
         let s = self.inner.settings;
-        self.inner
-            .shared
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_number_of_retries(0)
-                    .set_response_timeout(Some(s.response_timeout))
-                    .set_connection_timeout(Some(s.connect_timeout));
-                ConnectionManager::new_with_config(self.inner.client.clone(), config).await
-            })
-            .await
-            .cloned()
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(s.response_timeout))
+            .set_connection_timeout(Some(s.connect_timeout));
+        let connected = self
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await;
+        let generation = shared.attempts.fetch_add(1, Ordering::AcqRel) + 1;
+        match connected {
+            Ok(conn) => {
+                *last_failure = None;
+                *lock(&shared.current) = Some((generation, conn.clone()));
+                Ok((generation, conn))
+            }
+            Err(e) => {
+                *last_failure = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops the shared connection of `generation` after it failed for good (the next command
+    /// opens a new one); a newer connection stays.
+    fn forget_shared(&self, generation: u64) {
+        let mut current = lock(&self.inner.shared.current);
+        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *current = None;
+        }
     }
 
     /// Runs `op` on the shared connection, retrying connection failures with backoff.
@@ -416,13 +469,21 @@ impl RedisConnection {
     /// caller to map (`NOGROUP` and the like); retries spent become [`Error::Connection`].
     pub(crate) async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> std::result::Result<T, CommandError>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(MultiplexedConnection) -> Fut,
         Fut: Future<Output = std::result::Result<T, RedisError>>,
     {
         let mut attempt = 0;
         loop {
-            let result = match self.manager().await {
-                Ok(conn) => op(conn).await,
+            let result = match self.shared().await {
+                Ok((generation, conn)) => {
+                    let result = op(conn).await;
+                    if let Err(e) = &result
+                        && e.is_unrecoverable_error()
+                    {
+                        self.forget_shared(generation);
+                    }
+                    result
+                }
                 Err(e) => Err(e),
             };
             match result {
@@ -433,10 +494,8 @@ impl RedisConnection {
                     attempt += 1;
                     tokio::time::sleep(delay).await;
                 }
-                Err(e) if is_transient(&e) || is_auth_failure(&e) || tls_refusal(&e).is_some() => {
-                    return Err(CommandError::Failed(self.connection_error(what, e, attempt)));
-                }
-                Err(e) => return Err(CommandError::Server(e)),
+                Err(e) if is_server_refusal(&e) => return Err(CommandError::refused(what, e)),
+                Err(e) => return Err(CommandError::Failed(self.connection_error(what, e, attempt))),
             }
         }
     }
@@ -464,7 +523,7 @@ impl RedisConnection {
     /// Like [`run`](Self::run), mapping every server error to [`Error::Backend`].
     pub(crate) async fn run_mapped<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(MultiplexedConnection) -> Fut,
         Fut: Future<Output = std::result::Result<T, RedisError>>,
     {
         self.run(what, op).await.map_err(CommandError::into_error)
@@ -553,7 +612,8 @@ impl RedisConnection {
         } else if let Some(reason) = tls_refusal(&e) {
             format!("TLS handshake with {} failed during {what}: {reason}", self.url())
         } else {
-            format!("{what} on {} failed after {retries} retries", self.url())
+            // Connection errors (refused, reset, timed out) hold no credentials.
+            format!("{what} on {} failed after {retries} retries: {e}", self.url())
         };
         Error::connection(message, Some(Box::new(e)))
     }
@@ -573,24 +633,67 @@ impl fmt::Debug for RedisConnection {
 #[derive(Debug)]
 pub(crate) enum CommandError {
     Failed(Error),
-    Server(RedisError),
+    Server(Refused),
 }
 
 impl CommandError {
+    pub(crate) fn refused(what: &str, error: RedisError) -> Self {
+        CommandError::Server(Refused {
+            what: what.to_owned(),
+            error,
+        })
+    }
+
+    /// [`Error::Backend`] for a server error, naming the command or script.
     pub(crate) fn into_error(self) -> Error {
         match self {
             CommandError::Failed(e) => e,
-            CommandError::Server(e) => Error::Backend(Box::new(e)),
+            CommandError::Server(refused) => Error::Backend(Box::new(refused)),
         }
     }
 
     /// The server error code (`NOGROUP`, `BUSYGROUP`, ...), if this is a server error.
     pub(crate) fn code(&self) -> Option<&str> {
         match self {
-            CommandError::Server(e) => e.code(),
+            CommandError::Server(refused) => refused.error.code(),
             CommandError::Failed(_) => None,
         }
     }
+}
+
+/// A server error with what it refused: a script's error names only its SHA, so the
+/// message starts with what the command or script was for (`lease acquire: OOM ...`).
+#[derive(Debug)]
+pub(crate) struct Refused {
+    what: String,
+    error: RedisError,
+}
+
+impl Refused {
+    /// `error`, named by `what`, for errors that do not come through [`RedisConnection::run`].
+    pub(crate) fn boxed(what: &str, error: RedisError) -> Box<Self> {
+        Box::new(Refused {
+            what: what.to_owned(),
+            error,
+        })
+    }
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.what, self.error)
+    }
+}
+
+impl std::error::Error for Refused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// The guard of `mutex`; a panic elsewhere cannot leave these values half-written.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Errors that a new attempt, maybe on a new connection, can cure.
@@ -605,6 +708,12 @@ pub(crate) fn is_transient(e: &RedisError) -> bool {
             e.retry_method(),
             RetryMethod::Reconnect | RetryMethod::RetryImmediately | RetryMethod::WaitAndRetry
         )
+}
+
+/// A server error, which a new connection would meet again: neither connection trouble nor a
+/// refused login or TLS handshake.
+pub(crate) fn is_server_refusal(e: &RedisError) -> bool {
+    !is_transient(e) && !is_auth_failure(e) && tls_refusal(e).is_none()
 }
 
 /// The TLS error, when the handshake failed for a reason a retry cannot cure (an untrusted or

@@ -12,7 +12,7 @@ use redis::Value;
 use tokio::time::Instant;
 
 use super::codec::{self, Codec, JsonCodec};
-use super::connection::{RedisConnection, is_transient};
+use super::connection::{RedisConnection, Refused, is_transient};
 use super::dedicated::DedicatedConnection;
 use super::keys;
 use crate::error::{Error, Result, validate_name};
@@ -223,7 +223,7 @@ impl RedisPublisher {
                 None
             }
             // A server error: the same on any connection.
-            Err(e) => Some(Err(Error::Backend(Box::new(e)))),
+            Err(e) => Some(Err(Error::Backend(Refused::boxed("publish", e)))),
         }
     }
 

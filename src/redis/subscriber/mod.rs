@@ -346,6 +346,7 @@ impl RedisSubscriber {
             next_reclaim: Instant::now(),
             buffer: VecDeque::new(),
             failures: 0,
+            sending: "XREADGROUP",
             lease_lost,
             lease_loss_reported: false,
         };
