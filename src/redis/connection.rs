@@ -5,12 +5,13 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError, RetryMethod};
+use tokio::time::Instant;
 
 use super::dedicated::{DedicatedConnection, TlsSetup};
 use crate::error::{Error, Result};
@@ -46,6 +47,13 @@ struct Inner {
     redacted_url: String,
     settings: Settings,
     shared: SharedConnection,
+    /// Set once a command got its reply: the credentials worked then, so from then on a
+    /// refused login is taken for credentials being rotated, and retried, rather than for a
+    /// misconfiguration. (A connection that opened proves nothing: without a password none
+    /// is asked for, and the first command is refused.)
+    authenticated_once: AtomicBool,
+    /// When a refused login on reconnect was last logged as a warning (they are rate-limited).
+    auth_warned_at: Mutex<Option<Instant>>,
     /// The certificates given to the builder, for the dedicated connections' TLS.
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     tls: TlsMaterial,
@@ -237,6 +245,8 @@ impl RedisConnectionBuilder {
                 redacted_url,
                 settings: s,
                 shared: SharedConnection::default(),
+                authenticated_once: AtomicBool::new(false),
+                auth_warned_at: Mutex::new(None),
                 tls: self.tls,
                 #[cfg(feature = "tls")]
                 tls_config: std::sync::OnceLock::new(),
@@ -445,6 +455,7 @@ impl RedisConnection {
         match connected {
             Ok(conn) => {
                 *last_failure = None;
+                self.connected();
                 *lock(&shared.current) = Some((generation, conn.clone()));
                 Ok((generation, conn))
             }
@@ -462,6 +473,37 @@ impl RedisConnection {
         if current.as_ref().is_some_and(|(g, _)| *g == generation) {
             *current = None;
         }
+    }
+
+    /// Notes a connection that opened: logs the end of refused logins that were reported.
+    fn connected(&self) {
+        if lock(&self.inner.auth_warned_at).take().is_some() {
+            tracing::info!(url = %self.url(), "logged in again after refused logins");
+        }
+    }
+
+    /// Whether a failed attempt may be retried: connection trouble, or a refused login by a
+    /// client that has logged in before (its credentials are being rotated, or its user
+    /// re-created). A client whose first login is refused fails at once: it is misconfigured.
+    fn retryable(&self, e: &RedisError) -> bool {
+        is_transient(e) || (is_auth_failure(e) && self.inner.authenticated_once.load(Ordering::Acquire))
+    }
+
+    /// Logs a failed attempt before its retry. Refused logins are warnings, at most one per
+    /// [`AUTH_WARNING_EVERY`], since every command and task of the client meets them while
+    /// the credentials are wrong.
+    fn log_retry(&self, what: &str, attempt: u32, delay: Duration, e: &RedisError) {
+        if is_auth_failure(e) {
+            let now = Instant::now();
+            let mut warned_at = lock(&self.inner.auth_warned_at);
+            if warned_at.is_none_or(|at| now.duration_since(at) >= AUTH_WARNING_EVERY) {
+                *warned_at = Some(now);
+                tracing::warn!(what, url = %self.url(),
+                    "authentication refused on reconnect; retrying with backoff until the credentials work again");
+                return;
+            }
+        }
+        tracing::debug!(what, attempt, ?delay, error = %e, url = %self.url(), "redis command failed; retrying");
     }
 
     /// Runs `op` on the shared connection, retrying connection failures with backoff.
@@ -487,10 +529,15 @@ impl RedisConnection {
                 Err(e) => Err(e),
             };
             match result {
-                Ok(v) => return Ok(v),
-                Err(e) if is_transient(&e) && attempt < self.inner.settings.max_retries => {
+                Ok(v) => {
+                    if !self.inner.authenticated_once.load(Ordering::Relaxed) {
+                        self.inner.authenticated_once.store(true, Ordering::Release);
+                    }
+                    return Ok(v);
+                }
+                Err(e) if self.retryable(&e) && attempt < self.inner.settings.max_retries => {
                     let delay = self.backoff(attempt);
-                    tracing::debug!(what, attempt, ?delay, error = %e, url = %self.url(), "redis command failed; retrying");
+                    self.log_retry(what, attempt, delay, &e);
                     attempt += 1;
                     tokio::time::sleep(delay).await;
                 }
@@ -549,9 +596,14 @@ impl RedisConnection {
                 Err(e) => Err(e),
             };
             match connected {
-                Ok(conn) => return Ok(conn),
-                Err(e) if is_transient(&e) && attempt < self.inner.settings.max_retries => {
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                Ok(conn) => {
+                    self.connected();
+                    return Ok(conn);
+                }
+                Err(e) if self.retryable(&e) && attempt < self.inner.settings.max_retries => {
+                    let delay = self.backoff(attempt);
+                    self.log_retry("connect", attempt, delay, &e);
+                    tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(self.connection_error("connect", e, attempt)),
@@ -565,7 +617,9 @@ impl RedisConnection {
         let s = self.inner.settings;
         let tls = self.tls_setup()?;
         let info = self.inner.client.get_connection_info();
-        DedicatedConnection::connect(info, tls, s.connect_timeout, s.response_timeout).await
+        let conn = DedicatedConnection::connect(info, tls, s.connect_timeout, s.response_timeout).await?;
+        self.connected();
+        Ok(conn)
     }
 
     /// The TLS client configuration for a `rediss://` URL (`None` for other URLs).
@@ -690,6 +744,9 @@ impl std::error::Error for Refused {
         Some(&self.error)
     }
 }
+
+/// How often at most a refused login on reconnect is logged as a warning.
+const AUTH_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// The guard of `mutex`; a panic elsewhere cannot leave these values half-written.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
