@@ -624,3 +624,75 @@ async fn retries_whose_group_was_destroyed_are_dead_lettered_not_lost() {
     subscriber.close().await.unwrap();
     reading.await.unwrap();
 }
+
+/// A restart shorter than the default retry budget (100 ms doubling with equal jitter, 5
+/// retries: at least 1.55 s of backoff) surfaces no error to a publisher: each retry after a
+/// refused connection connects anew after its backoff, instead of taking the refusal of an
+/// attempt made before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_shorter_than_the_retry_budget_surfaces_no_error_to_the_publisher() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut server = RedisServer::start();
+    let publisher = Arc::new(RedisBackend::new(&server.url()).unwrap().publisher());
+    publisher.publish("t", msg(0)).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+    let publishing = tokio::spawn({
+        let (publisher, stop, published) = (publisher.clone(), stop.clone(), published.clone());
+        async move {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                match publisher.publish("t", msg(1)).await {
+                    Ok(_) => {
+                        published.fetch_add(1, Ordering::AcqRel);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            errors
+        }
+    });
+    for cycle in 0..2 {
+        server.kill();
+        // The outage itself, not a wait for a condition.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        server.restart();
+        // Publishing goes on after the restart.
+        let before = published.load(Ordering::Acquire);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while published.load(Ordering::Acquire) < before + 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "cycle {cycle}: no publish got through after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    stop.store(true, Ordering::Release);
+    let errors = publishing.await.unwrap();
+    assert!(
+        errors.is_empty(),
+        "publishes failed across 1.5 s restarts: {errors:?}"
+    );
+}
+
+/// A script the server refuses (here for want of memory) is named in the error by what it
+/// does, not only by the SHA in the server's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_script_is_named_in_the_error() {
+    let server = RedisServer::start();
+    server.command("XGROUP CREATE t g $ MKSTREAM");
+    // Every write is refused from now on; the group exists, so the lease is the first write.
+    assert_eq!(server.command("CONFIG SET maxmemory 1"), "+OK");
+    let sub_ = subscriber(&server, RedisSubscriberOptions::default());
+    let err = sub_
+        .subscribe("t", SubscribeOptions::new("g", "c"))
+        .await
+        .map(drop)
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("lease acquire"), "{text}");
+    assert!(text.contains("OOM"), "{text}");
+}

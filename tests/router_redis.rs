@@ -169,7 +169,12 @@ async fn acks_the_server_never_took_are_counted_as_unflushed() {
     publisher.publish_batch("t", batch).await.unwrap();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
-    async fn work(State((gate, started)): State<(Arc<tokio::sync::Semaphore>, tokio::sync::mpsc::UnboundedSender<()>)>) {
+    async fn work(
+        State((gate, started)): State<(
+            Arc<tokio::sync::Semaphore>,
+            tokio::sync::mpsc::UnboundedSender<()>,
+        )>,
+    ) {
         started.send(()).unwrap();
         gate.acquire().await.unwrap().forget();
     }
@@ -177,12 +182,19 @@ async fn acks_the_server_never_took_are_counted_as_unflushed() {
     let router = Router::with_state((gate.clone(), started_tx)).shutdown_deadline(deadline);
     let routes = router.routes().route("n", work);
     let running = router
-        .subscribe("t", SubscribeOptions::new("g", "c").max_in_flight(20).batch_size(20), routes)
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "c").max_in_flight(20).batch_size(20),
+            routes,
+        )
         .start(Arc::new(redis.subscriber().unwrap()), Arc::new(redis.publisher()))
         .await
         .unwrap();
     for _ in 0..20 {
-        tokio::time::timeout(Duration::from_secs(20), started.recv()).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), started.recv())
+            .await
+            .unwrap()
+            .unwrap();
     }
     server.freeze();
     gate.add_permits(20); // every handler returns: 20 acks for a server that does not answer
@@ -191,5 +203,8 @@ async fn acks_the_server_never_took_are_counted_as_unflushed() {
     let took = asked.elapsed();
     server.thaw();
     assert_eq!((report.handled, report.abandoned, report.unflushed), (20, 0, 20));
-    assert!(took < deadline + Duration::from_millis(500), "shutdown took {took:?}");
+    assert!(
+        took < deadline + Duration::from_millis(500),
+        "shutdown took {took:?}"
+    );
 }

@@ -227,3 +227,151 @@ async fn passwords_never_reach_debug_display_errors_or_logs() {
     assert!(!logs.contains(PASSWORD), "{logs}");
     assert!(everything.contains(":***@"), "{everything}");
 }
+
+/// A running client rides out a password rotation. While its user's password is changed and
+/// its connections are cut, commands fail after their retries with the authentication error
+/// (logged, but rate-limited); once the password works again, publishing, deliveries, acks,
+/// lease renewals and checkpoints recover by themselves.
+#[tokio::test]
+async fn a_running_client_recovers_once_a_rotated_password_works_again() {
+    use streamwise::redis::{RedisSubscriber, RedisSubscriberOptions};
+    const NEXT: &str = "n3xt-Pa55";
+    let captured = Captured::default();
+    let logger = tracing_subscriber::fmt()
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .finish();
+    let _guard = tracing::subscriber::set_default(logger);
+
+    // The default user stays open for the harness's own commands; the client is alice.
+    let server = RedisServer::start_with(&[
+        "--user",
+        "alice",
+        "on",
+        &format!(">{PASSWORD}"),
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    let conn = RedisConnection::builder(&url_with(&server, &format!("alice:{PASSWORD}")))
+        .max_retries(2)
+        .retry_base_delay(Duration::from_millis(20))
+        .retry_max_delay(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let redis = RedisBackend::with_connection(conn.clone());
+    let publisher = redis.publisher();
+    // Renewed every 300 ms: it lapses during the rotation and must be taken again after.
+    let subscriber = RedisSubscriber::new(
+        conn,
+        RedisSubscriberOptions::default().lease_ttl(Duration::from_millis(900)),
+    )
+    .unwrap();
+    let mut sub = subscriber
+        .subscribe(
+            "orders",
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    let message = |n: u32| Message::new("t", &n).unwrap();
+    publisher.publish("orders", message(1)).await.unwrap();
+    next_ok(&mut sub).await.ack().await.unwrap();
+    let lease = "streamwise:lease:orders:g:c";
+    assert_eq!(server.command(&format!("EXISTS {lease}")), ":1");
+
+    // The rotation: the old password stops working and every connection of alice is cut.
+    assert_eq!(
+        server.command(&format!("ACL SETUSER alice resetpass >{NEXT}")),
+        "+OK"
+    );
+    server.command("CLIENT KILL USER alice");
+    let err = publisher.publish("orders", message(2)).await.unwrap_err();
+    match &err {
+        Error::Connection { message, .. } => {
+            assert!(message.contains("authentication"), "{message}");
+            assert!(message.contains("alice:***@"), "{message}");
+        }
+        other => panic!("expected an authentication error, got {other:?}"),
+    }
+    // The lease lapses, since no renewal gets through.
+    wait_for("the lease to lapse", || {
+        server.command(&format!("EXISTS {lease}")) == ":0"
+    })
+    .await;
+
+    // The old password works again: everything recovers without a new client.
+    assert_eq!(
+        server.command(&format!("ACL SETUSER alice resetpass >{PASSWORD}")),
+        "+OK"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        match publisher.publish("orders", message(3)).await {
+            Ok(id) => break id,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert!(e.to_string().contains("authentication"), "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the publisher never recovered: {e}"),
+        }
+    };
+    let delivery = loop {
+        let d = next_ok(&mut sub).await;
+        if d.id() == id {
+            break d;
+        }
+        d.ack().await.unwrap();
+    };
+    delivery.ack().await.unwrap();
+    wait_for("the ack to land", || {
+        // The summary's first element: how many entries are pending.
+        server.command_lines("XPENDING orders g", 2)[1] == ":0"
+    })
+    .await;
+    wait_for("the lease to be taken again", || {
+        server.command(&format!("EXISTS {lease}")) == ":1"
+    })
+    .await;
+    wait_for("the checkpoint to be saved", || {
+        let saved = server.command_lines("HGET streamwise:checkpoint:orders g:c", 2);
+        saved.get(1).is_some_and(|v| v.contains(&id.to_string()))
+    })
+    .await;
+    subscriber.close().await.unwrap();
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let warnings = logs
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("authentication refused on reconnect"))
+        .count();
+    assert!(warnings >= 1, "the refusal was not reported:\n{logs}");
+    // One per 10 s at most, though every retry of every task met the refusal.
+    assert!(warnings <= 2, "{warnings} warnings: not rate-limited:\n{logs}");
+    assert!(!logs.contains(PASSWORD) && !logs.contains(NEXT), "{logs}");
+}
+
+/// The next delivery, skipping the error items of the outage (each one is logged), within 10 s.
+async fn next_ok(sub: &mut streamwise::Subscription) -> streamwise::Delivery {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(Ok(d))) => return d,
+            Ok(Some(Err(e))) => eprintln!("error item: {e}"),
+            other => panic!("no delivery: {other:?}"),
+        }
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds, for at most 10 s.
+async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

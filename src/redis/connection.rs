@@ -5,15 +5,20 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError, RetryMethod};
-use tokio::sync::OnceCell;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError, RetryMethod};
+use tokio::time::Instant;
 
 use super::dedicated::{DedicatedConnection, TlsSetup};
 use crate::error::{Error, Result};
+
+/// The longest `retry_base_delay`, `retry_max_delay`, `response_timeout` and
+/// `connect_timeout` that [`RedisConnectionBuilder::build`] accepts: one hour.
+pub const MAX_CONNECTION_DURATION: Duration = Duration::from_secs(3600);
 
 /// A Redis server to talk to, with the retry policy for every command sent to it.
 ///
@@ -41,13 +46,39 @@ struct Inner {
     client: redis::Client,
     redacted_url: String,
     settings: Settings,
-    shared: OnceCell<ConnectionManager>,
+    shared: SharedConnection,
+    /// Set once a command got its reply: the credentials worked then, so from then on a
+    /// refused login is taken for credentials being rotated, and retried, rather than for a
+    /// misconfiguration. (A connection that opened proves nothing: without a password none
+    /// is asked for, and the first command is refused.)
+    authenticated_once: AtomicBool,
+    /// When a refused login on reconnect was last logged as a warning (they are rate-limited).
+    auth_warned_at: Mutex<Option<Instant>>,
     /// The certificates given to the builder, for the dedicated connections' TLS.
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     tls: TlsMaterial,
     /// The TLS client configuration of the dedicated connections, built on first use.
     #[cfg(feature = "tls")]
     tls_config: std::sync::OnceLock<std::result::Result<TlsSetup, String>>,
+}
+
+/// The shared multiplexed connection, opened on first use and again after it broke.
+///
+/// Not redis-rs's `ConnectionManager`: it reconnects in the background right when a
+/// connection breaks and hands that attempt's outcome to the next command. Retried after a
+/// backoff, a command then got the refusal of an attempt made before the backoff, so the
+/// last retry never saw a server that came back during it; and a refused login was never
+/// attempted again. Here each retry connects anew when there is no connection.
+#[derive(Default)]
+struct SharedConnection {
+    /// The connection in use, with its generation, so that a failure seen on an old
+    /// connection does not drop a newer one.
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Held while connecting, so that one attempt runs at a time; holds that attempt's
+    /// failure for the commands that waited for it.
+    connecting: tokio::sync::Mutex<Option<RedisError>>,
+    /// Connection attempts finished so far (also the generation of the newest connection).
+    attempts: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -88,35 +119,39 @@ impl fmt::Debug for RedisConnectionBuilder {
 }
 
 impl RedisConnectionBuilder {
-    /// How many times a failed command is retried before [`Error::Connection`]. Default 5.
+    /// How many times a failed command is retried before [`Error::Connection`]. Default 5;
+    /// any count is accepted (the delays stay capped by `retry_max_delay`).
     #[must_use]
     pub fn max_retries(mut self, n: u32) -> Self {
         self.settings.max_retries = n;
         self
     }
 
-    /// The first retry delay; it doubles on each retry. Default 100 ms.
+    /// The first retry delay; it doubles on each retry. Default 100 ms, at most
+    /// [`MAX_CONNECTION_DURATION`].
     #[must_use]
     pub fn retry_base_delay(mut self, delay: Duration) -> Self {
         self.settings.retry_base_delay = delay;
         self
     }
 
-    /// The longest retry delay. Default 30 s.
+    /// The longest retry delay. Default 30 s, at most [`MAX_CONNECTION_DURATION`].
     #[must_use]
     pub fn retry_max_delay(mut self, delay: Duration) -> Self {
         self.settings.retry_max_delay = delay;
         self
     }
 
-    /// How long a command (other than a blocking read) may wait for its reply. Default 10 s.
+    /// How long a command (other than a blocking read) may wait for its reply. Default 10 s,
+    /// at most [`MAX_CONNECTION_DURATION`].
     #[must_use]
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.settings.response_timeout = timeout;
         self
     }
 
-    /// How long opening a connection may take. Default 5 s.
+    /// How long opening a connection may take. Default 5 s, at most
+    /// [`MAX_CONNECTION_DURATION`].
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.settings.connect_timeout = timeout;
@@ -160,11 +195,25 @@ impl RedisConnectionBuilder {
         self
     }
 
-    /// Checks the settings and the URL; does not connect yet.
+    /// Checks the settings and the URL; does not connect yet. Every duration must be longer
+    /// than zero and at most [`MAX_CONNECTION_DURATION`] ([`Error::Invalid`] names the option),
+    /// so that no deadline computed from it can overflow later.
     pub fn build(self) -> Result<RedisConnection> {
         let s = self.settings;
-        if s.retry_base_delay.is_zero() {
-            return Err(Error::invalid("retry_base_delay", "must be longer than zero"));
+        for (field, duration) in [
+            ("retry_base_delay", s.retry_base_delay),
+            ("retry_max_delay", s.retry_max_delay),
+            ("response_timeout", s.response_timeout),
+            ("connect_timeout", s.connect_timeout),
+        ] {
+            if duration.is_zero() || duration > MAX_CONNECTION_DURATION {
+                return Err(Error::invalid(
+                    field,
+                    format_args!(
+                        "{duration:?} must be longer than zero and at most {MAX_CONNECTION_DURATION:?}"
+                    ),
+                ));
+            }
         }
         if s.retry_max_delay < s.retry_base_delay {
             return Err(Error::invalid(
@@ -174,12 +223,6 @@ impl RedisConnectionBuilder {
                     s.retry_max_delay, s.retry_base_delay
                 ),
             ));
-        }
-        if s.response_timeout.is_zero() {
-            return Err(Error::invalid("response_timeout", "must be longer than zero"));
-        }
-        if s.connect_timeout.is_zero() {
-            return Err(Error::invalid("connect_timeout", "must be longer than zero"));
         }
         let redacted_url = redact_url(&self.url);
         if cfg!(not(feature = "tls")) && self.url.to_ascii_lowercase().starts_with("rediss://") {
@@ -201,7 +244,9 @@ impl RedisConnectionBuilder {
                 client,
                 redacted_url,
                 settings: s,
-                shared: OnceCell::new(),
+                shared: SharedConnection::default(),
+                authenticated_once: AtomicBool::new(false),
+                auth_warned_at: Mutex::new(None),
                 tls: self.tls,
                 #[cfg(feature = "tls")]
                 tls_config: std::sync::OnceLock::new(),
@@ -379,20 +424,86 @@ impl RedisConnection {
         self.inner.settings.retry_max_delay
     }
 
-    /// The shared multiplexed connection, opened on first use.
-    async fn manager(&self) -> std::result::Result<ConnectionManager, RedisError> {
+    /// The shared multiplexed connection with its generation; opens it when there is none.
+    /// A command that waited while another attempt failed gets that attempt's error (it was
+    /// made after the command asked) instead of trying again at once.
+    async fn shared(&self) -> std::result::Result<(u64, MultiplexedConnection), RedisError> {
+        let shared = &self.inner.shared;
+        if let Some(current) = lock(&shared.current).clone() {
+            return Ok(current);
+        }
+        let attempts_seen = shared.attempts.load(Ordering::Acquire);
+        let mut last_failure = shared.connecting.lock().await;
+        if let Some(current) = lock(&shared.current).clone() {
+            return Ok(current);
+        }
+        if shared.attempts.load(Ordering::Acquire) != attempts_seen
+            && let Some(e) = last_failure.as_ref()
+        {
+            return Err(e.clone());
+        }
         let s = self.inner.settings;
-        self.inner
-            .shared
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_number_of_retries(0)
-                    .set_response_timeout(Some(s.response_timeout))
-                    .set_connection_timeout(Some(s.connect_timeout));
-                ConnectionManager::new_with_config(self.inner.client.clone(), config).await
-            })
-            .await
-            .cloned()
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(s.response_timeout))
+            .set_connection_timeout(Some(s.connect_timeout));
+        let connected = self
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await;
+        let generation = shared.attempts.fetch_add(1, Ordering::AcqRel) + 1;
+        match connected {
+            Ok(conn) => {
+                *last_failure = None;
+                self.connected();
+                *lock(&shared.current) = Some((generation, conn.clone()));
+                Ok((generation, conn))
+            }
+            Err(e) => {
+                *last_failure = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops the shared connection of `generation` after it failed for good (the next command
+    /// opens a new one); a newer connection stays.
+    fn forget_shared(&self, generation: u64) {
+        let mut current = lock(&self.inner.shared.current);
+        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *current = None;
+        }
+    }
+
+    /// Notes a connection that opened: logs the end of refused logins that were reported.
+    fn connected(&self) {
+        if lock(&self.inner.auth_warned_at).take().is_some() {
+            tracing::info!(url = %self.url(), "logged in again after refused logins");
+        }
+    }
+
+    /// Whether a failed attempt may be retried: connection trouble, or a refused login by a
+    /// client that has logged in before (its credentials are being rotated, or its user
+    /// re-created). A client whose first login is refused fails at once: it is misconfigured.
+    fn retryable(&self, e: &RedisError) -> bool {
+        is_transient(e) || (is_auth_failure(e) && self.inner.authenticated_once.load(Ordering::Acquire))
+    }
+
+    /// Logs a failed attempt before its retry. Refused logins are warnings, at most one per
+    /// [`AUTH_WARNING_EVERY`], since every command and task of the client meets them while
+    /// the credentials are wrong.
+    fn log_retry(&self, what: &str, attempt: u32, delay: Duration, e: &RedisError) {
+        if is_auth_failure(e) {
+            let now = Instant::now();
+            let mut warned_at = lock(&self.inner.auth_warned_at);
+            if warned_at.is_none_or(|at| now.duration_since(at) >= AUTH_WARNING_EVERY) {
+                *warned_at = Some(now);
+                tracing::warn!(what, url = %self.url(),
+                    "authentication refused on reconnect; retrying with backoff until the credentials work again");
+                return;
+            }
+        }
+        tracing::debug!(what, attempt, ?delay, error = %e, url = %self.url(), "redis command failed; retrying");
     }
 
     /// Runs `op` on the shared connection, retrying connection failures with backoff.
@@ -400,27 +511,38 @@ impl RedisConnection {
     /// caller to map (`NOGROUP` and the like); retries spent become [`Error::Connection`].
     pub(crate) async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> std::result::Result<T, CommandError>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(MultiplexedConnection) -> Fut,
         Fut: Future<Output = std::result::Result<T, RedisError>>,
     {
         let mut attempt = 0;
         loop {
-            let result = match self.manager().await {
-                Ok(conn) => op(conn).await,
+            let result = match self.shared().await {
+                Ok((generation, conn)) => {
+                    let result = op(conn).await;
+                    if let Err(e) = &result
+                        && e.is_unrecoverable_error()
+                    {
+                        self.forget_shared(generation);
+                    }
+                    result
+                }
                 Err(e) => Err(e),
             };
             match result {
-                Ok(v) => return Ok(v),
-                Err(e) if is_transient(&e) && attempt < self.inner.settings.max_retries => {
+                Ok(v) => {
+                    if !self.inner.authenticated_once.load(Ordering::Relaxed) {
+                        self.inner.authenticated_once.store(true, Ordering::Release);
+                    }
+                    return Ok(v);
+                }
+                Err(e) if self.retryable(&e) && attempt < self.inner.settings.max_retries => {
                     let delay = self.backoff(attempt);
-                    tracing::debug!(what, attempt, ?delay, error = %e, url = %self.url(), "redis command failed; retrying");
+                    self.log_retry(what, attempt, delay, &e);
                     attempt += 1;
                     tokio::time::sleep(delay).await;
                 }
-                Err(e) if is_transient(&e) || is_auth_failure(&e) || tls_refusal(&e).is_some() => {
-                    return Err(CommandError::Failed(self.connection_error(what, e, attempt)));
-                }
-                Err(e) => return Err(CommandError::Server(e)),
+                Err(e) if is_server_refusal(&e) => return Err(CommandError::refused(what, e)),
+                Err(e) => return Err(CommandError::Failed(self.connection_error(what, e, attempt))),
             }
         }
     }
@@ -448,7 +570,7 @@ impl RedisConnection {
     /// Like [`run`](Self::run), mapping every server error to [`Error::Backend`].
     pub(crate) async fn run_mapped<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(MultiplexedConnection) -> Fut,
         Fut: Future<Output = std::result::Result<T, RedisError>>,
     {
         self.run(what, op).await.map_err(CommandError::into_error)
@@ -474,9 +596,14 @@ impl RedisConnection {
                 Err(e) => Err(e),
             };
             match connected {
-                Ok(conn) => return Ok(conn),
-                Err(e) if is_transient(&e) && attempt < self.inner.settings.max_retries => {
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                Ok(conn) => {
+                    self.connected();
+                    return Ok(conn);
+                }
+                Err(e) if self.retryable(&e) && attempt < self.inner.settings.max_retries => {
+                    let delay = self.backoff(attempt);
+                    self.log_retry("connect", attempt, delay, &e);
+                    tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(self.connection_error("connect", e, attempt)),
@@ -490,7 +617,9 @@ impl RedisConnection {
         let s = self.inner.settings;
         let tls = self.tls_setup()?;
         let info = self.inner.client.get_connection_info();
-        DedicatedConnection::connect(info, tls, s.connect_timeout, s.response_timeout).await
+        let conn = DedicatedConnection::connect(info, tls, s.connect_timeout, s.response_timeout).await?;
+        self.connected();
+        Ok(conn)
     }
 
     /// The TLS client configuration for a `rediss://` URL (`None` for other URLs).
@@ -537,7 +666,8 @@ impl RedisConnection {
         } else if let Some(reason) = tls_refusal(&e) {
             format!("TLS handshake with {} failed during {what}: {reason}", self.url())
         } else {
-            format!("{what} on {} failed after {retries} retries", self.url())
+            // Connection errors (refused, reset, timed out) hold no credentials.
+            format!("{what} on {} failed after {retries} retries: {e}", self.url())
         };
         Error::connection(message, Some(Box::new(e)))
     }
@@ -557,24 +687,70 @@ impl fmt::Debug for RedisConnection {
 #[derive(Debug)]
 pub(crate) enum CommandError {
     Failed(Error),
-    Server(RedisError),
+    Server(Refused),
 }
 
 impl CommandError {
+    pub(crate) fn refused(what: &str, error: RedisError) -> Self {
+        CommandError::Server(Refused {
+            what: what.to_owned(),
+            error,
+        })
+    }
+
+    /// [`Error::Backend`] for a server error, naming the command or script.
     pub(crate) fn into_error(self) -> Error {
         match self {
             CommandError::Failed(e) => e,
-            CommandError::Server(e) => Error::Backend(Box::new(e)),
+            CommandError::Server(refused) => Error::Backend(Box::new(refused)),
         }
     }
 
     /// The server error code (`NOGROUP`, `BUSYGROUP`, ...), if this is a server error.
     pub(crate) fn code(&self) -> Option<&str> {
         match self {
-            CommandError::Server(e) => e.code(),
+            CommandError::Server(refused) => refused.error.code(),
             CommandError::Failed(_) => None,
         }
     }
+}
+
+/// A server error with what it refused: a script's error names only its SHA, so the
+/// message starts with what the command or script was for (`lease acquire: OOM ...`).
+#[derive(Debug)]
+pub(crate) struct Refused {
+    what: String,
+    error: RedisError,
+}
+
+impl Refused {
+    /// `error`, named by `what`, for errors that do not come through [`RedisConnection::run`].
+    pub(crate) fn boxed(what: &str, error: RedisError) -> Box<Self> {
+        Box::new(Refused {
+            what: what.to_owned(),
+            error,
+        })
+    }
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.what, self.error)
+    }
+}
+
+impl std::error::Error for Refused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// How often at most a refused login on reconnect is logged as a warning.
+const AUTH_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// The guard of `mutex`; a panic elsewhere cannot leave these values half-written.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Errors that a new attempt, maybe on a new connection, can cure.
@@ -589,6 +765,12 @@ pub(crate) fn is_transient(e: &RedisError) -> bool {
             e.retry_method(),
             RetryMethod::Reconnect | RetryMethod::RetryImmediately | RetryMethod::WaitAndRetry
         )
+}
+
+/// A server error, which a new connection would meet again: neither connection trouble nor a
+/// refused login or TLS handshake.
+pub(crate) fn is_server_refusal(e: &RedisError) -> bool {
+    !is_transient(e) && !is_auth_failure(e) && tls_refusal(e).is_none()
 }
 
 /// The TLS error, when the handshake failed for a reason a retry cannot cure (an untrusted or
@@ -749,6 +931,34 @@ mod tests {
         for (builder, field) in cases {
             assert_eq!(builder.build().unwrap_err().invalid_field(), Some(field));
         }
+    }
+
+    #[test]
+    fn every_duration_option_is_bounded_at_build() {
+        let b = || RedisConnection::builder("redis://localhost");
+        let cases = [
+            (b().retry_base_delay(Duration::MAX), "retry_base_delay"),
+            (b().retry_max_delay(Duration::MAX), "retry_max_delay"),
+            (b().response_timeout(Duration::MAX), "response_timeout"),
+            (b().connect_timeout(Duration::MAX), "connect_timeout"),
+            (
+                b().retry_base_delay(MAX_CONNECTION_DURATION + Duration::from_nanos(1))
+                    .retry_max_delay(Duration::MAX),
+                "retry_base_delay",
+            ),
+        ];
+        for (builder, field) in cases {
+            let err = builder.build().unwrap_err();
+            assert_eq!(err.invalid_field(), Some(field), "{err}");
+        }
+        // The limits themselves are accepted, and so is any retry count.
+        b().retry_base_delay(MAX_CONNECTION_DURATION)
+            .retry_max_delay(MAX_CONNECTION_DURATION)
+            .response_timeout(MAX_CONNECTION_DURATION)
+            .connect_timeout(MAX_CONNECTION_DURATION)
+            .max_retries(u32::MAX)
+            .build()
+            .unwrap();
     }
 
     #[test]

@@ -173,7 +173,7 @@ impl DedicatedConnection {
             return Err(Self::out_of_step());
         }
         self.in_step = false;
-        let deadline = Instant::now() + self.response_timeout;
+        let deadline = deadline_after(self.response_timeout);
         loop {
             match resp::scan(&self.input, &mut self.scanned)? {
                 Scan::Complete(len) => {
@@ -260,6 +260,15 @@ impl redis::aio::ConnectionLike for DedicatedConnection {
     fn get_db(&self) -> i64 {
         self.db
     }
+}
+
+/// `timeout` from now, saturating: a blocking read's timeout is `BLOCK` plus a margin, and
+/// `Instant + Duration` panics on overflow.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    // About 30 years, as tokio's own timers saturate.
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
 }
 
 /// Opens the byte stream to `addr`.
@@ -432,6 +441,15 @@ mod tests {
         conn.authenticate(Some("app"), "pw").await.unwrap();
         expect_request(&mut server, redis::cmd("AUTH").arg("app").arg("pw")).await;
         expect_request(&mut server, redis::cmd("AUTH").arg("pw")).await;
+    }
+
+    #[tokio::test]
+    async fn the_longest_response_timeout_does_not_overflow() {
+        let (mut conn, mut server) = pipe();
+        conn.set_response_timeout(Duration::MAX);
+        server.write_all(b"+PONG\r\n").await.unwrap();
+        let pong: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+        assert_eq!(pong, "PONG");
     }
 
     #[tokio::test]

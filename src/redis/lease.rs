@@ -51,7 +51,7 @@ impl Lease {
         };
         let mut seen: Option<(String, i64)> = None;
         loop {
-            if lease.hold().await? {
+            if lease.hold("lease acquire").await? {
                 if seen.is_some() {
                     tracing::info!(lease = %lease.key, "took over a lease its holder stopped renewing");
                 }
@@ -94,11 +94,11 @@ impl Lease {
     }
 
     /// Takes or extends the lease; `false` when another consumer holds it. Retrying is safe:
-    /// our own token counts as ours.
-    async fn hold(&self) -> Result<bool> {
+    /// our own token counts as ours. `what` names the script call in errors.
+    async fn hold(&self, what: &str) -> Result<bool> {
         let held: i64 = self
             .conn
-            .run_mapped("hold lease", |mut c| {
+            .run_mapped(what, |mut c| {
                 let mut call = scripts::HOLD_LEASE.key(&self.key);
                 call.key(&self.registry)
                     .key(&self.stream)
@@ -114,7 +114,7 @@ impl Lease {
     async fn release(&self) {
         let released = self
             .conn
-            .run_mapped("release lease", |mut c| {
+            .run_mapped("lease release", |mut c| {
                 let mut call = scripts::RELEASE_LEASE.key(&self.key);
                 call.key(&self.registry).arg(&self.token).arg(&self.consumer);
                 async move { call.invoke_async::<i64>(&mut c).await }
@@ -148,7 +148,7 @@ impl Heartbeat {
                 _ = released.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            match self.lease.hold().await {
+            match self.lease.hold("lease renewal").await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::error!(
@@ -192,7 +192,7 @@ async fn touch_owned(shared: &Shared, older_than: Duration) -> Result<()> {
     let origin = &shared.origin;
     let _touched: i64 = shared
         .conn
-        .run_mapped("heartbeat", |mut c| {
+        .run_mapped("held entries heartbeat", |mut c| {
             let mut call = scripts::TOUCH_OWN.key(origin.stream());
             call.arg(origin.group()).arg(origin.consumer());
             for id in &ids {

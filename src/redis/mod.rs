@@ -36,10 +36,13 @@ mod subscriber;
 pub use ::redis as client;
 pub use checkpoint::RedisCheckpointStore;
 pub use codec::{Codec, JsonCodec, RawEntry};
-pub use connection::{RedisConnection, RedisConnectionBuilder, redact_url};
-pub use publisher::{DEFAULT_MAX_ENTRY_SIZE, PublisherOptions, RedisPublisher};
+pub use connection::{MAX_CONNECTION_DURATION, RedisConnection, RedisConnectionBuilder, redact_url};
+pub use publisher::{DEFAULT_MAX_ENTRY_SIZE, MAX_LENGTH, PublisherOptions, RedisPublisher};
 pub use reader::StreamReader;
-pub use subscriber::{RedisSubscriber, RedisSubscriberOptions, StatsSnapshot, SubscriberStats};
+pub use subscriber::{
+    MAX_ACK_FLUSH_INTERVAL, MAX_LEASE_TTL, RedisSubscriber, RedisSubscriberOptions, StatsSnapshot,
+    SubscriberStats,
+};
 
 /// A [`RedisConnection`] with shortcuts to make publishers and subscribers on it.
 #[derive(Clone, Debug)]

@@ -12,7 +12,7 @@ use redis::Value;
 use tokio::time::Instant;
 
 use super::codec::{self, Codec, JsonCodec};
-use super::connection::{RedisConnection, is_transient};
+use super::connection::{RedisConnection, Refused, is_transient};
 use super::dedicated::DedicatedConnection;
 use super::keys;
 use crate::error::{Error, Result, validate_name};
@@ -21,6 +21,9 @@ use crate::pubsub::Publisher;
 
 /// The default limit on the encoded size of one entry: 1 MiB.
 pub const DEFAULT_MAX_ENTRY_SIZE: usize = 1024 * 1024;
+
+/// The largest [`PublisherOptions::max_length`]: Redis counts in signed 64-bit integers.
+pub const MAX_LENGTH: u64 = i64::MAX as u64;
 
 /// How long the publisher trusts the stream settings it read.
 const SETTINGS_TTL: Duration = Duration::from_secs(5);
@@ -68,7 +71,7 @@ impl std::fmt::Debug for PublisherOptions {
 
 impl PublisherOptions {
     /// Trim every stream published to at about `n` entries (`XADD MAXLEN ~ n`). Overrides the
-    /// stream's own `max_length` setting.
+    /// stream's own `max_length` setting. At least 1, at most [`MAX_LENGTH`].
     #[must_use]
     pub fn max_length(mut self, n: u64) -> Self {
         self.max_length = Some(n);
@@ -83,7 +86,7 @@ impl PublisherOptions {
         self
     }
 
-    /// The limit on the encoded size of an entry. Default 1 MiB.
+    /// The limit on the encoded size of an entry. Default 1 MiB; at least 1 byte.
     #[must_use]
     pub fn max_entry_size(mut self, bytes: usize) -> Self {
         self.max_entry_size = bytes;
@@ -95,6 +98,23 @@ impl PublisherOptions {
     pub fn codec(mut self, codec: impl Codec) -> Self {
         self.codec = Arc::new(codec);
         self
+    }
+
+    /// Checks the options; [`Error::Invalid`] names the one at fault. Every publish checks
+    /// them before it sends anything.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(n) = self.max_length
+            && !(1..=MAX_LENGTH).contains(&n)
+        {
+            return Err(Error::invalid(
+                "max_length",
+                format_args!("{n} is not between 1 and {MAX_LENGTH}"),
+            ));
+        }
+        if self.max_entry_size == 0 {
+            return Err(Error::invalid("max_entry_size", "must be at least 1 byte"));
+        }
+        Ok(())
     }
 
     /// The publisher's own length limit.
@@ -203,7 +223,7 @@ impl RedisPublisher {
                 None
             }
             // A server error: the same on any connection.
-            Err(e) => Some(Err(Error::Backend(Box::new(e)))),
+            Err(e) => Some(Err(Error::Backend(Refused::boxed("publish", e)))),
         }
     }
 
@@ -300,6 +320,7 @@ impl RedisPublisher {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("publisher"));
         }
+        self.options.validate()?;
         validate_name("topic", topic)?;
         if messages.is_empty() {
             return Ok(Vec::new());
@@ -414,5 +435,37 @@ impl std::fmt::Debug for RedisPublisher {
             .field("conn", &self.conn)
             .field("options", &self.options)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_options_are_refused_before_anything_is_sent() {
+        // Nothing listens there: an option that got as far as Redis would fail otherwise.
+        let conn = RedisConnection::builder("redis://127.0.0.1:1")
+            .max_retries(0)
+            .build()
+            .unwrap();
+        let o = PublisherOptions::default;
+        let cases = [
+            (o().max_length(u64::MAX), "max_length"),
+            (o().max_length(MAX_LENGTH + 1), "max_length"),
+            (o().max_length(0), "max_length"),
+            (o().max_entry_size(0), "max_entry_size"),
+        ];
+        for (options, field) in cases {
+            assert_eq!(options.validate().unwrap_err().invalid_field(), Some(field));
+            let publisher = RedisPublisher::new(conn.clone(), options);
+            let message = Message::new("t", &1).unwrap();
+            let err = publisher.publish("s", message).await.unwrap_err();
+            assert_eq!(err.invalid_field(), Some(field), "{err}");
+        }
+        o().max_length(MAX_LENGTH)
+            .max_entry_size(usize::MAX)
+            .validate()
+            .unwrap();
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use super::checkpoint::RedisCheckpointStore;
 use super::codec::{Codec, JsonCodec, ReplyEntry};
-use super::connection::{RedisConnection, is_transient};
+use super::connection::{RedisConnection, Refused, is_transient};
 use super::dedicated::DedicatedConnection;
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::error::{Error, Result, validate_name};
@@ -169,7 +169,7 @@ impl StreamReader {
                     self.read_conn = None;
                     return Err(self.conn.connection_error("XREAD", e, attempt));
                 }
-                Err(e) => return Err(Error::Backend(Box::new(e))),
+                Err(e) => return Err(Error::Backend(Refused::boxed("XREAD", e))),
             }
         }
     }

@@ -139,13 +139,13 @@ impl StreamProducer {
                 ));
             }
         }
-        let publisher = RedisPublisher::new(
-            conn.clone(),
-            PublisherOptions::default()
-                .max_length(options.max_length)
-                .auto_create(options.auto_create_stream)
-                .max_entry_size(options.max_entry_size),
-        );
+        let publisher_options = PublisherOptions::default()
+            .max_length(options.max_length)
+            .auto_create(options.auto_create_stream)
+            .max_entry_size(options.max_entry_size);
+        // Refused here rather than on the first send (`max_length` above `MAX_LENGTH`).
+        publisher_options.validate()?;
+        let publisher = RedisPublisher::new(conn.clone(), publisher_options);
         Ok(StreamProducer {
             conn,
             stream: stream_name.to_owned(),

@@ -39,6 +39,12 @@ use crate::pubsub::{InFlight, StartFrom, SubscribeOptions, Subscriber, Subscript
 
 pub(crate) use self::shared::Shared as SubscriptionState;
 
+/// The longest [`RedisSubscriberOptions::lease_ttl`]: one hour.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
+
+/// The longest [`RedisSubscriberOptions::ack_flush_interval`]: 10 s.
+pub const MAX_ACK_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Options of a [`RedisSubscriber`] (per-subscription knobs are in [`SubscribeOptions`]).
 #[derive(Clone)]
 pub struct RedisSubscriberOptions {
@@ -111,7 +117,7 @@ impl RedisSubscriberOptions {
 
     /// How long a consumer's lease lives without renewal. It is renewed (and held entries are
     /// heartbeated) every third of it, so keep reclaim `min_idle` above two thirds of it.
-    /// Default 10 s.
+    /// Default 10 s; at least 30 ms, at most [`MAX_LEASE_TTL`].
     #[must_use]
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl;
@@ -121,7 +127,7 @@ impl RedisSubscriberOptions {
     /// How long acks gather before one `XACK` sends them. Default zero: an `XACK` goes out as
     /// soon as the previous one returned, carrying every ack that queued meanwhile (batches
     /// grow with the load by themselves). A longer interval means fewer, bigger `XACK`s, and
-    /// more acknowledged entries redelivered after a crash.
+    /// more acknowledged entries redelivered after a crash. At most [`MAX_ACK_FLUSH_INTERVAL`].
     #[must_use]
     pub fn ack_flush_interval(mut self, interval: Duration) -> Self {
         self.ack_flush_interval = interval;
@@ -131,7 +137,7 @@ impl RedisSubscriberOptions {
     /// The largest entry (field names and values, in bytes) handed to the application.
     /// Larger entries are dead-lettered whole, with the sizes in the reason, and the
     /// subscription goes on. Default [`DEFAULT_MAX_ENTRY_SIZE`] (1 MiB), the publisher's
-    /// default: raise both together. Dead-letter streams (`<stream>-dead`) are read without
+    /// default: raise both together. At least 1; `usize::MAX` means no limit. Dead-letter streams (`<stream>-dead`) are read without
     /// the limit, since their records are as large as the entries they keep.
     #[must_use]
     pub fn max_entry_size(mut self, bytes: usize) -> Self {
@@ -139,15 +145,29 @@ impl RedisSubscriberOptions {
         self
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every option ([`RedisSubscriber::new`] does); [`Error::Invalid`] names the one at
+    /// fault. The limits keep each value within what the scripts and commands take.
+    pub fn validate(&self) -> Result<()> {
         if self.max_entry_size == 0 {
             return Err(Error::invalid("max_entry_size", "must be at least 1 byte"));
         }
-        if self.lease_ttl < Duration::from_millis(30) {
-            return Err(Error::invalid("lease_ttl", "must be at least 30 ms"));
+        if self.lease_ttl < Duration::from_millis(30) || self.lease_ttl > MAX_LEASE_TTL {
+            return Err(Error::invalid(
+                "lease_ttl",
+                format_args!(
+                    "{:?} must be at least 30 ms and at most {MAX_LEASE_TTL:?}",
+                    self.lease_ttl
+                ),
+            ));
         }
-        if self.ack_flush_interval > Duration::from_secs(10) {
-            return Err(Error::invalid("ack_flush_interval", "must be at most 10 s"));
+        if self.ack_flush_interval > MAX_ACK_FLUSH_INTERVAL {
+            return Err(Error::invalid(
+                "ack_flush_interval",
+                format_args!(
+                    "{:?} must be at most {MAX_ACK_FLUSH_INTERVAL:?}",
+                    self.ack_flush_interval
+                ),
+            ));
         }
         Ok(())
     }
@@ -342,6 +362,7 @@ impl RedisSubscriber {
             next_reclaim: Instant::now(),
             buffer: VecDeque::new(),
             failures: 0,
+            sending: "XREADGROUP",
             lease_lost,
             lease_loss_reported: false,
             dead_letters: Default::default(),
@@ -476,5 +497,36 @@ pub(crate) async fn create_group(
         Ok(()) => Ok(()),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         Err(e) => Err(e.into_error()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_is_bounded_before_it_reaches_redis() {
+        let o = RedisSubscriberOptions::default;
+        let refused = [
+            (o().lease_ttl(Duration::MAX), "lease_ttl"),
+            (
+                o().lease_ttl(MAX_LEASE_TTL + Duration::from_millis(1)),
+                "lease_ttl",
+            ),
+            (o().lease_ttl(Duration::from_millis(29)), "lease_ttl"),
+            (o().ack_flush_interval(Duration::MAX), "ack_flush_interval"),
+            (o().max_entry_size(0), "max_entry_size"),
+        ];
+        for (options, field) in refused {
+            let err = options.validate().unwrap_err();
+            assert_eq!(err.invalid_field(), Some(field), "{err}");
+        }
+        let limits = o()
+            .lease_ttl(MAX_LEASE_TTL)
+            .ack_flush_interval(MAX_ACK_FLUSH_INTERVAL)
+            .max_entry_size(usize::MAX);
+        limits.validate().unwrap();
+        // The longest lease fits the scripts' millisecond argument (a Redis integer).
+        assert!(MAX_LEASE_TTL.as_millis() < i64::MAX as u128);
     }
 }

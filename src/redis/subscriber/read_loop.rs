@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::message::{EntryId, Message};
 use crate::pubsub::{ReclaimOptions, SubscribeOptions};
 use crate::redis::codec::{self, Codec, ReplyEntry};
-use crate::redis::connection::is_transient;
+use crate::redis::connection::{Refused, is_server_refusal, is_transient};
 use crate::redis::dedicated::DedicatedConnection;
 use crate::redis::{keys, scripts};
 
@@ -60,6 +60,9 @@ pub(crate) struct Reader {
     pub(crate) next_reclaim: Instant,
     pub(crate) buffer: VecDeque<Delivery>,
     pub(crate) failures: u32,
+    /// What the step under way sends, to name it when it fails (a script's error names only
+    /// its SHA).
+    pub(crate) sending: &'static str,
     /// Cancelled by the heartbeat when another consumer took this consumer's lease.
     pub(crate) lease_lost: Signal,
     pub(crate) lease_loss_reported: bool,
@@ -240,12 +243,17 @@ impl Reader {
             return None;
         }
         let conn = self.shared.conn.clone();
-        self.log
-            .warn(origin.stream(), &format!("read failed; retrying: {e}"));
+        self.log.warn(
+            origin.stream(),
+            &format!("read failed during {}; retrying: {e}", self.sending),
+        );
         self.pause_after_failure().await;
         if self.failures % (conn.max_retries() + 1) == 0 {
             return Some(match e {
-                ReadError::Redis(e) => conn.connection_error("XREADGROUP", e, conn.max_retries()),
+                ReadError::Redis(e) if is_server_refusal(&e) => {
+                    Error::Backend(Refused::boxed(self.sending, e))
+                }
+                ReadError::Redis(e) => conn.connection_error(self.sending, e, conn.max_retries()),
                 ReadError::Other(e) => e,
             });
         }
@@ -282,6 +290,7 @@ impl Reader {
     async fn fetch(&mut self, budget: usize, ahead: bool) -> std::result::Result<usize, ReadError> {
         let now = Instant::now();
         if ahead {
+            self.sending = "XREADGROUP";
             let entries = self.receive_new(budget).await?;
             return Ok(self.admit(entries.into_iter().map(|e| (e, 1)).collect()).await);
         }
@@ -310,6 +319,7 @@ impl Reader {
             self.reclaim(reclaim, budget).await?
         } else {
             let read = read_group(&self.shared.origin, budget, Some(self.block_for(now)));
+            self.sending = "XREADGROUP";
             let (conn, client_id) = self.read_conn().await?;
             conn.send(&read).await?;
             self.shared.blocked_client.store(client_id, Ordering::Release);
@@ -349,7 +359,10 @@ impl Reader {
                 .dedicated(timeout)
                 .await
                 .map_err(ReadError::Other)?;
+            // Named as what failed only when it fails: the step's own command comes next.
+            let step = std::mem::replace(&mut self.sending, "CLIENT ID");
             let client_id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await?;
+            self.sending = step;
             self.read_conn = Some((conn, client_id));
         }
         let (conn, id) = self.read_conn.as_mut().expect("just set");
@@ -416,6 +429,7 @@ impl Reader {
         for id in ids {
             call.arg(id.to_string());
         }
+        self.sending = "claim script";
         let (conn, _) = self.read_conn().await?;
         let reply: Value = call.invoke_async(conn).await?;
         let mut fetched = Vec::new();
@@ -442,6 +456,7 @@ impl Reader {
         let from = self.drain_from.clone().unwrap_or_else(|| "-".to_owned());
         let page = budget.max(16);
         let rows: Value = {
+            self.sending = "XPENDING";
             let (conn, _) = self.read_conn().await?;
             redis::cmd("XPENDING")
                 .arg(origin.stream())
@@ -488,6 +503,7 @@ impl Reader {
         let mut fetched = Vec::new();
 
         let crashed: Vec<(String, i64)> = {
+            self.sending = "crashed consumers script";
             let (conn, _) = self.read_conn().await?;
             scripts::CRASHED_CONSUMERS
                 .key(stream)
@@ -512,6 +528,7 @@ impl Reader {
                 break;
             }
             let rows: Value = {
+                self.sending = "XPENDING";
                 let (conn, _) = self.read_conn().await?;
                 redis::cmd("XPENDING")
                     .arg(stream)
@@ -531,6 +548,7 @@ impl Reader {
         if want > 0 {
             let reply: Value = {
                 let cursor = self.autoclaim_cursor.to_string();
+                self.sending = "XAUTOCLAIM";
                 let (conn, _) = self.read_conn().await?;
                 redis::cmd("XAUTOCLAIM")
                     .arg(stream)
