@@ -1,4 +1,4 @@
-//! The parsing of Redis stream replies (`XREADGROUP`, `XAUTOCLAIM`, `XPENDING`) into entries,
+//! The parsing of Redis stream replies (`XREADGROUP`, `XPENDING`) into entries,
 //! ids and pending rows. The entry wire format itself is [`crate::codec`], re-exported here.
 
 use bytes::Bytes;
@@ -86,25 +86,6 @@ pub(crate) fn parse_entries(v: Value) -> Result<Vec<ReplyEntry>> {
         .collect()
 }
 
-/// Parses `XAUTOCLAIM ... JUSTID`: next cursor, claimed ids, ids deleted from the stream.
-pub(crate) fn parse_autoclaim_justid(v: Value) -> Result<(EntryId, Vec<EntryId>, Vec<EntryId>)> {
-    let mut parts = array(v)?.into_iter();
-    let cursor = entry_id(
-        parts
-            .next()
-            .ok_or_else(|| protocol("XAUTOCLAIM without cursor"))?,
-    )?;
-    let ids = |v: Option<Value>| -> Result<Vec<EntryId>> {
-        array(v.unwrap_or(Value::Nil))?
-            .into_iter()
-            .map(entry_id)
-            .collect()
-    };
-    let claimed = ids(parts.next())?;
-    let deleted = ids(parts.next())?;
-    Ok((cursor, claimed, deleted))
-}
-
 /// One row of an extended `XPENDING` reply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct PendingRow {
@@ -166,16 +147,6 @@ mod tests {
             );
             assert_eq!(parsed[1], ReplyEntry::Trimmed(EntryId::new(1, 2)));
         }
-        let auto = Value::Array(vec![
-            s("0-0"),
-            Value::Array(vec![s("1-1")]),
-            Value::Array(vec![s("1-5")]),
-        ]);
-        let (cursor, claimed, deleted) = parse_autoclaim_justid(auto).unwrap();
-        assert_eq!(
-            (cursor, claimed, deleted),
-            (EntryId::ZERO, vec![EntryId::new(1, 1)], vec![EntryId::new(1, 5)])
-        );
         let pending = Value::Array(vec![Value::Array(vec![
             s("1-1"),
             s("c"),

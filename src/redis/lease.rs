@@ -16,7 +16,19 @@ use super::{keys, scripts};
 use crate::delivery::Origin;
 use crate::error::{Error, Result};
 
+/// What taking or extending a lease found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Ours, extended.
+    Extended,
+    /// It was free (ours had run out, or it is new) and is ours now.
+    Retaken,
+    /// Another consumer holds it.
+    Refused,
+}
+
 /// A held lease.
+#[derive(Clone)]
 pub(crate) struct Lease {
     conn: RedisConnection,
     key: String,
@@ -96,6 +108,12 @@ impl Lease {
     /// Takes or extends the lease; `false` when another consumer holds it. Retrying is safe:
     /// our own token counts as ours. `what` names the script call in errors.
     async fn hold(&self, what: &str) -> Result<bool> {
+        Ok(self.hold_state(what).await? != Held::Refused)
+    }
+
+    /// Takes or extends the lease, and tells which: [`Held::Retaken`] means it had run out
+    /// (this consumer was cut off, or paused, for longer than the TTL).
+    pub(crate) async fn hold_state(&self, what: &str) -> Result<Held> {
         let held: i64 = self
             .conn
             .run_mapped(what, |mut c| {
@@ -108,7 +126,16 @@ impl Lease {
                 async move { call.invoke_async(&mut c).await }
             })
             .await?;
-        Ok(held == 1)
+        Ok(match held {
+            1 => Held::Extended,
+            2 => Held::Retaken,
+            _ => Held::Refused,
+        })
+    }
+
+    /// How long the lease lives without renewal.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     async fn release(&self) {
@@ -148,9 +175,17 @@ impl Heartbeat {
                 _ = released.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            match self.lease.hold("lease renewal").await {
-                Ok(true) => {}
-                Ok(false) => {
+            match self.lease.hold_state("lease renewal").await {
+                Ok(Held::Extended) => {}
+                Ok(Held::Retaken) => {
+                    // Cut off (or paused) past the TTL: the others may have been too, so no
+                    // one is taken for crashed until they had a TTL to renew.
+                    tracing::warn!(lease = %self.lease.key, "the lease had run out; taken again, and reclaim waits one lease TTL");
+                    if let Some(shared) = self.shared.upgrade() {
+                        shared.hold_back_reclaim(self.lease.ttl());
+                    }
+                }
+                Ok(Held::Refused) => {
                     tracing::error!(
                         lease = %self.lease.key,
                         "another consumer took this consumer's lease; this subscription stops"

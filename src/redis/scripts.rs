@@ -6,7 +6,8 @@ use redis::Script;
 
 /// Claims pending entries for redelivery to a consumer, each only if it is still owned by
 /// the expected consumer (this one, or a crashed one being taken over), counting a delivery.
-/// KEYS: stream. ARGV: group, claimer, expected owner, ids... Returns, per id claimed,
+/// KEYS: stream. ARGV: group, claimer, expected owner, least idle ms (0: any), ids...
+/// Entries touched since (idle less than that) are left out too. Returns, per id claimed,
 /// `{entry, delivery_count}`; `{id, -1}` when the entry was trimmed from the stream (the
 /// claim then drops it from the pending list); `{id, -2}` when it is in no one's pending list
 /// (acknowledged, or its group was destroyed and re-created). Entries another consumer owns
@@ -15,9 +16,10 @@ pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local out = {}
-for i = 4, #ARGV do
+local min_idle = tonumber(ARGV[4])
+for i = 5, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[3] then
+  if p[1] and p[1][2] == ARGV[3] and p[1][3] >= min_idle then
     local e = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])
     if e[1] then
       table.insert(out, {e[1], p[1][4] + 1})
@@ -58,7 +60,7 @@ return n
 /// (deleted under a running consumer) a free lease is not taken, so that nothing is left
 /// beside a deleted stream; the consumer counts as holding it, and takes it when its group is
 /// re-created. KEYS: lease, registry, stream. ARGV: token, ttl ms, consumer. Returns 1 when
-/// held, 0 when another token holds it.
+/// held (extended), 2 when it was free and is taken now, 0 when another token holds it.
 pub(crate) static HOLD_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -72,7 +74,7 @@ elseif not holder then
   end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
-  return 1
+  return 2
 end
 return 0
 ",

@@ -119,6 +119,8 @@ impl Flusher {
             match op {
                 Op::Ack(id) => batch.push(id),
                 Op::Flush(waiter) => self.flush_waiters.push(waiter),
+                // Closing: nothing more is taken over.
+                Op::Lower(_, answer) => drop(answer),
                 Op::Unblock(_) => {}
             }
         }
@@ -154,6 +156,9 @@ impl Flusher {
             Op::Ack(id) => batch.push(id),
             // Answered after the flush that follows: every ack sent before it is in the batch.
             Op::Flush(waiter) => self.flush_waiters.push(waiter),
+            Op::Lower(below, answer) => {
+                let _ = answer.send(self.lower_checkpoint(below).await);
+            }
             Op::Unblock(client) => {
                 let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(client).clone();
                 let result = self
@@ -253,6 +258,33 @@ impl Flusher {
             Ok(()) => self.saved = Some(watermark),
             Err(e) => tracing::warn!(stream, group, error = %e, "checkpoint not saved"),
         }
+    }
+}
+
+impl Flusher {
+    /// Moves the saved checkpoint below `entry` if it is not already.
+    async fn lower_checkpoint(&mut self, entry: EntryId) -> crate::Result<()> {
+        let (Some(store), Some(saved)) = (&self.store, self.saved) else {
+            // Nothing saved yet: the next save looks at the pending list, which then has it.
+            return Ok(());
+        };
+        let Some(below) = entry.prev().filter(|below| *below < saved) else {
+            return Ok(());
+        };
+        let checkpoint = Checkpoint {
+            message_id: below,
+            timestamp: SystemTime::now(),
+        };
+        store
+            .save(
+                self.origin.stream(),
+                self.origin.group(),
+                self.origin.consumer(),
+                checkpoint,
+            )
+            .await?;
+        self.saved = Some(below);
+        Ok(())
     }
 }
 

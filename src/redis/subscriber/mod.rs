@@ -317,6 +317,7 @@ impl RedisSubscriber {
             blocked_client: AtomicI64::new(0),
             closed: self.closed.clone(),
             released: released.clone(),
+            reclaim_after: Mutex::new(None),
         });
         let flusher = Flusher {
             ledger,
@@ -332,7 +333,7 @@ impl RedisSubscriber {
             flush_waiters: Vec::new(),
         };
         let heartbeat = super::lease::Heartbeat {
-            lease,
+            lease: lease.clone(),
             shared: Arc::downgrade(&shared),
             interval: self.options.lease_ttl / 3,
             lease_lost: lease_lost.clone(),
@@ -358,7 +359,7 @@ impl RedisSubscriber {
             read_conn: None,
             read_ahead: None,
             drain_from: Some("-".to_owned()),
-            autoclaim_cursor: crate::EntryId::ZERO,
+            lease,
             next_reclaim: Instant::now(),
             buffer: VecDeque::new(),
             failures: 0,

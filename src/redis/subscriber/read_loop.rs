@@ -2,7 +2,7 @@
 //!
 //! Each step takes capacity first, then, in order: nacked entries that are due; the drain of
 //! this consumer's own pending list (on start and after every read error); reclaim when due
-//! (crashed consumers at once, then `XAUTOCLAIM` past `min_idle`); else a blocking read of new
+//! (crashed consumers at once, then entries idle past `min_idle`, found with `XPENDING IDLE`); else a blocking read of new
 //! entries. Every redelivery goes through one owner-checked claim ([`scripts::CLAIM`]) that
 //! counts the delivery; entries the subscription owns already (held, being acked, waiting to
 //! retry) are never claimed or handed out again.
@@ -28,7 +28,7 @@ use redis::Value;
 use tokio::time::Instant;
 
 use super::SubscriberStats;
-use super::shared::Shared;
+use super::shared::{Op, Shared};
 use crate::checkpoint::CheckpointStore;
 use crate::dead_letter::{self, DeadLetter};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, Settler};
@@ -38,6 +38,7 @@ use crate::pubsub::{ReclaimOptions, SubscribeOptions};
 use crate::redis::codec::{self, Codec, ReplyEntry};
 use crate::redis::connection::{Refused, is_server_refusal, is_transient};
 use crate::redis::dedicated::DedicatedConnection;
+use crate::redis::lease::Held;
 use crate::redis::{keys, scripts};
 
 /// Entries fetched by one step, with their delivery counts (this delivery included).
@@ -56,7 +57,8 @@ pub(crate) struct Reader {
     pub(crate) read_ahead: Option<usize>,
     /// Where the drain of this consumer's own pending list has got to; `None` once done.
     pub(crate) drain_from: Option<String>,
-    pub(crate) autoclaim_cursor: EntryId,
+    /// This consumer's lease, re-asserted before each reclaim.
+    pub(crate) lease: crate::redis::lease::Lease,
     pub(crate) next_reclaim: Instant,
     pub(crate) buffer: VecDeque<Delivery>,
     pub(crate) failures: u32,
@@ -301,7 +303,7 @@ impl Reader {
         let fetched = if !due.is_empty() {
             let me = self.shared.origin.consumer().to_owned();
             let ids: Vec<EntryId> = due.iter().map(|(id, _)| *id).collect();
-            let fetched = self.claim(&me, &ids).await?;
+            let fetched = self.claim(&me, &ids, 0).await?;
             let unclaimed = std::mem::take(&mut self.unclaimed);
             if !unclaimed.is_empty() {
                 let counts = due
@@ -411,11 +413,13 @@ impl Reader {
         }
     }
 
-    /// Claims `ids` for this consumer, each only if `expected_owner` still owns it.
+    /// Claims `ids` for this consumer, each only if `expected_owner` still owns it and it was
+    /// idle at least `min_idle_ms` (0: however long).
     async fn claim(
         &mut self,
         expected_owner: &str,
         ids: &[EntryId],
+        min_idle_ms: u64,
     ) -> std::result::Result<Fetched, ReadError> {
         self.unclaimed.clear();
         if ids.is_empty() {
@@ -425,7 +429,8 @@ impl Reader {
         let mut call = scripts::CLAIM.key(origin.stream());
         call.arg(origin.group())
             .arg(origin.consumer())
-            .arg(expected_owner);
+            .arg(expected_owner)
+            .arg(min_idle_ms);
         for id in ids {
             call.arg(id.to_string());
         }
@@ -488,11 +493,14 @@ impl Reader {
         {
             self.drain_from = Some(format!("({last}"));
         }
-        self.claim(origin.consumer(), &ids).await
+        self.claim(origin.consumer(), &ids, 0).await
     }
 
     /// Takes over the entries of crashed consumers at once, then entries idle past
-    /// `min_idle`.
+    /// `min_idle`. Before taking any, it re-asserts its own lease: when that had run out (an
+    /// outage or a pause cut this consumer off, and perhaps everyone), reclaim waits one lease
+    /// TTL, so that live consumers renew their leases and touch their entries first. And it
+    /// keeps the checkpoint below what it is about to take (entries older than it may be).
     async fn reclaim(
         &mut self,
         reclaim: ReclaimOptions,
@@ -501,6 +509,28 @@ impl Reader {
         let origin = self.shared.origin.clone();
         let (stream, group, me) = (origin.stream(), origin.group(), origin.consumer());
         let mut fetched = Vec::new();
+        let now = Instant::now();
+        if let Some(until) = self.shared.reclaim_held_until(now) {
+            self.next_reclaim = self.next_reclaim.max(until);
+            return Ok(fetched);
+        }
+        match self.lease.hold_state("lease renewal").await {
+            Ok(Held::Extended) => {}
+            Ok(Held::Retaken) => {
+                tracing::warn!(
+                    stream,
+                    group,
+                    consumer = me,
+                    "this consumer's lease had run out; reclaim waits one lease TTL"
+                );
+                self.shared.hold_back_reclaim(self.lease.ttl());
+                self.next_reclaim = self.next_reclaim.max(now + self.lease.ttl());
+                return Ok(fetched);
+            }
+            // Lost to another: the heartbeat stops the subscription.
+            Ok(Held::Refused) => return Ok(fetched),
+            Err(e) => return Err(ReadError::Other(e)),
+        }
 
         let crashed: Vec<(String, i64)> = {
             self.sending = "crashed consumers script";
@@ -527,51 +557,33 @@ impl Reader {
             if want == 0 {
                 break;
             }
-            let rows: Value = {
-                self.sending = "XPENDING";
-                let (conn, _) = self.read_conn().await?;
-                redis::cmd("XPENDING")
-                    .arg(stream)
-                    .arg(group)
-                    .arg("-")
-                    .arg("+")
-                    .arg(want)
-                    .arg(&name)
-                    .query_async(conn)
-                    .await?
-            };
-            let ids: Vec<EntryId> = codec::parse_pending_rows(rows)?.iter().map(|r| r.id).collect();
-            fetched.extend(self.claim(&name, &ids).await?);
+            let rows = self.pending_rows(Some(&name), None, want).await?;
+            let ids: Vec<EntryId> = rows.iter().map(|r| r.id).collect();
+            self.keep_checkpoint_below(&ids).await?;
+            fetched.extend(self.claim(&name, &ids, 0).await?);
         }
 
         let want = budget.saturating_sub(fetched.len());
         if want > 0 {
-            let reply: Value = {
-                let cursor = self.autoclaim_cursor.to_string();
-                self.sending = "XAUTOCLAIM";
-                let (conn, _) = self.read_conn().await?;
-                redis::cmd("XAUTOCLAIM")
-                    .arg(stream)
-                    .arg(group)
-                    .arg(me)
-                    .arg(reclaim.min_idle.as_millis() as u64)
-                    .arg(cursor)
-                    .arg("COUNT")
-                    .arg(want)
-                    .arg("JUSTID")
-                    .query_async(conn)
-                    .await?
-            };
-            let (cursor, ids, deleted) = codec::parse_autoclaim_justid(reply)?;
-            self.autoclaim_cursor = cursor;
-            // Now ours without a counted delivery; the claim below counts it. Entries this
-            // subscription owns already stay where they are.
-            let ids: Vec<EntryId> = {
+            let min_idle = u64::try_from(reclaim.min_idle.as_millis()).unwrap_or(u64::MAX);
+            let rows = self.pending_rows(None, Some(min_idle), want).await?;
+            // Entries this subscription owns already stay where they are.
+            let mut by_owner: Vec<(String, Vec<EntryId>)> = Vec::new();
+            {
                 let ledger = self.shared.ledger();
-                ids.into_iter().filter(|id| !ledger.is_ours(id)).collect()
-            };
-            fetched.extend(self.claim(me, &ids).await?);
-            fetched.extend(deleted.into_iter().map(|id| (ReplyEntry::Trimmed(id), 0)));
+                for row in rows.into_iter().filter(|r| !ledger.is_ours(&r.id)) {
+                    match by_owner.iter_mut().find(|(owner, _)| *owner == row.consumer) {
+                        Some((_, ids)) => ids.push(row.id),
+                        None => by_owner.push((row.consumer, vec![row.id])),
+                    }
+                }
+            }
+            let all: Vec<EntryId> = by_owner.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
+            self.keep_checkpoint_below(&all).await?;
+            for (owner, ids) in by_owner {
+                // Idle checked again at the claim: a heartbeat in between keeps the entry.
+                fetched.extend(self.claim(&owner, &ids, min_idle).await?);
+            }
         }
         let reclaimed = fetched
             .iter()
@@ -579,6 +591,45 @@ impl Reader {
             .count();
         SubscriberStats::add(&self.stats.reclaimed, reclaimed as u64);
         Ok(fetched)
+    }
+
+    /// One page of the group's pending list: of `consumer` only, or idle at least `idle_ms`.
+    async fn pending_rows(
+        &mut self,
+        consumer: Option<&str>,
+        idle_ms: Option<u64>,
+        count: usize,
+    ) -> std::result::Result<Vec<codec::PendingRow>, ReadError> {
+        let origin = self.shared.origin.clone();
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(origin.stream()).arg(origin.group());
+        if let Some(idle) = idle_ms {
+            cmd.arg("IDLE").arg(idle);
+        }
+        cmd.arg("-").arg("+").arg(count);
+        if let Some(consumer) = consumer {
+            cmd.arg(consumer);
+        }
+        self.sending = "XPENDING";
+        let (conn, _) = self.read_conn().await?;
+        let rows: Value = cmd.query_async(conn).await?;
+        Ok(codec::parse_pending_rows(rows)?)
+    }
+
+    /// Keeps this consumer's checkpoint below the oldest of `ids` before they are taken
+    /// over (they may be older than it), through the flusher, which alone saves it.
+    async fn keep_checkpoint_below(&mut self, ids: &[EntryId]) -> std::result::Result<(), ReadError> {
+        let Some(oldest) = ids.iter().min().copied() else {
+            return Ok(());
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.shared.ops.send(Op::Lower(oldest, tx)).is_err() {
+            return Err(ReadError::Other(Error::Closed("subscriber")));
+        }
+        match rx.await {
+            Ok(saved) => saved.map_err(ReadError::Other),
+            Err(_) => Err(ReadError::Other(Error::Closed("subscriber"))),
+        }
     }
 
     /// Turns fetched entries into deliveries. First dead-letters the undecodable, the trimmed

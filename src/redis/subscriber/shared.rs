@@ -77,6 +77,10 @@ pub(crate) fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
 /// Work for the flusher task.
 pub(crate) enum Op {
     Ack(EntryId),
+    /// Before entries from `EntryId` on are taken over: keep the checkpoint below it, and
+    /// answer once saved (so that a crash right after the claim leaves no checkpoint past
+    /// an entry this consumer holds).
+    Lower(EntryId, tokio::sync::oneshot::Sender<Result<()>>),
     Unblock(i64),
     /// Answer once every ack sent before this is written (or could not be).
     Flush(tokio::sync::oneshot::Sender<Result<()>>),
@@ -97,11 +101,28 @@ pub(crate) struct Shared {
     /// Cancelled when the last user of this state (reader or delivery) is gone: the heartbeat
     /// then releases the lease.
     pub(crate) released: Signal,
+    /// No reclaim before this time: set when this consumer's lease had run out (an outage or
+    /// a pause cut it off, and perhaps everyone), so that the others get one lease TTL to
+    /// renew theirs and touch their entries before any is taken for crashed.
+    pub(crate) reclaim_after: Mutex<Option<Instant>>,
 }
 
 impl Shared {
     pub(crate) fn ledger(&self) -> MutexGuard<'_, Ledger> {
         lock(&self.ledger)
+    }
+
+    /// Holds reclaim back for `ttl` from now.
+    pub(crate) fn hold_back_reclaim(&self, ttl: std::time::Duration) {
+        let until = Instant::now() + ttl;
+        let mut after = self.reclaim_after.lock().unwrap_or_else(|p| p.into_inner());
+        *after = Some(after.map_or(until, |at| at.max(until)));
+    }
+
+    /// When reclaim may run again, if it is held back.
+    pub(crate) fn reclaim_held_until(&self, now: Instant) -> Option<Instant> {
+        let after = *self.reclaim_after.lock().unwrap_or_else(|p| p.into_inner());
+        after.filter(|at| *at > now)
     }
 
     /// Wakes the reader if it is blocked in `XREADGROUP`, so it sees new retries at once.
