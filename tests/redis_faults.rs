@@ -696,3 +696,68 @@ async fn a_refused_script_is_named_in_the_error() {
     assert!(text.contains("lease acquire"), "{text}");
     assert!(text.contains("OOM"), "{text}");
 }
+
+/// After an outage longer than the lease that cut everyone off (the server frozen), no one is
+/// taken for crashed the moment the server is back: a reclaiming consumer first gives the
+/// others one lease TTL, in which the live one renews its lease and touches its entries, so
+/// it keeps its in-flight deliveries and nothing is handled twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_a_live_consumers_entries_are_not_taken_over() {
+    let server = RedisServer::start();
+    let ttl = Duration::from_millis(600);
+    let publisher = RedisBackend::new(&server.url()).unwrap().publisher();
+    let batch: Vec<_> = (0..3).map(msg).collect();
+    publisher.publish_batch("t", batch).await.unwrap();
+    let a_ = subscriber(&server, RedisSubscriberOptions::default().lease_ttl(ttl));
+    let mut a = a_
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "a")
+                .block(Duration::from_millis(100))
+                .max_in_flight(3),
+        )
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery"));
+    }
+    let b_ = subscriber(&server, RedisSubscriberOptions::default().lease_ttl(ttl));
+    let mut b = b_
+        .subscribe(
+            "t",
+            SubscribeOptions::new("g", "b")
+                .block(Duration::from_millis(100))
+                .reclaim(streamwise::ReclaimOptions::new(
+                    Duration::from_millis(50),
+                    Duration::from_millis(400),
+                )),
+        )
+        .await
+        .unwrap();
+    let (taken_tx, mut taken) = tokio::sync::mpsc::unbounded_channel();
+    let reclaiming = tokio::spawn(async move {
+        while let Some(item) = b.next().await {
+            if let Ok(d) = item {
+                let _ = taken_tx.send(d.id());
+            }
+        }
+    });
+    // Both stay subscribed while the server is frozen past their leases (and A's entries
+    // idle past B's min_idle).
+    server.freeze();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.thaw();
+    // An observation window, not a synchronisation: twice the TTL after the thaw.
+    match tokio::time::timeout(ttl * 2 + Duration::from_millis(300), taken.recv()).await {
+        Err(_) => {}
+        Ok(id) => panic!("a live consumer's entry was taken over after the outage: {id:?}"),
+    }
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    a_.close().await.unwrap();
+    b_.close().await.unwrap();
+    reclaiming.await.unwrap();
+    assert!(taken.try_recv().is_err());
+}
