@@ -58,7 +58,7 @@ use crate::redis_streams::{ConsumerOptions, ProducerOptions, StreamConsumer, Str
 pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
 
 /// Producer and consumer settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Config {
     /// The Redis URL (`redis_streams.url`, or a section's `redis_url`; `REDIS_URL`).
     pub redis_url: String,
@@ -66,6 +66,17 @@ pub struct Config {
     pub producer: ProducerConfig,
     /// The consumer section.
     pub consumer: ConsumerConfig,
+}
+
+impl std::fmt::Debug for Config {
+    /// The URL's password is never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("redis_url", &crate::redis::redact_url(&self.redis_url))
+            .field("producer", &self.producer)
+            .field("consumer", &self.consumer)
+            .finish()
+    }
 }
 
 /// The producer section.

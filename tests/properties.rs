@@ -13,7 +13,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use proptest::prelude::*;
 use streamwise::config::Config;
-use streamwise::redis::{Codec, JsonCodec, RawEntry};
+use streamwise::redis::{Codec, JsonCodec, RawEntry, RedisConnection, redact_url};
 use streamwise::{EntryId, Error, Message, Metadata, format_timestamp, parse_timestamp};
 
 /// Any JSON value, a few levels deep.
@@ -46,7 +46,60 @@ fn to_raw(id: EntryId, fields: Vec<(&'static str, Bytes)>) -> RawEntry {
     }
 }
 
+/// Every place a Redis URL can surface: its redaction, the connection built from it or the
+/// error refusing it (`Display` and `Debug`, sources included), the builder, and a YAML
+/// configuration holding it (the config or its error).
+fn everything_shown_for(url: &str) -> Vec<String> {
+    fn error_texts(e: &Error) -> Vec<String> {
+        let mut texts = vec![e.to_string(), format!("{e:?}")];
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            texts.push(format!("{s} {s:?}"));
+            source = s.source();
+        }
+        texts
+    }
+    let mut shown = vec![redact_url(url), format!("{:?}", RedisConnection::builder(url))];
+    match RedisConnection::new(url) {
+        Ok(conn) => shown.push(format!("{conn:?} {}", conn.url())),
+        Err(e) => shown.extend(error_texts(&e)),
+    }
+    // A JSON string is a YAML double-quoted scalar.
+    let quoted = serde_json::to_string(url).expect("a string");
+    for yaml in [
+        format!("redis_streams:\n  url: {quoted}\n"),
+        format!("redis_streams:\n  consumer:\n    redis_url: {quoted}\n    group: g\n"),
+    ] {
+        match Config::from_yaml_str(&yaml) {
+            Ok(config) => shown.push(format!("{config:?}")),
+            Err(e) => shown.extend(error_texts(&e)),
+        }
+    }
+    shown
+}
+
 proptest! {
+    /// Passwords of any characters (unencoded `/`, `?`, `#`, `@`, `&`, `:`, spaces, control
+    /// characters, non-ASCII), in every URL form, never show: not in redactions, errors,
+    /// `Debug` or configs, whether the URL is accepted or refused.
+    #[test]
+    fn passwords_never_show(secret in "(?s).{0,24}", form in 0usize..7) {
+        // Markers at both ends: neither may appear anywhere.
+        let password = format!("S3cr{secret}q7Zt");
+        let url = match form {
+            0 => format!("redis://user:{password}@127.0.0.1:6390/0"),
+            1 => format!("redis://:{password}@localhost"),
+            2 => format!("rediss://admin:{password}@cache.internal:6380/2"),
+            3 => format!("redis+unix:///tmp/r.sock?db=1&pass={password}"),
+            4 => format!("redis+unix:///tmp/r.sock?password={password}&db=2"),
+            5 => format!("redis://u:{password}@"),
+            _ => format!("user:{password}@host:6379"),
+        };
+        for text in everything_shown_for(&url) {
+            prop_assert!(!text.contains("S3cr") && !text.contains("q7Zt"), "{url:?} shows: {text}");
+        }
+    }
+
     #[test]
     fn the_wire_codec_round_trips(
         event_type in ".+",

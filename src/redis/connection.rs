@@ -842,45 +842,55 @@ fn is_auth_failure(e: &RedisError) -> bool {
 
 /// `url` with the password (and any `pass`/`password` query value) replaced by `***`.
 ///
+/// Whatever the URL's shape, also one a parser refuses: a password with an unencoded `/`,
+/// `?`, `#` or `@` is hidden whole, since everything before the last `@` counts as user
+/// information (a URL with an `@` elsewhere is hidden more than needed, never less).
+///
 /// ```
 /// use streamwise::redis::redact_url;
 /// assert_eq!(redact_url("redis://user:pw@host:6379/0"), "redis://user:***@host:6379/0");
 /// assert_eq!(redact_url("rediss://:pw@host"), "rediss://:***@host");
 /// assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
 /// assert_eq!(redact_url("redis+unix:///tmp/r.sock?db=1&pass=pw"), "redis+unix:///tmp/r.sock?db=1&pass=***");
+/// assert_eq!(redact_url("redis://user:p/w#x?y@host/0"), "redis://user:***@host/0");
 /// ```
 pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest),
         None => (None, url),
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => authority.to_owned(),
+    let (userinfo, after) = match rest.rsplit_once('@') {
+        Some((userinfo, after)) => (Some(userinfo), after),
+        None => (None, rest),
     };
-    let tail = match tail.split_once('?') {
+    let userinfo = userinfo.map(|info| match info.split_once(':') {
+        // The user name is shown only when it cannot be part of something else.
+        Some((user, _password)) if !user.contains(['/', '?', '#']) => format!("{user}:***@"),
+        Some(_) => "***@".to_owned(),
+        None if info.contains(['/', '?', '#', '&', '=']) => "***@".to_owned(),
+        None => format!("{info}@"),
+    });
+    let after = match after.split_once('?') {
         Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
+            // A password may hold `&` itself: from its key on, nothing more is shown.
+            let mut shown = Vec::new();
+            for pair in query.split('&') {
+                match pair.split_once('=') {
                     Some((k, _)) if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") => {
-                        format!("{k}=***")
+                        shown.push(format!("{k}=***"));
+                        break;
                     }
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
+                    _ => shown.push(pair.to_owned()),
+                }
+            }
+            format!("{path}?{}", shown.join("&"))
         }
-        None => tail.to_owned(),
+        None => after.to_owned(),
     };
+    let userinfo = userinfo.unwrap_or_default();
     match scheme {
-        Some(scheme) => format!("{scheme}://{authority}{tail}"),
-        None => format!("{authority}{tail}"),
+        Some(scheme) => format!("{scheme}://{userinfo}{after}"),
+        None => format!("{userinfo}{after}"),
     }
 }
 
