@@ -250,7 +250,7 @@ impl Reader {
             &format!("read failed during {}; retrying: {e}", self.sending),
         );
         self.pause_after_failure().await;
-        if self.failures % (conn.max_retries() + 1) == 0 {
+        if self.failures.is_multiple_of(conn.max_retries().saturating_add(1)) {
             return Some(match e {
                 ReadError::Redis(e) if is_server_refusal(&e) => {
                     Error::Backend(Refused::boxed(self.sending, e))
