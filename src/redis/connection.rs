@@ -859,39 +859,45 @@ pub fn redact_url(url: &str) -> String {
         Some((scheme, rest)) => (Some(scheme), rest),
         None => (None, url),
     };
-    let (userinfo, after) = match rest.rsplit_once('@') {
-        Some((userinfo, after)) => (Some(userinfo), after),
-        None => (None, rest),
-    };
-    let userinfo = userinfo.map(|info| match info.split_once(':') {
-        // The user name is shown only when it cannot be part of something else.
-        Some((user, _password)) if !user.contains(['/', '?', '#']) => format!("{user}:***@"),
-        Some(_) => "***@".to_owned(),
-        None if info.contains(['/', '?', '#', '&', '=']) => "***@".to_owned(),
-        None => format!("{info}@"),
-    });
-    let after = match after.split_once('?') {
-        Some((path, query)) => {
-            // A password may hold `&` itself: from its key on, nothing more is shown.
-            let mut shown = Vec::new();
-            for pair in query.split('&') {
-                match pair.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") => {
-                        shown.push(format!("{k}=***"));
-                        break;
-                    }
-                    _ => shown.push(pair.to_owned()),
-                }
-            }
-            format!("{path}?{}", shown.join("&"))
+    // Byte ranges of `rest` to hide; both rules may apply, and both are kept.
+    let mut hidden: Vec<std::ops::Range<usize>> = Vec::new();
+    if let Some(at) = rest.rfind('@') {
+        let info = &rest[..at];
+        match info.find(':') {
+            // The user name is shown only when it cannot be part of something else.
+            Some(colon) if !info[..colon].contains(['/', '?', '#']) => hidden.push(colon + 1..at),
+            Some(_) => hidden.push(0..at),
+            None if info.contains(['/', '?', '#', '&', '=']) => hidden.push(0..at),
+            None => {}
         }
-        None => after.to_owned(),
-    };
-    let userinfo = userinfo.unwrap_or_default();
-    match scheme {
-        Some(scheme) => format!("{scheme}://{userinfo}{after}"),
-        None => format!("{userinfo}{after}"),
     }
+    // A password in the query may hold any character: from its value on, nothing is shown.
+    let lower = rest.to_ascii_lowercase();
+    let value_at = ["?pass=", "&pass=", "?password=", "&password="]
+        .iter()
+        .filter_map(|key| lower.find(key).map(|i| i + key.len()))
+        .min();
+    if let Some(value_at) = value_at {
+        hidden.push(value_at..rest.len());
+    }
+    let mut shown = String::with_capacity(url.len());
+    if let Some(scheme) = scheme {
+        shown.push_str(scheme);
+        shown.push_str("://");
+    }
+    let mut in_hidden = false;
+    for (i, c) in rest.char_indices() {
+        if hidden.iter().any(|r| r.contains(&i)) {
+            if !in_hidden {
+                shown.push_str("***");
+                in_hidden = true;
+            }
+        } else {
+            in_hidden = false;
+            shown.push(c);
+        }
+    }
+    shown
 }
 
 #[cfg(test)]
