@@ -351,7 +351,14 @@ impl Config {
             match key {
                 "redis_url" => self.redis_url = redis_url(value, &path)?,
                 "stream" | "stream_name" => p.stream = Some(name(value, &path)?),
-                "max_length" => p.options.max_length = positive(value, &path)?,
+                "max_length" => {
+                    let n = positive(value, &path)?;
+                    let limit = crate::redis::MAX_LENGTH;
+                    if n > limit {
+                        return Err(Error::invalid(path, format_args!("must be at most {limit}")));
+                    }
+                    p.options.max_length = n;
+                }
                 "auto_create_stream" => p.options.auto_create_stream = boolean(value, &path)?,
                 "max_entry_size" => p.options.max_entry_size = positive(value, &path)? as usize,
                 _ => return Err(unknown(&path)),
@@ -752,6 +759,10 @@ redis_streams:
             (
                 "redis_streams:\n  consumer:\n    count: 0",
                 "redis_streams.consumer.count",
+            ),
+            (
+                "redis_streams:\n  producer:\n    max_length: 18446744073709551615",
+                "redis_streams.producer.max_length",
             ),
             (
                 "redis_streams:\n  consumer:\n    lease_ttl_ms: 5",

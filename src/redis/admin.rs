@@ -29,11 +29,19 @@ pub struct StreamSettings {
 /// when the stream existed (its settings are then left as they are).
 pub async fn create_stream(conn: &RedisConnection, stream: &str, settings: StreamSettings) -> Result<bool> {
     validate_name("stream", stream)?;
-    if settings.max_length == Some(0) {
-        return Err(Error::invalid("max_length", "must be at least 1"));
+    // Redis takes both as signed 64-bit numbers.
+    let limit = super::publisher::MAX_LENGTH;
+    if settings.max_length.is_some_and(|n| n == 0 || n > limit) {
+        return Err(Error::invalid(
+            "max_length",
+            format_args!("must be between 1 and {limit}"),
+        ));
     }
-    if settings.retention_ms == Some(0) {
-        return Err(Error::invalid("retention_ms", "must be at least 1"));
+    if settings.retention_ms.is_some_and(|ms| ms == 0 || ms > limit) {
+        return Err(Error::invalid(
+            "retention_ms",
+            format_args!("must be between 1 and {limit}"),
+        ));
     }
     let created_at = format_timestamp(SystemTime::now());
     let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
@@ -682,4 +690,48 @@ pub async fn ack(conn: &RedisConnection, stream: &str, group: &str, ids: &[Entry
         async move { cmd.query_async::<u64>(&mut c).await }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stream_settings_are_bounded_before_they_reach_redis() {
+        // Nothing listens there: a refusal must come from the check, before any command.
+        let conn = RedisConnection::new("redis://127.0.0.1:1").unwrap();
+        for (settings, field) in [
+            (
+                StreamSettings {
+                    max_length: Some(0),
+                    retention_ms: None,
+                },
+                "max_length",
+            ),
+            (
+                StreamSettings {
+                    max_length: Some(u64::MAX),
+                    retention_ms: None,
+                },
+                "max_length",
+            ),
+            (
+                StreamSettings {
+                    max_length: None,
+                    retention_ms: Some(0),
+                },
+                "retention_ms",
+            ),
+            (
+                StreamSettings {
+                    max_length: None,
+                    retention_ms: Some(u64::MAX),
+                },
+                "retention_ms",
+            ),
+        ] {
+            let err = create_stream(&conn, "s", settings).await.unwrap_err();
+            assert_eq!(err.invalid_field(), Some(field), "{err}");
+        }
+    }
 }
