@@ -168,6 +168,7 @@ impl Heartbeat {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut log = crate::redis::subscriber::RepeatedWarnings::default();
         loop {
             tokio::select! {
                 biased;
@@ -193,13 +194,16 @@ impl Heartbeat {
                     self.lease_lost.cancel();
                     return;
                 }
-                Err(e) => tracing::warn!(lease = %self.lease.key, error = %e, "lease not renewed"),
+                Err(e) => log.warn(&self.lease.key, &format!("lease not renewed: {e}")),
             }
             let Some(shared) = self.shared.upgrade() else {
                 break;
             };
             if let Err(e) = touch_owned(&shared, self.interval).await {
-                tracing::warn!(stream = shared.origin.stream(), error = %e, "heartbeat of held entries failed");
+                log.warn(
+                    shared.origin.stream(),
+                    &format!("heartbeat of held entries failed: {e}"),
+                );
             }
         }
         self.lease.release().await;

@@ -12,7 +12,7 @@ use redis::Value;
 use tokio::sync::mpsc;
 
 use super::SubscriberStats;
-use super::shared::{Ledger, Op, lock};
+use super::shared::{Ledger, Op, RepeatedWarnings, lock};
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::delivery::Origin;
 use crate::message::EntryId;
@@ -37,6 +37,8 @@ pub(crate) struct Flusher {
     pub(crate) saved_at: Option<tokio::time::Instant>,
     /// Acks were confirmed since the checkpoint was last saved (held back by the rate limit).
     pub(crate) checkpoint_behind: bool,
+    /// Warnings, each repeated one logged with a count.
+    pub(crate) log: RepeatedWarnings,
     /// `flush` calls waiting for the acks sent before them to be written.
     pub(crate) flush_waiters: Vec<tokio::sync::oneshot::Sender<crate::Result<()>>>,
 }
@@ -195,7 +197,8 @@ impl Flusher {
             })
             .await;
         if let Err(e) = sent {
-            tracing::warn!(stream, group, pending = batch.len(), error = %e, "XACK failed; will try again");
+            let message = format!("XACK of {} acks failed; will try again: {e}", batch.len());
+            self.log.warn(stream, &message);
             return Err(e);
         }
         SubscriberStats::add(&self.stats.acked, batch.len() as u64);

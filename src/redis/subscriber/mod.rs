@@ -37,6 +37,7 @@ use crate::delivery::Origin;
 use crate::error::{Error, Result};
 use crate::pubsub::{InFlight, StartFrom, SubscribeOptions, Subscriber, Subscription};
 
+pub(crate) use self::shared::RepeatedWarnings;
 pub(crate) use self::shared::Shared as SubscriptionState;
 
 /// The longest [`RedisSubscriberOptions::lease_ttl`]: one hour.
@@ -331,6 +332,7 @@ impl RedisSubscriber {
             saved_at: None,
             checkpoint_behind: false,
             flush_waiters: Vec::new(),
+            log: Default::default(),
         };
         let heartbeat = super::lease::Heartbeat {
             lease: lease.clone(),

@@ -28,7 +28,7 @@ use redis::Value;
 use tokio::time::Instant;
 
 use super::SubscriberStats;
-use super::shared::{Op, Shared};
+use super::shared::{Op, RepeatedWarnings, Shared};
 use crate::checkpoint::CheckpointStore;
 use crate::dead_letter::{self, DeadLetter};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, Settler};
@@ -75,45 +75,6 @@ pub(crate) struct Reader {
     pub(crate) log: RepeatedWarnings,
     /// Ids the last claim found in no pending list.
     pub(crate) unclaimed: Vec<EntryId>,
-}
-
-/// Logs a warning the first time, then the same warning again only with how often it came
-/// meanwhile (at most every [`RepeatedWarnings::EVERY`]): a fault that persists does not
-/// flood the log.
-#[derive(Default)]
-pub(crate) struct RepeatedWarnings {
-    last: Option<(String, Instant)>,
-    repeats: u64,
-}
-
-impl RepeatedWarnings {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    fn warn(&mut self, stream: &str, message: &str) {
-        let now = Instant::now();
-        match &self.last {
-            Some((last, at)) if last == message && now.duration_since(*at) < Self::EVERY => {
-                self.repeats += 1;
-            }
-            Some((last, _)) if last == message => {
-                tracing::warn!(stream, repeated = self.repeats + 1, "{message}");
-                self.last = Some((message.to_owned(), now));
-                self.repeats = 0;
-            }
-            _ => {
-                if self.repeats > 0 {
-                    tracing::warn!(
-                        stream,
-                        repeated = self.repeats,
-                        "(the warning before this one came again)"
-                    );
-                }
-                tracing::warn!(stream, "{message}");
-                self.last = Some((message.to_owned(), now));
-                self.repeats = 0;
-            }
-        }
-    }
 }
 
 /// Dead-letter records whose write failed, and when to try them again.
