@@ -136,6 +136,18 @@ impl Rng {
     }
 }
 
+/// How many entries the workers group has pending (-1 when the reply is not a count).
+async fn group_pending(conn: &RedisConnection) -> i64 {
+    let summary: Vec<streamwise::redis::client::Value> = conn
+        .command(cmd("XPENDING").arg(STREAM).arg("workers"))
+        .await
+        .unwrap();
+    match summary.first() {
+        Some(streamwise::redis::client::Value::Int(n)) => *n,
+        _ => -1,
+    }
+}
+
 /// The checkpoint a killed consumer left lies below every entry still pending for it (checked
 /// before another consumer takes them over), so a group re-created from checkpoints would
 /// deliver them again.
@@ -222,14 +234,7 @@ async fn twenty_sigkills_lose_nothing() {
     let mut last = spawn_consumer(&url, "survivor");
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let pending: Vec<streamwise::redis::client::Value> = conn
-            .command(cmd("XPENDING").arg(STREAM).arg("workers"))
-            .await
-            .unwrap();
-        let pending = match pending.first() {
-            Some(streamwise::redis::client::Value::Int(n)) => *n,
-            _ => -1,
-        };
+        let pending = group_pending(&conn).await;
         let done = handled().await;
         if done == MESSAGES && pending == 0 {
             break;
@@ -308,14 +313,7 @@ async fn a_killed_consumer_restarts_under_its_own_name() {
     let mut restarted = spawn_consumer(&url, "same");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let summary: Vec<streamwise::redis::client::Value> = conn
-            .command(cmd("XPENDING").arg(STREAM).arg("workers"))
-            .await
-            .unwrap();
-        let pending = match summary.first() {
-            Some(streamwise::redis::client::Value::Int(n)) => *n,
-            _ => -1,
-        };
+        let pending = group_pending(&conn).await;
         if handled().await == BACKLOG && pending == 0 {
             break;
         }
