@@ -582,17 +582,17 @@ impl Reader {
             let mut log = dead.log();
             for g in given_up {
                 // The reasons and records are the Redis subscriber's, word for word.
-                let reason = match (g.why, &g.message) {
-                    (GiveUp::Exceeded, _) => format!(
+                let reason = match g.why {
+                    GiveUp::Exceeded => format!(
                         "delivered {} times, the limit is {}",
                         g.delivery_count, self.max_deliveries
                     ),
-                    (GiveUp::Trimmed, _) => "trimmed from the stream while pending".to_owned(),
-                    (GiveUp::NotJson, Some(m)) => match check_json(m.payload()) {
-                        Err(e) => crate::codec::not_json(g.id, e).to_string(),
-                        Ok(()) => "its payload is not JSON".to_owned(),
+                    GiveUp::Trimmed => "trimmed from the stream while pending".to_owned(),
+                    // Checked again for the parser's words (where it failed), as Redis gives.
+                    GiveUp::NotJson => match g.message.as_ref().map(|m| check_json(m.payload())) {
+                        Some(Err(e)) => crate::codec::not_json(g.id, e).to_string(),
+                        _ => "its payload is not JSON".to_owned(),
                     },
-                    (GiveUp::NotJson, None) => "its payload is not JSON".to_owned(),
                 };
                 let why = DeadLetter {
                     reason: &reason,
