@@ -138,6 +138,16 @@ impl Lease {
         self.ttl
     }
 
+    /// The lease's key.
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The token that marks the lease as this subscription's.
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
     async fn release(&self) {
         let released = self
             .conn

@@ -6,7 +6,10 @@ use redis::Script;
 
 /// Claims pending entries for redelivery to a consumer, each only if it is still owned by
 /// the expected consumer (this one, or a crashed one being taken over), counting a delivery.
-/// KEYS: stream. ARGV: group, claimer, expected owner, least idle ms (0: any), ids...
+/// When the claimer takes another's entries, its own lease must still be its (checked in the
+/// same step, on the server's clock): a claimer whose lease ran out was cut off itself, and
+/// gets the error `CUTOFF` instead. KEYS: stream, claimer's lease. ARGV: group, claimer,
+/// expected owner, least idle ms (0: any), claimer's lease token, ids...
 /// Entries touched since (idle less than that) are left out too. Returns, per id claimed,
 /// `{entry, delivery_count}`; `{id, -1}` when the entry was trimmed from the stream (the
 /// claim then drops it from the pending list); `{id, -2}` when it is in no one's pending list
@@ -15,9 +18,12 @@ use redis::Script;
 pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if ARGV[3] ~= ARGV[2] and redis.call('GET', KEYS[2]) ~= ARGV[5] then
+  return redis.error_reply('CUTOFF the claimer lease ran out')
+end
 local out = {}
 local min_idle = tonumber(ARGV[4])
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[3] and p[1][3] >= min_idle then
     local e = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])
@@ -111,11 +117,16 @@ return 0
 
 /// Finds crashed consumers: registered (they use leases), lease gone, entries pending.
 /// Forgets registered consumers whose lease is gone and that hold nothing.
-/// KEYS: stream, registry. ARGV: group, this consumer, lease key prefix.
-/// Returns `{name, pending}` per crashed consumer.
+/// Only while the caller's own lease is still its (else the error `CUTOFF`: the caller was cut
+/// off too, and the others may merely not have renewed yet).
+/// KEYS: stream, registry, caller's lease. ARGV: group, this consumer, lease key prefix,
+/// caller's lease token. Returns `{name, pending}` per crashed consumer.
 pub(crate) static CRASHED_CONSUMERS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if redis.call('GET', KEYS[3]) ~= ARGV[4] then
+  return redis.error_reply('CUTOFF the caller lease ran out')
+end
 local crashed = {}
 local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
 if not ok then return crashed end

@@ -388,10 +388,12 @@ impl Reader {
         }
         let origin = self.shared.origin.clone();
         let mut call = scripts::CLAIM.key(origin.stream());
-        call.arg(origin.group())
+        call.key(self.lease.key())
+            .arg(origin.group())
             .arg(origin.consumer())
             .arg(expected_owner)
-            .arg(min_idle_ms);
+            .arg(min_idle_ms)
+            .arg(self.lease.token());
         for id in ids {
             call.arg(id.to_string());
         }
@@ -493,17 +495,24 @@ impl Reader {
             Err(e) => return Err(ReadError::Other(e)),
         }
 
-        let crashed: Vec<(String, i64)> = {
+        let crashed: std::result::Result<Vec<(String, i64)>, redis::RedisError> = {
             self.sending = "crashed consumers script";
+            let (lease_key, token) = (self.lease.key().to_owned(), self.lease.token().to_owned());
             let (conn, _) = self.read_conn().await?;
             scripts::CRASHED_CONSUMERS
                 .key(stream)
                 .key(keys::leased_consumers(stream, group))
+                .key(lease_key)
                 .arg(group)
                 .arg(me)
                 .arg(keys::lease(stream, group, ""))
+                .arg(token)
                 .invoke_async(conn)
-                .await?
+                .await
+        };
+        let crashed = match crashed {
+            Err(e) if e.code() == Some("CUTOFF") => return Ok(self.cut_off(fetched)),
+            other => other?,
         };
         for (name, pending) in crashed {
             SubscriberStats::add(&self.stats.crashed_consumers, 1);
@@ -521,7 +530,10 @@ impl Reader {
             let rows = self.pending_rows(Some(&name), None, want).await?;
             let ids: Vec<EntryId> = rows.iter().map(|r| r.id).collect();
             self.keep_checkpoint_below(&ids).await?;
-            fetched.extend(self.claim(&name, &ids, 0).await?);
+            match self.claim(&name, &ids, 0).await {
+                Err(ReadError::Redis(e)) if e.code() == Some("CUTOFF") => return Ok(self.cut_off(fetched)),
+                claimed => fetched.extend(claimed?),
+            }
         }
 
         let want = budget.saturating_sub(fetched.len());
@@ -543,7 +555,12 @@ impl Reader {
             self.keep_checkpoint_below(&all).await?;
             for (owner, ids) in by_owner {
                 // Idle checked again at the claim: a heartbeat in between keeps the entry.
-                fetched.extend(self.claim(&owner, &ids, min_idle).await?);
+                match self.claim(&owner, &ids, min_idle).await {
+                    Err(ReadError::Redis(e)) if e.code() == Some("CUTOFF") => {
+                        return Ok(self.cut_off(fetched));
+                    }
+                    claimed => fetched.extend(claimed?),
+                }
             }
         }
         let reclaimed = fetched
@@ -552,6 +569,21 @@ impl Reader {
             .count();
         SubscriberStats::add(&self.stats.reclaimed, reclaimed as u64);
         Ok(fetched)
+    }
+
+    /// The server found this consumer's lease run out in the middle of a reclaim (an outage
+    /// or a pause began after the lease was re-asserted): nothing more is taken, and reclaim
+    /// waits one lease TTL. Returns what was taken before.
+    fn cut_off(&mut self, fetched: Fetched) -> Fetched {
+        let origin = &self.shared.origin;
+        tracing::warn!(
+            stream = origin.stream(),
+            consumer = origin.consumer(),
+            "this consumer's lease ran out during a reclaim; reclaim waits one lease TTL"
+        );
+        self.shared.hold_back_reclaim(self.lease.ttl());
+        self.next_reclaim = self.next_reclaim.max(Instant::now() + self.lease.ttl());
+        fetched
     }
 
     /// One page of the group's pending list: of `consumer` only, or idle at least `idle_ms`.
