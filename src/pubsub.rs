@@ -86,8 +86,10 @@ pub trait Subscriber: Send + Sync {
 
     /// Deletes `topic` with everything the backend keeps beside it (its groups, checkpoints,
     /// leases): for topics of one process's own, such as a reply topic, once it is done.
-    /// Subscriptions still reading it end or fail. The default refuses ([`Error::Backend`]):
-    /// the backend cannot delete topics.
+    /// Close or drop the subscriptions to it first: what they do afterwards depends on the
+    /// backend (Redis re-creates the group and stream when allowed; the in-memory backend's
+    /// see nothing more). The default refuses ([`Error::Backend`]): the backend cannot delete
+    /// topics.
     fn delete_topic<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
         let _ = topic;
         Box::pin(async { Err(Error::Backend("this backend cannot delete topics".into())) })

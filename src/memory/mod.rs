@@ -358,10 +358,8 @@ impl Subscriber for MemorySubscriber {
 
     fn delete_topic<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
         let result = validate_name("topic", topic).map(|()| {
-            if let Some(stream) = self.broker.streams().remove(topic) {
-                // Readers waiting on it look again (and find it gone from the broker).
-                stream.changed.notify_waiters();
-            }
+            // Subscriptions still on it keep the old stream and see nothing more.
+            self.broker.streams().remove(topic);
         });
         Box::pin(std::future::ready(result))
     }

@@ -840,6 +840,31 @@ fn is_auth_failure(e: &RedisError) -> bool {
     e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
 }
 
+/// `text` with its `%XX` escapes decoded (invalid ones kept as they are).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// `url` with the password (and any `pass`/`password` query value) replaced by `***`.
 ///
 /// Whatever the URL's shape, also one a parser refuses: a password with an unencoded `/`,
@@ -853,6 +878,7 @@ fn is_auth_failure(e: &RedisError) -> bool {
 /// assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
 /// assert_eq!(redact_url("redis+unix:///tmp/r.sock?db=1&pass=pw"), "redis+unix:///tmp/r.sock?db=1&pass=***");
 /// assert_eq!(redact_url("redis://user:p/w#x?y@host/0"), "redis://user:***@host/0");
+/// assert_eq!(redact_url("redis+unix:///s?p%61ss=pw"), "redis+unix:///s?p%61ss=***");
 /// ```
 pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = match url.split_once("://") {
@@ -872,10 +898,15 @@ pub fn redact_url(url: &str) -> String {
         }
     }
     // A password in the query may hold any character: from its value on, nothing is shown.
-    let lower = rest.to_ascii_lowercase();
-    let value_at = ["?pass=", "&pass=", "?password=", "&password="]
-        .iter()
-        .filter_map(|key| lower.find(key).map(|i| i + key.len()))
+    // Keys are compared decoded (`p%61ss` is `pass` to the URL parser too).
+    let value_at = rest
+        .match_indices(['?', '&'])
+        .filter_map(|(at, _)| {
+            let key_start = at + 1;
+            let key_end = key_start + rest[key_start..].find('=')?;
+            let key = percent_decoded(&rest[key_start..key_end]).to_ascii_lowercase();
+            (key == "pass" || key == "password").then_some(key_end + 1)
+        })
         .min();
     if let Some(value_at) = value_at {
         hidden.push(value_at..rest.len());

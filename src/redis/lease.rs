@@ -70,6 +70,10 @@ impl Lease {
                 return Ok(lease);
             }
             let (holder, left_ms) = lease.state().await?;
+            if left_ms == -2 {
+                // It ran out (or was released) between the two looks: take it now.
+                continue;
+            }
             match &seen {
                 // Renewed since the last look (its time went up), or taken by another: live.
                 Some((before, before_ms)) if *before != holder || left_ms > *before_ms => {
@@ -179,6 +183,7 @@ impl Heartbeat {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         let mut log = crate::redis::subscriber::RepeatedWarnings::default();
+        let mut renewal_failed = false;
         loop {
             tokio::select! {
                 biased;
@@ -186,7 +191,15 @@ impl Heartbeat {
                 _ = released.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            match self.lease.hold_state("lease renewal").await {
+            let renewed = self.lease.hold_state("lease renewal").await;
+            if renewed.is_ok() && std::mem::take(&mut renewal_failed) {
+                // The server was out of reach: others may have lost their leases meanwhile
+                // while ours survived, so no one is taken for crashed for one TTL.
+                if let Some(shared) = self.shared.upgrade() {
+                    shared.hold_back_reclaim(self.lease.ttl());
+                }
+            }
+            match renewed {
                 Ok(Held::Extended) => {}
                 Ok(Held::Retaken) => {
                     // Cut off (or paused) past the TTL: the others may have been too, so no
@@ -204,7 +217,10 @@ impl Heartbeat {
                     self.lease_lost.cancel();
                     return;
                 }
-                Err(e) => log.warn(&self.lease.key, &format!("lease not renewed: {e}")),
+                Err(e) => {
+                    renewal_failed = true;
+                    log.warn(&self.lease.key, &format!("lease not renewed: {e}"));
+                }
             }
             let Some(shared) = self.shared.upgrade() else {
                 break;
@@ -232,6 +248,7 @@ async fn touch_owned(shared: &Shared, older_than: Duration) -> Result<()> {
             .filter(|(_, at)| now.duration_since(**at) >= older_than)
             .map(|(id, _)| id);
         held.chain(ledger.retry_due.keys())
+            .chain(ledger.dead_lettering.iter())
             .map(|id| id.to_string())
             .collect()
     };

@@ -39,6 +39,8 @@ pub(crate) struct Flusher {
     pub(crate) checkpoint_behind: bool,
     /// Warnings, each repeated one logged with a count.
     pub(crate) log: RepeatedWarnings,
+    /// While claims run: no checkpoint above this (see `Op::Lower`).
+    pub(crate) floor: Option<EntryId>,
     /// `flush` calls waiting for the acks sent before them to be written.
     pub(crate) flush_waiters: Vec<tokio::sync::oneshot::Sender<crate::Result<()>>>,
 }
@@ -123,6 +125,7 @@ impl Flusher {
                 Op::Flush(waiter) => self.flush_waiters.push(waiter),
                 // Closing: nothing more is taken over.
                 Op::Lower(_, answer) => drop(answer),
+                Op::ClaimsDone => self.floor = None,
                 Op::Unblock(_) => {}
             }
         }
@@ -161,6 +164,7 @@ impl Flusher {
             Op::Lower(below, answer) => {
                 let _ = answer.send(self.lower_checkpoint(below).await);
             }
+            Op::ClaimsDone => self.floor = None,
             Op::Unblock(client) => {
                 let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(client).clone();
                 let result = self
@@ -246,6 +250,11 @@ impl Flusher {
             Some(oldest) if oldest <= acked => oldest.prev(),
             _ => Some(acked),
         };
+        // Entries being taken over are not in the pending list yet: stay below them.
+        let watermark = match (watermark, self.floor) {
+            (Some(w), Some(floor)) => Some(w.min(floor)),
+            (w, _) => w,
+        };
         let Some(watermark) = watermark.filter(|w| self.saved != Some(*w)) else {
             return;
         };
@@ -265,15 +274,29 @@ impl Flusher {
 }
 
 impl Flusher {
-    /// Moves the saved checkpoint below `entry` if it is not already.
+    /// Moves the saved checkpoint below `entry` if it is not already, and keeps every save
+    /// below it until the claims are done.
     async fn lower_checkpoint(&mut self, entry: EntryId) -> crate::Result<()> {
-        let (Some(store), Some(saved)) = (&self.store, self.saved) else {
-            // Nothing saved yet: the next save looks at the pending list, which then has it.
+        let Some(store) = &self.store else {
             return Ok(());
         };
-        let Some(below) = entry.prev().filter(|below| *below < saved) else {
+        let Some(below) = entry.prev() else {
+            // Nothing is below the first id: the checkpoint cannot pass it.
             return Ok(());
         };
+        self.floor = Some(self.floor.map_or(below, |f| f.min(below)));
+        let saved = match self.saved {
+            Some(saved) => Some(saved),
+            // What an earlier run of this consumer saved.
+            None => store
+                .load(self.origin.stream(), self.origin.group(), self.origin.consumer())
+                .await?
+                .map(|cp| cp.message_id),
+        };
+        if saved.is_none_or(|saved| saved <= below) {
+            self.saved = saved;
+            return Ok(());
+        }
         let checkpoint = Checkpoint {
             message_id: below,
             timestamp: SystemTime::now(),

@@ -332,6 +332,7 @@ impl RedisSubscriber {
             saved_at: None,
             checkpoint_behind: false,
             flush_waiters: Vec::new(),
+            floor: None,
             log: Default::default(),
         };
         let heartbeat = super::lease::Heartbeat {

@@ -86,10 +86,6 @@ pub(crate) struct DeadLetterRetry {
 }
 
 impl DeadLetterRetry {
-    fn holds(&self, id: EntryId) -> bool {
-        self.records.iter().any(|(held, _)| *held == id)
-    }
-
     fn due(&self, now: Instant) -> bool {
         !self.records.is_empty() && self.at.is_some_and(|at| at <= now)
     }
@@ -490,8 +486,11 @@ impl Reader {
                 self.next_reclaim = self.next_reclaim.max(now + self.lease.ttl());
                 return Ok(fetched);
             }
-            // Lost to another: the heartbeat stops the subscription.
-            Ok(Held::Refused) => return Ok(fetched),
+            // Lost to another: stop now rather than at the heartbeat's next look.
+            Ok(Held::Refused) => {
+                self.lease_lost.cancel();
+                return Ok(fetched);
+            }
             Err(e) => return Err(ReadError::Other(e)),
         }
 
@@ -530,7 +529,9 @@ impl Reader {
             let rows = self.pending_rows(Some(&name), None, want).await?;
             let ids: Vec<EntryId> = rows.iter().map(|r| r.id).collect();
             self.keep_checkpoint_below(&ids).await?;
-            match self.claim(&name, &ids, 0).await {
+            let claimed = self.claim(&name, &ids, 0).await;
+            self.claims_done();
+            match claimed {
                 Err(ReadError::Redis(e)) if e.code() == Some("CUTOFF") => return Ok(self.cut_off(fetched)),
                 claimed => fetched.extend(claimed?),
             }
@@ -555,13 +556,16 @@ impl Reader {
             self.keep_checkpoint_below(&all).await?;
             for (owner, ids) in by_owner {
                 // Idle checked again at the claim: a heartbeat in between keeps the entry.
-                match self.claim(&owner, &ids, min_idle).await {
+                let claimed = self.claim(&owner, &ids, min_idle).await;
+                match claimed {
                     Err(ReadError::Redis(e)) if e.code() == Some("CUTOFF") => {
+                        self.claims_done();
                         return Ok(self.cut_off(fetched));
                     }
                     claimed => fetched.extend(claimed?),
                 }
             }
+            self.claims_done();
         }
         let reclaimed = fetched
             .iter()
@@ -609,6 +613,13 @@ impl Reader {
         Ok(codec::parse_pending_rows(rows)?)
     }
 
+    /// The claims that [`keep_checkpoint_below`](Self::keep_checkpoint_below) prepared are
+    /// done: what they took is in this consumer's pending list now, where the flusher's next
+    /// save sees it, so the floor it kept can go.
+    fn claims_done(&self) {
+        let _ = self.shared.ops.send(Op::ClaimsDone);
+    }
+
     /// Keeps this consumer's checkpoint below the oldest of `ids` before they are taken
     /// over (they may be older than it), through the flusher, which alone saves it.
     async fn keep_checkpoint_below(&mut self, ids: &[EntryId]) -> std::result::Result<(), ReadError> {
@@ -636,7 +647,7 @@ impl Reader {
         let mut ready: Vec<(EntryId, u64, Message)> = Vec::new();
         for (entry, count) in fetched {
             let id = entry.id();
-            if self.shared.ledger().is_ours(&id) || self.dead_letters.holds(id) {
+            if self.shared.ledger().is_ours(&id) {
                 continue;
             }
             let record = |reason, delivered| dead_letter_of(&origin, id, reason, delivered);
@@ -679,6 +690,7 @@ impl Reader {
                 tracing::error!(stream = origin.stream(), group = origin.group(), %id, error = %e,
                     "dead-letter record not written; the entry stays pending and the write is retried");
                 self.dead_letters.records.push((id, record));
+                self.shared.ledger().dead_lettering.insert(id);
                 self.schedule_dead_letter_retry();
             }
         }
@@ -700,7 +712,11 @@ impl Reader {
         let records = std::mem::take(&mut self.dead_letters.records);
         let mut failed = 0;
         for (id, record) in records {
-            if let Err(e) = self.dead_letter(id, &record).await {
+            let written = self.dead_letter(id, &record).await;
+            if written.is_ok() {
+                self.shared.ledger().dead_lettering.remove(&id);
+            }
+            if let Err(e) = written {
                 SubscriberStats::add(&self.stats.dead_letter_failures, 1);
                 failed += 1;
                 if failed == 1 {
@@ -725,10 +741,11 @@ impl Reader {
     }
 
     /// Nacked entries this consumer owned that are in no pending list any more when their
-    /// retry is due: the group was destroyed and re-created meanwhile (an ack in between is
-    /// ruled out: the entries were held here). Those the group will read again (past its
-    /// last-delivered id) come back that way; the others would be lost, so they are
-    /// dead-lettered with the reason, and counted. Never dropped silently.
+    /// retry is due: mostly because the group was destroyed and re-created meanwhile (or,
+    /// rarer, another consumer took one over while this one was cut off past its lease, and
+    /// settled it). Those the group will read again (past its last-delivered id) come back
+    /// that way; the others could be lost, so they are dead-lettered with the reason, and
+    /// counted: never dropped silently, at the price of a record for one settled elsewhere.
     async fn retries_not_pending(&mut self, entries: Vec<(EntryId, u64)>) {
         let origin = self.shared.origin.clone();
         let info = super::super::admin::group_info(&self.shared.conn, origin.stream(), origin.group()).await;
@@ -751,8 +768,12 @@ impl Reader {
                 continue;
             }
             SubscriberStats::add(&self.stats.unclaimable, 1);
+            // Most often its group was re-created past it; it may also have been taken over
+            // and settled by another consumer while this one was cut off past its lease.
             let reason = format!(
-                "no longer pending in group {}: the group was re-created past it and would not deliver it again",
+                "no longer pending in group {} when its retry was due: the group was re-created past it \
+                 (it would not be delivered again), or another consumer took it over while this one \
+                 was cut off",
                 origin.group()
             );
             let stored = super::super::admin::read_entry(&self.shared.conn, origin.stream(), id).await;
@@ -775,6 +796,7 @@ impl Reader {
                 SubscriberStats::add(&self.stats.dead_letter_failures, 1);
                 tracing::error!(stream = origin.stream(), %id, error = %e, "dead-letter record not written; retried later");
                 self.dead_letters.records.push((id, record));
+                self.shared.ledger().dead_lettering.insert(id);
                 self.schedule_dead_letter_retry();
             }
         }

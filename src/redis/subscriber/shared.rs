@@ -28,11 +28,16 @@ pub(crate) struct Ledger {
     /// Nacked, by due time, with the delivery count so far.
     retries: BTreeMap<(Instant, EntryId), u64>,
     pub(crate) retry_due: HashMap<EntryId, Instant>,
+    /// Given up on, with a dead-letter record that could not be written yet (retried).
+    pub(crate) dead_lettering: HashSet<EntryId>,
 }
 
 impl Ledger {
     pub(crate) fn is_ours(&self, id: &EntryId) -> bool {
-        self.held.contains_key(id) || self.acking.contains(id) || self.retry_due.contains_key(id)
+        self.held.contains_key(id)
+            || self.acking.contains(id)
+            || self.retry_due.contains_key(id)
+            || self.dead_lettering.contains(id)
     }
 
     /// The oldest entry this subscription still owns (held, acking or waiting to retry).
@@ -79,8 +84,10 @@ pub(crate) enum Op {
     Ack(EntryId),
     /// Before entries from `EntryId` on are taken over: keep the checkpoint below it, and
     /// answer once saved (so that a crash right after the claim leaves no checkpoint past
-    /// an entry this consumer holds).
+    /// an entry this consumer holds); no save passes it until `ClaimsDone`.
     Lower(EntryId, tokio::sync::oneshot::Sender<Result<()>>),
+    /// The claims prepared by `Lower` are done (what they took is in the pending list).
+    ClaimsDone,
     Unblock(i64),
     /// Answer once every ack sent before this is written (or could not be).
     Flush(tokio::sync::oneshot::Sender<Result<()>>),
