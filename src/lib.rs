@@ -57,8 +57,8 @@ pub use delivery::{Delivery, DeliveryInfo, MAX_NACK_DELAY, Origin, Settlement, S
 pub use error::{BoxError, Error, Result, validate_event_type, validate_name};
 pub use message::{EntryId, Message, Metadata, format_timestamp, parse_timestamp};
 pub use pubsub::{
-    Flush, FlushHandle, InFlight, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber,
-    Subscription, unique_consumer_name,
+    Flush, FlushHandle, InFlight, MAX_CAP, Publisher, ReclaimOptions, StartFrom, SubscribeOptions,
+    Subscriber, Subscription, unique_consumer_name,
 };
 /// The UUID type of message ids (re-exported so that extensions can name it).
 pub use uuid::Uuid;

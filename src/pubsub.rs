@@ -47,16 +47,19 @@ pub trait Publisher: Send + Sync {
 
     /// Appends `message` to `topic` and trims the topic to about `max_length` entries (the
     /// oldest go), whatever the publisher's own limit; for topics that must not grow without
-    /// bound (command and reply topics of [`cqrs`](crate::cqrs)). The default ignores the limit
-    /// (backends that cannot trim).
+    /// bound (command and reply topics of [`cqrs`](crate::cqrs)). `max_length` must be between
+    /// 1 and [`MAX_CAP`] ([`Error::Invalid`], `max_length`, before anything is written). The
+    /// default ignores the limit (backends that cannot trim).
     fn publish_capped<'a>(
         &'a self,
         topic: &'a str,
         message: Message,
         max_length: u64,
     ) -> BoxFuture<'a, Result<EntryId>> {
-        let _ = max_length;
-        self.publish(topic, message)
+        match check_cap(max_length) {
+            Ok(()) => self.publish(topic, message),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 }
 
@@ -185,6 +188,21 @@ pub fn unique_consumer_name(prefix: &str) -> String {
         std::process::id(),
         &random[random.len() - 8..]
     )
+}
+
+/// The largest `max_length` of [`Publisher::publish_capped`] (Redis counts in signed 64-bit
+/// integers).
+pub const MAX_CAP: u64 = i64::MAX as u64;
+
+/// Checks a `max_length` for [`Publisher::publish_capped`]; for backends.
+pub fn check_cap(max_length: u64) -> Result<()> {
+    if max_length == 0 || max_length > MAX_CAP {
+        return Err(Error::invalid(
+            "max_length",
+            format_args!("{max_length} is not between 1 and {MAX_CAP}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The largest `max_in_flight` and `batch_size` accepted.

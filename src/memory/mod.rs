@@ -331,8 +331,8 @@ impl Publisher for MemoryPublisher {
         message: Message,
         max_length: u64,
     ) -> BoxFuture<'a, Result<EntryId>> {
-        let result = self
-            .append_capped(topic, vec![message], Some(max_length))
+        let result = crate::pubsub::check_cap(max_length)
+            .and_then(|()| self.append_capped(topic, vec![message], Some(max_length)))
             .map(|ids| ids[0]);
         Box::pin(std::future::ready(result))
     }

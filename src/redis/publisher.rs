@@ -420,6 +420,7 @@ impl Publisher for RedisPublisher {
         max_length: u64,
     ) -> BoxFuture<'a, Result<EntryId>> {
         Box::pin(async move {
+            crate::pubsub::check_cap(max_length)?;
             let mut ids = self
                 .append(topic, std::slice::from_ref(&message), Some(max_length))
                 .await?;

@@ -913,6 +913,13 @@ pub async fn invalid_arguments_name_the_field(backend: &dyn TestBackend) {
     let err = publisher.publish_batch("bad topic", vec![numbered(3)]).await;
     assert_eq!(err.expect_err("bad topic").invalid_field(), Some("topic"));
     subscriber.close().await.expect("close");
+    for cap in [0, u64::MAX] {
+        let err = publisher
+            .publish_capped("ok-topic", numbered(0), cap)
+            .await
+            .expect_err("a cap outside 1..=MAX_CAP");
+        assert_eq!(err.invalid_field(), Some("max_length"), "{err}");
+    }
 }
 
 /// A closed publisher refuses to publish; closing twice is fine.

@@ -510,7 +510,7 @@ impl Reader {
                 .await
         };
         let crashed = match crashed {
-            Err(e) if e.code() == Some("CUTOFF") => return Ok(self.cut_off(fetched)),
+            Err(e) if is_cut_off(&e) => return Ok(self.cut_off(fetched)),
             other => other?,
         };
         for (name, pending) in crashed {
@@ -532,7 +532,7 @@ impl Reader {
             let claimed = self.claim(&name, &ids, 0).await;
             self.claims_done();
             match claimed {
-                Err(ReadError::Redis(e)) if e.code() == Some("CUTOFF") => return Ok(self.cut_off(fetched)),
+                Err(ReadError::Redis(e)) if is_cut_off(&e) => return Ok(self.cut_off(fetched)),
                 claimed => fetched.extend(claimed?),
             }
         }
@@ -558,7 +558,7 @@ impl Reader {
                 // Idle checked again at the claim: a heartbeat in between keeps the entry.
                 let claimed = self.claim(&owner, &ids, min_idle).await;
                 match claimed {
-                    Err(ReadError::Redis(e)) if e.code() == Some("CUTOFF") => {
+                    Err(ReadError::Redis(e)) if is_cut_off(&e) => {
                         self.claims_done();
                         return Ok(self.cut_off(fetched));
                     }
@@ -834,6 +834,12 @@ impl Reader {
             reason = record.metadata().get(dead_letter::keys::REASON).unwrap_or(""), "dead-lettered");
         Ok(())
     }
+}
+
+/// The scripts' refusal to take others' entries for a claimer whose own lease ran out
+/// ([`scripts::CLAIM`], [`scripts::CRASHED_CONSUMERS`]).
+fn is_cut_off(e: &redis::RedisError) -> bool {
+    e.code() == Some("CUTOFF")
 }
 
 /// `XREADGROUP GROUP g c COUNT n [BLOCK t] STREAMS s >`: entries never delivered to the group.
