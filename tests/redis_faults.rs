@@ -730,7 +730,7 @@ async fn after_an_outage_a_live_consumers_entries_are_not_taken_over() {
                 .block(Duration::from_millis(100))
                 .reclaim(streamwise::ReclaimOptions::new(
                     Duration::from_millis(50),
-                    Duration::from_millis(400),
+                    Duration::from_secs(1),
                 )),
         )
         .await
@@ -746,7 +746,7 @@ async fn after_an_outage_a_live_consumers_entries_are_not_taken_over() {
     // Both stay subscribed while the server is frozen past their leases (and A's entries
     // idle past B's min_idle).
     server.freeze();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     server.thaw();
     // An observation window, not a synchronisation: twice the TTL after the thaw.
     match tokio::time::timeout(ttl * 2 + Duration::from_millis(300), taken.recv()).await {

@@ -141,12 +141,18 @@ impl Reader {
                     (taken, false)
                 }
             };
+            let started = Instant::now();
             let result = tokio::select! {
                 biased;
                 _ = closed.cancelled() => Ok(0),
                 _ = lease_lost.cancelled() => Ok(0),
                 r = self.fetch(taken, ahead) => r,
             };
+            if self.was_cut_off(started) {
+                // A step that took far longer than its BLOCK: the server was out of reach (or
+                // this process paused), maybe for everyone; no one is taken for crashed yet.
+                self.shared.hold_back_reclaim(self.lease.ttl());
+            }
             match result {
                 Ok(used) => {
                     self.shared.capacity.release(taken - used);
@@ -511,6 +517,8 @@ impl Reader {
         };
         let crashed = match crashed {
             Err(e) if is_cut_off(&e) => return Ok(self.cut_off(fetched)),
+            // The answer came so late that an outage may lie in between: look again later.
+            Ok(_) if self.was_cut_off(now) => return Ok(self.cut_off(fetched)),
             other => other?,
         };
         for (name, pending) in crashed {
@@ -573,6 +581,13 @@ impl Reader {
             .count();
         SubscriberStats::add(&self.stats.reclaimed, reclaimed as u64);
         Ok(fetched)
+    }
+
+    /// Whether a step begun at `started` took so much longer than a blocking read may that
+    /// the server (or this process) was out of reach meanwhile: more than `block` plus a
+    /// third of the lease TTL, the heartbeat's interval.
+    fn was_cut_off(&self, started: Instant) -> bool {
+        started.elapsed() > self.options.block_value() + self.lease.ttl() / 3
     }
 
     /// The server found this consumer's lease run out in the middle of a reclaim (an outage
