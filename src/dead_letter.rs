@@ -43,6 +43,43 @@ pub fn stream_for(stream: &str) -> String {
     format!("{stream}{SUFFIX}")
 }
 
+/// Why a backend gives up on an entry by itself (rather than a handler, through
+/// [`Delivery::dead_letter`](crate::Delivery::dead_letter)). Its `Display` is the reason
+/// the record keeps: the same words on every backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum GaveUp<'a> {
+    /// Delivered `delivered` times, and the subscription's `max_deliveries` is `limit`.
+    TooManyDeliveries { delivered: u64, limit: u64 },
+    /// Trimmed from its stream before it was acknowledged.
+    Trimmed,
+    /// An entry of `size` bytes, above the subscriber's `max_entry_size`.
+    TooLarge { size: usize, limit: usize },
+    /// A nacked entry no longer pending in `group` when its retry was due.
+    NoLongerPending { group: &'a str },
+}
+
+impl std::fmt::Display for GaveUp<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GaveUp::TooManyDeliveries { delivered, limit } => {
+                write!(f, "delivered {delivered} times, the limit is {limit}")
+            }
+            GaveUp::Trimmed => f.write_str("trimmed from the stream while pending"),
+            GaveUp::TooLarge { size, limit } => {
+                write!(f, "entry of {size} bytes is larger than max_entry_size {limit}")
+            }
+            // Most often its group was re-created past it; it may also have been taken over
+            // and settled by another consumer while this one was cut off past its lease.
+            GaveUp::NoLongerPending { group } => write!(
+                f,
+                "no longer pending in group {group} when its retry was due: the group was re-created past it \
+                 (it would not be delivered again), or another consumer took it over while this one \
+                 was cut off"
+            ),
+        }
+    }
+}
+
 /// Why and from where an entry is dead-lettered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeadLetter<'a> {

@@ -1,12 +1,15 @@
 //! Deliveries: a message handed to a consumer, with where it came from, and its settlement
-//! (ack, nack, nack after a delay), which happens exactly once.
+//! (ack, nack, nack after a delay, dead letter), which happens exactly once.
+//!
+//! This module owns the settlement contract every backend implements ([`Settler`]) and the
+//! one error type of settling ([`SettleError`]). Each backend writes settlements in one
+//! place: the Redis subscription's flusher, the memory backend's settler.
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::error::{Error, Result};
 use crate::message::{EntryId, Message};
 
 /// Where deliveries of one subscription come from: stream, consumer group and consumer name.
@@ -103,7 +106,7 @@ impl DeliveryInfo {
 pub const MAX_NACK_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// How a delivery was settled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Settlement {
     /// Processed: remove the entry from the pending list.
     Ack,
@@ -112,6 +115,46 @@ pub enum Settlement {
         /// The least time before redelivery (zero for "as soon as possible").
         delay: Duration,
     },
+    /// Given up on: the backend writes the message, with `reason` and where it came from, to
+    /// the dead-letter stream `<stream>-dead` (a [`crate::dead_letter`] record) and removes the
+    /// entry from the pending list. Until the record is written the entry stays pending, so a
+    /// crash in between redelivers it rather than lose it.
+    DeadLetter {
+        /// Why, in words (kept in the record's metadata under
+        /// [`dead_letter::keys::REASON`](crate::dead_letter::keys::REASON)).
+        reason: String,
+    },
+}
+
+/// Why settling a delivery was refused. Nothing was recorded; only [`AlreadySettled`]
+/// means the delivery had been settled (before).
+///
+/// It converts into [`Error::Settle`](crate::Error::Settle), so `?` works in functions that
+/// return [`crate::Result`].
+///
+/// [`AlreadySettled`]: SettleError::AlreadySettled
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettleError {
+    /// The delivery was already acked, nacked or dead-lettered; settling again does nothing.
+    #[error("delivery {id} was already settled")]
+    AlreadySettled {
+        /// The entry id of the delivery.
+        id: EntryId,
+    },
+    /// A nack delay longer than [`MAX_NACK_DELAY`]; the delivery stays unsettled.
+    #[error("invalid delay: {delay:?} is longer than the longest nack delay, {MAX_NACK_DELAY:?}")]
+    DelayTooLong {
+        /// The delay asked for.
+        delay: Duration,
+    },
+    /// The subscription (or its subscriber) was closed before the settlement: the entry
+    /// stays pending and is delivered again.
+    #[error("the subscription of delivery {id} is closed; the entry stays pending")]
+    Closed {
+        /// The entry id of the delivery.
+        id: EntryId,
+    },
 }
 
 /// The backend side of settlement. A [`Delivery`] calls exactly one of these methods,
@@ -119,8 +162,14 @@ pub enum Settlement {
 ///
 /// Implement it when writing a backend; users never call it.
 pub trait Settler: Send + Sync + 'static {
-    /// Records the settlement of the entry described by `info`.
-    fn settle(&self, info: &DeliveryInfo, settlement: Settlement) -> Result<()>;
+    /// Records the settlement of the entry described by `info`, whose message is `message`
+    /// (a [`Settlement::DeadLetter`] record keeps it).
+    fn settle(
+        &self,
+        info: &DeliveryInfo,
+        message: &Message,
+        settlement: Settlement,
+    ) -> Result<(), SettleError>;
 
     /// The delivery was dropped without being settled: the entry stays pending (it will be
     /// redelivered on restart or reclaimed), and the subscription may hand out another one.
@@ -128,9 +177,10 @@ pub trait Settler: Send + Sync + 'static {
 }
 
 /// A message delivered to a consumer, which must settle it once with [`ack`](Self::ack),
-/// [`nack`](Self::nack) or [`nack_after`](Self::nack_after).
+/// [`nack`](Self::nack), [`nack_after`](Self::nack_after) or
+/// [`dead_letter`](Self::dead_letter).
 ///
-/// Settling a second time returns [`Error::AlreadySettled`] and changes nothing. A delivery
+/// Settling a second time returns [`SettleError::AlreadySettled`] and changes nothing. A delivery
 /// dropped without being settled stays pending in the backend: it is redelivered when the
 /// consumer restarts or reclaimed by another consumer, never lost.
 pub struct Delivery {
@@ -171,7 +221,7 @@ impl Delivery {
         self.info.delivery_count
     }
 
-    /// Whether the delivery was already acked or nacked.
+    /// Whether the delivery was already settled.
     pub fn is_settled(&self) -> bool {
         self.settled.load(Ordering::Acquire)
     }
@@ -180,39 +230,68 @@ impl Delivery {
     ///
     /// Backends may batch acknowledgements; an ack that returned `Ok` is flushed at the
     /// latest when the subscriber closes.
-    pub async fn ack(&self) -> Result<()> {
+    pub async fn ack(&self) -> Result<(), SettleError> {
         self.settle(Settlement::Ack)
     }
 
     /// Rejects the delivery: the entry is delivered again, with a higher delivery count.
-    pub async fn nack(&self) -> Result<()> {
+    pub async fn nack(&self) -> Result<(), SettleError> {
         self.settle(Settlement::Nack {
             delay: Duration::ZERO,
         })
     }
 
     /// Rejects the delivery: the entry is delivered again, no sooner than `delay` from now.
-    pub async fn nack_after(&self, delay: Duration) -> Result<()> {
+    pub async fn nack_after(&self, delay: Duration) -> Result<(), SettleError> {
         self.settle(Settlement::Nack { delay })
+    }
+
+    /// Gives up on the delivery: the backend writes the message, with `reason`, its entry
+    /// id, stream, group and delivery count, to `<stream>-dead`, then removes the entry from
+    /// the pending list (the counterpart of a NATS JetStream `Term`).
+    ///
+    /// Like an ack, the write may happen after this returns; until it succeeded the entry
+    /// stays pending (the backend retries it), so nothing is lost.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> streamwise::Result<()> {
+    /// use futures::StreamExt;
+    /// use streamwise::prelude::*;
+    /// use streamwise::memory::MemoryBackend;
+    ///
+    /// let backend = MemoryBackend::new();
+    /// let mut orders = backend.subscriber().subscribe("orders", SubscribeOptions::new("billing", "w1")).await?;
+    /// backend.publisher().publish("orders", Message::new("order.placed", &"not an order")?).await?;
+    ///
+    /// let delivery = orders.next().await.expect("open")?;
+    /// delivery.dead_letter("schema mismatch").await?;
+    ///
+    /// let dead = backend.messages("orders-dead")?;
+    /// let (_, record) = &dead[0];
+    /// assert_eq!(record.metadata().get("dead_letter.reason"), Some("schema mismatch"));
+    /// assert_eq!(backend.pending_count("orders", "billing")?, 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn dead_letter(&self, reason: impl Into<String>) -> Result<(), SettleError> {
+        self.settle(Settlement::DeadLetter {
+            reason: reason.into(),
+        })
     }
 
     /// Settles synchronously; the async methods are thin wrappers over this.
     ///
-    /// A nack delay longer than [`MAX_NACK_DELAY`] is refused with [`Error::Invalid`]
-    /// (`delay`) and leaves the delivery unsettled.
-    pub fn settle(&self, settlement: Settlement) -> Result<()> {
+    /// A nack delay longer than [`MAX_NACK_DELAY`] is refused with
+    /// [`SettleError::DelayTooLong`] and leaves the delivery unsettled.
+    pub fn settle(&self, settlement: Settlement) -> Result<(), SettleError> {
         if let Settlement::Nack { delay } = settlement
             && delay > MAX_NACK_DELAY
         {
-            return Err(Error::invalid(
-                "delay",
-                format_args!("{delay:?} is longer than the longest nack delay, {MAX_NACK_DELAY:?}"),
-            ));
+            return Err(SettleError::DelayTooLong { delay });
         }
         if self.settled.swap(true, Ordering::AcqRel) {
-            return Err(Error::AlreadySettled { id: self.info.id });
+            return Err(SettleError::AlreadySettled { id: self.info.id });
         }
-        self.settler.settle(&self.info, settlement)
+        self.settler.settle(&self.info, &self.message, settlement)
     }
 }
 
@@ -244,7 +323,12 @@ mod tests {
     struct Recorder(Mutex<Vec<String>>);
 
     impl Settler for Recorder {
-        fn settle(&self, info: &DeliveryInfo, settlement: Settlement) -> Result<()> {
+        fn settle(
+            &self,
+            info: &DeliveryInfo,
+            _: &Message,
+            settlement: Settlement,
+        ) -> Result<(), SettleError> {
             self.0
                 .lock()
                 .unwrap()
@@ -267,8 +351,12 @@ mod tests {
         let recorder = Arc::new(Recorder::default());
         let d = delivery(&recorder, 0);
         d.ack().await.unwrap();
-        assert!(matches!(d.nack().await, Err(Error::AlreadySettled { .. })));
-        assert!(matches!(d.ack().await, Err(Error::AlreadySettled { .. })));
+        assert!(matches!(d.nack().await, Err(SettleError::AlreadySettled { .. })));
+        assert!(matches!(d.ack().await, Err(SettleError::AlreadySettled { .. })));
+        assert!(matches!(
+            d.dead_letter("late").await,
+            Err(SettleError::AlreadySettled { .. })
+        ));
         drop(d);
         assert_eq!(*recorder.0.lock().unwrap(), ["1-0 Ack"]);
     }
@@ -278,7 +366,8 @@ mod tests {
         let recorder = Arc::new(Recorder::default());
         let d = delivery(&recorder, 3);
         let err = d.nack_after(Duration::MAX).await.unwrap_err();
-        assert_eq!(err.invalid_field(), Some("delay"));
+        assert_eq!(err, SettleError::DelayTooLong { delay: Duration::MAX });
+        assert_eq!(crate::Error::from(err).invalid_field(), Some("delay"));
         assert!(!d.is_settled());
         d.nack_after(MAX_NACK_DELAY).await.unwrap();
         assert_eq!(*recorder.0.lock().unwrap(), ["1-3 Nack { delay: 2592000s }"]);

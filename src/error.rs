@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::EntryId;
+use crate::delivery::SettleError;
 
 /// Shorthand for `std::result::Result<T, streamwise::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -103,12 +103,10 @@ pub enum Error {
         reason: String,
     },
 
-    /// The delivery was already acked or nacked; settling again does nothing.
-    #[error("delivery {id} was already settled")]
-    AlreadySettled {
-        /// The entry id of the delivery.
-        id: EntryId,
-    },
+    /// Settling a delivery was refused (already settled, a nack delay too long, the
+    /// subscription closed); see [`SettleError`].
+    #[error(transparent)]
+    Settle(#[from] SettleError),
 
     /// A payload or entry could not be decoded.
     #[error("cannot decode {what}: {reason}")]
@@ -171,10 +169,12 @@ impl Error {
         }
     }
 
-    /// The field named by an [`Error::Invalid`], if this is one.
+    /// The field named by an [`Error::Invalid`] (or the `delay` of a
+    /// [`SettleError::DelayTooLong`]), if this is one.
     pub fn invalid_field(&self) -> Option<&str> {
         match self {
             Error::Invalid { field, .. } => Some(field),
+            Error::Settle(SettleError::DelayTooLong { .. }) => Some("delay"),
             _ => None,
         }
     }

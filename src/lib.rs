@@ -31,7 +31,7 @@
 //! ```
 //!
 //! Delivery is at-least-once: an entry leaves its group's pending list only when acked. A
-//! [`Delivery`] is settled exactly once; settling again is an [`Error::AlreadySettled`] value.
+//! [`Delivery`] is settled exactly once; settling again is a [`SettleError::AlreadySettled`] value.
 
 pub mod checkpoint;
 pub mod codec;
@@ -53,7 +53,7 @@ mod signal;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use delivery::{Delivery, DeliveryInfo, MAX_NACK_DELAY, Origin, Settlement, Settler};
+pub use delivery::{Delivery, DeliveryInfo, MAX_NACK_DELAY, Origin, SettleError, Settlement, Settler};
 pub use error::{BoxError, Error, Result, validate_event_type, validate_name};
 pub use message::{EntryId, Message, Metadata, format_timestamp, parse_timestamp};
 pub use pubsub::{

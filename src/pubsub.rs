@@ -504,8 +504,11 @@ impl Subscription {
     /// to the backend, and returns the error that stopped it if one did. An `ack` that
     /// returned `Ok` is only queued (acks are batched); after `flush` returns `Ok`, it is
     /// recorded. After the subscription ended, [`Error::Closed`].
-    pub async fn flush(&self) -> Result<()> {
-        self.flush_handle().flush().await
+    ///
+    /// The future does not borrow the subscription (it is `Send` and `'static`).
+    pub fn flush(&self) -> impl Future<Output = Result<()>> + Send + 'static {
+        let handle = self.flush_handle();
+        async move { handle.flush().await }
     }
 
     /// A handle that flushes this subscription from elsewhere (another task, or while the

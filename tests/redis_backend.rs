@@ -733,6 +733,67 @@ async fn a_refused_dead_letter_write_is_retried_until_it_succeeds() {
     reading.await.unwrap();
 }
 
+/// A handler's dead letter whose record cannot be written (the dead-letter key holds
+/// another type, so its `XADD` fails inside the write) leaves the entry pending, unacked,
+/// counted as unflushed, and is written once the key is fixed: the entry never leaves the
+/// pending list without its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_cannot_be_written_stays_pending_until_it_is() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let id = backend
+        .publisher()
+        .publish("dlw", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(server.command("SET dlw-dead not-a-stream"), "+OK");
+    let subscriber = backend.subscriber().unwrap();
+    let mut sub = subscriber.subscribe("dlw", opts("g", "c")).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.id(), id);
+    d.dead_letter("bad order").await.unwrap();
+    let flushed = sub.flush().await;
+    assert!(
+        flushed.is_err(),
+        "a flush reports the unwritten record: {flushed:?}"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while subscriber.stats().dead_letter_failures < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not retried: {:?}",
+            subscriber.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        backend.pending_count("dlw", "g").await.unwrap(),
+        1,
+        "kept pending meanwhile"
+    );
+    assert_eq!(subscriber.unflushed(), 1);
+    assert_eq!(server.command("DEL dlw-dead"), ":1");
+    while backend.pending_count("dlw", "g").await.unwrap() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never written after the key was fixed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.command("XLEN dlw-dead"), ":1");
+    sub.flush().await.unwrap();
+    assert_eq!(subscriber.unflushed(), 0);
+    let mut dead = subscriber
+        .subscribe("dlw-dead", opts("inspect", "c"))
+        .await
+        .unwrap();
+    let record = recv(&mut dead).await;
+    assert_eq!(record.message().metadata().get(dl::REASON), Some("bad order"));
+    record.ack().await.unwrap();
+    assert_eq!(subscriber.stats().dead_lettered, 1);
+    subscriber.close().await.unwrap();
+}
+
 /// Request/reply on Redis leaves nothing behind once the replies are closed: no reply
 /// stream, no checkpoints, no leases; command and reply streams are capped as they grow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,8 +33,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::codec::Codec;
-use crate::dead_letter::{self, DeadLetter};
-use crate::delivery::{Delivery, DeliveryInfo, Origin, Settlement, Settler};
+use crate::dead_letter::{self, DeadLetter, GaveUp};
+use crate::delivery::{Delivery, DeliveryInfo, Origin, SettleError, Settlement, Settler};
 use crate::error::{Error, Result, validate_name};
 use crate::message::{EntryId, Message, check_json};
 use crate::pubsub::{
@@ -407,6 +407,7 @@ impl MemorySubscriber {
         }
         let in_flight = InFlight::new(options.max_in_flight_value());
         let settler = Arc::new(MemorySettler {
+            broker: self.broker.clone(),
             stream: stream.clone(),
             origin: origin.clone(),
             in_flight: in_flight.clone(),
@@ -430,7 +431,6 @@ impl MemorySubscriber {
             in_flight,
             batch_size: options.batch_size_value(),
             max_deliveries: options.max_deliveries_value(),
-            broker: self.broker.clone(),
             reclaim: options.reclaim_value(),
             next_reclaim: Instant::now(),
             drained: false,
@@ -464,7 +464,6 @@ struct Reader {
     in_flight: InFlight,
     batch_size: usize,
     max_deliveries: u64,
-    broker: Arc<Broker>,
     reclaim: Option<ReclaimOptions>,
     next_reclaim: Instant,
     drained: bool,
@@ -566,51 +565,44 @@ impl Reader {
         }
     }
 
-    /// Writes a record for every entry given up on to `<stream>-dead`.
+    /// Dead-letters every entry given up on (already out of the pending list).
     fn dead_letter(&self, given_up: Vec<GivenUp>) {
         if given_up.is_empty() {
             return;
         }
         let origin = &self.origin;
-        let (dead, _) = self
-            .broker
-            .get_or_create(&dead_letter::stream_for(origin.stream()));
-        let now_ms = now_ms();
-        {
-            let mut log = dead.log();
-            for g in given_up {
-                // The reasons and records are the Redis subscriber's, word for word.
-                let reason = match g.why {
-                    GiveUp::Exceeded => format!(
-                        "delivered {} times, the limit is {}",
-                        g.delivery_count, self.max_deliveries
-                    ),
-                    GiveUp::Trimmed => "trimmed from the stream while pending".to_owned(),
-                    // Checked again for the parser's words (where it failed), as Redis gives.
-                    GiveUp::NotJson => match g.message.as_ref().map(|m| check_json(m.payload())) {
-                        Some(Err(e)) => crate::codec::not_json(g.id, e).to_string(),
-                        _ => "its payload is not JSON".to_owned(),
-                    },
-                };
-                let why = DeadLetter {
-                    reason: &reason,
-                    original_id: g.id,
-                    stream: origin.stream(),
-                    group: origin.group(),
-                    delivery_count: g.delivery_count,
-                };
-                let record = match (g.why, &g.message) {
-                    (GiveUp::NotJson, Some(m)) => {
-                        why.for_undecodable(&crate::codec::JsonCodec.encode(m).unwrap_or_default())
-                    }
-                    (_, Some(m)) => why.for_message(m),
-                    (_, None) => why.for_trimmed(),
-                };
-                tracing::warn!(stream = origin.stream(), group = origin.group(), id = %g.id, reason = why.reason, "dead-lettered");
-                log.append_checked(record, true, now_ms, None);
-            }
-        }
-        dead.changed.notify_waiters();
+        let records = given_up.into_iter().map(|g| {
+            let reason = match g.why {
+                GiveUp::Exceeded => GaveUp::TooManyDeliveries {
+                    delivered: g.delivery_count,
+                    limit: self.max_deliveries,
+                }
+                .to_string(),
+                GiveUp::Trimmed => GaveUp::Trimmed.to_string(),
+                // Checked again for the parser's words (where it failed), as Redis gives.
+                GiveUp::NotJson => match g.message.as_ref().map(|m| check_json(m.payload())) {
+                    Some(Err(e)) => crate::codec::not_json(g.id, e).to_string(),
+                    _ => "its payload is not JSON".to_owned(),
+                },
+            };
+            let why = DeadLetter {
+                reason: &reason,
+                original_id: g.id,
+                stream: origin.stream(),
+                group: origin.group(),
+                delivery_count: g.delivery_count,
+            };
+            // The records are the Redis subscriber's, field for field.
+            let record = match (g.why, &g.message) {
+                (GiveUp::NotJson, Some(m)) => {
+                    why.for_undecodable(&crate::codec::JsonCodec.encode(m).unwrap_or_default())
+                }
+                (_, Some(m)) => why.for_message(m),
+                (_, None) => why.for_trimmed(),
+            };
+            (g.id, record)
+        });
+        self.settler.write_dead_letters(records);
     }
 }
 
@@ -622,6 +614,7 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 struct MemorySettler {
+    broker: Arc<Broker>,
     stream: Arc<SharedStream>,
     origin: Arc<Origin>,
     in_flight: InFlight,
@@ -634,13 +627,41 @@ impl MemorySettler {
     fn unregister(&self) {
         self.registration.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
+
+    /// Appends each record to `<stream>-dead`: the one place where this backend writes dead
+    /// letters, for entries given up on by the subscription and by handlers alike.
+    fn write_dead_letters(&self, records: impl IntoIterator<Item = (EntryId, Message)>) {
+        let origin = &self.origin;
+        let (dead, _) = self
+            .broker
+            .get_or_create(&dead_letter::stream_for(origin.stream()));
+        let now_ms = now_ms();
+        let mut written = false;
+        {
+            let mut log = dead.log();
+            for (id, record) in records {
+                tracing::warn!(stream = origin.stream(), group = origin.group(), %id,
+                    reason = record.metadata().get(dead_letter::keys::REASON).unwrap_or(""), "dead-lettered");
+                log.append_checked(record, true, now_ms, None);
+                written = true;
+            }
+        }
+        if written {
+            dead.changed.notify_waiters();
+        }
+    }
 }
 
 impl Settler for MemorySettler {
-    fn settle(&self, info: &DeliveryInfo, settlement: Settlement) -> Result<()> {
+    fn settle(
+        &self,
+        info: &DeliveryInfo,
+        message: &Message,
+        settlement: Settlement,
+    ) -> std::result::Result<(), SettleError> {
         if self.closed.is_cancelled() {
             self.release(info);
-            return Err(Error::Closed("subscriber"));
+            return Err(SettleError::Closed { id: info.id() });
         }
         let group = self.origin.group();
         match settlement {
@@ -653,6 +674,19 @@ impl Settler for MemorySettler {
                     .log()
                     .nack(group, info.id(), self.origin.consumer(), ready_at);
                 self.stream.changed.notify_waiters();
+            }
+            Settlement::DeadLetter { reason } => {
+                let record = DeadLetter {
+                    reason: &reason,
+                    original_id: info.id(),
+                    stream: self.origin.stream(),
+                    group,
+                    delivery_count: info.delivery_count(),
+                }
+                .for_message(message);
+                // Written before the ack: at no moment is the entry neither pending nor kept.
+                self.write_dead_letters([(info.id(), record)]);
+                self.stream.log().ack(group, info.id());
             }
         }
         self.in_flight.release(1);

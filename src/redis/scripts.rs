@@ -181,3 +181,18 @@ return 0
 ",
     )
 });
+
+/// Dead-letters an entry in one step: appends its record to the dead-letter stream, then
+/// acknowledges the entry in its group. A failing `XADD` stops the script before the `XACK`
+/// (unlike `MULTI`, where a command failing at `EXEC` lets the next run), so an entry never
+/// leaves the pending list without its record. KEYS: stream, dead-letter stream. ARGV:
+/// group, entry id, the record's fields and values. Returns `{record id, acked (0 or 1)}`.
+pub(crate) static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local added = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return {added, acked}
+",
+    )
+});

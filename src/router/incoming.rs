@@ -2,8 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::delivery::{Delivery, DeliveryInfo, Origin, Settlement, Settler};
-use crate::error::Result;
+use crate::delivery::{Delivery, DeliveryInfo, Origin, SettleError, Settlement, Settler};
 use crate::message::{EntryId, Message};
 
 /// A delivery on its way through the middleware to a handler. Cheap to clone (retry
@@ -71,7 +70,7 @@ impl Incoming {
 struct NoBackend;
 
 impl Settler for NoBackend {
-    fn settle(&self, _: &DeliveryInfo, _: Settlement) -> Result<()> {
+    fn settle(&self, _: &DeliveryInfo, _: &Message, _: Settlement) -> std::result::Result<(), SettleError> {
         Ok(())
     }
     fn release(&self, _: &DeliveryInfo) {}

@@ -23,8 +23,7 @@ use tower::{Service, ServiceExt};
 use super::incoming::Incoming;
 use super::outcome::{Outcome, Verdict, outcome_of_error};
 use super::{OrderKey, Plan, PlanService, RetryBackoff};
-use crate::dead_letter::{self, DeadLetter};
-use crate::delivery::{Delivery, Settlement};
+use crate::delivery::{Delivery, SettleError, Settlement};
 use crate::error::{Error, Result};
 use crate::pubsub::{Publisher, Subscriber};
 use crate::signal::Signal;
@@ -423,86 +422,44 @@ impl Worker {
     }
 }
 
-/// Settles `delivery` from `outcome`: messages first, then the ack; a failed publish nacks
-/// after the subscription's backoff.
+/// Settles `delivery` from `outcome`: the handler's messages first, then the ack (a failed
+/// publish nacks after the subscription's backoff); a nack or a dead letter goes to the
+/// delivery as it is, and the backend writes it.
 async fn settle(delivery: &Delivery, outcome: Outcome, publisher: &dyn Publisher, backoff: &RetryBackoff) {
     let (verdict, messages) = outcome.into_parts();
     let result = match verdict {
-        // Nothing to publish: settled at once. (Publishing is boxed, so that its state does
-        // not make every handler's future larger.)
         Verdict::Ack if messages.is_empty() => delivery.settle(Settlement::Ack),
+        // (Publishing is boxed, so that its state does not make every handler's future larger.)
+        Verdict::Ack => Box::pin(publish_then_ack(delivery, messages, publisher, backoff)).await,
         // A verdict built by hand may ask for more than a delivery accepts.
         Verdict::Nack { delay } => delivery.settle(Settlement::Nack {
             delay: delay.min(crate::MAX_NACK_DELAY),
         }),
-        verdict => {
-            Box::pin(publish_then_settle(
-                delivery, verdict, messages, publisher, backoff,
-            ))
-            .await
-        }
+        Verdict::DeadLetter { reason } => delivery.settle(Settlement::DeadLetter { reason }),
     };
     if let Err(e) = result {
         tracing::warn!(id = %delivery.id(), error = %e, "settling the delivery failed; it stays pending");
     }
 }
 
-/// Publishes what the outcome carries (the handler's messages, or the dead-letter record),
-/// then acks; nacks when publishing failed.
-async fn publish_then_settle(
+/// Publishes the handler's messages, then acks; nacks when publishing failed.
+async fn publish_then_ack(
     delivery: &Delivery,
-    verdict: Verdict,
     messages: Vec<super::Outgoing>,
     publisher: &dyn Publisher,
     backoff: &RetryBackoff,
-) -> Result<()> {
-    // A publish that failed is an error like a handler's: retried after the backoff.
-    let retry_in = backoff.delay(delivery.delivery_count());
-    match verdict {
-        Verdict::Ack => {
-            let mut published = Ok(());
-            for out in messages {
-                let sent = match out.max_length {
-                    Some(max) => publisher.publish_capped(&out.topic, out.message, max).await,
-                    None => publisher.publish(&out.topic, out.message).await,
-                };
-                if let Err(e) = sent {
-                    published = Err(e);
-                    break;
-                }
-            }
-            match published {
-                Ok(()) => delivery.ack().await,
-                Err(e) => {
-                    tracing::warn!(id = %delivery.id(), error = %e, redelivery_in = ?retry_in, "publishing the handler's messages failed; the delivery is nacked");
-                    delivery.nack_after(retry_in).await
-                }
-            }
-        }
-        Verdict::Nack { delay } => delivery.nack_after(delay.min(crate::MAX_NACK_DELAY)).await,
-        Verdict::DeadLetter { reason } => {
-            let info = delivery.info();
-            let record = DeadLetter {
-                reason: &reason,
-                original_id: info.id(),
-                stream: info.stream(),
-                group: info.group(),
-                delivery_count: info.delivery_count(),
-            }
-            .for_message(delivery.message());
-            match publisher
-                .publish(&dead_letter::stream_for(info.stream()), record)
-                .await
-            {
-                Ok(_) => {
-                    tracing::warn!(id = %info.id(), stream = info.stream(), reason, "dead-lettered");
-                    delivery.ack().await
-                }
-                Err(e) => {
-                    tracing::error!(id = %info.id(), error = %e, redelivery_in = ?retry_in, "dead-letter record not written; the delivery is nacked");
-                    delivery.nack_after(retry_in).await
-                }
-            }
+) -> std::result::Result<(), SettleError> {
+    for out in messages {
+        let sent = match out.max_length {
+            Some(max) => publisher.publish_capped(&out.topic, out.message, max).await,
+            None => publisher.publish(&out.topic, out.message).await,
+        };
+        if let Err(e) = sent {
+            // A failed publish is an error like a handler's: retried after the backoff.
+            let retry_in = backoff.delay(delivery.delivery_count());
+            tracing::warn!(id = %delivery.id(), error = %e, redelivery_in = ?retry_in, "publishing the handler's messages failed; the delivery is nacked");
+            return delivery.nack_after(retry_in).await;
         }
     }
+    delivery.ack().await
 }

@@ -43,7 +43,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
 use crate::dead_letter::{self, keys};
-use crate::{Delivery, EntryId, Error, Message, Publisher, ReclaimOptions, Result, StartFrom};
+use crate::{Delivery, EntryId, Error, Message, Publisher, ReclaimOptions, Result, SettleError, StartFrom};
 use crate::{SubscribeOptions, Subscriber, Subscription};
 
 /// The most a scenario waits for something that must happen.
@@ -151,6 +151,9 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("checkpoint_never_passes_a_pending_entry", |b| {
         checkpoint_never_passes_a_pending_entry(b).boxed()
     }),
+    ("dead_letter_settlement_keeps_the_message_and_settles", |b| {
+        dead_letter_settlement_keeps_the_message_and_settles(b).boxed()
+    }),
 ];
 
 /// Expands to one `#[tokio::test]` per scenario of the suite, each running against the
@@ -169,7 +172,8 @@ macro_rules! conformance_tests {
             start_from_latest missing_group_is_an_error_without_create
             same_consumer_name_twice_is_refused invalid_arguments_name_the_field
             closed_publisher_refuses ten_thousand_end_to_end poison_message_is_dead_lettered
-            payloads_that_are_not_json_are_dead_lettered checkpoint_never_passes_a_pending_entry);
+            payloads_that_are_not_json_are_dead_lettered checkpoint_never_passes_a_pending_entry
+            dead_letter_settlement_keeps_the_message_and_settles);
     };
     (@each $backend:expr; $($name:ident)*) => {
         #[test]
@@ -560,8 +564,8 @@ pub async fn settling_twice_is_an_error(backend: &dyn TestBackend) {
     let d = recv(&mut sub).await;
     d.ack().await.expect("first ack");
     assert!(d.is_settled());
-    assert!(matches!(d.ack().await, Err(Error::AlreadySettled { .. })));
-    assert!(matches!(d.nack().await, Err(Error::AlreadySettled { .. })));
+    assert!(matches!(d.ack().await, Err(SettleError::AlreadySettled { .. })));
+    assert!(matches!(d.nack().await, Err(SettleError::AlreadySettled { .. })));
     expect_quiet(&mut sub, "the nack after an ack must not redeliver").await;
     subscriber.close().await.expect("close");
     assert_nothing_pending(backend, &topic, "g").await;
@@ -1221,4 +1225,67 @@ pub async fn checkpoint_never_passes_a_pending_entry(backend: &dyn TestBackend) 
         assert_eq!(last, ids.last().copied(), "{context}");
         assert_nothing_pending(backend, &topic, "g").await;
     }
+}
+
+/// A handler's [`Delivery::dead_letter`] writes the message, with the reason and where it
+/// came from, to `<topic>-dead` and takes the entry out of the pending list (once flushed);
+/// it is not delivered again, it settles the delivery like an ack, and the others flow on.
+pub async fn dead_letter_settlement_keeps_the_message_and_settles(backend: &dyn TestBackend) {
+    let topic = unique_topic("dead-letter-settle");
+    let publisher = backend.publisher().await.expect("publisher");
+    let bad = Message::new("test.bad", &"schema v0")
+        .expect("message")
+        .with_metadata("k", "v");
+    let bad_id = publisher.publish(&topic, bad.clone()).await.expect("publish");
+    publish_numbers(&*publisher, &topic, 0..2).await;
+
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c")).await;
+    let first = recv(&mut sub).await;
+    assert_eq!(first.id(), bad_id);
+    first.dead_letter("schema mismatch").await.expect("dead letter");
+    assert!(first.is_settled());
+    assert!(matches!(
+        first.ack().await,
+        Err(SettleError::AlreadySettled { .. })
+    ));
+    assert!(matches!(
+        first.dead_letter("again").await,
+        Err(SettleError::AlreadySettled { .. })
+    ));
+    let mut numbers = Vec::new();
+    for _ in 0..2 {
+        let d = recv(&mut sub).await;
+        numbers.push(number(&d));
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(numbers, [0, 1]);
+    sub.flush().await.expect("flush");
+    assert_nothing_pending(backend, &topic, "g").await;
+
+    let mut dead = subscribe(
+        &*subscriber,
+        &dead_letter::stream_for(&topic),
+        opts("inspect", "c"),
+    )
+    .await;
+    let record = recv(&mut dead).await;
+    let m = record.message();
+    assert_eq!(m.event_type(), "test.bad");
+    assert_eq!(m.uuid(), bad.uuid());
+    assert_eq!(m.payload(), bad.payload());
+    assert_eq!(m.metadata().get("k"), Some("v"));
+    assert_eq!(m.metadata().get(keys::REASON), Some("schema mismatch"));
+    assert_eq!(
+        m.metadata().get(keys::ORIGINAL_ID),
+        Some(bad_id.to_string().as_str())
+    );
+    assert_eq!(m.metadata().get(keys::STREAM), Some(topic.as_str()));
+    assert_eq!(m.metadata().get(keys::GROUP), Some("g"));
+    assert_eq!(m.metadata().get(keys::DELIVERY_COUNT), Some("1"));
+    record.ack().await.expect("ack");
+    expect_quiet(&mut dead, "one dead letter, one record").await;
+    expect_quiet(&mut sub, "a dead-lettered entry came back").await;
+    subscriber.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
 }

@@ -1,6 +1,8 @@
-//! The flusher task of a subscription: acks go out as multi-id `XACK`s. A batch is sent as soon
-//! as the previous one returned, with every ack that queued meanwhile (so batches grow with the
-//! load and few acks wait unflushed), or after an optional gathering interval. A failed batch is
+//! The flusher task of a subscription: the one place where its settlements are written to
+//! Redis. Acks go out as multi-id `XACK`s. A batch is sent as soon as the previous one
+//! returned, with every ack that queued meanwhile (so batches grow with the load and few acks
+//! wait unflushed), or after an optional gathering interval. Dead letters (from handlers and
+//! from the reader alike) are written with their `XACK` in one script step. What failed is
 //! retried on a timer. The checkpoint is saved at most every 100 ms and on close. The flusher
 //! also unblocks the reader's blocking read when a nack needs it awake.
 
@@ -14,9 +16,12 @@ use tokio::sync::mpsc;
 use super::SubscriberStats;
 use super::shared::{Ledger, Op, RepeatedWarnings, lock};
 use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::codec::Codec;
+use crate::dead_letter;
 use crate::delivery::Origin;
-use crate::message::EntryId;
+use crate::message::{EntryId, Message};
 use crate::redis::connection::RedisConnection;
+use crate::redis::scripts;
 
 /// Most ids in one `XACK`.
 const MAX_ACK_BATCH: usize = 1000;
@@ -30,6 +35,11 @@ pub(crate) struct Flusher {
     pub(crate) origin: Arc<Origin>,
     pub(crate) store: Option<Arc<dyn CheckpointStore>>,
     pub(crate) stats: Arc<SubscriberStats>,
+    /// Encodes dead-letter records.
+    pub(crate) codec: Arc<dyn Codec>,
+    /// Dead letters not written yet, oldest first (their entries are in the ledger's
+    /// `dead_lettering` until written).
+    pub(crate) dead_letters: Vec<(EntryId, Message)>,
     pub(crate) interval: Duration,
     /// The highest id acked so far, and the checkpoint last saved.
     pub(crate) acked_up_to: Option<EntryId>,
@@ -64,7 +74,7 @@ impl Flusher {
                 biased;
                 _ = closed.cancelled() => Wake::Stop,
                 op = ops.recv() => op.map_or(Wake::Stop, Wake::Op),
-                _ = tokio::time::sleep(retry_in), if !batch.is_empty() => Wake::Retry,
+                _ = tokio::time::sleep(retry_in), if !batch.is_empty() || !self.dead_letters.is_empty() => Wake::Retry,
                 _ = sleep_until(checkpoint_at), if self.checkpoint_behind => Wake::Checkpoint,
             };
             match wake {
@@ -105,7 +115,9 @@ impl Flusher {
                     }
                 }
             }
-            match self.flush(&mut batch).await {
+            let acked = self.flush(&mut batch).await;
+            let dead_lettered = self.write_dead_letters().await;
+            match unwritten(acked, dead_lettered) {
                 Ok(()) => {
                     failures = 0;
                     self.answer_flushes(None);
@@ -122,6 +134,7 @@ impl Flusher {
         while let Ok(op) = ops.try_recv() {
             match op {
                 Op::Ack(id) => batch.push(id),
+                Op::DeadLetter { id, record } => self.dead_letters.push((id, record)),
                 Op::Flush(waiter) => self.flush_waiters.push(waiter),
                 // Closing: nothing more is taken over.
                 Op::Lower(_, answer) => drop(answer),
@@ -129,7 +142,8 @@ impl Flusher {
                 Op::Unblock(_) => {}
             }
         }
-        let last = self.flush(&mut batch).await;
+        let acked = self.flush(&mut batch).await;
+        let last = unwritten(acked, self.write_dead_letters().await);
         self.answer_flushes(last.as_ref().err());
         self.save_checkpoint(true).await;
         if !batch.is_empty() {
@@ -140,17 +154,22 @@ impl Flusher {
                 "acknowledgements could not be flushed on close; the entries stay pending and will be redelivered"
             );
         }
+        if !self.dead_letters.is_empty() {
+            tracing::error!(
+                stream = self.origin.stream(),
+                group = self.origin.group(),
+                records = self.dead_letters.len(),
+                "dead-letter records could not be written on close; the entries stay pending and will be redelivered"
+            );
+        }
     }
 
     /// Answers every `flush` waiting: `None` once everything acked before it is written.
-    fn answer_flushes(&mut self, error: Option<&crate::Error>) {
+    fn answer_flushes(&mut self, error: Option<&String>) {
         for waiter in self.flush_waiters.drain(..) {
             let answer = match error {
                 None => Ok(()),
-                Some(e) => Err(crate::Error::connection(
-                    format!("acknowledgements not written: {e}"),
-                    None,
-                )),
+                Some(e) => Err(crate::Error::connection(e.clone(), None)),
             };
             let _ = waiter.send(answer);
         }
@@ -159,6 +178,7 @@ impl Flusher {
     async fn take(&mut self, op: Op, batch: &mut Vec<EntryId>) {
         match op {
             Op::Ack(id) => batch.push(id),
+            Op::DeadLetter { id, record } => self.dead_letters.push((id, record)),
             // Answered after the flush that follows: every ack sent before it is in the batch.
             Op::Flush(waiter) => self.flush_waiters.push(waiter),
             Op::Lower(below, answer) => {
@@ -216,6 +236,72 @@ impl Flusher {
         batch.clear();
         self.save_checkpoint(false).await;
         Ok(())
+    }
+
+    /// Writes every waiting dead letter: its record to `<stream>-dead` and the `XACK` of its
+    /// entry, in one script step. Those that fail stay queued (the first error returned);
+    /// their entries stay pending meanwhile.
+    async fn write_dead_letters(&mut self) -> crate::Result<()> {
+        if self.dead_letters.is_empty() {
+            return Ok(());
+        }
+        let origin = self.origin.clone();
+        let (stream, group) = (origin.stream(), origin.group());
+        let dead_stream = dead_letter::stream_for(stream);
+        let mut first_error = None;
+        let mut written = Vec::new();
+        for (id, record) in std::mem::take(&mut self.dead_letters) {
+            let fields = match self.codec.encode(&record) {
+                Ok(fields) => fields,
+                Err(e) => {
+                    // Nothing to retry: the entry stays pending and is redelivered.
+                    tracing::error!(stream, group, %id, error = %e, "dead-letter record cannot be encoded; the entry stays pending");
+                    lock(&self.ledger).dead_lettering.remove(&id);
+                    continue;
+                }
+            };
+            let result = self
+                .conn
+                .run_mapped("dead-letter script", |mut c| {
+                    let mut call = scripts::DEAD_LETTER.key(stream);
+                    call.key(&dead_stream).arg(group).arg(id.to_string());
+                    for (name, value) in &fields {
+                        call.arg(*name).arg(&value[..]);
+                    }
+                    async move { call.invoke_async::<Value>(&mut c).await }
+                })
+                .await;
+            match result {
+                Ok(_) => {
+                    SubscriberStats::add(&self.stats.dead_lettered, 1);
+                    tracing::warn!(stream, group, %id,
+                        reason = record.metadata().get(dead_letter::keys::REASON).unwrap_or(""), "dead-lettered");
+                    written.push(id);
+                }
+                Err(e) => {
+                    SubscriberStats::add(&self.stats.dead_letter_failures, 1);
+                    if first_error.is_none() {
+                        let message = format!(
+                            "dead-letter record not written; the entry stays pending and the write is retried: {e}"
+                        );
+                        self.log.warn(stream, &message);
+                        first_error = Some(e);
+                    }
+                    self.dead_letters.push((id, record));
+                }
+            }
+        }
+        if !written.is_empty() {
+            {
+                let mut ledger = lock(&self.ledger);
+                for id in &written {
+                    ledger.dead_lettering.remove(id);
+                }
+            }
+            self.acked_up_to = self.acked_up_to.max(written.iter().max().copied());
+            self.save_checkpoint(false).await;
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Saves the low watermark: the highest acked id, unless an older entry is still pending
@@ -333,6 +419,18 @@ async fn oldest_pending(conn: &RedisConnection, origin: &Origin) -> crate::Resul
     Ok(crate::redis::codec::parse_pending_rows(reply)?
         .first()
         .map(|row| row.id))
+}
+
+/// What a round of writes left unwritten, in words for those waiting on a flush.
+fn unwritten(acked: crate::Result<()>, dead_lettered: crate::Result<()>) -> Result<(), String> {
+    match (acked, dead_lettered) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) => Err(format!("acknowledgements not written: {e}")),
+        (Ok(()), Err(e)) => Err(format!("dead-letter records not written: {e}")),
+        (Err(a), Err(d)) => Err(format!(
+            "acknowledgements not written: {a}; dead-letter records not written: {d}"
+        )),
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

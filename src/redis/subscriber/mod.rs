@@ -326,6 +326,8 @@ impl RedisSubscriber {
             origin,
             store: self.store.clone(),
             stats: self.stats.clone(),
+            codec: self.options.codec.clone(),
+            dead_letters: Vec::new(),
             interval: self.options.ack_flush_interval,
             acked_up_to: None,
             saved: None,
@@ -369,7 +371,6 @@ impl RedisSubscriber {
             sending: "XREADGROUP",
             lease_lost,
             lease_loss_reported: false,
-            dead_letters: Default::default(),
             log: Default::default(),
             unclaimed: Vec::new(),
         };
@@ -408,7 +409,10 @@ impl Subscriber for RedisSubscriber {
         ledgers
             .iter()
             .filter_map(std::sync::Weak::upgrade)
-            .map(|ledger| shared::lock(&ledger).acking.len() as u64)
+            .map(|ledger| {
+                let ledger = shared::lock(&ledger);
+                (ledger.acking.len() + ledger.dead_lettering.len()) as u64
+            })
             .sum()
     }
 

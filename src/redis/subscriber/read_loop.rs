@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use super::SubscriberStats;
 use super::shared::{Op, RepeatedWarnings, Shared};
 use crate::checkpoint::CheckpointStore;
-use crate::dead_letter::{self, DeadLetter};
+use crate::dead_letter::{DeadLetter, GaveUp};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, Settler};
 use crate::error::{Error, Result};
 use crate::message::{EntryId, Message};
@@ -68,27 +68,10 @@ pub(crate) struct Reader {
     /// Cancelled by the heartbeat when another consumer took this consumer's lease.
     pub(crate) lease_lost: Signal,
     pub(crate) lease_loss_reported: bool,
-    /// Dead-letter records that could not be written (their entries stay pending), retried
-    /// with the connection's backoff.
-    pub(crate) dead_letters: DeadLetterRetry,
     /// Warnings of the read loop, each repeated one logged with a count.
     pub(crate) log: RepeatedWarnings,
     /// Ids the last claim found in no pending list.
     pub(crate) unclaimed: Vec<EntryId>,
-}
-
-/// Dead-letter records whose write failed, and when to try them again.
-#[derive(Default)]
-pub(crate) struct DeadLetterRetry {
-    records: Vec<(EntryId, Message)>,
-    at: Option<Instant>,
-    failures: u32,
-}
-
-impl DeadLetterRetry {
-    fn due(&self, now: Instant) -> bool {
-        !self.records.is_empty() && self.at.is_some_and(|at| at <= now)
-    }
 }
 
 impl crate::pubsub::BackendReader for Reader {
@@ -259,9 +242,6 @@ impl Reader {
             let entries = self.receive_new(budget).await?;
             return Ok(self.admit(entries.into_iter().map(|e| (e, 1)).collect()).await);
         }
-        if self.dead_letters.due(now) {
-            self.retry_dead_letters().await;
-        }
         let due = self.shared.ledger().take_due(now, budget);
         let fetched = if !due.is_empty() {
             let me = self.shared.origin.consumer().to_owned();
@@ -304,13 +284,6 @@ impl Reader {
         }
         if self.options.reclaim_value().is_some() {
             until = until.min(self.next_reclaim);
-        }
-        if let Some(at) = self
-            .dead_letters
-            .at
-            .filter(|_| !self.dead_letters.records.is_empty())
-        {
-            until = until.min(at);
         }
         until.saturating_duration_since(now).max(Duration::from_millis(1))
     }
@@ -671,8 +644,7 @@ impl Reader {
                     SubscriberStats::add(&self.stats.trimmed_pending, 1);
                     tracing::warn!(stream = origin.stream(), group = origin.group(), %id,
                         "pending entry was trimmed from the stream before it was acknowledged");
-                    let r = record("trimmed from the stream while pending", count.saturating_sub(1))
-                        .for_trimmed();
+                    let r = record(&GaveUp::Trimmed.to_string(), count.saturating_sub(1)).for_trimmed();
                     dead.push((id, r));
                 }
                 ReplyEntry::Present(raw) => {
@@ -684,14 +656,19 @@ impl Reader {
                         }
                         Ok(message) if size > self.max_entry_size => {
                             SubscriberStats::add(&self.stats.oversized, 1);
-                            let reason = format!(
-                                "entry of {size} bytes is larger than max_entry_size {}",
-                                self.max_entry_size
-                            );
+                            let reason = GaveUp::TooLarge {
+                                size,
+                                limit: self.max_entry_size,
+                            }
+                            .to_string();
                             dead.push((id, record(&reason, count).for_message(&message)));
                         }
                         Ok(message) if count > max => {
-                            let reason = format!("delivered {} times, the limit is {max}", count - 1);
+                            let reason = GaveUp::TooManyDeliveries {
+                                delivered: count - 1,
+                                limit: max,
+                            }
+                            .to_string();
                             dead.push((id, record(&reason, count - 1).for_message(&message)));
                         }
                         Ok(message) => ready.push((id, count, message)),
@@ -700,13 +677,9 @@ impl Reader {
             }
         }
         for (id, record) in dead {
-            if let Err(e) = self.dead_letter(id, &record).await {
-                SubscriberStats::add(&self.stats.dead_letter_failures, 1);
-                tracing::error!(stream = origin.stream(), group = origin.group(), %id, error = %e,
-                    "dead-letter record not written; the entry stays pending and the write is retried");
-                self.dead_letters.records.push((id, record));
-                self.shared.ledger().dead_lettering.insert(id);
-                self.schedule_dead_letter_retry();
+            // Kept this subscription's (never handed out) until the flusher wrote it.
+            if self.shared.dead_letter(id, record).is_err() {
+                tracing::debug!(stream = origin.stream(), %id, "closed before dead-lettering; the entry stays pending");
             }
         }
         let used = ready.len();
@@ -719,40 +692,6 @@ impl Reader {
                 .push_back(Delivery::new(message, info, self.settler.clone()));
         }
         used
-    }
-
-    /// Tries the dead-letter records that failed before again; those that fail again wait
-    /// for the next, longer backoff.
-    async fn retry_dead_letters(&mut self) {
-        let records = std::mem::take(&mut self.dead_letters.records);
-        let mut failed = 0;
-        for (id, record) in records {
-            let written = self.dead_letter(id, &record).await;
-            if written.is_ok() {
-                self.shared.ledger().dead_lettering.remove(&id);
-            }
-            if let Err(e) = written {
-                SubscriberStats::add(&self.stats.dead_letter_failures, 1);
-                failed += 1;
-                if failed == 1 {
-                    tracing::warn!(stream = self.shared.origin.stream(), %id, error = %e,
-                        attempt = self.dead_letters.failures + 1, "dead-letter record still not written; retrying later");
-                }
-                self.dead_letters.records.push((id, record));
-            }
-        }
-        if failed == 0 {
-            self.dead_letters.failures = 0;
-            self.dead_letters.at = None;
-        } else {
-            self.schedule_dead_letter_retry();
-        }
-    }
-
-    fn schedule_dead_letter_retry(&mut self) {
-        let delay = self.shared.conn.backoff(self.dead_letters.failures);
-        self.dead_letters.failures = self.dead_letters.failures.saturating_add(1);
-        self.dead_letters.at = Some(Instant::now() + delay);
     }
 
     /// Nacked entries this consumer owned that are in no pending list any more when their
@@ -785,12 +724,10 @@ impl Reader {
             SubscriberStats::add(&self.stats.unclaimable, 1);
             // Most often its group was re-created past it; it may also have been taken over
             // and settled by another consumer while this one was cut off past its lease.
-            let reason = format!(
-                "no longer pending in group {} when its retry was due: the group was re-created past it \
-                 (it would not be delivered again), or another consumer took it over while this one \
-                 was cut off",
-                origin.group()
-            );
+            let reason = GaveUp::NoLongerPending {
+                group: origin.group(),
+            }
+            .to_string();
             let stored = super::super::admin::read_entry(&self.shared.conn, origin.stream(), id).await;
             let why = dead_letter_of(&origin, id, &reason, count);
             let record = match stored {
@@ -807,47 +744,10 @@ impl Reader {
                 }
             };
             tracing::error!(stream = origin.stream(), group = origin.group(), %id, "{reason}; dead-lettering it");
-            if let Err(e) = self.dead_letter(id, &record).await {
-                SubscriberStats::add(&self.stats.dead_letter_failures, 1);
-                tracing::error!(stream = origin.stream(), %id, error = %e, "dead-letter record not written; retried later");
-                self.dead_letters.records.push((id, record));
-                self.shared.ledger().dead_lettering.insert(id);
-                self.schedule_dead_letter_retry();
+            if self.shared.dead_letter(id, record).is_err() {
+                tracing::debug!(stream = origin.stream(), %id, "closed before dead-lettering");
             }
         }
-    }
-
-    /// Writes `record` to `<stream>-dead`, then acknowledges `id` in the source. (A close in
-    /// between leaves the entry pending: the record is then written again on restart.)
-    async fn dead_letter(&mut self, id: EntryId, record: &Message) -> Result<()> {
-        let origin = self.shared.origin.clone();
-        let fields = self.codec.encode(record)?;
-        let dead_stream = dead_letter::stream_for(origin.stream());
-        let mut xadd = redis::cmd("XADD");
-        xadd.arg(&dead_stream).arg("*");
-        for (name, value) in &fields {
-            xadd.arg(*name).arg(&value[..]);
-        }
-        let conn = &self.shared.conn;
-        conn.run_mapped("dead-letter XADD", |mut c| {
-            let cmd = xadd.clone();
-            async move { cmd.query_async::<Value>(&mut c).await }
-        })
-        .await?;
-        let xack = redis::cmd("XACK")
-            .arg(origin.stream())
-            .arg(origin.group())
-            .arg(id.to_string())
-            .clone();
-        conn.run_mapped("dead-letter XACK", |mut c| {
-            let cmd = xack.clone();
-            async move { cmd.query_async::<u64>(&mut c).await }
-        })
-        .await?;
-        SubscriberStats::add(&self.stats.dead_lettered, 1);
-        tracing::warn!(stream = origin.stream(), group = origin.group(), %id,
-            reason = record.metadata().get(dead_letter::keys::REASON).unwrap_or(""), "dead-lettered");
-        Ok(())
     }
 }
 

@@ -10,9 +10,10 @@ use crate::signal::Signal;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::delivery::{DeliveryInfo, Origin, Settlement, Settler};
-use crate::error::{Error, Result};
-use crate::message::EntryId;
+use crate::dead_letter::DeadLetter;
+use crate::delivery::{DeliveryInfo, Origin, SettleError, Settlement, Settler};
+use crate::error::Result;
+use crate::message::{EntryId, Message};
 use crate::pubsub::InFlight;
 use crate::redis::connection::RedisConnection;
 
@@ -82,6 +83,11 @@ pub(crate) fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
 /// Work for the flusher task.
 pub(crate) enum Op {
     Ack(EntryId),
+    /// Write `record` to the dead-letter stream and ack `id`, in one step.
+    DeadLetter {
+        id: EntryId,
+        record: Message,
+    },
     /// Before entries from `EntryId` on are taken over: keep the checkpoint below it, and
     /// answer once saved (so that a crash right after the claim leaves no checkpoint past
     /// an entry this consumer holds); no save passes it until `ClaimsDone`.
@@ -89,7 +95,7 @@ pub(crate) enum Op {
     /// The claims prepared by `Lower` are done (what they took is in the pending list).
     ClaimsDone,
     Unblock(i64),
-    /// Answer once every ack sent before this is written (or could not be).
+    /// Answer once every ack and dead letter sent before this is written (or could not be).
     Flush(tokio::sync::oneshot::Sender<Result<()>>),
 }
 
@@ -132,6 +138,16 @@ impl Shared {
         after.filter(|at| *at > now)
     }
 
+    /// Hands `record` to the flusher, which writes it to `<stream>-dead` and acks `id` in one
+    /// step (retrying while that fails); meanwhile the entry stays this subscription's.
+    /// `Err` when the flusher is gone (closed): the entry stays pending.
+    pub(crate) fn dead_letter(&self, id: EntryId, record: Message) -> std::result::Result<(), ()> {
+        self.ledger().dead_lettering.insert(id);
+        self.ops.send(Op::DeadLetter { id, record }).map_err(|_| {
+            self.ledger().dead_lettering.remove(&id);
+        })
+    }
+
     /// Wakes the reader if it is blocked in `XREADGROUP`, so it sees new retries at once.
     fn wake_reader(&self) {
         let client = self.blocked_client.load(Ordering::Acquire);
@@ -148,11 +164,17 @@ impl Drop for Shared {
 }
 
 impl Settler for Shared {
-    fn settle(&self, info: &DeliveryInfo, settlement: Settlement) -> Result<()> {
+    fn settle(
+        &self,
+        info: &DeliveryInfo,
+        message: &Message,
+        settlement: Settlement,
+    ) -> Result<(), SettleError> {
         let id = info.id();
+        let closed = SettleError::Closed { id };
         let result = if self.closed.is_cancelled() {
             self.ledger().held.remove(&id);
-            Err(Error::Closed("subscriber"))
+            Err(closed)
         } else {
             match settlement {
                 Settlement::Ack => {
@@ -163,7 +185,7 @@ impl Settler for Shared {
                     }
                     self.ops.send(Op::Ack(id)).map_err(|_| {
                         self.ledger().acking.remove(&id);
-                        Error::Closed("subscriber")
+                        closed
                     })
                 }
                 Settlement::Nack { delay } => {
@@ -174,6 +196,18 @@ impl Settler for Shared {
                     }
                     self.wake_reader();
                     Ok(())
+                }
+                Settlement::DeadLetter { reason } => {
+                    let record = DeadLetter {
+                        reason: &reason,
+                        original_id: id,
+                        stream: self.origin.stream(),
+                        group: self.origin.group(),
+                        delivery_count: info.delivery_count(),
+                    }
+                    .for_message(message);
+                    self.ledger().held.remove(&id);
+                    self.dead_letter(id, record).map_err(|()| closed)
                 }
             }
         };
