@@ -1,9 +1,11 @@
-//! The conformance suite: backend-agnostic scenarios that every backend must pass, so that
-//! code tested against one backend holds on another. Enable the `testing` feature.
+//! Test support, for this crate's tests, third-party backends and users' own tests (enable
+//! the `testing` feature): the conformance suite, and [`RedisServer`], a private
+//! `redis-server` per test.
 //!
-//! A backend takes part by implementing [`TestBackend`] and expanding
-//! [`conformance_tests!`](crate::conformance_tests) in a test file, which makes one test per
-//! scenario:
+//! The conformance suite is backend-agnostic scenarios that every backend must pass, so that
+//! code tested against one backend holds on another. A backend takes part by implementing
+//! [`TestBackend`] and expanding [`conformance_tests!`](crate::conformance_tests) in a test
+//! file, which makes one test per scenario ([`SCENARIOS`] lists them for other runners):
 //!
 //! ```
 //! use std::sync::Arc;
@@ -33,6 +35,13 @@
 //!
 //! Scenarios panic (through assertions) when the backend misbehaves, and every wait is bounded
 //! by [`WAIT`], so a broken backend fails instead of hanging.
+//!
+//! A backend on Redis (or a test of code that uses one) runs each test against its own
+//! [`RedisServer`]: a free loopback port, never the machine's own 6379, gone on drop.
+
+mod redis_server;
+
+pub use redis_server::{RedisServer, free_port};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
