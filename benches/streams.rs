@@ -11,8 +11,7 @@
 //! COUNT 100 + one XACK per batch), and `redis-benchmark` XADD with `-c 1 -P 1` and
 //! `-c 50 -P 64`. Each workload runs with 1 and with 2 tokio worker threads.
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,6 +20,7 @@ use streamwise::memory::MemoryBackend;
 use streamwise::redis::RedisBackend;
 use streamwise::redis::client::{self as redis_client, AsyncCommands, Value};
 use streamwise::router::{Router, Routes};
+use streamwise::testing::RedisServer;
 use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber};
 
 // ----------------------------------------------------------------------------- measurement
@@ -183,62 +183,9 @@ where
 
 // ----------------------------------------------------------------------------- redis-server
 
-struct Server {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Server {
-    fn start() -> Server {
-        let port = {
-            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("free port");
-            l.local_addr().expect("addr").port()
-        };
-        let dir = std::env::temp_dir().join(format!("streamwise-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (apt-get install redis-server)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Server { child, port, dir }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn flush(&self) {
-        let client = redis_client::Client::open(self.url()).expect("url");
-        let mut c = client.get_connection().expect("connect");
-        let _: () = redis_client::cmd("FLUSHALL").query(&mut c).expect("FLUSHALL");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Empties the benchmark's server between workloads, so that each starts from nothing.
+fn flush(server: &RedisServer) {
+    assert_eq!(server.command("FLUSHALL"), "+OK", "FLUSHALL");
 }
 
 // ----------------------------------------------------------------------------- workloads
@@ -612,13 +559,13 @@ fn sent_of(reply: Value) -> Vec<(String, u64)> {
     out
 }
 
-fn redis_benchmark(server: &Server, clients: u32, pipeline: u32, n: u64, size: usize) -> Row {
+fn redis_benchmark(server: &RedisServer, clients: u32, pipeline: u32, n: u64, size: usize) -> Row {
     let value = "x".repeat(size);
     let started = Instant::now();
     let out = Command::new("redis-benchmark")
         .args([
             "-p",
-            &server.port.to_string(),
+            &server.port().to_string(),
             "-c",
             &clients.to_string(),
             "-P",
@@ -823,7 +770,7 @@ fn main() {
         println!("{}", row.json());
         return;
     }
-    let server = Server::start();
+    let server = RedisServer::start();
     let url = server.url();
     let exe = std::env::current_exe().expect("own path");
     let mut rows = Vec::new();
@@ -832,11 +779,11 @@ fn main() {
             let row = redis_benchmark(&server, clients, pipeline, n, 200);
             println!("{}", row.json());
             rows.push(row);
-            server.flush();
+            flush(&server);
         }
     }
     for (index, spec) in specs().iter().enumerate() {
-        server.flush();
+        flush(&server);
         let out = Command::new(&exe)
             .args(["--run", &index.to_string(), &url])
             .stderr(Stdio::inherit())
@@ -851,7 +798,7 @@ fn main() {
             None => eprintln!("workload {spec:?} failed: {}", out.status),
         }
     }
-    server.flush();
+    flush(&server);
 
     println!();
     println!(

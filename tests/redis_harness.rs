@@ -1,10 +1,11 @@
-//! The test harness itself: servers start on free ports, answer, restart, and die on drop.
+//! The exported test harness, `streamwise::testing::RedisServer`: servers start on free
+//! ports, answer, restart, freeze, and die on drop, their files kept out of the repository.
 
-mod common;
-
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
+use std::time::Duration;
 
-use common::RedisServer;
+use streamwise::testing::{RedisServer, free_port};
 
 #[test]
 fn servers_start_on_distinct_free_ports_and_answer() {
@@ -55,4 +56,62 @@ fn a_killed_server_restarts_on_the_same_port() {
         ":1",
         "AOF with fsync always keeps the key"
     );
+}
+
+#[test]
+fn the_scratch_directory_is_a_fresh_temp_dir_removed_on_drop() {
+    let server = RedisServer::start();
+    let dir = server.dir().to_path_buf();
+    assert!(
+        dir.starts_with(std::env::temp_dir()),
+        "{dir:?} is not under the temp dir"
+    );
+    assert_eq!(
+        server.config("dir"),
+        dir.canonicalize().unwrap().to_string_lossy()
+    );
+    assert!(
+        dir.join("redis.log").exists(),
+        "the server logs into its directory"
+    );
+    drop(server);
+    assert!(!dir.exists(), "{dir:?} is left behind");
+}
+
+#[test]
+fn a_frozen_server_answers_nothing_until_thawed() {
+    let server = RedisServer::start();
+    server.freeze();
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, server.port())).unwrap();
+    stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    stream.write_all(b"PING\r\n").unwrap();
+    let mut reply = [0u8; 7];
+    assert!(stream.read_exact(&mut reply).is_err(), "a frozen server answered");
+    server.thaw();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        &reply, b"+PONG\r\n",
+        "the PING sent while frozen is answered after the thaw"
+    );
+}
+
+#[test]
+fn a_server_with_a_password_counts_as_started() {
+    let server = RedisServer::start_with(&["--requirepass", "secret"]);
+    assert!(server.command("PING").starts_with("-NOAUTH"));
+    assert_eq!(server.command_lines("AUTH secret", 1), ["+OK"]);
+}
+
+#[test]
+fn free_ports_are_never_the_standard_one() {
+    for _ in 0..100 {
+        assert_ne!(free_port(), 6379);
+    }
+}
+
+#[test]
+#[should_panic(expected = "RedisServer sets --port itself")]
+fn the_harness_keeps_its_own_port() {
+    let _ = RedisServer::start_with(&["--port", "6379"]);
 }

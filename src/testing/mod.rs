@@ -1,9 +1,11 @@
-//! The conformance suite: backend-agnostic scenarios that every backend must pass, so that
-//! code tested against one backend holds on another. Enable the `testing` feature.
+//! Test support, for this crate's tests, third-party backends and users' own tests (enable
+//! the `testing` feature): the conformance suite, and [`RedisServer`], a private
+//! `redis-server` per test.
 //!
-//! A backend takes part by implementing [`TestBackend`] and expanding
-//! [`conformance_tests!`](crate::conformance_tests) in a test file, which makes one test per
-//! scenario:
+//! The conformance suite is backend-agnostic scenarios that every backend must pass, so that
+//! code tested against one backend holds on another. A backend takes part by implementing
+//! [`TestBackend`] and expanding [`conformance_tests!`](crate::conformance_tests) in a test
+//! file, which makes one test per scenario ([`SCENARIOS`] lists them for other runners):
 //!
 //! ```
 //! use std::sync::Arc;
@@ -33,6 +35,13 @@
 //!
 //! Scenarios panic (through assertions) when the backend misbehaves, and every wait is bounded
 //! by [`WAIT`], so a broken backend fails instead of hanging.
+//!
+//! A backend on Redis (or a test of code that uses one) runs each test against its own
+//! [`RedisServer`]: a free loopback port, never the machine's own 6379, gone on drop.
+
+mod redis_server;
+
+pub use redis_server::{RedisServer, free_port};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -92,104 +101,67 @@ pub trait TestBackend: Send + Sync {
 /// A scenario of the suite.
 pub type Scenario = for<'a> fn(&'a dyn TestBackend) -> BoxFuture<'a, ()>;
 
-/// Every scenario, by name: for runners other than [`conformance_tests!`](crate::conformance_tests).
-pub const SCENARIOS: &[(&str, Scenario)] = &[
-    ("round_trip", |b| round_trip(b).boxed()),
-    ("publish_batch_keeps_order", |b| {
-        publish_batch_keeps_order(b).boxed()
-    }),
-    ("parallel_publishers", |b| parallel_publishers(b).boxed()),
-    ("topic_isolation", |b| topic_isolation(b).boxed()),
-    ("competing_consumers", |b| competing_consumers(b).boxed()),
-    ("every_group_gets_every_message", |b| {
-        every_group_gets_every_message(b).boxed()
-    }),
-    ("nack_redelivers_with_higher_count", |b| {
-        nack_redelivers_with_higher_count(b).boxed()
-    }),
-    ("nack_after_waits_for_the_delay", |b| {
-        nack_after_waits_for_the_delay(b).boxed()
-    }),
-    ("no_second_delivery_while_unacked", |b| {
-        no_second_delivery_while_unacked(b).boxed()
-    }),
-    ("nothing_read_beyond_max_in_flight", |b| {
-        nothing_read_beyond_max_in_flight(b).boxed()
-    }),
-    ("settling_twice_is_an_error", |b| {
-        settling_twice_is_an_error(b).boxed()
-    }),
-    ("unacked_survive_close", |b| unacked_survive_close(b).boxed()),
-    ("close_while_receiving", |b| close_while_receiving(b).boxed()),
-    ("concurrent_closes_lose_nothing", |b| {
-        concurrent_closes_lose_nothing(b).boxed()
-    }),
-    ("order_kept_for_one_consumer", |b| {
-        order_kept_for_one_consumer(b).boxed()
-    }),
-    ("claim_dead_consumer", |b| claim_dead_consumer(b).boxed()),
-    ("start_from_latest", |b| start_from_latest(b).boxed()),
-    ("missing_group_is_an_error_without_create", |b| {
-        missing_group_is_an_error_without_create(b).boxed()
-    }),
-    ("same_consumer_name_twice_is_refused", |b| {
-        same_consumer_name_twice_is_refused(b).boxed()
-    }),
-    ("invalid_arguments_name_the_field", |b| {
-        invalid_arguments_name_the_field(b).boxed()
-    }),
-    ("closed_publisher_refuses", |b| {
-        closed_publisher_refuses(b).boxed()
-    }),
-    ("ten_thousand_end_to_end", |b| ten_thousand_end_to_end(b).boxed()),
-    ("poison_message_is_dead_lettered", |b| {
-        poison_message_is_dead_lettered(b).boxed()
-    }),
-    ("payloads_that_are_not_json_are_dead_lettered", |b| {
-        payloads_that_are_not_json_are_dead_lettered(b).boxed()
-    }),
-    ("checkpoint_never_passes_a_pending_entry", |b| {
-        checkpoint_never_passes_a_pending_entry(b).boxed()
-    }),
-    ("dead_letter_settlement_keeps_the_message_and_settles", |b| {
-        dead_letter_settlement_keeps_the_message_and_settles(b).boxed()
-    }),
-];
+/// Generates, from the one list of scenario names, the [`SCENARIOS`] table and the exported
+/// [`conformance_tests!`](crate::conformance_tests) with the same names baked in: a
+/// `macro_rules!` cannot read a const, and each scenario must stay a test of its own.
+macro_rules! scenario_list {
+    ($($name:ident)*) => {
+        /// Every scenario, by name, in the order they are listed: for runners other than
+        /// [`conformance_tests!`](crate::conformance_tests).
+        pub const SCENARIOS: &[(&str, Scenario)] = &[$((stringify!($name), |b| $name(b).boxed())),*];
 
-/// Expands to one `#[tokio::test]` per scenario of the suite, each running against the
-/// [`TestBackend`] that `$backend` evaluates to (evaluated afresh in every test).
-///
-/// The calling crate needs `tokio` (with `macros` and `rt-multi-thread`) as a dev-dependency.
-#[macro_export]
-macro_rules! conformance_tests {
-    ($backend:expr) => {
-        $crate::conformance_tests!(@each $backend;
-            round_trip publish_batch_keeps_order parallel_publishers topic_isolation
-            competing_consumers every_group_gets_every_message nack_redelivers_with_higher_count
-            nack_after_waits_for_the_delay no_second_delivery_while_unacked
-            nothing_read_beyond_max_in_flight settling_twice_is_an_error unacked_survive_close close_while_receiving
-            concurrent_closes_lose_nothing order_kept_for_one_consumer claim_dead_consumer
-            start_from_latest missing_group_is_an_error_without_create
-            same_consumer_name_twice_is_refused invalid_arguments_name_the_field
-            closed_publisher_refuses ten_thousand_end_to_end poison_message_is_dead_lettered
-            payloads_that_are_not_json_are_dead_lettered checkpoint_never_passes_a_pending_entry
-            dead_letter_settlement_keeps_the_message_and_settles);
-    };
-    (@each $backend:expr; $($name:ident)*) => {
-        #[test]
-        fn conformance_scenario_list_is_complete() {
-            let listed = [$(stringify!($name)),*];
-            let known: Vec<&str> = $crate::testing::SCENARIOS.iter().map(|(name, _)| *name).collect();
-            assert_eq!(listed.as_slice(), known.as_slice());
+        /// Expands to one `#[tokio::test]` per scenario of the suite (named after it, as in
+        /// [`SCENARIOS`](crate::testing::SCENARIOS)), each running against the
+        /// [`TestBackend`](crate::testing::TestBackend) that `$backend` evaluates to
+        /// (evaluated afresh in every test).
+        ///
+        /// The calling crate needs `tokio` (with `macros` and `rt-multi-thread`) as a
+        /// dev-dependency.
+        #[macro_export]
+        macro_rules! conformance_tests {
+            ($backend:expr) => {
+                $(
+                    #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        let backend = $backend;
+                        $crate::testing::$name(&backend).await;
+                    }
+                )*
+            };
         }
-        $(
-            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let backend = $backend;
-                $crate::testing::$name(&backend).await;
-            }
-        )*
     };
+}
+
+// The scenarios, listed once. To add one: write `pub async fn <name>(backend: &dyn TestBackend)`
+// below, with a doc comment saying what it checks, and add `<name>` at the end of this list;
+// `SCENARIOS` and `conformance_tests!` both follow.
+scenario_list! {
+    round_trip
+    publish_batch_keeps_order
+    parallel_publishers
+    topic_isolation
+    competing_consumers
+    every_group_gets_every_message
+    nack_redelivers_with_higher_count
+    nack_after_waits_for_the_delay
+    no_second_delivery_while_unacked
+    nothing_read_beyond_max_in_flight
+    settling_twice_is_an_error
+    unacked_survive_close
+    close_while_receiving
+    concurrent_closes_lose_nothing
+    order_kept_for_one_consumer
+    claim_dead_consumer
+    start_from_latest
+    missing_group_is_an_error_without_create
+    same_consumer_name_twice_is_refused
+    invalid_arguments_name_the_field
+    closed_publisher_refuses
+    ten_thousand_end_to_end
+    poison_message_is_dead_lettered
+    payloads_that_are_not_json_are_dead_lettered
+    checkpoint_never_passes_a_pending_entry
+    dead_letter_settlement_keeps_the_message_and_settles
 }
 
 /// A topic name no other test uses.

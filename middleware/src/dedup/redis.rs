@@ -113,85 +113,12 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use streamwise::router::{DeliveryInfo, Incoming, Outcome, State, handler_service};
+    use streamwise::testing::RedisServer;
     use streamwise::{EntryId, Message, Origin};
     use tower::{Layer, ServiceExt};
 
     use super::*;
     use crate::dedup::DedupLayer;
-
-    /// A private `redis-server` on a free loopback port, persistence off, killed on drop
-    /// (the approach of the workspace's `tests/common`; never the machine's 6379).
-    struct RedisServer {
-        child: std::process::Child,
-        port: u16,
-        dir: std::path::PathBuf,
-    }
-
-    impl RedisServer {
-        fn start() -> Self {
-            use std::io::{Read, Write};
-            use std::net::{Ipv4Addr, TcpListener, TcpStream};
-            use std::time::Instant;
-
-            let dir = std::env::temp_dir().join(format!(
-                "streamwise-mw-dedup-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            std::fs::create_dir_all(&dir).expect("scratch directory");
-            for _ in 0..5 {
-                let port = loop {
-                    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("free port");
-                    let port = listener.local_addr().expect("addr").port();
-                    if port != 6379 {
-                        break port;
-                    }
-                };
-                let mut child = std::process::Command::new("redis-server")
-                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                    .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                    .arg("--dir")
-                    .arg(&dir)
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("redis-server is needed for this test (apt-get install redis-server)");
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        break; // exited, e.g. the port was taken meanwhile: try another
-                    }
-                    if let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
-                        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-                        let mut reply = [0u8; 7];
-                        if stream.write_all(b"PING\r\n").is_ok()
-                            && stream.read_exact(&mut reply).is_ok()
-                            && &reply == b"+PONG\r\n"
-                        {
-                            return RedisServer { child, port, dir };
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            panic!("redis-server did not start");
-        }
-
-        fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-    }
-
-    impl Drop for RedisServer {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
 
     #[tokio::test]
     async fn redis_store_sets_expiring_prefixed_keys_and_deduplicates() {
