@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use streamwise::config::{Binding, Config};
 use streamwise::redis_streams::ConsumerGroupManager;
+use streamwise::redis_streams::{Binding, Config};
 
 #[tokio::main]
 async fn main() -> streamwise::Result<()> {

@@ -8,7 +8,7 @@
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --example producer
 //! ```
 
-use streamwise::config::Config;
+use streamwise::redis_streams::Config;
 use streamwise::redis_streams::{StreamManager, StreamOptions};
 
 #[tokio::main]

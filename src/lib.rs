@@ -35,8 +35,6 @@
 
 pub mod checkpoint;
 pub mod codec;
-#[cfg(feature = "redis")]
-pub mod config;
 pub mod cqrs;
 pub mod dead_letter;
 pub mod delivery;

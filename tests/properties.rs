@@ -12,8 +12,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use streamwise::config::Config;
 use streamwise::redis::{Codec, JsonCodec, RawEntry, RedisConnection, redact_url};
+use streamwise::redis_streams::Config;
 use streamwise::{EntryId, Error, Message, Metadata, format_timestamp, parse_timestamp};
 
 /// Any JSON value, a few levels deep.

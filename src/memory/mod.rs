@@ -115,16 +115,32 @@ impl MemoryBackend {
         Self::default()
     }
 
-    /// A publisher onto this backend's streams (auto-create on, no length limit, 1 MiB entry
-    /// limit).
+    /// A publisher onto this backend's streams with the default options (auto-create on, no
+    /// length limit, 1 MiB entry limit).
     pub fn publisher(&self) -> MemoryPublisher {
-        MemoryPublisher {
+        self.publisher_with(MemoryPublisherOptions::default())
+            .unwrap_or_else(|_| unreachable!("the default options are valid"))
+    }
+
+    /// A publisher with `options`, checked first ([`Error::Invalid`] names the one at fault).
+    ///
+    /// ```
+    /// use streamwise::memory::{MemoryBackend, MemoryPublisherOptions};
+    ///
+    /// let backend = MemoryBackend::new();
+    /// let publisher = backend.publisher_with(MemoryPublisherOptions::default().max_length(1000))?;
+    /// # let _ = publisher;
+    /// let err = backend.publisher_with(MemoryPublisherOptions::default().max_entry_size(0)).unwrap_err();
+    /// assert_eq!(err.invalid_field(), Some("max_entry_size"));
+    /// # Ok::<(), streamwise::Error>(())
+    /// ```
+    pub fn publisher_with(&self, options: MemoryPublisherOptions) -> Result<MemoryPublisher> {
+        options.validate()?;
+        Ok(MemoryPublisher {
             broker: self.broker.clone(),
-            max_length: None,
-            auto_create: true,
-            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+            options,
             closed: Arc::new(AtomicBool::new(false)),
-        }
+        })
     }
 
     /// A subscriber onto this backend's streams. Each subscriber closes on its own.
@@ -212,37 +228,79 @@ impl MemoryBackend {
     }
 }
 
-/// Publishes into a [`MemoryBackend`].
-#[derive(Clone, Debug)]
-pub struct MemoryPublisher {
-    broker: Arc<Broker>,
-    max_length: Option<usize>,
-    auto_create: bool,
-    max_entry_size: usize,
-    closed: Arc<AtomicBool>,
+/// Options of a [`MemoryPublisher`] ([`MemoryBackend::publisher_with`]), the counterpart of
+/// the Redis [`PublisherOptions`](crate::redis::PublisherOptions): set with the chained
+/// methods, read from the public fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemoryPublisherOptions {
+    /// Keep at most this many entries per stream, trimming the oldest (exactly, where Redis
+    /// trims about). Default none; at least 1, at most [`MAX_CAP`](crate::MAX_CAP).
+    pub max_length: Option<u64>,
+    /// Whether publishing creates a missing stream (default) or fails with
+    /// [`Error::StreamNotFound`].
+    pub auto_create: bool,
+    /// The limit on the encoded size of one entry. Default 1 MiB; at least 1 byte.
+    pub max_entry_size: usize,
 }
 
-impl MemoryPublisher {
-    /// Keeps at most `max_length` entries per stream, trimming the oldest.
+impl Default for MemoryPublisherOptions {
+    fn default() -> Self {
+        MemoryPublisherOptions {
+            max_length: None,
+            auto_create: true,
+            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+        }
+    }
+}
+
+impl MemoryPublisherOptions {
+    /// Keeps at most `n` entries per stream, trimming the oldest.
     #[must_use]
-    pub fn with_max_length(mut self, max_length: usize) -> Self {
-        self.max_length = Some(max_length);
+    pub fn max_length(mut self, n: u64) -> Self {
+        self.max_length = Some(n);
         self
     }
 
     /// Whether publishing to a missing stream creates it (default) or fails with
     /// [`Error::StreamNotFound`].
     #[must_use]
-    pub fn with_auto_create(mut self, auto_create: bool) -> Self {
+    pub fn auto_create(mut self, auto_create: bool) -> Self {
         self.auto_create = auto_create;
         self
     }
 
     /// The limit on the encoded size of one entry (default 1 MiB).
     #[must_use]
-    pub fn with_max_entry_size(mut self, bytes: usize) -> Self {
+    pub fn max_entry_size(mut self, bytes: usize) -> Self {
         self.max_entry_size = bytes;
         self
+    }
+
+    /// Checks the options; [`Error::Invalid`] names the one at fault.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(n) = self.max_length {
+            crate::pubsub::check_cap(n)?;
+        }
+        if self.max_entry_size == 0 {
+            return Err(Error::invalid("max_entry_size", "must be at least 1 byte"));
+        }
+        Ok(())
+    }
+}
+
+/// Publishes into a [`MemoryBackend`].
+#[derive(Clone, Debug)]
+pub struct MemoryPublisher {
+    broker: Arc<Broker>,
+    options: MemoryPublisherOptions,
+    closed: Arc<AtomicBool>,
+}
+
+impl MemoryPublisher {
+    /// The options it publishes with.
+    pub fn options(&self) -> &MemoryPublisherOptions {
+        &self.options
     }
 
     fn check(&self, topic: &str, messages: &[Message]) -> Result<Arc<SharedStream>> {
@@ -252,14 +310,14 @@ impl MemoryPublisher {
         validate_name("topic", topic)?;
         for m in messages {
             let size = m.wire_size();
-            if size > self.max_entry_size {
+            if size > self.options.max_entry_size {
                 return Err(Error::PayloadTooLarge {
                     size,
-                    limit: self.max_entry_size,
+                    limit: self.options.max_entry_size,
                 });
             }
         }
-        if self.auto_create {
+        if self.options.auto_create {
             Ok(self.broker.get_or_create(topic).0)
         } else {
             self.broker.existing(topic)
@@ -271,11 +329,11 @@ impl MemoryPublisher {
     }
 
     fn append_capped(&self, topic: &str, messages: Vec<Message>, cap: Option<u64>) -> Result<Vec<EntryId>> {
-        let cap = cap.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-        let max_length = match (self.max_length, cap) {
+        let max_length = match (self.options.max_length, cap) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        };
+        }
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
         let stream = self.check(topic, &messages)?;
         // Checked here, outside the lock and once for every group; a payload that is not JSON
         // is stored (as Redis would store it) and dead-lettered when a group reads it.
@@ -698,5 +756,51 @@ impl Settler for MemorySettler {
             .log()
             .release(self.origin.group(), info.id(), self.origin.consumer());
         self.in_flight.release(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn publisher_options_trim_refuse_and_are_checked() {
+        let backend = MemoryBackend::new();
+        let publisher = backend
+            .publisher_with(
+                MemoryPublisherOptions::default()
+                    .max_length(2)
+                    .max_entry_size(200),
+            )
+            .unwrap();
+        for n in 0..5 {
+            publisher
+                .publish("t", Message::new("n", &n).unwrap())
+                .await
+                .unwrap();
+        }
+        assert_eq!(backend.stream_len("t").unwrap(), 2, "trimmed to max_length");
+        let big = Message::new("n", &"x".repeat(300)).unwrap();
+        assert!(matches!(
+            publisher.publish("t", big).await,
+            Err(Error::PayloadTooLarge { limit: 200, .. })
+        ));
+        let strict = backend
+            .publisher_with(MemoryPublisherOptions::default().auto_create(false))
+            .unwrap();
+        assert!(matches!(
+            strict.publish("absent", Message::new("n", &1).unwrap()).await,
+            Err(Error::StreamNotFound { .. })
+        ));
+        for (bad, field) in [
+            (MemoryPublisherOptions::default().max_length(0), "max_length"),
+            (
+                MemoryPublisherOptions::default().max_entry_size(0),
+                "max_entry_size",
+            ),
+        ] {
+            let err = backend.publisher_with(bad).unwrap_err();
+            assert_eq!(err.invalid_field(), Some(field));
+        }
     }
 }

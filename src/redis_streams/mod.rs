@@ -13,13 +13,15 @@
 //! | `ConsumerGroupManager(redis_url)`: `create_group`, `delete_group`, `list_groups`, `get_group_info` | [`ConsumerGroupManager`] |
 //! | `RedisConnection(url, max_retries=5, retry_base_delay=0.1, retry_max_delay=30.0)` | [`RedisConnection::builder`] |
 //! | `StreamNotFoundError`, `GroupNotFoundError`, `PayloadTooLargeError`, `RedisConnectionError`, `ConsumerCrashedError` | [`Error::StreamNotFound`](crate::Error::StreamNotFound), [`Error::GroupNotFound`](crate::Error::GroupNotFound), [`Error::PayloadTooLarge`](crate::Error::PayloadTooLarge), [`Error::Connection`](crate::Error::Connection), [`Error::ConsumerCrashed`](crate::Error::ConsumerCrashed) |
-//! | YAML config + `REDIS_URL`, `STREAM_NAME`, `CONSUMER_GROUP`, `CONSUMER_NAME` | [`crate::config::Config`] |
+//! | YAML config + `REDIS_URL`, `STREAM_NAME`, `CONSUMER_GROUP`, `CONSUMER_NAME` | [`Config`] (module [`config`]) |
 
+pub mod config;
 mod consumer;
 mod groups;
 mod manager;
 mod producer;
 
+pub use config::{Binding, Config};
 pub use consumer::{ConsumerOptions, EventMessage, PendingMessage, StreamConsumer};
 pub use groups::ConsumerGroupManager;
 pub use manager::{StreamManager, StreamOptions};

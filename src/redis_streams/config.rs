@@ -35,7 +35,7 @@
 //! ```
 //!
 //! ```
-//! use streamwise::config::Config;
+//! use streamwise::redis_streams::Config;
 //!
 //! let yaml = "redis_streams:\n  producer:\n    stream: events\n  consumer:\n    group: my-group\n";
 //! let env = [("CONSUMER_NAME", "worker-7")];
@@ -50,9 +50,9 @@ use std::path::Path;
 
 use serde_norway::{Mapping, Value};
 
+use super::{ConsumerOptions, ProducerOptions, StreamConsumer, StreamProducer};
 use crate::error::{Error, Result, validate_name};
 use crate::redis::RedisConnection;
-use crate::redis_streams::{ConsumerOptions, ProducerOptions, StreamConsumer, StreamProducer};
 
 /// The default Redis URL.
 pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
