@@ -1,6 +1,6 @@
 //! The router: handlers for two event types of the `orders` stream behind a middleware stack
-//! (tracing, timeout, retry, dead-letter, panic recovery), and a clean shutdown on ctrl-c or
-//! SIGTERM.
+//! (tracing, timeout, retry, dead-letter, panic recovery; one handler with a layer of its
+//! own), and a clean shutdown on ctrl-c or SIGTERM.
 //!
 //! In memory by default; on Redis when `REDIS_URL` is set. A small producer publishes a few
 //! demo orders, one of them malformed (it ends in `orders-dead`) and one that fails once (it is
@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use streamwise::memory::MemoryBackend;
 use streamwise::redis::RedisBackend;
-use streamwise::router::{Json, Outcome, Router, State, shutdown_signal};
+use streamwise::router::{Handler, Json, Outcome, Router, State, shutdown_signal};
 use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber};
 use streamwise_middleware::catch_panic::CatchPanicLayer;
 use streamwise_middleware::dead_letter::DeadLetterLayer;
@@ -86,7 +86,11 @@ async fn main() -> streamwise::Result<()> {
     let routes = router
         .routes()
         .route("order.placed", on_placed)
-        .route("order.cancelled", on_cancelled)
+        // A route-level layer: only cancellations have half a second.
+        .route(
+            "order.cancelled",
+            on_cancelled.layer(TimeoutLayer::new(Duration::from_millis(500))?),
+        )
         // Innermost first: panics become errors, slow handlers time out, errors are retried
         // twice in-process, and the third failed delivery goes to orders-dead.
         .layer(CatchPanicLayer::new())

@@ -282,6 +282,37 @@ async fn topic_naming_is_pluggable_and_checked() {
     assert_eq!(err.invalid_field(), Some("topic"));
 }
 
+/// A processor's layer wraps each of its subscriptions: here an event with two handlers, a
+/// consumer group each, passes the one layer twice.
+#[tokio::test]
+async fn a_processor_layer_wraps_every_subscription_of_the_processor() {
+    let cqrs = Cqrs::new();
+    let through_layer = Arc::new(AtomicU32::new(0));
+    let counter = through_layer.clone();
+    let count = tower::util::MapRequestLayer::new(move |incoming: streamwise::router::Incoming| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        incoming
+    });
+    let events = cqrs
+        .event_processor()
+        .handle("mailer", |_: OrderPlaced| async { Ok::<_, Infallible>(()) })
+        .handle("billing", |_: OrderPlaced| async { Ok::<_, Infallible>(()) })
+        .layer(count);
+    let backend = MemoryBackend::new();
+    let running = start(events.register(Router::new(), "w").unwrap(), &backend).await;
+    cqrs.event_bus(Arc::new(backend.publisher()))
+        .publish(&OrderPlaced { id: 1 })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while running.handled() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "not handled");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    running.shutdown().await.unwrap();
+    assert_eq!(through_layer.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn handlers_get_middleware_and_bad_commands_are_dead_lettered() {
     let cqrs = Cqrs::new();

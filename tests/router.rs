@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use streamwise::dead_letter::keys as dl;
 use streamwise::memory::MemoryBackend;
 use streamwise::router::{
-    BoxRoute, DeliveryInfo, EventType, Fallback, Incoming, Json, Metadata, OrderKey, Outcome, Outgoing,
-    Permanent, RetryBackoff, Router, Routes, State, handler_service,
+    BoxRoute, BoxRouteLayer, DeliveryInfo, EventType, Fallback, Handler, Incoming, Json, Metadata, OrderKey,
+    Outcome, Outgoing, Permanent, RetryBackoff, Router, Routes, State, handler_service,
 };
 use streamwise::{EntryId, Error, Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription};
 use tokio::sync::mpsc;
@@ -642,9 +642,9 @@ async fn layers_at_three_levels_run_in_the_documented_order() {
         async move { log.lock().unwrap().push("handler") }
     };
     let routes = Routes::new()
-        .route_layered("t", handler, mark("route"))
+        .route("t", handler.layer(mark("route-1")).layer(mark("route-2")))
         .layer(mark("subscription-1"))
-        .layer(mark("subscription-2"));
+        .layer(BoxRouteLayer::new(mark("subscription-2")));
     let running = Router::new()
         .layer(mark("router-1"))
         .layer(mark("router-2"))
@@ -662,10 +662,66 @@ async fn layers_at_three_levels_run_in_the_documented_order() {
             "router-1",
             "subscription-2",
             "subscription-1",
-            "route",
+            "route-2",
+            "route-1",
             "handler"
         ]
     );
+}
+
+/// A route layer wraps its handler once, when the route is built: a layer with state of its
+/// own (here a concurrency limit of 1) keeps it across deliveries, though the handler gets
+/// the routes' state at each.
+#[tokio::test]
+async fn a_layered_handler_is_built_once_with_the_routes_state() {
+    let h = Harness::new();
+    #[derive(Default)]
+    struct Seen {
+        running: AtomicUsize,
+        peak: AtomicUsize,
+        done: AtomicUsize,
+    }
+    async fn work(State(seen): State<Arc<Seen>>) {
+        let now = seen.running.fetch_add(1, Ordering::SeqCst) + 1;
+        seen.peak.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        seen.running.fetch_sub(1, Ordering::SeqCst);
+        seen.done.fetch_add(1, Ordering::SeqCst);
+    }
+    let seen = Arc::new(Seen::default());
+    let router = Router::with_state(seen.clone());
+    let routes = router
+        .routes()
+        .route("n", work.layer(tower::limit::ConcurrencyLimitLayer::new(1)));
+    let running = router
+        .subscribe("t", opts().max_in_flight(8), routes)
+        .start(h.subscriber(), h.publisher())
+        .await
+        .unwrap();
+    for n in 0..8 {
+        h.publish("t", Message::new("n", &n).unwrap()).await;
+    }
+    h.settled(&running, 8).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(seen.done.load(Ordering::SeqCst), 8);
+    assert_eq!(
+        seen.peak.load(Ordering::SeqCst),
+        1,
+        "one limit for all deliveries"
+    );
+
+    // Outside a router, `with_state` gives the same layered service, and the plain handler's.
+    let seen = Arc::new(Seen::default());
+    let layered = work
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+        .with_state(seen.clone());
+    let message = || Incoming::for_test(Message::new("n", &1).unwrap());
+    assert_eq!(layered.oneshot(message()).await.unwrap(), Outcome::ack());
+    assert_eq!(
+        work.with_state(seen.clone()).oneshot(message()).await.unwrap(),
+        Outcome::ack()
+    );
+    assert_eq!(seen.done.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

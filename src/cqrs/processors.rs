@@ -11,7 +11,9 @@ use super::marshal::{self, Command, Event};
 use super::{CORRELATION_ID, Cqrs, DEFAULT_REPLY_MAX_LENGTH, IntoEmit, Kind, REPLY_TO, RemoteError};
 use crate::error::{BoxError, Error, Result, validate_name};
 use crate::pubsub::SubscribeOptions;
-use crate::router::{BoxRoute, Fallback, Incoming, LayerFn, Outcome, Outgoing, RouteLayer, Router, boxed};
+use crate::router::{
+    BoxRoute, BoxRouteLayer, Fallback, Incoming, Outcome, Outgoing, RouteLayer, Router, Routes,
+};
 
 /// One typed handler, ready to route.
 struct Entry {
@@ -60,7 +62,7 @@ where
     R: IntoEmit + 'static,
     E: Into<BoxError> + 'static,
 {
-    boxed(service_fn(move |incoming: Incoming| {
+    BoxRoute::new(service_fn(move |incoming: Incoming| {
         let (cqrs, handler) = (cqrs.clone(), handler.clone());
         async move {
             let value = match decode::<T>(&cqrs, &incoming) {
@@ -75,9 +77,9 @@ where
     }))
 }
 
-fn apply_layers<S>(mut routes: crate::router::Routes<S>, layers: &[LayerFn]) -> crate::router::Routes<S> {
-    routes.layers.extend(layers.iter().cloned());
-    routes
+/// `routes` wrapped in a processor's `layers` (subscription-level layers, fallback included).
+fn apply_layers<S: Clone + Send + Sync + 'static>(routes: Routes<S>, layers: &[BoxRouteLayer]) -> Routes<S> {
+    layers.iter().cloned().fold(routes, Routes::layer)
 }
 
 /// Handles commands: one handler per command type, consumed by one consumer group.
@@ -85,7 +87,7 @@ pub struct CommandProcessor {
     cqrs: Cqrs,
     group: String,
     entries: Vec<Entry>,
-    layers: Vec<LayerFn>,
+    layers: Vec<BoxRouteLayer>,
     max_in_flight: usize,
 }
 
@@ -150,7 +152,7 @@ impl CommandProcessor {
     {
         let name = C::name().into_owned();
         let cqrs = self.cqrs.clone();
-        let service = boxed(service_fn(move |incoming: Incoming| {
+        let service = BoxRoute::new(service_fn(move |incoming: Incoming| {
             let (cqrs, handler) = (cqrs.clone(), handler.clone());
             async move {
                 let command = match decode::<C>(&cqrs, &incoming) {
@@ -182,7 +184,7 @@ impl CommandProcessor {
     /// Wraps every command handler of this processor (like [`Routes::layer`](crate::router::Routes::layer)).
     #[must_use]
     pub fn layer(mut self, layer: impl RouteLayer) -> Self {
-        self.layers.push(layer.into_route_fn());
+        self.layers.push(layer.into_box_layer());
         self
     }
 
@@ -239,7 +241,7 @@ pub struct EventProcessor {
     cqrs: Cqrs,
     /// (handler name, entry)
     entries: Vec<(String, Entry)>,
-    layers: Vec<LayerFn>,
+    layers: Vec<BoxRouteLayer>,
     max_in_flight: usize,
 }
 
@@ -285,7 +287,7 @@ impl EventProcessor {
     /// Wraps every event handler of this processor.
     #[must_use]
     pub fn layer(mut self, layer: impl RouteLayer) -> Self {
-        self.layers.push(layer.into_route_fn());
+        self.layers.push(layer.into_box_layer());
         self
     }
 
@@ -336,7 +338,7 @@ pub struct EventGroupProcessor {
     cqrs: Cqrs,
     group: String,
     entries: Vec<Entry>,
-    layers: Vec<LayerFn>,
+    layers: Vec<BoxRouteLayer>,
 }
 
 impl fmt::Debug for EventGroupProcessor {
@@ -384,7 +386,7 @@ impl EventGroupProcessor {
     /// Wraps every handler of the group.
     #[must_use]
     pub fn layer(mut self, layer: impl RouteLayer) -> Self {
-        self.layers.push(layer.into_route_fn());
+        self.layers.push(layer.into_box_layer());
         self
     }
 

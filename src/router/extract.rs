@@ -12,6 +12,11 @@ use crate::delivery::DeliveryInfo;
 use crate::message::{Message, Metadata};
 
 /// Something a handler can take as an argument, built from the delivery and the router state.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a router handler's argument (with routes whose state is `{S}`)",
+    label = "not an extractor",
+    note = "handler arguments are extractors: `Json<T>`, `State<{S}>`, `Metadata`, `DeliveryInfo`, `EventType`, `Message`, `Incoming`, or a type of yours implementing `FromIncoming<{S}>`"
+)]
 pub trait FromIncoming<S>: Sized {
     /// Extracts the value, or gives the outcome to settle with instead of calling the handler.
     fn from_incoming(incoming: &Incoming, state: &S) -> Result<Self, Outcome>;

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::RetryBackoff;
+use super::backoff::RetryBackoff;
 use crate::error::BoxError;
 use crate::message::Message;
 
@@ -148,6 +148,11 @@ impl From<Verdict> for Outcome {
 }
 
 /// Turns a handler's return value into an [`Outcome`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an outcome of a router handler",
+    label = "not an outcome",
+    note = "outcomes are `()`, `Outcome`, `Verdict`, `Outgoing` and `Vec<Outgoing>`"
+)]
 pub trait IntoOutcome {
     /// The outcome.
     fn into_outcome(self) -> Outcome;
@@ -194,6 +199,11 @@ impl IntoOutcome for Vec<Outgoing> {
 
 /// Turns what a handler returns into the result of its service: values that are outcomes are
 /// `Ok`; `Result::Err` is an error, which the router (or a retry middleware) handles.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not something a router handler can return",
+    label = "not a handler's return value",
+    note = "a handler returns `()`, `Outcome`, `Verdict`, `Outgoing`, `Vec<Outgoing>`, or a `Result` of one whose error converts into `BoxError`"
+)]
 pub trait IntoHandlerResult {
     /// The service result.
     fn into_handler_result(self) -> Result<Outcome, BoxError>;

@@ -1,12 +1,13 @@
 //! Running a router: one task per subscription pulls deliveries (only as fast as
 //! `max_in_flight` lets the subscription hand them out), runs each through its service stack
-//! as one of the task's concurrent futures, and settles it from the outcome. (Handlers of one
+//! as one of the task's concurrent futures (after the one before it with its key, when the
+//! subscription is ordered: `ordering`), turns a handler's error or panic into an outcome, and
+//! has the delivery settled from the outcome (`settle`). (Handlers of one
 //! subscription share its task: they run concurrently, not in parallel; CPU-heavy handlers
 //! should use `spawn_blocking`. Subscriptions run in parallel.) Shutdown has two phases: stop
 //! fetching, then let in-flight handlers finish until the deadline, settle them, and close the
 //! subscriber (which flushes acks and checkpoints).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,19 +15,40 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use futures::future::{Either, FutureExt, Shared};
+use futures::future::{Either, FutureExt};
 use futures::stream::FuturesUnordered;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tower::{Service, ServiceExt};
 
+use super::backoff::RetryBackoff;
+use super::dispatch::Dispatch;
 use super::incoming::Incoming;
-use super::outcome::{Outcome, Verdict, outcome_of_error};
-use super::{OrderKey, Plan, PlanService, RetryBackoff};
-use crate::delivery::{Delivery, SettleError, Settlement};
+use super::ordering::{KeyOrder, OrderKey};
+use super::outcome::{Outcome, outcome_of_error};
+use super::route::BoxRoute;
+use super::settle::settle;
+use crate::delivery::Delivery;
 use crate::error::{Error, Result};
-use crate::pubsub::{Publisher, Subscriber};
+use crate::pubsub::{Publisher, SubscribeOptions, Subscriber, Subscription};
 use crate::signal::Signal;
+
+/// What runs a subscription's deliveries.
+#[derive(Clone)]
+pub(crate) enum PlanService {
+    /// No layers: the dispatch itself, called directly (it is always ready).
+    Dispatch(Dispatch),
+    /// The dispatch inside the subscription's and the router's layers.
+    Layered(BoxRoute),
+}
+
+/// One subscription of a router, ready to run.
+pub(crate) struct Plan {
+    pub(crate) topic: String,
+    pub(crate) options: SubscribeOptions,
+    pub(crate) service: PlanService,
+    pub(crate) order_by: Option<OrderKey>,
+    pub(crate) retry_backoff: RetryBackoff,
+}
 
 /// What a shutdown did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -117,10 +139,7 @@ pub(crate) async fn start(
                     retry_backoff: plan.retry_backoff,
                 }),
             };
-            let ordering = plan.order_by.map(|key| KeyOrder {
-                key,
-                tails: Arc::new(Mutex::new(HashMap::new())),
-            });
+            let ordering = plan.order_by.map(KeyOrder::new);
             tokio::spawn(fetch_loop(
                 plan.topic,
                 subscription,
@@ -248,23 +267,15 @@ impl Failure {
     }
 }
 
-/// The tail of each ordering key: completes when the last delivery with that key is settled.
-type Tail = Shared<oneshot::Receiver<()>>;
-
-struct KeyOrder {
-    key: OrderKey,
-    tails: Arc<Mutex<HashMap<String, (u64, Tail)>>>,
-}
-
 /// The most deliveries taken from a subscription in one go when they are ready at once
 /// (buffered by the backend), before the loop looks at handlers and shutdown again.
 const READY_BATCH: usize = 64;
 
 async fn fetch_loop(
     topic: String,
-    subscription: crate::pubsub::Subscription,
+    subscription: Subscription,
     worker: Worker,
-    ordering: Option<KeyOrder>,
+    mut ordering: Option<KeyOrder>,
     stop_fetching: Signal,
     abandon: Signal,
     failure: Arc<Failure>,
@@ -272,7 +283,6 @@ async fn fetch_loop(
     let mut subscription = Some(subscription);
     let mut last_error = None;
     let mut handlers = FuturesUnordered::new();
-    let mut sequence = 0u64;
     // Waited on across iterations, at the cost of one atomic load per poll.
     let abandoned = abandon.wait();
     let stopped = stop_fetching.wait();
@@ -295,10 +305,7 @@ async fn fetch_loop(
         };
         for taken in 1.. {
             match next {
-                Some(Ok(delivery)) => {
-                    sequence += 1;
-                    handlers.push(handling(&worker, ordering.as_ref(), delivery, sequence));
-                }
+                Some(Ok(delivery)) => handlers.push(handling(&worker, ordering.as_mut(), delivery)),
                 Some(Err(e)) => {
                     tracing::error!(topic, error = %e, "subscription error; the router keeps going");
                     last_error = Some(e);
@@ -328,38 +335,18 @@ async fn fetch_loop(
 /// ordering key.
 fn handling(
     worker: &Worker,
-    ordering: Option<&KeyOrder>,
+    ordering: Option<&mut KeyOrder>,
     delivery: Delivery,
-    sequence: u64,
 ) -> Either<impl Future<Output = ()> + use<>, impl Future<Output = ()> + use<>> {
-    let delivery = Arc::new(delivery);
-    let worker = worker.clone();
-    let keyed = ordering.and_then(|o| Some((o, o.key.of(&Incoming::new(delivery.clone()))?)));
-    let Some((ordering, key)) = keyed else {
-        return Either::Right(worker.handle(delivery));
-    };
-    let (done, tail) = oneshot::channel::<()>();
-    let previous = ordering
-        .tails
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key.clone(), (sequence, tail.shared()));
-    let tails = ordering.tails.clone();
-    Either::Left(async move {
-        if let Some((_, previous)) = previous {
-            // Settled, or its future is gone (sender dropped): our turn.
-            let _ = previous.await;
-        }
-        worker.handle(delivery).await;
-        let _ = done.send(());
-        let mut tails = tails.lock().unwrap_or_else(|p| p.into_inner());
-        if tails.get(&key).is_some_and(|(seq, _)| *seq == sequence) {
-            tails.remove(&key);
-        }
-    })
+    let keyed = ordering.and_then(|o| Some((o.key_of(delivery.message())?, o)));
+    let handle = worker.clone().handle(Arc::new(delivery));
+    match keyed {
+        Some((key, ordering)) => Either::Left(ordering.after_previous(key, handle)),
+        None => Either::Right(handle),
+    }
 }
 
-async fn next_delivery(subscription: &mut Option<crate::pubsub::Subscription>) -> Option<Result<Delivery>> {
+async fn next_delivery(subscription: &mut Option<Subscription>) -> Option<Result<Delivery>> {
     match subscription {
         Some(s) => s.next().await,
         None => std::future::pending().await,
@@ -420,46 +407,4 @@ impl Worker {
         // pending, and the count is reported as abandoned.)
         common.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Settles `delivery` from `outcome`: the handler's messages first, then the ack (a failed
-/// publish nacks after the subscription's backoff); a nack or a dead letter goes to the
-/// delivery as it is, and the backend writes it.
-async fn settle(delivery: &Delivery, outcome: Outcome, publisher: &dyn Publisher, backoff: &RetryBackoff) {
-    let (verdict, messages) = outcome.into_parts();
-    let result = match verdict {
-        Verdict::Ack if messages.is_empty() => delivery.settle(Settlement::Ack),
-        // (Publishing is boxed, so that its state does not make every handler's future larger.)
-        Verdict::Ack => Box::pin(publish_then_ack(delivery, messages, publisher, backoff)).await,
-        // A verdict built by hand may ask for more than a delivery accepts.
-        Verdict::Nack { delay } => delivery.settle(Settlement::Nack {
-            delay: delay.min(crate::MAX_NACK_DELAY),
-        }),
-        Verdict::DeadLetter { reason } => delivery.settle(Settlement::DeadLetter { reason }),
-    };
-    if let Err(e) = result {
-        tracing::warn!(id = %delivery.id(), error = %e, "settling the delivery failed; it stays pending");
-    }
-}
-
-/// Publishes the handler's messages, then acks; nacks when publishing failed.
-async fn publish_then_ack(
-    delivery: &Delivery,
-    messages: Vec<super::Outgoing>,
-    publisher: &dyn Publisher,
-    backoff: &RetryBackoff,
-) -> std::result::Result<(), SettleError> {
-    for out in messages {
-        let sent = match out.max_length {
-            Some(max) => publisher.publish_capped(&out.topic, out.message, max).await,
-            None => publisher.publish(&out.topic, out.message).await,
-        };
-        if let Err(e) = sent {
-            // A failed publish is an error like a handler's: retried after the backoff.
-            let retry_in = backoff.delay(delivery.delivery_count());
-            tracing::warn!(id = %delivery.id(), error = %e, redelivery_in = ?retry_in, "publishing the handler's messages failed; the delivery is nacked");
-            return delivery.nack_after(retry_in).await;
-        }
-    }
-    delivery.ack().await
 }
