@@ -30,7 +30,7 @@
 //! | `catch-panic` | `catch_panic` | turns a panic into an error, so retry and dead-letter see it |
 //! | `dead-letter` | `dead_letter` | dead-letters after N failed deliveries, with the reason |
 //! | `checkpoint` | `checkpoint` | records the position after each successful delivery |
-//! | `reclaim` | `reclaim` | a per-route delivery limit for reclaimed entries, and warnings for slow handlers |
+//! | `delivery-limit` | `delivery_limit` | a per-route limit on deliveries (for entries reclaimed again and again), and warnings for slow handlers |
 //! | `dedup` / `dedup-redis` | `dedup` | skips messages already handled, by UUID, in memory or in Redis (`SET NX PX`) |
 //! | `correlation` | `correlation` | carries a correlation id from the input to every message a handler produces |
 //! | `throttle` | `throttle` | at most N deliveries per second |
@@ -52,10 +52,10 @@ pub mod correlation;
 pub mod dead_letter;
 #[cfg(feature = "dedup")]
 pub mod dedup;
+#[cfg(feature = "delivery-limit")]
+pub mod delivery_limit;
 #[cfg(feature = "from-fn")]
 pub mod from_fn;
-#[cfg(feature = "reclaim")]
-pub mod reclaim;
 #[cfg(feature = "retry")]
 pub mod retry;
 #[cfg(feature = "throttle")]

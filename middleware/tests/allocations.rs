@@ -73,10 +73,10 @@ fn allocations_per_delivery() {
         row!("catch_panic", catch_panic::CatchPanicLayer::new());
         row!("dead_letter", dead_letter::DeadLetterLayer::new(3).unwrap());
         row!("correlation", correlation::CorrelationLayer::new());
-        row!("reclaim", reclaim::ReclaimLayer::new(5).unwrap());
+        row!("delivery_limit", delivery_limit::DeliveryLimitLayer::new(5).unwrap());
         row!(
-            "reclaim+warn_after",
-            reclaim::ReclaimLayer::new(5)
+            "delivery_limit+warn_after",
+            delivery_limit::DeliveryLimitLayer::new(5)
                 .unwrap()
                 .warn_after(Duration::from_secs(10))
                 .unwrap()

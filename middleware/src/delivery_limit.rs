@@ -1,13 +1,14 @@
-//! Working with the backend's reclaim. An entry a consumer did not finish (it crashed, or was
-//! too slow) is reclaimed by another consumer and delivered again with a higher delivery count.
-//! This layer:
+//! A per-route delivery limit. An entry a consumer did not finish (it crashed, or was too slow)
+//! is reclaimed by another consumer and delivered again with a higher delivery count. This
+//! layer:
 //!
 //! - dead-letters, without calling the handler, an entry delivered more than `max_deliveries`
 //!   times (a per-route limit, tighter than the subscription's `max_deliveries`), so that a
 //!   message that keeps killing its consumers does not go round for ever;
-//! - warns (once per delivery) when a handler runs longer than `warn_after`. Slow handlers
-//!   keep their entries: the Redis backend heartbeats held entries (`XCLAIM ... JUSTID` every
-//!   third of the lease TTL), so reclaim does not take them while the handler works. Keep the
+//! - optionally warns (once per delivery) when a handler runs longer than `warn_after`, as
+//!   such a handler's entry is the one at risk of being reclaimed. Slow handlers keep their
+//!   entries: the Redis backend heartbeats held entries (`XCLAIM ... JUSTID` every third of the
+//!   lease TTL), so reclaim does not take them while the handler works. Keep the
 //!   subscription's reclaim `min_idle` above two thirds of the lease TTL.
 //!
 //! ```
@@ -17,10 +18,10 @@
 //! use streamwise::Message;
 //! use streamwise::router::{DeliveryInfo, Incoming, Verdict, handler_service};
 //! use streamwise::{EntryId, Origin};
-//! use streamwise_middleware::reclaim::ReclaimLayer;
+//! use streamwise_middleware::delivery_limit::DeliveryLimitLayer;
 //! use tower::{Layer, ServiceExt};
 //!
-//! let layer = ReclaimLayer::new(3)?.warn_after(Duration::from_secs(20))?;
+//! let layer = DeliveryLimitLayer::new(3)?.warn_after(Duration::from_secs(20))?;
 //! let svc = layer.layer(handler_service(|| async {}, ()));
 //! let fourth = DeliveryInfo::new(EntryId::new(9, 0), 4, Arc::new(Origin::new("jobs", "workers", "w2")));
 //! let outcome = svc.oneshot(Incoming::for_test_with(Message::new("job", &1)?, fourth)).await.unwrap();
@@ -37,20 +38,20 @@ use tower::{Layer, Service};
 
 use crate::{BoxResponse, take_ready};
 
-/// Wraps services in [`Reclaim`].
+/// Wraps services in [`DeliveryLimit`].
 #[derive(Clone, Copy, Debug)]
-pub struct ReclaimLayer {
+pub struct DeliveryLimitLayer {
     max_deliveries: u64,
     warn_after: Option<Duration>,
 }
 
-impl ReclaimLayer {
+impl DeliveryLimitLayer {
     /// Dead-letter entries delivered more than `max_deliveries` times (at least 1).
     pub fn new(max_deliveries: u64) -> Result<Self> {
         if max_deliveries == 0 {
             return Err(Error::invalid("max_deliveries", "must be at least 1"));
         }
-        Ok(ReclaimLayer {
+        Ok(DeliveryLimitLayer {
             max_deliveries,
             warn_after: None,
         })
@@ -66,10 +67,10 @@ impl ReclaimLayer {
     }
 }
 
-impl<S> Layer<S> for ReclaimLayer {
-    type Service = Reclaim<S>;
-    fn layer(&self, inner: S) -> Reclaim<S> {
-        Reclaim {
+impl<S> Layer<S> for DeliveryLimitLayer {
+    type Service = DeliveryLimit<S>;
+    fn layer(&self, inner: S) -> DeliveryLimit<S> {
+        DeliveryLimit {
             inner,
             max_deliveries: self.max_deliveries,
             warn_after: self.warn_after,
@@ -79,13 +80,13 @@ impl<S> Layer<S> for ReclaimLayer {
 
 /// Enforces the redelivery limit and watches for slow handlers.
 #[derive(Clone, Debug)]
-pub struct Reclaim<S> {
+pub struct DeliveryLimit<S> {
     inner: S,
     max_deliveries: u64,
     warn_after: Option<Duration>,
 }
 
-impl<S> Service<Incoming> for Reclaim<S>
+impl<S> Service<Incoming> for DeliveryLimit<S>
 where
     S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
@@ -151,7 +152,7 @@ mod tests {
         let (subscriber, captured) = crate::test_util::Captured::subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let calls = Arc::new(AtomicU32::new(0));
-        let svc = ReclaimLayer::new(2)
+        let svc = DeliveryLimitLayer::new(2)
             .unwrap()
             .layer(handler_service(counted, calls.clone()));
         assert_eq!(svc.clone().oneshot(delivery(2)).await.unwrap(), Outcome::ack());
@@ -175,7 +176,7 @@ mod tests {
         let (subscriber, captured) = crate::test_util::Captured::subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let started = tokio::time::Instant::now();
-        let svc = ReclaimLayer::new(5)
+        let svc = DeliveryLimitLayer::new(5)
             .unwrap()
             .warn_after(Duration::from_secs(10))
             .unwrap()
@@ -194,11 +195,11 @@ mod tests {
     #[test]
     fn bad_settings_name_the_field() {
         assert_eq!(
-            ReclaimLayer::new(0).unwrap_err().invalid_field(),
+            DeliveryLimitLayer::new(0).unwrap_err().invalid_field(),
             Some("max_deliveries")
         );
         assert_eq!(
-            ReclaimLayer::new(1)
+            DeliveryLimitLayer::new(1)
                 .unwrap()
                 .warn_after(Duration::ZERO)
                 .unwrap_err()
