@@ -29,14 +29,16 @@
 //! # Ok(()) }
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use streamwise::router::{Incoming, Outcome};
-use streamwise::{BoxError, Error, Result};
+use streamwise::{BoxError, EntryId, Error, Result};
+use tokio::time::Sleep;
 use tower::{Layer, Service};
-
-use crate::{BoxResponse, take_ready};
 
 /// Wraps services in [`DeliveryLimit`].
 #[derive(Clone, Copy, Debug)]
@@ -46,7 +48,9 @@ pub struct DeliveryLimitLayer {
 }
 
 impl DeliveryLimitLayer {
-    /// Dead-letter entries delivered more than `max_deliveries` times (at least 1).
+    /// Dead-letter entries delivered more than `max_deliveries` times.
+    ///
+    /// A zero `max_deliveries` is refused with [`Error::Invalid`] (`max_deliveries`).
     pub fn new(max_deliveries: u64) -> Result<Self> {
         if max_deliveries == 0 {
             return Err(Error::invalid("max_deliveries", "must be at least 1"));
@@ -57,7 +61,9 @@ impl DeliveryLimitLayer {
         })
     }
 
-    /// Warn when a handler is still running after `after` (longer than zero).
+    /// Warn when a handler is still running after `after`.
+    ///
+    /// A zero `after` is refused with [`Error::Invalid`] (`warn_after`).
     pub fn warn_after(mut self, after: Duration) -> Result<Self> {
         if after.is_zero() {
             return Err(Error::invalid("warn_after", "must be longer than zero"));
@@ -78,7 +84,7 @@ impl<S> Layer<S> for DeliveryLimitLayer {
     }
 }
 
-/// Enforces the redelivery limit and watches for slow handlers.
+/// Enforces the delivery limit and watches for slow handlers.
 #[derive(Clone, Debug)]
 pub struct DeliveryLimit<S> {
     inner: S,
@@ -88,42 +94,102 @@ pub struct DeliveryLimit<S> {
 
 impl<S> Service<Incoming> for DeliveryLimit<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = DeliveryLimitFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+    fn call(&mut self, incoming: Incoming) -> DeliveryLimitFuture<S::Future> {
         let count = incoming.info().delivery_count();
         if count > self.max_deliveries {
             let reason = format!(
                 "delivered {count} times, more than this route's limit of {}; it may keep crashing its consumers",
                 self.max_deliveries
             );
-            return Box::pin(std::future::ready(Ok(Outcome::dead_letter(reason))));
+            return DeliveryLimitFuture {
+                state: State::OverLimit {
+                    outcome: Some(Outcome::dead_letter(reason)),
+                },
+            };
         }
         let id = incoming.info().id();
-        let future = take_ready(&mut self.inner).call(incoming);
-        let Some(warn_after) = self.warn_after else {
-            return Box::pin(async move { future.await.map_err(Into::into) });
-        };
-        Box::pin(async move {
-            tokio::pin!(future);
-            tokio::select! {
-                result = &mut future => return result.map_err(Into::into),
-                _ = tokio::time::sleep(warn_after) => {
-                    tracing::warn!(%id, running_for = ?warn_after, "slow handler; its entry is kept by the backend's heartbeat");
+        DeliveryLimitFuture {
+            state: State::Running {
+                future: self.inner.call(incoming),
+                warning: self.warn_after.map(|after| SlowWarning {
+                    id,
+                    after,
+                    timer: tokio::time::sleep(after),
+                }),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`DeliveryLimit`]: a dead letter at once for a delivery over the limit,
+    /// otherwise the inner service's (with the slow-handler warning, if configured).
+    pub struct DeliveryLimitFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        OverLimit { outcome: Option<Outcome> },
+        Running {
+            #[pin]
+            future: F,
+            #[pin]
+            warning: Option<SlowWarning>,
+        },
+    }
+}
+
+pin_project! {
+    /// The pending warning about a slow handler: given once, when `timer` fires first.
+    struct SlowWarning {
+        id: EntryId,
+        after: Duration,
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+impl<F, E> Future for DeliveryLimitFuture<F>
+where
+    F: Future<Output = std::result::Result<Outcome, E>>,
+    E: Into<BoxError>,
+{
+    type Output = std::result::Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::OverLimit { outcome } => Poll::Ready(Ok(outcome
+                .take()
+                .expect("DeliveryLimitFuture polled after it completed"))),
+            StateProj::Running { future, mut warning } => {
+                if let Poll::Ready(result) = future.poll(cx) {
+                    return Poll::Ready(result.map_err(Into::into));
                 }
+                if let Some(slow) = warning.as_mut().as_pin_mut() {
+                    let slow = slow.project();
+                    if slow.timer.poll(cx).is_ready() {
+                        tracing::warn!(id = %slow.id, running_for = ?slow.after, "slow handler; its entry is kept by the backend's heartbeat");
+                        warning.set(None);
+                    }
+                }
+                Poll::Pending
             }
-            future.await.map_err(Into::into)
-        })
+        }
     }
 }
 
