@@ -24,7 +24,6 @@ use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber};
 use streamwise_middleware::catch_panic::CatchPanicLayer;
 use streamwise_middleware::dead_letter::DeadLetterLayer;
 use streamwise_middleware::retry::RetryLayer;
-use streamwise_middleware::timeout::TimeoutLayer;
 use streamwise_middleware::trace::TraceLayer;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -89,12 +88,12 @@ async fn main() -> streamwise::Result<()> {
         // A route-level layer: only cancellations have half a second.
         .route(
             "order.cancelled",
-            on_cancelled.layer(TimeoutLayer::new(Duration::from_millis(500))?),
+            on_cancelled.layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(500))),
         )
         // Innermost first: panics become errors, slow handlers time out, errors are retried
         // twice in-process, and the third failed delivery goes to orders-dead.
         .layer(CatchPanicLayer::new())
-        .layer(TimeoutLayer::new(Duration::from_secs(2))?)
+        .layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(2)))
         .layer(RetryLayer::new(2)?.backoff(Duration::from_millis(50), Duration::from_secs(1))?)
         .layer(DeadLetterLayer::new(3)?);
     let options = SubscribeOptions::new("billing", "worker-1")

@@ -73,6 +73,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use streamwise::router::{Incoming, Outcome, Verdict};
 use streamwise::{BoxError, Error, Result};
 use tower::{Layer, Service};
@@ -80,7 +81,7 @@ use tower::{Layer, Service};
 #[cfg(feature = "dedup-redis")]
 pub use self::redis::{DEFAULT_PREFIX, RedisDedupStore};
 pub use self::store::{DedupStore, Marked, MemoryDedupStore};
-use crate::{BoxResponse, take_ready};
+use crate::take_ready;
 
 /// The longest time to live [`DedupLayer::new`] accepts: 365 days.
 pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -164,13 +165,17 @@ where
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    // Boxed, unlike the thin layers: a delivery awaits the store's mark, then the inner call,
+    // then maybe the store's forget, and the store's futures borrow the key and the store, so
+    // a named future would have to hold references into itself. A delivery through this layer
+    // allocates for the key and the store's (boxed) futures anyway.
+    type Future = BoxFuture<'static, Result<Outcome, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+    fn call(&mut self, incoming: Incoming) -> Self::Future {
         let mut inner = take_ready(&mut self.inner);
         let store = self.store.clone();
         let ttl = self.ttl;

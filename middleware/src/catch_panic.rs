@@ -24,15 +24,17 @@
 
 use std::any::Any;
 use std::fmt;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::task::{Context, Poll};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use futures::FutureExt;
+use futures::future::CatchUnwind;
+use pin_project_lite::pin_project;
 use streamwise::BoxError;
 use streamwise::router::{Incoming, Outcome};
 use tower::{Layer, Service};
-
-use crate::{BoxResponse, take_ready};
 
 /// The error a caught panic becomes; its message is the panic's, when it had one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,31 +95,66 @@ pub struct CatchPanic<S> {
 
 impl<S> Service<Incoming> for CatchPanic<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = CatchPanicFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
-        let mut inner = take_ready(&mut self.inner);
-        Box::pin(async move {
-            // The call itself may panic before it returns a future.
-            let future = match std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(incoming))) {
-                Ok(future) => future,
-                Err(payload) => return Err(Panicked::from_payload(payload).into()),
-            };
-            match AssertUnwindSafe(future).catch_unwind().await {
+    fn call(&mut self, incoming: Incoming) -> CatchPanicFuture<S::Future> {
+        // The call itself may panic before it returns a future.
+        let state = match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(incoming))) {
+            Ok(future) => State::Running {
+                future: AssertUnwindSafe(future).catch_unwind(),
+            },
+            Err(payload) => State::CallPanicked {
+                panicked: Some(Panicked::from_payload(payload)),
+            },
+        };
+        CatchPanicFuture { state }
+    }
+}
+
+pin_project! {
+    /// The future of [`CatchPanic`]: the inner service's, with a panic (while called or while
+    /// running) turned into a [`Panicked`] error.
+    pub struct CatchPanicFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Running { #[pin] future: CatchUnwind<AssertUnwindSafe<F>> },
+        CallPanicked { panicked: Option<Panicked> },
+    }
+}
+
+impl<F, E> Future for CatchPanicFuture<F>
+where
+    F: Future<Output = Result<Outcome, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Running { future } => Poll::Ready(match ready!(future.poll(cx)) {
                 Ok(result) => result.map_err(Into::into),
                 Err(payload) => Err(Panicked::from_payload(payload).into()),
-            }
-        })
+            }),
+            StateProj::CallPanicked { panicked } => Poll::Ready(Err(panicked
+                .take()
+                .expect("CatchPanicFuture polled after it completed")
+                .into())),
+        }
     }
 }
 
@@ -154,11 +191,11 @@ mod tests {
         impl Service<Incoming> for PanicsOnCall {
             type Response = Outcome;
             type Error = BoxError;
-            type Future = BoxResponse;
+            type Future = std::future::Ready<Result<Outcome, BoxError>>;
             fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
                 Poll::Ready(Ok(()))
             }
-            fn call(&mut self, _: Incoming) -> BoxResponse {
+            fn call(&mut self, _: Incoming) -> Self::Future {
                 std::panic::panic_any(42u8)
             }
         }

@@ -39,16 +39,19 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use streamwise::router::{Incoming, Outcome};
 use streamwise::{BoxError, Error, Result};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use crate::{BoxResponse, take_ready};
+use crate::take_ready;
 
 /// The longest `period` a [`ThrottleLayer`] accepts: 365 days.
 pub const MAX_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -128,30 +131,88 @@ pub struct Throttle<S> {
 
 impl<S> Service<Incoming> for Throttle<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome> + Clone,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = ThrottleFuture<S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+    fn call(&mut self, incoming: Incoming) -> ThrottleFuture<S> {
         // The slot is reserved now, so that slots go out in the order of the calls.
-        let start = lock(&self.schedule).reserve(Instant::now());
-        let mut inner = take_ready(&mut self.inner);
-        Box::pin(async move {
-            let now = Instant::now();
-            if start > now {
-                tracing::debug!(wait = ?(start - now), id = %incoming.info().id(), "throttled");
-                tokio::time::sleep_until(start).await;
+        let now = Instant::now();
+        let start = lock(&self.schedule).reserve(now);
+        let state = if start > now {
+            tracing::debug!(wait = ?(start - now), id = %incoming.info().id(), "throttled");
+            State::Waiting {
+                until: tokio::time::sleep_until(start),
+                call: Some((take_ready(&mut self.inner), incoming)),
             }
-            inner.call(incoming).await.map_err(Into::into)
-        })
+        } else {
+            State::Called {
+                future: self.inner.call(incoming),
+            }
+        };
+        ThrottleFuture { state }
+    }
+}
+
+pin_project! {
+    /// The future of [`Throttle`]: waits for the delivery's slot, then runs the inner
+    /// service's call.
+    pub struct ThrottleFuture<S>
+    where
+        S: Service<Incoming>,
+    {
+        #[pin]
+        state: State<S>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S>
+    where
+        S: Service<Incoming>,
+    {
+        // The service (polled ready) and the delivery, to call once the slot has come.
+        Waiting {
+            #[pin]
+            until: Sleep,
+            call: Option<(S, Incoming)>,
+        },
+        Called {
+            #[pin]
+            future: S::Future,
+        },
+    }
+}
+
+impl<S> Future for ThrottleFuture<S>
+where
+    S: Service<Incoming, Response = Outcome>,
+    S::Error: Into<BoxError>,
+{
+    type Output = std::result::Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProj::Waiting { until, call } => {
+                    ready!(until.poll(cx));
+                    let (mut inner, incoming) =
+                        call.take().expect("ThrottleFuture polled after it completed");
+                    let future = inner.call(incoming);
+                    state.set(State::Called { future });
+                }
+                StateProj::Called { future } => return future.poll(cx).map_err(Into::into),
+            }
+        }
     }
 }
 

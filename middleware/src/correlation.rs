@@ -37,15 +37,16 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
 use std::ops::Deref;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
+use pin_project_lite::pin_project;
 use streamwise::router::{FromIncoming, Incoming, Outcome};
 use streamwise::{BoxError, Error, Message, Result};
 use tower::{Layer, Service};
-
-use crate::{BoxResponse, take_ready};
 
 /// The default metadata key of the correlation id.
 pub const CORRELATION_ID: &str = "correlation_id";
@@ -222,25 +223,55 @@ pub struct Correlation<S> {
 
 impl<S> Service<Incoming> for Correlation<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = CorrelationFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
-        let correlation = CorrelationId::of(incoming.message(), &self.keys.correlation).into_string();
-        let causation = incoming.message().uuid().to_string();
-        let keys = self.keys.clone();
-        let future = take_ready(&mut self.inner).call(incoming);
-        Box::pin(async move {
-            let mut outcome = future.await.map_err(Into::into)?;
+    fn call(&mut self, incoming: Incoming) -> CorrelationFuture<S::Future> {
+        // A clone of the delivery (one reference count), so that the ids are only worked out
+        // for an outcome that carries messages.
+        let cause = incoming.clone();
+        CorrelationFuture {
+            inner: self.inner.call(incoming),
+            cause,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Correlation`]: the inner service's, with the ids stamped on the
+    /// messages of its outcome.
+    pub struct CorrelationFuture<F> {
+        #[pin]
+        inner: F,
+        cause: Incoming,
+        keys: Arc<Keys>,
+    }
+}
+
+impl<F, E> Future for CorrelationFuture<F>
+where
+    F: Future<Output = Result<Outcome, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut outcome = ready!(this.inner.poll(cx)).map_err(Into::into)?;
+        if !outcome.messages().is_empty() {
+            let keys = &**this.keys;
+            let message = this.cause.message();
+            let correlation = CorrelationId::of(message, &keys.correlation).into_string();
+            let causation = message.uuid().to_string();
             for out in outcome.messages_mut() {
                 let metadata = out.message.metadata_mut();
                 if metadata.get(&keys.correlation).is_none_or(str::is_empty) {
@@ -248,8 +279,8 @@ where
                 }
                 metadata.insert(keys.causation.as_str(), causation.as_str());
             }
-            Ok(outcome)
-        })
+        }
+        Poll::Ready(Ok(outcome))
     }
 }
 

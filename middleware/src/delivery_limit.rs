@@ -1,13 +1,14 @@
-//! Working with the backend's reclaim. An entry a consumer did not finish (it crashed, or was
-//! too slow) is reclaimed by another consumer and delivered again with a higher delivery count.
-//! This layer:
+//! A per-route delivery limit. An entry a consumer did not finish (it crashed, or was too slow)
+//! is reclaimed by another consumer and delivered again with a higher delivery count. This
+//! layer:
 //!
 //! - dead-letters, without calling the handler, an entry delivered more than `max_deliveries`
 //!   times (a per-route limit, tighter than the subscription's `max_deliveries`), so that a
 //!   message that keeps killing its consumers does not go round for ever;
-//! - warns (once per delivery) when a handler runs longer than `warn_after`. Slow handlers
-//!   keep their entries: the Redis backend heartbeats held entries (`XCLAIM ... JUSTID` every
-//!   third of the lease TTL), so reclaim does not take them while the handler works. Keep the
+//! - optionally warns (once per delivery) when a handler runs longer than `warn_after`, as
+//!   such a handler's entry is the one at risk of being reclaimed. Slow handlers keep their
+//!   entries: the Redis backend heartbeats held entries (`XCLAIM ... JUSTID` every third of the
+//!   lease TTL), so reclaim does not take them while the handler works. Keep the
 //!   subscription's reclaim `min_idle` above two thirds of the lease TTL.
 //!
 //! ```
@@ -17,10 +18,10 @@
 //! use streamwise::Message;
 //! use streamwise::router::{DeliveryInfo, Incoming, Verdict, handler_service};
 //! use streamwise::{EntryId, Origin};
-//! use streamwise_middleware::reclaim::ReclaimLayer;
+//! use streamwise_middleware::delivery_limit::DeliveryLimitLayer;
 //! use tower::{Layer, ServiceExt};
 //!
-//! let layer = ReclaimLayer::new(3)?.warn_after(Duration::from_secs(20))?;
+//! let layer = DeliveryLimitLayer::new(3)?.warn_after(Duration::from_secs(20))?;
 //! let svc = layer.layer(handler_service(|| async {}, ()));
 //! let fourth = DeliveryInfo::new(EntryId::new(9, 0), 4, Arc::new(Origin::new("jobs", "workers", "w2")));
 //! let outcome = svc.oneshot(Incoming::for_test_with(Message::new("job", &1)?, fourth)).await.unwrap();
@@ -28,35 +29,41 @@
 //! # Ok(()) }
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use streamwise::router::{Incoming, Outcome};
-use streamwise::{BoxError, Error, Result};
+use streamwise::{BoxError, EntryId, Error, Result};
+use tokio::time::Sleep;
 use tower::{Layer, Service};
 
-use crate::{BoxResponse, take_ready};
-
-/// Wraps services in [`Reclaim`].
+/// Wraps services in [`DeliveryLimit`].
 #[derive(Clone, Copy, Debug)]
-pub struct ReclaimLayer {
+pub struct DeliveryLimitLayer {
     max_deliveries: u64,
     warn_after: Option<Duration>,
 }
 
-impl ReclaimLayer {
-    /// Dead-letter entries delivered more than `max_deliveries` times (at least 1).
+impl DeliveryLimitLayer {
+    /// Dead-letter entries delivered more than `max_deliveries` times.
+    ///
+    /// A zero `max_deliveries` is refused with [`Error::Invalid`] (`max_deliveries`).
     pub fn new(max_deliveries: u64) -> Result<Self> {
         if max_deliveries == 0 {
             return Err(Error::invalid("max_deliveries", "must be at least 1"));
         }
-        Ok(ReclaimLayer {
+        Ok(DeliveryLimitLayer {
             max_deliveries,
             warn_after: None,
         })
     }
 
-    /// Warn when a handler is still running after `after` (longer than zero).
+    /// Warn when a handler is still running after `after`.
+    ///
+    /// A zero `after` is refused with [`Error::Invalid`] (`warn_after`).
     pub fn warn_after(mut self, after: Duration) -> Result<Self> {
         if after.is_zero() {
             return Err(Error::invalid("warn_after", "must be longer than zero"));
@@ -66,10 +73,10 @@ impl ReclaimLayer {
     }
 }
 
-impl<S> Layer<S> for ReclaimLayer {
-    type Service = Reclaim<S>;
-    fn layer(&self, inner: S) -> Reclaim<S> {
-        Reclaim {
+impl<S> Layer<S> for DeliveryLimitLayer {
+    type Service = DeliveryLimit<S>;
+    fn layer(&self, inner: S) -> DeliveryLimit<S> {
+        DeliveryLimit {
             inner,
             max_deliveries: self.max_deliveries,
             warn_after: self.warn_after,
@@ -77,52 +84,112 @@ impl<S> Layer<S> for ReclaimLayer {
     }
 }
 
-/// Enforces the redelivery limit and watches for slow handlers.
+/// Enforces the delivery limit and watches for slow handlers.
 #[derive(Clone, Debug)]
-pub struct Reclaim<S> {
+pub struct DeliveryLimit<S> {
     inner: S,
     max_deliveries: u64,
     warn_after: Option<Duration>,
 }
 
-impl<S> Service<Incoming> for Reclaim<S>
+impl<S> Service<Incoming> for DeliveryLimit<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = DeliveryLimitFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+    fn call(&mut self, incoming: Incoming) -> DeliveryLimitFuture<S::Future> {
         let count = incoming.info().delivery_count();
         if count > self.max_deliveries {
             let reason = format!(
                 "delivered {count} times, more than this route's limit of {}; it may keep crashing its consumers",
                 self.max_deliveries
             );
-            return Box::pin(std::future::ready(Ok(Outcome::dead_letter(reason))));
+            return DeliveryLimitFuture {
+                state: State::OverLimit {
+                    outcome: Some(Outcome::dead_letter(reason)),
+                },
+            };
         }
         let id = incoming.info().id();
-        let future = take_ready(&mut self.inner).call(incoming);
-        let Some(warn_after) = self.warn_after else {
-            return Box::pin(async move { future.await.map_err(Into::into) });
-        };
-        Box::pin(async move {
-            tokio::pin!(future);
-            tokio::select! {
-                result = &mut future => return result.map_err(Into::into),
-                _ = tokio::time::sleep(warn_after) => {
-                    tracing::warn!(%id, running_for = ?warn_after, "slow handler; its entry is kept by the backend's heartbeat");
+        DeliveryLimitFuture {
+            state: State::Running {
+                future: self.inner.call(incoming),
+                warning: self.warn_after.map(|after| SlowWarning {
+                    id,
+                    after,
+                    timer: tokio::time::sleep(after),
+                }),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`DeliveryLimit`]: a dead letter at once for a delivery over the limit,
+    /// otherwise the inner service's (with the slow-handler warning, if configured).
+    pub struct DeliveryLimitFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        OverLimit { outcome: Option<Outcome> },
+        Running {
+            #[pin]
+            future: F,
+            #[pin]
+            warning: Option<SlowWarning>,
+        },
+    }
+}
+
+pin_project! {
+    /// The pending warning about a slow handler: given once, when `timer` fires first.
+    struct SlowWarning {
+        id: EntryId,
+        after: Duration,
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+impl<F, E> Future for DeliveryLimitFuture<F>
+where
+    F: Future<Output = std::result::Result<Outcome, E>>,
+    E: Into<BoxError>,
+{
+    type Output = std::result::Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::OverLimit { outcome } => Poll::Ready(Ok(outcome
+                .take()
+                .expect("DeliveryLimitFuture polled after it completed"))),
+            StateProj::Running { future, mut warning } => {
+                if let Poll::Ready(result) = future.poll(cx) {
+                    return Poll::Ready(result.map_err(Into::into));
                 }
+                if let Some(slow) = warning.as_mut().as_pin_mut() {
+                    let slow = slow.project();
+                    if slow.timer.poll(cx).is_ready() {
+                        tracing::warn!(id = %slow.id, running_for = ?slow.after, "slow handler; its entry is kept by the backend's heartbeat");
+                        warning.set(None);
+                    }
+                }
+                Poll::Pending
             }
-            future.await.map_err(Into::into)
-        })
+        }
     }
 }
 
@@ -151,7 +218,7 @@ mod tests {
         let (subscriber, captured) = crate::test_util::Captured::subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let calls = Arc::new(AtomicU32::new(0));
-        let svc = ReclaimLayer::new(2)
+        let svc = DeliveryLimitLayer::new(2)
             .unwrap()
             .layer(handler_service(counted, calls.clone()));
         assert_eq!(svc.clone().oneshot(delivery(2)).await.unwrap(), Outcome::ack());
@@ -175,7 +242,7 @@ mod tests {
         let (subscriber, captured) = crate::test_util::Captured::subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let started = tokio::time::Instant::now();
-        let svc = ReclaimLayer::new(5)
+        let svc = DeliveryLimitLayer::new(5)
             .unwrap()
             .warn_after(Duration::from_secs(10))
             .unwrap()
@@ -194,11 +261,11 @@ mod tests {
     #[test]
     fn bad_settings_name_the_field() {
         assert_eq!(
-            ReclaimLayer::new(0).unwrap_err().invalid_field(),
+            DeliveryLimitLayer::new(0).unwrap_err().invalid_field(),
             Some("max_deliveries")
         );
         assert_eq!(
-            ReclaimLayer::new(1)
+            DeliveryLimitLayer::new(1)
                 .unwrap()
                 .warn_after(Duration::ZERO)
                 .unwrap_err()

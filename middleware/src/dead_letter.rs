@@ -1,7 +1,8 @@
 //! Dead-lettering after N attempts: when a handler fails (an error, or a nack outcome) on the
 //! `max_attempts`-th delivery of an entry, or fails with a [`Permanent`] error, the outcome
-//! becomes a dead letter with the reason. The router then publishes the message, with the
-//! reason, the original id, stream, group and delivery count, to `<stream>-dead`, and acks it.
+//! becomes a dead letter with the reason: the delivery is dead-lettered, and the backend writes
+//! the record (the message with the reason, the original id, stream, group and delivery count)
+//! to `<stream>-dead` (see [`Delivery::dead_letter`](streamwise::Delivery::dead_letter)).
 //! Earlier failures pass through (the router nacks; the entry comes back).
 //!
 //! Put retry inside this layer: in-process retries happen within one delivery, this layer counts
@@ -30,13 +31,14 @@
 //!
 //! [`Permanent`]: streamwise::router::Permanent
 
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
+use pin_project_lite::pin_project;
 use streamwise::router::{Incoming, Outcome, Permanent, Verdict};
 use streamwise::{BoxError, Error, Result};
 use tower::{Layer, Service};
-
-use crate::{BoxResponse, take_ready};
 
 /// Wraps services in [`DeadLetter`].
 #[derive(Clone, Copy, Debug)]
@@ -45,7 +47,9 @@ pub struct DeadLetterLayer {
 }
 
 impl DeadLetterLayer {
-    /// Dead-letter when the `max_attempts`-th delivery (at least 1) fails.
+    /// Dead-letter when the `max_attempts`-th delivery fails.
+    ///
+    /// A zero `max_attempts` is refused with [`Error::Invalid`] (`max_attempts`).
     pub fn new(max_attempts: u64) -> Result<Self> {
         if max_attempts == 0 {
             return Err(Error::invalid("max_attempts", "must be at least 1"));
@@ -73,36 +77,60 @@ pub struct DeadLetter<S> {
 
 impl<S> Service<Incoming> for DeadLetter<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = DeadLetterFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+    fn call(&mut self, incoming: Incoming) -> DeadLetterFuture<S::Future> {
         let attempt = incoming.info().delivery_count();
-        let max = self.max_attempts;
-        let future = take_ready(&mut self.inner).call(incoming);
-        Box::pin(async move {
-            let last = attempt >= max;
-            match future.await.map_err(Into::into) {
-                Err(e) if Permanent::is_permanent(&e) => {
-                    Ok(Outcome::dead_letter(format!("permanent error: {e}")))
-                }
-                Err(e) if last => Ok(Outcome::dead_letter(format!(
-                    "failed on delivery {attempt} of {max}: {e}"
-                ))),
-                Ok(outcome) if last && matches!(outcome.verdict(), Verdict::Nack { .. }) => Ok(
-                    Outcome::dead_letter(format!("nacked on delivery {attempt} of {max}")),
-                ),
-                other => other,
+        DeadLetterFuture {
+            inner: self.inner.call(incoming),
+            attempt,
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`DeadLetter`]: the inner service's, with the last allowed failure (or a
+    /// permanent one) turned into a dead letter.
+    pub struct DeadLetterFuture<F> {
+        #[pin]
+        inner: F,
+        attempt: u64,
+        max_attempts: u64,
+    }
+}
+
+impl<F, E> Future for DeadLetterFuture<F>
+where
+    F: Future<Output = std::result::Result<Outcome, E>>,
+    E: Into<BoxError>,
+{
+    type Output = std::result::Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let (attempt, max) = (*this.attempt, *this.max_attempts);
+        let last = attempt >= max;
+        Poll::Ready(match ready!(this.inner.poll(cx)).map_err(Into::into) {
+            Err(e) if Permanent::is_permanent(&e) => {
+                Ok(Outcome::dead_letter(format!("permanent error: {e}")))
             }
+            Err(e) if last => Ok(Outcome::dead_letter(format!(
+                "failed on delivery {attempt} of {max}: {e}"
+            ))),
+            Ok(outcome) if last && matches!(outcome.verdict(), Verdict::Nack { .. }) => Ok(
+                Outcome::dead_letter(format!("nacked on delivery {attempt} of {max}")),
+            ),
+            other => other,
         })
     }
 }

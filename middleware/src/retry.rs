@@ -35,16 +35,18 @@
 //! [`Permanent`]: streamwise::router::Permanent
 //! [`RetryBackoff`]: streamwise::router::RetryBackoff
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::TryFutureExt;
+use pin_project_lite::pin_project;
 use streamwise::router::{Incoming, Outcome, Permanent};
 use streamwise::{BoxError, Error, Result};
 use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
 use tower::util::rng::HasherRng;
-use tower::{Layer, Service, ServiceExt};
-
-use crate::{BoxResponse, take_ready};
+use tower::{Layer, Service};
 
 /// Wraps services in [`Retry`].
 #[derive(Clone, Debug)]
@@ -54,8 +56,9 @@ pub struct RetryLayer {
 }
 
 impl RetryLayer {
-    /// Up to `max_retries` retries (at least 1), with backoff from 100 ms doubling to 10 s and
-    /// 50 % jitter.
+    /// Up to `max_retries` retries, with backoff from 100 ms doubling to 10 s and 50 % jitter.
+    ///
+    /// A zero `max_retries` is refused with [`Error::Invalid`] (`max_retries`).
     pub fn new(max_retries: u32) -> Result<Self> {
         if max_retries == 0 {
             return Err(Error::invalid("max_retries", "must be at least 1"));
@@ -67,6 +70,9 @@ impl RetryLayer {
     }
 
     /// The first delay and the longest; the delay doubles per retry.
+    ///
+    /// A zero `min` is refused with [`Error::Invalid`] naming `backoff.min`, a `max` shorter
+    /// than `min` naming `backoff.max`.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Result<Self> {
         self.backoff = maker(min, max, 0.5)?;
         Ok(self)
@@ -74,6 +80,9 @@ impl RetryLayer {
 
     /// Like [`backoff`](Self::backoff), with the jitter: up to this fraction of the delay is
     /// added at random (0 for none, 1 for up to double).
+    ///
+    /// Refuses what [`backoff`](Self::backoff) refuses, and a `jitter` outside 0 to 1 naming
+    /// `backoff.jitter`.
     pub fn backoff_with_jitter(mut self, min: Duration, max: Duration, jitter: f64) -> Result<Self> {
         self.backoff = maker(min, max, jitter)?;
         Ok(self)
@@ -103,13 +112,13 @@ fn maker(min: Duration, max: Duration, jitter: f64) -> Result<ExponentialBackoff
 impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
     fn layer(&self, inner: S) -> Retry<S> {
+        let policy = Policy {
+            retries_left: self.max_retries,
+            backoff: self.backoff.clone(),
+            current: None,
+        };
         Retry {
-            inner,
-            policy: Policy {
-                retries_left: self.max_retries,
-                backoff: self.backoff.clone(),
-                current: None,
-            },
+            inner: tower::retry::Retry::new(policy, ErrInto { inner }),
         }
     }
 }
@@ -148,28 +157,76 @@ impl tower::retry::Policy<Incoming, Outcome, BoxError> for Policy {
 /// Calls the inner service again on errors, as [`RetryLayer`] configured.
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
-    inner: S,
-    policy: Policy,
+    // tower's retry clones itself, this policy included, into each call's future: each
+    // delivery gets its own budget.
+    inner: tower::retry::Retry<Policy, ErrInto<S>>,
 }
 
 impl<S> Service<Incoming> for Retry<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome> + Clone,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = RetryFuture<S>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, incoming: Incoming) -> RetryFuture<S> {
+        RetryFuture {
+            inner: self.inner.call(incoming),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Retry`]: tower's retry future (the calls and the backoff between them).
+    pub struct RetryFuture<S>
+    where
+        S: Service<Incoming, Response = Outcome>,
+        S::Error: Into<BoxError>,
+    {
+        #[pin]
+        inner: tower::retry::future::ResponseFuture<Policy, ErrInto<S>, Incoming>,
+    }
+}
+
+impl<S> Future for RetryFuture<S>
+where
+    S: Service<Incoming, Response = Outcome> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Output = std::result::Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+/// The inner service with its errors boxed, as the policy sees them.
+#[derive(Clone, Debug)]
+struct ErrInto<S> {
+    inner: S,
+}
+
+impl<S> Service<Incoming> for ErrInto<S>
+where
+    S: Service<Incoming, Response = Outcome>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Outcome;
+    type Error = BoxError;
+    type Future = futures::future::ErrInto<S::Future, BoxError>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
-        let inner = take_ready(&mut self.inner).map_err(Into::into);
-        let retrying = tower::retry::Retry::new(self.policy.clone(), inner);
-        Box::pin(retrying.oneshot(incoming))
+    fn call(&mut self, incoming: Incoming) -> Self::Future {
+        self.inner.call(incoming).err_into()
     }
 }
 

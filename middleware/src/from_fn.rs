@@ -68,11 +68,14 @@ use streamwise::router::{Incoming, Outcome};
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::{BoxResponse, take_ready};
+use crate::take_ready;
 
 /// The rest of the stack (the inner layers and the handler), for a middleware function to call.
 ///
 /// Cloning it lets a middleware call the rest more than once (to retry, say).
+///
+/// It boxes the inner service (and its future when run): one type whatever the stack, so that
+/// middleware functions need no type parameters, as with axum's `Next`.
 #[derive(Clone)]
 pub struct Next {
     inner: BoxCloneService<Incoming, Outcome, BoxError>,
@@ -211,15 +214,15 @@ where
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = Fut;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+    fn call(&mut self, incoming: Incoming) -> Fut {
         let next = self.next();
-        Box::pin((self.f)(incoming, next))
+        (self.f)(incoming, next)
     }
 }
 
@@ -234,15 +237,15 @@ where
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = Fut;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+    fn call(&mut self, incoming: Incoming) -> Fut {
         let next = self.next();
-        Box::pin((self.f)(self.state.clone(), incoming, next))
+        (self.f)(self.state.clone(), incoming, next)
     }
 }
 

@@ -17,15 +17,17 @@
 //! # let _ = router;
 //! ```
 
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
+use pin_project_lite::pin_project;
 use streamwise::BoxError;
 use streamwise::router::{Incoming, Outcome, Verdict};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 use tracing::Instrument;
-
-use crate::{BoxResponse, take_ready};
+use tracing::instrument::Instrumented;
 
 /// Wraps services in [`Trace`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -66,19 +68,18 @@ fn label(result: &Result<Outcome, BoxError>) -> &'static str {
 
 impl<S> Service<Incoming> for Trace<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = TraceFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+    fn call(&mut self, incoming: Incoming) -> TraceFuture<S::Future> {
         let info = incoming.info();
         let span = tracing::info_span!(
             "delivery",
@@ -91,26 +92,48 @@ where
             outcome = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
         );
-        let mut inner = take_ready(&mut self.inner);
-        let future = span.in_scope(|| inner.call(incoming));
-        let record = span.clone();
-        Box::pin(
-            async move {
-                let started = Instant::now();
-                let result = future.await.map_err(Into::into);
-                let outcome = label(&result);
-                let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-                record.record("outcome", outcome);
-                record.record("duration_ms", duration_ms);
-                match &result {
-                    Ok(o) if *o.verdict() == Verdict::Ack => tracing::info!(outcome, duration_ms, "delivery handled"),
-                    Ok(o) => tracing::warn!(outcome, duration_ms, verdict = ?o.verdict(), "delivery not acknowledged"),
-                    Err(e) => tracing::warn!(outcome, duration_ms, error = %e, "handler failed"),
-                }
-                result
+        let inner = span.in_scope(|| self.inner.call(incoming));
+        TraceFuture {
+            inner: inner.instrument(span),
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Trace`]: the inner service's, polled (and dropped) inside the
+    /// delivery's span, which it closes with the outcome.
+    pub struct TraceFuture<F> {
+        #[pin]
+        inner: Instrumented<F>,
+        started: Instant,
+    }
+}
+
+impl<F, E> Future for TraceFuture<F>
+where
+    F: Future<Output = Result<Outcome, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let result = ready!(this.inner.as_mut().poll(cx)).map_err(Into::into);
+        let span = this.inner.span();
+        let _entered = span.enter();
+        let outcome = label(&result);
+        let duration_ms = this.started.elapsed().as_secs_f64() * 1000.0;
+        span.record("outcome", outcome);
+        span.record("duration_ms", duration_ms);
+        match &result {
+            Ok(o) if *o.verdict() == Verdict::Ack => tracing::info!(outcome, duration_ms, "delivery handled"),
+            Ok(o) => {
+                tracing::warn!(outcome, duration_ms, verdict = ?o.verdict(), "delivery not acknowledged")
             }
-            .instrument(span),
-        )
+            Err(e) => tracing::warn!(outcome, duration_ms, error = %e, "handler failed"),
+        }
+        Poll::Ready(result)
     }
 }
 

@@ -62,16 +62,17 @@
 //! [`Permanent`]: streamwise::router::Permanent
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use streamwise::router::{Incoming, Outcome, Verdict};
 use streamwise::{BoxError, Error, MAX_NACK_DELAY, Result};
 use tokio::time::Instant;
 use tower::{Layer, Service};
-
-use crate::{BoxResponse, take_ready};
 
 /// The state of a circuit breaker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -223,24 +224,27 @@ impl<S> CircuitBreaker<S> {
 
 impl<S> Service<Incoming> for CircuitBreaker<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = CircuitBreakerFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+    fn call(&mut self, incoming: Incoming) -> CircuitBreakerFuture<S::Future> {
         let admission = lock(&self.breaker).admit(Instant::now());
-        let mut ticket = match admission {
+        let ticket = match admission {
             Admission::Reject { retry_after } => {
                 tracing::debug!(id = %incoming.info().id(), ?retry_after, "circuit breaker rejected the delivery");
-                return Box::pin(std::future::ready(Ok(Outcome::nack_after(retry_after))));
+                return CircuitBreakerFuture {
+                    state: State::Rejected {
+                        outcome: Some(Outcome::nack_after(retry_after)),
+                    },
+                };
             }
             Admission::Call { generation, trial } => Ticket {
                 breaker: self.breaker.clone(),
@@ -249,14 +253,60 @@ where
                 settled: false,
             },
         };
-        let future = take_ready(&mut self.inner).call(incoming);
-        let is_failure = self.is_failure.clone();
-        Box::pin(async move {
-            let result = future.await.map_err(Into::into);
-            let failed = is_failure(result.as_ref());
-            ticket.settle(failed);
-            result
-        })
+        CircuitBreakerFuture {
+            state: State::Called {
+                future: self.inner.call(incoming),
+                ticket,
+                is_failure: self.is_failure.clone(),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`CircuitBreaker`]: a nack at once while the breaker is open, otherwise
+    /// the inner service's, whose result the breaker records.
+    pub struct CircuitBreakerFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Rejected { outcome: Option<Outcome> },
+        Called {
+            #[pin]
+            future: F,
+            ticket: Ticket,
+            is_failure: Classifier,
+        },
+    }
+}
+
+impl<F, E> Future for CircuitBreakerFuture<F>
+where
+    F: Future<Output = std::result::Result<Outcome, E>>,
+    E: Into<BoxError>,
+{
+    type Output = std::result::Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Rejected { outcome } => Poll::Ready(Ok(outcome
+                .take()
+                .expect("CircuitBreakerFuture polled after it completed"))),
+            StateProj::Called {
+                future,
+                ticket,
+                is_failure,
+            } => {
+                let result = ready!(future.poll(cx)).map_err(Into::into);
+                ticket.settle(is_failure(result.as_ref()));
+                Poll::Ready(result)
+            }
+        }
     }
 }
 

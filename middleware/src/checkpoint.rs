@@ -55,16 +55,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::future::BoxFuture;
+use pin_project_lite::pin_project;
 use streamwise::checkpoint::{Checkpoint, CheckpointStore};
 use streamwise::router::{Incoming, Outcome, Verdict};
 use streamwise::{BoxError, EntryId, Origin, Result};
 use tower::{Layer, Service};
-
-use crate::{BoxResponse, take_ready};
 
 /// The default [`CheckpointLayer::min_interval`]: 100 ms.
 pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -224,9 +226,11 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// The delivery finished normally (and [`Shared::finish`] takes it out).
-    fn disarm(mut self) {
+    /// The delivery finished normally: [`Shared::finish`] takes it out, and returns the write
+    /// to make now, if one is due.
+    fn finish(mut self, acked: bool, min_interval: Duration) -> Option<Writing> {
         self.armed = false;
+        self.shared.finish(&self.origin, self.id, acked, min_interval)
     }
 }
 
@@ -348,42 +352,101 @@ impl<S: fmt::Debug> fmt::Debug for CheckpointService<S> {
 
 impl<S> Service<Incoming> for CheckpointService<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = BoxResponse;
+    type Future = CheckpointFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> BoxResponse {
+    fn call(&mut self, incoming: Incoming) -> CheckpointFuture<S::Future> {
         let origin = incoming.info().origin().clone();
         let id = incoming.info().id();
-        let shared = self.shared.clone();
-        let min_interval = self.min_interval;
         // In flight from the call on, so that a delivery started earlier holds the position.
-        shared.enter(&origin, id);
-        let guard = InFlight {
-            shared: shared.clone(),
-            origin: origin.clone(),
+        self.shared.enter(&origin, id);
+        let in_flight = InFlight {
+            shared: self.shared.clone(),
+            origin,
             id,
             armed: true,
         };
-        let future = take_ready(&mut self.inner).call(incoming);
-        Box::pin(async move {
-            let result = future.await.map_err(Into::into);
-            let acked = matches!(&result, Ok(outcome) if *outcome.verdict() == Verdict::Ack);
-            guard.disarm();
-            if let Some(write) = shared.finish(&origin, id, acked, min_interval) {
-                // Logged inside; a failed save does not change the outcome.
-                let _ = write.save().await;
+        CheckpointFuture {
+            state: State::Handling {
+                future: self.inner.call(incoming),
+                in_flight: Some(in_flight),
+                min_interval: self.min_interval,
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`CheckpointService`]: the inner service's, then, when a write is due,
+    /// the save of the position (its outcome is the inner service's either way).
+    pub struct CheckpointFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Handling {
+            #[pin]
+            future: F,
+            in_flight: Option<InFlight>,
+            min_interval: Duration,
+        },
+        // Boxed: a save is due at most once per `min_interval` per consumer, not per delivery,
+        // and the store's own future is boxed already (`dyn CheckpointStore`).
+        Saving {
+            save: BoxFuture<'static, Result<()>>,
+            result: Option<Result<Outcome, BoxError>>,
+        },
+    }
+}
+
+impl<F, E> Future for CheckpointFuture<F>
+where
+    F: Future<Output = Result<Outcome, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProj::Handling {
+                    future,
+                    in_flight,
+                    min_interval,
+                } => {
+                    let result = ready!(future.poll(cx)).map_err(Into::into);
+                    let acked = matches!(&result, Ok(outcome) if *outcome.verdict() == Verdict::Ack);
+                    let in_flight = in_flight
+                        .take()
+                        .expect("CheckpointFuture polled after it completed");
+                    match in_flight.finish(acked, *min_interval) {
+                        Some(write) => state.set(State::Saving {
+                            save: Box::pin(write.save()),
+                            result: Some(result),
+                        }),
+                        None => return Poll::Ready(result),
+                    }
+                }
+                StateProj::Saving { save, result } => {
+                    // Logged inside; a failed save does not change the outcome.
+                    let _ = ready!(save.as_mut().poll(cx));
+                    return Poll::Ready(result.take().expect("CheckpointFuture polled after it completed"));
+                }
             }
-            result
-        })
+        }
     }
 }
 
