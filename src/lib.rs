@@ -33,6 +33,11 @@
 //! Delivery is at-least-once: an entry leaves its group's pending list only when acked. A
 //! [`Delivery`] is settled exactly once; settling again is a [`SettleError::AlreadySettled`] value.
 
+// The README's snippets are compiled (and the quickstart run) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}
+
 pub mod checkpoint;
 pub mod codec;
 pub mod cqrs;
