@@ -279,8 +279,8 @@ async fn preload(url: &str, stream: &str, n: u64, size: usize) {
     let mut c = raw_conn(url).await;
     let messages: Vec<Vec<(&'static str, bytes::Bytes)>> = (0..1000)
         .map(|_| {
-            use streamwise::redis::Codec;
-            streamwise::redis::JsonCodec
+            use streamwise::codec::Codec;
+            streamwise::codec::JsonCodec
                 .encode(&message(size))
                 .expect("encode")
         })

@@ -52,7 +52,7 @@ struct Counters {
 }
 
 #[tokio::main]
-async fn main() -> streamwise::Result<()> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match std::env::var("REDIS_URL")
     {
         Ok(url) => {
@@ -142,10 +142,7 @@ async fn main() -> streamwise::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let count: u64 = bus
-        .send_and_wait(&GetOrderCount, Duration::from_secs(10))
-        .await
-        .map_err(|e| streamwise::Error::Backend(e.into()))?;
+    let count: u64 = bus.send_and_wait(&GetOrderCount, Duration::from_secs(10)).await?;
     println!("Orders handled by this service: {count}");
     println!(
         "Mails sent: {}, revenue: {} cents",

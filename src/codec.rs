@@ -13,6 +13,9 @@
 //! Entries written by other clients decode as long as they have `event_type` and a JSON
 //! `payload`; a missing `timestamp` is taken from the entry id, a missing `uuid` is derived
 //! from the entry id, and unknown fields are ignored. [`Codec`] lets another layout plug in.
+//!
+//! The size limit of an entry is counted here too ([`encoded_size`], [`wire_size`]), with its
+//! default ([`DEFAULT_MAX_ENTRY_SIZE`]), the same on every backend.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -21,6 +24,21 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::message::{EntryId, Message, Metadata, check_json, parse_timestamp};
+
+/// The default limit on the encoded size of one entry ([`encoded_size`]): 1 MiB, on every
+/// backend.
+pub const DEFAULT_MAX_ENTRY_SIZE: usize = 1024 * 1024;
+
+// The field names of the standard layout.
+const EVENT_TYPE: &str = "event_type";
+const PAYLOAD: &str = "payload";
+const METADATA: &str = "metadata";
+const TIMESTAMP: &str = "timestamp";
+const UUID: &str = "uuid";
+
+/// The length of a `timestamp` value (`2026-11-22T10:00:00.123Z`) and of a `uuid` value.
+const TIMESTAMP_LEN: usize = 24;
+const UUID_LEN: usize = 36;
 
 /// An entry as read from a stream: its id and its field/value pairs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -86,13 +104,51 @@ pub fn encoded_size(fields: &[(&'static str, Bytes)]) -> usize {
     fields.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
+/// The size in bytes of `message` as an entry in the standard layout ([`JsonCodec`]), as
+/// [`encoded_size`] counts it, without encoding it: the field names and values of
+/// `event_type`, `payload`, `metadata` when not empty, `timestamp` and `uuid`. This is the
+/// size the entry limit applies to.
+///
+/// ```
+/// use streamwise::{Message, codec::{Codec, JsonCodec, encoded_size, wire_size}};
+/// let message = Message::new("price.update", &150.25)?.with_metadata("source", "feed");
+/// assert_eq!(wire_size(&message), encoded_size(&JsonCodec.encode(&message)?));
+/// # Ok::<(), streamwise::Error>(())
+/// ```
+pub fn wire_size(message: &Message) -> usize {
+    const FIXED: usize =
+        EVENT_TYPE.len() + PAYLOAD.len() + TIMESTAMP.len() + TIMESTAMP_LEN + UUID.len() + UUID_LEN;
+    let metadata = if message.metadata().is_empty() {
+        0
+    } else {
+        let mut counter = ByteCounter(0);
+        // Writing a map of strings into a counter cannot fail.
+        let _ = serde_json::to_writer(&mut counter, message.metadata());
+        METADATA.len() + counter.0
+    };
+    FIXED + message.event_type().len() + message.payload().len() + metadata
+}
+
+/// Counts the bytes written to it.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Codec for JsonCodec {
     fn encode(&self, message: &Message) -> Result<Vec<(&'static str, Bytes)>> {
         // The layout lives in `encode_with`; the payload is shared, not copied.
         let mut fields = Vec::with_capacity(5);
         self.encode_with(message, &mut |name, value| {
             let value = match name {
-                "payload" => message.payload().clone(),
+                PAYLOAD => message.payload().clone(),
                 _ => Bytes::copy_from_slice(value),
             };
             fields.push((name, value));
@@ -102,16 +158,16 @@ impl Codec for JsonCodec {
 
     fn encode_with(&self, message: &Message, field: &mut dyn FnMut(&'static str, &[u8])) -> Result<usize> {
         // The wire layout (DESIGN §4), from stack buffers instead of an allocation each.
-        field("event_type", message.event_type().as_bytes());
-        field("payload", message.payload());
-        let mut size = "event_type".len() + message.event_type().len() + "payload".len();
+        field(EVENT_TYPE, message.event_type().as_bytes());
+        field(PAYLOAD, message.payload());
+        let mut size = EVENT_TYPE.len() + message.event_type().len() + PAYLOAD.len();
         size += message.payload().len();
         if !message.metadata().is_empty() {
             let json = serde_json::to_vec(message.metadata()).map_err(Error::Encode)?;
-            field("metadata", &json);
-            size += "metadata".len() + json.len();
+            field(METADATA, &json);
+            size += METADATA.len() + json.len();
         }
-        let mut time = [0u8; 24];
+        let mut time = [0u8; TIMESTAMP_LEN];
         let owned;
         let timestamp = match crate::message::format_fast(message.timestamp(), &mut time) {
             Some(text) => text,
@@ -120,11 +176,11 @@ impl Codec for JsonCodec {
                 &owned
             }
         };
-        field("timestamp", timestamp.as_bytes());
+        field(TIMESTAMP, timestamp.as_bytes());
         let mut uuid = Uuid::encode_buffer();
         let uuid = message.uuid().hyphenated().encode_lower(&mut uuid);
-        field("uuid", uuid.as_bytes());
-        Ok(size + "timestamp".len() + timestamp.len() + "uuid".len() + uuid.len())
+        field(UUID, uuid.as_bytes());
+        Ok(size + TIMESTAMP.len() + timestamp.len() + UUID.len() + uuid.len())
     }
 
     fn decode(&self, entry: RawEntry) -> Result<Message> {
@@ -174,12 +230,12 @@ fn check_entry(entry: &RawEntry) -> std::result::Result<CheckedEntry, String> {
     let id = entry.id;
     let (mut event_type, mut payload, mut metadata, mut timestamp, mut uuid) = (None, None, None, None, None);
     for (index, (name, value)) in entry.fields.iter().enumerate() {
-        match name.as_ref() {
-            b"event_type" => event_type = Some(value),
-            b"payload" => payload = Some(index),
-            b"metadata" => metadata = Some(value),
-            b"timestamp" => timestamp = Some(value),
-            b"uuid" => uuid = Some(value),
+        match std::str::from_utf8(name) {
+            Ok(EVENT_TYPE) => event_type = Some(value),
+            Ok(PAYLOAD) => payload = Some(index),
+            Ok(METADATA) => metadata = Some(value),
+            Ok(TIMESTAMP) => timestamp = Some(value),
+            Ok(UUID) => uuid = Some(value),
             _ => {}
         }
     }
@@ -303,9 +359,9 @@ mod tests {
             .unwrap()
             .with_metadata("source", "feed");
         let fields = JsonCodec.encode(&msg).unwrap();
-        assert_eq!(encoded_size(&fields), msg.wire_size());
+        assert_eq!(encoded_size(&fields), wire_size(&msg));
         let raw = to_raw(EntryId::new(1, 0), fields);
-        assert_eq!(raw.size(), msg.wire_size(), "read and write count sizes alike");
+        assert_eq!(raw.size(), wire_size(&msg), "read and write count sizes alike");
         let back = JsonCodec.decode(raw).unwrap();
         assert_eq!(back.event_type(), "price.update");
         assert_eq!(back.payload(), msg.payload());
@@ -369,8 +425,18 @@ mod tests {
                 .unwrap();
             assert_eq!(written, built);
             assert_eq!(size, encoded_size(&built));
-            assert_eq!(size, message.wire_size());
+            assert_eq!(size, wire_size(&message));
         }
+    }
+
+    #[test]
+    fn wire_size_counts_every_field() {
+        let msg = Message::from_json_bytes("ab", "[1]").unwrap();
+        let base = "event_type".len() + 2 + "payload".len() + 3 + "timestamp".len() + 24 + "uuid".len() + 36;
+        assert_eq!(wire_size(&msg), base);
+        let msg = msg.with_metadata("k", "v\"");
+        // {"k":"v\""}
+        assert_eq!(wire_size(&msg), base + "metadata".len() + 11);
     }
 
     #[test]

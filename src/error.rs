@@ -139,9 +139,37 @@ pub enum Error {
         source: Option<Box<Error>>,
     },
 
-    /// An error from a backend that fits no other kind.
-    #[error("backend error: {0}")]
-    Backend(#[source] BoxError),
+    /// The server refused a command with an error reply: an ACL refusal (`NOPERM`), memory
+    /// full (`OOM`), a key of another type (`WRONGTYPE`), a script's own error, ... A retry
+    /// would meet the same refusal, so none is made. [`Error::server_code`] reads the code.
+    ///
+    /// ```
+    /// let err = streamwise::Error::Server {
+    ///     command: "XADD".into(),
+    ///     code: "NOPERM".into(),
+    ///     message: "User alice has no permissions to access the 'payments' key".into(),
+    /// };
+    /// assert_eq!(err.server_code(), Some("NOPERM"));
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "the server refused XADD: NOPERM User alice has no permissions to access the 'payments' key"
+    /// );
+    /// ```
+    #[error("the server refused {command}: {code}{}{message}", if .message.is_empty() { "" } else { " " })]
+    Server {
+        /// What was sent: the command, or what a script was for (a script's error reply
+        /// names only its SHA).
+        command: String,
+        /// The error code, the first word of the error reply (`NOPERM`, `OOM`, `ERR`, ...).
+        code: String,
+        /// The rest of the error reply. (The client library's error is not kept: it says
+        /// nothing more.)
+        message: String,
+    },
+
+    /// The backend does not offer this operation (a provided trait method it leaves as is).
+    #[error("this backend does not support {0}")]
+    Unsupported(&'static str),
 }
 
 /// A boxed error that can cross threads.
@@ -166,6 +194,15 @@ impl Error {
         Error::Connection {
             message: message.into(),
             source,
+        }
+    }
+
+    /// The server's error code (`NOPERM`, `OOM`, `WRONGTYPE`, ...), if this is an
+    /// [`Error::Server`].
+    pub fn server_code(&self) -> Option<&str> {
+        match self {
+            Error::Server { code, .. } => Some(code),
+            _ => None,
         }
     }
 

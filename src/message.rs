@@ -335,24 +335,6 @@ impl Message {
         format_timestamp(self.timestamp)
     }
 
-    /// The size in bytes of this message as a stream entry in the standard wire format
-    /// (field names and values of `event_type`, `payload`, `metadata` when not empty,
-    /// `timestamp` and `uuid`). This is the size the entry limit applies to.
-    pub fn wire_size(&self) -> usize {
-        // Field names plus the fixed-width values: a 24-byte timestamp and a 36-byte UUID.
-        const FIXED: usize =
-            "event_type".len() + "payload".len() + "timestamp".len() + 24 + "uuid".len() + 36;
-        let metadata = if self.metadata.is_empty() {
-            0
-        } else {
-            let mut counter = ByteCounter(0);
-            // Writing a map of strings into a counter cannot fail.
-            let _ = serde_json::to_writer(&mut counter, &self.metadata);
-            "metadata".len() + counter.0
-        };
-        FIXED + self.event_type.len() + self.payload.len() + metadata
-    }
-
     /// Decodes the payload into `T`.
     ///
     /// Fails with [`Error::Decode`] naming the payload and the serde error.
@@ -418,18 +400,6 @@ impl<'de> serde::de::Visitor<'de> for AnyJson {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<AnyJson, A::Error> {
         while map.next_entry::<AnyJson, AnyJson>()?.is_some() {}
         Ok(AnyJson)
-    }
-}
-
-struct ByteCounter(usize);
-
-impl std::io::Write for ByteCounter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -706,16 +676,6 @@ mod tests {
         }
         let nested = format!("{}{}", "[".repeat(100), "]".repeat(100));
         check_json(nested.as_bytes()).unwrap();
-    }
-
-    #[test]
-    fn wire_size_counts_every_field() {
-        let msg = Message::from_json_bytes("ab", "[1]").unwrap();
-        let base = "event_type".len() + 2 + "payload".len() + 3 + "timestamp".len() + 24 + "uuid".len() + 36;
-        assert_eq!(msg.wire_size(), base);
-        let msg = msg.with_metadata("k", "v\"");
-        // {"k":"v\""}
-        assert_eq!(msg.wire_size(), base + "metadata".len() + 11);
     }
 
     #[test]

@@ -91,11 +91,11 @@ pub trait Subscriber: Send + Sync {
     /// leases): for topics of one process's own, such as a reply topic, once it is done.
     /// Close or drop the subscriptions to it first: what they do afterwards depends on the
     /// backend (Redis re-creates the group and stream when allowed; the in-memory backend's
-    /// see nothing more). The default refuses ([`Error::Backend`]): the backend cannot delete
-    /// topics.
+    /// see nothing more). The default refuses ([`Error::Unsupported`]): the backend cannot
+    /// delete topics.
     fn delete_topic<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
         let _ = topic;
-        Box::pin(async { Err(Error::Backend("this backend cannot delete topics".into())) })
+        Box::pin(async { Err(Error::Unsupported("deleting topics")) })
     }
 }
 

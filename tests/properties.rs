@@ -12,7 +12,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use streamwise::redis::{Codec, JsonCodec, RawEntry, RedisConnection, redact_url};
+use streamwise::codec::{Codec, JsonCodec, RawEntry, encoded_size, wire_size};
+use streamwise::redis::{RedisConnection, redact_url};
 use streamwise::redis_streams::Config;
 use streamwise::{EntryId, Error, Message, Metadata, format_timestamp, parse_timestamp};
 
@@ -115,7 +116,7 @@ proptest! {
             .with_timestamp(UNIX_EPOCH + Duration::from_millis(ms))
             .with_uuid(streamwise::Uuid::from_u128(uuid));
         let fields = JsonCodec.encode(&message).unwrap();
-        prop_assert_eq!(streamwise::redis::codec::encoded_size(&fields), message.wire_size());
+        prop_assert_eq!(encoded_size(&fields), wire_size(&message));
         let back = JsonCodec.decode(to_raw(EntryId::new(ms, seq), fields)).unwrap();
         prop_assert_eq!(back.event_type(), event_type.as_str());
         prop_assert_eq!(back.json().unwrap(), message.json().unwrap());

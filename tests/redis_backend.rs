@@ -136,7 +136,7 @@ async fn oversized_entries_are_refused_before_anything_is_written() {
     match publisher.publish("big", big.clone()).await {
         Err(Error::PayloadTooLarge { size, limit }) => {
             assert_eq!(limit, 1024 * 1024);
-            assert_eq!(size, big.wire_size());
+            assert_eq!(size, streamwise::codec::wire_size(&big));
         }
         other => panic!("expected PayloadTooLarge, got {other:?}"),
     }

@@ -43,9 +43,6 @@ use crate::pubsub::{
 
 use self::log::{FetchOut, FetchPlan, GiveUp, GivenUp, StreamLog};
 
-/// The default limit on the encoded size of one entry: 1 MiB.
-pub const DEFAULT_MAX_ENTRY_SIZE: usize = 1024 * 1024;
-
 /// Streams shared by every publisher and subscriber made from one backend.
 ///
 /// Cloning is cheap and shares the streams.
@@ -249,7 +246,7 @@ impl Default for MemoryPublisherOptions {
         MemoryPublisherOptions {
             max_length: None,
             auto_create: true,
-            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+            max_entry_size: crate::codec::DEFAULT_MAX_ENTRY_SIZE,
         }
     }
 }
@@ -309,7 +306,7 @@ impl MemoryPublisher {
         }
         validate_name("topic", topic)?;
         for m in messages {
-            let size = m.wire_size();
+            let size = crate::codec::wire_size(m);
             if size > self.options.max_entry_size {
                 return Err(Error::PayloadTooLarge {
                     size,

@@ -7,12 +7,13 @@ use std::time::{Duration, SystemTime};
 
 use redis::Value;
 
-use super::codec::{self, JsonCodec, RawEntry};
-use super::connection::{CommandError, RedisConnection};
+use super::connection::RedisConnection;
+use super::protocol::replies::{self, Record, ReplyEntry};
 use super::{keys, scripts};
+use crate::codec::{Codec, JsonCodec, RawEntry};
 use crate::error::{Error, Result, validate_name};
 use crate::message::{EntryId, Message, format_timestamp, parse_timestamp};
-use crate::pubsub::StartFrom;
+use crate::pubsub::{MAX_CAP, StartFrom};
 
 /// A stream's settings, kept in the hash `streamwise:meta:<stream>` beside it. Publishers
 /// apply them: `max_length` as `XADD MAXLEN ~`, `retention_ms` as `XTRIM MINID ~` at most once
@@ -30,7 +31,7 @@ pub struct StreamSettings {
 pub async fn create_stream(conn: &RedisConnection, stream: &str, settings: StreamSettings) -> Result<bool> {
     validate_name("stream", stream)?;
     // Redis takes both as signed 64-bit numbers.
-    let limit = super::publisher::MAX_LENGTH;
+    let limit = MAX_CAP;
     if settings.max_length.is_some_and(|n| n == 0 || n > limit) {
         return Err(Error::invalid(
             "max_length",
@@ -88,58 +89,6 @@ pub async fn stream_settings(
     ))
 }
 
-fn protocol(what: &str) -> Error {
-    Error::Decode {
-        what: "redis reply".into(),
-        reason: format!("unexpected shape: {what}"),
-    }
-}
-
-/// The fields of one `XINFO` record (a RESP2 flat array or a RESP3 map) as name/value pairs.
-pub(crate) fn record_fields(record: Value) -> Result<Vec<(String, Value)>> {
-    let pairs: Vec<(Value, Value)> = match record {
-        Value::Map(pairs) => pairs,
-        Value::Array(flat) => {
-            let mut it = flat.into_iter();
-            let mut pairs = Vec::new();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                pairs.push((k, v));
-            }
-            pairs
-        }
-        other => return Err(protocol(&format!("expected a record, got {other:?}"))),
-    };
-    pairs
-        .into_iter()
-        .map(|(k, v)| match k {
-            Value::BulkString(b) => Ok((String::from_utf8_lossy(&b).into_owned(), v)),
-            Value::SimpleString(s) => Ok((s, v)),
-            other => Err(protocol(&format!("record key {other:?}"))),
-        })
-        .collect()
-}
-
-/// The group names in an `XINFO GROUPS` reply.
-pub(crate) fn group_names(reply: Value) -> Result<Vec<String>> {
-    let Value::Array(groups) = reply else {
-        return Err(protocol("XINFO GROUPS is not an array"));
-    };
-    groups
-        .into_iter()
-        .map(|g| {
-            record_fields(g)?
-                .into_iter()
-                .find(|(k, _)| k == "name")
-                .and_then(|(_, v)| match v {
-                    Value::BulkString(b) => String::from_utf8(b).ok(),
-                    Value::SimpleString(s) => Some(s),
-                    _ => None,
-                })
-                .ok_or_else(|| protocol("group without name"))
-        })
-        .collect()
-}
-
 /// How many entries of `stream` are pending in `group` (`XPENDING` summary).
 pub async fn pending_count(conn: &RedisConnection, stream: &str, group: &str) -> Result<u64> {
     let reply = conn
@@ -149,11 +98,7 @@ pub async fn pending_count(conn: &RedisConnection, stream: &str, group: &str) ->
         })
         .await;
     match reply {
-        Ok(Value::Array(summary)) => match summary.into_iter().next() {
-            Some(Value::Int(n)) => Ok(u64::try_from(n).unwrap_or(0)),
-            _ => Err(protocol("XPENDING summary")),
-        },
-        Ok(other) => Err(protocol(&format!("XPENDING summary {other:?}"))),
+        Ok(summary) => replies::parse_pending_count(summary),
         Err(e) if e.code() == Some("NOGROUP") => Err(Error::GroupNotFound {
             stream: stream.to_owned(),
             group: group.to_owned(),
@@ -172,33 +117,6 @@ fn group_not_found(stream: &str, group: &str) -> Error {
     Error::GroupNotFound {
         stream: stream.to_owned(),
         group: group.to_owned(),
-    }
-}
-
-/// The server said the stream does not exist (`XINFO`: "no such key"; `XGROUP`: "requires the
-/// key to exist").
-fn is_no_such_key(e: &CommandError) -> bool {
-    matches!(e, CommandError::Server(e) if {
-        let text = e.to_string();
-        text.contains("no such key") || text.contains("requires the key to exist")
-    })
-}
-
-fn int(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(i) => u64::try_from(*i).ok(),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        Value::SimpleString(s) => s.parse().ok(),
-        _ => None,
-    }
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
     }
 }
 
@@ -221,9 +139,9 @@ pub(crate) async fn read_entry(
             async move { cmd.query_async::<Value>(&mut c).await }
         })
         .await?;
-    Ok(codec::parse_entries(reply)?.into_iter().find_map(|e| match e {
-        codec::ReplyEntry::Present(raw) => Some(raw),
-        codec::ReplyEntry::Trimmed(_) => None,
+    Ok(replies::parse_entries(reply)?.into_iter().find_map(|e| match e {
+        ReplyEntry::Present(raw) => Some(raw),
+        ReplyEntry::Trimmed(_) => None,
     }))
 }
 
@@ -239,7 +157,6 @@ pub struct StoredEntry {
 impl StoredEntry {
     /// The message in the entry, if it is in the standard wire format.
     pub fn message(&self) -> Result<Message> {
-        use super::codec::Codec;
         let raw = RawEntry {
             id: self.id,
             fields: self
@@ -257,27 +174,22 @@ impl StoredEntry {
     }
 
     fn from_value(v: Value) -> Result<Option<StoredEntry>> {
-        if v == Value::Nil {
-            return Ok(None);
-        }
-        Ok(codec::parse_entries(Value::Array(vec![v]))?
-            .pop()
-            .and_then(|e| match e {
-                codec::ReplyEntry::Present(raw) => Some(StoredEntry {
-                    id: raw.id,
-                    fields: raw
-                        .fields
-                        .into_iter()
-                        .map(|(k, v)| {
-                            (
-                                String::from_utf8_lossy(&k).into_owned(),
-                                String::from_utf8_lossy(&v).into_owned(),
-                            )
-                        })
-                        .collect(),
-                }),
-                codec::ReplyEntry::Trimmed(_) => None,
-            }))
+        Ok(replies::parse_optional_entry(v)?.and_then(|e| match e {
+            ReplyEntry::Present(raw) => Some(StoredEntry {
+                id: raw.id,
+                fields: raw
+                    .fields
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            String::from_utf8_lossy(&k).into_owned(),
+                            String::from_utf8_lossy(&v).into_owned(),
+                        )
+                    })
+                    .collect(),
+            }),
+            ReplyEntry::Trimmed(_) => None,
+        }))
     }
 }
 
@@ -313,32 +225,21 @@ pub async fn stream_info(conn: &RedisConnection, stream: &str) -> Result<StreamI
             async move { cmd.query_async::<Value>(&mut c).await }
         })
         .await;
-    let fields = match reply {
-        Ok(v) => record_fields(v)?,
-        Err(e) if is_no_such_key(&e) => return Err(stream_not_found(stream)),
+    let mut record = match reply {
+        Ok(v) => Record::parse(v)?,
+        Err(e) if e.is_no_such_key() => return Err(stream_not_found(stream)),
         Err(e) => return Err(e.into_error()),
     };
     let mut info = StreamInfo {
-        length: 0,
-        first_entry: None,
-        last_entry: None,
-        radix_tree_keys: 0,
-        groups: 0,
-        last_generated_id: None,
+        length: record.int("length").unwrap_or(0),
+        first_entry: StoredEntry::from_value(record.take("first-entry"))?,
+        last_entry: StoredEntry::from_value(record.take("last-entry"))?,
+        radix_tree_keys: record.int("radix-tree-keys").unwrap_or(0),
+        groups: record.int("groups").unwrap_or(0),
+        last_generated_id: record.entry_id("last-generated-id"),
         settings: StreamSettings::default(),
         created_at: None,
     };
-    for (name, value) in fields {
-        match name.as_str() {
-            "length" => info.length = int(&value).unwrap_or(0),
-            "radix-tree-keys" => info.radix_tree_keys = int(&value).unwrap_or(0),
-            "groups" => info.groups = int(&value).unwrap_or(0),
-            "last-generated-id" => info.last_generated_id = text(&value).and_then(|t| t.parse().ok()),
-            "first-entry" => info.first_entry = StoredEntry::from_value(value)?,
-            "last-entry" => info.last_entry = StoredEntry::from_value(value)?,
-            _ => {}
-        }
-    }
     (info.settings, info.created_at) = stream_settings(conn, stream).await?;
     Ok(info)
 }
@@ -407,7 +308,7 @@ pub async fn create_group(
     match created {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
-        Err(e) if is_no_such_key(&e) => Err(stream_not_found(stream)),
+        Err(e) if e.is_no_such_key() => Err(stream_not_found(stream)),
         Err(e) => Err(e.into_error()),
     }
 }
@@ -424,7 +325,7 @@ pub async fn delete_group(conn: &RedisConnection, stream: &str, group: &str) -> 
         .await;
     match destroyed {
         Ok(n) => Ok(n > 0),
-        Err(e) if is_no_such_key(&e) => Ok(false),
+        Err(e) if e.is_no_such_key() => Ok(false),
         Err(e) => Err(e.into_error()),
     }
 }
@@ -455,37 +356,20 @@ async fn groups(conn: &RedisConnection, stream: &str) -> Result<Vec<GroupInfo>> 
         })
         .await;
     let groups = match reply {
-        Ok(Value::Array(groups)) => groups,
-        Ok(other) => return Err(protocol(&format!("XINFO GROUPS {other:?}"))),
-        Err(e) if is_no_such_key(&e) => return Err(stream_not_found(stream)),
+        Ok(v) => replies::parse_records(v, "XINFO GROUPS")?,
+        Err(e) if e.is_no_such_key() => return Err(stream_not_found(stream)),
         Err(e) => return Err(e.into_error()),
     };
-    groups
+    Ok(groups
         .into_iter()
-        .map(|g| {
-            let mut info = GroupInfo {
-                name: String::new(),
-                consumers: 0,
-                pending: 0,
-                last_delivered_id: EntryId::ZERO,
-                lag: None,
-            };
-            for (k, v) in record_fields(g)? {
-                match k.as_str() {
-                    "name" => info.name = text(&v).unwrap_or_default(),
-                    "consumers" => info.consumers = int(&v).unwrap_or(0),
-                    "pending" => info.pending = int(&v).unwrap_or(0),
-                    "last-delivered-id" => {
-                        info.last_delivered_id =
-                            text(&v).and_then(|t| t.parse().ok()).unwrap_or(EntryId::ZERO)
-                    }
-                    "lag" => info.lag = int(&v),
-                    _ => {}
-                }
-            }
-            Ok(info)
+        .map(|g| GroupInfo {
+            name: g.text("name").unwrap_or_default(),
+            consumers: g.int("consumers").unwrap_or(0),
+            pending: g.int("pending").unwrap_or(0),
+            last_delivered_id: g.entry_id("last-delivered-id").unwrap_or(EntryId::ZERO),
+            lag: g.int("lag"),
         })
-        .collect()
+        .collect())
 }
 
 /// The names of the consumer groups of `stream`; [`Error::StreamNotFound`] when it does not
@@ -556,26 +440,19 @@ pub async fn consumers(
         })
         .await;
     let records = match reply {
-        Ok(Value::Array(records)) => records,
-        Ok(other) => return Err(protocol(&format!("XINFO CONSUMERS {other:?}"))),
-        Err(e) if is_no_such_key(&e) || e.code() == Some("NOGROUP") => {
+        Ok(v) => replies::parse_records(v, "XINFO CONSUMERS")?,
+        Err(e) if e.is_no_such_key() || e.code() == Some("NOGROUP") => {
             return Err(group_not_found(stream, group));
         }
         Err(e) => return Err(e.into_error()),
     };
-    let mut found = Vec::new();
-    for record in records {
-        let (mut name, mut pending, mut idle_ms) = (String::new(), 0, 0);
-        for (k, v) in record_fields(record)? {
-            match k.as_str() {
-                "name" => name = text(&v).unwrap_or_default(),
-                "pending" => pending = int(&v).unwrap_or(0),
-                "idle" => idle_ms = int(&v).unwrap_or(0),
-                _ => {}
-            }
-        }
-        found.push((name, pending, idle_ms));
-    }
+    let found: Vec<(String, u64, u64)> = records
+        .iter()
+        .map(|r| {
+            let name = r.text("name").unwrap_or_default();
+            (name, r.int("pending").unwrap_or(0), r.int("idle").unwrap_or(0))
+        })
+        .collect();
     let mut pipe = redis::pipe();
     for (name, _, _) in &found {
         pipe.cmd("EXISTS").arg(keys::lease(stream, group, name));
@@ -655,8 +532,8 @@ pub async fn pending_entries(
             })
             .await;
         let rows = match reply {
-            Ok(v) => codec::parse_pending_rows(v)?,
-            Err(e) if is_no_such_key(&e) || e.code() == Some("NOGROUP") => {
+            Ok(v) => replies::parse_pending_rows(v)?,
+            Err(e) if e.is_no_such_key() || e.code() == Some("NOGROUP") => {
                 return Err(group_not_found(stream, group));
             }
             Err(e) => return Err(e.into_error()),

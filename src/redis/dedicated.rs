@@ -18,8 +18,8 @@ use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisFuture, 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::codec::ReplyEntry;
-use super::resp::{self, Scan, ScanState};
+use super::protocol::replies::ReplyEntry;
+use super::protocol::resp::{self, Scan, ScanState};
 
 /// A byte stream to a server.
 trait Socket: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
@@ -27,6 +27,10 @@ impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Socket for T {}
 
 /// The least one socket read asks for: a batch of small entries arrives in one read.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// How much longer than its `BLOCK` a blocking read waits for its reply, before the
+/// connection is taken for broken.
+pub(crate) const BLOCK_REPLY_MARGIN: Duration = Duration::from_secs(10);
 
 /// TLS settings for `rediss://` (the client configuration, built once per
 /// [`RedisConnection`](super::RedisConnection)).

@@ -21,23 +21,21 @@
 
 pub mod admin;
 mod checkpoint;
-pub mod codec;
 mod connection;
 mod dedicated;
 mod keys;
 mod lease;
+mod protocol;
 mod publisher;
 mod reader;
-mod resp;
 mod scripts;
 mod subscriber;
 
 /// The `redis` crate this backend is built on, for [`RedisConnection::command`].
 pub use ::redis as client;
 pub use checkpoint::RedisCheckpointStore;
-pub use codec::{Codec, JsonCodec, RawEntry};
 pub use connection::{MAX_CONNECTION_DURATION, RedisConnection, RedisConnectionBuilder, redact_url};
-pub use publisher::{DEFAULT_MAX_ENTRY_SIZE, MAX_LENGTH, PublisherOptions, RedisPublisher};
+pub use publisher::{PublisherOptions, RedisPublisher};
 pub use reader::StreamReader;
 pub use subscriber::{
     MAX_ACK_FLUSH_INTERVAL, MAX_LEASE_TTL, RedisSubscriber, RedisSubscriberOptions, StatsSnapshot,

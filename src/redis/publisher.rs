@@ -11,19 +11,14 @@ use futures::future::BoxFuture;
 use redis::Value;
 use tokio::time::Instant;
 
-use super::codec::{self, Codec, JsonCodec};
-use super::connection::{RedisConnection, Refused, is_transient};
+use super::connection::{RedisConnection, is_transient};
 use super::dedicated::DedicatedConnection;
 use super::keys;
+use super::protocol::replies;
+use crate::codec::{Codec, DEFAULT_MAX_ENTRY_SIZE, JsonCodec, wire_size};
 use crate::error::{Error, Result, validate_name};
 use crate::message::{EntryId, Message};
-use crate::pubsub::Publisher;
-
-/// The default limit on the encoded size of one entry: 1 MiB.
-pub const DEFAULT_MAX_ENTRY_SIZE: usize = 1024 * 1024;
-
-/// The largest [`PublisherOptions::max_length`]: Redis counts in signed 64-bit integers.
-pub const MAX_LENGTH: u64 = i64::MAX as u64;
+use crate::pubsub::{MAX_CAP, Publisher};
 
 /// How long the publisher trusts the stream settings it read.
 const SETTINGS_TTL: Duration = Duration::from_secs(5);
@@ -71,7 +66,7 @@ impl std::fmt::Debug for PublisherOptions {
 
 impl PublisherOptions {
     /// Trim every stream published to at about `n` entries (`XADD MAXLEN ~ n`). Overrides the
-    /// stream's own `max_length` setting. At least 1, at most [`MAX_LENGTH`].
+    /// stream's own `max_length` setting. At least 1, at most [`MAX_CAP`].
     #[must_use]
     pub fn max_length(mut self, n: u64) -> Self {
         self.max_length = Some(n);
@@ -86,7 +81,8 @@ impl PublisherOptions {
         self
     }
 
-    /// The limit on the encoded size of an entry. Default 1 MiB; at least 1 byte.
+    /// The limit on the encoded size of an entry. Default [`DEFAULT_MAX_ENTRY_SIZE`] (1 MiB);
+    /// at least 1 byte.
     #[must_use]
     pub fn max_entry_size(mut self, bytes: usize) -> Self {
         self.max_entry_size = bytes;
@@ -104,11 +100,11 @@ impl PublisherOptions {
     /// them before it sends anything.
     pub fn validate(&self) -> Result<()> {
         if let Some(n) = self.max_length
-            && !(1..=MAX_LENGTH).contains(&n)
+            && !(1..=MAX_CAP).contains(&n)
         {
             return Err(Error::invalid(
                 "max_length",
-                format_args!("{n} is not between 1 and {MAX_LENGTH}"),
+                format_args!("{n} is not between 1 and {MAX_CAP}"),
             ));
         }
         if self.max_entry_size == 0 {
@@ -222,8 +218,8 @@ impl RedisPublisher {
                 own.conn = None;
                 None
             }
-            // A server error: the same on any connection.
-            Err(e) => Some(Err(Error::Backend(Refused::boxed("publish", e)))),
+            // A refusal: the same on any connection.
+            Err(e) => Some(Err(self.conn.failure("publish", e, 0))),
         }
     }
 
@@ -300,7 +296,7 @@ impl RedisPublisher {
     /// The `XADD` of `message`, written straight from the codec (no field list in between);
     /// refused when the entry is over the size limit.
     fn xadd(&self, topic: &str, max_length: Option<u64>, message: &Message) -> Result<redis::Cmd> {
-        let mut cmd = redis::Cmd::with_capacity(16, topic.len() + message.wire_size() + 64);
+        let mut cmd = redis::Cmd::with_capacity(16, topic.len() + wire_size(message) + 64);
         cmd.arg("XADD").arg(topic);
         if !self.options.auto_create {
             cmd.arg("NOMKSTREAM");
@@ -378,7 +374,7 @@ impl RedisPublisher {
                 Value::Nil => Err(Error::StreamNotFound {
                     stream: topic.to_owned(),
                 }),
-                other => codec::entry_id(other),
+                other => replies::entry_id(other),
             })
             .collect()
     }
@@ -396,7 +392,7 @@ impl Publisher for RedisPublisher {
         Box::pin(async move {
             let mut ids = self.append(topic, std::slice::from_ref(&message), None).await?;
             ids.pop()
-                .ok_or_else(|| Error::Backend("XADD returned no id".into()))
+                .ok_or_else(|| replies::unexpected("XADD returned no id"))
         })
     }
 
@@ -425,7 +421,7 @@ impl Publisher for RedisPublisher {
                 .append(topic, std::slice::from_ref(&message), Some(max_length))
                 .await?;
             ids.pop()
-                .ok_or_else(|| Error::Backend("XADD returned no id".into()))
+                .ok_or_else(|| replies::unexpected("XADD returned no id"))
         })
     }
 }
@@ -453,7 +449,7 @@ mod tests {
         let o = PublisherOptions::default;
         let cases = [
             (o().max_length(u64::MAX), "max_length"),
-            (o().max_length(MAX_LENGTH + 1), "max_length"),
+            (o().max_length(MAX_CAP + 1), "max_length"),
             (o().max_length(0), "max_length"),
             (o().max_entry_size(0), "max_entry_size"),
         ];
@@ -464,7 +460,7 @@ mod tests {
             let err = publisher.publish("s", message).await.unwrap_err();
             assert_eq!(err.invalid_field(), Some(field), "{err}");
         }
-        o().max_length(MAX_LENGTH)
+        o().max_length(MAX_CAP)
             .max_entry_size(usize::MAX)
             .validate()
             .unwrap();

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::checkpoint::RedisCheckpointStore;
-use super::codec::{Codec, JsonCodec, ReplyEntry};
-use super::connection::{RedisConnection, Refused, is_transient};
-use super::dedicated::DedicatedConnection;
+use super::connection::{RedisConnection, is_transient};
+use super::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
+use super::protocol::replies::ReplyEntry;
 use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::codec::{Codec, JsonCodec};
 use crate::error::{Error, Result, validate_name};
 use crate::message::{EntryId, Message};
 use crate::pubsub::{MAX_IN_FLIGHT, MAX_INTERVAL, StartFrom};
@@ -151,7 +152,7 @@ impl StreamReader {
             .arg(&self.cursor);
         let mut attempt = 0;
         loop {
-            let timeout = block + Duration::from_secs(10);
+            let timeout = block + BLOCK_REPLY_MARGIN;
             let conn = match &mut self.read_conn {
                 Some(conn) => conn,
                 None => self.read_conn.insert(self.conn.dedicated(timeout).await?),
@@ -165,11 +166,12 @@ impl StreamReader {
                     tokio::time::sleep(self.conn.backoff(attempt)).await;
                     attempt += 1;
                 }
-                Err(e) if is_transient(&e) => {
-                    self.read_conn = None;
-                    return Err(self.conn.connection_error("XREAD", e, attempt));
+                Err(e) => {
+                    if is_transient(&e) {
+                        self.read_conn = None;
+                    }
+                    return Err(self.conn.failure("XREAD", e, attempt));
                 }
-                Err(e) => return Err(Error::Backend(Refused::boxed("XREAD", e))),
             }
         }
     }

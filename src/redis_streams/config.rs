@@ -353,7 +353,7 @@ impl Config {
                 "stream" | "stream_name" => p.stream = Some(name(value, &path)?),
                 "max_length" => {
                     let n = positive(value, &path)?;
-                    let limit = crate::redis::MAX_LENGTH;
+                    let limit = crate::MAX_CAP;
                     if n > limit {
                         return Err(Error::invalid(path, format_args!("must be at most {limit}")));
                     }

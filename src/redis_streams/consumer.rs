@@ -127,7 +127,7 @@ impl Default for ConsumerOptions {
             max_deliveries: 10,
             lease_ttl_ms: 10_000,
             ack_flush_interval_ms: 0,
-            max_entry_size: crate::redis::DEFAULT_MAX_ENTRY_SIZE,
+            max_entry_size: crate::codec::DEFAULT_MAX_ENTRY_SIZE,
         }
     }
 }

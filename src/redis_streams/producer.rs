@@ -77,7 +77,7 @@ impl Default for ProducerOptions {
         ProducerOptions {
             max_length: 10_000,
             auto_create_stream: true,
-            max_entry_size: crate::redis::DEFAULT_MAX_ENTRY_SIZE,
+            max_entry_size: crate::codec::DEFAULT_MAX_ENTRY_SIZE,
             backpressure: None,
         }
     }

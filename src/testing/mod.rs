@@ -82,7 +82,7 @@ pub trait TestBackend: Send + Sync {
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Option<EntryId>>> {
         let _ = (topic, group, consumer);
-        Box::pin(async { Err(Error::Backend("this backend keeps no checkpoints".into())) })
+        Box::pin(async { Err(Error::Unsupported("checkpoints")) })
     }
 
     /// The entries pending for `consumer` in `group`, oldest first (needed with
@@ -94,7 +94,7 @@ pub trait TestBackend: Send + Sync {
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
         let _ = (topic, group, consumer);
-        Box::pin(async { Err(Error::Backend("this backend keeps no checkpoints".into())) })
+        Box::pin(async { Err(Error::Unsupported("checkpoints")) })
     }
 }
 

@@ -416,7 +416,7 @@ async fn oldest_pending(conn: &RedisConnection, origin: &Origin) -> crate::Resul
         })
         .await
         .map_err(|e| e.into_error())?;
-    Ok(crate::redis::codec::parse_pending_rows(reply)?
+    Ok(crate::redis::protocol::replies::parse_pending_rows(reply)?
         .first()
         .map(|row| row.id))
 }

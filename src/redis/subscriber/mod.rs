@@ -29,10 +29,10 @@ use self::flusher::Flusher;
 use self::read_loop::Reader;
 use self::shared::{Ledger, Op, Shared};
 use super::checkpoint::RedisCheckpointStore;
-use super::codec::{Codec, JsonCodec};
-use super::connection::{CommandError, RedisConnection};
-use super::publisher::DEFAULT_MAX_ENTRY_SIZE;
+use super::connection::RedisConnection;
+use super::protocol::replies;
 use crate::checkpoint::CheckpointStore;
+use crate::codec::{Codec, JsonCodec};
 use crate::delivery::Origin;
 use crate::error::{Error, Result};
 use crate::pubsub::{InFlight, StartFrom, SubscribeOptions, Subscriber, Subscription};
@@ -72,7 +72,7 @@ impl Default for RedisSubscriberOptions {
             checkpoints: Checkpoints::Redis,
             lease_ttl: Duration::from_secs(10),
             ack_flush_interval: Duration::ZERO,
-            max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+            max_entry_size: crate::codec::DEFAULT_MAX_ENTRY_SIZE,
         }
     }
 }
@@ -137,8 +137,9 @@ impl RedisSubscriberOptions {
 
     /// The largest entry (field names and values, in bytes) handed to the application.
     /// Larger entries are dead-lettered whole, with the sizes in the reason, and the
-    /// subscription goes on. Default [`DEFAULT_MAX_ENTRY_SIZE`] (1 MiB), the publisher's
-    /// default: raise both together. At least 1; `usize::MAX` means no limit. Dead-letter streams (`<stream>-dead`) are read without
+    /// subscription goes on. Default
+    /// [`DEFAULT_MAX_ENTRY_SIZE`](crate::codec::DEFAULT_MAX_ENTRY_SIZE) (1 MiB), the
+    /// publisher's default: raise both together. At least 1; `usize::MAX` means no limit. Dead-letter streams (`<stream>-dead`) are read without
     /// the limit, since their records are as large as the entries they keep.
     #[must_use]
     pub fn max_entry_size(mut self, bytes: usize) -> Self {
@@ -464,9 +465,9 @@ async fn group_exists(conn: &RedisConnection, stream: &str, group: &str) -> Resu
         })
         .await;
     match reply {
-        Ok(groups) => Ok(super::admin::group_names(groups)?.iter().any(|g| g == group)),
+        Ok(groups) => Ok(replies::group_names(groups)?.iter().any(|g| g == group)),
         // No such key: no stream, so no group either.
-        Err(CommandError::Server(e)) if e.to_string().contains("no such key") => Ok(false),
+        Err(e) if e.is_no_such_key() => Ok(false),
         Err(e) => Err(e.into_error()),
     }
 }

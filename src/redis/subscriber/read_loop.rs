@@ -30,15 +30,16 @@ use tokio::time::Instant;
 use super::SubscriberStats;
 use super::shared::{Op, RepeatedWarnings, Shared};
 use crate::checkpoint::CheckpointStore;
+use crate::codec::Codec;
 use crate::dead_letter::{DeadLetter, GaveUp};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, Settler};
 use crate::error::{Error, Result};
 use crate::message::{EntryId, Message};
 use crate::pubsub::{ReclaimOptions, SubscribeOptions};
-use crate::redis::codec::{self, Codec, ReplyEntry};
-use crate::redis::connection::{Refused, is_server_refusal, is_transient};
-use crate::redis::dedicated::DedicatedConnection;
+use crate::redis::connection::is_transient;
+use crate::redis::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
 use crate::redis::lease::Held;
+use crate::redis::protocol::replies::{self, Claimed, ReplyEntry};
 use crate::redis::{keys, scripts};
 
 /// Entries fetched by one step, with their delivery counts (this delivery included).
@@ -198,10 +199,7 @@ impl Reader {
         self.pause_after_failure().await;
         if self.failures.is_multiple_of(conn.max_retries().saturating_add(1)) {
             return Some(match e {
-                ReadError::Redis(e) if is_server_refusal(&e) => {
-                    Error::Backend(Refused::boxed(self.sending, e))
-                }
-                ReadError::Redis(e) => conn.connection_error(self.sending, e, conn.max_retries()),
+                ReadError::Redis(e) => conn.failure(self.sending, e, conn.max_retries()),
                 ReadError::Other(e) => e,
             });
         }
@@ -290,7 +288,7 @@ impl Reader {
 
     async fn read_conn(&mut self) -> std::result::Result<(&mut DedicatedConnection, i64), ReadError> {
         if self.read_conn.is_none() {
-            let timeout = self.options.block_value() + Duration::from_secs(10);
+            let timeout = self.options.block_value() + BLOCK_REPLY_MARGIN;
             let mut conn = self
                 .shared
                 .conn
@@ -376,17 +374,10 @@ impl Reader {
         let (conn, _) = self.read_conn().await?;
         let reply: Value = call.invoke_async(conn).await?;
         let mut fetched = Vec::new();
-        for item in array(reply)? {
-            let mut parts = array(item)?.into_iter();
-            let (Some(entry), Some(Value::Int(count))) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            if count == -2 {
-                self.unclaimed.push(codec::entry_id(entry)?);
-            } else if count < 0 {
-                fetched.push((ReplyEntry::Trimmed(codec::entry_id(entry)?), 0));
-            } else if let Some(e) = codec::parse_entries(Value::Array(vec![entry]))?.pop() {
-                fetched.push((e, count as u64));
+        for claimed in replies::parse_claimed(reply)? {
+            match claimed {
+                Claimed::Entry(entry, count) => fetched.push((entry, count)),
+                Claimed::NotPending(id) => self.unclaimed.push(id),
             }
         }
         Ok(fetched)
@@ -411,7 +402,7 @@ impl Reader {
                 .query_async(conn)
                 .await?
         };
-        let rows = codec::parse_pending_rows(rows)?;
+        let rows = replies::parse_pending_rows(rows)?;
         self.drain_from = match rows.last() {
             Some(last) if rows.len() == page => Some(format!("({}", last.id)),
             _ => None,
@@ -496,13 +487,8 @@ impl Reader {
         };
         for (name, pending) in crashed {
             SubscriberStats::add(&self.stats.crashed_consumers, 1);
-            let report = Error::ConsumerCrashed {
-                stream: stream.to_owned(),
-                group: group.to_owned(),
-                consumer: name.clone(),
-                pending: pending.max(0) as u64,
-            };
-            tracing::warn!(error = %report, "taking over the entries of a crashed consumer");
+            tracing::warn!(stream, group, consumer = %name, pending = pending.max(0),
+                "taking over the entries of a crashed consumer");
             let want = budget.saturating_sub(fetched.len());
             if want == 0 {
                 break;
@@ -584,7 +570,7 @@ impl Reader {
         consumer: Option<&str>,
         idle_ms: Option<u64>,
         count: usize,
-    ) -> std::result::Result<Vec<codec::PendingRow>, ReadError> {
+    ) -> std::result::Result<Vec<replies::PendingRow>, ReadError> {
         let origin = self.shared.origin.clone();
         let mut cmd = redis::cmd("XPENDING");
         cmd.arg(origin.stream()).arg(origin.group());
@@ -598,7 +584,7 @@ impl Reader {
         self.sending = "XPENDING";
         let (conn, _) = self.read_conn().await?;
         let rows: Value = cmd.query_async(conn).await?;
-        Ok(codec::parse_pending_rows(rows)?)
+        Ok(replies::parse_pending_rows(rows)?)
     }
 
     /// The claims that [`keep_checkpoint_below`](Self::keep_checkpoint_below) prepared are
@@ -779,17 +765,6 @@ fn dead_letter_of<'a>(origin: &'a Origin, id: EntryId, reason: &'a str, delivere
         stream: origin.stream(),
         group: origin.group(),
         delivery_count: delivered,
-    }
-}
-
-fn array(v: Value) -> Result<Vec<Value>> {
-    match v {
-        Value::Array(items) => Ok(items),
-        Value::Nil => Ok(Vec::new()),
-        other => Err(Error::Decode {
-            what: "redis reply".into(),
-            reason: format!("expected an array, got {other:?}"),
-        }),
     }
 }
 

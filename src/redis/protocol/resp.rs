@@ -1,4 +1,4 @@
-//! RESP2, as spoken on a connection of one's own ([`super::dedicated`]): where a reply ends,
+//! RESP2, as spoken on a connection of one's own ([`crate::redis::dedicated`]): where a reply ends,
 //! and stream replies (`XREAD`, `XREADGROUP`) parsed straight into entries whose fields are
 //! slices of the reply buffer: no value tree, no copy and no allocation per field. Every other
 //! reply goes to redis-rs's own parser ([`value`]).
@@ -9,7 +9,8 @@
 use bytes::Bytes;
 use redis::{ErrorKind, RedisError, RedisResult, Value};
 
-use super::codec::{RawEntry, ReplyEntry};
+use super::replies::ReplyEntry;
+use crate::codec::RawEntry;
 use crate::message::EntryId;
 
 /// The longest bulk string accepted: Redis's own `proto-max-bulk-len` default (512 MiB).
@@ -414,7 +415,7 @@ mod tests {
             encode(&reply, &mut bytes);
             let frame = Bytes::from(bytes);
             let fast = stream_reply(&frame).unwrap();
-            let slow = crate::redis::codec::parse_entries(match reply {
+            let slow = super::super::replies::parse_entries(match reply {
                 Value::Array(mut streams) => match streams.pop() {
                     Some(Value::Array(mut parts)) => parts.pop().unwrap(),
                     _ => unreachable!(),

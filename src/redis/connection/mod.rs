@@ -1,0 +1,476 @@
+//! [`RedisConnection`]: the URL, the retry policy and the shared multiplexed connection that
+//! publishers, subscribers and admin calls use. Commands retry with exponential backoff and
+//! jitter, reconnect transparently, and fail with [`Error::Connection`] only after the retries
+//! are spent; the server's refusals come back at once as [`Error::Server`]. Credentials never
+//! appear in `Debug`, errors or logs.
+//!
+//! Beside the handle: its settings ([`builder`]), TLS ([`tls`]), what a failure means and
+//! the backoff ([`retry`]), and the hiding of passwords ([`redact`]).
+
+mod builder;
+mod redact;
+mod retry;
+mod tls;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError};
+use tokio::time::Instant;
+
+use self::builder::Settings;
+pub use self::builder::{MAX_CONNECTION_DURATION, RedisConnectionBuilder};
+pub use self::redact::redact_url;
+pub(crate) use self::retry::is_transient;
+use self::retry::{is_auth_failure, is_server_refusal};
+use self::tls::{TlsMaterial, tls_refusal};
+use super::dedicated::{DedicatedConnection, TlsSetup};
+use super::protocol::replies;
+use crate::error::{Error, Result};
+
+/// A Redis server to talk to, with the retry policy for every command sent to it.
+///
+/// Cheap to clone; clones share one multiplexed connection, opened on first use.
+///
+/// ```
+/// use std::time::Duration;
+/// use streamwise::redis::RedisConnection;
+///
+/// let conn = RedisConnection::builder("redis://:secret@localhost:6379")
+///     .max_retries(5)
+///     .retry_base_delay(Duration::from_millis(100))
+///     .retry_max_delay(Duration::from_secs(30))
+///     .build()?;
+/// assert_eq!(conn.url(), "redis://:***@localhost:6379");
+/// assert!(!format!("{conn:?}").contains("secret"));
+/// # Ok::<(), streamwise::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisConnection {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    redacted_url: String,
+    settings: Settings,
+    shared: SharedConnection,
+    /// Set once a command got its reply: the credentials worked then, so from then on a
+    /// refused login is taken for credentials being rotated, and retried, rather than for a
+    /// misconfiguration. (A connection that opened proves nothing: without a password none
+    /// is asked for, and the first command is refused.)
+    authenticated_once: AtomicBool,
+    /// When a refused login on reconnect was last logged as a warning (they are rate-limited).
+    auth_warned_at: Mutex<Option<Instant>>,
+    /// The certificates given to the builder, for the dedicated connections' TLS.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    tls: TlsMaterial,
+    /// The TLS client configuration of the dedicated connections, built on first use.
+    #[cfg(feature = "tls")]
+    tls_config: std::sync::OnceLock<std::result::Result<TlsSetup, String>>,
+}
+
+/// The shared multiplexed connection, opened on first use and again after it broke.
+///
+/// Not redis-rs's `ConnectionManager`: it reconnects in the background right when a
+/// connection breaks and hands that attempt's outcome to the next command. Retried after a
+/// backoff, a command then got the refusal of an attempt made before the backoff, so the
+/// last retry never saw a server that came back during it; and a refused login was never
+/// attempted again. Here each retry connects anew when there is no connection.
+#[derive(Default)]
+struct SharedConnection {
+    /// The connection in use, with its generation, so that a failure seen on an old
+    /// connection does not drop a newer one.
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Held while connecting, so that one attempt runs at a time; holds that attempt's
+    /// failure for the commands that waited for it.
+    connecting: tokio::sync::Mutex<Option<RedisError>>,
+    /// Connection attempts finished so far (also the generation of the newest connection).
+    attempts: AtomicU64,
+}
+
+impl RedisConnection {
+    /// A connection to `url` with the default retry policy (5 retries, 100 ms doubling up to
+    /// 30 s). Fails with [`Error::Invalid`] (`redis_url`) for a malformed URL.
+    pub fn new(url: &str) -> Result<Self> {
+        Self::builder(url).build()
+    }
+
+    /// A builder for a connection to `url`.
+    pub fn builder(url: &str) -> RedisConnectionBuilder {
+        RedisConnectionBuilder::new(url)
+    }
+
+    /// A connection through `client`, with checked settings; nothing is opened yet.
+    fn with_client(
+        client: redis::Client,
+        redacted_url: String,
+        settings: Settings,
+        tls: TlsMaterial,
+    ) -> Self {
+        RedisConnection {
+            inner: Arc::new(Inner {
+                client,
+                redacted_url,
+                settings,
+                shared: SharedConnection::default(),
+                authenticated_once: AtomicBool::new(false),
+                auth_warned_at: Mutex::new(None),
+                tls,
+                #[cfg(feature = "tls")]
+                tls_config: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn url(&self) -> &str {
+        &self.inner.redacted_url
+    }
+
+    /// Retries before a command fails.
+    pub fn max_retries(&self) -> u32 {
+        self.inner.settings.max_retries
+    }
+
+    /// The first retry delay.
+    pub fn retry_base_delay(&self) -> Duration {
+        self.inner.settings.retry_base_delay
+    }
+
+    /// The longest retry delay.
+    pub fn retry_max_delay(&self) -> Duration {
+        self.inner.settings.retry_max_delay
+    }
+
+    /// The shared multiplexed connection with its generation; opens it when there is none.
+    /// A command that waited while another attempt failed gets that attempt's error (it was
+    /// made after the command asked) instead of trying again at once.
+    async fn shared(&self) -> std::result::Result<(u64, MultiplexedConnection), RedisError> {
+        let shared = &self.inner.shared;
+        if let Some(current) = lock(&shared.current).clone() {
+            return Ok(current);
+        }
+        let attempts_seen = shared.attempts.load(Ordering::Acquire);
+        let mut last_failure = shared.connecting.lock().await;
+        if let Some(current) = lock(&shared.current).clone() {
+            return Ok(current);
+        }
+        if shared.attempts.load(Ordering::Acquire) != attempts_seen
+            && let Some(e) = last_failure.as_ref()
+        {
+            return Err(e.clone());
+        }
+        let s = self.inner.settings;
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(s.response_timeout))
+            .set_connection_timeout(Some(s.connect_timeout));
+        let connected = self
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await;
+        let generation = shared.attempts.fetch_add(1, Ordering::AcqRel) + 1;
+        match connected {
+            Ok(conn) => {
+                *last_failure = None;
+                self.connected();
+                *lock(&shared.current) = Some((generation, conn.clone()));
+                Ok((generation, conn))
+            }
+            Err(e) => {
+                *last_failure = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops the shared connection of `generation` after it failed for good (the next command
+    /// opens a new one); a newer connection stays.
+    fn forget_shared(&self, generation: u64) {
+        let mut current = lock(&self.inner.shared.current);
+        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *current = None;
+        }
+    }
+
+    /// Notes a connection that opened: logs the end of refused logins that were reported.
+    fn connected(&self) {
+        if lock(&self.inner.auth_warned_at).take().is_some() {
+            tracing::info!(url = %self.url(), "logged in again after refused logins");
+        }
+    }
+
+    /// Whether a failed attempt may be retried: connection trouble, or a refused login by a
+    /// client that has logged in before (its credentials are being rotated, or its user
+    /// re-created). A client whose first login is refused fails at once: it is misconfigured.
+    fn retryable(&self, e: &RedisError) -> bool {
+        is_transient(e) || (is_auth_failure(e) && self.inner.authenticated_once.load(Ordering::Acquire))
+    }
+
+    /// Logs a failed attempt before its retry. Refused logins are warnings, at most one per
+    /// [`AUTH_WARNING_EVERY`], since every command and task of the client meets them while
+    /// the credentials are wrong.
+    fn log_retry(&self, what: &str, attempt: u32, delay: Duration, e: &RedisError) {
+        if is_auth_failure(e) {
+            let now = Instant::now();
+            let mut warned_at = lock(&self.inner.auth_warned_at);
+            if warned_at.is_none_or(|at| now.duration_since(at) >= AUTH_WARNING_EVERY) {
+                *warned_at = Some(now);
+                tracing::warn!(what, url = %self.url(),
+                    "authentication refused on reconnect; retrying with backoff until the credentials work again");
+                return;
+            }
+        }
+        tracing::debug!(what, attempt, ?delay, error = %e, url = %self.url(), "redis command failed; retrying");
+    }
+
+    /// Runs `op` on the shared connection, retrying connection failures with backoff.
+    /// The server's refusals, which retrying cannot fix, are returned at once as
+    /// [`CommandError::Refused`], for the caller to map (`NOGROUP` and the like); retries
+    /// spent become [`Error::Connection`].
+    pub(crate) async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> std::result::Result<T, CommandError>
+    where
+        F: FnMut(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = std::result::Result<T, RedisError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let result = match self.shared().await {
+                Ok((generation, conn)) => {
+                    let result = op(conn).await;
+                    if let Err(e) = &result
+                        && e.is_unrecoverable_error()
+                    {
+                        self.forget_shared(generation);
+                    }
+                    result
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => {
+                    if !self.inner.authenticated_once.load(Ordering::Relaxed) {
+                        self.inner.authenticated_once.store(true, Ordering::Release);
+                    }
+                    return Ok(v);
+                }
+                Err(e) if self.retryable(&e) && attempt < self.inner.settings.max_retries => {
+                    let delay = self.backoff(attempt);
+                    self.log_retry(what, attempt, delay, &e);
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) if is_server_refusal(&e) => {
+                    return Err(CommandError::Refused {
+                        what: what.to_owned(),
+                        error: e,
+                    });
+                }
+                Err(e) => return Err(CommandError::Failed(self.connection_error(what, e, attempt))),
+            }
+        }
+    }
+
+    /// Runs one command on the shared connection with the retry policy, for extensions (for
+    /// example a deduplication store) that need Redis commands of their own. Error replies
+    /// are [`Error::Server`], with the server's code.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: streamwise::redis::RedisConnection) -> streamwise::Result<()> {
+    /// use streamwise::redis::client::cmd;
+    /// let fresh: Option<String> = conn
+    ///     .command(cmd("SET").arg("seen:42").arg(1).arg("NX").arg("PX").arg(60_000))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        self.run_mapped("command", |mut c| {
+            let cmd = cmd.clone();
+            async move { cmd.query_async(&mut c).await }
+        })
+        .await
+    }
+
+    /// Like [`run`](Self::run), mapping every refusal to [`Error::Server`] (or
+    /// [`Error::Decode`] for a reply of another type than asked for).
+    pub(crate) async fn run_mapped<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: FnMut(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = std::result::Result<T, RedisError>>,
+    {
+        self.run(what, op).await.map_err(CommandError::into_error)
+    }
+
+    /// Opens a connection of its own (for blocking reads, which would stall a shared one, and
+    /// for reads sent ahead), retrying connection failures with backoff. `response_timeout`
+    /// must exceed the longest `BLOCK` sent on it.
+    pub(crate) async fn dedicated(&self, response_timeout: Duration) -> Result<DedicatedConnection> {
+        let info = self.inner.client.get_connection_info();
+        let mut attempt = 0;
+        loop {
+            let connected = match self.tls_setup() {
+                Ok(tls) => {
+                    DedicatedConnection::connect(
+                        info,
+                        tls,
+                        self.inner.settings.connect_timeout,
+                        response_timeout,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match connected {
+                Ok(conn) => {
+                    self.connected();
+                    return Ok(conn);
+                }
+                Err(e) if self.retryable(&e) && attempt < self.inner.settings.max_retries => {
+                    let delay = self.backoff(attempt);
+                    self.log_retry("connect", attempt, delay, &e);
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.connection_error("connect", e, attempt)),
+            }
+        }
+    }
+
+    /// Opens a connection of its own once, without retries (for a caller that falls back to
+    /// the shared connection when it fails), with the configured response timeout.
+    pub(crate) async fn dedicated_once(&self) -> std::result::Result<DedicatedConnection, RedisError> {
+        let s = self.inner.settings;
+        let tls = self.tls_setup()?;
+        let info = self.inner.client.get_connection_info();
+        let conn = DedicatedConnection::connect(info, tls, s.connect_timeout, s.response_timeout).await?;
+        self.connected();
+        Ok(conn)
+    }
+
+    /// The TLS client configuration for a `rediss://` URL (`None` for other URLs).
+    #[cfg(feature = "tls")]
+    fn tls_setup(&self) -> std::result::Result<Option<TlsSetup>, RedisError> {
+        let info = self.inner.client.get_connection_info();
+        if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            return Ok(None);
+        }
+        match self
+            .inner
+            .tls_config
+            .get_or_init(|| tls::client_config(&self.inner.tls))
+        {
+            Ok(config) => Ok(Some(config.clone())),
+            Err(reason) => Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "TLS configuration",
+                reason.clone(),
+            ))),
+        }
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls_setup(&self) -> std::result::Result<Option<TlsSetup>, RedisError> {
+        Ok(None)
+    }
+
+    /// The delay before retry number `attempt` (0-based), by the connection's retry policy
+    /// ([`retry::backoff`]).
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
+        let s = self.inner.settings;
+        retry::backoff(s.retry_base_delay, s.retry_max_delay, attempt)
+    }
+
+    /// The error for a failed attempt at `what`, after `retries` retries: the server's refusal
+    /// as the server said it ([`Error::Server`]), anything else as [`Error::Connection`].
+    pub(crate) fn failure(&self, what: &str, e: RedisError, retries: u32) -> Error {
+        if is_server_refusal(&e) {
+            replies::refusal(what, e)
+        } else {
+            self.connection_error(what, e, retries)
+        }
+    }
+
+    fn connection_error(&self, what: &str, e: RedisError, retries: u32) -> Error {
+        let message = if is_auth_failure(&e) {
+            format!("authentication to {} failed during {what}", self.url())
+        } else if let Some(reason) = tls_refusal(&e) {
+            format!("TLS handshake with {} failed during {what}: {reason}", self.url())
+        } else {
+            // Connection errors (refused, reset, timed out) hold no credentials.
+            format!("{what} on {} failed after {retries} retries: {e}", self.url())
+        };
+        Error::connection(message, Some(Box::new(e)))
+    }
+}
+
+impl fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConnection")
+            .field("url", &self.inner.redacted_url)
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+/// A command that failed: either for good on the connection (retries spent, authentication)
+/// or refused by the server, which the caller may want to map.
+#[derive(Debug)]
+pub(crate) enum CommandError {
+    Failed(Error),
+    /// An error reply (or a reply of another type than asked for) to `what`: the command, or
+    /// what a script was for (a script's error names only its SHA).
+    Refused {
+        what: String,
+        error: RedisError,
+    },
+}
+
+impl CommandError {
+    /// The error as it is: [`Error::Server`] for an error reply, naming the command or script.
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            CommandError::Failed(e) => e,
+            CommandError::Refused { what, error } => replies::refusal(&what, error),
+        }
+    }
+
+    /// The server error code (`NOGROUP`, `BUSYGROUP`, ...), if the server refused.
+    pub(crate) fn code(&self) -> Option<&str> {
+        match self {
+            CommandError::Refused { error, .. } => error.code(),
+            CommandError::Failed(_) => None,
+        }
+    }
+
+    /// Whether the server refused because the stream does not exist.
+    pub(crate) fn is_no_such_key(&self) -> bool {
+        matches!(self, CommandError::Refused { error, .. } if replies::is_no_such_key(error))
+    }
+}
+
+/// How often at most a refused login on reconnect is logged as a warning.
+const AUTH_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// The guard of `mutex`; a panic elsewhere cannot leave these values half-written.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        let conn = RedisConnection::new("redis://admin:s3cr3t@localhost:6379/2").unwrap();
+        assert_eq!(conn.url(), "redis://admin:***@localhost:6379/2");
+        assert!(!format!("{conn:?}").contains("s3cr3t"));
+        let builder = RedisConnection::builder("redis://admin:s3cr3t@localhost");
+        assert!(!format!("{builder:?}").contains("s3cr3t"));
+    }
+}
