@@ -26,19 +26,27 @@ const SETTINGS_TTL: Duration = Duration::from_secs(5);
 /// How often at most retention trims one stream.
 const RETENTION_EVERY: Duration = Duration::from_secs(1);
 
-/// Options of a [`RedisPublisher`].
+/// Options of a [`RedisPublisher`]: set with the chained methods, read from the public
+/// fields, checked by [`validate`](Self::validate) (which every publish runs first).
 ///
 /// ```
 /// use streamwise::redis::PublisherOptions;
 /// let options = PublisherOptions::default().max_length(10_000).auto_create(false);
-/// assert_eq!(options.max_length_value(), Some(10_000));
+/// assert_eq!(options.max_length, Some(10_000));
 /// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct PublisherOptions {
-    max_length: Option<u64>,
-    auto_create: bool,
-    max_entry_size: usize,
-    codec: Arc<dyn Codec>,
+    /// Trim every stream published to at about this many entries (`XADD MAXLEN ~ n`),
+    /// overriding the stream's own `max_length` setting. Default none; 1 to [`MAX_CAP`].
+    pub max_length: Option<u64>,
+    /// Whether publishing creates a missing stream (default) or fails with
+    /// [`Error::StreamNotFound`] (`XADD NOMKSTREAM`).
+    pub auto_create: bool,
+    /// The limit on the encoded size of an entry. Default 1 MiB; at least 1 byte.
+    pub max_entry_size: usize,
+    /// The wire layout. Default [`JsonCodec`].
+    pub codec: Arc<dyn Codec>,
 }
 
 impl Default for PublisherOptions {
@@ -111,21 +119,6 @@ impl PublisherOptions {
             return Err(Error::invalid("max_entry_size", "must be at least 1 byte"));
         }
         Ok(())
-    }
-
-    /// The publisher's own length limit.
-    pub fn max_length_value(&self) -> Option<u64> {
-        self.max_length
-    }
-
-    /// Whether missing streams are created.
-    pub fn auto_create_value(&self) -> bool {
-        self.auto_create
-    }
-
-    /// The entry size limit.
-    pub fn max_entry_size_value(&self) -> usize {
-        self.max_entry_size
     }
 }
 
