@@ -1,8 +1,8 @@
 //! Deliveries: a message handed to a consumer, with where it came from, and its settlement
 //! (ack, nack, nack after a delay, dead letter), which happens exactly once.
 //!
-//! This module owns the settlement contract every backend implements ([`Settler`]) and the
-//! one error type of settling ([`SettleError`]). Each backend writes settlements in one
+//! This module owns the settlement contract every backend implements ([`Settler`]); its
+//! error, [`SettleError`], lives with the other error types in [`crate::error`]. Each backend writes settlements in one
 //! place: the Redis subscription's flusher, the memory backend's settler.
 
 use std::fmt;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+pub use crate::error::SettleError;
 use crate::message::{EntryId, Message};
 
 /// Where deliveries of one subscription come from: stream, consumer group and consumer name.
@@ -123,37 +124,6 @@ pub enum Settlement {
         /// Why, in words (kept in the record's metadata under
         /// [`dead_letter::keys::REASON`](crate::dead_letter::keys::REASON)).
         reason: String,
-    },
-}
-
-/// Why settling a delivery was refused. Nothing was recorded; only [`AlreadySettled`]
-/// means the delivery had been settled (before).
-///
-/// It converts into [`Error::Settle`](crate::Error::Settle), so `?` works in functions that
-/// return [`crate::Result`].
-///
-/// [`AlreadySettled`]: SettleError::AlreadySettled
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SettleError {
-    /// The delivery was already acked, nacked or dead-lettered; settling again does nothing.
-    #[error("delivery {id} was already settled")]
-    AlreadySettled {
-        /// The entry id of the delivery.
-        id: EntryId,
-    },
-    /// A nack delay longer than [`MAX_NACK_DELAY`]; the delivery stays unsettled.
-    #[error("invalid delay: {delay:?} is longer than the longest nack delay, {MAX_NACK_DELAY:?}")]
-    DelayTooLong {
-        /// The delay asked for.
-        delay: Duration,
-    },
-    /// The subscription (or its subscriber) was closed before the settlement: the entry
-    /// stays pending and is delivered again.
-    #[error("the subscription of delivery {id} is closed; the entry stays pending")]
-    Closed {
-        /// The entry id of the delivery.
-        id: EntryId,
     },
 }
 
@@ -286,7 +256,10 @@ impl Delivery {
         if let Settlement::Nack { delay } = settlement
             && delay > MAX_NACK_DELAY
         {
-            return Err(SettleError::DelayTooLong { delay });
+            return Err(SettleError::DelayTooLong {
+                delay,
+                longest: MAX_NACK_DELAY,
+            });
         }
         if self.settled.swap(true, Ordering::AcqRel) {
             return Err(SettleError::AlreadySettled { id: self.info.id });
@@ -366,7 +339,13 @@ mod tests {
         let recorder = Arc::new(Recorder::default());
         let d = delivery(&recorder, 3);
         let err = d.nack_after(Duration::MAX).await.unwrap_err();
-        assert_eq!(err, SettleError::DelayTooLong { delay: Duration::MAX });
+        assert_eq!(
+            err,
+            SettleError::DelayTooLong {
+                delay: Duration::MAX,
+                longest: MAX_NACK_DELAY
+            }
+        );
         assert_eq!(crate::Error::from(err).invalid_field(), Some("delay"));
         assert!(!d.is_settled());
         d.nack_after(MAX_NACK_DELAY).await.unwrap();

@@ -1,9 +1,12 @@
-//! The one error type of streamwise, with a kind per failure the seeds name.
+//! The one error type of streamwise, with a kind per failure the seeds name, and the small
+//! error of settling a delivery ([`SettleError`]).
 
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::delivery::SettleError;
+use std::time::Duration;
+
+use crate::entry_id::{EntryId, ParseEntryIdError};
 
 /// Shorthand for `std::result::Result<T, streamwise::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -170,6 +173,49 @@ pub enum Error {
     /// The backend does not offer this operation (a provided trait method it leaves as is).
     #[error("this backend does not support {0}")]
     Unsupported(&'static str),
+}
+
+/// Why settling a delivery was refused. Nothing was recorded; only [`AlreadySettled`]
+/// means the delivery had been settled (before).
+///
+/// It converts into [`Error::Settle`](crate::Error::Settle), so `?` works in functions that
+/// return [`crate::Result`].
+///
+/// [`AlreadySettled`]: SettleError::AlreadySettled
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettleError {
+    /// The delivery was already acked, nacked or dead-lettered; settling again does nothing.
+    #[error("delivery {id} was already settled")]
+    AlreadySettled {
+        /// The entry id of the delivery.
+        id: EntryId,
+    },
+    /// A nack delay longer than [`MAX_NACK_DELAY`](crate::MAX_NACK_DELAY); the delivery
+    /// stays unsettled.
+    #[error("invalid delay: {delay:?} is longer than the longest nack delay, {longest:?}")]
+    DelayTooLong {
+        /// The delay asked for.
+        delay: Duration,
+        /// The longest accepted.
+        longest: Duration,
+    },
+    /// The subscription (or its subscriber) was closed before the settlement: the entry
+    /// stays pending and is delivered again.
+    #[error("the subscription of delivery {id} is closed; the entry stays pending")]
+    Closed {
+        /// The entry id of the delivery.
+        id: EntryId,
+    },
+}
+
+impl From<ParseEntryIdError> for Error {
+    fn from(e: ParseEntryIdError) -> Self {
+        Error::invalid(
+            "id",
+            format_args!("{:?} is not an entry id of the form <ms>-<seq>", e.input()),
+        )
+    }
 }
 
 /// A boxed error that can cross threads.

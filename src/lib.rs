@@ -43,6 +43,7 @@ pub mod codec;
 pub mod cqrs;
 pub mod dead_letter;
 pub mod delivery;
+pub mod entry_id;
 pub mod error;
 pub mod memory;
 pub mod message;
@@ -57,6 +58,7 @@ mod signal;
 pub mod testing;
 
 pub use delivery::{Delivery, DeliveryInfo, MAX_NACK_DELAY, Origin, SettleError, Settlement, Settler};
+pub use entry_id::ParseEntryIdError;
 pub use error::{BoxError, Error, Result, validate_event_type, validate_name};
 pub use message::{EntryId, Message, Metadata, format_timestamp, parse_timestamp};
 pub use pubsub::{

@@ -57,6 +57,7 @@ pub(crate) fn entry_id(v: Value) -> Result<EntryId> {
     std::str::from_utf8(&raw)
         .map_err(|_| unexpected("entry id is not UTF-8"))?
         .parse()
+        .map_err(|_| unexpected("entry id is not of the form <ms>-<seq>"))
 }
 
 /// Parses `[[id, [field, value, ...]], ...]`, where the fields of a trimmed entry are nil.
