@@ -25,7 +25,6 @@ pub mod codec;
 mod connection;
 mod dedicated;
 mod keys;
-mod lease;
 mod publisher;
 mod reader;
 mod resp;

@@ -20,15 +20,17 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::signal::Signal;
 use redis::Value;
 use tokio::time::Instant;
 
-use super::SubscriberStats;
-use super::shared::{Op, RepeatedWarnings, Shared};
+use super::group;
+use super::lease::{Held, Lease};
+use super::options::RedisSubscriberOptions;
+use super::shared::{Op, Shared};
+use super::stats::SubscriberStats;
+use super::warnings::RepeatedWarnings;
 use crate::checkpoint::CheckpointStore;
 use crate::dead_letter::{DeadLetter, GaveUp};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, Settler};
@@ -38,45 +40,46 @@ use crate::pubsub::{ReclaimOptions, SubscribeOptions};
 use crate::redis::codec::{self, Codec, ReplyEntry};
 use crate::redis::connection::{Refused, is_server_refusal, is_transient};
 use crate::redis::dedicated::DedicatedConnection;
-use crate::redis::lease::Held;
-use crate::redis::{keys, scripts};
+use crate::redis::{admin, keys, scripts};
+use crate::signal::Signal;
 
 /// Entries fetched by one step, with their delivery counts (this delivery included).
 type Fetched = Vec<(ReplyEntry, u64)>;
 
-pub(crate) struct Reader {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) settler: Arc<dyn Settler>,
-    pub(crate) codec: Arc<dyn Codec>,
-    pub(crate) max_entry_size: usize,
-    pub(crate) store: Option<Arc<dyn CheckpointStore>>,
-    pub(crate) stats: Arc<SubscriberStats>,
-    pub(crate) options: SubscribeOptions,
-    pub(crate) read_conn: Option<(DedicatedConnection, i64)>,
+/// The read side of one subscription.
+pub(super) struct Reader {
+    shared: Arc<Shared>,
+    settler: Arc<dyn Settler>,
+    codec: Arc<dyn Codec>,
+    max_entry_size: usize,
+    store: Option<Arc<dyn CheckpointStore>>,
+    stats: Arc<SubscriberStats>,
+    options: SubscribeOptions,
+    read_conn: Option<(DedicatedConnection, i64)>,
     /// The slots taken for a read sent ahead, whose reply the next step takes.
-    pub(crate) read_ahead: Option<usize>,
+    read_ahead: Option<usize>,
     /// Where the drain of this consumer's own pending list has got to; `None` once done.
-    pub(crate) drain_from: Option<String>,
+    drain_from: Option<String>,
     /// This consumer's lease, re-asserted before each reclaim.
-    pub(crate) lease: crate::redis::lease::Lease,
-    pub(crate) next_reclaim: Instant,
-    pub(crate) buffer: VecDeque<Delivery>,
-    pub(crate) failures: u32,
+    lease: Lease,
+    next_reclaim: Instant,
+    buffer: VecDeque<Delivery>,
+    failures: u32,
     /// What the step under way sends, to name it when it fails (a script's error names only
     /// its SHA).
-    pub(crate) sending: &'static str,
+    sending: &'static str,
     /// Cancelled by the heartbeat when another consumer took this consumer's lease.
-    pub(crate) lease_lost: Signal,
-    pub(crate) lease_loss_reported: bool,
+    lease_lost: Signal,
+    lease_loss_reported: bool,
     /// Warnings of the read loop, each repeated one logged with a count.
-    pub(crate) log: RepeatedWarnings,
+    log: RepeatedWarnings,
     /// Ids the last claim found in no pending list.
-    pub(crate) unclaimed: Vec<EntryId>,
+    unclaimed: Vec<EntryId>,
 }
 
 impl crate::pubsub::BackendReader for Reader {
     fn ready(&mut self) -> Option<Delivery> {
-        if self.shared.closed.is_cancelled() || self.lease_lost.is_cancelled() {
+        if self.shared.closed().is_cancelled() || self.lease_lost.is_cancelled() {
             return None;
         }
         self.buffer.pop_front()
@@ -89,9 +92,44 @@ impl crate::pubsub::BackendReader for Reader {
 }
 
 impl Reader {
+    /// The reader of the subscription whose state is `shared`, holding `lease` (the
+    /// heartbeat cancels `lease_lost` when another consumer takes it). `subscriber` gives the
+    /// wire format and the entry size limit; checkpoints are in `store`.
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        lease: Lease,
+        lease_lost: Signal,
+        options: SubscribeOptions,
+        subscriber: &RedisSubscriberOptions,
+        store: Option<Arc<dyn CheckpointStore>>,
+        stats: Arc<SubscriberStats>,
+    ) -> Self {
+        Reader {
+            settler: shared.clone(),
+            max_entry_size: subscriber.max_entry_size_of(shared.origin().stream()),
+            shared,
+            codec: subscriber.codec.clone(),
+            store,
+            stats,
+            options,
+            read_conn: None,
+            read_ahead: None,
+            drain_from: Some("-".to_owned()),
+            lease,
+            next_reclaim: Instant::now(),
+            buffer: VecDeque::new(),
+            failures: 0,
+            sending: "XREADGROUP",
+            lease_lost,
+            lease_loss_reported: false,
+            log: RepeatedWarnings::default(),
+            unclaimed: Vec::new(),
+        }
+    }
+
     async fn next_item(&mut self) -> Option<Result<Delivery>> {
         loop {
-            if self.shared.closed.is_cancelled() {
+            if self.shared.closed().is_cancelled() {
                 self.buffer.clear();
                 return None;
             }
@@ -101,7 +139,7 @@ impl Reader {
                     return None;
                 }
                 self.lease_loss_reported = true;
-                let origin = &self.shared.origin;
+                let origin = self.shared.origin();
                 return Some(Err(Error::ConsumerActive {
                     stream: origin.stream().to_owned(),
                     group: origin.group().to_owned(),
@@ -111,7 +149,7 @@ impl Reader {
             if let Some(d) = self.buffer.pop_front() {
                 return Some(Ok(d));
             }
-            let (closed, lease_lost) = (self.shared.closed.clone(), self.lease_lost.clone());
+            let (closed, lease_lost) = (self.shared.closed().clone(), self.lease_lost.clone());
             let (taken, ahead) = match self.read_ahead.take() {
                 Some(taken) => (taken, true),
                 None => {
@@ -119,7 +157,7 @@ impl Reader {
                         biased;
                         _ = closed.cancelled() => continue,
                         _ = lease_lost.cancelled() => continue,
-                        n = self.shared.capacity.acquire(self.options.batch_size_value()) => n,
+                        n = self.shared.capacity().acquire(self.options.batch_size_value()) => n,
                     };
                     (taken, false)
                 }
@@ -138,11 +176,11 @@ impl Reader {
             }
             match result {
                 Ok(used) => {
-                    self.shared.capacity.release(taken - used);
+                    self.shared.capacity().release(taken - used);
                     self.failures = 0;
                 }
                 Err(e) => {
-                    self.shared.capacity.release(taken);
+                    self.shared.capacity().release(taken);
                     if let Some(e) = self.after_error(e).await {
                         return Some(Err(e));
                     }
@@ -159,7 +197,7 @@ impl Reader {
     async fn after_error(&mut self, e: ReadError) -> Option<Error> {
         SubscriberStats::add(&self.stats.read_errors, 1);
         self.drop_read_conn();
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         if let ReadError::Redis(e) = &e
             && e.code() == Some("NOGROUP")
         {
@@ -172,8 +210,8 @@ impl Reader {
             }
             self.log
                 .warn(origin.stream(), "consumer group vanished; re-creating it");
-            let recreated = super::create_group(
-                &self.shared.conn,
+            let recreated = group::create(
+                self.shared.conn(),
                 self.store.as_deref(),
                 origin.stream(),
                 origin.group(),
@@ -190,7 +228,7 @@ impl Reader {
             }
             return None;
         }
-        let conn = self.shared.conn.clone();
+        let conn = self.shared.conn().clone();
         self.log.warn(
             origin.stream(),
             &format!("read failed during {}; retrying: {e}", self.sending),
@@ -216,9 +254,9 @@ impl Reader {
 
     /// Waits the backoff of the current failure count, or until closed.
     async fn pause(&self) {
-        let delay = self.shared.conn.backoff(self.failures);
+        let delay = self.shared.conn().backoff(self.failures);
         tokio::select! {
-            _ = self.shared.closed.cancelled() => {}
+            _ = self.shared.closed().cancelled() => {}
             _ = tokio::time::sleep(delay) => {}
         }
     }
@@ -228,7 +266,7 @@ impl Reader {
     fn drop_read_conn(&mut self) {
         self.read_conn = None;
         if let Some(slots) = self.read_ahead.take() {
-            self.shared.capacity.release(slots);
+            self.shared.capacity().release(slots);
         }
         self.drain_from = Some("-".to_owned());
     }
@@ -244,7 +282,7 @@ impl Reader {
         }
         let due = self.shared.ledger().take_due(now, budget);
         let fetched = if !due.is_empty() {
-            let me = self.shared.origin.consumer().to_owned();
+            let me = self.shared.origin().consumer().to_owned();
             let ids: Vec<EntryId> = due.iter().map(|(id, _)| *id).collect();
             let fetched = self.claim(&me, &ids, 0).await?;
             let unclaimed = std::mem::take(&mut self.unclaimed);
@@ -263,13 +301,13 @@ impl Reader {
             self.next_reclaim = now + reclaim.interval;
             self.reclaim(reclaim, budget).await?
         } else {
-            let read = read_group(&self.shared.origin, budget, Some(self.block_for(now)));
+            let read = read_group(self.shared.origin(), budget, Some(self.block_for(now)));
             self.sending = "XREADGROUP";
             let (conn, client_id) = self.read_conn().await?;
             conn.send(&read).await?;
-            self.shared.blocked_client.store(client_id, Ordering::Release);
+            self.shared.set_blocked_client(Some(client_id));
             let entries = self.receive_new(budget).await;
-            self.shared.blocked_client.store(0, Ordering::Release);
+            self.shared.set_blocked_client(None);
             entries?.into_iter().map(|e| (e, 1)).collect()
         };
         Ok(self.admit(fetched).await)
@@ -293,7 +331,7 @@ impl Reader {
             let timeout = self.options.block_value() + Duration::from_secs(10);
             let mut conn = self
                 .shared
-                .conn
+                .conn()
                 .dedicated(timeout)
                 .await
                 .map_err(ReadError::Other)?;
@@ -329,21 +367,21 @@ impl Reader {
             return;
         }
         let batch = self.options.batch_size_value();
-        let slots = self.shared.capacity.try_acquire(batch);
-        if slots == 0 || slots < batch.div_ceil(2) || self.shared.closed.is_cancelled() {
-            self.shared.capacity.release(slots);
+        let slots = self.shared.capacity().try_acquire(batch);
+        if slots == 0 || slots < batch.div_ceil(2) || self.shared.closed().is_cancelled() {
+            self.shared.capacity().release(slots);
             return;
         }
         let Some((conn, _)) = self.read_conn.as_mut() else {
-            self.shared.capacity.release(slots);
+            self.shared.capacity().release(slots);
             return;
         };
-        let cmd = read_group(&self.shared.origin, slots, None);
+        let cmd = read_group(self.shared.origin(), slots, None);
         match conn.send(&cmd).await {
             Ok(()) => self.read_ahead = Some(slots),
             Err(e) => {
                 tracing::debug!(error = %e, "read ahead failed; reconnecting");
-                self.shared.capacity.release(slots);
+                self.shared.capacity().release(slots);
                 self.drop_read_conn();
             }
         }
@@ -361,7 +399,7 @@ impl Reader {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         let mut call = scripts::CLAIM.key(origin.stream());
         call.key(self.lease.key())
             .arg(origin.group())
@@ -395,7 +433,7 @@ impl Reader {
     /// One page of this consumer's own pending list (left by an earlier run, or read in a
     /// reply that a connection failure lost), minus what this subscription owns already.
     async fn drain(&mut self, budget: usize) -> std::result::Result<Fetched, ReadError> {
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         let from = self.drain_from.clone().unwrap_or_else(|| "-".to_owned());
         let page = budget.max(16);
         let rows: Value = {
@@ -444,7 +482,7 @@ impl Reader {
         reclaim: ReclaimOptions,
         budget: usize,
     ) -> std::result::Result<Fetched, ReadError> {
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         let (stream, group, me) = (origin.stream(), origin.group(), origin.consumer());
         let mut fetched = Vec::new();
         let now = Instant::now();
@@ -567,7 +605,7 @@ impl Reader {
     /// or a pause began after the lease was re-asserted): nothing more is taken, and reclaim
     /// waits one lease TTL. Returns what was taken before.
     fn cut_off(&mut self, fetched: Fetched) -> Fetched {
-        let origin = &self.shared.origin;
+        let origin = self.shared.origin();
         tracing::warn!(
             stream = origin.stream(),
             consumer = origin.consumer(),
@@ -585,7 +623,7 @@ impl Reader {
         idle_ms: Option<u64>,
         count: usize,
     ) -> std::result::Result<Vec<codec::PendingRow>, ReadError> {
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         let mut cmd = redis::cmd("XPENDING");
         cmd.arg(origin.stream()).arg(origin.group());
         if let Some(idle) = idle_ms {
@@ -605,7 +643,7 @@ impl Reader {
     /// done: what they took is in this consumer's pending list now, where the flusher's next
     /// save sees it, so the floor it kept can go.
     fn claims_done(&self) {
-        let _ = self.shared.ops.send(Op::ClaimsDone);
+        let _ = self.shared.send_to_flusher(Op::ClaimsDone);
     }
 
     /// Keeps this consumer's checkpoint below the oldest of `ids` before they are taken
@@ -615,7 +653,7 @@ impl Reader {
             return Ok(());
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.shared.ops.send(Op::Lower(oldest, tx)).is_err() {
+        if self.shared.send_to_flusher(Op::Lower(oldest, tx)).is_err() {
             return Err(ReadError::Other(Error::Closed("subscriber")));
         }
         match rx.await {
@@ -630,7 +668,7 @@ impl Reader {
     /// deliveries exist, so the capacity they use stays accounted for.
     async fn admit(&mut self, fetched: Fetched) -> usize {
         let max = self.options.max_deliveries_value();
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         let mut dead: Vec<(EntryId, Message)> = Vec::new();
         let mut ready: Vec<(EntryId, u64, Message)> = Vec::new();
         for (entry, count) in fetched {
@@ -701,15 +739,15 @@ impl Reader {
     /// that way; the others could be lost, so they are dead-lettered with the reason, and
     /// counted: never dropped silently, at the price of a record for one settled elsewhere.
     async fn retries_not_pending(&mut self, entries: Vec<(EntryId, u64)>) {
-        let origin = self.shared.origin.clone();
-        let info = super::super::admin::group_info(&self.shared.conn, origin.stream(), origin.group()).await;
+        let origin = self.shared.origin().clone();
+        let info = admin::group_info(self.shared.conn(), origin.stream(), origin.group()).await;
         let last_delivered = match info {
             Ok(info) => info.last_delivered_id,
             Err(e) => {
                 // The group may be gone for good; look again after a while.
                 tracing::warn!(stream = origin.stream(), error = %e, "cannot tell whether retries are lost; looking again later");
                 let mut ledger = self.shared.ledger();
-                let later = Instant::now() + self.shared.conn.backoff(self.failures);
+                let later = Instant::now() + self.shared.conn().backoff(self.failures);
                 for (id, count) in entries {
                     ledger.add_retry(id, later, count);
                 }
@@ -728,7 +766,7 @@ impl Reader {
                 group: origin.group(),
             }
             .to_string();
-            let stored = super::super::admin::read_entry(&self.shared.conn, origin.stream(), id).await;
+            let stored = admin::read_entry(self.shared.conn(), origin.stream(), id).await;
             let why = dead_letter_of(&origin, id, &reason, count);
             let record = match stored {
                 Ok(Some(raw)) => match crate::codec::decode_entry(&*self.codec, raw) {
@@ -738,7 +776,7 @@ impl Reader {
                 Ok(None) => why.for_trimmed(),
                 Err(e) => {
                     tracing::warn!(stream = origin.stream(), %id, error = %e, "entry not read; looking again later");
-                    let later = Instant::now() + self.shared.conn.backoff(self.failures);
+                    let later = Instant::now() + self.shared.conn().backoff(self.failures);
                     self.shared.ledger().add_retry(id, later, count);
                     continue;
                 }
@@ -795,7 +833,7 @@ fn array(v: Value) -> Result<Vec<Value>> {
 
 /// Why a reader step failed.
 #[derive(Debug)]
-pub(crate) enum ReadError {
+pub(super) enum ReadError {
     Redis(redis::RedisError),
     Other(Error),
 }
