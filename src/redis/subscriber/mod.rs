@@ -18,7 +18,8 @@
 //! | [`lease`] | the consumer lease: acquire, extend, release |
 //! | [`heartbeat`] | the task that renews the lease and touches owned entries |
 //! | [`shared`] | the state a subscription shares with its deliveries and tasks: ledger, capacity, settling |
-//! | [`read_loop`] | the reader: decides and takes each step, admits entries |
+//! | [`plan`] | the read loop's decisions: the next step, block time, read-ahead, drain cursor |
+//! | [`read_loop`] | the reader: takes capacity, sends each step's commands, admits entries |
 //! | [`flusher`] | the task that writes acks, dead letters and checkpoints |
 //! | [`warnings`] | repeated warnings logged once with a count |
 
@@ -27,6 +28,7 @@ mod group;
 mod heartbeat;
 mod lease;
 mod options;
+mod plan;
 mod read_loop;
 mod shared;
 mod stats;

@@ -1,11 +1,14 @@
-//! The read side of one subscription: the state behind its [`Subscription`] stream.
+//! The read side of one subscription: the state behind its [`Subscription`] stream, and the
+//! commands of each step. Which step comes next is the [`Planner`]'s decision
+//! ([`plan`](super::plan)); this module takes capacity, sends the step's commands, and feeds
+//! what they found back.
 //!
-//! Each step takes capacity first, then, in order: nacked entries that are due; the drain of
-//! this consumer's own pending list (on start and after every read error); reclaim when due
-//! (crashed consumers at once, then entries idle past `min_idle`, found with `XPENDING IDLE`); else a blocking read of new
-//! entries. Every redelivery goes through one owner-checked claim ([`scripts::CLAIM`]) that
-//! counts the delivery; entries the subscription owns already (held, being acked, waiting to
-//! retry) are never claimed or handed out again.
+//! The steps: nacked entries that are due; the drain of this consumer's own pending list (on
+//! start and after every read error); reclaim (crashed consumers at once, then entries idle
+//! past `min_idle`, found with `XPENDING IDLE`); else a blocking read of new entries. Every
+//! redelivery goes through one owner-checked claim ([`scripts::CLAIM`]) that counts the
+//! delivery; entries the subscription owns already (held, being acked, waiting to retry) are
+//! never claimed or handed out again.
 //!
 //! A read that came back full is followed at once by the next one, sent ahead without
 //! `BLOCK` when at least half a batch of capacity is free and nothing else is due (a retry,
@@ -28,6 +31,7 @@ use tokio::time::Instant;
 use super::group;
 use super::lease::{Held, Lease};
 use super::options::RedisSubscriberOptions;
+use super::plan::{DrainFrom, Facts, Next, Planner, Step};
 use super::shared::{Op, Shared};
 use super::stats::SubscriberStats;
 use super::warnings::RepeatedWarnings;
@@ -56,13 +60,11 @@ pub(super) struct Reader {
     stats: Arc<SubscriberStats>,
     options: SubscribeOptions,
     read_conn: Option<(DedicatedConnection, i64)>,
-    /// The slots taken for a read sent ahead, whose reply the next step takes.
-    read_ahead: Option<usize>,
-    /// Where the drain of this consumer's own pending list has got to; `None` once done.
-    drain_from: Option<String>,
+    /// Which step comes next, and the state that decision rests on (the read sent ahead, the
+    /// drain's cursor, the next reclaim).
+    plan: Planner,
     /// This consumer's lease, re-asserted before each reclaim.
     lease: Lease,
-    next_reclaim: Instant,
     buffer: VecDeque<Delivery>,
     failures: u32,
     /// What the step under way sends, to name it when it fails (a script's error names only
@@ -111,12 +113,10 @@ impl Reader {
             codec: subscriber.codec.clone(),
             store,
             stats,
+            plan: Planner::new(&options, lease.ttl(), Instant::now()),
             options,
             read_conn: None,
-            read_ahead: None,
-            drain_from: Some("-".to_owned()),
             lease,
-            next_reclaim: Instant::now(),
             buffer: VecDeque::new(),
             failures: 0,
             sending: "XREADGROUP",
@@ -128,7 +128,7 @@ impl Reader {
     }
 
     async fn next_item(&mut self) -> Option<Result<Delivery>> {
-        loop {
+        'steps: loop {
             if self.shared.closed().is_cancelled() {
                 self.buffer.clear();
                 return None;
@@ -150,26 +150,29 @@ impl Reader {
                 return Some(Ok(d));
             }
             let (closed, lease_lost) = (self.shared.closed().clone(), self.lease_lost.clone());
-            let (taken, ahead) = match self.read_ahead.take() {
-                Some(taken) => (taken, true),
-                None => {
-                    let taken = tokio::select! {
-                        biased;
-                        _ = closed.cancelled() => continue,
-                        _ = lease_lost.cancelled() => continue,
-                        n = self.shared.capacity().acquire(self.options.batch_size_value()) => n,
-                    };
-                    (taken, false)
+            let mut budget = 0;
+            let (started, step) = loop {
+                let now = Instant::now();
+                match self.plan.next(now, self.facts(budget, now)) {
+                    Next::WaitForCapacity { batch } => {
+                        budget = tokio::select! {
+                            biased;
+                            _ = closed.cancelled() => continue 'steps,
+                            _ = lease_lost.cancelled() => continue 'steps,
+                            n = self.shared.capacity().acquire(batch) => n,
+                        };
+                    }
+                    Next::Run(step) => break (now, step),
                 }
             };
-            let started = Instant::now();
+            let taken = step.slots();
             let result = tokio::select! {
                 biased;
                 _ = closed.cancelled() => Ok(0),
                 _ = lease_lost.cancelled() => Ok(0),
-                r = self.fetch(taken, ahead) => r,
+                r = self.run(step, started) => r,
             };
-            if self.was_cut_off(started) {
+            if self.plan.out_of_reach(started, Instant::now()) {
                 // A step that took far longer than its BLOCK: the server was out of reach (or
                 // this process paused), maybe for everyone; no one is taken for crashed yet.
                 self.shared.hold_back_reclaim(self.lease.ttl());
@@ -186,6 +189,15 @@ impl Reader {
                     }
                 }
             }
+        }
+    }
+
+    /// What the planner needs of the shared state at `now`, with `budget` slots taken.
+    fn facts(&self, budget: usize, now: Instant) -> Facts {
+        Facts {
+            budget,
+            next_retry: self.shared.ledger().next_retry(),
+            reclaim_held_until: self.shared.reclaim_held_until(now),
         }
     }
 
@@ -265,65 +277,57 @@ impl Reader {
     /// list meanwhile is found by the drain that follows.
     fn drop_read_conn(&mut self) {
         self.read_conn = None;
-        if let Some(slots) = self.read_ahead.take() {
-            self.shared.capacity().release(slots);
-        }
-        self.drain_from = Some("-".to_owned());
+        let slots = self.plan.connection_lost();
+        self.shared.capacity().release(slots);
     }
 
-    /// One step; turns what it got into deliveries and returns how many slots they use.
-    /// `ahead`: this step takes the reply of the read sent ahead (`budget` is its slots).
-    async fn fetch(&mut self, budget: usize, ahead: bool) -> std::result::Result<usize, ReadError> {
-        let now = Instant::now();
-        if ahead {
-            self.sending = "XREADGROUP";
-            let entries = self.receive_new(budget).await?;
-            return Ok(self.admit(entries.into_iter().map(|e| (e, 1)).collect()).await);
-        }
-        let due = self.shared.ledger().take_due(now, budget);
-        let fetched = if !due.is_empty() {
-            let me = self.shared.origin().consumer().to_owned();
-            let ids: Vec<EntryId> = due.iter().map(|(id, _)| *id).collect();
-            let fetched = self.claim(&me, &ids, 0).await?;
-            let unclaimed = std::mem::take(&mut self.unclaimed);
-            if !unclaimed.is_empty() {
-                let counts = due
-                    .iter()
-                    .filter(|(id, _)| unclaimed.contains(id))
-                    .copied()
-                    .collect();
-                self.retries_not_pending(counts).await;
+    /// Takes `step`, planned at `now`; turns what it got into deliveries and returns how many
+    /// slots they use.
+    async fn run(&mut self, step: Step, now: Instant) -> std::result::Result<usize, ReadError> {
+        let fetched = match step {
+            Step::TakeReadAhead { slots } => {
+                self.sending = "XREADGROUP";
+                let entries = self.receive_new(slots).await?;
+                entries.into_iter().map(|e| (e, 1)).collect()
             }
-            fetched
-        } else if self.drain_from.is_some() {
-            self.drain(budget).await?
-        } else if let Some(reclaim) = self.options.reclaim_value().filter(|_| now >= self.next_reclaim) {
-            self.next_reclaim = now + reclaim.interval;
-            self.reclaim(reclaim, budget).await?
-        } else {
-            let read = read_group(self.shared.origin(), budget, Some(self.block_for(now)));
-            self.sending = "XREADGROUP";
-            let (conn, client_id) = self.read_conn().await?;
-            conn.send(&read).await?;
-            self.shared.set_blocked_client(Some(client_id));
-            let entries = self.receive_new(budget).await;
-            self.shared.set_blocked_client(None);
-            entries?.into_iter().map(|e| (e, 1)).collect()
+            Step::ClaimDue { budget } => self.claim_due(now, budget).await?,
+            Step::Drain { from, page, budget } => self.drain(from, page, budget).await?,
+            Step::Reclaim { options, budget } => self.reclaim(options, budget).await?,
+            Step::Read { budget, block } => self.read_new(budget, block).await?,
         };
         Ok(self.admit(fetched).await)
     }
 
-    /// How long the next blocking read may wait: `block`, but no longer than until the next
-    /// retry or reclaim is due.
-    fn block_for(&self, now: Instant) -> Duration {
-        let mut until = now + self.options.block_value();
-        if let Some(at) = self.shared.ledger().next_retry() {
-            until = until.min(at);
+    /// Claims back up to `budget` nacked entries due at `now`; those found in no pending list
+    /// any more go to [`retries_not_pending`](Self::retries_not_pending).
+    async fn claim_due(&mut self, now: Instant, budget: usize) -> std::result::Result<Fetched, ReadError> {
+        let due = self.shared.ledger().take_due(now, budget);
+        let me = self.shared.origin().consumer().to_owned();
+        let ids: Vec<EntryId> = due.iter().map(|(id, _)| *id).collect();
+        let fetched = self.claim(&me, &ids, 0).await?;
+        let unclaimed = std::mem::take(&mut self.unclaimed);
+        if !unclaimed.is_empty() {
+            let counts = due
+                .iter()
+                .filter(|(id, _)| unclaimed.contains(id))
+                .copied()
+                .collect();
+            self.retries_not_pending(counts).await;
         }
-        if self.options.reclaim_value().is_some() {
-            until = until.min(self.next_reclaim);
-        }
-        until.saturating_duration_since(now).max(Duration::from_millis(1))
+        Ok(fetched)
+    }
+
+    /// A blocking `XREADGROUP ... >` of up to `budget` new entries, waiting at most `block`;
+    /// while it waits, a nack can unblock it through the flusher.
+    async fn read_new(&mut self, budget: usize, block: Duration) -> std::result::Result<Fetched, ReadError> {
+        let read = read_group(self.shared.origin(), budget, Some(block));
+        self.sending = "XREADGROUP";
+        let (conn, client_id) = self.read_conn().await?;
+        conn.send(&read).await?;
+        self.shared.set_blocked_client(Some(client_id));
+        let entries = self.receive_new(budget).await;
+        self.shared.set_blocked_client(None);
+        Ok(entries?.into_iter().map(|e| (e, 1)).collect())
     }
 
     async fn read_conn(&mut self) -> std::result::Result<(&mut DedicatedConnection, i64), ReadError> {
@@ -356,19 +360,17 @@ impl Reader {
         Ok(entries)
     }
 
-    /// Sends the next `XREADGROUP` without `BLOCK`, if at least half a batch of capacity is
-    /// free and no other step is due; the slots are taken now and used by the step that
-    /// takes the reply.
+    /// Sends the next `XREADGROUP` without `BLOCK`, when the planner finds no other step due
+    /// and enough capacity is free; the slots are taken now and used by the step that takes
+    /// the reply.
     async fn read_ahead(&mut self) {
         let now = Instant::now();
-        let retry_due = self.shared.ledger().next_retry().is_some_and(|at| at <= now);
-        let reclaim_due = self.options.reclaim_value().is_some() && now >= self.next_reclaim;
-        if retry_due || reclaim_due || self.drain_from.is_some() {
+        let next_retry = self.shared.ledger().next_retry();
+        let Some(ahead) = self.plan.read_ahead(now, next_retry) else {
             return;
-        }
-        let batch = self.options.batch_size_value();
-        let slots = self.shared.capacity().try_acquire(batch);
-        if slots == 0 || slots < batch.div_ceil(2) || self.shared.closed().is_cancelled() {
+        };
+        let slots = self.shared.capacity().try_acquire(ahead.want);
+        if slots < ahead.at_least || self.shared.closed().is_cancelled() {
             self.shared.capacity().release(slots);
             return;
         }
@@ -378,7 +380,7 @@ impl Reader {
         };
         let cmd = read_group(self.shared.origin(), slots, None);
         match conn.send(&cmd).await {
-            Ok(()) => self.read_ahead = Some(slots),
+            Ok(()) => self.plan.sent_ahead(slots),
             Err(e) => {
                 tracing::debug!(error = %e, "read ahead failed; reconnecting");
                 self.shared.capacity().release(slots);
@@ -430,53 +432,43 @@ impl Reader {
         Ok(fetched)
     }
 
-    /// One page of this consumer's own pending list (left by an earlier run, or read in a
-    /// reply that a connection failure lost), minus what this subscription owns already.
-    async fn drain(&mut self, budget: usize) -> std::result::Result<Fetched, ReadError> {
+    /// One page of `page` rows of this consumer's own pending list from `from` (left by an
+    /// earlier run, or read in a reply that a connection failure lost): claims back up to
+    /// `budget` of them, minus what this subscription owns already.
+    async fn drain(
+        &mut self,
+        from: DrainFrom,
+        page: usize,
+        budget: usize,
+    ) -> std::result::Result<Fetched, ReadError> {
         let origin = self.shared.origin().clone();
-        let from = self.drain_from.clone().unwrap_or_else(|| "-".to_owned());
-        let page = budget.max(16);
         let rows: Value = {
             self.sending = "XPENDING";
             let (conn, _) = self.read_conn().await?;
             redis::cmd("XPENDING")
                 .arg(origin.stream())
                 .arg(origin.group())
-                .arg(&from)
+                .arg(from.xpending_start())
                 .arg("+")
                 .arg(page)
                 .arg(origin.consumer())
                 .query_async(conn)
                 .await?
         };
-        let rows = codec::parse_pending_rows(rows)?;
-        self.drain_from = match rows.last() {
-            Some(last) if rows.len() == page => Some(format!("({}", last.id)),
-            _ => None,
-        };
-        let ids: Vec<EntryId> = {
+        let rows: Vec<EntryId> = codec::parse_pending_rows(rows)?.iter().map(|r| r.id).collect();
+        let ids = {
             let ledger = self.shared.ledger();
-            rows.iter()
-                .map(|r| r.id)
-                .filter(|id| !ledger.is_ours(id))
-                .take(budget)
-                .collect()
+            self.plan.drained(&rows, page, budget, |id| ledger.is_ours(id))
         };
-        // What did not fit the budget is read on the next page.
-        if let Some(last) = ids.last()
-            && ids.len() == budget
-            && rows.iter().any(|r| r.id > *last)
-        {
-            self.drain_from = Some(format!("({last}"));
-        }
         self.claim(origin.consumer(), &ids, 0).await
     }
 
     /// Takes over the entries of crashed consumers at once, then entries idle past
-    /// `min_idle`. Before taking any, it re-asserts its own lease: when that had run out (an
-    /// outage or a pause cut this consumer off, and perhaps everyone), reclaim waits one lease
-    /// TTL, so that live consumers renew their leases and touch their entries first. And it
-    /// keeps the checkpoint below what it is about to take (entries older than it may be).
+    /// `min_idle` (a reclaim held back never gets here: the planner put it off). Before taking
+    /// any, it re-asserts its own lease: when that had run out (an outage or a pause cut this
+    /// consumer off, and perhaps everyone), reclaim waits one lease TTL, so that live
+    /// consumers renew their leases and touch their entries first. And it keeps the checkpoint
+    /// below what it is about to take (entries older than it may be).
     async fn reclaim(
         &mut self,
         reclaim: ReclaimOptions,
@@ -486,10 +478,6 @@ impl Reader {
         let (stream, group, me) = (origin.stream(), origin.group(), origin.consumer());
         let mut fetched = Vec::new();
         let now = Instant::now();
-        if let Some(until) = self.shared.reclaim_held_until(now) {
-            self.next_reclaim = self.next_reclaim.max(until);
-            return Ok(fetched);
-        }
         match self.lease.hold_state("lease renewal").await {
             Ok(Held::Extended) => {}
             Ok(Held::Retaken) => {
@@ -500,7 +488,7 @@ impl Reader {
                     "this consumer's lease had run out; reclaim waits one lease TTL"
                 );
                 self.shared.hold_back_reclaim(self.lease.ttl());
-                self.next_reclaim = self.next_reclaim.max(now + self.lease.ttl());
+                self.plan.hold_back_reclaim(now + self.lease.ttl());
                 return Ok(fetched);
             }
             // Lost to another: stop now rather than at the heartbeat's next look.
@@ -529,7 +517,7 @@ impl Reader {
         let crashed = match crashed {
             Err(e) if is_cut_off(&e) => return Ok(self.cut_off(fetched)),
             // The answer came so late that an outage may lie in between: look again later.
-            Ok(_) if self.was_cut_off(now) => return Ok(self.cut_off(fetched)),
+            Ok(_) if self.plan.out_of_reach(now, Instant::now()) => return Ok(self.cut_off(fetched)),
             other => other?,
         };
         for (name, pending) in crashed {
@@ -594,13 +582,6 @@ impl Reader {
         Ok(fetched)
     }
 
-    /// Whether a step begun at `started` took so much longer than a blocking read may that
-    /// the server (or this process) was out of reach meanwhile: more than `block` plus a
-    /// third of the lease TTL, the heartbeat's interval.
-    fn was_cut_off(&self, started: Instant) -> bool {
-        started.elapsed() > self.options.block_value() + self.lease.ttl() / 3
-    }
-
     /// The server found this consumer's lease run out in the middle of a reclaim (an outage
     /// or a pause began after the lease was re-asserted): nothing more is taken, and reclaim
     /// waits one lease TTL. Returns what was taken before.
@@ -612,7 +593,7 @@ impl Reader {
             "this consumer's lease ran out during a reclaim; reclaim waits one lease TTL"
         );
         self.shared.hold_back_reclaim(self.lease.ttl());
-        self.next_reclaim = self.next_reclaim.max(Instant::now() + self.lease.ttl());
+        self.plan.hold_back_reclaim(Instant::now() + self.lease.ttl());
         fetched
     }
 
