@@ -24,7 +24,6 @@ mod checkpoint;
 mod connection;
 mod dedicated;
 mod keys;
-mod lease;
 mod protocol;
 mod publisher;
 mod reader;

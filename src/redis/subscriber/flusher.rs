@@ -13,8 +13,9 @@ use crate::signal::Signal;
 use redis::Value;
 use tokio::sync::mpsc;
 
-use super::SubscriberStats;
-use super::shared::{Ledger, Op, RepeatedWarnings, lock};
+use super::shared::{Ledger, Op, lock};
+use super::stats::SubscriberStats;
+use super::warnings::RepeatedWarnings;
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::codec::Codec;
 use crate::dead_letter;
@@ -29,30 +30,31 @@ const MAX_ACK_BATCH: usize = 1000;
 /// How often at most the checkpoint is saved while acks flow (it is saved on close too).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
-pub(crate) struct Flusher {
-    pub(crate) ledger: Arc<Mutex<Ledger>>,
-    pub(crate) conn: RedisConnection,
-    pub(crate) origin: Arc<Origin>,
-    pub(crate) store: Option<Arc<dyn CheckpointStore>>,
-    pub(crate) stats: Arc<SubscriberStats>,
+/// The flusher of one subscription: what it has to write, and what it wrote.
+pub(super) struct Flusher {
+    ledger: Arc<Mutex<Ledger>>,
+    conn: RedisConnection,
+    origin: Arc<Origin>,
+    store: Option<Arc<dyn CheckpointStore>>,
+    stats: Arc<SubscriberStats>,
     /// Encodes dead-letter records.
-    pub(crate) codec: Arc<dyn Codec>,
+    codec: Arc<dyn Codec>,
     /// Dead letters not written yet, oldest first (their entries are in the ledger's
     /// `dead_lettering` until written).
-    pub(crate) dead_letters: Vec<(EntryId, Message)>,
-    pub(crate) interval: Duration,
+    dead_letters: Vec<(EntryId, Message)>,
+    interval: Duration,
     /// The highest id acked so far, and the checkpoint last saved.
-    pub(crate) acked_up_to: Option<EntryId>,
-    pub(crate) saved: Option<EntryId>,
-    pub(crate) saved_at: Option<tokio::time::Instant>,
+    acked_up_to: Option<EntryId>,
+    saved: Option<EntryId>,
+    saved_at: Option<tokio::time::Instant>,
     /// Acks were confirmed since the checkpoint was last saved (held back by the rate limit).
-    pub(crate) checkpoint_behind: bool,
+    checkpoint_behind: bool,
     /// Warnings, each repeated one logged with a count.
-    pub(crate) log: RepeatedWarnings,
+    log: RepeatedWarnings,
     /// While claims run: no checkpoint above this (see `Op::Lower`).
-    pub(crate) floor: Option<EntryId>,
+    floor: Option<EntryId>,
     /// `flush` calls waiting for the acks sent before them to be written.
-    pub(crate) flush_waiters: Vec<tokio::sync::oneshot::Sender<crate::Result<()>>>,
+    flush_waiters: Vec<tokio::sync::oneshot::Sender<crate::Result<()>>>,
 }
 
 enum Wake {
@@ -63,7 +65,40 @@ enum Wake {
 }
 
 impl Flusher {
-    pub(crate) async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>, closed: Signal) {
+    /// The flusher of the subscription of `origin`, whose `ledger` it clears as writes
+    /// succeed; checkpoints go to `store` (none: not kept), dead-letter records are encoded
+    /// with `codec`, acks gather for `interval` (zero: sent as soon as the last `XACK` returned).
+    pub(super) fn new(
+        ledger: Arc<Mutex<Ledger>>,
+        conn: RedisConnection,
+        origin: Arc<Origin>,
+        store: Option<Arc<dyn CheckpointStore>>,
+        stats: Arc<SubscriberStats>,
+        codec: Arc<dyn Codec>,
+        interval: Duration,
+    ) -> Self {
+        Flusher {
+            ledger,
+            conn,
+            origin,
+            store,
+            stats,
+            codec,
+            dead_letters: Vec::new(),
+            interval,
+            acked_up_to: None,
+            saved: None,
+            saved_at: None,
+            checkpoint_behind: false,
+            log: RepeatedWarnings::default(),
+            floor: None,
+            flush_waiters: Vec::new(),
+        }
+    }
+
+    /// Takes `ops` until `closed` or every sender is gone, then writes what was sent before
+    /// and saves the checkpoint.
+    pub(super) async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>, closed: Signal) {
         let mut batch = Vec::new();
         let mut failures = 0;
         loop {

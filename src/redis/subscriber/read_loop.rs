@@ -1,11 +1,14 @@
-//! The read side of one subscription: the state behind its [`Subscription`] stream.
+//! The read side of one subscription: the state behind its [`Subscription`] stream, and the
+//! commands of each step. Which step comes next is the [`Planner`]'s decision
+//! ([`plan`](super::plan)); this module takes capacity, sends the step's commands, and feeds
+//! what they found back.
 //!
-//! Each step takes capacity first, then, in order: nacked entries that are due; the drain of
-//! this consumer's own pending list (on start and after every read error); reclaim when due
-//! (crashed consumers at once, then entries idle past `min_idle`, found with `XPENDING IDLE`); else a blocking read of new
-//! entries. Every redelivery goes through one owner-checked claim ([`scripts::CLAIM`]) that
-//! counts the delivery; entries the subscription owns already (held, being acked, waiting to
-//! retry) are never claimed or handed out again.
+//! The steps: nacked entries that are due; the drain of this consumer's own pending list (on
+//! start and after every read error); reclaim (crashed consumers at once, then entries idle
+//! past `min_idle`, found with `XPENDING IDLE`); else a blocking read of new entries. Every
+//! redelivery goes through one owner-checked claim ([`scripts::CLAIM`]) that counts the
+//! delivery; entries the subscription owns already (held, being acked, waiting to retry) are
+//! never claimed or handed out again.
 //!
 //! A read that came back full is followed at once by the next one, sent ahead without
 //! `BLOCK` when at least half a batch of capacity is free and nothing else is due (a retry,
@@ -20,15 +23,18 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::signal::Signal;
 use redis::Value;
 use tokio::time::Instant;
 
-use super::SubscriberStats;
-use super::shared::{Op, RepeatedWarnings, Shared};
+use super::group;
+use super::lease::{Held, Lease};
+use super::options::RedisSubscriberOptions;
+use super::plan::{DrainFrom, Facts, Next, Planner, Step};
+use super::shared::{Op, Shared};
+use super::stats::SubscriberStats;
+use super::warnings::RepeatedWarnings;
 use crate::checkpoint::CheckpointStore;
 use crate::codec::Codec;
 use crate::dead_letter::{DeadLetter, GaveUp};
@@ -38,46 +44,45 @@ use crate::message::{EntryId, Message};
 use crate::pubsub::{ReclaimOptions, SubscribeOptions};
 use crate::redis::connection::is_transient;
 use crate::redis::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
-use crate::redis::lease::Held;
 use crate::redis::protocol::replies::{self, Claimed, ReplyEntry};
-use crate::redis::{keys, scripts};
+use crate::redis::{admin, keys, scripts};
+use crate::signal::Signal;
 
 /// Entries fetched by one step, with their delivery counts (this delivery included).
 type Fetched = Vec<(ReplyEntry, u64)>;
 
-pub(crate) struct Reader {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) settler: Arc<dyn Settler>,
-    pub(crate) codec: Arc<dyn Codec>,
-    pub(crate) max_entry_size: usize,
-    pub(crate) store: Option<Arc<dyn CheckpointStore>>,
-    pub(crate) stats: Arc<SubscriberStats>,
-    pub(crate) options: SubscribeOptions,
-    pub(crate) read_conn: Option<(DedicatedConnection, i64)>,
-    /// The slots taken for a read sent ahead, whose reply the next step takes.
-    pub(crate) read_ahead: Option<usize>,
-    /// Where the drain of this consumer's own pending list has got to; `None` once done.
-    pub(crate) drain_from: Option<String>,
+/// The read side of one subscription.
+pub(super) struct Reader {
+    shared: Arc<Shared>,
+    settler: Arc<dyn Settler>,
+    codec: Arc<dyn Codec>,
+    max_entry_size: usize,
+    store: Option<Arc<dyn CheckpointStore>>,
+    stats: Arc<SubscriberStats>,
+    options: SubscribeOptions,
+    read_conn: Option<(DedicatedConnection, i64)>,
+    /// Which step comes next, and the state that decision rests on (the read sent ahead, the
+    /// drain's cursor, the next reclaim).
+    plan: Planner,
     /// This consumer's lease, re-asserted before each reclaim.
-    pub(crate) lease: crate::redis::lease::Lease,
-    pub(crate) next_reclaim: Instant,
-    pub(crate) buffer: VecDeque<Delivery>,
-    pub(crate) failures: u32,
+    lease: Lease,
+    buffer: VecDeque<Delivery>,
+    failures: u32,
     /// What the step under way sends, to name it when it fails (a script's error names only
     /// its SHA).
-    pub(crate) sending: &'static str,
+    sending: &'static str,
     /// Cancelled by the heartbeat when another consumer took this consumer's lease.
-    pub(crate) lease_lost: Signal,
-    pub(crate) lease_loss_reported: bool,
+    lease_lost: Signal,
+    lease_loss_reported: bool,
     /// Warnings of the read loop, each repeated one logged with a count.
-    pub(crate) log: RepeatedWarnings,
+    log: RepeatedWarnings,
     /// Ids the last claim found in no pending list.
-    pub(crate) unclaimed: Vec<EntryId>,
+    unclaimed: Vec<EntryId>,
 }
 
 impl crate::pubsub::BackendReader for Reader {
     fn ready(&mut self) -> Option<Delivery> {
-        if self.shared.closed.is_cancelled() || self.lease_lost.is_cancelled() {
+        if self.shared.closed().is_cancelled() || self.lease_lost.is_cancelled() {
             return None;
         }
         self.buffer.pop_front()
@@ -90,9 +95,42 @@ impl crate::pubsub::BackendReader for Reader {
 }
 
 impl Reader {
+    /// The reader of the subscription whose state is `shared`, holding `lease` (the
+    /// heartbeat cancels `lease_lost` when another consumer takes it). `subscriber` gives the
+    /// wire format and the entry size limit; checkpoints are in `store`.
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        lease: Lease,
+        lease_lost: Signal,
+        options: SubscribeOptions,
+        subscriber: &RedisSubscriberOptions,
+        store: Option<Arc<dyn CheckpointStore>>,
+        stats: Arc<SubscriberStats>,
+    ) -> Self {
+        Reader {
+            settler: shared.clone(),
+            max_entry_size: subscriber.max_entry_size_of(shared.origin().stream()),
+            shared,
+            codec: subscriber.codec.clone(),
+            store,
+            stats,
+            plan: Planner::new(&options, lease.ttl(), Instant::now()),
+            options,
+            read_conn: None,
+            lease,
+            buffer: VecDeque::new(),
+            failures: 0,
+            sending: "XREADGROUP",
+            lease_lost,
+            lease_loss_reported: false,
+            log: RepeatedWarnings::default(),
+            unclaimed: Vec::new(),
+        }
+    }
+
     async fn next_item(&mut self) -> Option<Result<Delivery>> {
-        loop {
-            if self.shared.closed.is_cancelled() {
+        'steps: loop {
+            if self.shared.closed().is_cancelled() {
                 self.buffer.clear();
                 return None;
             }
@@ -102,7 +140,7 @@ impl Reader {
                     return None;
                 }
                 self.lease_loss_reported = true;
-                let origin = &self.shared.origin;
+                let origin = self.shared.origin();
                 return Some(Err(Error::ConsumerActive {
                     stream: origin.stream().to_owned(),
                     group: origin.group().to_owned(),
@@ -112,43 +150,55 @@ impl Reader {
             if let Some(d) = self.buffer.pop_front() {
                 return Some(Ok(d));
             }
-            let (closed, lease_lost) = (self.shared.closed.clone(), self.lease_lost.clone());
-            let (taken, ahead) = match self.read_ahead.take() {
-                Some(taken) => (taken, true),
-                None => {
-                    let taken = tokio::select! {
-                        biased;
-                        _ = closed.cancelled() => continue,
-                        _ = lease_lost.cancelled() => continue,
-                        n = self.shared.capacity.acquire(self.options.batch_size_value()) => n,
-                    };
-                    (taken, false)
+            let (closed, lease_lost) = (self.shared.closed().clone(), self.lease_lost.clone());
+            let mut budget = 0;
+            let (started, step) = loop {
+                let now = Instant::now();
+                match self.plan.next(now, self.facts(budget, now)) {
+                    Next::WaitForCapacity { batch } => {
+                        budget = tokio::select! {
+                            biased;
+                            _ = closed.cancelled() => continue 'steps,
+                            _ = lease_lost.cancelled() => continue 'steps,
+                            n = self.shared.capacity().acquire(batch) => n,
+                        };
+                    }
+                    Next::Run(step) => break (now, step),
                 }
             };
-            let started = Instant::now();
+            let taken = step.slots();
             let result = tokio::select! {
                 biased;
                 _ = closed.cancelled() => Ok(0),
                 _ = lease_lost.cancelled() => Ok(0),
-                r = self.fetch(taken, ahead) => r,
+                r = self.run(step, started) => r,
             };
-            if self.was_cut_off(started) {
+            if self.plan.out_of_reach(started, Instant::now()) {
                 // A step that took far longer than its BLOCK: the server was out of reach (or
                 // this process paused), maybe for everyone; no one is taken for crashed yet.
                 self.shared.hold_back_reclaim(self.lease.ttl());
             }
             match result {
                 Ok(used) => {
-                    self.shared.capacity.release(taken - used);
+                    self.shared.capacity().release(taken - used);
                     self.failures = 0;
                 }
                 Err(e) => {
-                    self.shared.capacity.release(taken);
+                    self.shared.capacity().release(taken);
                     if let Some(e) = self.after_error(e).await {
                         return Some(Err(e));
                     }
                 }
             }
+        }
+    }
+
+    /// What the planner needs of the shared state at `now`, with `budget` slots taken.
+    fn facts(&self, budget: usize, now: Instant) -> Facts {
+        Facts {
+            budget,
+            next_retry: self.shared.ledger().next_retry(),
+            reclaim_held_until: self.shared.reclaim_held_until(now),
         }
     }
 
@@ -160,7 +210,7 @@ impl Reader {
     async fn after_error(&mut self, e: ReadError) -> Option<Error> {
         SubscriberStats::add(&self.stats.read_errors, 1);
         self.drop_read_conn();
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         if let ReadError::Redis(e) = &e
             && e.code() == Some("NOGROUP")
         {
@@ -173,8 +223,8 @@ impl Reader {
             }
             self.log
                 .warn(origin.stream(), "consumer group vanished; re-creating it");
-            let recreated = super::create_group(
-                &self.shared.conn,
+            let recreated = group::create(
+                self.shared.conn(),
                 self.store.as_deref(),
                 origin.stream(),
                 origin.group(),
@@ -191,7 +241,7 @@ impl Reader {
             }
             return None;
         }
-        let conn = self.shared.conn.clone();
+        let conn = self.shared.conn().clone();
         self.log.warn(
             origin.stream(),
             &format!("read failed during {}; retrying: {e}", self.sending),
@@ -214,9 +264,9 @@ impl Reader {
 
     /// Waits the backoff of the current failure count, or until closed.
     async fn pause(&self) {
-        let delay = self.shared.conn.backoff(self.failures);
+        let delay = self.shared.conn().backoff(self.failures);
         tokio::select! {
-            _ = self.shared.closed.cancelled() => {}
+            _ = self.shared.closed().cancelled() => {}
             _ = tokio::time::sleep(delay) => {}
         }
     }
@@ -225,65 +275,57 @@ impl Reader {
     /// list meanwhile is found by the drain that follows.
     fn drop_read_conn(&mut self) {
         self.read_conn = None;
-        if let Some(slots) = self.read_ahead.take() {
-            self.shared.capacity.release(slots);
-        }
-        self.drain_from = Some("-".to_owned());
+        let slots = self.plan.connection_lost();
+        self.shared.capacity().release(slots);
     }
 
-    /// One step; turns what it got into deliveries and returns how many slots they use.
-    /// `ahead`: this step takes the reply of the read sent ahead (`budget` is its slots).
-    async fn fetch(&mut self, budget: usize, ahead: bool) -> std::result::Result<usize, ReadError> {
-        let now = Instant::now();
-        if ahead {
-            self.sending = "XREADGROUP";
-            let entries = self.receive_new(budget).await?;
-            return Ok(self.admit(entries.into_iter().map(|e| (e, 1)).collect()).await);
-        }
-        let due = self.shared.ledger().take_due(now, budget);
-        let fetched = if !due.is_empty() {
-            let me = self.shared.origin.consumer().to_owned();
-            let ids: Vec<EntryId> = due.iter().map(|(id, _)| *id).collect();
-            let fetched = self.claim(&me, &ids, 0).await?;
-            let unclaimed = std::mem::take(&mut self.unclaimed);
-            if !unclaimed.is_empty() {
-                let counts = due
-                    .iter()
-                    .filter(|(id, _)| unclaimed.contains(id))
-                    .copied()
-                    .collect();
-                self.retries_not_pending(counts).await;
+    /// Takes `step`, planned at `now`; turns what it got into deliveries and returns how many
+    /// slots they use.
+    async fn run(&mut self, step: Step, now: Instant) -> std::result::Result<usize, ReadError> {
+        let fetched = match step {
+            Step::TakeReadAhead { slots } => {
+                self.sending = "XREADGROUP";
+                let entries = self.receive_new(slots).await?;
+                entries.into_iter().map(|e| (e, 1)).collect()
             }
-            fetched
-        } else if self.drain_from.is_some() {
-            self.drain(budget).await?
-        } else if let Some(reclaim) = self.options.reclaim_value().filter(|_| now >= self.next_reclaim) {
-            self.next_reclaim = now + reclaim.interval;
-            self.reclaim(reclaim, budget).await?
-        } else {
-            let read = read_group(&self.shared.origin, budget, Some(self.block_for(now)));
-            self.sending = "XREADGROUP";
-            let (conn, client_id) = self.read_conn().await?;
-            conn.send(&read).await?;
-            self.shared.blocked_client.store(client_id, Ordering::Release);
-            let entries = self.receive_new(budget).await;
-            self.shared.blocked_client.store(0, Ordering::Release);
-            entries?.into_iter().map(|e| (e, 1)).collect()
+            Step::ClaimDue { budget } => self.claim_due(now, budget).await?,
+            Step::Drain { from, page, budget } => self.drain(from, page, budget).await?,
+            Step::Reclaim { options, budget } => self.reclaim(options, budget).await?,
+            Step::Read { budget, block } => self.read_new(budget, block).await?,
         };
         Ok(self.admit(fetched).await)
     }
 
-    /// How long the next blocking read may wait: `block`, but no longer than until the next
-    /// retry or reclaim is due.
-    fn block_for(&self, now: Instant) -> Duration {
-        let mut until = now + self.options.block_value();
-        if let Some(at) = self.shared.ledger().next_retry() {
-            until = until.min(at);
+    /// Claims back up to `budget` nacked entries due at `now`; those found in no pending list
+    /// any more go to [`retries_not_pending`](Self::retries_not_pending).
+    async fn claim_due(&mut self, now: Instant, budget: usize) -> std::result::Result<Fetched, ReadError> {
+        let due = self.shared.ledger().take_due(now, budget);
+        let me = self.shared.origin().consumer().to_owned();
+        let ids: Vec<EntryId> = due.iter().map(|(id, _)| *id).collect();
+        let fetched = self.claim(&me, &ids, 0).await?;
+        let unclaimed = std::mem::take(&mut self.unclaimed);
+        if !unclaimed.is_empty() {
+            let counts = due
+                .iter()
+                .filter(|(id, _)| unclaimed.contains(id))
+                .copied()
+                .collect();
+            self.retries_not_pending(counts).await;
         }
-        if self.options.reclaim_value().is_some() {
-            until = until.min(self.next_reclaim);
-        }
-        until.saturating_duration_since(now).max(Duration::from_millis(1))
+        Ok(fetched)
+    }
+
+    /// A blocking `XREADGROUP ... >` of up to `budget` new entries, waiting at most `block`;
+    /// while it waits, a nack can unblock it through the flusher.
+    async fn read_new(&mut self, budget: usize, block: Duration) -> std::result::Result<Fetched, ReadError> {
+        let read = read_group(self.shared.origin(), budget, Some(block));
+        self.sending = "XREADGROUP";
+        let (conn, client_id) = self.read_conn().await?;
+        conn.send(&read).await?;
+        self.shared.set_blocked_client(Some(client_id));
+        let entries = self.receive_new(budget).await;
+        self.shared.set_blocked_client(None);
+        Ok(entries?.into_iter().map(|e| (e, 1)).collect())
     }
 
     async fn read_conn(&mut self) -> std::result::Result<(&mut DedicatedConnection, i64), ReadError> {
@@ -291,7 +333,7 @@ impl Reader {
             let timeout = self.options.block_value() + BLOCK_REPLY_MARGIN;
             let mut conn = self
                 .shared
-                .conn
+                .conn()
                 .dedicated(timeout)
                 .await
                 .map_err(ReadError::Other)?;
@@ -316,32 +358,30 @@ impl Reader {
         Ok(entries)
     }
 
-    /// Sends the next `XREADGROUP` without `BLOCK`, if at least half a batch of capacity is
-    /// free and no other step is due; the slots are taken now and used by the step that
-    /// takes the reply.
+    /// Sends the next `XREADGROUP` without `BLOCK`, when the planner finds no other step due
+    /// and enough capacity is free; the slots are taken now and used by the step that takes
+    /// the reply.
     async fn read_ahead(&mut self) {
         let now = Instant::now();
-        let retry_due = self.shared.ledger().next_retry().is_some_and(|at| at <= now);
-        let reclaim_due = self.options.reclaim_value().is_some() && now >= self.next_reclaim;
-        if retry_due || reclaim_due || self.drain_from.is_some() {
+        let next_retry = self.shared.ledger().next_retry();
+        let Some(ahead) = self.plan.read_ahead(now, next_retry) else {
             return;
-        }
-        let batch = self.options.batch_size_value();
-        let slots = self.shared.capacity.try_acquire(batch);
-        if slots == 0 || slots < batch.div_ceil(2) || self.shared.closed.is_cancelled() {
-            self.shared.capacity.release(slots);
+        };
+        let slots = self.shared.capacity().try_acquire(ahead.want);
+        if slots < ahead.at_least || self.shared.closed().is_cancelled() {
+            self.shared.capacity().release(slots);
             return;
         }
         let Some((conn, _)) = self.read_conn.as_mut() else {
-            self.shared.capacity.release(slots);
+            self.shared.capacity().release(slots);
             return;
         };
-        let cmd = read_group(&self.shared.origin, slots, None);
+        let cmd = read_group(self.shared.origin(), slots, None);
         match conn.send(&cmd).await {
-            Ok(()) => self.read_ahead = Some(slots),
+            Ok(()) => self.plan.sent_ahead(slots),
             Err(e) => {
                 tracing::debug!(error = %e, "read ahead failed; reconnecting");
-                self.shared.capacity.release(slots);
+                self.shared.capacity().release(slots);
                 self.drop_read_conn();
             }
         }
@@ -359,7 +399,7 @@ impl Reader {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         let mut call = scripts::CLAIM.key(origin.stream());
         call.key(self.lease.key())
             .arg(origin.group())
@@ -383,66 +423,52 @@ impl Reader {
         Ok(fetched)
     }
 
-    /// One page of this consumer's own pending list (left by an earlier run, or read in a
-    /// reply that a connection failure lost), minus what this subscription owns already.
-    async fn drain(&mut self, budget: usize) -> std::result::Result<Fetched, ReadError> {
-        let origin = self.shared.origin.clone();
-        let from = self.drain_from.clone().unwrap_or_else(|| "-".to_owned());
-        let page = budget.max(16);
+    /// One page of `page` rows of this consumer's own pending list from `from` (left by an
+    /// earlier run, or read in a reply that a connection failure lost): claims back up to
+    /// `budget` of them, minus what this subscription owns already.
+    async fn drain(
+        &mut self,
+        from: DrainFrom,
+        page: usize,
+        budget: usize,
+    ) -> std::result::Result<Fetched, ReadError> {
+        let origin = self.shared.origin().clone();
         let rows: Value = {
             self.sending = "XPENDING";
             let (conn, _) = self.read_conn().await?;
             redis::cmd("XPENDING")
                 .arg(origin.stream())
                 .arg(origin.group())
-                .arg(&from)
+                .arg(from.xpending_start())
                 .arg("+")
                 .arg(page)
                 .arg(origin.consumer())
                 .query_async(conn)
                 .await?
         };
-        let rows = replies::parse_pending_rows(rows)?;
-        self.drain_from = match rows.last() {
-            Some(last) if rows.len() == page => Some(format!("({}", last.id)),
-            _ => None,
-        };
-        let ids: Vec<EntryId> = {
+        let rows: Vec<EntryId> = replies::parse_pending_rows(rows)?.iter().map(|r| r.id).collect();
+        let ids = {
             let ledger = self.shared.ledger();
-            rows.iter()
-                .map(|r| r.id)
-                .filter(|id| !ledger.is_ours(id))
-                .take(budget)
-                .collect()
+            self.plan.drained(&rows, page, budget, |id| ledger.is_ours(id))
         };
-        // What did not fit the budget is read on the next page.
-        if let Some(last) = ids.last()
-            && ids.len() == budget
-            && rows.iter().any(|r| r.id > *last)
-        {
-            self.drain_from = Some(format!("({last}"));
-        }
         self.claim(origin.consumer(), &ids, 0).await
     }
 
     /// Takes over the entries of crashed consumers at once, then entries idle past
-    /// `min_idle`. Before taking any, it re-asserts its own lease: when that had run out (an
-    /// outage or a pause cut this consumer off, and perhaps everyone), reclaim waits one lease
-    /// TTL, so that live consumers renew their leases and touch their entries first. And it
-    /// keeps the checkpoint below what it is about to take (entries older than it may be).
+    /// `min_idle` (a reclaim held back never gets here: the planner put it off). Before taking
+    /// any, it re-asserts its own lease: when that had run out (an outage or a pause cut this
+    /// consumer off, and perhaps everyone), reclaim waits one lease TTL, so that live
+    /// consumers renew their leases and touch their entries first. And it keeps the checkpoint
+    /// below what it is about to take (entries older than it may be).
     async fn reclaim(
         &mut self,
         reclaim: ReclaimOptions,
         budget: usize,
     ) -> std::result::Result<Fetched, ReadError> {
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         let (stream, group, me) = (origin.stream(), origin.group(), origin.consumer());
         let mut fetched = Vec::new();
         let now = Instant::now();
-        if let Some(until) = self.shared.reclaim_held_until(now) {
-            self.next_reclaim = self.next_reclaim.max(until);
-            return Ok(fetched);
-        }
         match self.lease.hold_state("lease renewal").await {
             Ok(Held::Extended) => {}
             Ok(Held::Retaken) => {
@@ -453,7 +479,7 @@ impl Reader {
                     "this consumer's lease had run out; reclaim waits one lease TTL"
                 );
                 self.shared.hold_back_reclaim(self.lease.ttl());
-                self.next_reclaim = self.next_reclaim.max(now + self.lease.ttl());
+                self.plan.hold_back_reclaim(now + self.lease.ttl());
                 return Ok(fetched);
             }
             // Lost to another: stop now rather than at the heartbeat's next look.
@@ -482,7 +508,7 @@ impl Reader {
         let crashed = match crashed {
             Err(e) if is_cut_off(&e) => return Ok(self.cut_off(fetched)),
             // The answer came so late that an outage may lie in between: look again later.
-            Ok(_) if self.was_cut_off(now) => return Ok(self.cut_off(fetched)),
+            Ok(_) if self.plan.out_of_reach(now, Instant::now()) => return Ok(self.cut_off(fetched)),
             other => other?,
         };
         for (name, pending) in crashed {
@@ -542,25 +568,18 @@ impl Reader {
         Ok(fetched)
     }
 
-    /// Whether a step begun at `started` took so much longer than a blocking read may that
-    /// the server (or this process) was out of reach meanwhile: more than `block` plus a
-    /// third of the lease TTL, the heartbeat's interval.
-    fn was_cut_off(&self, started: Instant) -> bool {
-        started.elapsed() > self.options.block_value() + self.lease.ttl() / 3
-    }
-
     /// The server found this consumer's lease run out in the middle of a reclaim (an outage
     /// or a pause began after the lease was re-asserted): nothing more is taken, and reclaim
     /// waits one lease TTL. Returns what was taken before.
     fn cut_off(&mut self, fetched: Fetched) -> Fetched {
-        let origin = &self.shared.origin;
+        let origin = self.shared.origin();
         tracing::warn!(
             stream = origin.stream(),
             consumer = origin.consumer(),
             "this consumer's lease ran out during a reclaim; reclaim waits one lease TTL"
         );
         self.shared.hold_back_reclaim(self.lease.ttl());
-        self.next_reclaim = self.next_reclaim.max(Instant::now() + self.lease.ttl());
+        self.plan.hold_back_reclaim(Instant::now() + self.lease.ttl());
         fetched
     }
 
@@ -571,7 +590,7 @@ impl Reader {
         idle_ms: Option<u64>,
         count: usize,
     ) -> std::result::Result<Vec<replies::PendingRow>, ReadError> {
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         let mut cmd = redis::cmd("XPENDING");
         cmd.arg(origin.stream()).arg(origin.group());
         if let Some(idle) = idle_ms {
@@ -591,7 +610,7 @@ impl Reader {
     /// done: what they took is in this consumer's pending list now, where the flusher's next
     /// save sees it, so the floor it kept can go.
     fn claims_done(&self) {
-        let _ = self.shared.ops.send(Op::ClaimsDone);
+        let _ = self.shared.send_to_flusher(Op::ClaimsDone);
     }
 
     /// Keeps this consumer's checkpoint below the oldest of `ids` before they are taken
@@ -601,7 +620,7 @@ impl Reader {
             return Ok(());
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.shared.ops.send(Op::Lower(oldest, tx)).is_err() {
+        if self.shared.send_to_flusher(Op::Lower(oldest, tx)).is_err() {
             return Err(ReadError::Other(Error::Closed("subscriber")));
         }
         match rx.await {
@@ -616,7 +635,7 @@ impl Reader {
     /// deliveries exist, so the capacity they use stays accounted for.
     async fn admit(&mut self, fetched: Fetched) -> usize {
         let max = self.options.max_deliveries_value();
-        let origin = self.shared.origin.clone();
+        let origin = self.shared.origin().clone();
         let mut dead: Vec<(EntryId, Message)> = Vec::new();
         let mut ready: Vec<(EntryId, u64, Message)> = Vec::new();
         for (entry, count) in fetched {
@@ -687,15 +706,15 @@ impl Reader {
     /// that way; the others could be lost, so they are dead-lettered with the reason, and
     /// counted: never dropped silently, at the price of a record for one settled elsewhere.
     async fn retries_not_pending(&mut self, entries: Vec<(EntryId, u64)>) {
-        let origin = self.shared.origin.clone();
-        let info = super::super::admin::group_info(&self.shared.conn, origin.stream(), origin.group()).await;
+        let origin = self.shared.origin().clone();
+        let info = admin::group_info(self.shared.conn(), origin.stream(), origin.group()).await;
         let last_delivered = match info {
             Ok(info) => info.last_delivered_id,
             Err(e) => {
                 // The group may be gone for good; look again after a while.
                 tracing::warn!(stream = origin.stream(), error = %e, "cannot tell whether retries are lost; looking again later");
                 let mut ledger = self.shared.ledger();
-                let later = Instant::now() + self.shared.conn.backoff(self.failures);
+                let later = Instant::now() + self.shared.conn().backoff(self.failures);
                 for (id, count) in entries {
                     ledger.add_retry(id, later, count);
                 }
@@ -714,7 +733,7 @@ impl Reader {
                 group: origin.group(),
             }
             .to_string();
-            let stored = super::super::admin::read_entry(&self.shared.conn, origin.stream(), id).await;
+            let stored = admin::read_entry(self.shared.conn(), origin.stream(), id).await;
             let why = dead_letter_of(&origin, id, &reason, count);
             let record = match stored {
                 Ok(Some(raw)) => match crate::codec::decode_entry(&*self.codec, raw) {
@@ -724,7 +743,7 @@ impl Reader {
                 Ok(None) => why.for_trimmed(),
                 Err(e) => {
                     tracing::warn!(stream = origin.stream(), %id, error = %e, "entry not read; looking again later");
-                    let later = Instant::now() + self.shared.conn.backoff(self.failures);
+                    let later = Instant::now() + self.shared.conn().backoff(self.failures);
                     self.shared.ledger().add_retry(id, later, count);
                     continue;
                 }
@@ -770,7 +789,7 @@ fn dead_letter_of<'a>(origin: &'a Origin, id: EntryId, reason: &'a str, delivere
 
 /// Why a reader step failed.
 #[derive(Debug)]
-pub(crate) enum ReadError {
+pub(super) enum ReadError {
     Redis(redis::RedisError),
     Other(Error),
 }

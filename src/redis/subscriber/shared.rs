@@ -1,6 +1,6 @@
 //! What one subscription shares between its reader, its deliveries (through [`Settler`]), its
-//! flusher and its heartbeat: the ledger of entries it owns, the in-flight limit, and the
-//! channel to the flusher.
+//! flusher and its heartbeat: the [`Ledger`] of entries it owns, the in-flight limit, the
+//! channel to the flusher ([`Op`]), the hold on reclaim, and how deliveries are settled.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -17,24 +17,28 @@ use crate::message::{EntryId, Message};
 use crate::pubsub::InFlight;
 use crate::redis::connection::RedisConnection;
 
+/// The flusher is gone (the subscriber closed): what was to be sent to it stays undone.
+#[derive(Debug)]
+pub(super) struct FlusherGone;
+
 /// What one subscription knows of the entries it owns in Redis and must not hand out again
 /// when it re-reads its pending list: held by a delivery, acked but not yet flushed, or
 /// nacked and waiting to be retried.
 #[derive(Debug, Default)]
-pub(crate) struct Ledger {
+pub(super) struct Ledger {
     /// Handed out and not settled, with the time they were last kept alive.
-    pub(crate) held: HashMap<EntryId, Instant>,
+    pub(super) held: HashMap<EntryId, Instant>,
     /// Acked by the handler; `XACK` not yet confirmed.
-    pub(crate) acking: HashSet<EntryId>,
+    pub(super) acking: HashSet<EntryId>,
     /// Nacked, by due time, with the delivery count so far.
     retries: BTreeMap<(Instant, EntryId), u64>,
-    pub(crate) retry_due: HashMap<EntryId, Instant>,
+    pub(super) retry_due: HashMap<EntryId, Instant>,
     /// Given up on, with a dead-letter record that could not be written yet (retried).
-    pub(crate) dead_lettering: HashSet<EntryId>,
+    pub(super) dead_lettering: HashSet<EntryId>,
 }
 
 impl Ledger {
-    pub(crate) fn is_ours(&self, id: &EntryId) -> bool {
+    pub(super) fn is_ours(&self, id: &EntryId) -> bool {
         self.held.contains_key(id)
             || self.acking.contains(id)
             || self.retry_due.contains_key(id)
@@ -42,20 +46,20 @@ impl Ledger {
     }
 
     /// The oldest entry this subscription still owns (held, acking or waiting to retry).
-    pub(crate) fn oldest_owned(&self) -> Option<EntryId> {
+    pub(super) fn oldest_owned(&self) -> Option<EntryId> {
         let held = self.held.keys().min();
         let acking = self.acking.iter().min();
         let retrying = self.retry_due.keys().min();
         [held, acking, retrying].into_iter().flatten().min().copied()
     }
 
-    pub(crate) fn add_retry(&mut self, id: EntryId, due: Instant, count: u64) {
+    pub(super) fn add_retry(&mut self, id: EntryId, due: Instant, count: u64) {
         self.retries.insert((due, id), count);
         self.retry_due.insert(id, due);
     }
 
     /// Up to `budget` retries due at `now`, with their delivery counts so far.
-    pub(crate) fn take_due(&mut self, now: Instant, budget: usize) -> Vec<(EntryId, u64)> {
+    pub(super) fn take_due(&mut self, now: Instant, budget: usize) -> Vec<(EntryId, u64)> {
         let mut due = Vec::new();
         while due.len() < budget {
             match self.retries.first_key_value() {
@@ -71,17 +75,17 @@ impl Ledger {
         due
     }
 
-    pub(crate) fn next_retry(&self) -> Option<Instant> {
+    pub(super) fn next_retry(&self) -> Option<Instant> {
         self.retries.first_key_value().map(|((at, _), _)| *at)
     }
 }
 
-pub(crate) fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
+pub(super) fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
     ledger.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Work for the flusher task.
-pub(crate) enum Op {
+pub(super) enum Op {
     Ack(EntryId),
     /// Write `record` to the dead-letter stream and ack `id`, in one step.
     DeadLetter {
@@ -100,40 +104,97 @@ pub(crate) enum Op {
 }
 
 /// State one subscription shares with its deliveries and its tasks.
-pub(crate) struct Shared {
-    pub(crate) conn: RedisConnection,
-    pub(crate) origin: Arc<Origin>,
-    pub(crate) capacity: InFlight,
+pub(super) struct Shared {
+    conn: RedisConnection,
+    origin: Arc<Origin>,
+    capacity: InFlight,
     /// Shared with the flusher, which clears acks once `XACK` succeeded.
-    pub(crate) ledger: Arc<Mutex<Ledger>>,
-    pub(crate) ops: mpsc::UnboundedSender<Op>,
+    ledger: Arc<Mutex<Ledger>>,
+    ops: mpsc::UnboundedSender<Op>,
     /// The client id of the read connection while it is blocked in `XREADGROUP`, else 0.
-    pub(crate) blocked_client: AtomicI64,
+    blocked_client: AtomicI64,
     /// The subscriber was closed.
-    pub(crate) closed: Signal,
+    closed: Signal,
     /// Cancelled when the last user of this state (reader or delivery) is gone: the heartbeat
     /// then releases the lease.
-    pub(crate) released: Signal,
+    released: Signal,
     /// No reclaim before this time: set when this consumer's lease had run out (an outage or
     /// a pause cut it off, and perhaps everyone), so that the others get one lease TTL to
     /// renew theirs and touch their entries before any is taken for crashed.
-    pub(crate) reclaim_after: Mutex<Option<Instant>>,
+    reclaim_after: Mutex<Option<Instant>>,
 }
 
 impl Shared {
-    pub(crate) fn ledger(&self) -> MutexGuard<'_, Ledger> {
+    /// The state of the subscription of `origin`: at most `max_in_flight` deliveries out, its
+    /// entries in `ledger`, writes through `ops` to its flusher. `closed` is the subscriber's;
+    /// `released` is cancelled when this state is dropped.
+    pub(super) fn new(
+        conn: RedisConnection,
+        origin: Arc<Origin>,
+        max_in_flight: usize,
+        ledger: Arc<Mutex<Ledger>>,
+        ops: mpsc::UnboundedSender<Op>,
+        closed: Signal,
+        released: Signal,
+    ) -> Self {
+        Shared {
+            conn,
+            origin,
+            capacity: InFlight::new(max_in_flight),
+            ledger,
+            ops,
+            blocked_client: AtomicI64::new(0),
+            closed,
+            released,
+            reclaim_after: Mutex::new(None),
+        }
+    }
+
+    /// The subscriber's connection.
+    pub(super) fn conn(&self) -> &RedisConnection {
+        &self.conn
+    }
+
+    /// The stream, group and consumer of this subscription.
+    pub(super) fn origin(&self) -> &Arc<Origin> {
+        &self.origin
+    }
+
+    /// The slots of `max_in_flight`: taken for each read, given back as deliveries settle.
+    pub(super) fn capacity(&self) -> &InFlight {
+        &self.capacity
+    }
+
+    /// Cancelled when the subscriber closes.
+    pub(super) fn closed(&self) -> &Signal {
+        &self.closed
+    }
+
+    /// The ledger of what this subscription owns, locked.
+    pub(super) fn ledger(&self) -> MutexGuard<'_, Ledger> {
         lock(&self.ledger)
     }
 
+    /// Sends `op` to the flusher.
+    pub(super) fn send_to_flusher(&self, op: Op) -> std::result::Result<(), FlusherGone> {
+        self.ops.send(op).map_err(|_| FlusherGone)
+    }
+
+    /// Records that the read connection `client` is blocked in `XREADGROUP` (`None`: no
+    /// longer), so that a nack can wake it.
+    pub(super) fn set_blocked_client(&self, client: Option<i64>) {
+        self.blocked_client.store(client.unwrap_or(0), Ordering::Release);
+    }
+
     /// Holds reclaim back for `ttl` from now.
-    pub(crate) fn hold_back_reclaim(&self, ttl: std::time::Duration) {
+    pub(super) fn hold_back_reclaim(&self, ttl: std::time::Duration) {
         let until = Instant::now() + ttl;
         let mut after = self.reclaim_after.lock().unwrap_or_else(|p| p.into_inner());
         *after = Some(after.map_or(until, |at| at.max(until)));
     }
 
     /// When reclaim may run again, if it is held back.
-    pub(crate) fn reclaim_held_until(&self, now: Instant) -> Option<Instant> {
+    pub(super) fn reclaim_held_until(&self, now: Instant) -> Option<Instant> {
         let after = *self.reclaim_after.lock().unwrap_or_else(|p| p.into_inner());
         after.filter(|at| *at > now)
     }
@@ -141,11 +202,12 @@ impl Shared {
     /// Hands `record` to the flusher, which writes it to `<stream>-dead` and acks `id` in one
     /// step (retrying while that fails); meanwhile the entry stays this subscription's.
     /// `Err` when the flusher is gone (closed): the entry stays pending.
-    pub(crate) fn dead_letter(&self, id: EntryId, record: Message) -> std::result::Result<(), ()> {
+    pub(super) fn dead_letter(&self, id: EntryId, record: Message) -> std::result::Result<(), FlusherGone> {
         self.ledger().dead_lettering.insert(id);
-        self.ops.send(Op::DeadLetter { id, record }).map_err(|_| {
-            self.ledger().dead_lettering.remove(&id);
-        })
+        self.send_to_flusher(Op::DeadLetter { id, record })
+            .inspect_err(|_| {
+                self.ledger().dead_lettering.remove(&id);
+            })
     }
 
     /// Wakes the reader if it is blocked in `XREADGROUP`, so it sees new retries at once.
@@ -207,7 +269,7 @@ impl Settler for Shared {
                     }
                     .for_message(message);
                     self.ledger().held.remove(&id);
-                    self.dead_letter(id, record).map_err(|()| closed)
+                    self.dead_letter(id, record).map_err(|FlusherGone| closed)
                 }
             }
         };
@@ -218,88 +280,5 @@ impl Settler for Shared {
     fn release(&self, info: &DeliveryInfo) {
         self.ledger().held.remove(&info.id());
         self.capacity.release(1);
-    }
-}
-
-/// Logs a warning the first time, then the same warning again only with how often it came
-/// meanwhile (at most every [`RepeatedWarnings::EVERY`]): a fault that persists does not
-/// flood the log.
-#[derive(Default)]
-pub(crate) struct RepeatedWarnings {
-    last: Option<(String, Instant)>,
-    repeats: u64,
-}
-
-impl RepeatedWarnings {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-    pub(crate) fn warn(&mut self, stream: &str, message: &str) {
-        let now = Instant::now();
-        match &self.last {
-            Some((last, at)) if last == message && now.duration_since(*at) < Self::EVERY => {
-                self.repeats += 1;
-            }
-            Some((last, _)) if last == message => {
-                tracing::warn!(stream, repeated = self.repeats + 1, "{message}");
-                self.last = Some((message.to_owned(), now));
-                self.repeats = 0;
-            }
-            _ => {
-                if self.repeats > 0 {
-                    tracing::warn!(
-                        stream,
-                        repeated = self.repeats,
-                        "(the warning before this one came again)"
-                    );
-                }
-                tracing::warn!(stream, "{message}");
-                self.last = Some((message.to_owned(), now));
-                self.repeats = 0;
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-
-    use super::RepeatedWarnings;
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_repeated_warning_is_logged_once_then_with_its_count() {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            let mut log = RepeatedWarnings::default();
-            for _ in 0..1000 {
-                log.warn("s", "read failed: connection refused");
-            }
-            log.warn("s", "consumer group vanished");
-        });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].contains("read failed: connection refused"), "{text}");
-        assert!(lines[1].contains("repeated=999"), "{text}");
-        assert!(lines[2].contains("consumer group vanished"), "{text}");
     }
 }

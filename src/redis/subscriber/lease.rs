@@ -1,24 +1,19 @@
-//! Consumer leases and heartbeats. A live consumer holds the key
-//! `streamwise:lease:<stream>:<group>:<consumer>` with a TTL and renews it every third of the
-//! TTL; a second live consumer of the same name is refused. On each renewal the entries it
-//! has held for a while are touched (`XCLAIM ... JUSTID` to itself, only if it still owns them),
-//! so that reclaim does not take them from a handler that is still working.
+//! The consumer lease: the key `streamwise:lease:<stream>:<group>:<consumer>`, held with a
+//! TTL by the one live consumer of that name, so that a second one is refused and a consumer
+//! that stopped renewing it can be told crashed. This module takes it ([`Lease::acquire`]),
+//! extends it ([`Lease::hold_state`]) and releases it; renewing it on a timer is the
+//! [`heartbeat`](super::heartbeat)'s job.
 
-use std::sync::Weak;
 use std::time::Duration;
 
-use crate::signal::Signal;
-use tokio::time::Instant;
-
-use super::connection::RedisConnection;
-use super::subscriber::SubscriptionState as Shared;
-use super::{keys, scripts};
 use crate::delivery::Origin;
 use crate::error::{Error, Result};
+use crate::redis::connection::RedisConnection;
+use crate::redis::{keys, scripts};
 
 /// What taking or extending a lease found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Held {
+pub(super) enum Held {
     /// Ours, extended.
     Extended,
     /// It was free (ours had run out, or it is new) and is ours now.
@@ -29,7 +24,7 @@ pub(crate) enum Held {
 
 /// A held lease.
 #[derive(Clone)]
-pub(crate) struct Lease {
+pub(super) struct Lease {
     conn: RedisConnection,
     key: String,
     registry: String,
@@ -45,7 +40,7 @@ impl Lease {
     /// it is live, and the call fails with [`Error::ConsumerActive`]; a lease that runs out
     /// was left by a process that died (a restart under the same name after a crash), and is
     /// taken over.
-    pub(crate) async fn acquire(conn: &RedisConnection, origin: &Origin, ttl: Duration) -> Result<Lease> {
+    pub(super) async fn acquire(conn: &RedisConnection, origin: &Origin, ttl: Duration) -> Result<Lease> {
         let (stream, group, consumer) = (origin.stream(), origin.group(), origin.consumer());
         let lease = Lease {
             conn: conn.clone(),
@@ -117,7 +112,7 @@ impl Lease {
 
     /// Takes or extends the lease, and tells which: [`Held::Retaken`] means it had run out
     /// (this consumer was cut off, or paused, for longer than the TTL).
-    pub(crate) async fn hold_state(&self, what: &str) -> Result<Held> {
+    pub(super) async fn hold_state(&self, what: &str) -> Result<Held> {
         let held: i64 = self
             .conn
             .run_mapped(what, |mut c| {
@@ -138,21 +133,22 @@ impl Lease {
     }
 
     /// How long the lease lives without renewal.
-    pub(crate) fn ttl(&self) -> Duration {
+    pub(super) fn ttl(&self) -> Duration {
         self.ttl
     }
 
     /// The lease's key.
-    pub(crate) fn key(&self) -> &str {
+    pub(super) fn key(&self) -> &str {
         &self.key
     }
 
     /// The token that marks the lease as this subscription's.
-    pub(crate) fn token(&self) -> &str {
+    pub(super) fn token(&self) -> &str {
         &self.token
     }
 
-    async fn release(&self) {
+    /// Gives the lease up (if still ours); a failure is logged, and the lease runs out by itself.
+    pub(super) async fn release(&self) {
         let released = self
             .conn
             .run_mapped("lease release", |mut c| {
@@ -165,113 +161,4 @@ impl Lease {
             tracing::warn!(lease = %self.key, error = %e, "lease not released; it expires by itself");
         }
     }
-}
-
-/// Renews the lease and touches long-held and waiting entries for as long as the subscription
-/// or any of its deliveries lives and the subscriber is open.
-pub(crate) struct Heartbeat {
-    pub(crate) lease: Lease,
-    pub(crate) shared: Weak<Shared>,
-    pub(crate) interval: Duration,
-    /// Cancelled when another consumer turns out to hold the lease: the reader then stops.
-    pub(crate) lease_lost: Signal,
-}
-
-impl Heartbeat {
-    pub(crate) async fn run(self, closed: Signal, released: Signal) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        let mut log = crate::redis::subscriber::RepeatedWarnings::default();
-        let mut renewal_failed = false;
-        loop {
-            tokio::select! {
-                biased;
-                _ = closed.cancelled() => break,
-                _ = released.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let renewed = self.lease.hold_state("lease renewal").await;
-            if renewed.is_ok() && std::mem::take(&mut renewal_failed) {
-                // The server was out of reach: others may have lost their leases meanwhile
-                // while ours survived, so no one is taken for crashed for one TTL.
-                if let Some(shared) = self.shared.upgrade() {
-                    shared.hold_back_reclaim(self.lease.ttl());
-                }
-            }
-            match renewed {
-                Ok(Held::Extended) => {}
-                Ok(Held::Retaken) => {
-                    // Cut off (or paused) past the TTL: the others may have been too, so no
-                    // one is taken for crashed until they had a TTL to renew.
-                    tracing::warn!(lease = %self.lease.key, "the lease had run out; taken again, and reclaim waits one lease TTL");
-                    if let Some(shared) = self.shared.upgrade() {
-                        shared.hold_back_reclaim(self.lease.ttl());
-                    }
-                }
-                Ok(Held::Refused) => {
-                    tracing::error!(
-                        lease = %self.lease.key,
-                        "another consumer took this consumer's lease; this subscription stops"
-                    );
-                    self.lease_lost.cancel();
-                    return;
-                }
-                Err(e) => {
-                    renewal_failed = true;
-                    log.warn(&self.lease.key, &format!("lease not renewed: {e}"));
-                }
-            }
-            let Some(shared) = self.shared.upgrade() else {
-                break;
-            };
-            if let Err(e) = touch_owned(&shared, self.interval).await {
-                log.warn(
-                    shared.origin.stream(),
-                    &format!("heartbeat of held entries failed: {e}"),
-                );
-            }
-        }
-        self.lease.release().await;
-    }
-}
-
-/// Resets the idle time of entries held longer than `older_than`, and of entries waiting to
-/// be retried, if still ours.
-async fn touch_owned(shared: &Shared, older_than: Duration) -> Result<()> {
-    let now = Instant::now();
-    let ids: Vec<String> = {
-        let ledger = shared.ledger();
-        let held = ledger
-            .held
-            .iter()
-            .filter(|(_, at)| now.duration_since(**at) >= older_than)
-            .map(|(id, _)| id);
-        held.chain(ledger.retry_due.keys())
-            .chain(ledger.dead_lettering.iter())
-            .map(|id| id.to_string())
-            .collect()
-    };
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let origin = &shared.origin;
-    let _touched: i64 = shared
-        .conn
-        .run_mapped("held entries heartbeat", |mut c| {
-            let mut call = scripts::TOUCH_OWN.key(origin.stream());
-            call.arg(origin.group()).arg(origin.consumer());
-            for id in &ids {
-                call.arg(id);
-            }
-            async move { call.invoke_async(&mut c).await }
-        })
-        .await?;
-    let mut ledger = shared.ledger();
-    for at in ledger.held.values_mut() {
-        if now.duration_since(*at) >= older_than {
-            *at = now;
-        }
-    }
-    Ok(())
 }
