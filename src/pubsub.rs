@@ -283,6 +283,8 @@ impl Default for ReclaimOptions {
 }
 
 /// How to subscribe: the consumer group and consumer name, and the knobs of the read loop.
+/// Set with the chained methods, read from the public fields; backends check them with
+/// [`validate`](Self::validate) when subscribing.
 ///
 /// ```
 /// use std::time::Duration;
@@ -293,19 +295,32 @@ impl Default for ReclaimOptions {
 ///     .max_in_flight(200)
 ///     .start_from(StartFrom::Latest)
 ///     .block(Duration::from_secs(2));
-/// assert_eq!(options.max_in_flight_value(), 200);
+/// assert_eq!(options.max_in_flight, 200);
+/// assert_eq!(options.group, "processors");
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SubscribeOptions {
-    group: String,
-    consumer: String,
-    batch_size: usize,
-    max_in_flight: usize,
-    block: Duration,
-    start_from: StartFrom,
-    create_group: bool,
-    reclaim: Option<ReclaimOptions>,
-    max_deliveries: u64,
+    /// The consumer group.
+    pub group: String,
+    /// The consumer's name within the group.
+    pub consumer: String,
+    /// The most entries fetched in one read (Redis `COUNT`). Default 10; 1 to
+    /// [`MAX_IN_FLIGHT`].
+    pub batch_size: usize,
+    /// The most deliveries handed out and not yet settled. Default 10; 1 to [`MAX_IN_FLIGHT`].
+    pub max_in_flight: usize,
+    /// How long one read waits for new entries (Redis `BLOCK`). Default 5 s; longer than
+    /// zero, at most [`MAX_INTERVAL`].
+    pub block: Duration,
+    /// Where a group created by this subscription starts. Default [`StartFrom::Beginning`].
+    pub start_from: StartFrom,
+    /// Whether to create a missing group (and stream). Default `true`.
+    pub create_group: bool,
+    /// Taking over entries other consumers left idle. Default off.
+    pub reclaim: Option<ReclaimOptions>,
+    /// After this many deliveries an entry is dead-lettered. Default 10; at least 1.
+    pub max_deliveries: u64,
 }
 
 impl SubscribeOptions {
@@ -377,51 +392,6 @@ impl SubscribeOptions {
     pub fn max_deliveries(mut self, n: u64) -> Self {
         self.max_deliveries = n;
         self
-    }
-
-    /// The consumer group.
-    pub fn group(&self) -> &str {
-        &self.group
-    }
-
-    /// The consumer name.
-    pub fn consumer(&self) -> &str {
-        &self.consumer
-    }
-
-    /// The batch size.
-    pub fn batch_size_value(&self) -> usize {
-        self.batch_size
-    }
-
-    /// The in-flight limit.
-    pub fn max_in_flight_value(&self) -> usize {
-        self.max_in_flight
-    }
-
-    /// The blocking read timeout.
-    pub fn block_value(&self) -> Duration {
-        self.block
-    }
-
-    /// Where a new group starts.
-    pub fn start_from_value(&self) -> StartFrom {
-        self.start_from
-    }
-
-    /// Whether a missing group is created.
-    pub fn create_group_value(&self) -> bool {
-        self.create_group
-    }
-
-    /// The reclaim settings, if reclaim is on.
-    pub fn reclaim_value(&self) -> Option<ReclaimOptions> {
-        self.reclaim
-    }
-
-    /// The delivery limit.
-    pub fn max_deliveries_value(&self) -> u64 {
-        self.max_deliveries
     }
 
     /// Checks every option, naming the first bad one. Backends call this in `subscribe`.

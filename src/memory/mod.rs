@@ -435,10 +435,10 @@ impl MemorySubscriber {
             return Err(Error::Closed("subscriber"));
         }
         options.validate(topic)?;
-        let group = options.group();
-        let stream = if options.create_group_value() {
+        let group = options.group.as_str();
+        let stream = if options.create_group {
             let (stream, _) = self.broker.get_or_create(topic);
-            stream.log().create_group(group, options.start_from_value());
+            stream.log().create_group(group, options.start_from);
             stream
         } else {
             let missing = || Error::GroupNotFound {
@@ -451,8 +451,8 @@ impl MemorySubscriber {
             }
             stream
         };
-        let origin = Arc::new(Origin::new(stream.name.clone(), group, options.consumer()));
-        let consumer: Arc<str> = options.consumer().into();
+        let origin = Arc::new(Origin::new(stream.name.clone(), group, options.consumer.as_str()));
+        let consumer: Arc<str> = options.consumer.as_str().into();
         if !stream.log().register_consumer(group, &consumer) {
             return Err(Error::ConsumerActive {
                 stream: topic.to_owned(),
@@ -460,7 +460,7 @@ impl MemorySubscriber {
                 consumer: consumer.to_string(),
             });
         }
-        let in_flight = InFlight::new(options.max_in_flight_value());
+        let in_flight = InFlight::new(options.max_in_flight);
         let settler = Arc::new(MemorySettler {
             broker: self.broker.clone(),
             stream: stream.clone(),
@@ -484,9 +484,9 @@ impl MemorySubscriber {
             consumer,
             settler,
             in_flight,
-            batch_size: options.batch_size_value(),
-            max_deliveries: options.max_deliveries_value(),
-            reclaim: options.reclaim_value(),
+            batch_size: options.batch_size,
+            max_deliveries: options.max_deliveries,
+            reclaim: options.reclaim,
             next_reclaim: Instant::now(),
             drained: false,
             closed: self.closed.clone(),

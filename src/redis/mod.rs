@@ -37,8 +37,8 @@ pub use connection::{MAX_CONNECTION_DURATION, RedisConnection, RedisConnectionBu
 pub use publisher::{PublisherOptions, RedisPublisher};
 pub use reader::StreamReader;
 pub use subscriber::{
-    MAX_ACK_FLUSH_INTERVAL, MAX_LEASE_TTL, RedisSubscriber, RedisSubscriberOptions, StatsSnapshot,
-    SubscriberStats,
+    Checkpoints, MAX_ACK_FLUSH_INTERVAL, MAX_LEASE_TTL, RedisSubscriber, RedisSubscriberOptions,
+    StatsSnapshot, SubscriberStats,
 };
 
 /// A [`RedisConnection`] with shortcuts to make publishers and subscribers on it.

@@ -177,7 +177,7 @@ impl<S> fmt::Debug for Router<S> {
                 &self
                     .subscriptions
                     .iter()
-                    .map(|(t, o, r)| (t, o.group(), r))
+                    .map(|(t, o, r)| (t, o.group.as_str(), r))
                     .collect::<Vec<_>>(),
             )
             .field("layers", &self.layers.len())

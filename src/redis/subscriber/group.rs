@@ -26,13 +26,13 @@ pub(super) async fn ensure(
     if exists {
         return Ok(());
     }
-    if !options.create_group_value() {
+    if !options.create_group {
         return Err(Error::GroupNotFound {
             stream: stream.to_owned(),
             group: group.to_owned(),
         });
     }
-    create(conn, store, stream, group, options.start_from_value()).await
+    create(conn, store, stream, group, options.start_from).await
 }
 
 async fn group_exists(conn: &RedisConnection, stream: &str, group: &str) -> Result<bool> {

@@ -52,7 +52,7 @@ use crate::pubsub::{SubscribeOptions, Subscriber, Subscription};
 use crate::redis::connection::RedisConnection;
 use crate::signal::Signal;
 
-pub use self::options::{MAX_ACK_FLUSH_INTERVAL, MAX_LEASE_TTL, RedisSubscriberOptions};
+pub use self::options::{Checkpoints, MAX_ACK_FLUSH_INTERVAL, MAX_LEASE_TTL, RedisSubscriberOptions};
 pub use self::stats::{StatsSnapshot, SubscriberStats};
 
 /// Subscribes to Redis streams in consumer groups.
@@ -103,7 +103,11 @@ impl RedisSubscriber {
             return Err(Error::Closed("subscriber"));
         }
         options.validate(topic)?;
-        let origin = Arc::new(Origin::new(topic, options.group(), options.consumer()));
+        let origin = Arc::new(Origin::new(
+            topic,
+            options.group.as_str(),
+            options.consumer.as_str(),
+        ));
         group::ensure(&self.conn, self.store.as_deref(), &origin, &options).await?;
         let lease = Lease::acquire(&self.conn, &origin, self.options.lease_ttl).await?;
 
@@ -120,7 +124,7 @@ impl RedisSubscriber {
         let shared = Arc::new(Shared::new(
             self.conn.clone(),
             origin.clone(),
-            options.max_in_flight_value(),
+            options.max_in_flight,
             ledger.clone(),
             ops_tx,
             self.closed.clone(),

@@ -17,20 +17,42 @@ pub const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
 pub const MAX_ACK_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Options of a [`RedisSubscriber`](super::RedisSubscriber) (per-subscription knobs are in
-/// [`SubscribeOptions`](crate::SubscribeOptions)).
+/// [`SubscribeOptions`](crate::SubscribeOptions)): set with the chained methods, read from
+/// the public fields, checked by [`validate`](Self::validate) when the subscriber is made.
+///
+/// ```
+/// use std::time::Duration;
+/// use streamwise::redis::RedisSubscriberOptions;
+///
+/// let options = RedisSubscriberOptions::default().lease_ttl(Duration::from_secs(30));
+/// assert_eq!(options.lease_ttl, Duration::from_secs(30));
+/// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct RedisSubscriberOptions {
-    pub(super) codec: Arc<dyn Codec>,
-    checkpoints: Checkpoints,
-    pub(super) lease_ttl: Duration,
-    pub(super) ack_flush_interval: Duration,
-    pub(super) max_entry_size: usize,
+    /// The wire layout. Default [`JsonCodec`].
+    pub codec: Arc<dyn Codec>,
+    /// Where checkpoints go. Default [`Checkpoints::Redis`].
+    pub checkpoints: Checkpoints,
+    /// How long a consumer's lease lives without renewal. Default 10 s; at least 30 ms, at
+    /// most [`MAX_LEASE_TTL`].
+    pub lease_ttl: Duration,
+    /// How long acks gather before one `XACK` sends them. Default zero; at most
+    /// [`MAX_ACK_FLUSH_INTERVAL`].
+    pub ack_flush_interval: Duration,
+    /// The largest entry handed to the application. Default 1 MiB; at least 1.
+    pub max_entry_size: usize,
 }
 
+/// Where a [`RedisSubscriber`](super::RedisSubscriber) records checkpoints.
 #[derive(Clone)]
-enum Checkpoints {
+#[non_exhaustive]
+pub enum Checkpoints {
+    /// In a hash beside the stream ([`RedisCheckpointStore`]).
     Redis,
+    /// In this store.
     Store(Arc<dyn CheckpointStore>),
+    /// Nowhere.
     Off,
 }
 

@@ -120,9 +120,9 @@ impl Planner {
     /// `now`: it drains its own pending list first, and reclaim is due at once.
     pub(super) fn new(options: &SubscribeOptions, lease_ttl: Duration, now: Instant) -> Self {
         Planner {
-            batch_size: options.batch_size_value(),
-            block: options.block_value(),
-            reclaim: options.reclaim_value(),
+            batch_size: options.batch_size,
+            block: options.block,
+            reclaim: options.reclaim,
             lease_ttl,
             read_ahead: None,
             drain: Some(DrainFrom::Start),

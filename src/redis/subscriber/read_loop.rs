@@ -214,7 +214,7 @@ impl Reader {
         if let ReadError::Redis(e) = &e
             && e.code() == Some("NOGROUP")
         {
-            if !self.options.create_group_value() {
+            if !self.options.create_group {
                 self.pause_after_failure().await;
                 return Some(Error::GroupNotFound {
                     stream: origin.stream().to_owned(),
@@ -228,7 +228,7 @@ impl Reader {
                 self.store.as_deref(),
                 origin.stream(),
                 origin.group(),
-                self.options.start_from_value(),
+                self.options.start_from,
             )
             .await;
             if let Err(e) = recreated {
@@ -330,7 +330,7 @@ impl Reader {
 
     async fn read_conn(&mut self) -> std::result::Result<(&mut DedicatedConnection, i64), ReadError> {
         if self.read_conn.is_none() {
-            let timeout = self.options.block_value() + BLOCK_REPLY_MARGIN;
+            let timeout = self.options.block + BLOCK_REPLY_MARGIN;
             let mut conn = self
                 .shared
                 .conn()
@@ -634,7 +634,7 @@ impl Reader {
     /// and comes back on the next drain), then hands out the rest; never fails once
     /// deliveries exist, so the capacity they use stays accounted for.
     async fn admit(&mut self, fetched: Fetched) -> usize {
-        let max = self.options.max_deliveries_value();
+        let max = self.options.max_deliveries;
         let origin = self.shared.origin().clone();
         let mut dead: Vec<(EntryId, Message)> = Vec::new();
         let mut ready: Vec<(EntryId, u64, Message)> = Vec::new();
