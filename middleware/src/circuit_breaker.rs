@@ -733,7 +733,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn transitions_are_logged_with_the_breakers_name() {
-        let (subscriber, captured) = crate::test_util::Captured::subscriber();
+        let (subscriber, captured) = crate::test_util::log_subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let backend = Backend::default();
         let layer = CircuitBreakerLayer::new(2, OPEN_FOR).unwrap().name("payments");

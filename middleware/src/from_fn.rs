@@ -477,15 +477,7 @@ mod tests {
         );
         assert_eq!(invoice.message().decode::<u32>().unwrap(), 7);
 
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while running.handled() < 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "only {} handled",
-                running.handled()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        crate::test_util::wait_until_handled(&running, 2, Duration::from_secs(20)).await;
         running.shutdown().await.unwrap();
         assert_eq!(seen.load(Ordering::SeqCst), 2);
         assert_eq!(

@@ -387,11 +387,7 @@ mod tests {
             .publish("r", Message::new("t", &1).unwrap())
             .await
             .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while running.handled() < 1 {
-            assert!(tokio::time::Instant::now() < deadline, "not handled");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        crate::test_util::wait_until_handled(&running, 1, Duration::from_secs(10)).await;
         running.shutdown().await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(backend.pending_count("r", "g").unwrap(), 0);

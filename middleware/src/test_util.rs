@@ -1,48 +1,31 @@
 //! Helpers for this crate's tests.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tracing_subscriber::fmt::MakeWriter;
+use streamwise::router::RunningRouter;
+use streamwise::testing::CapturedLogs;
 
-/// Collects what a `tracing_subscriber::fmt` subscriber writes.
-#[derive(Clone, Default)]
-pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    /// A subscriber writing here (no colours, with span close events), and the capture.
-    pub(crate) fn subscriber() -> (impl tracing::Subscriber + Send + Sync, Captured) {
-        let captured = Captured::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(captured.clone())
-            .with_ansi(false)
-            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-            .finish();
-        (subscriber, captured)
-    }
-
-    /// Everything written so far.
-    pub(crate) fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
-    }
+/// A subscriber writing to a fresh capture (no colours, with span close events), and the
+/// capture.
+pub(crate) fn log_subscriber() -> (impl tracing::Subscriber + Send + Sync, CapturedLogs) {
+    let captured = CapturedLogs::new();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.make_writer())
+        .with_ansi(false)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .finish();
+    (subscriber, captured)
 }
 
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
+/// Waits until `running` has handled `n` deliveries, failing the test after `within`.
+pub(crate) async fn wait_until_handled(running: &RunningRouter, n: u64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while running.handled() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} handled",
+            running.handled()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }

@@ -1,6 +1,6 @@
 //! Test support, for this crate's tests, third-party backends and users' own tests (enable
-//! the `testing` feature): the conformance suite, and [`RedisServer`], a private
-//! `redis-server` per test.
+//! the `testing` feature): the conformance suite, [`RedisServer`], a private
+//! `redis-server` per test, and [`CapturedLogs`], to check what was logged.
 //!
 //! The conformance suite is backend-agnostic scenarios that every backend must pass, so that
 //! code tested against one backend holds on another. A backend takes part by implementing
@@ -39,8 +39,10 @@
 //! A backend on Redis (or a test of code that uses one) runs each test against its own
 //! [`RedisServer`]: a free loopback port, never the machine's own 6379, gone on drop.
 
+mod captured_logs;
 mod redis_server;
 
+pub use captured_logs::CapturedLogs;
 pub use redis_server::{RedisServer, free_port};
 
 use std::collections::{HashMap, HashSet};
