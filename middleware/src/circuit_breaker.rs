@@ -294,9 +294,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Rejected { outcome } => Poll::Ready(Ok(outcome
-                .take()
-                .expect("CircuitBreakerFuture polled after it completed"))),
+            StateProj::Rejected { outcome } => crate::decided(outcome, "CircuitBreakerFuture"),
             StateProj::Called {
                 future,
                 ticket,

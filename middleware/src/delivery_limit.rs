@@ -173,9 +173,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::OverLimit { outcome } => Poll::Ready(Ok(outcome
-                .take()
-                .expect("DeliveryLimitFuture polled after it completed"))),
+            StateProj::OverLimit { outcome } => crate::decided(outcome, "DeliveryLimitFuture"),
             StateProj::Running { future, mut warning } => {
                 if let Poll::Ready(result) = future.poll(cx) {
                     return Poll::Ready(result.map_err(Into::into));
