@@ -36,11 +36,7 @@ async fn a_password_protected_server_works_end_to_end() {
         .retry_base_delay(Duration::from_secs(1))
         .build()
         .unwrap();
-    let err = RedisBackend::with_connection(conn)
-        .publisher()
-        .publish("orders", Message::new("t", &1).unwrap())
-        .await
-        .unwrap_err();
+    let err = common::publish_error(conn, "orders").await;
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "authentication errors are not retried"
@@ -126,11 +122,7 @@ async fn wrong_credentials_are_a_clear_connection_error() {
         .build()
         .unwrap();
     let started = tokio::time::Instant::now();
-    let err = RedisBackend::with_connection(conn)
-        .publisher()
-        .publish("s", Message::new("t", &1).unwrap())
-        .await
-        .unwrap_err();
+    let err = common::publish_error(conn, "s").await;
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "not retried: {:?}",
