@@ -29,6 +29,21 @@ async fn next_ok(sub: &mut Subscription, t: Duration) -> Option<Delivery> {
     }
 }
 
+/// Fails if a delivery comes within `t`: `what` says which promise that breaks.
+async fn assert_no_delivery_within(sub: &mut Subscription, t: Duration, what: &str) {
+    let delivered = next_ok(sub, t).await;
+    assert!(
+        delivered.is_none(),
+        "{what}: {:?}",
+        delivered.map(|d| d.info().clone())
+    );
+}
+
+/// Consumer `c` of group `g`, with reads blocking 200 ms so that faults are noticed quickly.
+fn quick_reads() -> SubscribeOptions {
+    SubscribeOptions::new("g", "c").block(Duration::from_millis(200))
+}
+
 fn subscriber(server: &RedisServer, options: RedisSubscriberOptions) -> RedisSubscriber {
     RedisSubscriber::new(RedisConnection::new(&server.url()).unwrap(), options).unwrap()
 }
@@ -49,25 +64,19 @@ async fn acked_but_unflushed_entries_are_not_handed_out_again_after_a_read_error
         &server,
         RedisSubscriberOptions::default().ack_flush_interval(Duration::from_secs(3)),
     );
-    let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
     for _ in 0..3 {
         let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
         d.ack().await.unwrap();
     }
     // Connection trouble on the read connection.
     server.command("CLIENT KILL TYPE normal");
-    let again = next_ok(&mut sub, Duration::from_secs(2)).await;
-    assert!(
-        again.is_none(),
-        "an entry acked (Ok) was handed out again: {:?}",
-        again.map(|d| d.info().clone())
-    );
+    assert_no_delivery_within(
+        &mut sub,
+        Duration::from_secs(2),
+        "an entry acked (Ok) was handed out again",
+    )
+    .await;
     sub_.close().await.unwrap();
 }
 
@@ -79,22 +88,16 @@ async fn nack_after_delay_survives_a_read_error() {
     let backend = RedisBackend::new(&server.url()).unwrap();
     backend.publisher().publish("t", msg(1)).await.unwrap();
     let sub_ = subscriber(&server, RedisSubscriberOptions::default());
-    let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
     let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
     d.nack_after(Duration::from_secs(10)).await.unwrap();
     server.command("CLIENT KILL TYPE normal");
-    let early = next_ok(&mut sub, Duration::from_secs(3)).await;
-    assert!(
-        early.is_none(),
-        "nack_after(10s) redelivered within 3s: {:?}",
-        early.map(|d| d.info().clone())
-    );
+    assert_no_delivery_within(
+        &mut sub,
+        Duration::from_secs(3),
+        "nack_after(10s) redelivered within 3s",
+    )
+    .await;
     sub_.close().await.unwrap();
 }
 
@@ -112,23 +115,21 @@ async fn own_reclaim_does_not_cut_a_nack_delay_short() {
     let mut sub = sub_
         .subscribe(
             "t",
-            SubscribeOptions::new("g", "c")
-                .block(Duration::from_millis(200))
-                .reclaim(streamwise::ReclaimOptions::new(
-                    Duration::from_millis(500),
-                    Duration::from_secs(2),
-                )),
+            quick_reads().reclaim(streamwise::ReclaimOptions::new(
+                Duration::from_millis(500),
+                Duration::from_secs(2),
+            )),
         )
         .await
         .unwrap();
     let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
     d.nack_after(Duration::from_secs(8)).await.unwrap();
-    let early = next_ok(&mut sub, Duration::from_secs(5)).await;
-    assert!(
-        early.is_none(),
-        "nack_after(8s) redelivered within 5s: {:?}",
-        early.map(|d| d.info().clone())
-    );
+    assert_no_delivery_within(
+        &mut sub,
+        Duration::from_secs(5),
+        "nack_after(8s) redelivered within 5s",
+    )
+    .await;
     sub_.close().await.unwrap();
 }
 
@@ -149,13 +150,7 @@ async fn a_failed_fetch_does_not_over_release_capacity() {
     server.command("SET t-dead not-a-stream");
     let sub_ = subscriber(&server, RedisSubscriberOptions::default());
     let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c")
-                .max_in_flight(3)
-                .batch_size(3)
-                .block(Duration::from_millis(200)),
-        )
+        .subscribe("t", quick_reads().max_in_flight(3).batch_size(3))
         .await
         .unwrap();
     let mut held = Vec::new();
@@ -184,12 +179,11 @@ async fn a_consumer_that_lost_its_lease_stops() {
     let backend = RedisBackend::new(&server.url()).unwrap();
     let publisher = backend.publisher();
     publisher.publish("t", msg(1)).await.unwrap();
-    let opts = || SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
     let a_ = subscriber(
         &server,
         RedisSubscriberOptions::default().lease_ttl(Duration::from_millis(600)),
     );
-    let mut a = a_.subscribe("t", opts()).await.unwrap();
+    let mut a = a_.subscribe("t", quick_reads()).await.unwrap();
     let _held = next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery");
     // Someone else holds the lease now.
     assert_eq!(
@@ -229,8 +223,7 @@ async fn a_restart_under_the_same_name_takes_over_the_lease_of_a_dead_process() 
     let later = publisher.publish("t", msg(2)).await.unwrap();
 
     let restarted = subscriber(&server, RedisSubscriberOptions::default());
-    let opts = SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
-    let mut sub = tokio::time::timeout(Duration::from_secs(10), restarted.subscribe("t", opts))
+    let mut sub = tokio::time::timeout(Duration::from_secs(10), restarted.subscribe("t", quick_reads()))
         .await
         .expect("subscribe waits no longer than the lease had left")
         .expect("the lease of a dead holder is taken over");
@@ -257,14 +250,13 @@ async fn a_restart_under_the_same_name_takes_over_the_lease_of_a_dead_process() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_holder_keeps_its_name() {
     let server = RedisServer::start();
-    let opts = || SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
     let live = subscriber(
         &server,
         RedisSubscriberOptions::default().lease_ttl(Duration::from_millis(600)),
     );
-    let _sub = live.subscribe("t", opts()).await.unwrap();
+    let _sub = live.subscribe("t", quick_reads()).await.unwrap();
     let second = subscriber(&server, RedisSubscriberOptions::default());
-    match tokio::time::timeout(Duration::from_secs(5), second.subscribe("t", opts())).await {
+    match tokio::time::timeout(Duration::from_secs(5), second.subscribe("t", quick_reads())).await {
         Ok(Err(streamwise::Error::ConsumerActive { consumer, .. })) => assert_eq!(consumer, "c"),
         other => panic!("expected ConsumerActive while the holder lives, got {other:?}"),
     }
@@ -279,15 +271,14 @@ async fn dropping_the_stream_keeps_the_lease_while_deliveries_are_in_flight() {
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
     backend.publisher().publish("t", msg(1)).await.unwrap();
-    let opts = || SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
     let a_ = subscriber(&server, RedisSubscriberOptions::default());
-    let mut a = a_.subscribe("t", opts()).await.unwrap();
+    let mut a = a_.subscribe("t", quick_reads()).await.unwrap();
     let in_flight = next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery");
     drop(a); // stop fetching; the handler still works on `in_flight`
     // Give a premature lease release (the failure this guards against) time to happen.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let b_ = subscriber(&server, RedisSubscriberOptions::default());
-    let second = b_.subscribe("t", opts()).await;
+    let second = b_.subscribe("t", quick_reads()).await;
     let dup = match second {
         Err(_) => None,
         Ok(mut b) => next_ok(&mut b, Duration::from_secs(2)).await,
@@ -312,15 +303,7 @@ async fn group_recreated_at_checkpoint_skips_pending_entries() {
         ids.push(publisher.publish("t", msg(n)).await.unwrap());
     }
     let sub_ = subscriber(&server, RedisSubscriberOptions::default());
-    let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c")
-                .max_in_flight(3)
-                .block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = sub_.subscribe("t", quick_reads().max_in_flight(3)).await.unwrap();
     let mut ds = Vec::new();
     for _ in 0..3 {
         ds.push(next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery"));
@@ -337,13 +320,7 @@ async fn group_recreated_at_checkpoint_skips_pending_entries() {
     // The group is destroyed (operator mistake, failover to a replica without it...).
     server.command("XGROUP DESTROY t g");
     let next = subscriber(&server, RedisSubscriberOptions::default());
-    let mut sub = next
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = next.subscribe("t", quick_reads()).await.unwrap();
     let got = next_ok(&mut sub, Duration::from_secs(2)).await;
     assert_eq!(
         got.map(|d| d.id()),
@@ -369,13 +346,7 @@ async fn restart_without_persistence_recovers_with_an_error_item_in_between() {
     let publisher = backend.publisher();
     publisher.publish("t", msg(1)).await.unwrap();
     let sub_ = RedisSubscriber::new(conn(), RedisSubscriberOptions::default()).unwrap();
-    let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
     let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
     d.ack().await.unwrap();
     server.kill();
@@ -458,26 +429,15 @@ async fn ack_during_outage_is_flushed_after_restart_and_not_redelivered() {
     let backend = RedisBackend::with_connection(conn());
     backend.publisher().publish("t", msg(1)).await.unwrap();
     let sub_ = RedisSubscriber::new(conn(), RedisSubscriberOptions::default()).unwrap();
-    let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
     let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
     server.kill();
     d.ack().await.expect("ack is Ok");
     // An outage longer than the flusher's retry budget (2 retries, at most 200 ms apart).
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.restart();
-    let again = next_ok(&mut sub, Duration::from_secs(3)).await;
+    assert_no_delivery_within(&mut sub, Duration::from_secs(3), "acked entry handed out again").await;
     let pending = backend.pending_count("t", "g").await.unwrap();
-    assert!(
-        again.is_none(),
-        "acked entry handed out again: {:?}",
-        again.map(|d| d.info().clone())
-    );
     assert_eq!(pending, 0, "the Ok ack was never flushed");
     sub_.close().await.unwrap();
 }
@@ -516,13 +476,7 @@ async fn a_group_that_cannot_be_recreated_is_retried_with_backoff() {
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
     let subscriber = backend.subscriber().unwrap();
-    let mut sub = subscriber
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = subscriber.subscribe("t", quick_reads()).await.unwrap();
     assert_eq!(server.command("ACL SETUSER default -xgroup"), "+OK");
     assert_eq!(server.command("DEL t"), ":1");
     let (commands_before, cpu_before) = (commands(&server), server_cpu(&server));
@@ -558,12 +512,7 @@ async fn retries_whose_group_was_destroyed_are_dead_lettered_not_lost() {
     let ids = publisher.publish_batch("t", batch).await.unwrap();
     let subscriber = backend.subscriber().unwrap();
     let mut sub = subscriber
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c")
-                .block(Duration::from_millis(200))
-                .max_in_flight(5),
-        )
+        .subscribe("t", quick_reads().max_in_flight(5))
         .await
         .unwrap();
     let mut held = Vec::new();
