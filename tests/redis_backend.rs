@@ -43,6 +43,14 @@ fn redis_cli(server: &RedisServer, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Appends an entry of `fields` (name, value, ...) to `stream` as another producer would, with
+/// redis-cli; returns its id.
+fn xadd(server: &RedisServer, stream: &str, fields: &[&str]) -> String {
+    let mut args = vec!["XADD", stream, "*"];
+    args.extend_from_slice(fields);
+    redis_cli(server, &args)
+}
+
 async fn recv(sub: &mut Subscription) -> streamwise::Delivery {
     match tokio::time::timeout(WAIT, sub.next()).await {
         Ok(Some(Ok(d))) => d,
@@ -178,10 +186,7 @@ async fn without_auto_create_a_missing_stream_is_stream_not_found() {
         .await
         .unwrap();
     assert_eq!(exists, 0);
-    redis_cli(
-        &server,
-        &["XADD", "present", "*", "event_type", "t", "payload", "1"],
-    );
+    xadd(&server, "present", &["event_type", "t", "payload", "1"]);
     publisher
         .publish("present", Message::new("t", &2).unwrap())
         .await
@@ -191,12 +196,10 @@ async fn without_auto_create_a_missing_stream_is_stream_not_found() {
 #[tokio::test]
 async fn an_entry_written_by_redis_cli_is_consumed() {
     let server = RedisServer::start();
-    let id = redis_cli(
+    let id = xadd(
         &server,
+        "data-updates",
         &[
-            "XADD",
-            "data-updates",
-            "*",
             "event_type",
             "price.update",
             "payload",
@@ -247,9 +250,7 @@ async fn malformed_entries_are_dead_lettered_and_the_subscription_goes_on() {
     ];
     let mut bad_ids = Vec::new();
     for fields in &bad {
-        let mut args = vec!["XADD", "orders", "*"];
-        args.extend(fields);
-        bad_ids.push(redis_cli(&server, &args));
+        bad_ids.push(xadd(&server, "orders", fields));
     }
     let mut c = raw(&server).await;
     let binary: String = redis::cmd("XADD")
@@ -263,18 +264,7 @@ async fn malformed_entries_are_dead_lettered_and_the_subscription_goes_on() {
         .await
         .unwrap();
     bad_ids.push(binary);
-    let good = redis_cli(
-        &server,
-        &[
-            "XADD",
-            "orders",
-            "*",
-            "event_type",
-            "order.placed",
-            "payload",
-            "7",
-        ],
-    );
+    let good = xadd(&server, "orders", &["event_type", "order.placed", "payload", "7"]);
 
     let backend = RedisBackend::new(&server.url()).unwrap();
     let subscriber = backend.subscriber().unwrap();
@@ -328,32 +318,16 @@ async fn malformed_entries_are_dead_lettered_and_the_subscription_goes_on() {
 async fn oversized_entries_are_dead_lettered_whole_and_unknown_fields_are_ignored() {
     let server = RedisServer::start();
     let big_payload = format!("\"{}\"", "x".repeat(2000));
-    let big = redis_cli(
+    let big = xadd(
         &server,
-        &[
-            "XADD",
-            "orders",
-            "*",
-            "event_type",
-            "order.placed",
-            "payload",
-            &big_payload,
-        ],
+        "orders",
+        &["event_type", "order.placed", "payload", &big_payload],
     );
     // A field another producer added (say, a tracing header): ignored, the entry is delivered.
-    let extra = redis_cli(
+    let extra = xadd(
         &server,
-        &[
-            "XADD",
-            "orders",
-            "*",
-            "event_type",
-            "order.placed",
-            "payload",
-            "7",
-            "x-trace",
-            "abc",
-        ],
+        "orders",
+        &["event_type", "order.placed", "payload", "7", "x-trace", "abc"],
     );
 
     let backend = RedisBackend::new(&server.url()).unwrap();
@@ -1326,7 +1300,7 @@ async fn a_reader_without_a_group_resumes_after_its_checkpoint() {
         .publish_batch("audit", messages)
         .await
         .unwrap();
-    redis_cli(&server, &["XADD", "audit", "*", "not", "ours"]);
+    xadd(&server, "audit", &["not", "ours"]);
 
     let conn = backend.connection().clone();
     let mut reader = StreamReader::open(conn.clone(), "audit", "archiver", StartFrom::Beginning)
