@@ -51,6 +51,18 @@ fn xadd(server: &RedisServer, stream: &str, fields: &[&str]) -> String {
     redis_cli(server, &args)
 }
 
+/// Checks `done` every 10 ms until it holds; fails with `what` once `deadline` has passed.
+async fn wait_until(
+    deadline: tokio::time::Instant,
+    what: impl Fn() -> String,
+    mut done: impl AsyncFnMut() -> bool,
+) {
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn recv(sub: &mut Subscription) -> streamwise::Delivery {
     match tokio::time::timeout(WAIT, sub.next()).await {
         Ok(Some(Ok(d))) => d,
@@ -637,12 +649,12 @@ async fn flush_returns_once_acks_are_written_or_with_the_error() {
     assert_eq!(server.command("ACL SETUSER default +xack"), "+OK");
     // The ack is kept and written on a later attempt.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while sub.flush().await.is_err() || backend.pending_count("fl", "g").await.unwrap() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the refused ack was never written"
-        );
-    }
+    wait_until(
+        deadline,
+        || "the refused ack was never written".into(),
+        async || sub.flush().await.is_ok() && backend.pending_count("fl", "g").await.unwrap() == 0,
+    )
+    .await;
     subscriber.close().await.unwrap();
     assert!(matches!(sub.flush().await, Err(Error::Closed(_))));
 }
@@ -680,27 +692,24 @@ async fn a_refused_dead_letter_write_is_retried_until_it_succeeds() {
         }
     });
     let deadline = tokio::time::Instant::now() + WAIT;
-    while subscriber.stats().dead_letter_failures < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the write was not retried: {:?}",
-            subscriber.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        deadline,
+        || format!("the write was not retried: {:?}", subscriber.stats()),
+        async || subscriber.stats().dead_letter_failures >= 2,
+    )
+    .await;
     assert_eq!(
         backend.pending_count("dl", "g").await.unwrap(),
         1,
         "kept pending meanwhile"
     );
     assert_eq!(server.command("ACL SETUSER default +xadd"), "+OK");
-    while backend.pending_count("dl", "g").await.unwrap() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never dead-lettered after the right came back"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        deadline,
+        || "never dead-lettered after the right came back".into(),
+        async || backend.pending_count("dl", "g").await.unwrap() == 0,
+    )
+    .await;
     assert_eq!(server.command("XLEN dl-dead"), ":1");
     assert_eq!(subscriber.stats().dead_lettered, 1);
     subscriber.close().await.unwrap();
@@ -732,14 +741,12 @@ async fn a_dead_letter_that_cannot_be_written_stays_pending_until_it_is() {
         "a flush reports the unwritten record: {flushed:?}"
     );
     let deadline = tokio::time::Instant::now() + WAIT;
-    while subscriber.stats().dead_letter_failures < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not retried: {:?}",
-            subscriber.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        deadline,
+        || format!("not retried: {:?}", subscriber.stats()),
+        async || subscriber.stats().dead_letter_failures >= 2,
+    )
+    .await;
     assert_eq!(
         backend.pending_count("dlw", "g").await.unwrap(),
         1,
@@ -747,13 +754,12 @@ async fn a_dead_letter_that_cannot_be_written_stays_pending_until_it_is() {
     );
     assert_eq!(subscriber.unflushed(), 1);
     assert_eq!(server.command("DEL dlw-dead"), ":1");
-    while backend.pending_count("dlw", "g").await.unwrap() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never written after the key was fixed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        deadline,
+        || "never written after the key was fixed".into(),
+        async || backend.pending_count("dlw", "g").await.unwrap() == 0,
+    )
+    .await;
     assert_eq!(server.command("XLEN dlw-dead"), ":1");
     sub.flush().await.unwrap();
     assert_eq!(subscriber.unflushed(), 0);

@@ -29,6 +29,19 @@ async fn next_ok(sub: &mut Subscription, t: Duration) -> Option<Delivery> {
     }
 }
 
+/// The next Ok delivery, which must come within 5 s.
+async fn delivery(sub: &mut Subscription) -> Delivery {
+    next_ok(sub, Duration::from_secs(5)).await.expect("delivery")
+}
+
+/// A server whose stream `t` holds one message.
+async fn server_with_one_message() -> RedisServer {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    backend.publisher().publish("t", msg(1)).await.unwrap();
+    server
+}
+
 /// Fails if a delivery comes within `t`: `what` says which promise that breaks.
 async fn assert_no_delivery_within(sub: &mut Subscription, t: Duration, what: &str) {
     let delivered = next_ok(sub, t).await;
@@ -66,7 +79,7 @@ async fn acked_but_unflushed_entries_are_not_handed_out_again_after_a_read_error
     );
     let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
     for _ in 0..3 {
-        let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+        let d = delivery(&mut sub).await;
         d.ack().await.unwrap();
     }
     // Connection trouble on the read connection.
@@ -84,12 +97,10 @@ async fn acked_but_unflushed_entries_are_not_handed_out_again_after_a_read_error
 /// waiting entry alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_after_delay_survives_a_read_error() {
-    let server = RedisServer::start();
-    let backend = RedisBackend::new(&server.url()).unwrap();
-    backend.publisher().publish("t", msg(1)).await.unwrap();
+    let server = server_with_one_message().await;
     let sub_ = subscriber(&server, RedisSubscriberOptions::default());
     let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
-    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let d = delivery(&mut sub).await;
     d.nack_after(Duration::from_secs(10)).await.unwrap();
     server.command("CLIENT KILL TYPE normal");
     assert_no_delivery_within(
@@ -105,9 +116,7 @@ async fn nack_after_delay_survives_a_read_error() {
 /// waiting out a `nack_after` delay longer than `min_idle`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_reclaim_does_not_cut_a_nack_delay_short() {
-    let server = RedisServer::start();
-    let backend = RedisBackend::new(&server.url()).unwrap();
-    backend.publisher().publish("t", msg(1)).await.unwrap();
+    let server = server_with_one_message().await;
     let sub_ = subscriber(
         &server,
         RedisSubscriberOptions::default().lease_ttl(Duration::from_secs(3)),
@@ -122,7 +131,7 @@ async fn own_reclaim_does_not_cut_a_nack_delay_short() {
         )
         .await
         .unwrap();
-    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let d = delivery(&mut sub).await;
     d.nack_after(Duration::from_secs(8)).await.unwrap();
     assert_no_delivery_within(
         &mut sub,
@@ -155,7 +164,7 @@ async fn a_failed_fetch_does_not_over_release_capacity() {
         .unwrap();
     let mut held = Vec::new();
     for _ in 0..2 {
-        held.push(next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery"));
+        held.push(delivery(&mut sub).await);
     }
     // The dead-letter stream works again.
     server.command("DEL t-dead");
@@ -184,7 +193,7 @@ async fn a_consumer_that_lost_its_lease_stops() {
         RedisSubscriberOptions::default().lease_ttl(Duration::from_millis(600)),
     );
     let mut a = a_.subscribe("t", quick_reads()).await.unwrap();
-    let _held = next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery");
+    let _held = delivery(&mut a).await;
     // Someone else holds the lease now.
     assert_eq!(
         server.command("SET streamwise:lease:t:g:c another-token PX 60000"),
@@ -227,14 +236,14 @@ async fn a_restart_under_the_same_name_takes_over_the_lease_of_a_dead_process() 
         .await
         .expect("subscribe waits no longer than the lease had left")
         .expect("the lease of a dead holder is taken over");
-    let first = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let first = delivery(&mut sub).await;
     assert_eq!(
         (first.id(), first.delivery_count()),
         (held, 2),
         "the dead process's entry first"
     );
     first.ack().await.unwrap();
-    let second = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let second = delivery(&mut sub).await;
     assert_eq!(second.id(), later);
     second.ack().await.unwrap();
     assert_ne!(
@@ -268,12 +277,10 @@ async fn a_live_holder_keeps_its_name() {
 /// keeps the lease: the same consumer name cannot start elsewhere and take that entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_stream_keeps_the_lease_while_deliveries_are_in_flight() {
-    let server = RedisServer::start();
-    let backend = RedisBackend::new(&server.url()).unwrap();
-    backend.publisher().publish("t", msg(1)).await.unwrap();
+    let server = server_with_one_message().await;
     let a_ = subscriber(&server, RedisSubscriberOptions::default());
     let mut a = a_.subscribe("t", quick_reads()).await.unwrap();
-    let in_flight = next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery");
+    let in_flight = delivery(&mut a).await;
     drop(a); // stop fetching; the handler still works on `in_flight`
     // Give a premature lease release (the failure this guards against) time to happen.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -306,7 +313,7 @@ async fn group_recreated_at_checkpoint_skips_pending_entries() {
     let mut sub = sub_.subscribe("t", quick_reads().max_in_flight(3)).await.unwrap();
     let mut ds = Vec::new();
     for _ in 0..3 {
-        ds.push(next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery"));
+        ds.push(delivery(&mut sub).await);
     }
     // Entry 0 is still being handled; entries 1 and 2 are acked.
     let first = ds.remove(0);
@@ -347,7 +354,7 @@ async fn restart_without_persistence_recovers_with_an_error_item_in_between() {
     publisher.publish("t", msg(1)).await.unwrap();
     let sub_ = RedisSubscriber::new(conn(), RedisSubscriberOptions::default()).unwrap();
     let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
-    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let d = delivery(&mut sub).await;
     d.ack().await.unwrap();
     server.kill();
     let t0 = std::time::Instant::now();
@@ -430,7 +437,7 @@ async fn ack_during_outage_is_flushed_after_restart_and_not_redelivered() {
     backend.publisher().publish("t", msg(1)).await.unwrap();
     let sub_ = RedisSubscriber::new(conn(), RedisSubscriberOptions::default()).unwrap();
     let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
-    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let d = delivery(&mut sub).await;
     server.kill();
     d.ack().await.expect("ack is Ok");
     // An outage longer than the flusher's retry budget (2 retries, at most 200 ms apart).
@@ -517,7 +524,7 @@ async fn retries_whose_group_was_destroyed_are_dead_lettered_not_lost() {
         .unwrap();
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery"));
+        held.push(delivery(&mut sub).await);
     }
     assert_eq!(server.command("XGROUP DESTROY t g"), ":1");
     assert_eq!(server.command("XGROUP CREATE t g $"), "+OK");
@@ -669,7 +676,7 @@ async fn after_an_outage_a_live_consumers_entries_are_not_taken_over() {
         .unwrap();
     let mut held = Vec::new();
     for _ in 0..3 {
-        held.push(next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery"));
+        held.push(delivery(&mut a).await);
     }
     let b_ = subscriber(&server, RedisSubscriberOptions::default().lease_ttl(ttl));
     let mut b = b_

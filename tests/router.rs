@@ -72,7 +72,15 @@ impl Harness {
         &self,
         router: Router<S>,
     ) -> streamwise::router::RunningRouter {
-        router.start(self.subscriber(), self.publisher()).await.unwrap()
+        self.start_publishing_to(router, self.publisher()).await
+    }
+    /// Starts `router` on this backend, its handlers' messages going to `publisher`.
+    async fn start_publishing_to<S: Clone + Send + Sync + 'static>(
+        &self,
+        router: Router<S>,
+        publisher: Arc<dyn Publisher>,
+    ) -> streamwise::router::RunningRouter {
+        router.start(self.subscriber(), publisher).await.unwrap()
     }
     /// The error that keeps `router` from starting.
     async fn refused<S: Clone + Send + Sync + 'static>(&self, router: Router<S>) -> Error {
@@ -276,11 +284,12 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
             ),
         ]
     }
-    let running = Router::new()
-        .subscribe("orders", opts(), Routes::new().route("order.placed", placed))
-        .start(h.subscriber(), witness.clone())
-        .await
-        .unwrap();
+    let running = h
+        .start_publishing_to(
+            Router::new().subscribe("orders", opts(), Routes::new().route("order.placed", placed)),
+            witness.clone(),
+        )
+        .await;
     h.publish("orders", order(1, "ada")).await;
     h.settled(&running, 1).await;
     running.shutdown().await.unwrap();
@@ -296,16 +305,17 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
     // When publishing fails, the input is nacked, not acked: nothing is lost.
     let h = Harness::new();
     let failing = Witness::on(&h, true);
-    let running = Router::new()
-        .subscribe(
-            "orders",
-            // Redelivered after the backoff until the shutdown, never dead-lettered meanwhile.
-            opts().max_deliveries(u64::MAX),
-            Routes::new().route("order.placed", placed),
+    let running = h
+        .start_publishing_to(
+            Router::new().subscribe(
+                "orders",
+                // Redelivered after the backoff until the shutdown, never dead-lettered meanwhile.
+                opts().max_deliveries(u64::MAX),
+                Routes::new().route("order.placed", placed),
+            ),
+            failing.clone(),
         )
-        .start(h.subscriber(), failing.clone())
-        .await
-        .unwrap();
+        .await;
     h.publish("orders", order(2, "bob")).await;
     h.settled(&running, 3).await;
     running.shutdown().await.unwrap();
@@ -319,17 +329,18 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
     let h = Harness::new();
     let failing = Witness::on(&h, true);
     let hour = Duration::from_secs(3600);
-    let running = Router::new()
-        .subscribe(
-            "orders",
-            opts(),
-            Routes::new()
-                .route("order.placed", placed)
-                .retry_backoff(streamwise::router::RetryBackoff::exponential(hour, hour)),
+    let running = h
+        .start_publishing_to(
+            Router::new().subscribe(
+                "orders",
+                opts(),
+                Routes::new()
+                    .route("order.placed", placed)
+                    .retry_backoff(streamwise::router::RetryBackoff::exponential(hour, hour)),
+            ),
+            failing.clone(),
         )
-        .start(h.subscriber(), failing.clone())
-        .await
-        .unwrap();
+        .await;
     h.publish("orders", order(3, "cy")).await;
     h.settled(&running, 1).await;
     tokio::time::sleep(streamwise::testing::QUIET).await; // an observation window, not a sync
