@@ -14,6 +14,7 @@ use streamwise::router::{
     BoxRoute, BoxRouteLayer, DeliveryInfo, EventType, Fallback, Handler, Incoming, Json, Metadata, OrderKey,
     Outcome, Outgoing, Permanent, RetryBackoff, Router, Routes, State, handler_service,
 };
+use streamwise::testing::wait_until_handled;
 use streamwise::{EntryId, Error, Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription};
 use tokio::sync::mpsc;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -89,18 +90,6 @@ impl Harness {
             .await
             .unwrap_err()
     }
-    /// Waits until `group` has nothing pending on `topic` and `handled` deliveries were settled.
-    async fn settled(&self, running: &streamwise::router::RunningRouter, handled: u64) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while running.handled() < handled {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "only {} of {handled} handled",
-                running.handled()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
 }
 
 async fn recv(sub: &mut Subscription) -> streamwise::Delivery {
@@ -153,7 +142,7 @@ async fn deliveries_are_dispatched_by_event_type_with_extractors() {
         "{got:?}"
     );
     assert!(got.contains(&"cancelled 7".to_owned()), "{got:?}");
-    h.settled(&running, 2).await;
+    wait_until_handled(&running, 2).await;
     let report = running.shutdown().await.unwrap();
     assert_eq!((report.handled, report.abandoned), (2, 0));
     assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0);
@@ -176,7 +165,7 @@ async fn fallback_policies() {
         let running = h.start(Router::new().subscribe("t", options, routes)).await;
         h.publish("t", Message::new("unknown", &1).unwrap()).await;
         h.publish("t", Message::new("known", &2).unwrap()).await;
-        h.settled(&running, 2).await;
+        wait_until_handled(&running, 2).await;
         running.shutdown().await.unwrap();
         let dead_len = h.backend.stream_len("t-dead").unwrap_or(0);
         assert_eq!(dead_len, dead, "{fallback:?}");
@@ -223,7 +212,7 @@ async fn a_payload_that_does_not_decode_is_dead_lettered_with_the_reason() {
     );
     assert_eq!(m.get(dl::ORIGINAL_ID), Some(id.to_string().as_str()));
     assert_eq!(m.get(dl::STREAM), Some("orders"));
-    h.settled(&running, 1).await;
+    wait_until_handled(&running, 1).await;
     running.shutdown().await.unwrap();
     assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0);
 }
@@ -291,7 +280,7 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
         )
         .await;
     h.publish("orders", order(1, "ada")).await;
-    h.settled(&running, 1).await;
+    wait_until_handled(&running, 1).await;
     running.shutdown().await.unwrap();
     assert_eq!(
         *witness.seen_pending.lock().unwrap(),
@@ -317,7 +306,7 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
         )
         .await;
     h.publish("orders", order(2, "bob")).await;
-    h.settled(&running, 3).await;
+    wait_until_handled(&running, 3).await;
     running.shutdown().await.unwrap();
     assert_eq!(
         h.backend.pending_count("orders", "svc").unwrap(),
@@ -342,7 +331,7 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
         )
         .await;
     h.publish("orders", order(3, "cy")).await;
-    h.settled(&running, 1).await;
+    wait_until_handled(&running, 1).await;
     tokio::time::sleep(streamwise::testing::QUIET).await; // an observation window, not a sync
     assert_eq!(running.handled(), 1, "redelivered before its backoff");
     running.shutdown().await.unwrap();
@@ -401,7 +390,7 @@ async fn outcomes_errors_and_panics_settle_as_documented() {
     h.publish("t", Message::new("eager", &5).unwrap()).await;
     // flaky: 3 runs; hopeless: 1; later: 2; boom and eager: 2 each (the panic is nacked, the
     // router goes on).
-    h.settled(&running, 10).await;
+    wait_until_handled(&running, 10).await;
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "nack_after waited"
@@ -522,7 +511,7 @@ async fn a_handler_failing_for_three_seconds_recovers_without_dead_letters_by_de
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    h.settled(&running, outage.calls().len() as u64).await;
+    wait_until_handled(&running, outage.calls().len() as u64).await;
     running.shutdown().await.unwrap();
     let calls = outage.calls();
     assert_eq!(h.backend.stream_len("orders-dead").unwrap_or(0), 0, "{calls:?}");
@@ -653,7 +642,7 @@ async fn layers_at_three_levels_run_in_the_documented_order() {
         )
         .await;
     h.publish("t", Message::new("t", &1).unwrap()).await;
-    h.settled(&running, 1).await;
+    wait_until_handled(&running, 1).await;
     running.shutdown().await.unwrap();
     assert_eq!(
         *log.lock().unwrap(),
@@ -699,7 +688,7 @@ async fn a_layered_handler_is_built_once_with_the_routes_state() {
     for n in 0..8 {
         h.publish("t", Message::new("n", &n).unwrap()).await;
     }
-    h.settled(&running, 8).await;
+    wait_until_handled(&running, 8).await;
     running.shutdown().await.unwrap();
     assert_eq!(seen.done.load(Ordering::SeqCst), 8);
     assert_eq!(
@@ -740,7 +729,7 @@ async fn stock_tower_layers_wrap_handlers() {
     let running = h.start(Router::new().subscribe("t", opts(), routes)).await;
     h.publish("t", Message::new("slow", &1).unwrap()).await;
     // The timeout turns the first run into an error (nack); the second run succeeds.
-    h.settled(&running, 2).await;
+    wait_until_handled(&running, 2).await;
     running.shutdown().await.unwrap();
     assert_eq!(h.backend.pending_count("t", "svc").unwrap(), 0);
 }
@@ -778,7 +767,7 @@ async fn max_in_flight_bounds_concurrency_and_order_by_keeps_key_order() {
     for id in 0..40 {
         h.publish("orders", order(id, customers[id as usize % 4])).await;
     }
-    h.settled(&running, 40).await;
+    wait_until_handled(&running, 40).await;
     running.shutdown().await.unwrap();
     let peak = seen.peak.load(Ordering::SeqCst);
     assert!(peak <= 8, "{peak} handlers at once with max_in_flight 8");
@@ -930,7 +919,7 @@ async fn several_subscriptions_run_side_by_side() {
         .await;
     h.publish("a", Message::new("x", &1).unwrap()).await;
     h.publish("b", Message::new("y", &1).unwrap()).await;
-    h.settled(&running, 2).await;
+    wait_until_handled(&running, 2).await;
     running.shutdown().await.unwrap();
     assert_eq!(count.load(Ordering::SeqCst), 2);
 }
@@ -953,7 +942,7 @@ async fn shutdown_with_nothing_in_flight_does_not_wait_for_the_deadline() {
         )
         .await;
     h.publish("t", Message::new("t", &1).unwrap()).await;
-    h.settled(&running, 1).await;
+    wait_until_handled(&running, 1).await;
     let started = tokio::time::Instant::now();
     let report = running.shutdown().await.unwrap();
     assert!(
@@ -988,7 +977,7 @@ async fn a_large_backlog_is_handled_whole_and_once() {
     let running = h
         .start(Router::new().subscribe("orders", options, Routes::new().route("order.placed", handler)))
         .await;
-    h.settled(&running, 5000).await;
+    wait_until_handled(&running, 5000).await;
     let report = running.shutdown().await.unwrap();
     assert_eq!(report.handled, 5000);
     let mut ids = std::mem::take(&mut *seen.lock().unwrap());

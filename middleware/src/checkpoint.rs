@@ -706,7 +706,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        crate::test_util::wait_until_handled(&running, 20, Duration::from_secs(20)).await;
+        streamwise::testing::wait_until_handled(&running, 20).await;
         running.shutdown().await.unwrap();
         assert_eq!(layer.position("orders", "svc", "w1"), Some(last));
         layer.flush().await.unwrap();

@@ -489,7 +489,7 @@ mod tests {
         );
         assert_eq!(invoice.message().decode::<u32>().unwrap(), 7);
 
-        crate::test_util::wait_until_handled(&running, 2, Duration::from_secs(20)).await;
+        streamwise::testing::wait_until_handled(&running, 2).await;
         running.shutdown().await.unwrap();
         assert_eq!(seen.load(Ordering::SeqCst), 2);
         assert_eq!(

@@ -383,7 +383,7 @@ mod tests {
             .publish("r", Message::new("t", &1).unwrap())
             .await
             .unwrap();
-        crate::test_util::wait_until_handled(&running, 1, Duration::from_secs(10)).await;
+        streamwise::testing::wait_until_handled(&running, 1).await;
         running.shutdown().await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(backend.pending_count("r", "g").unwrap(), 0);

@@ -515,7 +515,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        crate::test_util::wait_until_handled(&running, 6, Duration::from_secs(60)).await;
+        streamwise::testing::wait_until_handled(&running, 6).await;
         running.shutdown().await.unwrap();
         assert_eq!(backend.pending_count("r", "g").unwrap(), 0);
         let taken = starts.taken();

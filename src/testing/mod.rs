@@ -196,6 +196,20 @@ pub async fn expect_quiet(sub: &mut Subscription, why: &str) {
     }
 }
 
+/// Waits until `running` has handled `n` deliveries (settled them, whatever the outcome),
+/// failing the test after [`WAIT`].
+pub async fn wait_until_handled(running: &crate::router::RunningRouter, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    while running.handled() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} deliveries handled after {WAIT:?}",
+            running.handled()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn numbered(n: u64) -> Message {
     Message::new("test.numbered", &n).expect("encodable")
 }
