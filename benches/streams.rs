@@ -207,6 +207,58 @@ async fn raw_conn(url: &str) -> redis_client::aio::MultiplexedConnection {
         .expect("connect")
 }
 
+/// `XREADGROUP GROUP g c COUNT 100 [BLOCK block_ms] STREAMS stream >`, the raw baselines' read.
+fn xreadgroup(stream: &str, block_ms: Option<u64>) -> redis_client::Cmd {
+    let mut cmd = redis_client::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg("g").arg("c").arg("COUNT").arg(100);
+    if let Some(ms) = block_ms {
+        cmd.arg("BLOCK").arg(ms);
+    }
+    cmd.arg("STREAMS").arg(stream).arg(">");
+    cmd
+}
+
+/// One `XACK` of `ids` in group `g` of `stream`.
+async fn xack<Id: redis_client::ToRedisArgs>(
+    c: &mut redis_client::aio::MultiplexedConnection,
+    stream: &str,
+    ids: &[Id],
+) {
+    let _: u64 = redis_client::cmd("XACK")
+        .arg(stream)
+        .arg("g")
+        .arg(ids)
+        .query_async(c)
+        .await
+        .expect("XACK");
+}
+
+/// Sends paced at `rate` a second from when it was made (0: as fast as possible).
+struct Pacing {
+    start: Instant,
+    every: Option<Duration>,
+}
+
+impl Pacing {
+    fn new(rate: u64) -> Self {
+        Pacing {
+            start: Instant::now(),
+            every: (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64)),
+        }
+    }
+
+    /// Waits until send number `i` is due.
+    async fn wait_for(&self, i: u64) {
+        if let Some(every) = self.every {
+            let due = self.start + every * i as u32;
+            let now = Instant::now();
+            if due > now {
+                tokio::time::sleep(due - now).await;
+            }
+        }
+    }
+}
+
 /// XADD of the same fields streamwise writes, awaited one at a time.
 async fn raw_publish_awaited(url: String, n: u64, size: usize) -> (u64, Vec<Duration>) {
     let mut c = raw_conn(&url).await;
@@ -307,15 +359,7 @@ async fn raw_consume(url: String, stream: &'static str, n: u64) -> (u64, Vec<Dur
     let mut c = raw_conn(&url).await;
     let mut done = 0u64;
     while done < n {
-        let reply: Value = redis_client::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("g")
-            .arg("c")
-            .arg("COUNT")
-            .arg(100)
-            .arg("STREAMS")
-            .arg(stream)
-            .arg(">")
+        let reply: Value = xreadgroup(stream, None)
             .query_async(&mut c)
             .await
             .expect("XREADGROUP");
@@ -323,13 +367,7 @@ async fn raw_consume(url: String, stream: &'static str, n: u64) -> (u64, Vec<Dur
         if ids.is_empty() {
             break;
         }
-        let _: u64 = redis_client::cmd("XACK")
-            .arg(stream)
-            .arg("g")
-            .arg(&ids)
-            .query_async(&mut c)
-            .await
-            .expect("XACK");
+        xack(&mut c, stream, &ids).await;
         done += ids.len() as u64;
     }
     (done, Vec::new())
@@ -422,16 +460,9 @@ async fn streamwise_end_to_end(
         .await
         .expect("router");
     let publisher = redis.publisher();
-    let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
-    let start = Instant::now();
+    let pacing = Pacing::new(rate);
     for i in 0..n {
-        if let Some(every) = interval {
-            let due = start + every * i as u32;
-            let now = Instant::now();
-            if due > now {
-                tokio::time::sleep(due - now).await;
-            }
-        }
+        pacing.wait_for(i).await;
         let m = message(size).with_metadata("sent_ns", base.elapsed().as_nanos().to_string());
         publisher.publish(stream, m).await.expect("publish");
     }
@@ -467,17 +498,7 @@ async fn raw_end_to_end(
         let mut c = raw_conn(&reader_url).await;
         let mut lat = Vec::with_capacity(n as usize);
         while (lat.len() as u64) < n {
-            let reply: Value = redis_client::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg("g")
-                .arg("c")
-                .arg("COUNT")
-                .arg(100)
-                .arg("BLOCK")
-                .arg(1000)
-                .arg("STREAMS")
-                .arg(stream)
-                .arg(">")
+            let reply: Value = xreadgroup(stream, Some(1000))
                 .query_async(&mut c)
                 .await
                 .expect("XREADGROUP");
@@ -487,13 +508,7 @@ async fn raw_end_to_end(
             if ids.is_empty() {
                 continue;
             }
-            let _: u64 = redis_client::cmd("XACK")
-                .arg(stream)
-                .arg("g")
-                .arg(&ids)
-                .query_async(&mut c)
-                .await
-                .expect("XACK");
+            xack(&mut c, stream, &ids).await;
             lat.extend(
                 entries
                     .iter()
@@ -504,16 +519,9 @@ async fn raw_end_to_end(
     });
     let mut c = raw_conn(&url).await;
     let body = serde_json::to_vec(&payload_of(size)).expect("json");
-    let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
-    let start = Instant::now();
+    let pacing = Pacing::new(rate);
     for i in 0..n {
-        if let Some(every) = interval {
-            let due = start + every * i as u32;
-            let now = Instant::now();
-            if due > now {
-                tokio::time::sleep(due - now).await;
-            }
-        }
+        pacing.wait_for(i).await;
         let _: String = redis_client::cmd("XADD")
             .arg(stream)
             .arg("*")

@@ -304,11 +304,7 @@ async fn a_processor_layer_wraps_every_subscription_of_the_processor() {
         .publish(&OrderPlaced { id: 1 })
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while running.handled() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "not handled");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    streamwise::testing::wait_until_handled(&running, 2).await;
     running.shutdown().await.unwrap();
     assert_eq!(through_layer.load(Ordering::SeqCst), 2);
 }

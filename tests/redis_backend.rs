@@ -43,6 +43,26 @@ fn redis_cli(server: &RedisServer, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Appends an entry of `fields` (name, value, ...) to `stream` as another producer would, with
+/// redis-cli; returns its id.
+fn xadd(server: &RedisServer, stream: &str, fields: &[&str]) -> String {
+    let mut args = vec!["XADD", stream, "*"];
+    args.extend_from_slice(fields);
+    redis_cli(server, &args)
+}
+
+/// Checks `done` every 10 ms until it holds; fails with `what` once `deadline` has passed.
+async fn wait_until(
+    deadline: tokio::time::Instant,
+    what: impl Fn() -> String,
+    mut done: impl AsyncFnMut() -> bool,
+) {
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn recv(sub: &mut Subscription) -> streamwise::Delivery {
     match tokio::time::timeout(WAIT, sub.next()).await {
         Ok(Some(Ok(d))) => d,
@@ -178,10 +198,7 @@ async fn without_auto_create_a_missing_stream_is_stream_not_found() {
         .await
         .unwrap();
     assert_eq!(exists, 0);
-    redis_cli(
-        &server,
-        &["XADD", "present", "*", "event_type", "t", "payload", "1"],
-    );
+    xadd(&server, "present", &["event_type", "t", "payload", "1"]);
     publisher
         .publish("present", Message::new("t", &2).unwrap())
         .await
@@ -191,12 +208,10 @@ async fn without_auto_create_a_missing_stream_is_stream_not_found() {
 #[tokio::test]
 async fn an_entry_written_by_redis_cli_is_consumed() {
     let server = RedisServer::start();
-    let id = redis_cli(
+    let id = xadd(
         &server,
+        "data-updates",
         &[
-            "XADD",
-            "data-updates",
-            "*",
             "event_type",
             "price.update",
             "payload",
@@ -247,9 +262,7 @@ async fn malformed_entries_are_dead_lettered_and_the_subscription_goes_on() {
     ];
     let mut bad_ids = Vec::new();
     for fields in &bad {
-        let mut args = vec!["XADD", "orders", "*"];
-        args.extend(fields);
-        bad_ids.push(redis_cli(&server, &args));
+        bad_ids.push(xadd(&server, "orders", fields));
     }
     let mut c = raw(&server).await;
     let binary: String = redis::cmd("XADD")
@@ -263,18 +276,7 @@ async fn malformed_entries_are_dead_lettered_and_the_subscription_goes_on() {
         .await
         .unwrap();
     bad_ids.push(binary);
-    let good = redis_cli(
-        &server,
-        &[
-            "XADD",
-            "orders",
-            "*",
-            "event_type",
-            "order.placed",
-            "payload",
-            "7",
-        ],
-    );
+    let good = xadd(&server, "orders", &["event_type", "order.placed", "payload", "7"]);
 
     let backend = RedisBackend::new(&server.url()).unwrap();
     let subscriber = backend.subscriber().unwrap();
@@ -328,32 +330,16 @@ async fn malformed_entries_are_dead_lettered_and_the_subscription_goes_on() {
 async fn oversized_entries_are_dead_lettered_whole_and_unknown_fields_are_ignored() {
     let server = RedisServer::start();
     let big_payload = format!("\"{}\"", "x".repeat(2000));
-    let big = redis_cli(
+    let big = xadd(
         &server,
-        &[
-            "XADD",
-            "orders",
-            "*",
-            "event_type",
-            "order.placed",
-            "payload",
-            &big_payload,
-        ],
+        "orders",
+        &["event_type", "order.placed", "payload", &big_payload],
     );
     // A field another producer added (say, a tracing header): ignored, the entry is delivered.
-    let extra = redis_cli(
+    let extra = xadd(
         &server,
-        &[
-            "XADD",
-            "orders",
-            "*",
-            "event_type",
-            "order.placed",
-            "payload",
-            "7",
-            "x-trace",
-            "abc",
-        ],
+        "orders",
+        &["event_type", "order.placed", "payload", "7", "x-trace", "abc"],
     );
 
     let backend = RedisBackend::new(&server.url()).unwrap();
@@ -663,12 +649,12 @@ async fn flush_returns_once_acks_are_written_or_with_the_error() {
     assert_eq!(server.command("ACL SETUSER default +xack"), "+OK");
     // The ack is kept and written on a later attempt.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while sub.flush().await.is_err() || backend.pending_count("fl", "g").await.unwrap() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the refused ack was never written"
-        );
-    }
+    wait_until(
+        deadline,
+        || "the refused ack was never written".into(),
+        async || sub.flush().await.is_ok() && backend.pending_count("fl", "g").await.unwrap() == 0,
+    )
+    .await;
     subscriber.close().await.unwrap();
     assert!(matches!(sub.flush().await, Err(Error::Closed(_))));
 }
@@ -706,27 +692,24 @@ async fn a_refused_dead_letter_write_is_retried_until_it_succeeds() {
         }
     });
     let deadline = tokio::time::Instant::now() + WAIT;
-    while subscriber.stats().dead_letter_failures < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the write was not retried: {:?}",
-            subscriber.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        deadline,
+        || format!("the write was not retried: {:?}", subscriber.stats()),
+        async || subscriber.stats().dead_letter_failures >= 2,
+    )
+    .await;
     assert_eq!(
         backend.pending_count("dl", "g").await.unwrap(),
         1,
         "kept pending meanwhile"
     );
     assert_eq!(server.command("ACL SETUSER default +xadd"), "+OK");
-    while backend.pending_count("dl", "g").await.unwrap() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never dead-lettered after the right came back"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        deadline,
+        || "never dead-lettered after the right came back".into(),
+        async || backend.pending_count("dl", "g").await.unwrap() == 0,
+    )
+    .await;
     assert_eq!(server.command("XLEN dl-dead"), ":1");
     assert_eq!(subscriber.stats().dead_lettered, 1);
     subscriber.close().await.unwrap();
@@ -758,14 +741,12 @@ async fn a_dead_letter_that_cannot_be_written_stays_pending_until_it_is() {
         "a flush reports the unwritten record: {flushed:?}"
     );
     let deadline = tokio::time::Instant::now() + WAIT;
-    while subscriber.stats().dead_letter_failures < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not retried: {:?}",
-            subscriber.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        deadline,
+        || format!("not retried: {:?}", subscriber.stats()),
+        async || subscriber.stats().dead_letter_failures >= 2,
+    )
+    .await;
     assert_eq!(
         backend.pending_count("dlw", "g").await.unwrap(),
         1,
@@ -773,13 +754,12 @@ async fn a_dead_letter_that_cannot_be_written_stays_pending_until_it_is() {
     );
     assert_eq!(subscriber.unflushed(), 1);
     assert_eq!(server.command("DEL dlw-dead"), ":1");
-    while backend.pending_count("dlw", "g").await.unwrap() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never written after the key was fixed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        deadline,
+        || "never written after the key was fixed".into(),
+        async || backend.pending_count("dlw", "g").await.unwrap() == 0,
+    )
+    .await;
     assert_eq!(server.command("XLEN dlw-dead"), ":1");
     sub.flush().await.unwrap();
     assert_eq!(subscriber.unflushed(), 0);
@@ -1326,7 +1306,7 @@ async fn a_reader_without_a_group_resumes_after_its_checkpoint() {
         .publish_batch("audit", messages)
         .await
         .unwrap();
-    redis_cli(&server, &["XADD", "audit", "*", "not", "ours"]);
+    xadd(&server, "audit", &["not", "ours"]);
 
     let conn = backend.connection().clone();
     let mut reader = StreamReader::open(conn.clone(), "audit", "archiver", StartFrom::Beginning)

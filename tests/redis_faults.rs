@@ -29,6 +29,34 @@ async fn next_ok(sub: &mut Subscription, t: Duration) -> Option<Delivery> {
     }
 }
 
+/// The next Ok delivery, which must come within 5 s.
+async fn delivery(sub: &mut Subscription) -> Delivery {
+    next_ok(sub, Duration::from_secs(5)).await.expect("delivery")
+}
+
+/// A server whose stream `t` holds one message.
+async fn server_with_one_message() -> RedisServer {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    backend.publisher().publish("t", msg(1)).await.unwrap();
+    server
+}
+
+/// Fails if a delivery comes within `t`: `what` says which promise that breaks.
+async fn assert_no_delivery_within(sub: &mut Subscription, t: Duration, what: &str) {
+    let delivered = next_ok(sub, t).await;
+    assert!(
+        delivered.is_none(),
+        "{what}: {:?}",
+        delivered.map(|d| d.info().clone())
+    );
+}
+
+/// Consumer `c` of group `g`, with reads blocking 200 ms so that faults are noticed quickly.
+fn quick_reads() -> SubscribeOptions {
+    SubscribeOptions::new("g", "c").block(Duration::from_millis(200))
+}
+
 fn subscriber(server: &RedisServer, options: RedisSubscriberOptions) -> RedisSubscriber {
     RedisSubscriber::new(RedisConnection::new(&server.url()).unwrap(), options).unwrap()
 }
@@ -49,25 +77,19 @@ async fn acked_but_unflushed_entries_are_not_handed_out_again_after_a_read_error
         &server,
         RedisSubscriberOptions::default().ack_flush_interval(Duration::from_secs(3)),
     );
-    let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
     for _ in 0..3 {
-        let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+        let d = delivery(&mut sub).await;
         d.ack().await.unwrap();
     }
     // Connection trouble on the read connection.
     server.command("CLIENT KILL TYPE normal");
-    let again = next_ok(&mut sub, Duration::from_secs(2)).await;
-    assert!(
-        again.is_none(),
-        "an entry acked (Ok) was handed out again: {:?}",
-        again.map(|d| d.info().clone())
-    );
+    assert_no_delivery_within(
+        &mut sub,
+        Duration::from_secs(2),
+        "an entry acked (Ok) was handed out again",
+    )
+    .await;
     sub_.close().await.unwrap();
 }
 
@@ -75,26 +97,18 @@ async fn acked_but_unflushed_entries_are_not_handed_out_again_after_a_read_error
 /// waiting entry alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_after_delay_survives_a_read_error() {
-    let server = RedisServer::start();
-    let backend = RedisBackend::new(&server.url()).unwrap();
-    backend.publisher().publish("t", msg(1)).await.unwrap();
+    let server = server_with_one_message().await;
     let sub_ = subscriber(&server, RedisSubscriberOptions::default());
-    let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
-    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
+    let d = delivery(&mut sub).await;
     d.nack_after(Duration::from_secs(10)).await.unwrap();
     server.command("CLIENT KILL TYPE normal");
-    let early = next_ok(&mut sub, Duration::from_secs(3)).await;
-    assert!(
-        early.is_none(),
-        "nack_after(10s) redelivered within 3s: {:?}",
-        early.map(|d| d.info().clone())
-    );
+    assert_no_delivery_within(
+        &mut sub,
+        Duration::from_secs(3),
+        "nack_after(10s) redelivered within 3s",
+    )
+    .await;
     sub_.close().await.unwrap();
 }
 
@@ -102,9 +116,7 @@ async fn nack_after_delay_survives_a_read_error() {
 /// waiting out a `nack_after` delay longer than `min_idle`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_reclaim_does_not_cut_a_nack_delay_short() {
-    let server = RedisServer::start();
-    let backend = RedisBackend::new(&server.url()).unwrap();
-    backend.publisher().publish("t", msg(1)).await.unwrap();
+    let server = server_with_one_message().await;
     let sub_ = subscriber(
         &server,
         RedisSubscriberOptions::default().lease_ttl(Duration::from_secs(3)),
@@ -112,23 +124,21 @@ async fn own_reclaim_does_not_cut_a_nack_delay_short() {
     let mut sub = sub_
         .subscribe(
             "t",
-            SubscribeOptions::new("g", "c")
-                .block(Duration::from_millis(200))
-                .reclaim(streamwise::ReclaimOptions::new(
-                    Duration::from_millis(500),
-                    Duration::from_secs(2),
-                )),
+            quick_reads().reclaim(streamwise::ReclaimOptions::new(
+                Duration::from_millis(500),
+                Duration::from_secs(2),
+            )),
         )
         .await
         .unwrap();
-    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let d = delivery(&mut sub).await;
     d.nack_after(Duration::from_secs(8)).await.unwrap();
-    let early = next_ok(&mut sub, Duration::from_secs(5)).await;
-    assert!(
-        early.is_none(),
-        "nack_after(8s) redelivered within 5s: {:?}",
-        early.map(|d| d.info().clone())
-    );
+    assert_no_delivery_within(
+        &mut sub,
+        Duration::from_secs(5),
+        "nack_after(8s) redelivered within 5s",
+    )
+    .await;
     sub_.close().await.unwrap();
 }
 
@@ -149,18 +159,12 @@ async fn a_failed_fetch_does_not_over_release_capacity() {
     server.command("SET t-dead not-a-stream");
     let sub_ = subscriber(&server, RedisSubscriberOptions::default());
     let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c")
-                .max_in_flight(3)
-                .batch_size(3)
-                .block(Duration::from_millis(200)),
-        )
+        .subscribe("t", quick_reads().max_in_flight(3).batch_size(3))
         .await
         .unwrap();
     let mut held = Vec::new();
     for _ in 0..2 {
-        held.push(next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery"));
+        held.push(delivery(&mut sub).await);
     }
     // The dead-letter stream works again.
     server.command("DEL t-dead");
@@ -184,13 +188,12 @@ async fn a_consumer_that_lost_its_lease_stops() {
     let backend = RedisBackend::new(&server.url()).unwrap();
     let publisher = backend.publisher();
     publisher.publish("t", msg(1)).await.unwrap();
-    let opts = || SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
     let a_ = subscriber(
         &server,
         RedisSubscriberOptions::default().lease_ttl(Duration::from_millis(600)),
     );
-    let mut a = a_.subscribe("t", opts()).await.unwrap();
-    let _held = next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery");
+    let mut a = a_.subscribe("t", quick_reads()).await.unwrap();
+    let _held = delivery(&mut a).await;
     // Someone else holds the lease now.
     assert_eq!(
         server.command("SET streamwise:lease:t:g:c another-token PX 60000"),
@@ -229,19 +232,18 @@ async fn a_restart_under_the_same_name_takes_over_the_lease_of_a_dead_process() 
     let later = publisher.publish("t", msg(2)).await.unwrap();
 
     let restarted = subscriber(&server, RedisSubscriberOptions::default());
-    let opts = SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
-    let mut sub = tokio::time::timeout(Duration::from_secs(10), restarted.subscribe("t", opts))
+    let mut sub = tokio::time::timeout(Duration::from_secs(10), restarted.subscribe("t", quick_reads()))
         .await
         .expect("subscribe waits no longer than the lease had left")
         .expect("the lease of a dead holder is taken over");
-    let first = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let first = delivery(&mut sub).await;
     assert_eq!(
         (first.id(), first.delivery_count()),
         (held, 2),
         "the dead process's entry first"
     );
     first.ack().await.unwrap();
-    let second = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let second = delivery(&mut sub).await;
     assert_eq!(second.id(), later);
     second.ack().await.unwrap();
     assert_ne!(
@@ -257,14 +259,13 @@ async fn a_restart_under_the_same_name_takes_over_the_lease_of_a_dead_process() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_holder_keeps_its_name() {
     let server = RedisServer::start();
-    let opts = || SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
     let live = subscriber(
         &server,
         RedisSubscriberOptions::default().lease_ttl(Duration::from_millis(600)),
     );
-    let _sub = live.subscribe("t", opts()).await.unwrap();
+    let _sub = live.subscribe("t", quick_reads()).await.unwrap();
     let second = subscriber(&server, RedisSubscriberOptions::default());
-    match tokio::time::timeout(Duration::from_secs(5), second.subscribe("t", opts())).await {
+    match tokio::time::timeout(Duration::from_secs(5), second.subscribe("t", quick_reads())).await {
         Ok(Err(streamwise::Error::ConsumerActive { consumer, .. })) => assert_eq!(consumer, "c"),
         other => panic!("expected ConsumerActive while the holder lives, got {other:?}"),
     }
@@ -276,18 +277,15 @@ async fn a_live_holder_keeps_its_name() {
 /// keeps the lease: the same consumer name cannot start elsewhere and take that entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_stream_keeps_the_lease_while_deliveries_are_in_flight() {
-    let server = RedisServer::start();
-    let backend = RedisBackend::new(&server.url()).unwrap();
-    backend.publisher().publish("t", msg(1)).await.unwrap();
-    let opts = || SubscribeOptions::new("g", "c").block(Duration::from_millis(200));
+    let server = server_with_one_message().await;
     let a_ = subscriber(&server, RedisSubscriberOptions::default());
-    let mut a = a_.subscribe("t", opts()).await.unwrap();
-    let in_flight = next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery");
+    let mut a = a_.subscribe("t", quick_reads()).await.unwrap();
+    let in_flight = delivery(&mut a).await;
     drop(a); // stop fetching; the handler still works on `in_flight`
     // Give a premature lease release (the failure this guards against) time to happen.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let b_ = subscriber(&server, RedisSubscriberOptions::default());
-    let second = b_.subscribe("t", opts()).await;
+    let second = b_.subscribe("t", quick_reads()).await;
     let dup = match second {
         Err(_) => None,
         Ok(mut b) => next_ok(&mut b, Duration::from_secs(2)).await,
@@ -312,18 +310,10 @@ async fn group_recreated_at_checkpoint_skips_pending_entries() {
         ids.push(publisher.publish("t", msg(n)).await.unwrap());
     }
     let sub_ = subscriber(&server, RedisSubscriberOptions::default());
-    let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c")
-                .max_in_flight(3)
-                .block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = sub_.subscribe("t", quick_reads().max_in_flight(3)).await.unwrap();
     let mut ds = Vec::new();
     for _ in 0..3 {
-        ds.push(next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery"));
+        ds.push(delivery(&mut sub).await);
     }
     // Entry 0 is still being handled; entries 1 and 2 are acked.
     let first = ds.remove(0);
@@ -337,13 +327,7 @@ async fn group_recreated_at_checkpoint_skips_pending_entries() {
     // The group is destroyed (operator mistake, failover to a replica without it...).
     server.command("XGROUP DESTROY t g");
     let next = subscriber(&server, RedisSubscriberOptions::default());
-    let mut sub = next
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = next.subscribe("t", quick_reads()).await.unwrap();
     let got = next_ok(&mut sub, Duration::from_secs(2)).await;
     assert_eq!(
         got.map(|d| d.id()),
@@ -369,14 +353,8 @@ async fn restart_without_persistence_recovers_with_an_error_item_in_between() {
     let publisher = backend.publisher();
     publisher.publish("t", msg(1)).await.unwrap();
     let sub_ = RedisSubscriber::new(conn(), RedisSubscriberOptions::default()).unwrap();
-    let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
-    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
+    let d = delivery(&mut sub).await;
     d.ack().await.unwrap();
     server.kill();
     let t0 = std::time::Instant::now();
@@ -458,26 +436,15 @@ async fn ack_during_outage_is_flushed_after_restart_and_not_redelivered() {
     let backend = RedisBackend::with_connection(conn());
     backend.publisher().publish("t", msg(1)).await.unwrap();
     let sub_ = RedisSubscriber::new(conn(), RedisSubscriberOptions::default()).unwrap();
-    let mut sub = sub_
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
-    let d = next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery");
+    let mut sub = sub_.subscribe("t", quick_reads()).await.unwrap();
+    let d = delivery(&mut sub).await;
     server.kill();
     d.ack().await.expect("ack is Ok");
     // An outage longer than the flusher's retry budget (2 retries, at most 200 ms apart).
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.restart();
-    let again = next_ok(&mut sub, Duration::from_secs(3)).await;
+    assert_no_delivery_within(&mut sub, Duration::from_secs(3), "acked entry handed out again").await;
     let pending = backend.pending_count("t", "g").await.unwrap();
-    assert!(
-        again.is_none(),
-        "acked entry handed out again: {:?}",
-        again.map(|d| d.info().clone())
-    );
     assert_eq!(pending, 0, "the Ok ack was never flushed");
     sub_.close().await.unwrap();
 }
@@ -516,13 +483,7 @@ async fn a_group_that_cannot_be_recreated_is_retried_with_backoff() {
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
     let subscriber = backend.subscriber().unwrap();
-    let mut sub = subscriber
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-        )
-        .await
-        .unwrap();
+    let mut sub = subscriber.subscribe("t", quick_reads()).await.unwrap();
     assert_eq!(server.command("ACL SETUSER default -xgroup"), "+OK");
     assert_eq!(server.command("DEL t"), ":1");
     let (commands_before, cpu_before) = (commands(&server), server_cpu(&server));
@@ -558,17 +519,12 @@ async fn retries_whose_group_was_destroyed_are_dead_lettered_not_lost() {
     let ids = publisher.publish_batch("t", batch).await.unwrap();
     let subscriber = backend.subscriber().unwrap();
     let mut sub = subscriber
-        .subscribe(
-            "t",
-            SubscribeOptions::new("g", "c")
-                .block(Duration::from_millis(200))
-                .max_in_flight(5),
-        )
+        .subscribe("t", quick_reads().max_in_flight(5))
         .await
         .unwrap();
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(next_ok(&mut sub, Duration::from_secs(5)).await.expect("delivery"));
+        held.push(delivery(&mut sub).await);
     }
     assert_eq!(server.command("XGROUP DESTROY t g"), ":1");
     assert_eq!(server.command("XGROUP CREATE t g $"), "+OK");
@@ -720,7 +676,7 @@ async fn after_an_outage_a_live_consumers_entries_are_not_taken_over() {
         .unwrap();
     let mut held = Vec::new();
     for _ in 0..3 {
-        held.push(next_ok(&mut a, Duration::from_secs(5)).await.expect("delivery"));
+        held.push(delivery(&mut a).await);
     }
     let b_ = subscriber(&server, RedisSubscriberOptions::default().lease_ttl(ttl));
     let mut b = b_

@@ -14,6 +14,7 @@ use streamwise::router::{
     BoxRoute, BoxRouteLayer, DeliveryInfo, EventType, Fallback, Handler, Incoming, Json, Metadata, OrderKey,
     Outcome, Outgoing, Permanent, RetryBackoff, Router, Routes, State, handler_service,
 };
+use streamwise::testing::wait_until_handled;
 use streamwise::{EntryId, Error, Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription};
 use tokio::sync::mpsc;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -67,17 +68,27 @@ impl Harness {
             .await
             .unwrap()
     }
-    /// Waits until `group` has nothing pending on `topic` and `handled` deliveries were settled.
-    async fn settled(&self, running: &streamwise::router::RunningRouter, handled: u64) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while running.handled() < handled {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "only {} of {handled} handled",
-                running.handled()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+    /// Starts `router` on this backend.
+    async fn start<S: Clone + Send + Sync + 'static>(
+        &self,
+        router: Router<S>,
+    ) -> streamwise::router::RunningRouter {
+        self.start_publishing_to(router, self.publisher()).await
+    }
+    /// Starts `router` on this backend, its handlers' messages going to `publisher`.
+    async fn start_publishing_to<S: Clone + Send + Sync + 'static>(
+        &self,
+        router: Router<S>,
+        publisher: Arc<dyn Publisher>,
+    ) -> streamwise::router::RunningRouter {
+        router.start(self.subscriber(), publisher).await.unwrap()
+    }
+    /// The error that keeps `router` from starting.
+    async fn refused<S: Clone + Send + Sync + 'static>(&self, router: Router<S>) -> Error {
+        router
+            .start(self.subscriber(), self.publisher())
+            .await
+            .unwrap_err()
     }
 }
 
@@ -117,11 +128,7 @@ async fn deliveries_are_dispatched_by_event_type_with_extractors() {
         .routes()
         .route("order.placed", placed)
         .route("order.cancelled", cancelled);
-    let running = router
-        .subscribe("orders", opts(), routes)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h.start(router.subscribe("orders", opts(), routes)).await;
     h.publish("orders", order(7, "ada").with_metadata("source", "web"))
         .await;
     h.publish("orders", Message::new("order.cancelled", &7).unwrap())
@@ -135,7 +142,7 @@ async fn deliveries_are_dispatched_by_event_type_with_extractors() {
         "{got:?}"
     );
     assert!(got.contains(&"cancelled 7".to_owned()), "{got:?}");
-    h.settled(&running, 2).await;
+    wait_until_handled(&running, 2).await;
     let report = running.shutdown().await.unwrap();
     assert_eq!((report.handled, report.abandoned), (2, 0));
     assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0);
@@ -155,14 +162,10 @@ async fn fallback_policies() {
         // A nacked entry comes back at once, again and again until the shutdown: never
         // dead-lettered, however many redeliveries fit in before it.
         let options = opts().max_deliveries(u64::MAX);
-        let running = Router::new()
-            .subscribe("t", options, routes)
-            .start(h.subscriber(), h.publisher())
-            .await
-            .unwrap();
+        let running = h.start(Router::new().subscribe("t", options, routes)).await;
         h.publish("t", Message::new("unknown", &1).unwrap()).await;
         h.publish("t", Message::new("known", &2).unwrap()).await;
-        h.settled(&running, 2).await;
+        wait_until_handled(&running, 2).await;
         running.shutdown().await.unwrap();
         let dead_len = h.backend.stream_len("t-dead").unwrap_or(0);
         assert_eq!(dead_len, dead, "{fallback:?}");
@@ -173,11 +176,7 @@ async fn fallback_policies() {
         );
     }
     let h = Harness::new();
-    let running = Router::new()
-        .subscribe("t", opts(), Routes::new())
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h.start(Router::new().subscribe("t", opts(), Routes::new())).await;
     h.publish("t", Message::new("unknown", &1).unwrap()).await;
     let mut dead = h.watch("t-dead").await;
     let record = recv(&mut dead).await;
@@ -198,11 +197,9 @@ async fn a_payload_that_does_not_decode_is_dead_lettered_with_the_reason() {
     async fn placed(Json(_): Json<Order>) -> Outcome {
         panic!("never called with a bad payload");
     }
-    let running = Router::new()
-        .subscribe("orders", opts(), Routes::new().route("order.placed", placed))
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h
+        .start(Router::new().subscribe("orders", opts(), Routes::new().route("order.placed", placed)))
+        .await;
     let id = h
         .publish("orders", Message::new("order.placed", &"not an order").unwrap())
         .await;
@@ -215,7 +212,7 @@ async fn a_payload_that_does_not_decode_is_dead_lettered_with_the_reason() {
     );
     assert_eq!(m.get(dl::ORIGINAL_ID), Some(id.to_string().as_str()));
     assert_eq!(m.get(dl::STREAM), Some("orders"));
-    h.settled(&running, 1).await;
+    wait_until_handled(&running, 1).await;
     running.shutdown().await.unwrap();
     assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0);
 }
@@ -226,6 +223,18 @@ struct Witness {
     backend: MemoryBackend,
     seen_pending: Mutex<Vec<usize>>,
     fail: bool,
+}
+
+impl Witness {
+    /// A witness publishing to `h`'s backend, or failing every publish when `fail`.
+    fn on(h: &Harness, fail: bool) -> Arc<Witness> {
+        Arc::new(Witness {
+            inner: h.backend.publisher(),
+            backend: h.backend.clone(),
+            seen_pending: Mutex::new(Vec::new()),
+            fail,
+        })
+    }
 }
 
 impl Publisher for Witness {
@@ -254,12 +263,7 @@ impl Publisher for Witness {
 #[tokio::test]
 async fn produced_messages_are_published_before_the_input_is_acked() {
     let h = Harness::new();
-    let witness = Arc::new(Witness {
-        inner: h.backend.publisher(),
-        backend: h.backend.clone(),
-        seen_pending: Mutex::new(Vec::new()),
-        fail: false,
-    });
+    let witness = Witness::on(&h, false);
     async fn placed(Json(order): Json<Order>) -> Vec<Outgoing> {
         vec![
             Outgoing::new("invoices", Message::new("invoice.requested", &order.id).unwrap()),
@@ -269,13 +273,14 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
             ),
         ]
     }
-    let running = Router::new()
-        .subscribe("orders", opts(), Routes::new().route("order.placed", placed))
-        .start(h.subscriber(), witness.clone())
-        .await
-        .unwrap();
+    let running = h
+        .start_publishing_to(
+            Router::new().subscribe("orders", opts(), Routes::new().route("order.placed", placed)),
+            witness.clone(),
+        )
+        .await;
     h.publish("orders", order(1, "ada")).await;
-    h.settled(&running, 1).await;
+    wait_until_handled(&running, 1).await;
     running.shutdown().await.unwrap();
     assert_eq!(
         *witness.seen_pending.lock().unwrap(),
@@ -288,24 +293,20 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
 
     // When publishing fails, the input is nacked, not acked: nothing is lost.
     let h = Harness::new();
-    let failing = Arc::new(Witness {
-        inner: h.backend.publisher(),
-        backend: h.backend.clone(),
-        seen_pending: Mutex::new(Vec::new()),
-        fail: true,
-    });
-    let running = Router::new()
-        .subscribe(
-            "orders",
-            // Redelivered after the backoff until the shutdown, never dead-lettered meanwhile.
-            opts().max_deliveries(u64::MAX),
-            Routes::new().route("order.placed", placed),
+    let failing = Witness::on(&h, true);
+    let running = h
+        .start_publishing_to(
+            Router::new().subscribe(
+                "orders",
+                // Redelivered after the backoff until the shutdown, never dead-lettered meanwhile.
+                opts().max_deliveries(u64::MAX),
+                Routes::new().route("order.placed", placed),
+            ),
+            failing.clone(),
         )
-        .start(h.subscriber(), failing.clone())
-        .await
-        .unwrap();
+        .await;
     h.publish("orders", order(2, "bob")).await;
-    h.settled(&running, 3).await;
+    wait_until_handled(&running, 3).await;
     running.shutdown().await.unwrap();
     assert_eq!(
         h.backend.pending_count("orders", "svc").unwrap(),
@@ -315,26 +316,22 @@ async fn produced_messages_are_published_before_the_input_is_acked() {
 
     // A failed publish waits out the subscription's backoff, like a handler's error.
     let h = Harness::new();
-    let failing = Arc::new(Witness {
-        inner: h.backend.publisher(),
-        backend: h.backend.clone(),
-        seen_pending: Mutex::new(Vec::new()),
-        fail: true,
-    });
+    let failing = Witness::on(&h, true);
     let hour = Duration::from_secs(3600);
-    let running = Router::new()
-        .subscribe(
-            "orders",
-            opts(),
-            Routes::new()
-                .route("order.placed", placed)
-                .retry_backoff(streamwise::router::RetryBackoff::exponential(hour, hour)),
+    let running = h
+        .start_publishing_to(
+            Router::new().subscribe(
+                "orders",
+                opts(),
+                Routes::new()
+                    .route("order.placed", placed)
+                    .retry_backoff(streamwise::router::RetryBackoff::exponential(hour, hour)),
+            ),
+            failing.clone(),
         )
-        .start(h.subscriber(), failing.clone())
-        .await
-        .unwrap();
+        .await;
     h.publish("orders", order(3, "cy")).await;
-    h.settled(&running, 1).await;
+    wait_until_handled(&running, 1).await;
     tokio::time::sleep(streamwise::testing::QUIET).await; // an observation window, not a sync
     assert_eq!(running.handled(), 1, "redelivered before its backoff");
     running.shutdown().await.unwrap();
@@ -382,11 +379,9 @@ async fn outcomes_errors_and_panics_settle_as_documented() {
             assert!(info.delivery_count() > 1, "handler bug before the future");
             async {}
         });
-    let running = router
-        .subscribe("t", opts().max_in_flight(4), routes)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h
+        .start(router.subscribe("t", opts().max_in_flight(4), routes))
+        .await;
     h.publish("t", Message::new("flaky", &1).unwrap()).await;
     h.publish("t", Message::new("hopeless", &2).unwrap()).await;
     let started = tokio::time::Instant::now();
@@ -395,7 +390,7 @@ async fn outcomes_errors_and_panics_settle_as_documented() {
     h.publish("t", Message::new("eager", &5).unwrap()).await;
     // flaky: 3 runs; hopeless: 1; later: 2; boom and eager: 2 each (the panic is nacked, the
     // router goes on).
-    h.settled(&running, 10).await;
+    wait_until_handled(&running, 10).await;
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "nack_after waited"
@@ -434,11 +429,7 @@ async fn permanent_errors_inside_anyhow_are_dead_lettered_on_the_first_delivery(
         .routes()
         .route("plain", plain)
         .route("context", with_context);
-    let running = router
-        .subscribe("t", opts(), routes)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h.start(router.subscribe("t", opts(), routes)).await;
     h.publish("t", Message::new("plain", &1).unwrap()).await;
     h.publish("t", Message::new("context", &2).unwrap()).await;
     let mut dead = h.watch("t-dead").await;
@@ -503,11 +494,7 @@ async fn a_handler_failing_for_three_seconds_recovers_without_dead_letters_by_de
     let router = Router::with_state(outage.clone());
     let routes = router.routes().route("order.placed", store);
     // Default options: max_deliveries 10, no middleware.
-    let running = router
-        .subscribe("orders", opts(), routes)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h.start(router.subscribe("orders", opts(), routes)).await;
     h.publish("orders", order(1, "ada")).await;
     let deadline = tokio::time::Instant::now() + OUTAGE + WAIT;
     while outage.calls().last().is_none_or(|(_, at)| *at < OUTAGE) {
@@ -524,7 +511,7 @@ async fn a_handler_failing_for_three_seconds_recovers_without_dead_letters_by_de
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    h.settled(&running, outage.calls().len() as u64).await;
+    wait_until_handled(&running, outage.calls().len() as u64).await;
     running.shutdown().await.unwrap();
     let calls = outage.calls();
     assert_eq!(h.backend.stream_len("orders-dead").unwrap_or(0), 0, "{calls:?}");
@@ -563,22 +550,23 @@ async fn the_retry_backoff_is_set_per_subscription_and_covers_panics() {
         .multiplier(1.0)
         .jitter(0.0);
     let router = Router::with_state(times.clone()).retry_backoff(RetryBackoff::none());
-    let running = router
-        .subscribe(
-            "fast",
-            opts(),
-            Routes::with_state(times.clone()).route("down", down),
+    let running = h
+        .start(
+            router
+                .subscribe(
+                    "fast",
+                    opts(),
+                    Routes::with_state(times.clone()).route("down", down),
+                )
+                .subscribe(
+                    "steady",
+                    opts(),
+                    Routes::with_state(times.clone())
+                        .route("shaky", shaky)
+                        .retry_backoff(steady),
+                ),
         )
-        .subscribe(
-            "steady",
-            opts(),
-            Routes::with_state(times.clone())
-                .route("shaky", shaky)
-                .retry_backoff(steady),
-        )
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+        .await;
     h.publish("fast", Message::new("down", &1).unwrap()).await;
     h.publish("steady", Message::new("shaky", &2).unwrap()).await;
     // Ten deliveries without backoff: dead-lettered sooner than the default schedule's
@@ -645,15 +633,16 @@ async fn layers_at_three_levels_run_in_the_documented_order() {
         .route("t", handler.layer(mark("route-1")).layer(mark("route-2")))
         .layer(mark("subscription-1"))
         .layer(BoxRouteLayer::new(mark("subscription-2")));
-    let running = Router::new()
-        .layer(mark("router-1"))
-        .layer(mark("router-2"))
-        .subscribe("t", opts(), routes)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h
+        .start(
+            Router::new()
+                .layer(mark("router-1"))
+                .layer(mark("router-2"))
+                .subscribe("t", opts(), routes),
+        )
+        .await;
     h.publish("t", Message::new("t", &1).unwrap()).await;
-    h.settled(&running, 1).await;
+    wait_until_handled(&running, 1).await;
     running.shutdown().await.unwrap();
     assert_eq!(
         *log.lock().unwrap(),
@@ -693,15 +682,13 @@ async fn a_layered_handler_is_built_once_with_the_routes_state() {
     let routes = router
         .routes()
         .route("n", work.layer(tower::limit::ConcurrencyLimitLayer::new(1)));
-    let running = router
-        .subscribe("t", opts().max_in_flight(8), routes)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h
+        .start(router.subscribe("t", opts().max_in_flight(8), routes))
+        .await;
     for n in 0..8 {
         h.publish("t", Message::new("n", &n).unwrap()).await;
     }
-    h.settled(&running, 8).await;
+    wait_until_handled(&running, 8).await;
     running.shutdown().await.unwrap();
     assert_eq!(seen.done.load(Ordering::SeqCst), 8);
     assert_eq!(
@@ -739,14 +726,10 @@ async fn stock_tower_layers_wrap_handlers() {
             tower::timeout::TimeoutLayer::new(Duration::from_millis(100)),
         )
         .layer(tower::limit::ConcurrencyLimitLayer::new(1));
-    let running = Router::new()
-        .subscribe("t", opts(), routes)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h.start(Router::new().subscribe("t", opts(), routes)).await;
     h.publish("t", Message::new("slow", &1).unwrap()).await;
     // The timeout turns the first run into an error (nack); the second run succeeds.
-    h.settled(&running, 2).await;
+    wait_until_handled(&running, 2).await;
     running.shutdown().await.unwrap();
     assert_eq!(h.backend.pending_count("t", "svc").unwrap(), 0);
 }
@@ -777,16 +760,14 @@ async fn max_in_flight_bounds_concurrency_and_order_by_keeps_key_order() {
         .routes()
         .route("order.placed", work)
         .order_by(OrderKey::Payload("/customer".into()));
-    let running = router
-        .subscribe("orders", opts().max_in_flight(8).batch_size(8), routes)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h
+        .start(router.subscribe("orders", opts().max_in_flight(8).batch_size(8), routes))
+        .await;
     let customers = ["ada", "bob", "cy", "dee"];
     for id in 0..40 {
         h.publish("orders", order(id, customers[id as usize % 4])).await;
     }
-    h.settled(&running, 40).await;
+    wait_until_handled(&running, 40).await;
     running.shutdown().await.unwrap();
     let peak = seen.peak.load(Ordering::SeqCst);
     assert!(peak <= 8, "{peak} handlers at once with max_in_flight 8");
@@ -814,11 +795,9 @@ async fn shutdown_lets_in_flight_handlers_finish_and_abandons_them_at_the_deadli
     }
     let router = Router::with_state(started_tx).shutdown_deadline(Duration::from_millis(800));
     let routes = router.routes().route("n", work);
-    let running = router
-        .subscribe("t", opts().max_in_flight(2), routes)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h
+        .start(router.subscribe("t", opts().max_in_flight(2), routes))
+        .await;
     h.publish("t", Message::new("n", &1u32).unwrap()).await;
     h.publish("t", Message::new("n", &2u32).unwrap()).await;
     for _ in 0..2 {
@@ -891,43 +870,27 @@ async fn handlers_are_unit_tested_as_services_without_a_backend() {
 async fn misconfigured_routers_do_not_start() {
     let h = Harness::new();
     let twice = Routes::new().route("a", || async {}).route("a", || async {});
-    let err = Router::new()
-        .subscribe("t", opts(), twice)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap_err();
+    let err = h.refused(Router::new().subscribe("t", opts(), twice)).await;
     assert_eq!(err.invalid_field(), Some("event_type"));
     let empty_type = Routes::new().route("", || async {});
-    let err = Router::new()
-        .subscribe("t", opts(), empty_type)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap_err();
+    let err = h.refused(Router::new().subscribe("t", opts(), empty_type)).await;
     assert_eq!(err.invalid_field(), Some("event_type"));
-    let err = Router::new()
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap_err();
+    let err = h.refused(Router::new()).await;
     assert_eq!(err.invalid_field(), Some("subscriptions"));
-    let err = Router::new()
-        .subscribe("bad topic", opts(), Routes::new())
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap_err();
+    let err = h
+        .refused(Router::new().subscribe("bad topic", opts(), Routes::new()))
+        .await;
     assert_eq!(err.invalid_field(), Some("topic"));
     let bad_jitter = Routes::new().retry_backoff(RetryBackoff::default().jitter(2.0));
-    let err = Router::new()
-        .subscribe("t", opts(), bad_jitter)
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap_err();
+    let err = h.refused(Router::new().subscribe("t", opts(), bad_jitter)).await;
     assert_eq!(err.invalid_field(), Some("retry_backoff.jitter"));
-    let err = Router::new()
-        .retry_backoff(RetryBackoff::default().multiplier(0.5))
-        .subscribe("t", opts(), Routes::new())
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap_err();
+    let err = h
+        .refused(
+            Router::new()
+                .retry_backoff(RetryBackoff::default().multiplier(0.5))
+                .subscribe("t", opts(), Routes::new()),
+        )
+        .await;
     assert_eq!(err.invalid_field(), Some("retry_backoff.multiplier"));
 }
 
@@ -939,23 +902,24 @@ async fn several_subscriptions_run_side_by_side() {
     async fn bump(State(c): State<Arc<AtomicUsize>>) {
         c.fetch_add(1, Ordering::SeqCst);
     }
-    let running = router
-        .subscribe(
-            "a",
-            SubscribeOptions::new("svc", "w1"),
-            Routes::with_state(count.clone()).route("x", bump),
+    let running = h
+        .start(
+            router
+                .subscribe(
+                    "a",
+                    SubscribeOptions::new("svc", "w1"),
+                    Routes::with_state(count.clone()).route("x", bump),
+                )
+                .subscribe(
+                    "b",
+                    SubscribeOptions::new("svc", "w1"),
+                    Routes::with_state(count.clone()).route("y", bump),
+                ),
         )
-        .subscribe(
-            "b",
-            SubscribeOptions::new("svc", "w1"),
-            Routes::with_state(count.clone()).route("y", bump),
-        )
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+        .await;
     h.publish("a", Message::new("x", &1).unwrap()).await;
     h.publish("b", Message::new("y", &1).unwrap()).await;
-    h.settled(&running, 2).await;
+    wait_until_handled(&running, 2).await;
     running.shutdown().await.unwrap();
     assert_eq!(count.load(Ordering::SeqCst), 2);
 }
@@ -970,14 +934,15 @@ async fn a_boxed_route_is_a_plain_tower_service() {
 #[tokio::test]
 async fn shutdown_with_nothing_in_flight_does_not_wait_for_the_deadline() {
     let h = Harness::new();
-    let running = Router::new()
-        .shutdown_deadline(Duration::from_secs(60))
-        .subscribe("t", opts(), Routes::new().route("t", || async {}))
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
+    let running = h
+        .start(
+            Router::new()
+                .shutdown_deadline(Duration::from_secs(60))
+                .subscribe("t", opts(), Routes::new().route("t", || async {})),
+        )
+        .await;
     h.publish("t", Message::new("t", &1).unwrap()).await;
-    h.settled(&running, 1).await;
+    wait_until_handled(&running, 1).await;
     let started = tokio::time::Instant::now();
     let report = running.shutdown().await.unwrap();
     assert!(
@@ -1009,12 +974,10 @@ async fn a_large_backlog_is_handled_whole_and_once() {
         .batch_size(100)
         .max_in_flight(256)
         .start_from(streamwise::StartFrom::Beginning);
-    let running = Router::new()
-        .subscribe("orders", options, Routes::new().route("order.placed", handler))
-        .start(h.subscriber(), h.publisher())
-        .await
-        .unwrap();
-    h.settled(&running, 5000).await;
+    let running = h
+        .start(Router::new().subscribe("orders", options, Routes::new().route("order.placed", handler)))
+        .await;
+    wait_until_handled(&running, 5000).await;
     let report = running.shutdown().await.unwrap();
     assert_eq!(report.handled, 5000);
     let mut ids = std::mem::take(&mut *seen.lock().unwrap());

@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use streamwise::redis::{RedisBackend, RedisConnection};
+use streamwise::testing::CapturedLogs;
 use streamwise::{Error, Message, Publisher, SubscribeOptions, Subscriber};
-use tracing_subscriber::fmt::MakeWriter;
 
 use common::RedisServer;
 
@@ -38,11 +36,7 @@ async fn a_password_protected_server_works_end_to_end() {
         .retry_base_delay(Duration::from_secs(1))
         .build()
         .unwrap();
-    let err = RedisBackend::with_connection(conn)
-        .publisher()
-        .publish("orders", Message::new("t", &1).unwrap())
-        .await
-        .unwrap_err();
+    let err = common::publish_error(conn, "orders").await;
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "authentication errors are not retried"
@@ -132,11 +126,7 @@ async fn wrong_credentials_are_a_clear_connection_error() {
         .build()
         .unwrap();
     let started = tokio::time::Instant::now();
-    let err = RedisBackend::with_connection(conn)
-        .publisher()
-        .publish("s", Message::new("t", &1).unwrap())
-        .await
-        .unwrap_err();
+    let err = common::publish_error(conn, "s").await;
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "not retried: {:?}",
@@ -167,36 +157,20 @@ async fn wrong_credentials_are_a_clear_connection_error() {
     assert!(!format!("{err} {err:?}").contains("wrong-password"));
 }
 
-/// Collects log output.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
+/// Captures every log line (down to `TRACE`) of this thread until the guard drops.
+fn capture_logs() -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+    let captured = CapturedLogs::new();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.make_writer())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
 }
 
 #[tokio::test]
 async fn passwords_never_reach_debug_display_errors_or_logs() {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::TRACE)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture_logs();
 
     // A server that goes away: retries are logged, then the error surfaces.
     let server = RedisServer::start_with(&["--requirepass", PASSWORD]);
@@ -225,7 +199,7 @@ async fn passwords_never_reach_debug_display_errors_or_logs() {
         everything.push_str(&format!(" {s} {s:?}"));
         source = s.source();
     }
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(logs.contains("retrying"), "the retries were logged:\n{logs}");
     assert!(!everything.contains(PASSWORD), "{everything}");
     assert!(!logs.contains(PASSWORD), "{logs}");
@@ -240,13 +214,7 @@ async fn passwords_never_reach_debug_display_errors_or_logs() {
 async fn a_running_client_recovers_once_a_rotated_password_works_again() {
     use streamwise::redis::{RedisSubscriber, RedisSubscriberOptions};
     const NEXT: &str = "n3xt-Pa55";
-    let captured = Captured::default();
-    let logger = tracing_subscriber::fmt()
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::TRACE)
-        .finish();
-    let _guard = tracing::subscriber::set_default(logger);
+    let (captured, _guard) = capture_logs();
 
     // The default user stays open for the harness's own commands; the client is alice.
     let server = RedisServer::start_with(&[
@@ -345,7 +313,7 @@ async fn a_running_client_recovers_once_a_rotated_password_works_again() {
     .await;
     subscriber.close().await.unwrap();
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let warnings = logs
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("authentication refused on reconnect"))

@@ -12,6 +12,7 @@ use streamwise::redis_streams::{
     ProducerOptions, RedisConnection, StreamConsumer, StreamManager, StreamOptions, StreamProducer,
 };
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use common::RedisServer;
 
@@ -36,7 +37,7 @@ fn run_consumer(
     ack: fn(&EventMessage) -> bool,
 ) -> (
     mpsc::UnboundedReceiver<EventMessage>,
-    tokio::task::JoinHandle<streamwise::Result<()>>,
+    JoinHandle<streamwise::Result<()>>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
@@ -60,6 +61,30 @@ async fn next_event(rx: &mut mpsc::UnboundedReceiver<EventMessage>) -> EventMess
         .await
         .expect("an event in time")
         .expect("the consumer is running")
+}
+
+/// Creates `group` on `stream` (and the stream), reading from the start; returns the manager.
+async fn group_from_start(server: &RedisServer, stream: &str, group: &str) -> ConsumerGroupManager {
+    let groups = ConsumerGroupManager::new(&server.url()).unwrap();
+    groups.create_group(stream, group, "0").await.unwrap();
+    groups
+}
+
+/// Closes `consumer` and waits for its `subscribe` task, which must end without an error.
+async fn close_and_join(consumer: &StreamConsumer, task: JoinHandle<streamwise::Result<()>>) {
+    consumer.close().await.unwrap();
+    task.await.unwrap().unwrap();
+}
+
+/// The ids of the entries pending for `consumer`.
+async fn pending_ids(consumer: &StreamConsumer) -> Vec<String> {
+    consumer
+        .get_pending()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect()
 }
 
 #[tokio::test]
@@ -300,11 +325,7 @@ async fn stream_manager_creates_describes_and_deletes() {
     let producer = StreamProducer::new(&server.url(), "events").unwrap();
     let first = producer.publish("a", &1, None).await.unwrap();
     let last = producer.publish("b", &2, None).await.unwrap();
-    ConsumerGroupManager::new(&server.url())
-        .unwrap()
-        .create_group("events", "g", "0")
-        .await
-        .unwrap();
+    group_from_start(&server, "events", "g").await;
     let info = manager.get_stream_info("events").await.unwrap();
     assert_eq!((info.length, info.groups), (2, 1));
     assert!(info.radix_tree_keys >= 1);
@@ -404,8 +425,7 @@ async fn consumer_group_manager_covers_the_contract() {
         idle.iter().find(|c| c.name == "live").map(|c| c.status),
         Some(ConsumerStatus::Idle)
     );
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
     let after = groups.consumers("orders", "billing").await.unwrap();
     assert_eq!(
         after.iter().find(|c| c.name == "live").map(|c| c.status),
@@ -424,8 +444,7 @@ async fn consumer_group_manager_covers_the_contract() {
 #[tokio::test]
 async fn consumer_acknowledges_on_true_and_keeps_pending_on_false() {
     let server = RedisServer::start();
-    let groups = ConsumerGroupManager::new(&server.url()).unwrap();
-    groups.create_group("jobs", "workers", "0").await.unwrap();
+    group_from_start(&server, "jobs", "workers").await;
     let producer = StreamProducer::new(&server.url(), "jobs").unwrap();
     let keep = producer
         .publish("job", &serde_json::json!({"keep": true}), None)
@@ -442,8 +461,7 @@ async fn consumer_acknowledges_on_true_and_keeps_pending_on_false() {
     let (mut events, task) = run_consumer(consumer.clone(), None, |m| m.payload["keep"] == false);
     assert_eq!(next_event(&mut events).await.id, keep);
     assert_eq!(next_event(&mut events).await.id, done);
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
 
     let pending = consumer.get_pending().await.unwrap();
     assert_eq!(pending.len(), 1, "{pending:?}");
@@ -465,11 +483,7 @@ async fn consumer_acknowledges_on_true_and_keeps_pending_on_false() {
 #[tokio::test]
 async fn event_type_filter_skips_and_counts_other_types() {
     let server = RedisServer::start();
-    ConsumerGroupManager::new(&server.url())
-        .unwrap()
-        .create_group("mixed", "g", "0")
-        .await
-        .unwrap();
+    group_from_start(&server, "mixed", "g").await;
     let producer = StreamProducer::new(&server.url(), "mixed").unwrap();
     for (i, t) in ["price.update", "alert", "price.update", "heartbeat"]
         .iter()
@@ -492,8 +506,7 @@ async fn event_type_filter_skips_and_counts_other_types() {
         );
         tokio::task::yield_now().await;
     }
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
     assert!(events.try_recv().is_err(), "other types never reach the callback");
     assert_eq!(consumer.skipped(), 2);
     assert!(
@@ -505,11 +518,7 @@ async fn event_type_filter_skips_and_counts_other_types() {
 #[tokio::test]
 async fn auto_ack_acknowledges_before_the_callback() {
     let server = RedisServer::start();
-    ConsumerGroupManager::new(&server.url())
-        .unwrap()
-        .create_group("fire", "g", "0")
-        .await
-        .unwrap();
+    group_from_start(&server, "fire", "g").await;
     StreamProducer::new(&server.url(), "fire")
         .unwrap()
         .publish("t", &1, None)
@@ -522,8 +531,7 @@ async fn auto_ack_acknowledges_before_the_callback() {
     let consumer = Arc::new(StreamConsumer::with_options(conn(&server), "fire", "g", "c", options).unwrap());
     let (mut events, task) = run_consumer(consumer.clone(), None, |_| false);
     next_event(&mut events).await;
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
     assert!(
         consumer.get_pending().await.unwrap().is_empty(),
         "auto_ack ignores the callback's false"
@@ -554,8 +562,7 @@ async fn a_missing_group_is_group_not_found_unless_created() {
         Arc::new(StreamConsumer::with_options(conn(&server), "lonely", "absent", "c", options).unwrap());
     let (mut events, task) = run_consumer(consumer.clone(), None, |_| true);
     assert_eq!(next_event(&mut events).await.payload, 1);
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
 }
 
 #[tokio::test]
@@ -637,11 +644,7 @@ async fn consumer_options_are_validated_by_name() {
 #[tokio::test]
 async fn consumer_names_are_unique_within_a_group() {
     let server = RedisServer::start();
-    ConsumerGroupManager::new(&server.url())
-        .unwrap()
-        .create_group("s", "g", "0")
-        .await
-        .unwrap();
+    group_from_start(&server, "s", "g").await;
     let first =
         Arc::new(StreamConsumer::with_options(conn(&server), "s", "g", "same", fast_consumer()).unwrap());
     let (_events, task) = run_consumer(first.clone(), None, |_| true);
@@ -660,8 +663,7 @@ async fn consumer_names_are_unique_within_a_group() {
         second.subscribe(|_| async { true }, None).await,
         Err(Error::ConsumerActive { .. })
     ));
-    first.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&first, task).await;
     assert!(
         groups
             .consumers("s", "g")
@@ -675,8 +677,7 @@ async fn consumer_names_are_unique_within_a_group() {
 #[tokio::test]
 async fn checkpoints_go_to_redis_by_default_and_stay_in_memory_when_asked() {
     let server = RedisServer::start();
-    let groups = ConsumerGroupManager::new(&server.url()).unwrap();
-    groups.create_group("cp", "g", "0").await.unwrap();
+    group_from_start(&server, "cp", "g").await;
     let producer = StreamProducer::new(&server.url(), "cp").unwrap();
     let id = producer.publish("t", &1, None).await.unwrap();
 
@@ -688,8 +689,7 @@ async fn checkpoints_go_to_redis_by_default_and_stay_in_memory_when_asked() {
         Arc::new(StreamConsumer::with_options(conn(&server), "cp", "g", "mem", in_memory).unwrap());
     let (mut events, task) = run_consumer(consumer.clone(), None, |_| true);
     next_event(&mut events).await;
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
     assert_eq!(server.command("HEXISTS streamwise:checkpoint:cp g:mem"), ":0");
 
     let id2 = producer.publish("t", &2, None).await.unwrap();
@@ -697,8 +697,7 @@ async fn checkpoints_go_to_redis_by_default_and_stay_in_memory_when_asked() {
         Arc::new(StreamConsumer::with_options(conn(&server), "cp", "g", "redis", fast_consumer()).unwrap());
     let (mut events, task) = run_consumer(consumer.clone(), None, |_| true);
     next_event(&mut events).await;
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
     assert_ne!(id, id2);
     let saved = server
         .command_lines("HGET streamwise:checkpoint:cp g:redis", 2)
@@ -709,11 +708,7 @@ async fn checkpoints_go_to_redis_by_default_and_stay_in_memory_when_asked() {
 #[tokio::test]
 async fn reclaim_takes_over_what_another_consumer_left_idle() {
     let server = RedisServer::start();
-    ConsumerGroupManager::new(&server.url())
-        .unwrap()
-        .create_group("r", "g", "0")
-        .await
-        .unwrap();
+    group_from_start(&server, "r", "g").await;
     let id = StreamProducer::new(&server.url(), "r")
         .unwrap()
         .publish("t", &1, None)
@@ -732,8 +727,7 @@ async fn reclaim_takes_over_what_another_consumer_left_idle() {
     let (mut events, task) = run_consumer(consumer.clone(), None, |_| true);
     let msg = next_event(&mut events).await;
     assert_eq!((msg.id.as_str(), msg.delivery_count), (id.as_str(), 2));
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
 }
 
 #[tokio::test]
@@ -754,19 +748,14 @@ async fn one_connection_serves_every_facade() {
         Arc::new(StreamConsumer::with_options(shared, "shared", "g", "c", fast_consumer()).unwrap());
     let (mut events, task) = run_consumer(consumer.clone(), None, |_| true);
     assert_eq!(next_event(&mut events).await.payload, 1);
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
     assert_eq!(groups.get_group_info("shared", "g").await.unwrap().pending, 0);
 }
 
 #[tokio::test]
 async fn close_is_graceful_the_event_in_hand_is_acknowledged() {
     let server = RedisServer::start();
-    ConsumerGroupManager::new(&server.url())
-        .unwrap()
-        .create_group("grace", "g", "0")
-        .await
-        .unwrap();
+    group_from_start(&server, "grace", "g").await;
     let producer = StreamProducer::new(&server.url(), "grace").unwrap();
     for n in 0..3 {
         producer.publish("t", &n, None).await.unwrap();
@@ -802,13 +791,7 @@ async fn close_is_graceful_the_event_in_hand_is_acknowledged() {
     consumer.close().await.unwrap();
     release_tx.send(true).unwrap();
     tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
-    let pending: Vec<String> = consumer
-        .get_pending()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.id)
-        .collect();
+    let pending = pending_ids(&consumer).await;
     assert!(
         !pending.contains(&in_hand),
         "the event in hand was acknowledged and flushed: {pending:?}"
@@ -823,8 +806,7 @@ async fn close_is_graceful_the_event_in_hand_is_acknowledged() {
 #[tokio::test]
 async fn position_and_crash_reports() {
     let server = RedisServer::start();
-    let groups = ConsumerGroupManager::new(&server.url()).unwrap();
-    groups.create_group("pos", "g", "0").await.unwrap();
+    let groups = group_from_start(&server, "pos", "g").await;
     let producer = StreamProducer::new(&server.url(), "pos").unwrap();
     let id = producer.publish("t", &1, None).await.unwrap();
     let consumer =
@@ -836,8 +818,7 @@ async fn position_and_crash_reports() {
         groups.check_consumer("pos", "g", "c").await.unwrap().status,
         ConsumerStatus::Active
     );
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
     assert_eq!(
         consumer.position().await.unwrap().unwrap().message_id.to_string(),
         id
@@ -861,8 +842,7 @@ async fn position_and_crash_reports() {
 async fn a_payload_with_invalid_utf8_never_reaches_the_callback() {
     // As redis-py writes it: JSON quotes around a byte that is not UTF-8.
     let server = RedisServer::start();
-    let groups = ConsumerGroupManager::new(&server.url()).unwrap();
-    groups.create_group("raw", "g", "0").await.unwrap();
+    group_from_start(&server, "raw", "g").await;
     let client = streamwise::redis::client::Client::open(server.url()).unwrap();
     let mut raw = client.get_multiplexed_async_connection().await.unwrap();
     let bad: String = streamwise::redis::client::cmd("XADD")
@@ -910,8 +890,7 @@ async fn a_payload_with_invalid_utf8_never_reaches_the_callback() {
 #[tokio::test]
 async fn flush_returns_once_the_callbacks_acknowledgements_are_written() {
     let server = RedisServer::start();
-    let groups = ConsumerGroupManager::new(&server.url()).unwrap();
-    groups.create_group("fl", "g", "0").await.unwrap();
+    group_from_start(&server, "fl", "g").await;
     let producer = StreamProducer::new(&server.url(), "fl").unwrap();
     let mut ids = Vec::new();
     for n in 0..21 {
@@ -939,30 +918,19 @@ async fn flush_returns_once_the_callbacks_acknowledgements_are_written() {
         .await
         .expect("flush does not wait out the gathering")
         .unwrap();
-    let pending: Vec<String> = consumer
-        .get_pending()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.id)
-        .collect();
+    let pending = pending_ids(&consumer).await;
     assert!(
         ids[..20].iter().all(|id| !pending.contains(id)),
         "flushed acks are in Redis: {pending:?}"
     );
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
 }
 
 /// The lease TTL set in the options is the one Redis holds.
 #[tokio::test]
 async fn the_lease_ttl_is_taken_from_the_options() {
     let server = RedisServer::start();
-    ConsumerGroupManager::new(&server.url())
-        .unwrap()
-        .create_group("lt", "g", "0")
-        .await
-        .unwrap();
+    group_from_start(&server, "lt", "g").await;
     let options = ConsumerOptions {
         lease_ttl_ms: 1200,
         ..fast_consumer()
@@ -980,6 +948,5 @@ async fn the_lease_ttl_is_taken_from_the_options() {
         tokio::task::yield_now().await;
     };
     assert!(ttl <= 1200, "PTTL {ttl} ms is above the configured 1200 ms");
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
+    close_and_join(&consumer, task).await;
 }

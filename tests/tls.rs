@@ -14,8 +14,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use streamwise::Error;
 use streamwise::redis::{RedisBackend, RedisConnection};
-use streamwise::{Error, Message, Publisher};
 
 use common::RedisServer;
 
@@ -165,11 +165,7 @@ async fn a_server_certificate_from_another_ca_is_refused_without_quoting_the_pas
         .build()
         .unwrap();
     let started = tokio::time::Instant::now();
-    let err = RedisBackend::with_connection(conn)
-        .publisher()
-        .publish("orders", Message::new("t", &1).unwrap())
-        .await
-        .unwrap_err();
+    let err = common::publish_error(conn, "orders").await;
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
     assert!(
         started.elapsed() < Duration::from_secs(1),
@@ -222,11 +218,7 @@ async fn mutual_tls_needs_the_client_certificate_and_works_with_it() {
         .retry_base_delay(Duration::from_millis(10))
         .build()
         .unwrap();
-    let err = RedisBackend::with_connection(without)
-        .publisher()
-        .publish("orders", Message::new("t", &1).unwrap())
-        .await
-        .unwrap_err();
+    let err = common::publish_error(without, "orders").await;
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
     assert!(
         err.to_string().contains("TLS handshake"),

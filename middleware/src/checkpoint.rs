@@ -463,7 +463,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::test_util::Captured;
+    use crate::test_util::log_subscriber;
 
     /// A memory store that records every save and can be made to fail.
     #[derive(Default)]
@@ -663,7 +663,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_store_is_logged_and_does_not_change_the_outcome() {
-        let (subscriber, logs) = Captured::subscriber();
+        let (subscriber, logs) = log_subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let store = Arc::new(Recording::default());
         store.fail.store(true, Ordering::SeqCst);
@@ -706,15 +706,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while running.handled() < 20 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "only {} handled",
-                running.handled()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        streamwise::testing::wait_until_handled(&running, 20).await;
         running.shutdown().await.unwrap();
         assert_eq!(layer.position("orders", "svc", "w1"), Some(last));
         layer.flush().await.unwrap();

@@ -294,9 +294,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Rejected { outcome } => Poll::Ready(Ok(outcome
-                .take()
-                .expect("CircuitBreakerFuture polled after it completed"))),
+            StateProj::Rejected { outcome } => crate::decided(outcome, "CircuitBreakerFuture"),
             StateProj::Called {
                 future,
                 ticket,
@@ -733,7 +731,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn transitions_are_logged_with_the_breakers_name() {
-        let (subscriber, captured) = crate::test_util::Captured::subscriber();
+        let (subscriber, captured) = crate::test_util::log_subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let backend = Backend::default();
         let layer = CircuitBreakerLayer::new(2, OPEN_FOR).unwrap().name("payments");

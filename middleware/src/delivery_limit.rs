@@ -173,9 +173,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::OverLimit { outcome } => Poll::Ready(Ok(outcome
-                .take()
-                .expect("DeliveryLimitFuture polled after it completed"))),
+            StateProj::OverLimit { outcome } => crate::decided(outcome, "DeliveryLimitFuture"),
             StateProj::Running { future, mut warning } => {
                 if let Poll::Ready(result) = future.poll(cx) {
                     return Poll::Ready(result.map_err(Into::into));
@@ -215,7 +213,7 @@ mod tests {
 
     #[tokio::test]
     async fn over_the_limit_is_dead_lettered_without_calling_the_handler() {
-        let (subscriber, captured) = crate::test_util::Captured::subscriber();
+        let (subscriber, captured) = crate::test_util::log_subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let calls = Arc::new(AtomicU32::new(0));
         let svc = DeliveryLimitLayer::new(2)
@@ -239,7 +237,7 @@ mod tests {
         async fn slow() {
             tokio::time::sleep(Duration::from_secs(30)).await;
         }
-        let (subscriber, captured) = crate::test_util::Captured::subscriber();
+        let (subscriber, captured) = crate::test_util::log_subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let started = tokio::time::Instant::now();
         let svc = DeliveryLimitLayer::new(5)

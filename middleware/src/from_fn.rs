@@ -204,48 +204,60 @@ where
     }
 }
 
-impl<F, Fut, I> Service<Incoming> for FromFn<F, (), I, (Incoming, Next)>
+/// An async function that is a middleware: `async fn(Incoming, Next)`, without state (`S` is
+/// `()`), or `async fn(S, Incoming, Next)`, which gets a clone of the state. `T` lists its
+/// arguments (it tells the two apart).
+pub trait MiddlewareFn<S, T>: Clone + Send + Sync + 'static {
+    /// The function's future.
+    type Future: Future<Output = Result<Outcome, BoxError>> + Send + 'static;
+
+    /// Calls the function on `incoming` and `next`, with `state` if it takes it.
+    fn run(&self, state: &S, incoming: Incoming, next: Next) -> Self::Future;
+}
+
+impl<F, Fut> MiddlewareFn<(), (Incoming, Next)> for F
 where
     F: Fn(Incoming, Next) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Outcome, BoxError>> + Send + 'static,
-    I: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
-    I::Error: Into<BoxError>,
-    I::Future: Send + 'static,
 {
-    type Response = Outcome;
-    type Error = BoxError;
     type Future = Fut;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, incoming: Incoming) -> Fut {
-        let next = self.next();
-        (self.f)(incoming, next)
+    fn run(&self, _: &(), incoming: Incoming, next: Next) -> Fut {
+        self(incoming, next)
     }
 }
 
-impl<F, Fut, S, I> Service<Incoming> for FromFn<F, S, I, (S, Incoming, Next)>
+impl<F, Fut, S> MiddlewareFn<S, (S, Incoming, Next)> for F
 where
     S: Clone + Send + Sync + 'static,
     F: Fn(S, Incoming, Next) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Outcome, BoxError>> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn run(&self, state: &S, incoming: Incoming, next: Next) -> Fut {
+        self(state.clone(), incoming, next)
+    }
+}
+
+impl<F, S, I, T> Service<Incoming> for FromFn<F, S, I, T>
+where
+    F: MiddlewareFn<S, T>,
     I: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
     I::Error: Into<BoxError>,
     I::Future: Send + 'static,
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = Fut;
+    type Future = F::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, incoming: Incoming) -> Fut {
+    fn call(&mut self, incoming: Incoming) -> F::Future {
         let next = self.next();
-        (self.f)(self.state.clone(), incoming, next)
+        self.f.run(&self.state, incoming, next)
     }
 }
 
@@ -477,15 +489,7 @@ mod tests {
         );
         assert_eq!(invoice.message().decode::<u32>().unwrap(), 7);
 
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while running.handled() < 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "only {} handled",
-                running.handled()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        streamwise::testing::wait_until_handled(&running, 2).await;
         running.shutdown().await.unwrap();
         assert_eq!(seen.load(Ordering::SeqCst), 2);
         assert_eq!(

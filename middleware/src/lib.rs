@@ -92,6 +92,19 @@ pub(crate) fn take_ready<S: Clone>(slot: &mut S) -> S {
     std::mem::replace(slot, fresh)
 }
 
+/// The outcome a layer decided without calling its inner service, handed out by the one poll
+/// of its future `future` (polling a completed future again is the caller's bug).
+#[allow(dead_code)] // used by some features only
+pub(crate) fn decided(
+    outcome: &mut Option<streamwise::router::Outcome>,
+    future: &str,
+) -> std::task::Poll<Result<streamwise::router::Outcome, streamwise::BoxError>> {
+    match outcome.take() {
+        Some(outcome) => std::task::Poll::Ready(Ok(outcome)),
+        None => panic!("{future} polled after it completed"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

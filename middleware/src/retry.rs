@@ -252,6 +252,22 @@ mod tests {
             .unwrap()
     }
 
+    /// One delivery through `layer(retries)` around `handler`, whose state counts its calls.
+    async fn deliver<H, T>(
+        retries: u32,
+        handler: H,
+        calls: &Arc<AtomicU32>,
+    ) -> std::result::Result<Outcome, BoxError>
+    where
+        H: streamwise::router::Handler<T, Arc<AtomicU32>>,
+        T: 'static,
+    {
+        layer(retries)
+            .layer(handler_service(handler, calls.clone()))
+            .oneshot(incoming())
+            .await
+    }
+
     async fn always_fails(State(calls): State<Arc<AtomicU32>>) -> std::result::Result<(), &'static str> {
         calls.fetch_add(1, Ordering::SeqCst);
         Err("down")
@@ -261,11 +277,7 @@ mod tests {
     async fn retries_are_bounded_and_back_off_exponentially() {
         let calls = Arc::new(AtomicU32::new(0));
         let started = tokio::time::Instant::now();
-        let err = layer(3)
-            .layer(handler_service(always_fails, calls.clone()))
-            .oneshot(incoming())
-            .await
-            .unwrap_err();
+        let err = deliver(3, always_fails, &calls).await.unwrap_err();
         assert_eq!(err.to_string(), "down");
         assert_eq!(calls.load(Ordering::SeqCst), 4, "one call and three retries");
         // 100 + 200 + 400 ms of backoff, no jitter.
@@ -296,11 +308,7 @@ mod tests {
             calls.fetch_add(1, Ordering::SeqCst);
             Err(Permanent::new("bad input"))
         }
-        let err = layer(5)
-            .layer(handler_service(permanent, calls.clone()))
-            .oneshot(incoming())
-            .await
-            .unwrap_err();
+        let err = deliver(5, permanent, &calls).await.unwrap_err();
         assert!(Permanent::is_permanent(&err));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
 
@@ -309,11 +317,7 @@ mod tests {
             Outcome::nack()
         }
         let calls = Arc::new(AtomicU32::new(0));
-        let out = layer(5)
-            .layer(handler_service(nacks, calls.clone()))
-            .oneshot(incoming())
-            .await
-            .unwrap();
+        let out = deliver(5, nacks, &calls).await.unwrap();
         assert_eq!((out, calls.load(Ordering::SeqCst)), (Outcome::nack(), 1));
     }
 
@@ -329,17 +333,9 @@ mod tests {
             Ok(())
         }
         let calls = Arc::new(AtomicU32::new(0));
-        let err = layer(5)
-            .layer(handler_service(permanent, calls.clone()))
-            .oneshot(incoming())
-            .await
-            .unwrap_err();
+        let err = deliver(5, permanent, &calls).await.unwrap_err();
         assert!(Permanent::is_permanent(&err));
-        let err = layer(5)
-            .layer(handler_service(plain, calls.clone()))
-            .oneshot(incoming())
-            .await
-            .unwrap_err();
+        let err = deliver(5, plain, &calls).await.unwrap_err();
         assert!(Permanent::is_permanent(&err));
         assert_eq!(calls.load(Ordering::SeqCst), 2, "one call each, no retry");
     }
@@ -387,11 +383,7 @@ mod tests {
             .publish("r", Message::new("t", &1).unwrap())
             .await
             .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while running.handled() < 1 {
-            assert!(tokio::time::Instant::now() < deadline, "not handled");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        streamwise::testing::wait_until_handled(&running, 1).await;
         running.shutdown().await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(backend.pending_count("r", "g").unwrap(), 0);

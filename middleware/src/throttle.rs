@@ -515,11 +515,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while running.handled() < 6 {
-            assert!(Instant::now() < deadline, "only {} handled", running.handled());
-            tokio::time::sleep(ms(10)).await;
-        }
+        streamwise::testing::wait_until_handled(&running, 6).await;
         running.shutdown().await.unwrap();
         assert_eq!(backend.pending_count("r", "g").unwrap(), 0);
         let taken = starts.taken();

@@ -144,10 +144,10 @@ mod tests {
     use tower::{Layer, ServiceExt};
 
     use super::*;
-    use crate::test_util::Captured;
+    use crate::test_util::log_subscriber;
 
     async fn traced(handler_outcome: Outcome) -> String {
-        let (subscriber, captured) = Captured::subscriber();
+        let (subscriber, captured) = log_subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let handler = move || {
             let outcome = handler_outcome.clone();

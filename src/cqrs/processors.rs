@@ -31,6 +31,38 @@ impl Entry {
             service,
         }
     }
+
+    /// The entry of `handler` for the command or event type `T`: each delivery is decoded into
+    /// a `T`, and the events the handler returns are published before the acknowledgement.
+    fn typed<T, F, Fut, R, E>(cqrs: &Cqrs, kind: Kind, name: String, handler: F) -> Self
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+        F: Fn(T) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+        R: IntoEmit + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let service_cqrs = cqrs.clone();
+        let service = BoxRoute::new(service_fn(move |incoming: Incoming| {
+            let (cqrs, handler) = (service_cqrs.clone(), handler.clone());
+            async move {
+                let value = match decode::<T>(&cqrs, &incoming) {
+                    Ok(v) => v,
+                    Err(outcome) => return Ok::<_, BoxError>(outcome),
+                };
+                match handler(value).await {
+                    Ok(emit) => Ok(ack_with(&cqrs, emit)),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }));
+        Entry::new(cqrs, kind, name, service)
+    }
+}
+
+/// The names of `entries`, for `Debug`.
+fn names(entries: &[Entry]) -> Vec<&str> {
+    entries.iter().map(|e| e.name.as_str()).collect()
 }
 
 /// Decodes the typed value of a delivery, or the dead-letter outcome when it does not decode.
@@ -54,32 +86,39 @@ fn ack_with<R: IntoEmit>(cqrs: &Cqrs, emit: R) -> Outcome {
     }
 }
 
-fn typed_service<T, F, Fut, R, E>(cqrs: Cqrs, handler: F) -> BoxRoute
-where
-    T: serde::de::DeserializeOwned + Send + 'static,
-    F: Fn(T) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
-    R: IntoEmit + 'static,
-    E: Into<BoxError> + 'static,
-{
-    BoxRoute::new(service_fn(move |incoming: Incoming| {
-        let (cqrs, handler) = (cqrs.clone(), handler.clone());
-        async move {
-            let value = match decode::<T>(&cqrs, &incoming) {
-                Ok(v) => v,
-                Err(outcome) => return Ok::<_, BoxError>(outcome),
-            };
-            match handler(value).await {
-                Ok(emit) => Ok(ack_with(&cqrs, emit)),
-                Err(e) => Err(e.into()),
-            }
-        }
-    }))
+/// What a processor puts around every subscription it registers: its layers (subscription-level
+/// layers, fallback included) and how many deliveries one consumer handles at once.
+struct SubscriptionSetup {
+    layers: Vec<BoxRouteLayer>,
+    max_in_flight: usize,
 }
 
-/// `routes` wrapped in a processor's `layers` (subscription-level layers, fallback included).
-fn apply_layers<S: Clone + Send + Sync + 'static>(routes: Routes<S>, layers: &[BoxRouteLayer]) -> Routes<S> {
-    layers.iter().cloned().fold(routes, Routes::layer)
+impl SubscriptionSetup {
+    fn new(max_in_flight: usize) -> Self {
+        SubscriptionSetup {
+            layers: Vec::new(),
+            max_in_flight,
+        }
+    }
+
+    fn add_layer(&mut self, layer: impl RouteLayer) {
+        self.layers.push(layer.into_box_layer());
+    }
+
+    /// `router` with a subscription to `topic` as `consumer` of `group`, dispatching to
+    /// `routes` in this setup's layers.
+    fn subscribe<S: Clone + Send + Sync + 'static>(
+        &self,
+        router: Router<S>,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        routes: Routes<S>,
+    ) -> Router<S> {
+        let routes = self.layers.iter().cloned().fold(routes, Routes::layer);
+        let options = SubscribeOptions::new(group, consumer).max_in_flight(self.max_in_flight);
+        router.subscribe(topic, options, routes)
+    }
 }
 
 /// Handles commands: one handler per command type, consumed by one consumer group.
@@ -87,18 +126,14 @@ pub struct CommandProcessor {
     cqrs: Cqrs,
     group: String,
     entries: Vec<Entry>,
-    layers: Vec<BoxRouteLayer>,
-    max_in_flight: usize,
+    setup: SubscriptionSetup,
 }
 
 impl fmt::Debug for CommandProcessor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CommandProcessor")
             .field("group", &self.group)
-            .field(
-                "commands",
-                &self.entries.iter().map(|e| &e.name).collect::<Vec<_>>(),
-            )
+            .field("commands", &names(&self.entries))
             .finish_non_exhaustive()
     }
 }
@@ -109,8 +144,7 @@ impl CommandProcessor {
             cqrs,
             group: group.to_owned(),
             entries: Vec::new(),
-            layers: Vec::new(),
-            max_in_flight: 10,
+            setup: SubscriptionSetup::new(10),
         }
     }
 
@@ -127,13 +161,8 @@ impl CommandProcessor {
         R: IntoEmit + 'static,
         E: Into<BoxError> + 'static,
     {
-        let service = typed_service(self.cqrs.clone(), handler);
-        self.entries.push(Entry::new(
-            &self.cqrs,
-            Kind::Command,
-            C::name().into_owned(),
-            service,
-        ));
+        let entry = Entry::typed(&self.cqrs, Kind::Command, C::name().into_owned(), handler);
+        self.entries.push(entry);
         self
     }
 
@@ -184,14 +213,14 @@ impl CommandProcessor {
     /// Wraps every command handler of this processor (like [`Routes::layer`](crate::router::Routes::layer)).
     #[must_use]
     pub fn layer(mut self, layer: impl RouteLayer) -> Self {
-        self.layers.push(layer.into_box_layer());
+        self.setup.add_layer(layer);
         self
     }
 
     /// The most commands handled at once by one consumer. Default 10.
     #[must_use]
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = n;
+        self.setup.max_in_flight = n;
         self
     }
 
@@ -227,9 +256,9 @@ impl CommandProcessor {
             for entry in entries {
                 routes = routes.route_service(&entry.name, entry.service);
             }
-            let routes = apply_layers(routes, &self.layers);
-            let options = SubscribeOptions::new(&self.group, consumer).max_in_flight(self.max_in_flight);
-            router = router.subscribe(&topic, options, routes);
+            router = self
+                .setup
+                .subscribe(router, &topic, &self.group, consumer, routes);
         }
         Ok(router)
     }
@@ -241,8 +270,7 @@ pub struct EventProcessor {
     cqrs: Cqrs,
     /// (handler name, entry)
     entries: Vec<(String, Entry)>,
-    layers: Vec<BoxRouteLayer>,
-    max_in_flight: usize,
+    setup: SubscriptionSetup,
 }
 
 impl fmt::Debug for EventProcessor {
@@ -261,8 +289,7 @@ impl EventProcessor {
         EventProcessor {
             cqrs,
             entries: Vec::new(),
-            layers: Vec::new(),
-            max_in_flight: 10,
+            setup: SubscriptionSetup::new(10),
         }
     }
 
@@ -278,8 +305,7 @@ impl EventProcessor {
         R: IntoEmit + 'static,
         Err: Into<BoxError> + 'static,
     {
-        let service = typed_service(self.cqrs.clone(), handler);
-        let entry = Entry::new(&self.cqrs, Kind::Event, E::name().into_owned(), service);
+        let entry = Entry::typed(&self.cqrs, Kind::Event, E::name().into_owned(), handler);
         self.entries.push((handler_name.to_owned(), entry));
         self
     }
@@ -287,14 +313,14 @@ impl EventProcessor {
     /// Wraps every event handler of this processor.
     #[must_use]
     pub fn layer(mut self, layer: impl RouteLayer) -> Self {
-        self.layers.push(layer.into_box_layer());
+        self.setup.add_layer(layer);
         self
     }
 
     /// The most events one handler handles at once. Default 10.
     #[must_use]
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = n;
+        self.setup.max_in_flight = n;
         self
     }
 
@@ -323,9 +349,9 @@ impl EventProcessor {
                 .routes()
                 .fallback(Fallback::AckAndSkip)
                 .route_service(&entry.name, entry.service);
-            let routes = apply_layers(routes, &self.layers);
-            let options = SubscribeOptions::new(&handler_name, consumer).max_in_flight(self.max_in_flight);
-            router = router.subscribe(&topic, options, routes);
+            router = self
+                .setup
+                .subscribe(router, &topic, &handler_name, consumer, routes);
         }
         Ok(router)
     }
@@ -338,17 +364,15 @@ pub struct EventGroupProcessor {
     cqrs: Cqrs,
     group: String,
     entries: Vec<Entry>,
-    layers: Vec<BoxRouteLayer>,
+    /// One delivery at a time, so that the group's events are handled in stream order.
+    setup: SubscriptionSetup,
 }
 
 impl fmt::Debug for EventGroupProcessor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EventGroupProcessor")
             .field("group", &self.group)
-            .field(
-                "events",
-                &self.entries.iter().map(|e| &e.name).collect::<Vec<_>>(),
-            )
+            .field("events", &names(&self.entries))
             .finish_non_exhaustive()
     }
 }
@@ -359,7 +383,7 @@ impl EventGroupProcessor {
             cqrs,
             group: group.to_owned(),
             entries: Vec::new(),
-            layers: Vec::new(),
+            setup: SubscriptionSetup::new(1),
         }
     }
 
@@ -373,20 +397,15 @@ impl EventGroupProcessor {
         R: IntoEmit + 'static,
         Err: Into<BoxError> + 'static,
     {
-        let service = typed_service(self.cqrs.clone(), handler);
-        self.entries.push(Entry::new(
-            &self.cqrs,
-            Kind::Event,
-            E::name().into_owned(),
-            service,
-        ));
+        let entry = Entry::typed(&self.cqrs, Kind::Event, E::name().into_owned(), handler);
+        self.entries.push(entry);
         self
     }
 
     /// Wraps every handler of the group.
     #[must_use]
     pub fn layer(mut self, layer: impl RouteLayer) -> Self {
-        self.layers.push(layer.into_box_layer());
+        self.setup.add_layer(layer);
         self
     }
 
@@ -427,8 +446,8 @@ impl EventGroupProcessor {
         let Some(topic) = topic else {
             return Err(Error::invalid("event_group", "has no handlers"));
         };
-        let routes = apply_layers(routes, &self.layers);
-        let options = SubscribeOptions::new(&self.group, consumer).max_in_flight(1);
-        Ok(router.subscribe(&topic, options, routes))
+        Ok(self
+            .setup
+            .subscribe(router, &topic, &self.group, consumer, routes))
     }
 }

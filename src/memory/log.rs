@@ -471,6 +471,14 @@ mod tests {
         Message::new("t", &n).unwrap()
     }
 
+    /// A log with one entry, `1-0`, and group `g`, which has not read it yet.
+    fn one_entry_for_group_g() -> StreamLog {
+        let mut log = StreamLog::default();
+        log.create_group("g", StartFrom::Beginning);
+        log.append(msg(0), 1, None);
+        log
+    }
+
     fn ids(out: &[Fetched]) -> Vec<String> {
         out.iter()
             .map(|f| format!("{}#{}", f.id, f.delivery_count))
@@ -517,9 +525,7 @@ mod tests {
 
     #[test]
     fn nack_redelivers_after_the_delay_with_a_higher_count() {
-        let mut log = StreamLog::default();
-        log.create_group("g", StartFrom::Beginning);
-        log.append(msg(0), 1, None);
+        let mut log = one_entry_for_group_g();
         let c: Arc<str> = "c".into();
         let now = Instant::now();
         let mut out = Vec::new();
@@ -538,9 +544,7 @@ mod tests {
 
     #[test]
     fn released_entries_come_back_only_by_drain_or_reclaim() {
-        let mut log = StreamLog::default();
-        log.create_group("g", StartFrom::Beginning);
-        log.append(msg(0), 1, None);
+        let mut log = one_entry_for_group_g();
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let now = Instant::now();
         let mut out = Vec::new();
@@ -595,9 +599,7 @@ mod tests {
 
     #[test]
     fn an_entry_is_given_up_after_max_deliveries() {
-        let mut log = StreamLog::default();
-        log.create_group("g", StartFrom::Beginning);
-        log.append(msg(0), 1, None);
+        let mut log = one_entry_for_group_g();
         let c: Arc<str> = "c".into();
         let now = Instant::now();
         let plan = FetchPlan {
@@ -621,9 +623,7 @@ mod tests {
 
     #[test]
     fn a_nack_redelivers_to_the_consumer_that_nacked_unless_reclaimed() {
-        let mut log = StreamLog::default();
-        log.create_group("g", StartFrom::Beginning);
-        log.append(msg(0), 1, None);
+        let mut log = one_entry_for_group_g();
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let now = Instant::now();
         let mut out = Vec::new();

@@ -117,15 +117,7 @@ macro_rules! impl_handler {
     };
 }
 
-impl_handler!();
-impl_handler!(T1);
-impl_handler!(T1, T2);
-impl_handler!(T1, T2, T3);
-impl_handler!(T1, T2, T3, T4);
-impl_handler!(T1, T2, T3, T4, T5);
-impl_handler!(T1, T2, T3, T4, T5, T6);
-impl_handler!(T1, T2, T3, T4, T5, T6, T7);
-impl_handler!(T1, T2, T3, T4, T5, T6, T7, T8);
+for_each_arity!(impl_handler);
 
 /// A handler with its state, as a tower [`Service`] from [`Incoming`] to [`Outcome`]
 /// ([`Handler::with_state`]).

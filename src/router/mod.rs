@@ -74,6 +74,22 @@
 //! | `backoff` | [`RetryBackoff`] |
 //! | `run` | running: the fetch loop per subscription, [`RunningRouter`], shutdown |
 
+/// Expands `$impl_for!` once per handler arity, from no argument to eight (a handler takes at
+/// most eight extractors): the one list of arities that the handler and route impls share.
+macro_rules! for_each_arity {
+    ($impl_for:ident) => {
+        $impl_for!();
+        $impl_for!(T1);
+        $impl_for!(T1, T2);
+        $impl_for!(T1, T2, T3);
+        $impl_for!(T1, T2, T3, T4);
+        $impl_for!(T1, T2, T3, T4, T5);
+        $impl_for!(T1, T2, T3, T4, T5, T6);
+        $impl_for!(T1, T2, T3, T4, T5, T6, T7);
+        $impl_for!(T1, T2, T3, T4, T5, T6, T7, T8);
+    };
+}
+
 mod backoff;
 mod dispatch;
 mod extract;

@@ -132,15 +132,7 @@ macro_rules! impl_into_route {
     };
 }
 
-impl_into_route!();
-impl_into_route!(T1);
-impl_into_route!(T1, T2);
-impl_into_route!(T1, T2, T3);
-impl_into_route!(T1, T2, T3, T4);
-impl_into_route!(T1, T2, T3, T4, T5);
-impl_into_route!(T1, T2, T3, T4, T5, T6);
-impl_into_route!(T1, T2, T3, T4, T5, T6, T7);
-impl_into_route!(T1, T2, T3, T4, T5, T6, T7, T8);
+for_each_arity!(impl_into_route);
 
 impl<L, H, T, S> IntoRoute<T, S> for Layered<L, H, T, S>
 where

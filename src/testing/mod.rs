@@ -1,6 +1,6 @@
 //! Test support, for this crate's tests, third-party backends and users' own tests (enable
-//! the `testing` feature): the conformance suite, and [`RedisServer`], a private
-//! `redis-server` per test.
+//! the `testing` feature): the conformance suite, [`RedisServer`], a private
+//! `redis-server` per test, and [`CapturedLogs`], to check what was logged.
 //!
 //! The conformance suite is backend-agnostic scenarios that every backend must pass, so that
 //! code tested against one backend holds on another. A backend takes part by implementing
@@ -39,8 +39,10 @@
 //! A backend on Redis (or a test of code that uses one) runs each test against its own
 //! [`RedisServer`]: a free loopback port, never the machine's own 6379, gone on drop.
 
+mod captured_logs;
 mod redis_server;
 
+pub use captured_logs::CapturedLogs;
 pub use redis_server::{RedisServer, free_port};
 
 use std::collections::{HashMap, HashSet};
@@ -191,6 +193,20 @@ pub async fn expect_quiet(sub: &mut Subscription, why: &str) {
         Err(_) => {}
         Ok(Some(item)) => panic!("{why}: got {item:?}"),
         Ok(None) => panic!("{why}: expected an open, quiet subscription, but it ended"),
+    }
+}
+
+/// Waits until `running` has handled `n` deliveries (settled them, whatever the outcome),
+/// failing the test after [`WAIT`].
+pub async fn wait_until_handled(running: &crate::router::RunningRouter, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    while running.handled() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} deliveries handled after {WAIT:?}",
+            running.handled()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -31,3 +31,14 @@ pub async fn round_trip(redis: &streamwise::redis::RedisBackend, stream: &str) -
     assert_eq!(redis.pending_count(stream, "g").await?, 0);
     Ok(())
 }
+
+/// The error of publishing one message on `stream` through `conn`, a connection that must fail
+/// (wrong credentials, an untrusted certificate).
+pub async fn publish_error(conn: streamwise::redis::RedisConnection, stream: &str) -> streamwise::Error {
+    use streamwise::{Message, Publisher};
+    streamwise::redis::RedisBackend::with_connection(conn)
+        .publisher()
+        .publish(stream, Message::new("t", &1).unwrap())
+        .await
+        .unwrap_err()
+}

@@ -230,7 +230,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::test_util::Captured;
+    use crate::test_util::log_subscriber;
 
     const HOUR: Duration = Duration::from_secs(3600);
 
@@ -411,7 +411,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_store_never_loses_a_message_and_is_logged() {
-        let (subscriber, logs) = Captured::subscriber();
+        let (subscriber, logs) = log_subscriber();
         let _guard = tracing::subscriber::set_default(subscriber);
         let script = Script::new(vec![Ok(Outcome::nack())]);
         let store = Arc::new(Broken::default());

@@ -44,30 +44,14 @@ impl RepeatedWarnings {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-
     use super::RepeatedWarnings;
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::CapturedLogs;
 
     #[test]
     fn a_repeated_warning_is_logged_once_then_with_its_count() {
-        let captured = Captured::default();
-        let writer = captured.clone();
+        let logs = CapturedLogs::new();
         let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
+            .with_writer(logs.make_writer())
             .with_ansi(false)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
@@ -77,7 +61,7 @@ mod tests {
             }
             log.warn("s", "consumer group vanished");
         });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let text = logs.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].contains("read failed: connection refused"), "{text}");
