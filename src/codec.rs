@@ -95,7 +95,8 @@ pub trait Codec: Send + Sync + 'static {
     }
 }
 
-/// The standard layout of DESIGN §4.
+/// The standard layout: `event_type`, `payload` (JSON), `metadata` (a JSON object of strings, left
+/// out when empty), `timestamp` (ISO 8601 UTC, milliseconds), `uuid`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct JsonCodec;
 
@@ -157,7 +158,7 @@ impl Codec for JsonCodec {
     }
 
     fn encode_with(&self, message: &Message, field: &mut dyn FnMut(&'static str, &[u8])) -> Result<usize> {
-        // The wire layout (DESIGN §4), from stack buffers instead of an allocation each.
+        // The wire layout, from stack buffers instead of an allocation each.
         field(EVENT_TYPE, message.event_type().as_bytes());
         field(PAYLOAD, message.payload());
         let mut size = EVENT_TYPE.len() + message.event_type().len() + PAYLOAD.len();

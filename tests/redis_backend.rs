@@ -1,4 +1,4 @@
-//! The Redis backend's own promises (DESIGN §3, §4), each against a private redis-server:
+//! The Redis backend's own promises, each against a private redis-server:
 //! wire format, trimming, size limit, stream auto-creation, foreign and malformed entries,
 //! crashed consumers, heartbeats, checkpoints, retention, restarts and the retry budget.
 
@@ -771,6 +771,130 @@ async fn a_dead_letter_that_cannot_be_written_stays_pending_until_it_is() {
     assert_eq!(record.message().metadata().get(dl::REASON), Some("bad order"));
     record.ack().await.unwrap();
     assert_eq!(subscriber.stats().dead_lettered, 1);
+    subscriber.close().await.unwrap();
+}
+
+/// Dead-letter records that keep failing are retried on their own backoff, one attempt per
+/// retry, not on every ack the flusher writes: a hundred stuck records neither hammer Redis
+/// nor hold up the acks of the deliveries that flow meanwhile, and they are all written once
+/// the dead-letter stream works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_dead_letters_back_off_and_do_not_hold_up_acks() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    for _ in 0..100 {
+        publisher
+            .publish("dlb", Message::from_json_bytes("t", "not json").unwrap())
+            .await
+            .unwrap();
+    }
+    for n in 0..20 {
+        publisher
+            .publish("dlb", Message::new("t", &n).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(server.command("SET dlb-dead not-a-stream"), "+OK");
+    let subscriber = backend.subscriber().unwrap();
+    let mut sub = subscriber
+        .subscribe("dlb", opts("g", "c").batch_size(50).max_in_flight(50))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for acked in 1..=20u64 {
+        let d = recv(&mut sub).await;
+        d.ack().await.unwrap();
+        // Each ack is written before the next delivery is taken.
+        wait_until(
+            deadline,
+            || format!("ack {acked} not written"),
+            async || subscriber.stats().acked >= acked,
+        )
+        .await;
+    }
+    let failures = subscriber.stats().dead_letter_failures;
+    assert!(
+        failures < 50,
+        "{failures} failed dead-letter writes while 20 acks went out: the stuck records were tried on every ack"
+    );
+    assert_eq!(
+        backend.pending_count("dlb", "g").await.unwrap(),
+        100,
+        "the stuck ones stay pending"
+    );
+    assert_eq!(server.command("DEL dlb-dead"), ":1");
+    wait_until(
+        deadline,
+        || "never dead-lettered after the key was fixed".into(),
+        async || backend.pending_count("dlb", "g").await.unwrap() == 0,
+    )
+    .await;
+    assert_eq!(server.command("XLEN dlb-dead"), ":100");
+    assert_eq!(subscriber.stats().dead_lettered, 100);
+    subscriber.close().await.unwrap();
+}
+
+/// A codec that cannot encode dead-letter records: the dead letter is not written, the entry
+/// stays pending, and `flush` says so (it does not claim the settlement was written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_record_the_codec_cannot_encode_is_reported_by_flush() {
+    struct NoRecords;
+    impl streamwise::codec::Codec for NoRecords {
+        fn encode(&self, message: &Message) -> streamwise::Result<Vec<(&'static str, bytes::Bytes)>> {
+            if message.metadata().get(dl::REASON).is_some() {
+                return Err(Error::invalid(
+                    "record",
+                    "this codec writes no dead-letter records",
+                ));
+            }
+            streamwise::codec::JsonCodec.encode(message)
+        }
+        fn decode(&self, entry: streamwise::codec::RawEntry) -> streamwise::Result<Message> {
+            streamwise::codec::JsonCodec.decode(entry)
+        }
+    }
+    let server = RedisServer::start();
+    let conn = streamwise::redis::RedisConnection::new(&server.url()).unwrap();
+    let backend = RedisBackend::with_connection(conn.clone());
+    backend
+        .publisher()
+        .publish("dle", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    let subscriber = RedisSubscriber::new(conn, RedisSubscriberOptions::default().codec(NoRecords)).unwrap();
+    let mut sub = subscriber.subscribe("dle", opts("g", "c")).await.unwrap();
+    recv(&mut sub).await.dead_letter("bad").await.unwrap();
+    let err = sub.flush().await.unwrap_err();
+    assert!(err.to_string().contains("cannot be encoded"), "{err}");
+    assert_eq!(backend.pending_count("dle", "g").await.unwrap(), 1);
+    assert_eq!(server.command("EXISTS dle-dead"), ":0");
+    subscriber.close().await.unwrap();
+}
+
+/// A handler's dead letter is written at once, not after the acks' gathering interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_does_not_wait_for_the_ack_gathering_interval() {
+    let server = RedisServer::start();
+    let conn = streamwise::redis::RedisConnection::new(&server.url()).unwrap();
+    let backend = RedisBackend::with_connection(conn.clone());
+    backend
+        .publisher()
+        .publish("dlg", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    let options = RedisSubscriberOptions::default().ack_flush_interval(Duration::from_secs(10));
+    let subscriber = RedisSubscriber::new(conn, options).unwrap();
+    let mut sub = subscriber.subscribe("dlg", opts("g", "c")).await.unwrap();
+    recv(&mut sub).await.dead_letter("bad").await.unwrap();
+    // Well before the 10 s the acks gather for.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    wait_until(
+        deadline,
+        || "the record waited for the ack interval".into(),
+        async || server.command("XLEN dlg-dead") == ":1",
+    )
+    .await;
     subscriber.close().await.unwrap();
 }
 

@@ -1,6 +1,6 @@
 //! Faults the Redis subscriber must ride out without handing an entry out twice, cutting a
 //! nack delay short, exceeding its in-flight limit, sharing a consumer name, or skipping
-//! unacked entries (DESIGN §3). Each of these once failed; each names the promise it guards.
+//! unacked entries (the invariants of ARCHITECTURE.md). Each of these once failed; each names the promise it guards.
 
 mod common;
 

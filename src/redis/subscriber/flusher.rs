@@ -42,6 +42,14 @@ pub(super) struct Flusher {
     /// Dead letters not written yet, oldest first (their entries are in the ledger's
     /// `dead_lettering` until written).
     dead_letters: Vec<(EntryId, Message)>,
+    /// After a failed dead-letter write: when to try again, and what failed. No write is
+    /// tried before (a record that failed would fail again on every ack written meanwhile).
+    dead_letter_retry: Option<(tokio::time::Instant, String)>,
+    dead_letter_failures: u32,
+    /// A dead letter came in since the last write: no gathering of acks holds it back.
+    dead_letter_waiting: bool,
+    /// A dead letter dropped because its record cannot be encoded, not yet told to a `flush`.
+    not_encoded: Option<String>,
     interval: Duration,
     /// The highest id acked so far, and the checkpoint last saved.
     acked_up_to: Option<EntryId>,
@@ -85,6 +93,10 @@ impl Flusher {
             stats,
             codec,
             dead_letters: Vec::new(),
+            dead_letter_retry: None,
+            dead_letter_failures: 0,
+            dead_letter_waiting: false,
+            not_encoded: None,
             interval,
             acked_up_to: None,
             saved: None,
@@ -103,13 +115,15 @@ impl Flusher {
         let mut failures = 0;
         loop {
             let retry_in = self.conn.backoff(failures);
+            let dead_letter_retry_at = self.dead_letter_retry.as_ref().map(|(at, _)| *at);
             // A checkpoint held back by the rate limit is saved when the limit allows.
             let checkpoint_at = self.saved_at.map(|t| t + CHECKPOINT_EVERY);
             let wake = tokio::select! {
                 biased;
                 _ = closed.cancelled() => Wake::Stop,
                 op = ops.recv() => op.map_or(Wake::Stop, Wake::Op),
-                _ = tokio::time::sleep(retry_in), if !batch.is_empty() || !self.dead_letters.is_empty() => Wake::Retry,
+                _ = tokio::time::sleep(retry_in), if !batch.is_empty() => Wake::Retry,
+                _ = sleep_until(dead_letter_retry_at), if !self.dead_letters.is_empty() => Wake::Retry,
                 _ = sleep_until(checkpoint_at), if self.checkpoint_behind => Wake::Checkpoint,
             };
             match wake {
@@ -133,6 +147,7 @@ impl Flusher {
                     while !self.interval.is_zero()
                         && batch.len() < MAX_ACK_BATCH
                         && self.flush_waiters.is_empty()
+                        && !self.dead_letter_waiting
                     {
                         tokio::select! {
                             biased;
@@ -143,26 +158,25 @@ impl Flusher {
                             },
                             _ = &mut gather => break,
                         }
-                        // Someone waits for what was acked: no more gathering.
-                        if !self.flush_waiters.is_empty() {
+                        // Someone waits for what was acked, or a dead letter came in (its
+                        // entry is neither recorded nor redeliverable until written): no more
+                        // gathering.
+                        if !self.flush_waiters.is_empty() || self.dead_letter_waiting {
                             break;
                         }
                     }
                 }
             }
             let acked = self.flush(&mut batch).await;
-            let dead_lettered = self.write_dead_letters().await;
-            match unwritten(acked, dead_lettered) {
-                Ok(()) => {
-                    failures = 0;
-                    self.answer_flushes(None);
-                }
-                Err(e) => {
-                    failures += 1;
-                    // The XACK spent the connection's retries already: tell who waits.
-                    self.answer_flushes(Some(&e));
-                }
+            if acked.is_ok() {
+                failures = 0;
+            } else {
+                failures += 1;
             }
+            let dead_lettered = self.write_dead_letters(false).await;
+            // A failed write spent the connection's retries already: tell who waits.
+            let answer = unwritten(acked, dead_lettered);
+            self.answer_flushes(answer.as_ref().err());
         }
         // Closed, or every sender is gone: take what was sent before, flush it, stop.
         ops.close();
@@ -178,7 +192,8 @@ impl Flusher {
             }
         }
         let acked = self.flush(&mut batch).await;
-        let last = unwritten(acked, self.write_dead_letters().await);
+        // One last attempt, whatever the backoff says.
+        let last = unwritten(acked, self.write_dead_letters(true).await);
         self.answer_flushes(last.as_ref().err());
         self.save_checkpoint(true).await;
         if !batch.is_empty() {
@@ -200,7 +215,16 @@ impl Flusher {
     }
 
     /// Answers every `flush` waiting: `None` once everything acked before it is written.
+    /// A record that could not be encoded is told to the first `flush` that comes after it.
     fn answer_flushes(&mut self, error: Option<&String>) {
+        if self.flush_waiters.is_empty() {
+            return;
+        }
+        let not_encoded = self.not_encoded.take();
+        let error = match (error, &not_encoded) {
+            (Some(e), _) => Some(e),
+            (None, lost) => lost.as_ref(),
+        };
         for waiter in self.flush_waiters.drain(..) {
             let answer = match error {
                 None => Ok(()),
@@ -213,7 +237,10 @@ impl Flusher {
     async fn take(&mut self, op: Op, batch: &mut Vec<EntryId>) {
         match op {
             Op::Ack(id) => batch.push(id),
-            Op::DeadLetter { id, record } => self.dead_letters.push((id, record)),
+            Op::DeadLetter { id, record } => {
+                self.dead_letters.push((id, record));
+                self.dead_letter_waiting = true;
+            }
             // Answered after the flush that follows: every ack sent before it is in the batch.
             Op::Flush(waiter) => self.flush_waiters.push(waiter),
             Op::Lower(below, answer) => {
@@ -273,25 +300,38 @@ impl Flusher {
         Ok(())
     }
 
-    /// Writes every waiting dead letter: its record to `<stream>-dead` and the `XACK` of its
-    /// entry, in one script step. Those that fail stay queued (the first error returned);
-    /// their entries stay pending meanwhile.
-    async fn write_dead_letters(&mut self) -> crate::Result<()> {
+    /// Writes the waiting dead letters, oldest first: each record to `<stream>-dead` and the
+    /// `XACK` of its entry, in one script step. The first failure stops the round: the rest
+    /// stay queued (their entries pending) and nothing is tried again before the backoff
+    /// after it has passed, unless `last_chance` (on close). `Err` says what is left unwritten.
+    async fn write_dead_letters(&mut self, last_chance: bool) -> Result<(), String> {
+        self.dead_letter_waiting = false;
         if self.dead_letters.is_empty() {
+            self.dead_letter_retry = None;
             return Ok(());
+        }
+        if let Some((at, error)) = &self.dead_letter_retry
+            && !last_chance
+            && tokio::time::Instant::now() < *at
+        {
+            return Err(error.clone());
         }
         let origin = self.origin.clone();
         let (stream, group) = (origin.stream(), origin.group());
         let dead_stream = dead_letter::stream_for(stream);
-        let mut first_error = None;
         let mut written = Vec::new();
-        for (id, record) in std::mem::take(&mut self.dead_letters) {
+        let mut failed = None;
+        let mut queue = std::mem::take(&mut self.dead_letters).into_iter();
+        for (id, record) in queue.by_ref() {
             let fields = match self.codec.encode(&record) {
                 Ok(fields) => fields,
                 Err(e) => {
-                    // Nothing to retry: the entry stays pending and is redelivered.
+                    // Retrying cannot help: the entry stays pending and is delivered again.
                     tracing::error!(stream, group, %id, error = %e, "dead-letter record cannot be encoded; the entry stays pending");
                     lock(&self.ledger).dead_lettering.remove(&id);
+                    self.not_encoded = Some(format!(
+                        "the dead-letter record of {id} cannot be encoded (the entry stays pending): {e}"
+                    ));
                     continue;
                 }
             };
@@ -315,17 +355,14 @@ impl Flusher {
                 }
                 Err(e) => {
                     SubscriberStats::add(&self.stats.dead_letter_failures, 1);
-                    if first_error.is_none() {
-                        let message = format!(
-                            "dead-letter record not written; the entry stays pending and the write is retried: {e}"
-                        );
-                        self.log.warn(stream, &message);
-                        first_error = Some(e);
-                    }
                     self.dead_letters.push((id, record));
+                    failed = Some(e);
+                    break;
                 }
             }
         }
+        // What the failure left untried waits with it, in order.
+        self.dead_letters.extend(queue);
         if !written.is_empty() {
             {
                 let mut ledger = lock(&self.ledger);
@@ -336,7 +373,24 @@ impl Flusher {
             self.acked_up_to = self.acked_up_to.max(written.iter().max().copied());
             self.save_checkpoint(false).await;
         }
-        first_error.map_or(Ok(()), Err)
+        match failed {
+            Some(e) => {
+                let delay = self.conn.backoff(self.dead_letter_failures);
+                self.dead_letter_failures = self.dead_letter_failures.saturating_add(1);
+                let error = format!(
+                    "{} dead-letter records not written (their entries stay pending; retried in {delay:?}): {e}",
+                    self.dead_letters.len()
+                );
+                self.log.warn(stream, &error);
+                self.dead_letter_retry = Some((tokio::time::Instant::now() + delay, error.clone()));
+                Err(error)
+            }
+            None => {
+                self.dead_letter_failures = 0;
+                self.dead_letter_retry = None;
+                Ok(())
+            }
+        }
     }
 
     /// Saves the low watermark: the highest acked id, unless an older entry is still pending
@@ -457,14 +511,12 @@ async fn oldest_pending(conn: &RedisConnection, origin: &Origin) -> crate::Resul
 }
 
 /// What a round of writes left unwritten, in words for those waiting on a flush.
-fn unwritten(acked: crate::Result<()>, dead_lettered: crate::Result<()>) -> Result<(), String> {
+fn unwritten(acked: crate::Result<()>, dead_lettered: Result<(), String>) -> Result<(), String> {
     match (acked, dead_lettered) {
         (Ok(()), Ok(())) => Ok(()),
         (Err(e), Ok(())) => Err(format!("acknowledgements not written: {e}")),
-        (Ok(()), Err(e)) => Err(format!("dead-letter records not written: {e}")),
-        (Err(a), Err(d)) => Err(format!(
-            "acknowledgements not written: {a}; dead-letter records not written: {d}"
-        )),
+        (Ok(()), Err(d)) => Err(d),
+        (Err(a), Err(d)) => Err(format!("acknowledgements not written: {a}; {d}")),
     }
 }
 

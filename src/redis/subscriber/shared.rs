@@ -268,8 +268,10 @@ impl Settler for Shared {
                         delivery_count: info.delivery_count(),
                     }
                     .for_message(message);
+                    // Dead-lettering before it is no longer held: never in neither set.
+                    let handed = self.dead_letter(id, record);
                     self.ledger().held.remove(&id);
-                    self.dead_letter(id, record).map_err(|FlusherGone| closed)
+                    handed.map_err(|FlusherGone| closed)
                 }
             }
         };
