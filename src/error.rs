@@ -178,7 +178,7 @@ pub enum Error {
 /// Why settling a delivery was refused. Nothing was recorded; only [`AlreadySettled`]
 /// means the delivery had been settled (before).
 ///
-/// It converts into [`Error::Settle`](crate::Error::Settle), so `?` works in functions that
+/// It converts into [`Error::Settle`], so `?` works in functions that
 /// return [`crate::Result`].
 ///
 /// [`AlreadySettled`]: SettleError::AlreadySettled
