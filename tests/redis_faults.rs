@@ -301,7 +301,7 @@ async fn dropping_the_stream_keeps_the_lease_while_deliveries_are_in_flight() {
 /// The checkpoint is a low watermark: a group re-created at it redelivers an entry that was
 /// still unacked, even though later entries were acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_recreated_at_checkpoint_skips_pending_entries() {
+async fn group_recreated_at_checkpoint_redelivers_an_entry_left_unacked() {
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
     let publisher = backend.publisher();
