@@ -115,3 +115,37 @@ fn free_ports_are_never_the_standard_one() {
 fn the_harness_keeps_its_own_port() {
     let _ = RedisServer::start_with(&["--port", "6379"]);
 }
+
+/// The cluster harness: three masters with a replica each, every slot served, keys
+/// reachable through redirects, the seed-list URL naming every node, and every node gone
+/// (its port closed) once the cluster drops.
+#[test]
+fn a_cluster_forms_serves_every_slot_and_stops_on_drop() {
+    let cluster = streamwise::testing::RedisCluster::start();
+    assert_eq!(cluster.nodes().len(), 6);
+    assert_eq!(cluster.masters().len(), 3);
+    let info = cluster.cli(&["CLUSTER", "INFO"]);
+    assert!(info.contains("cluster_state:ok"), "{info}");
+    assert!(info.contains("cluster_slots_assigned:16384"), "{info}");
+    let ports: Vec<u16> = cluster.nodes().iter().map(|n| n.port()).collect();
+    assert!(
+        !ports.contains(&6379),
+        "the machine's own server must not be used"
+    );
+    for key in ["a", "b", "c", "orders", "{orders}:x"] {
+        assert_eq!(cluster.cli(&["SET", key, "1"]).trim(), "OK");
+        assert_eq!(cluster.cli(&["GET", key]).trim(), "1");
+    }
+    let url = cluster.url();
+    assert!(url.starts_with("redis-cluster://127.0.0.1:"), "{url}");
+    for port in &ports {
+        assert!(url.contains(&format!("127.0.0.1:{port}")), "{url}");
+    }
+    drop(cluster);
+    for port in ports {
+        assert!(
+            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err(),
+            "node on {port} still answers after the cluster dropped"
+        );
+    }
+}

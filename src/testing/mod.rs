@@ -40,9 +40,11 @@
 //! [`RedisServer`]: a free loopback port, never the machine's own 6379, gone on drop.
 
 mod captured_logs;
+mod redis_cluster;
 mod redis_server;
 
 pub use captured_logs::CapturedLogs;
+pub use redis_cluster::RedisCluster;
 pub use redis_server::{RedisServer, free_port};
 
 use std::collections::{HashMap, HashSet};

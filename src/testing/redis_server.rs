@@ -112,6 +112,28 @@ impl RedisServer {
         panic!("redis-server did not start after {ATTEMPTS} attempts; last output:\n{last_log}");
     }
 
+    /// One attempt on `port` (for [`RedisCluster`](super::RedisCluster), whose nodes need a
+    /// free bus port beside their own): the server, or its output when it did not start.
+    pub(super) fn start_on(port: u16, extra: &[&str]) -> Result<Self, String> {
+        let dir = scratch_dir();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut child = spawn(port, &dir, &extra);
+        match wait_ready(&mut child, port, &dir) {
+            Ok(()) => Ok(RedisServer {
+                child,
+                port,
+                dir,
+                extra,
+            }),
+            Err(log) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(log)
+            }
+        }
+    }
+
     /// The TCP port (on 127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
