@@ -97,6 +97,23 @@ pub enum Error {
         limit: u64,
     },
 
+    /// Fewer replicas than asked (the Redis `PublisherOptions::wait_replicas`) acknowledged a
+    /// publish in time. The entries were written on the master, under `ids`: they may still
+    /// replicate, or be lost if the master fails before they do.
+    #[error(
+        "publish to `{stream}` acknowledged by {acknowledged} of {wanted} replicas in time; the entries exist on the master"
+    )]
+    NotReplicated {
+        /// The stream.
+        stream: String,
+        /// The entries written on the master.
+        ids: Vec<EntryId>,
+        /// Replicas that acknowledged them in time.
+        acknowledged: u64,
+        /// Replicas asked for.
+        wanted: u64,
+    },
+
     /// An argument or setting is not acceptable.
     #[error("invalid {field}: {reason}")]
     Invalid {

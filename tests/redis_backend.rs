@@ -898,6 +898,70 @@ async fn a_dead_letter_does_not_wait_for_the_ack_gathering_interval() {
     subscriber.close().await.unwrap();
 }
 
+/// `wait_replicas`: a publish returns once the replica has the entry; with the replica
+/// paused it fails with `Error::NotReplicated` naming the entry (which the master kept),
+/// instead of reporting success; once the replica is back, publishes succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_that_wait_for_replicas_fail_typed_when_the_replica_lags() {
+    let master = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    wait_until(
+        deadline,
+        || "the replica never caught up".into(),
+        async || master.command("WAIT 1 100") == ":1",
+    )
+    .await;
+    let conn = streamwise::redis::RedisConnection::new(&master.url()).unwrap();
+    let options = PublisherOptions::default().wait_replicas(1, Duration::from_millis(500));
+    let publisher = RedisPublisher::new(conn, options);
+    let first = publisher
+        .publish("wr", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        replica.command("XLEN wr"),
+        ":1",
+        "acknowledged means on the replica"
+    );
+    assert_eq!(replica.command(&format!("XRANGE wr {first} {first}")), "*1");
+
+    replica.freeze();
+    let err = publisher
+        .publish_batch(
+            "wr",
+            vec![Message::new("t", &2).unwrap(), Message::new("t", &3).unwrap()],
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        Error::NotReplicated {
+            stream,
+            ids,
+            acknowledged,
+            wanted,
+        } => {
+            assert_eq!(stream, "wr");
+            assert_eq!(ids.len(), 2);
+            assert_eq!((*acknowledged, *wanted), (0, 1));
+        }
+        other => panic!("expected NotReplicated, got {other:?}"),
+    }
+    assert_eq!(master.command("XLEN wr"), ":3", "the master kept the entries");
+    replica.thaw();
+    wait_until(
+        deadline,
+        || "publishes never succeeded again".into(),
+        async || {
+            publisher
+                .publish("wr", Message::new("t", &4).unwrap())
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+}
+
 /// Request/reply on Redis leaves nothing behind once the replies are closed: no reply
 /// stream, no checkpoints, no leases; command and reply streams are capped as they grow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

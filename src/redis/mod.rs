@@ -34,7 +34,7 @@ mod subscriber;
 pub use ::redis as client;
 pub use checkpoint::RedisCheckpointStore;
 pub use connection::{MAX_CONNECTION_DURATION, RedisConnection, RedisConnectionBuilder, redact_url};
-pub use publisher::{PublisherOptions, RedisPublisher};
+pub use publisher::{MAX_REPLICA_WAIT, PublisherOptions, RedisPublisher, WaitReplicas};
 pub use reader::StreamReader;
 pub use subscriber::{
     Checkpoints, MAX_ACK_FLUSH_INTERVAL, MAX_LEASE_TTL, RedisSubscriber, RedisSubscriberOptions,

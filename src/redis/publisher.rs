@@ -12,7 +12,7 @@ use redis::Value;
 use tokio::time::Instant;
 
 use super::connection::{RedisConnection, is_transient};
-use super::dedicated::DedicatedConnection;
+use super::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
 use super::keys;
 use super::protocol::replies;
 use crate::codec::{Codec, DEFAULT_MAX_ENTRY_SIZE, JsonCodec, wire_size};
@@ -47,7 +47,25 @@ pub struct PublisherOptions {
     pub max_entry_size: usize,
     /// The wire layout. Default [`JsonCodec`].
     pub codec: Arc<dyn Codec>,
+    /// Wait for replicas: each publish sends its `XADD`s and a `WAIT` together on the
+    /// publisher's own connection, and fails with [`Error::NotReplicated`] when fewer replicas
+    /// than asked acknowledged it in time. Default none (a publish returns once the master
+    /// wrote it).
+    pub wait_replicas: Option<WaitReplicas>,
 }
+
+/// How many replicas must acknowledge a publish, and how long to wait for them
+/// ([`PublisherOptions::wait_replicas`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitReplicas {
+    /// Replicas that must have the entries (at least 1).
+    pub replicas: u32,
+    /// The longest wait (longer than zero, at most [`MAX_REPLICA_WAIT`]).
+    pub timeout: Duration,
+}
+
+/// The longest [`WaitReplicas::timeout`]: one minute.
+pub const MAX_REPLICA_WAIT: Duration = Duration::from_secs(60);
 
 impl Default for PublisherOptions {
     /// No length limit of its own (the stream's `max_length` setting applies), streams created
@@ -58,6 +76,7 @@ impl Default for PublisherOptions {
             auto_create: true,
             max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
             codec: Arc::new(JsonCodec),
+            wait_replicas: None,
         }
     }
 }
@@ -68,6 +87,7 @@ impl std::fmt::Debug for PublisherOptions {
             .field("max_length", &self.max_length)
             .field("auto_create", &self.auto_create)
             .field("max_entry_size", &self.max_entry_size)
+            .field("wait_replicas", &self.wait_replicas)
             .finish_non_exhaustive()
     }
 }
@@ -104,6 +124,23 @@ impl PublisherOptions {
         self
     }
 
+    /// Every publish waits until `replicas` replicas have its entries (`WAIT`), at most
+    /// `timeout`; fewer is [`Error::NotReplicated`]. The entries exist on the master then, and
+    /// may still reach the replicas later, or be lost if the master fails first: a caller
+    /// that retries may publish them twice.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamwise::redis::PublisherOptions;
+    /// let options = PublisherOptions::default().wait_replicas(1, Duration::from_millis(500));
+    /// assert!(options.validate().is_ok());
+    /// ```
+    #[must_use]
+    pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = Some(WaitReplicas { replicas, timeout });
+        self
+    }
+
     /// Checks the options; [`Error::Invalid`] names the one at fault. Every publish checks
     /// them before it sends anything.
     pub fn validate(&self) -> Result<()> {
@@ -117,6 +154,20 @@ impl PublisherOptions {
         }
         if self.max_entry_size == 0 {
             return Err(Error::invalid("max_entry_size", "must be at least 1 byte"));
+        }
+        if let Some(wait) = self.wait_replicas {
+            if wait.replicas == 0 {
+                return Err(Error::invalid("wait_replicas.replicas", "must be at least 1"));
+            }
+            if wait.timeout.is_zero() || wait.timeout > MAX_REPLICA_WAIT {
+                return Err(Error::invalid(
+                    "wait_replicas.timeout",
+                    format_args!(
+                        "{:?} must be longer than zero and at most {MAX_REPLICA_WAIT:?}",
+                        wait.timeout
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -137,6 +188,9 @@ pub struct RedisPublisher {
     closed: AtomicBool,
     streams: Mutex<HashMap<String, StreamState>>,
     own: tokio::sync::Mutex<OwnConnection>,
+    /// The connection of publishes that wait for replicas (a `WAIT` would hold up every other
+    /// user of a shared connection), with a reply timeout above the wait.
+    waiting: tokio::sync::Mutex<Option<DedicatedConnection>>,
 }
 
 /// The publisher's own connection, opened on first use; after a failure to open it, not
@@ -175,6 +229,7 @@ impl RedisPublisher {
             closed: AtomicBool::new(false),
             streams: Mutex::new(HashMap::new()),
             own: tokio::sync::Mutex::new(OwnConnection::default()),
+            waiting: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -213,6 +268,30 @@ impl RedisPublisher {
             }
             // A refusal: the same on any connection.
             Err(e) => Some(Err(self.conn.failure("publish", e, 0))),
+        }
+    }
+
+    /// Sends `pipe` (`XADD`s, then `WAIT`) on the connection of waited publishes, one at a
+    /// time, opening it when needed. Not resent after a connection failure: the entries may
+    /// have been written, and the caller decides.
+    async fn send_waited(&self, pipe: &redis::Pipeline, wait: WaitReplicas) -> Result<Vec<Value>> {
+        let mut waiting = self.waiting.lock().await;
+        if waiting.as_ref().is_some_and(|c| !c.is_idle()) {
+            // An earlier publish was dropped half-way: its reply would be taken for ours.
+            *waiting = None;
+        }
+        if waiting.is_none() {
+            *waiting = Some(self.conn.dedicated(wait.timeout + BLOCK_REPLY_MARGIN).await?);
+        }
+        let conn = waiting.as_mut().ok_or(Error::Closed("publisher"))?;
+        match pipe.query_async::<Vec<Value>>(conn).await {
+            Ok(replies) => Ok(replies),
+            Err(e) => {
+                if is_transient(&e) {
+                    *waiting = None;
+                }
+                Err(self.conn.failure("publish (waiting for replicas)", e, 0))
+            }
         }
     }
 
@@ -340,7 +419,8 @@ impl RedisPublisher {
             .iter()
             .map(|m| self.xadd(topic, max_length, m))
             .collect::<Result<Vec<_>>>()?;
-        let replies: Vec<Value> = if let ([xadd], None) = (commands.as_slice(), trim_before) {
+        let wait = self.options.wait_replicas;
+        let mut replies: Vec<Value> = if let ([xadd], None, None) = (commands.as_slice(), trim_before, wait) {
             // One entry: a plain command, without a pipeline's overhead.
             self.send(Request::One(xadd)).await?
         } else {
@@ -356,12 +436,27 @@ impl RedisPublisher {
                     .arg(min_ms)
                     .ignore();
             }
-            self.send(Request::Pipeline(&pipe)).await?
+            match wait {
+                Some(wait) => {
+                    let ms = u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+                    pipe.cmd("WAIT").arg(wait.replicas).arg(ms);
+                    self.send_waited(&pipe, wait).await?
+                }
+                None => self.send(Request::Pipeline(&pipe)).await?,
+            }
+        };
+        let acknowledged = match wait {
+            Some(_) => Some(
+                replies
+                    .pop()
+                    .ok_or_else(|| replies::unexpected("WAIT gave no reply"))?,
+            ),
+            None => None,
         };
         if trim_before.is_some() {
             self.update_state(topic, |s| s.trimmed_at = Some(Instant::now()));
         }
-        replies
+        let ids = replies
             .into_iter()
             .map(|reply| match reply {
                 Value::Nil => Err(Error::StreamNotFound {
@@ -369,7 +464,22 @@ impl RedisPublisher {
                 }),
                 other => replies::entry_id(other),
             })
-            .collect()
+            .collect::<Result<Vec<EntryId>>>()?;
+        if let (Some(wait), Some(reply)) = (wait, acknowledged) {
+            let acknowledged = match reply {
+                Value::Int(n) => u64::try_from(n).unwrap_or(0),
+                other => return Err(replies::unexpected(&format!("WAIT replied {other:?}"))),
+            };
+            if acknowledged < u64::from(wait.replicas) {
+                return Err(Error::NotReplicated {
+                    stream: topic.to_owned(),
+                    ids,
+                    acknowledged,
+                    wanted: wait.replicas.into(),
+                });
+            }
+        }
+        Ok(ids)
     }
 }
 
@@ -445,6 +555,15 @@ mod tests {
             (o().max_length(MAX_CAP + 1), "max_length"),
             (o().max_length(0), "max_length"),
             (o().max_entry_size(0), "max_entry_size"),
+            (
+                o().wait_replicas(0, Duration::from_secs(1)),
+                "wait_replicas.replicas",
+            ),
+            (o().wait_replicas(1, Duration::ZERO), "wait_replicas.timeout"),
+            (
+                o().wait_replicas(1, MAX_REPLICA_WAIT + Duration::from_millis(1)),
+                "wait_replicas.timeout",
+            ),
         ];
         for (options, field) in cases {
             assert_eq!(options.validate().unwrap_err().invalid_field(), Some(field));
@@ -455,6 +574,7 @@ mod tests {
         }
         o().max_length(MAX_CAP)
             .max_entry_size(usize::MAX)
+            .wait_replicas(u32::MAX, MAX_REPLICA_WAIT)
             .validate()
             .unwrap();
     }
