@@ -3,7 +3,7 @@
 //! own), and a clean shutdown on ctrl-c or SIGTERM.
 //!
 //! In memory by default; on Redis when `REDIS_URL` is set. A small producer publishes a few
-//! demo orders, one of them malformed (it ends in `orders-dead`) and one that fails once (it is
+//! demo orders, one of them malformed (it ends in `{orders}-dead`) and one that fails once (it is
 //! retried in-process). With `ROUTER_DEMO_ONCE=1` the example stops by itself once the demo
 //! orders are handled.
 //!
@@ -91,7 +91,7 @@ async fn main() -> streamwise::Result<()> {
             on_cancelled.layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(500))),
         )
         // Innermost first: panics become errors, slow handlers time out, errors are retried
-        // twice in-process, and the third failed delivery goes to orders-dead.
+        // twice in-process, and the third failed delivery goes to {orders}-dead.
         .layer(CatchPanicLayer::new())
         .layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(2)))
         .layer(RetryLayer::new(2)?.backoff(Duration::from_millis(50), Duration::from_secs(1))?)

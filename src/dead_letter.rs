@@ -1,4 +1,4 @@
-//! Dead-letter records: what a backend or middleware writes to `<stream>-dead` when it gives
+//! Dead-letter records: what a backend or middleware writes to `{<stream>}-dead` when it gives
 //! up on an entry (too many deliveries, undecodable, trimmed while pending).
 //!
 //! A record is an ordinary message, so a dead-letter stream can be consumed like any other.
@@ -34,13 +34,20 @@ pub mod keys {
     pub const DELIVERY_COUNT: &str = "dead_letter.delivery_count";
 }
 
-/// The dead-letter stream of `stream`.
+/// The dead-letter stream of `stream`: `{<stream>}-dead`, in the same Redis Cluster hash slot
+/// as `stream` (a stream that carries a hash tag of its own keeps it: `<stream>-dead`).
 ///
 /// ```
-/// assert_eq!(streamwise::dead_letter::stream_for("orders"), "orders-dead");
+/// use streamwise::dead_letter::stream_for;
+/// assert_eq!(stream_for("orders"), "{orders}-dead");
+/// assert_eq!(stream_for("{orders}-dead"), "{orders}-dead-dead");
 /// ```
 pub fn stream_for(stream: &str) -> String {
-    format!("{stream}{SUFFIX}")
+    if crate::error::hash_tag(stream).is_some() {
+        format!("{stream}{SUFFIX}")
+    } else {
+        format!("{{{stream}}}{SUFFIX}")
+    }
 }
 
 /// Why a backend gives up on an entry by itself (rather than a handler, through

@@ -117,7 +117,7 @@ pub enum Settlement {
         delay: Duration,
     },
     /// Given up on: the backend writes the message, with `reason` and where it came from, to
-    /// the dead-letter stream `<stream>-dead` (a [`crate::dead_letter`] record) and removes the
+    /// the dead-letter stream `{<stream>}-dead` (a [`crate::dead_letter`] record) and removes the
     /// entry from the pending list. Until the record is written the entry stays pending, so a
     /// crash in between redelivers it rather than lose it.
     DeadLetter {
@@ -217,7 +217,7 @@ impl Delivery {
     }
 
     /// Gives up on the delivery: the backend writes the message, with `reason`, its entry
-    /// id, stream, group and delivery count, to `<stream>-dead`, then removes the entry from
+    /// id, stream, group and delivery count, to `{<stream>}-dead`, then removes the entry from
     /// the pending list (the counterpart of a NATS JetStream `Term`).
     ///
     /// Like an ack, the write may happen after this returns; until it succeeded the entry
@@ -236,7 +236,7 @@ impl Delivery {
     /// let delivery = orders.next().await.expect("open")?;
     /// delivery.dead_letter("schema mismatch").await?;
     ///
-    /// let dead = backend.messages("orders-dead")?;
+    /// let dead = backend.messages("{orders}-dead")?;
     /// let (_, record) = &dead[0];
     /// assert_eq!(record.metadata().get("dead_letter.reason"), Some("schema mismatch"));
     /// assert_eq!(backend.pending_count("orders", "billing")?, 0);

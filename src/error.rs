@@ -306,6 +306,63 @@ pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a stream or topic name: [`validate_name`]'s characters, plus at most one Redis
+/// Cluster hash tag `{tag}` (the tag itself of those characters, non-empty, with more of the
+/// name outside the braces).
+///
+/// Every key streamwise keeps beside a stream carries the stream's hash tag (see
+/// [`crate::redis`]), so that one script can touch them all on a cluster. A name with a tag
+/// of its own, such as the dead-letter stream `{orders}-dead`, puts the stream in the slot of
+/// that tag.
+///
+/// ```
+/// use streamwise::validate_stream_name;
+/// assert!(validate_stream_name("stream", "orders").is_ok());
+/// assert!(validate_stream_name("stream", "{orders}-dead").is_ok());
+/// for bad in ["{orders}", "{}-x", "{a}{b}", "a{b", "a}b", "a.b"] {
+///     assert!(validate_stream_name("stream", bad).is_err(), "{bad}");
+/// }
+/// ```
+pub fn validate_stream_name(field: &'static str, name: &str) -> Result<()> {
+    let Some(open) = name.find('{') else {
+        if name.contains('}') {
+            return Err(Error::invalid(
+                field,
+                format_args!("{name:?} has a '}}' without a '{{'"),
+            ));
+        }
+        return validate_name(field, name);
+    };
+    let tagged = || {
+        let close = open + name[open..].find('}')?;
+        let (before, tag, after) = (&name[..open], &name[open + 1..close], &name[close + 1..]);
+        let plain = |s: &str| !s.contains(['{', '}']);
+        (plain(before) && plain(after) && !tag.contains('{') && (!before.is_empty() || !after.is_empty()))
+            .then_some((before, tag, after))
+    };
+    let Some((before, tag, after)) = tagged() else {
+        return Err(Error::invalid(
+            field,
+            format_args!(
+                "{name:?} is not a stream name: at most one hash tag '{{tag}}', and more of the name outside it"
+            ),
+        ));
+    };
+    validate_name(field, tag)?;
+    for part in [before, after].into_iter().filter(|p| !p.is_empty()) {
+        validate_name(field, part)?;
+    }
+    Ok(())
+}
+
+/// The Redis Cluster hash tag of `key`, as the server finds it: the text between the first
+/// `{` and the first `}` after it, when that text is not empty.
+pub(crate) fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let len = key[open + 1..].find('}')?;
+    (len > 0).then(|| &key[open + 1..open + 1 + len])
+}
+
 /// Checks that an event type is a non-empty string.
 pub fn validate_event_type(event_type: &str) -> Result<()> {
     if event_type.is_empty() {
@@ -327,6 +384,28 @@ mod tests {
             let err = validate_name("group", bad).unwrap_err();
             assert_eq!(err.invalid_field(), Some("group"), "{bad}");
         }
+    }
+
+    #[test]
+    fn stream_names_may_carry_one_hash_tag() {
+        for good in ["a", "orders", "{orders}-dead", "x{orders}", "p-{o_1}-3"] {
+            assert!(validate_stream_name("stream", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", "{orders}", "{}x", "{a}{b}x", "a{b", "a}b", "{a.b}x", "{a}.b", "a{{b}}",
+        ] {
+            let err = validate_stream_name("topic", bad).unwrap_err();
+            assert_eq!(err.invalid_field(), Some("topic"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_hash_tag_is_what_redis_hashes() {
+        assert_eq!(hash_tag("streamwise:meta:{orders}"), Some("orders"));
+        assert_eq!(hash_tag("{orders}-dead"), Some("orders"));
+        assert_eq!(hash_tag("orders"), None);
+        assert_eq!(hash_tag("a{}b{c}"), None);
+        assert_eq!(hash_tag("a}b{c}"), Some("c"));
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub mod testing;
 
 pub use delivery::{Delivery, DeliveryInfo, MAX_NACK_DELAY, Origin, SettleError, Settlement, Settler};
 pub use entry_id::ParseEntryIdError;
-pub use error::{BoxError, Error, Result, validate_event_type, validate_name};
+pub use error::{BoxError, Error, Result, validate_event_type, validate_name, validate_stream_name};
 pub use message::{EntryId, Message, Metadata, format_timestamp, parse_timestamp};
 pub use pubsub::{
     Flush, FlushHandle, InFlight, MAX_CAP, Publisher, ReclaimOptions, StartFrom, SubscribeOptions,

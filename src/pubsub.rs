@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use tokio::sync::Semaphore;
 
 use crate::delivery::Delivery;
-use crate::error::{Error, Result, validate_name};
+use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::message::{EntryId, Message};
 
 /// Publishes messages to topics (streams). Object safe: use it as `Arc<dyn Publisher>`.
@@ -387,7 +387,7 @@ impl SubscribeOptions {
     }
 
     /// After this many deliveries an entry is not delivered again: it goes to the dead-letter
-    /// stream `<topic>-dead` with the reason, and is acknowledged. Default 10.
+    /// stream `{<topic>}-dead` with the reason, and is acknowledged. Default 10.
     #[must_use]
     pub fn max_deliveries(mut self, n: u64) -> Self {
         self.max_deliveries = n;
@@ -396,7 +396,7 @@ impl SubscribeOptions {
 
     /// Checks every option, naming the first bad one. Backends call this in `subscribe`.
     pub fn validate(&self, topic: &str) -> Result<()> {
-        validate_name("topic", topic)?;
+        validate_stream_name("topic", topic)?;
         validate_name("group", &self.group)?;
         validate_name("consumer", &self.consumer)?;
         let count = |field: &'static str, n: usize| {

@@ -361,7 +361,7 @@ async fn handlers_get_middleware_and_bad_commands_are_dead_lettered() {
         .unwrap();
     until_idle(&backend).await;
     running.shutdown().await.unwrap();
-    let dead = backend.messages("commands-PlaceOrder-dead").unwrap();
+    let dead = backend.messages("{commands-PlaceOrder}-dead").unwrap();
     assert!(
         dead[0]
             .1

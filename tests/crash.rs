@@ -155,7 +155,7 @@ async fn assert_checkpoint_below_pending(conn: &RedisConnection, consumer: &str)
     let saved: Option<String> = conn
         .command(
             cmd("HGET")
-                .arg("streamwise:checkpoint:work")
+                .arg("streamwise:checkpoint:{work}")
                 .arg(format!("workers:{consumer}")),
         )
         .await
@@ -353,13 +353,13 @@ async fn a_consumer_that_lost_its_lease_while_paused_exits() {
     let messages = (0..200u64).map(|n| Message::new("n", &n).unwrap()).collect();
     publisher.publish_batch(STREAM, messages).await.unwrap();
     let holder = || {
-        let reply = server.command_lines("GET streamwise:lease:work:workers:paused", 1);
+        let reply = server.command_lines("GET streamwise:lease:{work}:workers:paused", 1);
         if reply[0] == "$-1" {
             None
         } else {
             Some(
                 server
-                    .command_lines("GET streamwise:lease:work:workers:paused", 2)
+                    .command_lines("GET streamwise:lease:{work}:workers:paused", 2)
                     .remove(1),
             )
         }

@@ -520,7 +520,7 @@ async fn checkpoints_follow_acks_and_a_vanished_group_resumes_there() {
     subscriber.close().await.unwrap();
     let mut c = raw(&server).await;
     let checkpoint: String = redis::cmd("HGET")
-        .arg("streamwise:checkpoint:resume")
+        .arg("streamwise:checkpoint:{resume}")
         .arg("g:c")
         .query_async(&mut c)
         .await
@@ -710,7 +710,7 @@ async fn a_refused_dead_letter_write_is_retried_until_it_succeeds() {
         async || backend.pending_count("dl", "g").await.unwrap() == 0,
     )
     .await;
-    assert_eq!(server.command("XLEN dl-dead"), ":1");
+    assert_eq!(server.command("XLEN {dl}-dead"), ":1");
     assert_eq!(subscriber.stats().dead_lettered, 1);
     subscriber.close().await.unwrap();
     reading.await.unwrap();
@@ -729,7 +729,7 @@ async fn a_dead_letter_that_cannot_be_written_stays_pending_until_it_is() {
         .publish("dlw", Message::new("t", &1).unwrap())
         .await
         .unwrap();
-    assert_eq!(server.command("SET dlw-dead not-a-stream"), "+OK");
+    assert_eq!(server.command("SET {dlw}-dead not-a-stream"), "+OK");
     let subscriber = backend.subscriber().unwrap();
     let mut sub = subscriber.subscribe("dlw", opts("g", "c")).await.unwrap();
     let d = recv(&mut sub).await;
@@ -753,18 +753,18 @@ async fn a_dead_letter_that_cannot_be_written_stays_pending_until_it_is() {
         "kept pending meanwhile"
     );
     assert_eq!(subscriber.unflushed(), 1);
-    assert_eq!(server.command("DEL dlw-dead"), ":1");
+    assert_eq!(server.command("DEL {dlw}-dead"), ":1");
     wait_until(
         deadline,
         || "never written after the key was fixed".into(),
         async || backend.pending_count("dlw", "g").await.unwrap() == 0,
     )
     .await;
-    assert_eq!(server.command("XLEN dlw-dead"), ":1");
+    assert_eq!(server.command("XLEN {dlw}-dead"), ":1");
     sub.flush().await.unwrap();
     assert_eq!(subscriber.unflushed(), 0);
     let mut dead = subscriber
-        .subscribe("dlw-dead", opts("inspect", "c"))
+        .subscribe("{dlw}-dead", opts("inspect", "c"))
         .await
         .unwrap();
     let record = recv(&mut dead).await;
@@ -795,7 +795,7 @@ async fn stuck_dead_letters_back_off_and_do_not_hold_up_acks() {
             .await
             .unwrap();
     }
-    assert_eq!(server.command("SET dlb-dead not-a-stream"), "+OK");
+    assert_eq!(server.command("SET {dlb}-dead not-a-stream"), "+OK");
     let subscriber = backend.subscriber().unwrap();
     let mut sub = subscriber
         .subscribe("dlb", opts("g", "c").batch_size(50).max_in_flight(50))
@@ -823,14 +823,14 @@ async fn stuck_dead_letters_back_off_and_do_not_hold_up_acks() {
         100,
         "the stuck ones stay pending"
     );
-    assert_eq!(server.command("DEL dlb-dead"), ":1");
+    assert_eq!(server.command("DEL {dlb}-dead"), ":1");
     wait_until(
         deadline,
         || "never dead-lettered after the key was fixed".into(),
         async || backend.pending_count("dlb", "g").await.unwrap() == 0,
     )
     .await;
-    assert_eq!(server.command("XLEN dlb-dead"), ":100");
+    assert_eq!(server.command("XLEN {dlb}-dead"), ":100");
     assert_eq!(subscriber.stats().dead_lettered, 100);
     subscriber.close().await.unwrap();
 }
@@ -868,7 +868,7 @@ async fn a_dead_letter_record_the_codec_cannot_encode_is_reported_by_flush() {
     let err = sub.flush().await.unwrap_err();
     assert!(err.to_string().contains("cannot be encoded"), "{err}");
     assert_eq!(backend.pending_count("dle", "g").await.unwrap(), 1);
-    assert_eq!(server.command("EXISTS dle-dead"), ":0");
+    assert_eq!(server.command("EXISTS {dle}-dead"), ":0");
     subscriber.close().await.unwrap();
 }
 
@@ -892,7 +892,7 @@ async fn a_dead_letter_does_not_wait_for_the_ack_gathering_interval() {
     wait_until(
         deadline,
         || "the record waited for the ack interval".into(),
-        async || server.command("XLEN dlg-dead") == ":1",
+        async || server.command("XLEN {dlg}-dead") == ":1",
     )
     .await;
     subscriber.close().await.unwrap();
@@ -1038,7 +1038,7 @@ async fn retention_trims_entries_older_than_retention_ms() {
             .unwrap();
     }
     let _: () = redis::cmd("HSET")
-        .arg("streamwise:meta:kept")
+        .arg("streamwise:meta:{kept}")
         .arg("retention_ms")
         .arg(86_400_000)
         .query_async(&mut c)

@@ -156,7 +156,7 @@ async fn a_failed_fetch_does_not_over_release_capacity() {
     for n in 3..10 {
         publisher.publish("t", msg(n)).await.unwrap();
     }
-    server.command("SET t-dead not-a-stream");
+    server.command("SET {t}-dead not-a-stream");
     let sub_ = subscriber(&server, RedisSubscriberOptions::default());
     let mut sub = sub_
         .subscribe("t", quick_reads().max_in_flight(3).batch_size(3))
@@ -167,7 +167,7 @@ async fn a_failed_fetch_does_not_over_release_capacity() {
         held.push(delivery(&mut sub).await);
     }
     // The dead-letter stream works again.
-    server.command("DEL t-dead");
+    server.command("DEL {t}-dead");
     while let Some(d) = next_ok(&mut sub, Duration::from_secs(3)).await {
         held.push(d);
     }
@@ -196,7 +196,7 @@ async fn a_consumer_that_lost_its_lease_stops() {
     let _held = delivery(&mut a).await;
     // Someone else holds the lease now.
     assert_eq!(
-        server.command("SET streamwise:lease:t:g:c another-token PX 60000"),
+        server.command("SET streamwise:lease:{t}:g:c another-token PX 60000"),
         "+OK"
     );
     match tokio::time::timeout(Duration::from_secs(5), a.next()).await {
@@ -208,7 +208,7 @@ async fn a_consumer_that_lost_its_lease_stops() {
         other => panic!("the subscription must end after losing its lease, got {other:?}"),
     }
     // The lease stays with its new holder.
-    assert_eq!(server.command("GET streamwise:lease:t:g:c"), "$13");
+    assert_eq!(server.command("GET streamwise:lease:{t}:g:c"), "$13");
     a_.close().await.unwrap();
 }
 
@@ -224,10 +224,10 @@ async fn a_restart_under_the_same_name_takes_over_the_lease_of_a_dead_process() 
     assert_eq!(server.command("XGROUP CREATE t g 0"), "+OK");
     // What the dead process left: its lease (not renewed any more) and an entry it held.
     assert_eq!(
-        server.command("SET streamwise:lease:t:g:c dead-token PX 1500"),
+        server.command("SET streamwise:lease:{t}:g:c dead-token PX 1500"),
         "+OK"
     );
-    assert_eq!(server.command("SADD streamwise:consumers:t:g c"), ":1");
+    assert_eq!(server.command("SADD streamwise:consumers:{t}:g c"), ":1");
     assert_eq!(server.command("XREADGROUP GROUP g c COUNT 1 STREAMS t >"), "*1");
     let later = publisher.publish("t", msg(2)).await.unwrap();
 
@@ -247,7 +247,7 @@ async fn a_restart_under_the_same_name_takes_over_the_lease_of_a_dead_process() 
     assert_eq!(second.id(), later);
     second.ack().await.unwrap();
     assert_ne!(
-        server.command("GET streamwise:lease:t:g:c"),
+        server.command("GET streamwise:lease:{t}:g:c"),
         "$10",
         "not the dead token"
     );
@@ -537,7 +537,7 @@ async fn retries_whose_group_was_destroyed_are_dead_lettered_not_lost() {
         }
     });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while server.command("XLEN t-dead") != ":5" {
+    while server.command("XLEN {t}-dead") != ":5" {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the retries were dropped: {:?}",
@@ -550,7 +550,7 @@ async fn retries_whose_group_was_destroyed_are_dead_lettered_not_lost() {
         .get_connection()
         .unwrap();
     let records: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg("t-dead")
+        .arg("{t}-dead")
         .arg("-")
         .arg("+")
         .query(&mut c)

@@ -167,7 +167,7 @@ async fn fallback_policies() {
         h.publish("t", Message::new("known", &2).unwrap()).await;
         wait_until_handled(&running, 2).await;
         running.shutdown().await.unwrap();
-        let dead_len = h.backend.stream_len("t-dead").unwrap_or(0);
+        let dead_len = h.backend.stream_len("{t}-dead").unwrap_or(0);
         assert_eq!(dead_len, dead, "{fallback:?}");
         assert_eq!(
             h.backend.pending_count("t", "svc").unwrap(),
@@ -178,7 +178,7 @@ async fn fallback_policies() {
     let h = Harness::new();
     let running = h.start(Router::new().subscribe("t", opts(), Routes::new())).await;
     h.publish("t", Message::new("unknown", &1).unwrap()).await;
-    let mut dead = h.watch("t-dead").await;
+    let mut dead = h.watch("{t}-dead").await;
     let record = recv(&mut dead).await;
     assert!(
         record
@@ -203,7 +203,7 @@ async fn a_payload_that_does_not_decode_is_dead_lettered_with_the_reason() {
     let id = h
         .publish("orders", Message::new("order.placed", &"not an order").unwrap())
         .await;
-    let mut dead = h.watch("orders-dead").await;
+    let mut dead = h.watch("{orders}-dead").await;
     let record = recv(&mut dead).await;
     let m = record.message().metadata();
     assert!(
@@ -398,7 +398,7 @@ async fn outcomes_errors_and_panics_settle_as_documented() {
     running.shutdown().await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert_eq!(h.backend.pending_count("t", "svc").unwrap(), 0);
-    let mut dead = h.watch("t-dead").await;
+    let mut dead = h.watch("{t}-dead").await;
     let record = recv(&mut dead).await;
     assert_eq!(record.message().event_type(), "hopeless");
     assert!(
@@ -432,7 +432,7 @@ async fn permanent_errors_inside_anyhow_are_dead_lettered_on_the_first_delivery(
     let running = h.start(router.subscribe("t", opts(), routes)).await;
     h.publish("t", Message::new("plain", &1).unwrap()).await;
     h.publish("t", Message::new("context", &2).unwrap()).await;
-    let mut dead = h.watch("t-dead").await;
+    let mut dead = h.watch("{t}-dead").await;
     let mut reasons = Vec::new();
     for _ in 0..2 {
         let record = recv(&mut dead).await;
@@ -499,7 +499,7 @@ async fn a_handler_failing_for_three_seconds_recovers_without_dead_letters_by_de
     let deadline = tokio::time::Instant::now() + OUTAGE + WAIT;
     while outage.calls().last().is_none_or(|(_, at)| *at < OUTAGE) {
         assert_eq!(
-            h.backend.stream_len("orders-dead").unwrap_or(0),
+            h.backend.stream_len("{orders}-dead").unwrap_or(0),
             0,
             "dead-lettered during the outage: {:?}",
             outage.calls()
@@ -514,7 +514,7 @@ async fn a_handler_failing_for_three_seconds_recovers_without_dead_letters_by_de
     wait_until_handled(&running, outage.calls().len() as u64).await;
     running.shutdown().await.unwrap();
     let calls = outage.calls();
-    assert_eq!(h.backend.stream_len("orders-dead").unwrap_or(0), 0, "{calls:?}");
+    assert_eq!(h.backend.stream_len("{orders}-dead").unwrap_or(0), 0, "{calls:?}");
     assert_eq!(h.backend.pending_count("orders", "svc").unwrap(), 0, "acked");
     let counts: Vec<u64> = calls.iter().map(|(count, _)| *count).collect();
     assert_eq!(counts, (1..=calls.len() as u64).collect::<Vec<_>>(), "{calls:?}");
@@ -571,7 +571,7 @@ async fn the_retry_backoff_is_set_per_subscription_and_covers_panics() {
     h.publish("steady", Message::new("shaky", &2).unwrap()).await;
     // Ten deliveries without backoff: dead-lettered sooner than the default schedule's
     // 32.7 s of waits would allow.
-    let mut dead = h.watch("fast-dead").await;
+    let mut dead = h.watch("{fast}-dead").await;
     let record = recv(&mut dead).await;
     assert_eq!(record.message().metadata().get(dl::DELIVERY_COUNT), Some("10"));
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -586,7 +586,7 @@ async fn the_retry_backoff_is_set_per_subscription_and_covers_panics() {
     // router's none, nor the default's 100 ms).
     assert!(times[1] - times[0] >= STEADY, "{:?}", times[1] - times[0]);
     assert!(times[2] - times[1] >= STEADY, "{:?}", times[2] - times[1]);
-    assert_eq!(h.backend.stream_len("steady-dead").unwrap_or(0), 0);
+    assert_eq!(h.backend.stream_len("{steady}-dead").unwrap_or(0), 0);
 }
 
 /// A layer that records its name on the way in.

@@ -94,7 +94,7 @@ async fn a_router_over_redis_handles_produces_retries_and_dead_letters() {
         "every ack flushed on shutdown"
     );
     assert_eq!(server.command("XLEN invoices"), ":1");
-    let dead = streamwise::redis::admin::stream_info(redis.connection(), "orders-dead")
+    let dead = streamwise::redis::admin::stream_info(redis.connection(), "{orders}-dead")
         .await
         .unwrap();
     assert_eq!(dead.length, 1);

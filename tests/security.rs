@@ -250,7 +250,7 @@ async fn a_running_client_recovers_once_a_rotated_password_works_again() {
     let message = |n: u32| Message::new("t", &n).unwrap();
     publisher.publish("orders", message(1)).await.unwrap();
     next_ok(&mut sub).await.ack().await.unwrap();
-    let lease = "streamwise:lease:orders:g:c";
+    let lease = "streamwise:lease:{orders}:g:c";
     assert_eq!(server.command(&format!("EXISTS {lease}")), ":1");
 
     // The rotation: the old password stops working and every connection of alice is cut.
@@ -307,7 +307,7 @@ async fn a_running_client_recovers_once_a_rotated_password_works_again() {
     })
     .await;
     wait_for("the checkpoint to be saved", || {
-        let saved = server.command_lines("HGET streamwise:checkpoint:orders g:c", 2);
+        let saved = server.command_lines("HGET streamwise:checkpoint:{orders} g:c", 2);
         saved.get(1).is_some_and(|v| v.contains(&id.to_string()))
     })
     .await;

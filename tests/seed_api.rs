@@ -335,7 +335,7 @@ async fn stream_manager_creates_describes_and_deletes() {
     assert_eq!(info.last_entry.unwrap().id.to_string(), last);
 
     // Stream, settings hash, checkpoint hash.
-    server.command("HSET streamwise:checkpoint:events g:c {}");
+    server.command("HSET streamwise:checkpoint:{events} g:c {}");
     assert_eq!(manager.delete_stream("events").await.unwrap(), 3);
     assert_eq!(manager.delete_stream("events").await.unwrap(), 0);
     assert!(matches!(
@@ -651,7 +651,7 @@ async fn consumer_names_are_unique_within_a_group() {
     // Wait until the first holds its lease.
     let groups = ConsumerGroupManager::new(&server.url()).unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while server.command("EXISTS streamwise:lease:s:g:same") != ":1" {
+    while server.command("EXISTS streamwise:lease:{s}:g:same") != ":1" {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the first consumer never took its lease"
@@ -690,7 +690,7 @@ async fn checkpoints_go_to_redis_by_default_and_stay_in_memory_when_asked() {
     let (mut events, task) = run_consumer(consumer.clone(), None, |_| true);
     next_event(&mut events).await;
     close_and_join(&consumer, task).await;
-    assert_eq!(server.command("HEXISTS streamwise:checkpoint:cp g:mem"), ":0");
+    assert_eq!(server.command("HEXISTS streamwise:checkpoint:{cp} g:mem"), ":0");
 
     let id2 = producer.publish("t", &2, None).await.unwrap();
     let consumer =
@@ -700,7 +700,7 @@ async fn checkpoints_go_to_redis_by_default_and_stay_in_memory_when_asked() {
     close_and_join(&consumer, task).await;
     assert_ne!(id, id2);
     let saved = server
-        .command_lines("HGET streamwise:checkpoint:cp g:redis", 2)
+        .command_lines("HGET streamwise:checkpoint:{cp} g:redis", 2)
         .remove(1);
     assert!(saved.contains(&id2), "{saved}");
 }
@@ -827,7 +827,7 @@ async fn position_and_crash_reports() {
     // A consumer that used a lease and vanished holding an entry: crashed.
     producer.publish("t", &2, None).await.unwrap();
     server.command("XREADGROUP GROUP g ghost COUNT 1 STREAMS pos >");
-    server.command("SADD streamwise:consumers:pos:g ghost");
+    server.command("SADD streamwise:consumers:{pos}:g ghost");
     match groups.check_consumer("pos", "g", "ghost").await {
         Err(Error::ConsumerCrashed {
             consumer, pending, ..
@@ -871,9 +871,9 @@ async fn a_payload_with_invalid_utf8_never_reaches_the_callback() {
     task.await.unwrap().expect("subscribe ends cleanly");
     assert!(events.try_recv().is_err(), "the bad entry was never called back");
     assert!(consumer.get_pending().await.unwrap().is_empty());
-    assert_eq!(server.command("XLEN raw-dead"), ":1");
+    assert_eq!(server.command("XLEN {raw}-dead"), ":1");
     let dead: streamwise::redis::client::Value = streamwise::redis::client::cmd("XRANGE")
-        .arg("raw-dead")
+        .arg("{raw}-dead")
         .arg("-")
         .arg("+")
         .query_async(&mut raw)
@@ -939,7 +939,7 @@ async fn the_lease_ttl_is_taken_from_the_options() {
     let (_events, task) = run_consumer(consumer.clone(), None, |_| true);
     let deadline = tokio::time::Instant::now() + WAIT;
     let ttl = loop {
-        let reply = server.command("PTTL streamwise:lease:lt:g:c");
+        let reply = server.command("PTTL streamwise:lease:{lt}:g:c");
         let ms: i64 = reply.trim_start_matches(':').parse().unwrap();
         if ms > 0 {
             break ms;

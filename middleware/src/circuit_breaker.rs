@@ -835,7 +835,7 @@ mod tests {
         running.shutdown().await.unwrap();
         assert_eq!(breaker.state(), CircuitState::Closed);
         assert_eq!(
-            backend.stream_len("r-dead").unwrap_or(0),
+            backend.stream_len("{r}-dead").unwrap_or(0),
             0,
             "nothing was dead-lettered"
         );

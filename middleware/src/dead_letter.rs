@@ -2,7 +2,7 @@
 //! `max_attempts`-th delivery of an entry, or fails with a [`Permanent`] error, the outcome
 //! becomes a dead letter with the reason: the delivery is dead-lettered, and the backend writes
 //! the record (the message with the reason, the original id, stream, group and delivery count)
-//! to `<stream>-dead` (see [`Delivery::dead_letter`](streamwise::Delivery::dead_letter)).
+//! to `{<stream>}-dead` (see [`Delivery::dead_letter`](streamwise::Delivery::dead_letter)).
 //! Earlier failures pass through (the router nacks; the entry comes back).
 //!
 //! Put retry inside this layer: in-process retries happen within one delivery, this layer counts
@@ -214,7 +214,7 @@ mod tests {
             .unwrap();
         let inspector = backend.subscriber();
         let mut dead = inspector
-            .subscribe("orders-dead", SubscribeOptions::new("inspect", "i"))
+            .subscribe("{orders}-dead", SubscribeOptions::new("inspect", "i"))
             .await
             .unwrap();
         let record = tokio::time::timeout(Duration::from_secs(20), futures::StreamExt::next(&mut dead))

@@ -498,7 +498,7 @@ mod tests {
             "the ping was acked too"
         );
         assert_eq!(
-            backend.stream_len("orders-dead").unwrap_or(0),
+            backend.stream_len("{orders}-dead").unwrap_or(0),
             0,
             "nothing dead-lettered"
         );

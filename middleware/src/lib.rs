@@ -74,11 +74,11 @@ pub mod trace;
 #[allow(dead_code)] // each feature's tests use part of it
 mod test_util;
 
-/// The name of the dead-letter stream of `stream`: `<stream>-dead` (the same rule as the
+/// The name of the dead-letter stream of `stream`: `{<stream>}-dead` (the same rule as the
 /// backends, [`streamwise::dead_letter::stream_for`]).
 ///
 /// ```
-/// assert_eq!(streamwise_middleware::dead_letter_stream("orders"), "orders-dead");
+/// assert_eq!(streamwise_middleware::dead_letter_stream("orders"), "{orders}-dead");
 /// ```
 pub fn dead_letter_stream(stream: &str) -> String {
     streamwise::dead_letter::stream_for(stream)
@@ -110,8 +110,8 @@ mod tests {
     #[test]
     fn dead_letter_stream_names_are_valid_stream_names() {
         let name = super::dead_letter_stream("data-updates");
-        assert_eq!(name, "data-updates-dead");
-        assert!(streamwise::validate_name("stream", &name).is_ok());
+        assert_eq!(name, "{data-updates}-dead");
+        assert!(streamwise::validate_stream_name("stream", &name).is_ok());
     }
 
     /// What the crate docs promise of `tower::timeout` (it replaced this crate's own timeout

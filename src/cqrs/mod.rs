@@ -57,7 +57,7 @@ pub use self::marshal::{Command, Event, JsonMarshaler, Marshaler, short_type_nam
 pub use self::processors::{CommandProcessor, EventGroupProcessor, EventProcessor};
 pub use self::reply::{DEFAULT_REPLY_MAX_LENGTH, RemoteError, Replies, ReplyError};
 
-use crate::error::{Result, validate_name};
+use crate::error::{Result, validate_stream_name};
 use crate::message::{EntryId, Message};
 use crate::pubsub::Publisher;
 use crate::router::Outgoing;
@@ -134,7 +134,7 @@ impl TopicNaming {
             },
             TopicNaming::Custom(rule) => rule(kind, name),
         };
-        validate_name("topic", &topic)?;
+        validate_stream_name("topic", &topic)?;
         Ok(topic)
     }
 }

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use crate::codec::Codec;
 use crate::dead_letter::{self, DeadLetter, GaveUp};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, SettleError, Settlement, Settler};
-use crate::error::{Error, Result, validate_name};
+use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::message::{EntryId, Message, check_json};
 use crate::pubsub::{
     InFlight, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber, Subscription,
@@ -151,13 +151,13 @@ impl MemoryBackend {
 
     /// Creates an empty stream; `false` when it existed.
     pub fn create_stream(&self, topic: &str) -> Result<bool> {
-        validate_name("topic", topic)?;
+        validate_stream_name("topic", topic)?;
         Ok(self.broker.get_or_create(topic).1)
     }
 
     /// Creates a consumer group on an existing stream; `false` when it existed.
     pub fn create_group(&self, topic: &str, group: &str, start: StartFrom) -> Result<bool> {
-        validate_name("topic", topic)?;
+        validate_stream_name("topic", topic)?;
         validate_name("group", group)?;
         Ok(self.broker.existing(topic)?.log().create_group(group, start))
     }
@@ -304,7 +304,7 @@ impl MemoryPublisher {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("publisher"));
         }
-        validate_name("topic", topic)?;
+        validate_stream_name("topic", topic)?;
         for m in messages {
             let size = crate::codec::wire_size(m);
             if size > self.options.max_entry_size {
@@ -412,7 +412,7 @@ impl Subscriber for MemorySubscriber {
     }
 
     fn delete_topic<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
-        let result = validate_name("topic", topic).map(|()| {
+        let result = validate_stream_name("topic", topic).map(|()| {
             // Subscriptions still on it keep the old stream and see nothing more.
             self.broker.streams().remove(topic);
         });

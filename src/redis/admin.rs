@@ -1,6 +1,7 @@
 //! Inspection and housekeeping of streams, groups and consumers: creation and deletion with
 //! the keys streamwise keeps beside a stream, `XINFO` figures (length, groups, pending, lag),
-//! consumer status from leases, pending lists and direct acknowledgement.
+//! consumer status from leases, pending lists and direct acknowledgement; the one-time
+//! migration of release 0.1's key names ([`migrate_key_names`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -11,11 +12,11 @@ use super::connection::RedisConnection;
 use super::protocol::replies::{self, Record, ReplyEntry};
 use super::{keys, scripts};
 use crate::codec::{Codec, JsonCodec, RawEntry};
-use crate::error::{Error, Result, validate_name};
+use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::message::{EntryId, Message, format_timestamp, parse_timestamp};
 use crate::pubsub::{MAX_CAP, StartFrom};
 
-/// A stream's settings, kept in the hash `streamwise:meta:<stream>` beside it. Publishers
+/// A stream's settings, kept in the hash `streamwise:meta:{<stream>}` beside it. Publishers
 /// apply them: `max_length` as `XADD MAXLEN ~`, `retention_ms` as `XTRIM MINID ~` at most once
 /// a second.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -29,7 +30,7 @@ pub struct StreamSettings {
 /// Creates `stream` empty, with `settings` and `created_at` in its settings hash. `false`
 /// when the stream existed (its settings are then left as they are).
 pub async fn create_stream(conn: &RedisConnection, stream: &str, settings: StreamSettings) -> Result<bool> {
-    validate_name("stream", stream)?;
+    validate_stream_name("stream", stream)?;
     // Redis takes both as signed 64-bit numbers.
     let limit = MAX_CAP;
     if settings.max_length.is_some_and(|n| n == 0 || n > limit) {
@@ -66,7 +67,7 @@ pub async fn stream_settings(
     conn: &RedisConnection,
     stream: &str,
 ) -> Result<(StreamSettings, Option<SystemTime>)> {
-    validate_name("stream", stream)?;
+    validate_stream_name("stream", stream)?;
     let key = keys::meta(stream);
     let (created_at, retention_ms, max_length): (Option<String>, Option<u64>, Option<u64>) = conn
         .run_mapped("read stream settings", |mut c| {
@@ -218,7 +219,7 @@ pub struct StreamInfo {
 /// Everything about `stream`: length, first and last entry, storage, groups and settings.
 /// [`Error::StreamNotFound`] when it does not exist.
 pub async fn stream_info(conn: &RedisConnection, stream: &str) -> Result<StreamInfo> {
-    validate_name("stream", stream)?;
+    validate_stream_name("stream", stream)?;
     let reply = conn
         .run("XINFO STREAM", |mut c| {
             let cmd = redis::cmd("XINFO").arg("STREAM").arg(stream).clone();
@@ -247,7 +248,7 @@ pub async fn stream_info(conn: &RedisConnection, stream: &str) -> Result<StreamI
 /// Deletes `stream` with everything streamwise keeps beside it (settings, checkpoints,
 /// leases, consumer registries) and returns how many keys were deleted.
 pub async fn delete_stream(conn: &RedisConnection, stream: &str) -> Result<u64> {
-    validate_name("stream", stream)?;
+    validate_stream_name("stream", stream)?;
     let mut doomed = vec![stream.to_owned(), keys::meta(stream), keys::checkpoints(stream)];
     for pattern in [keys::lease(stream, "*", "*"), keys::leased_consumers(stream, "*")] {
         doomed.extend(scan(conn, &pattern).await?);
@@ -260,18 +261,21 @@ pub async fn delete_stream(conn: &RedisConnection, stream: &str) -> Result<u64> 
 }
 
 async fn scan(conn: &RedisConnection, pattern: &str) -> Result<Vec<String>> {
+    scan_with(conn, pattern, None).await
+}
+
+/// The keys matching `pattern`, of type `kind` when given (`SCAN .. TYPE`).
+async fn scan_with(conn: &RedisConnection, pattern: &str, kind: Option<&str>) -> Result<Vec<String>> {
     let mut found = Vec::new();
     let mut cursor = 0u64;
     loop {
         let (next, keys): (u64, Vec<String>) = conn
             .run_mapped("SCAN", |mut c| {
-                let cmd = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .clone();
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
+                if let Some(kind) = kind {
+                    cmd.arg("TYPE").arg(kind);
+                }
                 async move { cmd.query_async(&mut c).await }
             })
             .await?;
@@ -292,7 +296,7 @@ pub async fn create_group(
     start: StartFrom,
     mkstream: bool,
 ) -> Result<bool> {
-    validate_name("stream", stream)?;
+    validate_stream_name("stream", stream)?;
     validate_name("group", group)?;
     let start = start.to_string();
     let created = conn
@@ -315,7 +319,7 @@ pub async fn create_group(
 
 /// Deletes consumer group `group` with its pending list. `false` when there was no such group.
 pub async fn delete_group(conn: &RedisConnection, stream: &str, group: &str) -> Result<bool> {
-    validate_name("stream", stream)?;
+    validate_stream_name("stream", stream)?;
     validate_name("group", group)?;
     let destroyed = conn
         .run("XGROUP DESTROY", |mut c| {
@@ -348,7 +352,7 @@ pub struct GroupInfo {
 }
 
 async fn groups(conn: &RedisConnection, stream: &str) -> Result<Vec<GroupInfo>> {
-    validate_name("stream", stream)?;
+    validate_stream_name("stream", stream)?;
     let reply = conn
         .run("XINFO GROUPS", |mut c| {
             let cmd = redis::cmd("XINFO").arg("GROUPS").arg(stream).clone();
@@ -427,7 +431,7 @@ pub async fn consumers(
     group: &str,
     idle_after: Duration,
 ) -> Result<Vec<ConsumerInfo>> {
-    validate_name("stream", stream)?;
+    validate_stream_name("stream", stream)?;
     validate_name("group", group)?;
     let reply = conn
         .run("XINFO CONSUMERS", |mut c| {
@@ -512,7 +516,7 @@ pub async fn pending_entries(
     group: &str,
     consumer: Option<&str>,
 ) -> Result<Vec<PendingEntry>> {
-    validate_name("stream", stream)?;
+    validate_stream_name("stream", stream)?;
     validate_name("group", group)?;
     if let Some(c) = consumer {
         validate_name("consumer", c)?;
@@ -556,7 +560,7 @@ pub async fn pending_entries(
 
 /// Acknowledges `ids` in `group` at once (no batching) and returns how many were pending.
 pub async fn ack(conn: &RedisConnection, stream: &str, group: &str, ids: &[EntryId]) -> Result<u64> {
-    validate_name("stream", stream)?;
+    validate_stream_name("stream", stream)?;
     validate_name("group", group)?;
     if ids.is_empty() {
         return Ok(0);
@@ -611,4 +615,110 @@ mod tests {
             assert_eq!(err.invalid_field(), Some(field), "{err}");
         }
     }
+}
+
+/// What [`migrate_key_names`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyMigration {
+    /// `(old, new)`: the keys renamed, or merged into a key of the new name.
+    pub moved: Vec<(String, String)>,
+    /// `(old, new)`: dead-letter streams left under their old name because a stream of the
+    /// new name exists already (records were dead-lettered by both releases); read both, or
+    /// move the old records by hand.
+    pub left: Vec<(String, String)>,
+}
+
+/// Renames the keys written by release 0.1 to the names of this release, once, on a single
+/// Redis: the settings, checkpoints, leases and consumer registries of every stream
+/// (`streamwise:meta:orders` becomes `streamwise:meta:{orders}`) and the dead-letter streams
+/// (`orders-dead` becomes `{orders}-dead`). Run it with the consumers stopped, before the new
+/// release starts, for example with `cargo run --example migrate_keys`; it is safe to run
+/// again (what was moved is not found a second time).
+///
+/// Why: every key of a stream now carries the stream's hash tag, so that it lives in the
+/// stream's hash slot on a Redis Cluster. Without the migration, the new release does not see
+/// the old keys: streams and groups (and their pending entries) work as before, but stream
+/// settings are not applied, checkpoints and the crashed-consumer registry start empty, and
+/// the old dead letters stay readable only under their old names.
+///
+/// A stream `X-dead` counts as a dead-letter stream when its first record says it came from
+/// `X` (`dead_letter.stream` in the default codec's metadata); an empty one, or one written
+/// with another codec, is left for the operator to rename.
+///
+/// # Errors
+///
+/// [`Error::Invalid`] (`connection`) on a Redis Cluster (release 0.1 could not run there, so
+/// there is nothing to migrate), and the errors of the commands.
+pub async fn migrate_key_names(conn: &RedisConnection) -> Result<KeyMigration> {
+    let mut moves = Vec::new();
+    for prefix in keys::prefix::ALL {
+        for old in scan_with(conn, &format!("{prefix}*"), None).await? {
+            if let Some(new) = new_key_name(prefix, &old) {
+                moves.push((old, new));
+            }
+        }
+    }
+    for old in scan_with(conn, &format!("*{}", crate::dead_letter::SUFFIX), Some("stream")).await? {
+        if let Some(source) = old.strip_suffix(crate::dead_letter::SUFFIX)
+            && validate_name("stream", source).is_ok()
+            && dead_letters_of(conn, &old).await?.as_deref() == Some(source)
+        {
+            let new = crate::dead_letter::stream_for(source);
+            moves.push((old, new));
+        }
+    }
+    let mut done = KeyMigration::default();
+    for (old, new) in moves {
+        let outcome: i64 = conn
+            .run_mapped("move key", |mut c| {
+                let mut call = scripts::MOVE_KEY.prepare_invoke();
+                call.key(&old).key(&new);
+                async move { call.invoke_async(&mut c).await }
+            })
+            .await?;
+        match outcome {
+            1 => done.moved.push((old, new)),
+            -1 => done.left.push((old, new)),
+            _ => {}
+        }
+    }
+    Ok(done)
+}
+
+/// The new name of a release-0.1 key under `prefix`, or `None` when `key` has the new form.
+fn new_key_name(prefix: &str, key: &str) -> Option<String> {
+    let rest = key.strip_prefix(prefix)?;
+    if rest.contains(['{', '}']) {
+        return None;
+    }
+    // Stream names have no ':', so the stream is everything up to the first one.
+    let (stream, tail) = rest.split_at(rest.find(':').unwrap_or(rest.len()));
+    validate_name("stream", stream).ok()?;
+    Some(format!("{prefix}{}{tail}", keys::in_slot(stream)))
+}
+
+/// The source stream named by the first record of `stream`, if it is a dead-letter record.
+async fn dead_letters_of(conn: &RedisConnection, stream: &str) -> Result<Option<String>> {
+    let reply = conn
+        .run_mapped("XRANGE", |mut c| {
+            let cmd = redis::cmd("XRANGE")
+                .arg(stream)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .clone();
+            async move { cmd.query_async::<Value>(&mut c).await }
+        })
+        .await?;
+    let first = replies::parse_entries(reply)?.into_iter().find_map(|e| match e {
+        ReplyEntry::Present(raw) => Some(raw),
+        ReplyEntry::Trimmed(_) => None,
+    });
+    Ok(first.and_then(|raw| JsonCodec.decode(raw).ok()).and_then(|m| {
+        m.metadata()
+            .get(crate::dead_letter::keys::STREAM)
+            .map(str::to_owned)
+    }))
 }

@@ -1,5 +1,5 @@
 //! [`RedisCheckpointStore`]: checkpoints in one hash per stream,
-//! `streamwise:checkpoint:<stream>`, field `<group>:<consumer>`, value
+//! `streamwise:checkpoint:{<stream>}`, field `<group>:<consumer>`, value
 //! `{"message_id": "<id>", "timestamp": "<ISO 8601>"}`.
 
 use futures::future::BoxFuture;

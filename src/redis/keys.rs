@@ -1,14 +1,43 @@
-//! Names of the keys streamwise keeps beside a stream. Stream names match `[A-Za-z0-9_-]+`, so
-//! these `streamwise:`-prefixed names (with `:`) can never collide with a stream.
+//! Names of the keys streamwise keeps beside a stream.
+//!
+//! Every key of a stream carries the stream's Redis Cluster hash tag ([`in_slot`]), so that
+//! the stream, its settings, checkpoints, leases and dead letters all live in one hash slot
+//! and one script may touch them together on a cluster. The `streamwise:`-prefixed names
+//! (with `:`) can never collide with a stream, whose name has no `:`.
+//!
+//! Release 0.1 wrote the same keys without braces (`streamwise:meta:orders`);
+//! [`super::admin::migrate_key_names`] renames them once.
+
+use crate::error::hash_tag;
+
+/// The prefixes of the key names, for finding them with `SCAN`.
+pub(crate) mod prefix {
+    pub(crate) const META: &str = "streamwise:meta:";
+    pub(crate) const CHECKPOINT: &str = "streamwise:checkpoint:";
+    pub(crate) const LEASE: &str = "streamwise:lease:";
+    pub(crate) const CONSUMERS: &str = "streamwise:consumers:";
+    /// All of them, for the key-name migration.
+    pub(crate) const ALL: [&str; 4] = [META, CHECKPOINT, LEASE, CONSUMERS];
+}
+
+/// `stream` as it is written inside its keys: in braces, unless it carries a hash tag of its
+/// own (a dead-letter stream `{orders}-dead`), so that the keys hash like the stream.
+pub(crate) fn in_slot(stream: &str) -> std::borrow::Cow<'_, str> {
+    if hash_tag(stream).is_some() {
+        stream.into()
+    } else {
+        format!("{{{stream}}}").into()
+    }
+}
 
 /// Hash of stream settings: `created_at`, `retention_ms`, `max_length`.
 pub(crate) fn meta(stream: &str) -> String {
-    format!("streamwise:meta:{stream}")
+    format!("{}{}", prefix::META, in_slot(stream))
 }
 
 /// Hash of checkpoints: field `<group>:<consumer>`, value `{"message_id", "timestamp"}`.
 pub(crate) fn checkpoints(stream: &str) -> String {
-    format!("streamwise:checkpoint:{stream}")
+    format!("{}{}", prefix::CHECKPOINT, in_slot(stream))
 }
 
 /// The field of one consumer in [`checkpoints`].
@@ -18,11 +47,48 @@ pub(crate) fn checkpoint_field(group: &str, consumer: &str) -> String {
 
 /// String key held (with a TTL) by the live consumer of that name.
 pub(crate) fn lease(stream: &str, group: &str, consumer: &str) -> String {
-    format!("streamwise:lease:{stream}:{group}:{consumer}")
+    format!("{}{}:{group}:{consumer}", prefix::LEASE, in_slot(stream))
 }
 
 /// Set of consumer names of a group that hold leases, for telling crashed consumers apart
 /// from consumers of other clients.
 pub(crate) fn leased_consumers(stream: &str, group: &str) -> String {
-    format!("streamwise:consumers:{stream}:{group}")
+    format!("{}{}:{group}", prefix::CONSUMERS, in_slot(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_stream_carries_its_hash_tag() {
+        for (stream, tag) in [("orders", "orders"), ("{orders}-dead", "orders"), ("a{b}", "b")] {
+            let keys = [
+                meta(stream),
+                checkpoints(stream),
+                lease(stream, "g", "c"),
+                leased_consumers(stream, "g"),
+                crate::dead_letter::stream_for(stream),
+            ];
+            for key in keys {
+                assert_eq!(hash_tag(&key), Some(tag), "{key}");
+            }
+        }
+        assert_eq!(meta("orders"), "streamwise:meta:{orders}");
+        assert_eq!(
+            lease("orders", "billing", "w-1"),
+            "streamwise:lease:{orders}:billing:w-1"
+        );
+        assert_eq!(
+            leased_consumers("orders", "billing"),
+            "streamwise:consumers:{orders}:billing"
+        );
+    }
+
+    #[test]
+    fn keys_of_different_streams_differ() {
+        let streams = ["orders", "{orders}-dead", "orders-dead", "{orders}x", "x{orders}"];
+        let metas: std::collections::HashSet<_> = streams.iter().map(|s| meta(s)).collect();
+        assert_eq!(metas.len(), streams.len());
+    }
 }

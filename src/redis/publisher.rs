@@ -16,7 +16,7 @@ use super::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
 use super::keys;
 use super::protocol::replies;
 use crate::codec::{Codec, DEFAULT_MAX_ENTRY_SIZE, JsonCodec, wire_size};
-use crate::error::{Error, Result, validate_name};
+use crate::error::{Error, Result, validate_stream_name};
 use crate::message::{EntryId, Message};
 use crate::pubsub::{MAX_CAP, Publisher};
 
@@ -389,7 +389,7 @@ impl RedisPublisher {
             return Err(Error::Closed("publisher"));
         }
         self.options.validate()?;
-        validate_name("topic", topic)?;
+        validate_stream_name("topic", topic)?;
         if messages.is_empty() {
             return Ok(Vec::new());
         }

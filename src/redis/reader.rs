@@ -10,7 +10,7 @@ use super::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
 use super::protocol::replies::ReplyEntry;
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::codec::{Codec, JsonCodec};
-use crate::error::{Error, Result, validate_name};
+use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::message::{EntryId, Message};
 use crate::pubsub::{MAX_IN_FLIGHT, MAX_INTERVAL, StartFrom};
 
@@ -72,7 +72,7 @@ impl StreamReader {
         store: Arc<dyn CheckpointStore>,
         codec: Arc<dyn Codec>,
     ) -> Result<Self> {
-        validate_name("stream", stream)?;
+        validate_stream_name("stream", stream)?;
         validate_name("name", name)?;
         let cursor = match store.load(stream, READER_GROUP, name).await? {
             Some(cp) => cp.message_id.to_string(),

@@ -196,3 +196,30 @@ return {added, acked}
 ",
     )
 });
+
+/// Moves a key to its new name (the key-name migration of release 0.2): a rename when the
+/// new name is free; when a key of the new name exists (a process of the new release ran
+/// before the migration), a hash gains the fields it lacks, a set the members, a string (a
+/// lease, which expires anyway) is dropped, and two streams are left alone.
+/// KEYS: old, new. Returns 1 when moved, 0 when the old key is gone, -1 when left.
+pub(crate) static MOVE_KEY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  return 1
+end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= redis.call('TYPE', KEYS[2])['ok'] or kind == 'stream' then return -1 end
+if kind == 'hash' then
+  local kv = redis.call('HGETALL', KEYS[1])
+  for i = 1, #kv, 2 do redis.call('HSETNX', KEYS[2], kv[i], kv[i + 1]) end
+elseif kind == 'set' then
+  redis.call('SUNIONSTORE', KEYS[2], KEYS[2], KEYS[1])
+end
+redis.call('DEL', KEYS[1])
+return 1
+",
+    )
+});

@@ -51,7 +51,7 @@ use std::path::Path;
 use serde_norway::{Mapping, Value};
 
 use super::{ConsumerOptions, ProducerOptions, StreamConsumer, StreamProducer};
-use crate::error::{Error, Result, validate_name};
+use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::redis::RedisConnection;
 
 /// The default Redis URL.
@@ -249,7 +249,7 @@ impl Config {
         }
         let mut first = self.consumer.bindings.first().cloned().unwrap_or_default();
         if let Some(stream) = lookup("STREAM_NAME") {
-            validate_name("STREAM_NAME", &stream)?;
+            validate_stream_name("STREAM_NAME", &stream)?;
             self.producer.stream = Some(stream.clone());
             first.stream = Some(stream);
         }
@@ -350,7 +350,7 @@ impl Config {
             let p = &mut self.producer;
             match key {
                 "redis_url" => self.redis_url = redis_url(value, &path)?,
-                "stream" | "stream_name" => p.stream = Some(name(value, &path)?),
+                "stream" | "stream_name" => p.stream = Some(stream_name(value, &path)?),
                 "max_length" => {
                     let n = positive(value, &path)?;
                     let limit = crate::MAX_CAP;
@@ -377,7 +377,7 @@ impl Config {
             match key {
                 "redis_url" => self.redis_url = redis_url(value, &path)?,
                 "streams" => self.consumer.bindings = bindings(value, &path)?,
-                "stream" | "stream_name" => direct.stream = Some(name(value, &path)?),
+                "stream" | "stream_name" => direct.stream = Some(stream_name(value, &path)?),
                 "group" => direct.group = Some(name(value, &path)?),
                 "consumer" | "name" => direct.consumer = Some(name(value, &path)?),
                 "block_ms" => o.block_ms = positive(value, &path)?,
@@ -481,6 +481,12 @@ fn name(v: &Value, path: &str) -> Result<String> {
     Ok(s)
 }
 
+fn stream_name(v: &Value, path: &str) -> Result<String> {
+    let s = string(v, path)?;
+    validate_stream_name("name", &s).map_err(|e| rename(e, path.to_owned()))?;
+    Ok(s)
+}
+
 fn redis_url(v: &Value, path: &str) -> Result<String> {
     let url = string(v, path)?;
     RedisConnection::new(&url).map_err(|e| rename(e, path.to_owned()))?;
@@ -525,7 +531,7 @@ fn bindings(v: &Value, path: &str) -> Result<Vec<Binding>> {
                 let key = key_str(key, &item_path)?;
                 let path = format!("{item_path}.{key}");
                 match key {
-                    "name" | "stream" => b.stream = Some(name(value, &path)?),
+                    "name" | "stream" => b.stream = Some(stream_name(value, &path)?),
                     "group" => b.group = Some(name(value, &path)?),
                     "consumer" => b.consumer = Some(name(value, &path)?),
                     _ => return Err(unknown(&path)),

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, CheckpointStore, MemoryCheckpointStore};
-use crate::error::{Error, Result, validate_name};
+use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::message::{EntryId, Metadata};
 use crate::pubsub::{MAX_IN_FLIGHT, MAX_INTERVAL, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber};
 use crate::redis::admin;
@@ -235,7 +235,7 @@ impl StreamConsumer {
         consumer: &str,
         options: ConsumerOptions,
     ) -> Result<Self> {
-        validate_name("stream", stream)?;
+        validate_stream_name("stream", stream)?;
         validate_name("group", group)?;
         validate_name("consumer", consumer)?;
         options.subscribe_options(group, consumer)?.validate(stream)?;

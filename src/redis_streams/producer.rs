@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::error::{Error, Result, validate_name};
+use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::message::{Message, Metadata};
 use crate::pubsub::Publisher;
 use crate::redis::admin;
@@ -123,7 +123,7 @@ impl StreamProducer {
 
     /// A producer on a shared connection, with `options`.
     pub fn with_options(conn: RedisConnection, stream_name: &str, options: ProducerOptions) -> Result<Self> {
-        validate_name("stream_name", stream_name)?;
+        validate_stream_name("stream_name", stream_name)?;
         if options.max_length == 0 {
             return Err(Error::invalid("max_length", "must be at least 1"));
         }

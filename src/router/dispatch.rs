@@ -20,7 +20,7 @@ pub enum Fallback {
     AckAndSkip,
     /// Nack it (it comes back; after `max_deliveries` it is dead-lettered).
     Nack,
-    /// Write it to `<stream>-dead` with the reason, then acknowledge (the default: nothing is
+    /// Write it to `{<stream>}-dead` with the reason, then acknowledge (the default: nothing is
     /// dropped unseen).
     #[default]
     DeadLetter,

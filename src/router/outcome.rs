@@ -18,7 +18,7 @@ pub enum Verdict {
         /// The least time before redelivery.
         delay: Duration,
     },
-    /// Give up: write the message to `<stream>-dead` with `reason`, then acknowledge.
+    /// Give up: write the message to `{<stream>}-dead` with `reason`, then acknowledge.
     DeadLetter {
         /// Why.
         reason: String,

@@ -300,7 +300,7 @@ impl Flusher {
         Ok(())
     }
 
-    /// Writes the waiting dead letters, oldest first: each record to `<stream>-dead` and the
+    /// Writes the waiting dead letters, oldest first: each record to `{<stream>}-dead` and the
     /// `XACK` of its entry, in one script step. The first failure stops the round: the rest
     /// stay queued (their entries pending) and nothing is tried again before the backoff
     /// after it has passed, unless `last_chance` (on close). `Err` says what is left unwritten.

@@ -1,4 +1,4 @@
-//! The consumer lease: the key `streamwise:lease:<stream>:<group>:<consumer>`, held with a
+//! The consumer lease: the key `streamwise:lease:{<stream>}:<group>:<consumer>`, held with a
 //! TTL by the one live consumer of that name, so that a second one is refused and a consumer
 //! that stopped renewing it can be told crashed. This module takes it ([`Lease::acquire`]),
 //! extends it ([`Lease::hold_state`]) and releases it; renewing it on a timer is the

@@ -131,7 +131,7 @@ impl RedisSubscriberOptions {
     /// The largest entry (field names and values, in bytes) handed to the application.
     /// Larger entries are dead-lettered whole, with the sizes in the reason, and the
     /// subscription goes on. Default [`DEFAULT_MAX_ENTRY_SIZE`] (1 MiB), the publisher's
-    /// default: raise both together. At least 1; `usize::MAX` means no limit. Dead-letter streams (`<stream>-dead`) are read without
+    /// default: raise both together. At least 1; `usize::MAX` means no limit. Dead-letter streams (`{<stream>}-dead`) are read without
     /// the limit, since their records are as large as the entries they keep.
     #[must_use]
     pub fn max_entry_size(mut self, bytes: usize) -> Self {

@@ -199,7 +199,7 @@ impl Shared {
         after.filter(|at| *at > now)
     }
 
-    /// Hands `record` to the flusher, which writes it to `<stream>-dead` and acks `id` in one
+    /// Hands `record` to the flusher, which writes it to `{<stream>}-dead` and acks `id` in one
     /// step (retrying while that fails); meanwhile the entry stays this subscription's.
     /// `Err` when the flusher is gone (closed): the entry stays pending.
     pub(super) fn dead_letter(&self, id: EntryId, record: Message) -> std::result::Result<(), FlusherGone> {
