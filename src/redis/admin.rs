@@ -251,7 +251,8 @@ pub async fn delete_stream(conn: &RedisConnection, stream: &str) -> Result<u64> 
     validate_stream_name("stream", stream)?;
     let mut doomed = vec![stream.to_owned(), keys::meta(stream), keys::checkpoints(stream)];
     for pattern in [keys::lease(stream, "*", "*"), keys::leased_consumers(stream, "*")] {
-        doomed.extend(scan(conn, &pattern).await?);
+        // On a cluster, the keys of a stream are on the master of its slot.
+        doomed.extend(scan_with(conn, &pattern, None, Some(stream)).await?);
     }
     conn.run_mapped("delete stream", |mut c| {
         let cmd = redis::cmd("DEL").arg(&doomed).clone();
@@ -260,25 +261,28 @@ pub async fn delete_stream(conn: &RedisConnection, stream: &str) -> Result<u64> 
     .await
 }
 
-async fn scan(conn: &RedisConnection, pattern: &str) -> Result<Vec<String>> {
-    scan_with(conn, pattern, None).await
-}
-
-/// The keys matching `pattern`, of type `kind` when given (`SCAN .. TYPE`).
-async fn scan_with(conn: &RedisConnection, pattern: &str, kind: Option<&str>) -> Result<Vec<String>> {
+/// The keys matching `pattern`, of type `kind` when given (`SCAN .. TYPE`); on a cluster, on
+/// the master of `near`'s slot (else on any one node).
+async fn scan_with(
+    conn: &RedisConnection,
+    pattern: &str,
+    kind: Option<&str>,
+    near: Option<&str>,
+) -> Result<Vec<String>> {
     let mut found = Vec::new();
     let mut cursor = 0u64;
     loop {
-        let (next, keys): (u64, Vec<String>) = conn
-            .run_mapped("SCAN", |mut c| {
-                let mut cmd = redis::cmd("SCAN");
-                cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
-                if let Some(kind) = kind {
-                    cmd.arg("TYPE").arg(kind);
-                }
-                async move { cmd.query_async(&mut c).await }
-            })
-            .await?;
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
+        if let Some(kind) = kind {
+            cmd.arg("TYPE").arg(kind);
+        }
+        let reply = match near {
+            Some(key) => conn.run_for_key("SCAN", key, &cmd).await?,
+            None => conn.command::<Value>(&cmd).await?,
+        };
+        let (next, keys): (u64, Vec<String>) =
+            redis::FromRedisValue::from_redis_value(reply).map_err(|e| replies::refusal("SCAN", e.into()))?;
         found.extend(keys);
         if next == 0 {
             return Ok(found);
@@ -651,15 +655,28 @@ pub struct KeyMigration {
 /// [`Error::Invalid`] (`connection`) on a Redis Cluster (release 0.1 could not run there, so
 /// there is nothing to migrate), and the errors of the commands.
 pub async fn migrate_key_names(conn: &RedisConnection) -> Result<KeyMigration> {
+    if conn.is_cluster() {
+        return Err(Error::invalid(
+            "connection",
+            "key names are migrated on a single Redis: release 0.1 did not run on a Redis Cluster",
+        ));
+    }
     let mut moves = Vec::new();
     for prefix in keys::prefix::ALL {
-        for old in scan_with(conn, &format!("{prefix}*"), None).await? {
+        for old in scan_with(conn, &format!("{prefix}*"), None, None).await? {
             if let Some(new) = new_key_name(prefix, &old) {
                 moves.push((old, new));
             }
         }
     }
-    for old in scan_with(conn, &format!("*{}", crate::dead_letter::SUFFIX), Some("stream")).await? {
+    for old in scan_with(
+        conn,
+        &format!("*{}", crate::dead_letter::SUFFIX),
+        Some("stream"),
+        None,
+    )
+    .await?
+    {
         if let Some(source) = old.strip_suffix(crate::dead_letter::SUFFIX)
             && validate_name("stream", source).is_ok()
             && dead_letters_of(conn, &old).await?.as_deref() == Some(source)

@@ -53,6 +53,8 @@ pub(crate) struct DedicatedConnection {
     /// False once a request was abandoned half-way (its future dropped): then nobody knows
     /// where the next reply starts, and every further request fails as a dropped connection.
     in_step: bool,
+    /// The cluster node connected to (`None` for a single server).
+    node: Option<(String, u16)>,
 }
 
 impl DedicatedConnection {
@@ -76,6 +78,7 @@ impl DedicatedConnection {
                 response_timeout,
                 unread: 0,
                 in_step: true,
+                node: None,
             };
             let settings = info.redis_settings();
             if let Some(password) = settings.password() {
@@ -123,6 +126,17 @@ impl DedicatedConnection {
             }
             Err(e) => Err(refused(e)),
         }
+    }
+
+    /// The connection, known to be to cluster node `host:port`.
+    pub(crate) fn at_node(mut self, host: String, port: u16) -> Self {
+        self.node = Some((host, port));
+        self
+    }
+
+    /// The cluster node connected to, or `None` on a single server.
+    pub(crate) fn node(&self) -> Option<&(String, u16)> {
+        self.node.as_ref()
     }
 
     /// Bounds every reply from now on (a reader whose `BLOCK` grew needs a longer one).
@@ -343,6 +357,7 @@ mod tests {
             response_timeout: Duration::from_secs(5),
             unread: 0,
             in_step: true,
+            node: None,
         };
         (conn, server)
     }

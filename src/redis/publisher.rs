@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use redis::Value;
 use tokio::time::Instant;
 
-use super::connection::{RedisConnection, is_transient};
+use super::connection::{RedisConnection, is_cluster_change, is_transient, slot_of};
 use super::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
 use super::keys;
 use super::protocol::replies;
@@ -188,9 +188,10 @@ pub struct RedisPublisher {
     closed: AtomicBool,
     streams: Mutex<HashMap<String, StreamState>>,
     own: tokio::sync::Mutex<OwnConnection>,
-    /// The connection of publishes that wait for replicas (a `WAIT` would hold up every other
-    /// user of a shared connection), with a reply timeout above the wait.
-    waiting: tokio::sync::Mutex<Option<DedicatedConnection>>,
+    /// The connections of publishes that wait for replicas (a `WAIT` would hold up every other
+    /// user of a shared connection), with a reply timeout above the wait: one per hash slot
+    /// on a cluster (the `WAIT` must go to the master that took the `XADD`s), else one.
+    waiting: tokio::sync::Mutex<HashMap<u16, DedicatedConnection>>,
 }
 
 /// The publisher's own connection, opened on first use; after a failure to open it, not
@@ -229,7 +230,7 @@ impl RedisPublisher {
             closed: AtomicBool::new(false),
             streams: Mutex::new(HashMap::new()),
             own: tokio::sync::Mutex::new(OwnConnection::default()),
-            waiting: tokio::sync::Mutex::new(None),
+            waiting: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -237,6 +238,10 @@ impl RedisPublisher {
     /// is (or can be) open. `None` means: send it on the shared connection (which retries
     /// connection failures; a reply lost here may mean a duplicate, as after any retry).
     async fn send_own(&self, request: Request<'_>) -> Option<Result<Vec<Value>>> {
+        if self.conn.is_cluster() {
+            // The shared cluster connection keeps one connection per master and pipelines.
+            return None;
+        }
         let mut own = self.own.try_lock().ok()?;
         if own.conn.as_ref().is_some_and(|c| !c.is_idle()) {
             // An earlier publish was dropped half-way: its reply would be taken for ours.
@@ -274,23 +279,43 @@ impl RedisPublisher {
     /// Sends `pipe` (`XADD`s, then `WAIT`) on the connection of waited publishes, one at a
     /// time, opening it when needed. Not resent after a connection failure: the entries may
     /// have been written, and the caller decides.
-    async fn send_waited(&self, pipe: &redis::Pipeline, wait: WaitReplicas) -> Result<Vec<Value>> {
+    async fn send_waited(
+        &self,
+        topic: &str,
+        pipe: &redis::Pipeline,
+        wait: WaitReplicas,
+    ) -> Result<Vec<Value>> {
+        let slot = if self.conn.is_cluster() { slot_of(topic) } else { 0 };
         let mut waiting = self.waiting.lock().await;
-        if waiting.as_ref().is_some_and(|c| !c.is_idle()) {
-            // An earlier publish was dropped half-way: its reply would be taken for ours.
-            *waiting = None;
-        }
-        if waiting.is_none() {
-            *waiting = Some(self.conn.dedicated(wait.timeout + BLOCK_REPLY_MARGIN).await?);
-        }
-        let conn = waiting.as_mut().ok_or(Error::Closed("publisher"))?;
-        match pipe.query_async::<Vec<Value>>(conn).await {
-            Ok(replies) => Ok(replies),
-            Err(e) => {
-                if is_transient(&e) {
-                    *waiting = None;
+        let mut attempt = 0;
+        loop {
+            if waiting.get(&slot).is_some_and(|c| !c.is_idle()) {
+                // An earlier publish was dropped half-way: its reply would be taken for ours.
+                waiting.remove(&slot);
+            }
+            let conn = match waiting.entry(slot) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                    self.conn
+                        .dedicated(topic, wait.timeout + BLOCK_REPLY_MARGIN)
+                        .await?,
+                ),
+            };
+            match pipe.query_async::<Vec<Value>>(conn).await {
+                Ok(replies) => return Ok(replies),
+                Err(e) => {
+                    if is_transient(&e) {
+                        waiting.remove(&slot);
+                    }
+                    // The slot moved or its master is being replaced: the server refused the
+                    // XADD without writing it, so sending it to the slot's new master is safe.
+                    if is_cluster_change(&e) && attempt < self.conn.max_retries() {
+                        tokio::time::sleep(self.conn.backoff(attempt)).await;
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(self.conn.failure("publish (waiting for replicas)", e, attempt));
                 }
-                Err(self.conn.failure("publish (waiting for replicas)", e, 0))
             }
         }
     }
@@ -440,7 +465,7 @@ impl RedisPublisher {
                 Some(wait) => {
                     let ms = u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
                     pipe.cmd("WAIT").arg(wait.replicas).arg(ms);
-                    self.send_waited(&pipe, wait).await?
+                    self.send_waited(topic, &pipe, wait).await?
                 }
                 None => self.send(Request::Pipeline(&pipe)).await?,
             }

@@ -155,7 +155,9 @@ impl StreamReader {
             let timeout = block + BLOCK_REPLY_MARGIN;
             let conn = match &mut self.read_conn {
                 Some(conn) => conn,
-                None => self.read_conn.insert(self.conn.dedicated(timeout).await?),
+                None => self
+                    .read_conn
+                    .insert(self.conn.dedicated(&self.stream, timeout).await?),
             };
             // Each read may block for another time.
             conn.set_response_timeout(timeout);

@@ -4,7 +4,10 @@
 
 #![allow(dead_code, unused_imports, unreachable_pub)] // each test binary uses part of this module
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 pub use streamwise::testing::{RedisServer, free_port};
 
@@ -41,4 +44,64 @@ pub async fn publish_error(conn: streamwise::redis::RedisConnection, stream: &st
         .publish(stream, Message::new("t", &1).unwrap())
         .await
         .unwrap_err()
+}
+
+/// The conformance suite's view of a Redis backend at `url` (one server or a cluster), keeping
+/// `server` alive as long as it is used.
+pub struct RedisTestBackend<S> {
+    pub server: S,
+    pub url: String,
+    pub shared: streamwise::redis::RedisBackend,
+}
+
+impl<S> RedisTestBackend<S> {
+    pub fn new(server: S, url: String) -> Self {
+        let shared = streamwise::redis::RedisBackend::new(&url).expect("redis url");
+        RedisTestBackend { server, url, shared }
+    }
+}
+
+impl<S: Send + Sync> streamwise::testing::TestBackend for RedisTestBackend<S> {
+    fn publisher(&self) -> BoxFuture<'_, streamwise::Result<Arc<dyn streamwise::Publisher>>> {
+        Box::pin(async { Ok(Arc::new(self.shared.publisher()) as Arc<dyn streamwise::Publisher>) })
+    }
+    fn subscriber(&self) -> BoxFuture<'_, streamwise::Result<Arc<dyn streamwise::Subscriber>>> {
+        // Like a new process: a connection of its own.
+        Box::pin(async {
+            let backend = streamwise::redis::RedisBackend::new(&self.url)?;
+            Ok(Arc::new(backend.subscriber()?) as Arc<dyn streamwise::Subscriber>)
+        })
+    }
+    fn pending<'a>(&'a self, topic: &'a str, group: &'a str) -> BoxFuture<'a, streamwise::Result<u64>> {
+        Box::pin(self.shared.pending_count(topic, group))
+    }
+    fn position<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, streamwise::Result<Option<streamwise::EntryId>>> {
+        use streamwise::checkpoint::CheckpointStore;
+        Box::pin(async move {
+            let store = streamwise::redis::RedisCheckpointStore::new(self.shared.connection().clone());
+            Ok(store.load(topic, group, consumer).await?.map(|cp| cp.message_id))
+        })
+    }
+    fn pending_of<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, streamwise::Result<Vec<streamwise::EntryId>>> {
+        Box::pin(async move {
+            let rows = streamwise::redis::admin::pending_entries(
+                self.shared.connection(),
+                topic,
+                group,
+                Some(consumer),
+            )
+            .await?;
+            Ok(rows.into_iter().map(|row| row.id).collect())
+        })
+    }
 }

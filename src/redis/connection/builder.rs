@@ -4,9 +4,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::RedisConnection;
 use super::redact::redact_url;
 use super::tls::{self, TlsMaterial};
+use super::{ClusterTarget, RedisConnection, Target, cluster};
 use crate::error::{Error, Result};
 
 /// The longest `retry_base_delay`, `retry_max_delay`, `response_timeout` and
@@ -176,6 +176,11 @@ impl RedisConnectionBuilder {
                 format_args!("{redacted_url} needs TLS: enable streamwise's `tls` feature"),
             ));
         }
+        if let Some(seeds) = cluster::seed_urls(&self.url, &redacted_url)? {
+            let infos = cluster::seed_infos(&seeds, &redacted_url)?;
+            let target = cluster_target(infos, &self.tls, s, &redacted_url)?;
+            return Ok(RedisConnection::with_target(target, redacted_url, s, self.tls));
+        }
         let info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()).map_err(|e| {
             // The client's message may quote the URL; say what is wrong without it.
             Error::invalid(
@@ -184,8 +189,40 @@ impl RedisConnectionBuilder {
             )
         })?;
         let client = tls::open_client(info, self.tls.clone(), &redacted_url)?;
-        Ok(RedisConnection::with_client(client, redacted_url, s, self.tls))
+        Ok(RedisConnection::with_target(
+            Target::Single(client),
+            redacted_url,
+            s,
+            self.tls,
+        ))
     }
+}
+
+/// The cluster client for the seed nodes `infos`, with the connection's timeouts and TLS
+/// certificates. Commands are retried by the connection's policy; redis-rs's own retries
+/// (after `MOVED`, `TRYAGAIN`, a failover) come first.
+fn cluster_target(
+    infos: Vec<redis::ConnectionInfo>,
+    material: &TlsMaterial,
+    s: Settings,
+    redacted_url: &str,
+) -> Result<Target> {
+    let seed = infos.first().cloned().expect("a cluster URL names a node");
+    let mut builder = redis::cluster::ClusterClientBuilder::new(infos)
+        .connection_timeout(s.connect_timeout)
+        .response_timeout(s.response_timeout);
+    builder = tls::cluster_certificates(builder, &seed, material)?;
+    let client = builder.build().map_err(|e| {
+        Error::invalid(
+            "redis_url",
+            format_args!("{redacted_url} cannot be used ({:?})", e.kind()),
+        )
+    })?;
+    Ok(Target::Cluster(ClusterTarget {
+        client,
+        seed,
+        owners: std::sync::Mutex::new(None),
+    }))
 }
 
 #[cfg(test)]

@@ -4,10 +4,18 @@
 //! are spent; the server's refusals come back at once as [`Error::Server`]. Credentials never
 //! appear in `Debug`, errors or logs.
 //!
+//! The server is one Redis (`redis://`, `rediss://`, `unix://`) or a Redis Cluster
+//! (`redis-cluster://host:port?node=host:port&...`): then the shared connection is redis-rs's
+//! cluster connection, which routes each command to its slot's master and follows `MOVED` and
+//! `ASK`, and the connections of one's own ([`RedisConnection::dedicated`]) go to the master of
+//! their stream's slot, found in a slot map learned with `CLUSTER SLOTS`.
+//!
 //! Beside the handle: its settings ([`builder`]), TLS ([`tls`]), what a failure means and
-//! the backoff ([`retry`]), and the hiding of passwords ([`redact`]).
+//! the backoff ([`retry`]), the cluster's URL and slots ([`cluster`]), and the hiding of
+//! passwords ([`redact`]).
 
 mod builder;
+mod cluster;
 mod redact;
 mod retry;
 mod tls;
@@ -18,15 +26,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisError};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{AsyncConnectionConfig, Cmd, ConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
 use tokio::time::Instant;
 
 use self::builder::Settings;
 pub use self::builder::{MAX_CONNECTION_DURATION, RedisConnectionBuilder};
+pub(crate) use self::cluster::slot_of;
+use self::cluster::{SlotOwners, at_node, redirect_target};
 pub use self::redact::redact_url;
-pub(crate) use self::retry::is_transient;
 use self::retry::{is_auth_failure, is_server_refusal};
+pub(crate) use self::retry::{is_cluster_change, is_transient};
 use self::tls::{TlsMaterial, tls_refusal};
 use super::dedicated::{DedicatedConnection, TlsSetup};
 use super::protocol::replies;
@@ -55,7 +67,7 @@ pub struct RedisConnection {
 }
 
 struct Inner {
-    client: redis::Client,
+    target: Target,
     redacted_url: String,
     settings: Settings,
     shared: SharedConnection,
@@ -74,6 +86,61 @@ struct Inner {
     tls_config: std::sync::OnceLock<std::result::Result<TlsSetup, String>>,
 }
 
+/// What the connection talks to.
+// One per connection handle, so the size of the cluster variant does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Target {
+    Single(redis::Client),
+    Cluster(ClusterTarget),
+}
+
+/// A Redis Cluster: redis-rs's client for the shared connection, and what the connections of
+/// one's own need to find a slot's master.
+struct ClusterTarget {
+    client: redis::cluster::ClusterClient,
+    /// The first seed node: credentials and TLS settings for the connections of one's own.
+    seed: ConnectionInfo,
+    /// Which master serves each slot, learned on first use and forgotten when a connection
+    /// finds it wrong (`MOVED`, a node that is gone).
+    owners: Mutex<Option<SlotOwners>>,
+}
+
+/// The shared connection: to one server, or redis-rs's connection to a cluster, which routes
+/// each command by its key.
+#[derive(Clone)]
+pub(crate) enum Shared {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Shared {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Shared::Single(c) => c.req_packed_command(cmd),
+            Shared::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Shared::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Shared::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Shared::Single(c) => c.get_db(),
+            Shared::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The shared multiplexed connection, opened on first use and again after it broke.
 ///
 /// Not redis-rs's `ConnectionManager`: it reconnects in the background right when a
@@ -85,7 +152,7 @@ struct Inner {
 struct SharedConnection {
     /// The connection in use, with its generation, so that a failure seen on an old
     /// connection does not drop a newer one.
-    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    current: Mutex<Option<(u64, Shared)>>,
     /// Held while connecting, so that one attempt runs at a time; holds that attempt's
     /// failure for the commands that waited for it.
     connecting: tokio::sync::Mutex<Option<RedisError>>,
@@ -105,16 +172,11 @@ impl RedisConnection {
         RedisConnectionBuilder::new(url)
     }
 
-    /// A connection through `client`, with checked settings; nothing is opened yet.
-    fn with_client(
-        client: redis::Client,
-        redacted_url: String,
-        settings: Settings,
-        tls: TlsMaterial,
-    ) -> Self {
+    /// A connection to `target`, with checked settings; nothing is opened yet.
+    fn with_target(target: Target, redacted_url: String, settings: Settings, tls: TlsMaterial) -> Self {
         RedisConnection {
             inner: Arc::new(Inner {
-                client,
+                target,
                 redacted_url,
                 settings,
                 shared: SharedConnection::default(),
@@ -125,6 +187,11 @@ impl RedisConnection {
                 tls_config: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Whether this is a connection to a Redis Cluster (a `redis-cluster://` URL).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.target, Target::Cluster(_))
     }
 
     /// The URL with any password replaced by `***`.
@@ -150,7 +217,7 @@ impl RedisConnection {
     /// The shared multiplexed connection with its generation; opens it when there is none.
     /// A command that waited while another attempt failed gets that attempt's error (it was
     /// made after the command asked) instead of trying again at once.
-    async fn shared(&self) -> std::result::Result<(u64, MultiplexedConnection), RedisError> {
+    async fn shared(&self) -> std::result::Result<(u64, Shared), RedisError> {
         let shared = &self.inner.shared;
         if let Some(current) = lock(&shared.current).clone() {
             return Ok(current);
@@ -169,11 +236,14 @@ impl RedisConnection {
         let config = AsyncConnectionConfig::new()
             .set_response_timeout(Some(s.response_timeout))
             .set_connection_timeout(Some(s.connect_timeout));
-        let connected = self
-            .inner
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await;
+        let connected = match &self.inner.target {
+            Target::Single(client) => client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map(Shared::Single),
+            // Timeouts were given to the cluster client when it was built.
+            Target::Cluster(cluster) => cluster.client.get_async_connection().await.map(Shared::Cluster),
+        };
         let generation = shared.attempts.fetch_add(1, Ordering::AcqRel) + 1;
         match connected {
             Ok(conn) => {
@@ -235,7 +305,7 @@ impl RedisConnection {
     /// spent become [`Error::Connection`].
     pub(crate) async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> std::result::Result<T, CommandError>
     where
-        F: FnMut(MultiplexedConnection) -> Fut,
+        F: FnMut(Shared) -> Fut,
         Fut: Future<Output = std::result::Result<T, RedisError>>,
     {
         let mut attempt = 0;
@@ -300,32 +370,75 @@ impl RedisConnection {
     /// [`Error::Decode`] for a reply of another type than asked for).
     pub(crate) async fn run_mapped<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
     where
-        F: FnMut(MultiplexedConnection) -> Fut,
+        F: FnMut(Shared) -> Fut,
         Fut: Future<Output = std::result::Result<T, RedisError>>,
     {
         self.run(what, op).await.map_err(CommandError::into_error)
     }
 
+    /// Runs `cmd` on the cluster node at `node` (`host`, `port`), or on the one server, with
+    /// the retry policy: for commands about a connection of that node (`CLIENT UNBLOCK`).
+    pub(crate) async fn run_on_node(
+        &self,
+        what: &str,
+        node: Option<&(String, u16)>,
+        cmd: &Cmd,
+    ) -> Result<Value> {
+        self.run_mapped(what, |c| {
+            let cmd = cmd.clone();
+            async move {
+                match (c, node) {
+                    (Shared::Cluster(mut c), Some((host, port))) => {
+                        let to = SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        };
+                        c.route_command(cmd, RoutingInfo::SingleNode(to)).await
+                    }
+                    (mut c, _) => cmd.query_async(&mut c).await,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Runs `cmd` on the master that serves `key`'s slot (on the one server, just runs it),
+    /// for keyless commands about a key (`SCAN` for a stream's keys).
+    pub(crate) async fn run_for_key(&self, what: &str, key: &str, cmd: &Cmd) -> Result<Value> {
+        self.run_mapped(what, |c| {
+            let cmd = cmd.clone();
+            async move {
+                match c {
+                    Shared::Cluster(mut c) => {
+                        let route = redis::cluster_routing::Route::with_key(
+                            key,
+                            redis::cluster_routing::SlotAddr::Master,
+                        );
+                        c.route_command(
+                            cmd,
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                        )
+                        .await
+                    }
+                    mut c => cmd.query_async(&mut c).await,
+                }
+            }
+        })
+        .await
+    }
+
     /// Opens a connection of its own (for blocking reads, which would stall a shared one, and
     /// for reads sent ahead), retrying connection failures with backoff. `response_timeout`
-    /// must exceed the longest `BLOCK` sent on it.
-    pub(crate) async fn dedicated(&self, response_timeout: Duration) -> Result<DedicatedConnection> {
-        let info = self.inner.client.get_connection_info();
+    /// must exceed the longest `BLOCK` sent on it. On a cluster it goes to the master that
+    /// serves `key`'s slot.
+    pub(crate) async fn dedicated(
+        &self,
+        key: &str,
+        response_timeout: Duration,
+    ) -> Result<DedicatedConnection> {
         let mut attempt = 0;
         loop {
-            let connected = match self.tls_setup() {
-                Ok(tls) => {
-                    DedicatedConnection::connect(
-                        info,
-                        tls,
-                        self.inner.settings.connect_timeout,
-                        response_timeout,
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            };
-            match connected {
+            match self.open_dedicated(key, response_timeout).await {
                 Ok(conn) => {
                     self.connected();
                     return Ok(conn);
@@ -342,20 +455,119 @@ impl RedisConnection {
     }
 
     /// Opens a connection of its own once, without retries (for a caller that falls back to
-    /// the shared connection when it fails), with the configured response timeout.
+    /// the shared connection when it fails), with the configured response timeout. One
+    /// server only: on a cluster the caller uses the shared connection.
     pub(crate) async fn dedicated_once(&self) -> std::result::Result<DedicatedConnection, RedisError> {
+        let Target::Single(client) = &self.inner.target else {
+            return Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a connection of one's own needs a key on a cluster",
+            )));
+        };
         let s = self.inner.settings;
         let tls = self.tls_setup()?;
-        let info = self.inner.client.get_connection_info();
-        let conn = DedicatedConnection::connect(info, tls, s.connect_timeout, s.response_timeout).await?;
+        let conn = DedicatedConnection::connect(
+            client.get_connection_info(),
+            tls,
+            s.connect_timeout,
+            s.response_timeout,
+        )
+        .await?;
         self.connected();
         Ok(conn)
+    }
+
+    /// One attempt at a connection of one's own for `key`: to the one server, or to the master
+    /// of `key`'s slot, checked with a keyed command (a node that does not serve the slot
+    /// answers `MOVED`, which is followed a few times while the cluster changes).
+    async fn open_dedicated(
+        &self,
+        key: &str,
+        response_timeout: Duration,
+    ) -> std::result::Result<DedicatedConnection, RedisError> {
+        let s = self.inner.settings;
+        let tls = self.tls_setup()?;
+        let cluster = match &self.inner.target {
+            Target::Single(client) => {
+                let info = client.get_connection_info();
+                return DedicatedConnection::connect(info, tls, s.connect_timeout, response_timeout).await;
+            }
+            Target::Cluster(cluster) => cluster,
+        };
+        let slot = slot_of(key);
+        let mut redirect = None;
+        for _ in 0..MAX_REDIRECTS {
+            let (host, port) = match redirect.take() {
+                Some(node) => node,
+                None => self.slot_owner(cluster, slot).await?,
+            };
+            let info = at_node(&cluster.seed, &host, port);
+            let opened =
+                DedicatedConnection::connect(&info, tls.clone(), s.connect_timeout, response_timeout).await;
+            let mut conn = opened.inspect_err(|_| cluster.forget_owners())?;
+            match redis::cmd("EXISTS").arg(key).query_async::<i64>(&mut conn).await {
+                Ok(_) => return Ok(conn.at_node(host, port)),
+                Err(e) => {
+                    cluster.forget_owners();
+                    redirect = Some(redirect_target(&e).ok_or(e)?);
+                }
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            format!("slot {slot} moved more than {MAX_REDIRECTS} times while connecting"),
+        )
+        .into())
+    }
+
+    /// The master serving `slot`, from the slot map (learned with `CLUSTER SLOTS` when there
+    /// is none).
+    async fn slot_owner(
+        &self,
+        cluster: &ClusterTarget,
+        slot: u16,
+    ) -> std::result::Result<(String, u16), RedisError> {
+        let known = lock(&cluster.owners)
+            .as_ref()
+            .and_then(|o| o.owner(slot).map(|(h, p)| (h.to_owned(), p)));
+        if let Some(owner) = known {
+            return Ok(owner);
+        }
+        let reply = match self.shared().await {
+            Ok((generation, mut conn)) => {
+                let reply = redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async::<Value>(&mut conn)
+                    .await;
+                if reply.as_ref().is_err_and(|e| e.is_unrecoverable_error()) {
+                    self.forget_shared(generation);
+                }
+                reply?
+            }
+            Err(e) => return Err(e),
+        };
+        let unknown = || {
+            RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                format!("no master serves slot {slot} (yet)"),
+            ))
+        };
+        let owners = SlotOwners::from_reply(&reply).ok_or_else(unknown)?;
+        let owner = owners
+            .owner(slot)
+            .map(|(h, p)| (h.to_owned(), p))
+            .ok_or_else(unknown)?;
+        *lock(&cluster.owners) = Some(owners);
+        Ok(owner)
     }
 
     /// The TLS client configuration for a `rediss://` URL (`None` for other URLs).
     #[cfg(feature = "tls")]
     fn tls_setup(&self) -> std::result::Result<Option<TlsSetup>, RedisError> {
-        let info = self.inner.client.get_connection_info();
+        let info = match &self.inner.target {
+            Target::Single(client) => client.get_connection_info(),
+            Target::Cluster(cluster) => &cluster.seed,
+        };
         if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
             return Ok(None);
         }
@@ -452,6 +664,15 @@ impl CommandError {
         matches!(self, CommandError::Refused { error, .. } if replies::is_no_such_key(error))
     }
 }
+
+impl ClusterTarget {
+    fn forget_owners(&self) {
+        *lock(&self.owners) = None;
+    }
+}
+
+/// How many `MOVED` replies a connection of one's own follows while it connects.
+const MAX_REDIRECTS: usize = 5;
 
 /// How often at most a refused login on reconnect is logged as a warning.
 const AUTH_WARNING_EVERY: Duration = Duration::from_secs(10);

@@ -17,10 +17,25 @@ pub(crate) fn is_transient(e: &RedisError) -> bool {
     e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
+        || is_cluster_change(e)
         || matches!(
             e.retry_method(),
             RetryMethod::Reconnect | RetryMethod::RetryImmediately | RetryMethod::WaitAndRetry
         )
+}
+
+/// A server's answer while a cluster (or a replication setup) changes: the slot moved
+/// (`MOVED`, `ASK`), the node became a replica (`READONLY`, or `UNBLOCKED` for a blocked read
+/// of a demoted master), the cluster is failing over (`CLUSTERDOWN`, `TRYAGAIN`,
+/// `MASTERDOWN`). A new attempt, on a connection to the slot's master of then, can cure it.
+pub(crate) fn is_cluster_change(e: &RedisError) -> bool {
+    matches!(
+        e.retry_method(),
+        RetryMethod::MovedRedirect | RetryMethod::AskRedirect | RetryMethod::RefreshSlotsAndRetry
+    ) || matches!(
+        e.code(),
+        Some("MOVED" | "ASK" | "READONLY" | "UNBLOCKED" | "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN")
+    )
 }
 
 /// The server's own answer, which a new connection would get again: an error reply (or a reply
@@ -48,6 +63,27 @@ pub(super) fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_changing_cluster_is_transient() {
+        let answer = |text: &str| -> RedisError {
+            let reply = redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).expect("an error reply");
+            reply.extract_error().expect_err("an error")
+        };
+        for text in [
+            "MOVED 3999 127.0.0.1:6381",
+            "ASK 3999 127.0.0.1:6381",
+            "READONLY You can't write against a read only replica.",
+            "UNBLOCKED force unblock from blocking operation, instance state changed (master -> replica?)",
+            "CLUSTERDOWN The cluster is down",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+        ] {
+            let e = answer(text);
+            assert!(is_cluster_change(&e) && is_transient(&e), "{text}: {e:?}");
+        }
+        let refused = answer("WRONGTYPE Operation against a key holding the wrong kind of value");
+        assert!(!is_transient(&refused));
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_stays_capped() {

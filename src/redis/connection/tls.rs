@@ -74,6 +74,47 @@ pub(super) fn open_client(
     })
 }
 
+/// `builder` with the TLS material given to the connection's builder, for a cluster whose
+/// first seed node is `seed` (TLS itself follows the seeds' scheme, `rediss-cluster://`).
+pub(super) fn cluster_certificates(
+    builder: redis::cluster::ClusterClientBuilder,
+    seed: &redis::ConnectionInfo,
+    tls: &TlsMaterial,
+) -> Result<redis::cluster::ClusterClientBuilder> {
+    #[cfg(feature = "tls")]
+    {
+        if matches!(seed.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        } else if tls.root.is_some() || tls.client.is_some() {
+            return Err(Error::invalid(
+                "redis_url",
+                "TLS certificates were given, but the URL is not rediss-cluster://",
+            ));
+        }
+        if tls.root.is_some() || tls.client.is_some() {
+            if let Some(pem) = &tls.root {
+                check_pem_certificates("tls_root_certificate", pem)?;
+            }
+            if let Some((certificate, key)) = &tls.client {
+                check_pem_certificates("tls_client_certificate", certificate)?;
+                check_pem_key(key)?;
+            }
+            return Ok(builder.certs(redis::TlsCertificates {
+                client_tls: tls
+                    .client
+                    .clone()
+                    .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }),
+                root_cert: tls.root.clone(),
+            }));
+        }
+    }
+    let _ = (seed, tls);
+    Ok(builder)
+}
+
 /// The rustls configuration of the dedicated connections: the given root certificate, else
 /// the system's roots (as redis-rs does), and the client certificate when one was given. The
 /// crypto provider is the application's process default, else ring.

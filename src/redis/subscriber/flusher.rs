@@ -188,7 +188,7 @@ impl Flusher {
                 // Closing: nothing more is taken over.
                 Op::Lower(_, answer) => drop(answer),
                 Op::ClaimsDone => self.floor = None,
-                Op::Unblock(_) => {}
+                Op::Unblock(..) => {}
             }
         }
         let acked = self.flush(&mut batch).await;
@@ -247,14 +247,11 @@ impl Flusher {
                 let _ = answer.send(self.lower_checkpoint(below).await);
             }
             Op::ClaimsDone => self.floor = None,
-            Op::Unblock(client) => {
+            Op::Unblock(client, node) => {
                 let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(client).clone();
                 let result = self
                     .conn
-                    .run("CLIENT UNBLOCK", |mut c| {
-                        let cmd = unblock.clone();
-                        async move { cmd.query_async::<Value>(&mut c).await }
-                    })
+                    .run_on_node("CLIENT UNBLOCK", node.as_deref(), &unblock)
                     .await;
                 if let Err(e) = result {
                     // Without the right to unblock, the reader notices at the end of its BLOCK.

@@ -331,15 +331,17 @@ impl Reader {
     async fn read_conn(&mut self) -> std::result::Result<(&mut DedicatedConnection, i64), ReadError> {
         if self.read_conn.is_none() {
             let timeout = self.options.block + BLOCK_REPLY_MARGIN;
+            let origin = self.shared.origin().clone();
             let mut conn = self
                 .shared
                 .conn()
-                .dedicated(timeout)
+                .dedicated(origin.stream(), timeout)
                 .await
                 .map_err(ReadError::Other)?;
             // Named as what failed only when it fails: the step's own command comes next.
             let step = std::mem::replace(&mut self.sending, "CLIENT ID");
             let client_id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await?;
+            self.shared.set_read_node(conn.node());
             self.sending = step;
             self.read_conn = Some((conn, client_id));
         }

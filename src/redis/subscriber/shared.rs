@@ -98,7 +98,9 @@ pub(super) enum Op {
     Lower(EntryId, tokio::sync::oneshot::Sender<Result<()>>),
     /// The claims prepared by `Lower` are done (what they took is in the pending list).
     ClaimsDone,
-    Unblock(i64),
+    /// Unblock the read connection of this client id, on this cluster node (`None`: on the
+    /// one server).
+    Unblock(i64, Option<Arc<(String, u16)>>),
     /// Answer once every ack and dead letter sent before this is written (or could not be).
     Flush(tokio::sync::oneshot::Sender<Result<()>>),
 }
@@ -113,6 +115,8 @@ pub(super) struct Shared {
     ops: mpsc::UnboundedSender<Op>,
     /// The client id of the read connection while it is blocked in `XREADGROUP`, else 0.
     blocked_client: AtomicI64,
+    /// The cluster node of the read connection (`None` on a single server).
+    read_node: Mutex<Option<Arc<(String, u16)>>>,
     /// The subscriber was closed.
     closed: Signal,
     /// Cancelled when the last user of this state (reader or delivery) is gone: the heartbeat
@@ -144,6 +148,7 @@ impl Shared {
             ledger,
             ops,
             blocked_client: AtomicI64::new(0),
+            read_node: Mutex::new(None),
             closed,
             released,
             reclaim_after: Mutex::new(None),
@@ -186,6 +191,11 @@ impl Shared {
         self.blocked_client.store(client.unwrap_or(0), Ordering::Release);
     }
 
+    /// Records the cluster node the read connection just opened to.
+    pub(super) fn set_read_node(&self, node: Option<&(String, u16)>) {
+        *self.read_node.lock().unwrap_or_else(|p| p.into_inner()) = node.cloned().map(Arc::new);
+    }
+
     /// Holds reclaim back for `ttl` from now.
     pub(super) fn hold_back_reclaim(&self, ttl: std::time::Duration) {
         let until = Instant::now() + ttl;
@@ -214,7 +224,8 @@ impl Shared {
     fn wake_reader(&self) {
         let client = self.blocked_client.load(Ordering::Acquire);
         if client != 0 {
-            let _ = self.ops.send(Op::Unblock(client));
+            let node = self.read_node.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let _ = self.ops.send(Op::Unblock(client, node));
         }
     }
 }
