@@ -84,7 +84,7 @@ impl RedisCluster {
         Ok(cluster)
     }
 
-    /// Every node agrees that the cluster is whole, and every replica knows its master.
+    /// Every node agrees that the cluster is whole, and knows every replica's master.
     fn wait_formed(&self) -> Result<(), String> {
         let deadline = Instant::now() + FORMING;
         loop {
@@ -96,7 +96,19 @@ impl RedisCluster {
             let formed = states.iter().all(|info| {
                 info.lines().any(|l| l.trim() == "cluster_state:ok")
                     && info.lines().any(|l| l.trim() == "cluster_known_nodes:6")
-            }) && self.masters().len() == 3;
+            }) && self.masters().len() == 3
+                && self.nodes.iter().all(|n| {
+                    // Replicas show as masters for a moment after `--cluster create`.
+                    node_cli(n.port(), &["CLUSTER", "NODES"])
+                        .map(|t| {
+                            t.lines()
+                                .filter_map(NodeLine::parse)
+                                .filter(|l| l.master_id.is_some())
+                                .count()
+                                == 3
+                        })
+                        .unwrap_or(false)
+                });
             if formed {
                 return Ok(());
             }
@@ -136,17 +148,193 @@ impl RedisCluster {
         format!("redis-cluster://{first}?{}", rest.join("&"))
     }
 
-    /// Runs `redis-cli -c` (following redirects) against the first node and returns what it
-    /// printed, for example `cluster.cli(&["SET", "k", "v"])`.
+    /// Runs `redis-cli -c` (following redirects) against the first node that answers and
+    /// returns what it printed, for example `cluster.cli(&["SET", "k", "v"])`.
     ///
     /// # Panics
     ///
-    /// When `redis-cli` cannot run or fails.
+    /// When `redis-cli` cannot run, or fails on every node.
     pub fn cli(&self, args: &[&str]) -> String {
-        let port = self.nodes[0].port().to_string();
-        let mut all = vec!["-c".to_owned(), "-p".to_owned(), port];
-        all.extend(args.iter().map(|a| a.to_string()));
-        redis_cli(&all).unwrap_or_else(|e| panic!("{e}"))
+        let mut last = String::new();
+        for node in &self.nodes {
+            let mut all = vec!["-c".to_owned(), "-p".to_owned(), node.port().to_string()];
+            all.extend(args.iter().map(|a| a.to_string()));
+            match redis_cli(&all) {
+                Ok(out) if !out.starts_with("Could not connect") => return out,
+                Ok(out) => last = out,
+                Err(e) => last = e,
+            }
+        }
+        panic!("redis-cli {args:?} failed on every node: {last}")
+    }
+
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let reply = self.cli(&["CLUSTER", "KEYSLOT", key]);
+        reply
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT answered {reply:?}"))
+    }
+
+    /// The master that serves `key`'s slot now, as the cluster's nodes see it.
+    pub fn master_of(&self, key: &str) -> Option<&RedisServer> {
+        let slot = self.slot_of(key);
+        let owner = self
+            .node_table()
+            .into_iter()
+            .find(|n| n.is_master() && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))?;
+        self.nodes.iter().find(|n| n.port() == owner.port)
+    }
+
+    /// The replicas of the master on `port`, as the cluster's nodes see them.
+    pub fn replicas_of(&self, port: u16) -> Vec<&RedisServer> {
+        let table = self.node_table();
+        let Some(master) = table.iter().find(|n| n.port == port) else {
+            return Vec::new();
+        };
+        let ports: Vec<u16> = table
+            .iter()
+            .filter(|n| n.master_id.as_deref() == Some(master.id.as_str()))
+            .map(|n| n.port)
+            .collect();
+        self.nodes.iter().filter(|n| ports.contains(&n.port())).collect()
+    }
+
+    /// The node on `port`, to kill, freeze or restart it.
+    ///
+    /// # Panics
+    ///
+    /// When no node has that port.
+    pub fn node_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port() == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    /// Waits until every node that answers reports `cluster_state:ok`, `within` at most.
+    ///
+    /// # Panics
+    ///
+    /// When the cluster is not healthy in time.
+    pub fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let infos: Vec<String> = self
+                .nodes
+                .iter()
+                .filter_map(|n| node_cli(n.port(), &["CLUSTER", "INFO"]).ok())
+                .filter(|info| info.contains("cluster_state"))
+                .collect();
+            if !infos.is_empty()
+                && infos
+                    .iter()
+                    .all(|i| i.lines().any(|l| l.trim() == "cluster_state:ok"))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster is not healthy after {within:?}:\n{}",
+                infos.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Moves `slot`, with its keys, to the master on port `to`, the way `redis-cli --cluster
+    /// reshard` does: `CLUSTER SETSLOT .. IMPORTING/MIGRATING`, `MIGRATE` of the slot's keys
+    /// (a stream moves whole, its consumer groups and pending entries with it), then `CLUSTER
+    /// SETSLOT .. NODE` on every master.
+    ///
+    /// # Panics
+    ///
+    /// When a step fails.
+    pub fn migrate_slot(&self, slot: u16, to: u16) {
+        let table = self.node_table();
+        let source = table
+            .iter()
+            .find(|n| n.is_master() && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+            .expect("the slot has a master");
+        let target = table.iter().find(|n| n.port == to).expect("the target is a node");
+        assert_ne!(source.port, to, "slot {slot} is on port {to} already");
+        let slot_text = slot.to_string();
+        let on = |port: u16, args: &[&str]| {
+            let out = node_cli(port, args).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!out.starts_with("ERR"), "redis-cli -p {port} {args:?}: {out}");
+            out
+        };
+        on(to, &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &source.id]);
+        on(
+            source.port,
+            &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &target.id],
+        );
+        loop {
+            let keys = on(source.port, &["CLUSTER", "GETKEYSINSLOT", &slot_text, "100"]);
+            let keys: Vec<&str> = keys.lines().map(str::trim).filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            on(source.port, &args);
+        }
+        for node in table.iter().filter(|n| n.is_master()) {
+            on(node.port, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &target.id]);
+        }
+    }
+
+    /// What the first node that answers `CLUSTER NODES` knows of every node.
+    fn node_table(&self) -> Vec<NodeLine> {
+        for node in &self.nodes {
+            if let Ok(text) = node_cli(node.port(), &["CLUSTER", "NODES"])
+                && text.contains("myself")
+            {
+                return text.lines().filter_map(NodeLine::parse).collect();
+            }
+        }
+        Vec::new()
+    }
+}
+
+/// One line of `CLUSTER NODES`: `<id> <ip:port@bus> <flags> <master id or -> ... <slots>`.
+#[derive(Debug)]
+struct NodeLine {
+    id: String,
+    port: u16,
+    flags: String,
+    master_id: Option<String>,
+    slots: Vec<(u16, u16)>,
+}
+
+impl NodeLine {
+    fn parse(line: &str) -> Option<Self> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [id, addr, flags, master, _, _, _, _, slots @ ..] = fields.as_slice() else {
+            return None;
+        };
+        let port = addr.split('@').next()?.rsplit(':').next()?.parse().ok()?;
+        let slots = slots
+            .iter()
+            .filter(|s| !s.starts_with('['))
+            .filter_map(|s| match s.split_once('-') {
+                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                None => s.parse().ok().map(|n| (n, n)),
+            })
+            .collect();
+        Some(NodeLine {
+            id: (*id).to_owned(),
+            port,
+            flags: (*flags).to_owned(),
+            master_id: (*master != "-").then(|| (*master).to_owned()),
+            slots,
+        })
+    }
+
+    fn is_master(&self) -> bool {
+        self.flags.split(',').any(|f| f == "master") && !self.flags.contains("fail")
     }
 }
 

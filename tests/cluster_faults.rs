@@ -1,0 +1,320 @@
+//! Faults of a Redis Cluster while producers and a router work: a coordinated failover of the
+//! master that owns the stream, a SIGKILL of that master, and a migration of the stream's slot
+//! to another master. Each test has a 3-master, 3-replica cluster of its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use streamwise::redis::{PublisherOptions, RedisBackend, RedisPublisher};
+use streamwise::router::{Json, Router, RunningRouter, State};
+use streamwise::testing::{RedisCluster, RedisServer, unique_topic};
+use streamwise::{Error, Message, Publisher, SubscribeOptions, Subscriber};
+
+/// How long a fault may take to heal, and everything published to be consumed after it.
+const HEAL: Duration = Duration::from_secs(60);
+
+/// Deliveries seen by the router's handler: how many times each number came.
+type Seen = Arc<Mutex<BTreeMap<u64, u32>>>;
+
+const MAX_IN_FLIGHT: usize = 16;
+
+/// A router consuming `topic` in group `g`, counting each number it handles.
+async fn consume(url: &str, topic: &str, seen: Seen) -> RunningRouter {
+    async fn count(Json(n): Json<u64>, State(seen): State<Seen>) {
+        *seen.lock().unwrap().entry(n).or_default() += 1;
+    }
+    let redis = RedisBackend::new(url).unwrap();
+    let router = Router::with_state(seen);
+    let routes = router.routes().route("n", count);
+    let options = SubscribeOptions::new("g", "c")
+        .max_in_flight(MAX_IN_FLIGHT)
+        .block(Duration::from_millis(200));
+    router
+        .subscribe(topic, options, routes)
+        .start(Arc::new(redis.subscriber().unwrap()), Arc::new(redis.publisher()))
+        .await
+        .unwrap()
+}
+
+/// Publishes 0, 1, 2, ... on `topic` until `stop`, each number until a publish of it is
+/// acknowledged; returns the acknowledged numbers. Failed publishes are retried after a pause
+/// (the entry may exist, which the consumer then sees as a duplicate).
+async fn produce(
+    publisher: RedisPublisher,
+    topic: String,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<u64>>>,
+) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Acquire) {
+        match publisher.publish(&topic, Message::new("n", &n).unwrap()).await {
+            Ok(_) => {
+                acked.lock().unwrap().push(n);
+                n += 1;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Waits until `done` holds, checking every 20 ms; fails with `what()` after `within`.
+async fn wait_for(within: Duration, what: impl Fn() -> String, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `replica` has caught up with its master (`master_link_status:up`).
+async fn wait_replica_linked(replica: &RedisServer) {
+    let linked = || {
+        replica
+            .command_lines("INFO replication", 20)
+            .iter()
+            .any(|l| l.trim() == "master_link_status:up")
+    };
+    wait_for(HEAL, || "the replica never linked to its master".into(), linked).await;
+}
+
+/// Everything acknowledged was consumed; returns the deliveries beyond one per number.
+async fn assert_nothing_lost(acked: &Mutex<Vec<u64>>, seen: &Seen) -> u32 {
+    let acked: BTreeSet<u64> = acked.lock().unwrap().iter().copied().collect();
+    assert!(!acked.is_empty());
+    let missing = || {
+        let seen = seen.lock().unwrap();
+        acked
+            .iter()
+            .filter(|n| !seen.contains_key(n))
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        HEAL,
+        || format!("acknowledged publishes never consumed: {:?}", missing()),
+        || missing().is_empty(),
+    )
+    .await;
+    seen.lock().unwrap().values().map(|count| count - 1).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinated_failover_loses_nothing_and_duplicates_stay_within_the_window() {
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    let topic = unique_topic("failover");
+    let master = cluster.master_of(&topic).unwrap().port();
+    let replica = cluster.replicas_of(master)[0].port();
+    wait_replica_linked(cluster.replicas_of(master)[0]).await;
+
+    let seen: Seen = Arc::default();
+    let router = consume(&url, &topic, seen.clone()).await;
+    let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+    let publisher = RedisBackend::new(&url).unwrap().publisher();
+    let producer = tokio::spawn(produce(publisher, topic.clone(), stop.clone(), acked.clone()));
+    let acked_count = || acked.lock().unwrap().len();
+    wait_for(
+        HEAL,
+        || "no publishes before the failover".into(),
+        || acked_count() >= 300,
+    )
+    .await;
+
+    let reply = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.port() == replica)
+        .unwrap()
+        .command("CLUSTER FAILOVER");
+    assert_eq!(reply, "+OK");
+    wait_for(
+        HEAL,
+        || "the replica was not promoted".into(),
+        || cluster.master_of(&topic).map(|m| m.port()) == Some(replica),
+    )
+    .await;
+    let at_failover = acked_count();
+    wait_for(
+        HEAL,
+        || "publishing did not resume after the failover".into(),
+        || acked_count() >= at_failover + 300,
+    )
+    .await;
+    stop.store(true, Ordering::Release);
+    producer.await.unwrap();
+
+    let duplicates = assert_nothing_lost(&acked, &seen).await;
+    assert!(
+        duplicates as usize <= MAX_IN_FLIGHT,
+        "{duplicates} duplicates, more than the in-flight window of {MAX_IN_FLIGHT}"
+    );
+    let report = router.shutdown().await.unwrap();
+    assert_eq!(report.abandoned, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_loses_no_publish_that_a_replica_acknowledged() {
+    let mut cluster = RedisCluster::start();
+    let url = cluster.url();
+    let topic = unique_topic("sigkill");
+    let master = cluster.master_of(&topic).unwrap().port();
+    let replica = cluster.replicas_of(master)[0].port();
+    wait_replica_linked(cluster.replicas_of(master)[0]).await;
+
+    let seen: Seen = Arc::default();
+    let router = consume(&url, &topic, seen.clone()).await;
+    let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+    let options = PublisherOptions::default().wait_replicas(1, Duration::from_secs(1));
+    let durable = RedisPublisher::new(RedisBackend::new(&url).unwrap().connection().clone(), options);
+    let producer = tokio::spawn(produce(durable, topic.clone(), stop.clone(), acked.clone()));
+    let acked_count = || acked.lock().unwrap().len();
+    wait_for(
+        HEAL,
+        || "no publishes before the kill".into(),
+        || acked_count() >= 200,
+    )
+    .await;
+
+    cluster.node_mut(master).kill();
+    wait_for(
+        HEAL,
+        || "the replica was not promoted".into(),
+        || cluster.master_of(&topic).map(|m| m.port()) == Some(replica),
+    )
+    .await;
+    // The killed node comes back as the new master's replica, so that publishes can be
+    // acknowledged by a replica again.
+    cluster.node_mut(master).restart();
+    wait_for(
+        HEAL,
+        || "the old master did not rejoin as a replica".into(),
+        || cluster.replicas_of(replica).iter().any(|r| r.port() == master),
+    )
+    .await;
+    let at_rejoin = acked_count();
+    wait_for(
+        HEAL,
+        || "durable publishing did not resume".into(),
+        || acked_count() >= at_rejoin + 200,
+    )
+    .await;
+    stop.store(true, Ordering::Release);
+    producer.await.unwrap();
+    assert_nothing_lost(&acked, &seen).await;
+    router.shutdown().await.unwrap();
+
+    // With the replica paused, a durable publish fails with the typed error instead of
+    // reporting success.
+    let paused = cluster.nodes().iter().find(|n| n.port() == master).unwrap();
+    paused.freeze();
+    let options = PublisherOptions::default().wait_replicas(1, Duration::from_millis(300));
+    let durable = RedisPublisher::new(RedisBackend::new(&url).unwrap().connection().clone(), options);
+    let refused = durable
+        .publish(&topic, Message::new("n", &u64::MAX).unwrap())
+        .await;
+    paused.thaw();
+    match refused {
+        Err(Error::NotReplicated {
+            acknowledged,
+            wanted,
+            ids,
+            ..
+        }) => {
+            assert_eq!((acknowledged, wanted, ids.len()), (0, 1, 1));
+        }
+        other => panic!("expected NotReplicated, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migration_moves_the_group_and_its_pending_entries_and_loses_nothing() {
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    let topic = unique_topic("migrate");
+    let slot = cluster.slot_of(&topic);
+    let source = cluster.master_of(&topic).unwrap().port();
+    let target = cluster
+        .masters()
+        .into_iter()
+        .find(|m| m.port() != source)
+        .unwrap()
+        .port();
+
+    // Entries left pending in another group before the move.
+    let redis = RedisBackend::new(&url).unwrap();
+    for n in 0..5u64 {
+        redis
+            .publisher()
+            .publish(&topic, Message::new("n", &(1_000_000 + n)).unwrap())
+            .await
+            .unwrap();
+    }
+    let holder = redis.subscriber().unwrap();
+    let mut held = holder
+        .subscribe(
+            &topic,
+            SubscribeOptions::new("h", "holder").start_from(streamwise::StartFrom::Beginning),
+        )
+        .await
+        .unwrap();
+    let mut deliveries = Vec::new();
+    for _ in 0..5 {
+        use futures::StreamExt;
+        let d = tokio::time::timeout(HEAL, held.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        deliveries.push(d);
+    }
+    assert_eq!(redis.pending_count(&topic, "h").await.unwrap(), 5);
+
+    let seen: Seen = Arc::default();
+    let router = consume(&url, &topic, seen.clone()).await;
+    let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+    let producer = tokio::spawn(produce(
+        redis.publisher(),
+        topic.clone(),
+        stop.clone(),
+        acked.clone(),
+    ));
+    let acked_count = || acked.lock().unwrap().len();
+    wait_for(
+        HEAL,
+        || "no publishes before the move".into(),
+        || acked_count() >= 300,
+    )
+    .await;
+
+    cluster.migrate_slot(slot, target);
+    assert_eq!(cluster.master_of(&topic).unwrap().port(), target);
+    let at_move = acked_count();
+    wait_for(
+        HEAL,
+        || "publishing did not resume after the move".into(),
+        || acked_count() >= at_move + 300,
+    )
+    .await;
+    stop.store(true, Ordering::Release);
+    producer.await.unwrap();
+    assert_nothing_lost(&acked, &seen).await;
+    router.shutdown().await.unwrap();
+
+    // The group moved with the stream: the holder's entries are still pending, and acking
+    // them now reaches the new master.
+    let on_target = cluster.nodes().iter().find(|n| n.port() == target).unwrap();
+    let pending = on_target.command_lines(&format!("XPENDING {topic} h"), 2);
+    assert_eq!(
+        pending,
+        vec!["*4".to_owned(), ":5".to_owned()],
+        "XPENDING on the new master"
+    );
+    for d in deliveries {
+        d.ack().await.unwrap();
+    }
+    holder.close().await.unwrap();
+    assert_eq!(redis.pending_count(&topic, "h").await.unwrap(), 0);
+    assert_eq!(redis.pending_count(&topic, "g").await.unwrap(), 0);
+}
