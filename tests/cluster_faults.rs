@@ -318,3 +318,51 @@ async fn a_slot_migration_moves_the_group_and_its_pending_entries_and_loses_noth
     assert_eq!(redis.pending_count(&topic, "h").await.unwrap(), 0);
     assert_eq!(redis.pending_count(&topic, "g").await.unwrap(), 0);
 }
+
+/// Producer backpressure keeps holding after the stream's master is killed and its replica
+/// promoted. Where Redis reports the group's lag as unknown (reported from outside for a
+/// promoted Redis 7.0 replica), the producer counts the unread entries itself; on the 7.0.15
+/// here the promoted replica still knew the lag, so that fallback is proven by
+/// `producer_backpressure_holds_when_redis_cannot_tell_the_lag` in tests/seed_api.rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_backpressure_holds_across_a_failover() {
+    use streamwise::redis_streams::{
+        Backpressure, BackpressureMode, ConsumerGroupManager, ProducerOptions, StreamProducer,
+    };
+    let mut cluster = RedisCluster::start();
+    let url = cluster.url();
+    let stream = unique_topic("bp");
+    let master = cluster.master_of(&stream).unwrap().port();
+    let replica = cluster.replicas_of(master)[0].port();
+    wait_replica_linked(cluster.replicas_of(master)[0]).await;
+
+    ConsumerGroupManager::new(&url)
+        .unwrap()
+        .create_group(&stream, "slow", "$")
+        .await
+        .unwrap();
+    let plain = StreamProducer::new(&url, &stream).unwrap();
+    for n in 0..2 {
+        plain.publish("t", &n, None).await.unwrap();
+    }
+    cluster.node_mut(master).kill();
+    wait_for(
+        HEAL,
+        || "the replica was not promoted".into(),
+        || cluster.master_of(&stream).map(|m| m.port()) == Some(replica),
+    )
+    .await;
+    for n in 2..5 {
+        plain.publish("t", &n, None).await.unwrap();
+    }
+    let options = ProducerOptions {
+        backpressure: Some(Backpressure::new("slow", 3, BackpressureMode::FailFast)),
+        ..ProducerOptions::default()
+    };
+    let conn = streamwise::redis::RedisConnection::new(&url).unwrap();
+    let held = StreamProducer::with_options(conn, &stream, options).unwrap();
+    match held.publish("t", &9, None).await {
+        Err(Error::Backpressure { lag, limit, .. }) => assert!(lag > limit && limit == 3, "lag {lag}"),
+        other => panic!("expected Backpressure after the failover, got {other:?}"),
+    }
+}

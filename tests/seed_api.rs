@@ -295,6 +295,45 @@ async fn producer_backpressure_waits_or_fails_fast() {
     assert!(started.elapsed() >= Duration::from_millis(300));
 }
 
+/// Redis cannot tell a group's lag after an entry in its unread range was deleted (or, on
+/// Redis 7.0, on a replica promoted by a failover): backpressure counts the unread entries
+/// itself then, up to one past the limit, instead of silently letting everything through.
+#[tokio::test]
+async fn producer_backpressure_holds_when_redis_cannot_tell_the_lag() {
+    let server = RedisServer::start();
+    let groups = ConsumerGroupManager::new(&server.url()).unwrap();
+    groups.create_group("unknown-lag", "slow", "$").await.unwrap();
+    let plain = StreamProducer::new(&server.url(), "unknown-lag").unwrap();
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(plain.publish("t", &n, None).await.unwrap());
+    }
+    server.command(&format!("XDEL unknown-lag {}", ids[2]));
+    let info = streamwise::redis::admin::group_info(&conn(&server), "unknown-lag", "slow")
+        .await
+        .unwrap();
+    assert_eq!(info.lag, None, "Redis reports the lag as unknown");
+
+    let options = ProducerOptions {
+        backpressure: Some(Backpressure::new("slow", 3, BackpressureMode::FailFast)),
+        ..ProducerOptions::default()
+    };
+    let producer = StreamProducer::with_options(conn(&server), "unknown-lag", options).unwrap();
+    match producer.publish("t", &9, None).await {
+        // Counted up to one past the limit.
+        Err(Error::Backpressure { lag, limit, .. }) => assert_eq!((lag, limit), (4, 3)),
+        other => panic!("expected Backpressure, got {other:?}"),
+    }
+    // Once the group has read everything, publishing goes on.
+    server.command("XREADGROUP GROUP slow c COUNT 100 STREAMS unknown-lag >");
+    let relaxed = ProducerOptions {
+        backpressure: Some(Backpressure::new("slow", 3, BackpressureMode::FailFast)),
+        ..ProducerOptions::default()
+    };
+    let fresh = StreamProducer::with_options(conn(&server), "unknown-lag", relaxed).unwrap();
+    fresh.publish("t", &10, None).await.unwrap();
+}
+
 #[tokio::test]
 async fn stream_manager_creates_describes_and_deletes() {
     let server = RedisServer::start();

@@ -380,6 +380,35 @@ async fn groups(conn: &RedisConnection, stream: &str) -> Result<Vec<GroupInfo>> 
         .collect())
 }
 
+/// How many entries of `stream` come after `after`, counting at most `cap` (`XRANGE` from just
+/// after `after`, `cap` entries at most): a group's lag where Redis cannot tell it
+/// ([`GroupInfo::lag`] is `None` after deletions in the unread range, and on Redis 7.0 on a
+/// replica promoted by a failover). It reads up to `cap` entries, so keep `cap` small.
+pub async fn entries_after(conn: &RedisConnection, stream: &str, after: EntryId, cap: u64) -> Result<u64> {
+    validate_stream_name("stream", stream)?;
+    if cap == 0 {
+        return Ok(0);
+    }
+    let start = format!("({after}");
+    let reply = conn
+        .run_mapped("XRANGE", |mut c| {
+            let cmd = redis::cmd("XRANGE")
+                .arg(stream)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(cap)
+                .clone();
+            async move { cmd.query_async::<Value>(&mut c).await }
+        })
+        .await?;
+    match reply {
+        Value::Array(entries) => Ok(entries.len() as u64),
+        Value::Nil => Ok(0),
+        _ => Err(replies::unexpected("XRANGE")),
+    }
+}
+
 /// The names of the consumer groups of `stream`; [`Error::StreamNotFound`] when it does not
 /// exist.
 pub async fn list_groups(conn: &RedisConnection, stream: &str) -> Result<Vec<String>> {

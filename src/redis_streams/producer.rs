@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::message::{Message, Metadata};
 use crate::pubsub::Publisher;
-use crate::redis::admin;
+use crate::redis::admin::{self, GroupInfo};
 use crate::redis::{PublisherOptions, RedisConnection, RedisPublisher};
 
 /// What a producer does while the consumers lag behind.
@@ -223,7 +223,9 @@ impl StreamProducer {
     }
 
     /// The group's lag, read again once the last reading is older than `check_every`. A group
-    /// that does not exist yet, or whose lag Redis cannot tell, does not hold publishing back.
+    /// that does not exist yet does not hold publishing back. Where Redis cannot tell the lag
+    /// (deletions in the unread range; on Redis 7.0, a replica promoted by a failover), the
+    /// entries after the group's last delivered one are counted, up to one past `max_lag`.
     async fn lag(&self, bp: &Backpressure) -> Result<Option<u64>> {
         let cached = *self.lag_seen.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, lag)) = cached
@@ -232,7 +234,11 @@ impl StreamProducer {
             return Ok(lag);
         }
         let lag = match admin::group_info(&self.conn, &self.stream, &bp.group).await {
-            Ok(info) => info.lag,
+            Ok(GroupInfo { lag: Some(lag), .. }) => Some(lag),
+            Ok(info) => {
+                let cap = bp.max_lag.saturating_add(1);
+                Some(admin::entries_after(&self.conn, &self.stream, info.last_delivered_id, cap).await?)
+            }
             Err(Error::GroupNotFound { .. }) => None,
             Err(e) => return Err(e),
         };
