@@ -486,10 +486,10 @@ impl RedisConnection {
         response_timeout: Duration,
     ) -> std::result::Result<DedicatedConnection, RedisError> {
         let s = self.inner.settings;
-        let tls = self.tls_setup()?;
         let cluster = match &self.inner.target {
             Target::Single(client) => {
                 let info = client.get_connection_info();
+                let tls = self.tls_setup()?;
                 return DedicatedConnection::connect(info, tls, s.connect_timeout, response_timeout).await;
             }
             Target::Cluster(cluster) => cluster,
@@ -502,8 +502,9 @@ impl RedisConnection {
                 None => self.slot_owner(cluster, slot).await?,
             };
             let info = at_node(&cluster.seed, &host, port);
-            let opened =
-                DedicatedConnection::connect(&info, tls.clone(), s.connect_timeout, response_timeout).await;
+            // Built once per connection handle: each attempt clones an `Arc`.
+            let tls = self.tls_setup()?;
+            let opened = DedicatedConnection::connect(&info, tls, s.connect_timeout, response_timeout).await;
             let mut conn = opened.inspect_err(|_| cluster.forget_owners())?;
             match redis::cmd("EXISTS").arg(key).query_async::<i64>(&mut conn).await {
                 Ok(_) => return Ok(conn.at_node(host, port)),
