@@ -70,13 +70,35 @@ async fn wait_for(within: Duration, what: impl Fn() -> String, done: impl Fn() -
 
 /// Waits until `replica` has caught up with its master (`master_link_status:up`).
 async fn wait_replica_linked(replica: &RedisServer) {
-    let linked = || {
-        replica
-            .command_lines("INFO replication", 20)
-            .iter()
-            .any(|l| l.trim() == "master_link_status:up")
-    };
+    let linked =
+        || replication_info(replica).is_some_and(|i| i.lines().any(|l| l.trim() == "master_link_status:up"));
     wait_for(HEAL, || "the replica never linked to its master".into(), linked).await;
+}
+
+/// `INFO replication` of `node`.
+fn replication_info(node: &RedisServer) -> Option<String> {
+    let mut conn = redis::Client::open(node.url()).ok()?.get_connection().ok()?;
+    redis::cmd("INFO").arg("replication").query(&mut conn).ok()
+}
+
+/// The `field` of `INFO replication` on `node`, as a number.
+fn replication_offset(node: &RedisServer, field: &str) -> Option<u64> {
+    let info = replication_info(node)?;
+    let prefix = format!("{field}:");
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(&prefix)?.parse().ok())
+}
+
+/// Waits until `replica` has everything `master` wrote so far, so that killing the master now
+/// loses nothing the test relies on.
+async fn wait_replica_caught_up(master: &RedisServer, replica: &RedisServer) {
+    let written = replication_offset(master, "master_repl_offset").expect("the master's offset");
+    wait_for(
+        HEAL,
+        || "the replica did not catch up".into(),
+        || replication_offset(replica, "slave_repl_offset").is_some_and(|at| at >= written),
+    )
+    .await;
 }
 
 /// Everything acknowledged was consumed; returns the deliveries beyond one per number.
@@ -345,6 +367,10 @@ async fn producer_backpressure_holds_across_a_failover() {
     for n in 0..2 {
         plain.publish("t", &n, None).await.unwrap();
     }
+    // Replication is asynchronous: without this, the kill may take the group and the entries
+    // with it (as the README says).
+    let node = |port| cluster.nodes().iter().find(|n| n.port() == port).unwrap();
+    wait_replica_caught_up(node(master), node(replica)).await;
     cluster.node_mut(master).kill();
     wait_for(
         HEAL,
