@@ -44,7 +44,7 @@ mod redis_cluster;
 mod redis_server;
 
 pub use captured_logs::CapturedLogs;
-pub use redis_cluster::RedisCluster;
+pub use redis_cluster::{ClusterTls, RedisCluster};
 pub use redis_server::{RedisServer, free_port};
 
 use std::collections::{HashMap, HashSet};

@@ -35,6 +35,22 @@ const BUS_OFFSET: u16 = 10_000;
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// The nodes' TLS ports, in the order of `nodes` (empty for a plain cluster).
+    tls_ports: Vec<u16>,
+    /// The CA file clients of a TLS cluster trust (for the harness's own `redis-cli`).
+    tls_ca: Option<std::path::PathBuf>,
+}
+
+/// The files of a TLS cluster ([`RedisCluster::start_tls`]), all PEM.
+#[derive(Clone, Debug)]
+pub struct ClusterTls {
+    /// The CA that signed `certificate`, trusted by the nodes and their clients.
+    pub ca: std::path::PathBuf,
+    /// Every node's certificate, for 127.0.0.1, usable for server and client authentication
+    /// (the nodes connect to each other with it).
+    pub certificate: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
 }
 
 impl RedisCluster {
@@ -46,9 +62,25 @@ impl RedisCluster {
     /// When `redis-server` or `redis-cli` is missing, or the cluster does not form (the nodes'
     /// logs are in the message).
     pub fn start() -> Self {
+        Self::start_with_tls(None)
+    }
+
+    /// Starts a cluster whose nodes talk TLS to clients, to each other (`tls-cluster yes`)
+    /// and to their replicas (`tls-replication yes`), with the certificates of `tls`;
+    /// clients are not asked for certificates. Each node keeps a plain port on loopback for
+    /// the harness ([`RedisServer::port`]); clients use [`tls_url`](Self::tls_url).
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_tls(tls: &ClusterTls) -> Self {
+        Self::start_with_tls(Some(tls))
+    }
+
+    fn start_with_tls(tls: Option<&ClusterTls>) -> Self {
         let mut last_error = String::new();
         for _ in 0..ATTEMPTS {
-            match Self::try_start() {
+            match Self::try_start(tls) {
                 Ok(cluster) => return cluster,
                 Err(e) => last_error = e,
             }
@@ -56,30 +88,70 @@ impl RedisCluster {
         panic!("no Redis Cluster after {ATTEMPTS} attempts; last error:\n{last_error}");
     }
 
-    fn try_start() -> Result<Self, String> {
+    fn try_start(tls: Option<&ClusterTls>) -> Result<Self, String> {
         let mut nodes = Vec::with_capacity(6);
-        for port in free_port_pairs(6) {
-            let node = RedisServer::start_on(
-                port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                ],
-            )?;
-            nodes.push(node);
+        // With TLS the bus listens beside the TLS port, which the nodes announce; the plain
+        // port (a free port of its own) stays for the harness.
+        let bus_ports = free_port_pairs(6);
+        let (plain_ports, tls_ports) = match tls {
+            Some(_) => ((0..6).map(|_| super::free_port()).collect(), bus_ports),
+            None => (bus_ports, Vec::new()),
+        };
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        for (i, port) in plain_ports.iter().enumerate() {
+            let mut args: Vec<String> = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            if let Some(tls) = tls {
+                args.extend([
+                    "--tls-port".to_owned(),
+                    tls_ports[i].to_string(),
+                    "--tls-cluster".to_owned(),
+                    "yes".to_owned(),
+                    "--tls-replication".to_owned(),
+                    "yes".to_owned(),
+                    "--tls-cert-file".to_owned(),
+                    path(&tls.certificate),
+                    "--tls-key-file".to_owned(),
+                    path(&tls.key),
+                    "--tls-ca-cert-file".to_owned(),
+                    path(&tls.ca),
+                    "--tls-auth-clients".to_owned(),
+                    "no".to_owned(),
+                ]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            match RedisServer::start_on(*port, &args) {
+                Ok(node) => nodes.push(node),
+                Err(e) => return Err(e),
+            }
         }
-        let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
-        create.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())));
+        let mut create = Vec::new();
+        if let Some(tls) = tls {
+            create.extend(["--tls".to_owned(), "--cacert".to_owned(), path(&tls.ca)]);
+        }
+        create.extend(["--cluster".to_owned(), "create".to_owned()]);
+        match tls {
+            Some(_) => create.extend(tls_ports.iter().map(|p| format!("127.0.0.1:{p}"))),
+            None => create.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port()))),
+        }
         create.extend(["--cluster-replicas", "1", "--cluster-yes"].map(str::to_owned));
         let created = redis_cli(&create)?;
         if !created.contains("[OK] All 16384 slots covered") {
             return Err(format!("redis-cli --cluster create:\n{created}"));
         }
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster {
+            nodes,
+            tls_ports,
+            tls_ca: tls.map(|t| t.ca.clone()),
+        };
         cluster.wait_formed()?;
         Ok(cluster)
     }
@@ -148,6 +220,16 @@ impl RedisCluster {
         format!("redis-cluster://{first}?{}", rest.join("&"))
     }
 
+    /// The URL of a cluster started with [`start_tls`](Self::start_tls):
+    /// `rediss-cluster://127.0.0.1:<tls port>?node=...` (empty for a plain cluster).
+    pub fn tls_url(&self) -> String {
+        let Some((first, rest)) = self.tls_ports.split_first() else {
+            return String::new();
+        };
+        let rest: Vec<String> = rest.iter().map(|p| format!("node=127.0.0.1:{p}")).collect();
+        format!("rediss-cluster://127.0.0.1:{first}?{}", rest.join("&"))
+    }
+
     /// Runs `redis-cli -c` (following redirects) against the first node that answers and
     /// returns what it printed, for example `cluster.cli(&["SET", "k", "v"])`.
     ///
@@ -156,8 +238,19 @@ impl RedisCluster {
     /// When `redis-cli` cannot run, or fails on every node.
     pub fn cli(&self, args: &[&str]) -> String {
         let mut last = String::new();
-        for node in &self.nodes {
-            let mut all = vec!["-c".to_owned(), "-p".to_owned(), node.port().to_string()];
+        for (i, node) in self.nodes.iter().enumerate() {
+            // On a TLS cluster, redirects name TLS ports.
+            let mut all = match &self.tls_ca {
+                Some(ca) => vec![
+                    "--tls".to_owned(),
+                    "--cacert".to_owned(),
+                    ca.to_string_lossy().into_owned(),
+                    "-p".to_owned(),
+                    self.tls_ports[i].to_string(),
+                ],
+                None => vec!["-p".to_owned(), node.port().to_string()],
+            };
+            all.push("-c".to_owned());
             all.extend(args.iter().map(|a| a.to_string()));
             match redis_cli(&all) {
                 Ok(out) if !out.starts_with("Could not connect") => return out,
@@ -184,21 +277,37 @@ impl RedisCluster {
             .node_table()
             .into_iter()
             .find(|n| n.is_master() && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))?;
-        self.nodes.iter().find(|n| n.port() == owner.port)
+        self.node_announced_at(owner.port)
+    }
+
+    /// The node that announces `port` to the cluster (its TLS port on a TLS cluster).
+    fn node_announced_at(&self, port: u16) -> Option<&RedisServer> {
+        match self.tls_ports.iter().position(|p| *p == port) {
+            Some(i) => self.nodes.get(i),
+            None => self.nodes.iter().find(|n| n.port() == port),
+        }
+    }
+
+    /// The port the node on (plain) `port` announces to the cluster.
+    fn announced_port(&self, port: u16) -> u16 {
+        match self.nodes.iter().position(|n| n.port() == port) {
+            Some(i) if !self.tls_ports.is_empty() => self.tls_ports[i],
+            _ => port,
+        }
     }
 
     /// The replicas of the master on `port`, as the cluster's nodes see them.
     pub fn replicas_of(&self, port: u16) -> Vec<&RedisServer> {
         let table = self.node_table();
-        let Some(master) = table.iter().find(|n| n.port == port) else {
+        let announced = self.announced_port(port);
+        let Some(master) = table.iter().find(|n| n.port == announced) else {
             return Vec::new();
         };
-        let ports: Vec<u16> = table
+        table
             .iter()
             .filter(|n| n.master_id.as_deref() == Some(master.id.as_str()))
-            .map(|n| n.port)
-            .collect();
-        self.nodes.iter().filter(|n| ports.contains(&n.port())).collect()
+            .filter_map(|n| self.node_announced_at(n.port))
+            .collect()
     }
 
     /// The node on `port`, to kill, freeze or restart it.
@@ -250,8 +359,12 @@ impl RedisCluster {
     ///
     /// # Panics
     ///
-    /// When a step fails.
+    /// When a step fails, or on a TLS cluster.
     pub fn migrate_slot(&self, slot: u16, to: u16) {
+        assert!(
+            self.tls_ports.is_empty(),
+            "migrate_slot moves keys on plain clusters only"
+        );
         let table = self.node_table();
         let source = table
             .iter()

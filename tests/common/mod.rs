@@ -4,6 +4,8 @@
 
 #![allow(dead_code, unused_imports, unreachable_pub)] // each test binary uses part of this module
 
+pub mod certs;
+
 use std::sync::Arc;
 use std::time::Duration;
 
