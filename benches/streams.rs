@@ -7,6 +7,10 @@
 //! BENCH_BACKLOG=200000 cargo bench --bench streams # a smaller backlog for the consume workload
 //! ```
 //!
+//! Rows whose system ends in `(cluster)` run the same streamwise workload on a local Redis
+//! Cluster of 3 masters and 3 replicas (one stream lives in one slot, so expect no speed-up on
+//! 2 cores; the CPU per event, client and all nodes together, is what to compare).
+//!
 //! Baselines: a raw `redis` crate loop written here (XADD awaited one at a time; XREADGROUP
 //! COUNT 100 + one XACK per batch), and `redis-benchmark` XADD with `-c 1 -P 1` and
 //! `-c 50 -P 64`. Each workload runs with 1 and with 2 tokio worker threads.
@@ -18,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use streamwise::memory::MemoryBackend;
 use streamwise::redis::RedisBackend;
-use streamwise::redis::client::{self as redis_client, AsyncCommands, Value};
+use streamwise::redis::client::{self as redis_client, Value};
 use streamwise::router::{Router, Routes};
-use streamwise::testing::RedisServer;
+use streamwise::testing::{RedisCluster, RedisServer};
 use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber};
 
 // ----------------------------------------------------------------------------- measurement
@@ -80,22 +84,41 @@ fn cpu_time() -> Duration {
 /// The server the workloads of this (child) process run against, for its CPU time.
 static SERVER_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-/// redis-server's CPU time so far (`used_cpu_user` + `used_cpu_sys` of `INFO cpu`).
+/// redis-server's CPU time so far (`used_cpu_user` + `used_cpu_sys` of `INFO cpu`); of all
+/// nodes together on a cluster (replicas work too).
 fn server_cpu_time() -> Duration {
     let Some(url) = SERVER_URL.get() else {
         return Duration::ZERO;
     };
-    let info: String = redis_client::Client::open(url.as_str())
-        .and_then(|c| c.get_connection())
-        .and_then(|mut c| redis_client::cmd("INFO").arg("cpu").query(&mut c))
-        .unwrap_or_default();
-    let seconds: f64 = info
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(k, _)| *k == "used_cpu_user" || *k == "used_cpu_sys")
-        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
-        .sum();
+    let nodes = cluster_nodes(url).unwrap_or_else(|| vec![url.clone()]);
+    let mut seconds = 0.0;
+    for node in nodes {
+        let info: String = redis_client::Client::open(node.as_str())
+            .and_then(|c| c.get_connection())
+            .and_then(|mut c| redis_client::cmd("INFO").arg("cpu").query(&mut c))
+            .unwrap_or_default();
+        seconds += info
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, _)| *k == "used_cpu_user" || *k == "used_cpu_sys")
+            .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+            .sum::<f64>();
+    }
     Duration::from_secs_f64(seconds)
+}
+
+/// The node URLs of a `redis-cluster://` URL, `None` for another URL.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let rest = url.strip_prefix("redis-cluster://")?;
+    let (first, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut nodes = vec![format!("redis://{first}")];
+    nodes.extend(
+        query
+            .split('&')
+            .filter_map(|p| p.strip_prefix("node="))
+            .map(|n| format!("redis://{n}")),
+    );
+    Some(nodes)
 }
 
 /// Profiles the measured part of a workload only: with `BENCH_PERF_CTL=<fifo>`, tells
@@ -328,7 +351,22 @@ async fn streamwise_publish_batched(url: String, n: u64, size: usize) -> (u64, V
 
 /// Fills `stream` with `n` entries in the wire format, pipelined, for the consume workloads.
 async fn preload(url: &str, stream: &str, n: u64, size: usize) {
-    let mut c = raw_conn(url).await;
+    match cluster_nodes(url) {
+        Some(nodes) => {
+            let client = redis_client::cluster::ClusterClient::new(nodes).expect("cluster url");
+            let mut c = client.get_async_connection().await.expect("connect");
+            preload_on(&mut c, stream, n, size).await;
+        }
+        None => preload_on(&mut raw_conn(url).await, stream, n, size).await,
+    }
+}
+
+async fn preload_on<C: redis_client::aio::ConnectionLike + Send>(
+    c: &mut C,
+    stream: &str,
+    n: u64,
+    size: usize,
+) {
     let messages: Vec<Vec<(&'static str, bytes::Bytes)>> = (0..1000)
         .map(|_| {
             use streamwise::codec::Codec;
@@ -348,10 +386,17 @@ async fn preload(url: &str, stream: &str, n: u64, size: usize) {
             }
             cmd.ignore();
         }
-        let _: () = pipe.query_async(&mut c).await.expect("preload");
+        let _: () = pipe.query_async(c).await.expect("preload");
         left -= k;
     }
-    let _: () = c.xgroup_create(stream, "g", "0").await.expect("group");
+    let _: () = redis_client::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("g")
+        .arg("0")
+        .query_async(c)
+        .await
+        .expect("group");
 }
 
 /// XREADGROUP COUNT 100, then one XACK for the batch, in a loop.
@@ -743,10 +788,31 @@ fn specs() -> Vec<Spec> {
             memory_n,
         ));
     }
+    // The same streamwise workloads on the cluster, beside the single node.
+    let on_cluster: Vec<Spec> = specs
+        .iter()
+        .filter(|s| s.system.starts_with("streamwise") && !s.workload.starts_with("in-memory"))
+        .map(|s| Spec {
+            system: if s.system == "streamwise" {
+                "streamwise (cluster)"
+            } else {
+                "streamwise router (cluster)"
+            },
+            ..*s
+        })
+        .collect();
+    specs.extend(on_cluster);
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         specs.retain(|s| s.workload.contains(only.as_str()));
     }
+    if std::env::var_os("BENCH_NO_CLUSTER").is_some() {
+        specs.retain(|s| !on_cluster_system(s.system));
+    }
     specs
+}
+
+fn on_cluster_system(system: &str) -> bool {
+    system.ends_with("(cluster)")
 }
 
 fn parse_row(json: &str) -> Option<Row> {
@@ -780,6 +846,11 @@ fn main() {
     }
     let server = RedisServer::start();
     let url = server.url();
+    let cluster = specs()
+        .iter()
+        .any(|s| on_cluster_system(s.system))
+        .then(RedisCluster::start);
+    let cluster_url = cluster.as_ref().map(RedisCluster::url).unwrap_or_default();
     let exe = std::env::current_exe().expect("own path");
     let mut rows = Vec::new();
     if std::env::var_os("BENCH_ONLY").is_none() {
@@ -792,8 +863,18 @@ fn main() {
     }
     for (index, spec) in specs().iter().enumerate() {
         flush(&server);
+        if let Some(cluster) = &cluster {
+            for master in cluster.masters() {
+                flush(master);
+            }
+        }
+        let target = if on_cluster_system(spec.system) {
+            &cluster_url
+        } else {
+            &url
+        };
         let out = Command::new(&exe)
-            .args(["--run", &index.to_string(), &url])
+            .args(["--run", &index.to_string(), target])
             .stderr(Stdio::inherit())
             .output()
             .expect("run a workload");

@@ -175,8 +175,8 @@ impl PublisherOptions {
 
 /// Publishes to Redis streams.
 ///
-/// A publisher has a connection of its own, which one publish at a time uses: an awaited
-/// publish then costs one write and one read in the caller's task. Publishes made meanwhile
+/// A publisher has a connection of its own (on a cluster, one per master), which one publish
+/// at a time uses: an awaited publish then costs one write and one read in the caller's task. Publishes made meanwhile
 /// by other tasks go through the [`RedisConnection`]'s shared multiplexed connection, which
 /// pipelines them; so does a publish after its own connection failed, with the retry policy.
 ///
@@ -194,11 +194,12 @@ pub struct RedisPublisher {
     waiting: tokio::sync::Mutex<HashMap<u16, DedicatedConnection>>,
 }
 
-/// The publisher's own connection, opened on first use; after a failure to open it, not
-/// tried again before `retry_at` (publishes use the shared connection meanwhile).
+/// The publisher's own connection, opened on first use (on a cluster, one per master,
+/// keyed by its address); after a failure to open one, not tried again before `retry_at`
+/// (publishes use the shared connection meanwhile).
 #[derive(Default)]
 struct OwnConnection {
-    conn: Option<DedicatedConnection>,
+    conns: HashMap<Option<(String, u16)>, DedicatedConnection>,
     retry_at: Option<Instant>,
 }
 
@@ -237,22 +238,28 @@ impl RedisPublisher {
     /// Sends `request` on the publisher's own connection, if no other publish uses it and it
     /// is (or can be) open. `None` means: send it on the shared connection (which retries
     /// connection failures; a reply lost here may mean a duplicate, as after any retry).
-    async fn send_own(&self, request: Request<'_>) -> Option<Result<Vec<Value>>> {
-        if self.conn.is_cluster() {
-            // The shared cluster connection keeps one connection per master and pipelines.
-            return None;
-        }
+    async fn send_own(&self, topic: &str, request: Request<'_>) -> Option<Result<Vec<Value>>> {
         let mut own = self.own.try_lock().ok()?;
-        if own.conn.as_ref().is_some_and(|c| !c.is_idle()) {
+        // The master of the topic's slot, as far as the slot map knows (`None` on one server,
+        // or before the map is learned: the connection opened below says where it went).
+        let mut node = self
+            .conn
+            .is_cluster()
+            .then(|| self.conn.known_master(topic))
+            .flatten();
+        if own.conns.get(&node).is_some_and(|c| !c.is_idle()) {
             // An earlier publish was dropped half-way: its reply would be taken for ours.
-            own.conn = None;
+            own.conns.remove(&node);
         }
-        if own.conn.is_none() {
+        if !own.conns.contains_key(&node) {
             if own.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
-            match self.conn.dedicated_once().await {
-                Ok(conn) => own.conn = Some(conn),
+            match self.conn.dedicated_once(topic).await {
+                Ok(conn) => {
+                    node = conn.node().cloned();
+                    own.conns.insert(node.clone(), conn);
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, url = %self.conn.url(), "publisher's own connection not opened; using the shared one");
                     own.retry_at = Some(Instant::now() + OWN_CONNECTION_RETRY);
@@ -260,15 +267,17 @@ impl RedisPublisher {
                 }
             }
         }
-        let conn = own.conn.as_mut()?;
+        let conn = own.conns.get_mut(&node)?;
         let sent = match request {
             Request::One(cmd) => cmd.query_async::<Value>(conn).await.map(|v| vec![v]),
             Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(conn).await,
         };
         match sent {
             Ok(replies) => Some(Ok(replies)),
+            // Connection trouble, or the slot moved (nothing was written then): the shared
+            // connection sends it again, and follows the cluster.
             Err(e) if is_transient(&e) => {
-                own.conn = None;
+                own.conns.remove(&node);
                 None
             }
             // A refusal: the same on any connection.
@@ -321,8 +330,8 @@ impl RedisPublisher {
     }
 
     /// Sends `request`: on the publisher's own connection when free, else on the shared one.
-    async fn send(&self, request: Request<'_>) -> Result<Vec<Value>> {
-        if let Some(result) = self.send_own(request).await {
+    async fn send(&self, topic: &str, request: Request<'_>) -> Result<Vec<Value>> {
+        if let Some(result) = self.send_own(topic, request).await {
             return result;
         }
         self.conn
@@ -447,7 +456,7 @@ impl RedisPublisher {
         let wait = self.options.wait_replicas;
         let mut replies: Vec<Value> = if let ([xadd], None, None) = (commands.as_slice(), trim_before, wait) {
             // One entry: a plain command, without a pipeline's overhead.
-            self.send(Request::One(xadd)).await?
+            self.send(topic, Request::One(xadd)).await?
         } else {
             let mut pipe = redis::Pipeline::with_capacity(commands.len() + 1);
             for xadd in commands {
@@ -467,7 +476,7 @@ impl RedisPublisher {
                     pipe.cmd("WAIT").arg(wait.replicas).arg(ms);
                     self.send_waited(topic, &pipe, wait).await?
                 }
-                None => self.send(Request::Pipeline(&pipe)).await?,
+                None => self.send(topic, Request::Pipeline(&pipe)).await?,
             }
         };
         let acknowledged = match wait {

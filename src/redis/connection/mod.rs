@@ -455,26 +455,30 @@ impl RedisConnection {
     }
 
     /// Opens a connection of its own once, without retries (for a caller that falls back to
-    /// the shared connection when it fails), with the configured response timeout. One
-    /// server only: on a cluster the caller uses the shared connection.
-    pub(crate) async fn dedicated_once(&self) -> std::result::Result<DedicatedConnection, RedisError> {
-        let Target::Single(client) = &self.inner.target else {
-            return Err(RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "a connection of one's own needs a key on a cluster",
-            )));
-        };
-        let s = self.inner.settings;
-        let tls = self.tls_setup()?;
-        let conn = DedicatedConnection::connect(
-            client.get_connection_info(),
-            tls,
-            s.connect_timeout,
-            s.response_timeout,
-        )
-        .await?;
+    /// the shared connection when it fails), with the configured response timeout; on a
+    /// cluster, to the master of `key`'s slot.
+    pub(crate) async fn dedicated_once(
+        &self,
+        key: &str,
+    ) -> std::result::Result<DedicatedConnection, RedisError> {
+        let conn = self
+            .open_dedicated(key, self.inner.settings.response_timeout)
+            .await?;
         self.connected();
         Ok(conn)
+    }
+
+    /// The master of `key`'s slot as the slot map knows it (`None` on one server, or before
+    /// the map is learned).
+    pub(crate) fn known_master(&self, key: &str) -> Option<(String, u16)> {
+        let Target::Cluster(cluster) = &self.inner.target else {
+            return None;
+        };
+        let owners = lock(&cluster.owners);
+        owners
+            .as_ref()?
+            .owner(slot_of(key))
+            .map(|(h, p)| (h.to_owned(), p))
     }
 
     /// One attempt at a connection of one's own for `key`: to the one server, or to the master
