@@ -7,9 +7,10 @@
 //! BENCH_BACKLOG=200000 cargo bench --bench streams # a smaller backlog for the consume workload
 //! ```
 //!
-//! Rows whose system ends in `(cluster)` run the same streamwise workload on a local Redis
-//! Cluster of 3 masters and 3 replicas (one stream lives in one slot, so expect no speed-up on
-//! 2 cores; the CPU per event, client and all nodes together, is what to compare).
+//! Rows whose system ends in `(replicated)` run the same streamwise workload on a master with
+//! one replica, and `(cluster)` on a local Redis Cluster of 3 masters and 3 replicas (one
+//! stream lives in one slot, so expect no speed-up on 2 cores; the client's CPU per event is
+//! what to compare, the server's counts every node). `BENCH_NO_CLUSTER=1` leaves both out.
 //!
 //! Baselines: a raw `redis` crate loop written here (XADD awaited one at a time; XREADGROUP
 //! COUNT 100 + one XACK per batch), and `redis-benchmark` XADD with `-c 1 -P 1` and
@@ -84,13 +85,17 @@ fn cpu_time() -> Duration {
 /// The server the workloads of this (child) process run against, for its CPU time.
 static SERVER_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-/// redis-server's CPU time so far (`used_cpu_user` + `used_cpu_sys` of `INFO cpu`); of all
-/// nodes together on a cluster (replicas work too).
+/// redis-server's CPU time so far (`used_cpu_user` + `used_cpu_sys` of `INFO cpu`); of every
+/// server the workload's data lives on (`BENCH_SERVER_NODES`, set by the parent: a cluster's
+/// nodes, or a master and its replica), since replicas work too.
 fn server_cpu_time() -> Duration {
     let Some(url) = SERVER_URL.get() else {
         return Duration::ZERO;
     };
-    let nodes = cluster_nodes(url).unwrap_or_else(|| vec![url.clone()]);
+    let nodes: Vec<String> = match std::env::var("BENCH_SERVER_NODES") {
+        Ok(list) => list.split(',').map(str::to_owned).collect(),
+        Err(_) => vec![url.clone()],
+    };
     let mut seconds = 0.0;
     for node in nodes {
         let info: String = redis_client::Client::open(node.as_str())
@@ -788,31 +793,38 @@ fn specs() -> Vec<Spec> {
             memory_n,
         ));
     }
-    // The same streamwise workloads on the cluster, beside the single node.
-    let on_cluster: Vec<Spec> = specs
+    // The same streamwise workloads on a master with one replica, and on the cluster, beside
+    // the single node: the replica shows what replication costs on these two cores, apart from
+    // what the cluster itself costs.
+    let on_redis: Vec<Spec> = specs
         .iter()
         .filter(|s| s.system.starts_with("streamwise") && !s.workload.starts_with("in-memory"))
-        .map(|s| Spec {
-            system: if s.system == "streamwise" {
-                "streamwise (cluster)"
-            } else {
-                "streamwise router (cluster)"
-            },
-            ..*s
-        })
+        .cloned()
         .collect();
-    specs.extend(on_cluster);
+    for (plain, router) in [
+        ("streamwise (replicated)", "streamwise router (replicated)"),
+        ("streamwise (cluster)", "streamwise router (cluster)"),
+    ] {
+        specs.extend(on_redis.iter().map(|s| Spec {
+            system: if s.system == "streamwise" { plain } else { router },
+            ..*s
+        }));
+    }
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         specs.retain(|s| s.workload.contains(only.as_str()));
     }
     if std::env::var_os("BENCH_NO_CLUSTER").is_some() {
-        specs.retain(|s| !on_cluster_system(s.system));
+        specs.retain(|s| !on_cluster_system(s.system) && !on_replicated_system(s.system));
     }
     specs
 }
 
 fn on_cluster_system(system: &str) -> bool {
     system.ends_with("(cluster)")
+}
+
+fn on_replicated_system(system: &str) -> bool {
+    system.ends_with("(replicated)")
 }
 
 fn parse_row(json: &str) -> Option<Row> {
@@ -851,6 +863,16 @@ fn main() {
         .any(|s| on_cluster_system(s.system))
         .then(RedisCluster::start);
     let cluster_url = cluster.as_ref().map(RedisCluster::url).unwrap_or_default();
+    let cluster_nodes: Vec<String> = cluster
+        .as_ref()
+        .map(|c| c.nodes().iter().map(RedisServer::url).collect())
+        .unwrap_or_default();
+    let replicated = specs().iter().any(|s| on_replicated_system(s.system)).then(|| {
+        let master = RedisServer::start();
+        let port = master.port().to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+        (master, replica)
+    });
     let exe = std::env::current_exe().expect("own path");
     let mut rows = Vec::new();
     if std::env::var_os("BENCH_ONLY").is_none() {
@@ -868,13 +890,17 @@ fn main() {
                 flush(master);
             }
         }
-        let target = if on_cluster_system(spec.system) {
-            &cluster_url
-        } else {
-            &url
+        let (target, nodes) = match &replicated {
+            Some((master, replica)) if on_replicated_system(spec.system) => {
+                flush(master);
+                (master.url(), vec![master.url(), replica.url()])
+            }
+            _ if on_cluster_system(spec.system) => (cluster_url.clone(), cluster_nodes.clone()),
+            _ => (url.clone(), vec![url.clone()]),
         };
         let out = Command::new(&exe)
-            .args(["--run", &index.to_string(), target])
+            .args(["--run", &index.to_string(), &target])
+            .env("BENCH_SERVER_NODES", nodes.join(","))
             .stderr(Stdio::inherit())
             .output()
             .expect("run a workload");

@@ -56,10 +56,18 @@ async fn a_rediss_cluster_url_publishes_delivers_and_acks_on_every_master() {
         .await
         .unwrap();
 
-    // A client that does not trust the cluster's CA is refused, without retries.
-    let untrusted = RedisConnection::builder(&url).max_retries(1).build().unwrap();
+    // A client that does not trust the cluster's CA is refused at once (a retry would wait
+    // a second), and the error says why.
+    let untrusted = RedisConnection::builder(&url)
+        .max_retries(5)
+        .retry_base_delay(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let started = tokio::time::Instant::now();
     let err = common::publish_error(untrusted, "untrusted").await;
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "not retried: {err}");
+    assert!(err.to_string().contains("TLS handshake"), "{err}");
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
 }

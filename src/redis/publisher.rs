@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use redis::Value;
 use tokio::time::Instant;
 
-use super::connection::{RedisConnection, is_cluster_change, is_transient, slot_of};
+use super::connection::{RedisConnection, is_cluster_change, slot_of};
 use super::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
 use super::keys;
 use super::protocol::replies;
@@ -276,8 +276,12 @@ impl RedisPublisher {
             Ok(replies) => Some(Ok(replies)),
             // Connection trouble, or the slot moved (nothing was written then): the shared
             // connection sends it again, and follows the cluster.
-            Err(e) if is_transient(&e) => {
+            Err(e) if self.conn.transient(&e) => {
                 own.conns.remove(&node);
+                if is_cluster_change(&e) {
+                    // The slot map was wrong about this topic's master.
+                    self.conn.forget_slot_map();
+                }
                 None
             }
             // A refusal: the same on any connection.
@@ -313,7 +317,7 @@ impl RedisPublisher {
             match pipe.query_async::<Vec<Value>>(conn).await {
                 Ok(replies) => return Ok(replies),
                 Err(e) => {
-                    if is_transient(&e) {
+                    if self.conn.transient(&e) {
                         waiting.remove(&slot);
                     }
                     // The slot moved or its master is being replaced: the server refused the

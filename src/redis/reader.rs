@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::checkpoint::RedisCheckpointStore;
-use super::connection::{RedisConnection, is_transient};
+use super::connection::RedisConnection;
 use super::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
 use super::protocol::replies::ReplyEntry;
 use crate::checkpoint::{Checkpoint, CheckpointStore};
@@ -163,13 +163,13 @@ impl StreamReader {
             conn.set_response_timeout(timeout);
             match conn.read_entries(&cmd).await {
                 Ok(reply) => return Ok(reply),
-                Err(e) if is_transient(&e) && attempt < self.conn.max_retries() => {
+                Err(e) if self.conn.transient(&e) && attempt < self.conn.max_retries() => {
                     self.read_conn = None;
                     tokio::time::sleep(self.conn.backoff(attempt)).await;
                     attempt += 1;
                 }
                 Err(e) => {
-                    if is_transient(&e) {
+                    if self.conn.transient(&e) {
                         self.read_conn = None;
                     }
                     return Err(self.conn.failure("XREAD", e, attempt));

@@ -198,9 +198,16 @@ impl RedisConnectionBuilder {
     }
 }
 
+/// How many times redis-rs' cluster connection retries a command by itself (a redirect counts).
+const CLUSTER_CLIENT_RETRIES: u32 = 3;
+
+/// The longest wait between redis-rs' own retries.
+const CLUSTER_CLIENT_MAX_WAIT: Duration = Duration::from_millis(200);
+
 /// The cluster client for the seed nodes `infos`, with the connection's timeouts and TLS
-/// certificates. Commands are retried by the connection's policy; redis-rs's own retries
-/// (after `MOVED`, `TRYAGAIN`, a failover) come first.
+/// certificates. redis-rs' own retries (following `MOVED` and `ASK`, waiting out `TRYAGAIN`
+/// and a failover) are kept few and short, so that the connection's retry policy
+/// (`max_retries`, the backoff) is what bounds a command, as on one server.
 fn cluster_target(
     infos: Vec<redis::ConnectionInfo>,
     material: &TlsMaterial,
@@ -210,7 +217,10 @@ fn cluster_target(
     let seed = infos.first().cloned().expect("a cluster URL names a node");
     let mut builder = redis::cluster::ClusterClientBuilder::new(infos)
         .connection_timeout(s.connect_timeout)
-        .response_timeout(s.response_timeout);
+        .response_timeout(s.response_timeout)
+        .retries(CLUSTER_CLIENT_RETRIES)
+        .min_retry_wait(10)
+        .max_retry_wait(CLUSTER_CLIENT_MAX_WAIT.min(s.retry_max_delay).as_millis().max(10) as u64);
     builder = tls::cluster_certificates(builder, &seed, material)?;
     let client = builder.build().map_err(|e| {
         Error::invalid(

@@ -146,7 +146,10 @@ fn int(v: &Value) -> Option<i64> {
 
 /// The address a `MOVED <slot> <host:port>` or `ASK` error redirects to.
 pub(super) fn redirect_target(e: &redis::RedisError) -> Option<(String, u16)> {
-    e.redirect_node().map(|(host, port)| (host.to_owned(), port))
+    // redis-rs gives `(address, slot)`; the address is `host:port` (IPv6 in brackets or not).
+    let (address, _slot) = e.redirect_node()?;
+    let (host, port) = address.rsplit_once(':')?;
+    Some((host.trim_matches(['[', ']']).to_owned(), port.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -185,6 +188,27 @@ mod tests {
             let err = seed_urls(bad, "<url>").unwrap_err();
             assert_eq!(err.invalid_field(), Some("redis_url"), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_redirect_names_the_node_to_go_to() {
+        let error = |text: &str| {
+            let reply = redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).unwrap();
+            reply.extract_error().unwrap_err()
+        };
+        assert_eq!(
+            redirect_target(&error("MOVED 3999 127.0.0.1:6381")),
+            Some(("127.0.0.1".to_owned(), 6381))
+        );
+        assert_eq!(
+            redirect_target(&error("ASK 3999 redis-2.internal:7000")),
+            Some(("redis-2.internal".to_owned(), 7000))
+        );
+        assert_eq!(
+            redirect_target(&error("MOVED 3999 [::1]:7001")),
+            Some(("::1".to_owned(), 7001))
+        );
+        assert_eq!(redirect_target(&error("ERR no")), None);
     }
 
     #[test]

@@ -242,7 +242,10 @@ impl RedisConnection {
                 .await
                 .map(Shared::Single),
             // Timeouts were given to the cluster client when it was built.
-            Target::Cluster(cluster) => cluster.client.get_async_connection().await.map(Shared::Cluster),
+            Target::Cluster(cluster) => match cluster.client.get_async_connection().await {
+                Ok(conn) => Ok(Shared::Cluster(conn)),
+                Err(e) => Err(self.why_cluster_refused(cluster, e).await),
+            },
         };
         let generation = shared.attempts.fetch_add(1, Ordering::AcqRel) + 1;
         match connected {
@@ -256,6 +259,23 @@ impl RedisConnection {
                 *last_failure = Some(e.clone());
                 Err(e)
             }
+        }
+    }
+
+    /// The reason a cluster connection could not be opened. redis-rs reports every failed
+    /// first connection as I/O trouble, which would be retried; a refused login or an untrusted
+    /// certificate must not be, so the first seed node is asked once more, directly, to tell.
+    async fn why_cluster_refused(&self, cluster: &ClusterTarget, e: RedisError) -> RedisError {
+        let s = self.inner.settings;
+        let direct = match self.tls_setup() {
+            Ok(tls) => {
+                DedicatedConnection::connect(&cluster.seed, tls, s.connect_timeout, s.response_timeout).await
+            }
+            Err(setup) => Err(setup),
+        };
+        match direct {
+            Err(refused) if is_auth_failure(&refused) || tls_refusal(&refused).is_some() => refused,
+            _ => e,
         }
     }
 
@@ -279,7 +299,14 @@ impl RedisConnection {
     /// client that has logged in before (its credentials are being rotated, or its user
     /// re-created). A client whose first login is refused fails at once: it is misconfigured.
     fn retryable(&self, e: &RedisError) -> bool {
-        is_transient(e) || (is_auth_failure(e) && self.inner.authenticated_once.load(Ordering::Acquire))
+        self.transient(e) || (is_auth_failure(e) && self.inner.authenticated_once.load(Ordering::Acquire))
+    }
+
+    /// Whether a new attempt, maybe on a new connection, can cure `e`: connection trouble, and
+    /// on a cluster also the answers of a cluster that changes (`MOVED`, `READONLY`, ...),
+    /// which on one server stay the server's refusal.
+    pub(crate) fn transient(&self, e: &RedisError) -> bool {
+        is_transient(e) || (self.is_cluster() && is_cluster_change(e))
     }
 
     /// Logs a failed attempt before its retry. Refused logins are warnings, at most one per
@@ -468,6 +495,14 @@ impl RedisConnection {
         Ok(conn)
     }
 
+    /// Forgets the slot map (after a connection found it wrong); the next connection of one's
+    /// own learns it again.
+    pub(crate) fn forget_slot_map(&self) {
+        if let Target::Cluster(cluster) = &self.inner.target {
+            cluster.forget_owners();
+        }
+    }
+
     /// The master of `key`'s slot as the slot map knows it (`None` on one server, or before
     /// the map is learned).
     pub(crate) fn known_master(&self, key: &str) -> Option<(String, u16)> {
@@ -512,6 +547,12 @@ impl RedisConnection {
             let mut conn = opened.inspect_err(|_| cluster.forget_owners())?;
             match redis::cmd("EXISTS").arg(key).query_async::<i64>(&mut conn).await {
                 Ok(_) => return Ok(conn.at_node(host, port)),
+                // `ASK`: the slot is being migrated. Every command would need `ASKING` first,
+                // so the caller backs off until the migration ends and the slot has one master.
+                Err(e) if matches!(e.retry_method(), redis::RetryMethod::AskRedirect) => {
+                    cluster.forget_owners();
+                    return Err(e);
+                }
                 Err(e) => {
                     cluster.forget_owners();
                     redirect = Some(redirect_target(&e).ok_or(e)?);

@@ -17,17 +17,18 @@ pub(crate) fn is_transient(e: &RedisError) -> bool {
     e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || is_cluster_change(e)
         || matches!(
             e.retry_method(),
             RetryMethod::Reconnect | RetryMethod::RetryImmediately | RetryMethod::WaitAndRetry
         )
 }
 
-/// A server's answer while a cluster (or a replication setup) changes: the slot moved
-/// (`MOVED`, `ASK`), the node became a replica (`READONLY`, or `UNBLOCKED` for a blocked read
-/// of a demoted master), the cluster is failing over (`CLUSTERDOWN`, `TRYAGAIN`,
-/// `MASTERDOWN`). A new attempt, on a connection to the slot's master of then, can cure it.
+/// A server's answer while a cluster changes: the slot moved (`MOVED`, `ASK`), the node became
+/// a replica (`READONLY`, or `UNBLOCKED` for a blocked read of a demoted master), the cluster
+/// is failing over (`CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`). On a cluster, a new attempt on a
+/// connection to the slot's master of then can cure it
+/// ([`RedisConnection::transient`](super::RedisConnection::transient)); on one server, the
+/// answers that are not [`is_transient`] anyway are the server's refusal.
 pub(crate) fn is_cluster_change(e: &RedisError) -> bool {
     matches!(
         e.retry_method(),
@@ -79,10 +80,16 @@ mod tests {
             "TRYAGAIN Multiple keys request during rehashing of slot",
         ] {
             let e = answer(text);
-            assert!(is_cluster_change(&e) && is_transient(&e), "{text}: {e:?}");
+            assert!(is_cluster_change(&e), "{text}: {e:?}");
         }
         let refused = answer("WRONGTYPE Operation against a key holding the wrong kind of value");
-        assert!(!is_transient(&refused));
+        assert!(!is_transient(&refused) && !is_cluster_change(&refused));
+        // On one server, a replica's refusal to write is an answer, as it always was.
+        let readonly = answer("READONLY You can't write against a read only replica.");
+        let single = crate::redis::RedisConnection::new("redis://127.0.0.1:1").unwrap();
+        let cluster = crate::redis::RedisConnection::new("redis-cluster://127.0.0.1:1").unwrap();
+        assert!(!single.transient(&readonly) && cluster.transient(&readonly));
+        assert!(is_server_refusal(&readonly));
     }
 
     #[test]

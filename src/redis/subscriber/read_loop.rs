@@ -42,7 +42,7 @@ use crate::delivery::{Delivery, DeliveryInfo, Origin, Settler};
 use crate::error::{Error, Result};
 use crate::message::{EntryId, Message};
 use crate::pubsub::{ReclaimOptions, SubscribeOptions};
-use crate::redis::connection::is_transient;
+use crate::redis::connection::{is_cluster_change, is_transient};
 use crate::redis::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
 use crate::redis::protocol::replies::{self, Claimed, ReplyEntry};
 use crate::redis::{admin, keys, scripts};
@@ -811,7 +811,9 @@ impl From<Error> for ReadError {
 impl std::fmt::Display for ReadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ReadError::Redis(e) if is_transient(e) => write!(f, "connection trouble: {e}"),
+            ReadError::Redis(e) if is_transient(e) || is_cluster_change(e) => {
+                write!(f, "connection trouble: {e}")
+            }
             ReadError::Redis(e) => e.fmt(f),
             ReadError::Other(e) => e.fmt(f),
         }
