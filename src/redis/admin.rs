@@ -690,29 +690,30 @@ pub async fn migrate_key_names(conn: &RedisConnection) -> Result<KeyMigration> {
             "key names are migrated on a single Redis: release 0.1 did not run on a Redis Cluster",
         ));
     }
-    let mut moves = Vec::new();
-    for prefix in keys::prefix::ALL {
-        for old in scan_with(conn, &format!("{prefix}*"), None, None).await? {
-            if let Some(new) = new_key_name(prefix, &old) {
-                moves.push((old, new));
-            }
-        }
-    }
-    for old in scan_with(
-        conn,
-        &format!("*{}", crate::dead_letter::SUFFIX),
-        Some("stream"),
-        None,
-    )
-    .await?
-    {
+    // First the dead-letter streams of 0.1 (`orders-dead`, and `orders-dead-dead`), by the
+    // stream their records came from: their new names, and those of their own keys, follow
+    // from the new name of that stream.
+    let mut dead_letters = BTreeMap::new();
+    let pattern = format!("*{}", crate::dead_letter::SUFFIX);
+    for old in scan_with(conn, &pattern, Some("stream"), None).await? {
         if let Some(source) = old.strip_suffix(crate::dead_letter::SUFFIX)
             && validate_name("stream", source).is_ok()
             && dead_letters_of(conn, &old).await?.as_deref() == Some(source)
         {
-            let new = crate::dead_letter::stream_for(source);
-            moves.push((old, new));
+            let source = source.to_owned();
+            dead_letters.insert(old, source);
         }
+    }
+    let mut moves = Vec::new();
+    for prefix in keys::prefix::ALL {
+        for old in scan_with(conn, &format!("{prefix}*"), None, None).await? {
+            if let Some(new) = new_key_name(prefix, &old, &dead_letters) {
+                moves.push((old, new));
+            }
+        }
+    }
+    for old in dead_letters.keys() {
+        moves.push((old.clone(), renamed_stream(old, &dead_letters)));
     }
     let mut done = KeyMigration::default();
     for (old, new) in moves {
@@ -733,7 +734,7 @@ pub async fn migrate_key_names(conn: &RedisConnection) -> Result<KeyMigration> {
 }
 
 /// The new name of a release-0.1 key under `prefix`, or `None` when `key` has the new form.
-fn new_key_name(prefix: &str, key: &str) -> Option<String> {
+fn new_key_name(prefix: &str, key: &str, dead_letters: &BTreeMap<String, String>) -> Option<String> {
     let rest = key.strip_prefix(prefix)?;
     if rest.contains(['{', '}']) {
         return None;
@@ -741,7 +742,18 @@ fn new_key_name(prefix: &str, key: &str) -> Option<String> {
     // Stream names have no ':', so the stream is everything up to the first one.
     let (stream, tail) = rest.split_at(rest.find(':').unwrap_or(rest.len()));
     validate_name("stream", stream).ok()?;
-    Some(format!("{prefix}{}{tail}", keys::in_slot(stream)))
+    let stream = renamed_stream(stream, dead_letters);
+    Some(format!("{prefix}{}{tail}", keys::in_slot(&stream)))
+}
+
+/// The name this release gives the 0.1 stream `stream`: a dead-letter stream of 0.1 (in
+/// `dead_letters`, by the stream its records came from) becomes the dead-letter stream of
+/// that stream's new name; any other stream keeps its name.
+fn renamed_stream(stream: &str, dead_letters: &BTreeMap<String, String>) -> String {
+    match dead_letters.get(stream) {
+        Some(source) => crate::dead_letter::stream_for(&renamed_stream(source, dead_letters)),
+        None => stream.to_owned(),
+    }
 }
 
 /// The source stream named by the first record of `stream`, if it is a dead-letter record.

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use redis::Value;
 use tokio::time::Instant;
 
-use super::connection::{RedisConnection, is_cluster_change, slot_of};
+use super::connection::{RedisConnection, is_cluster_change};
 use super::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
 use super::keys;
 use super::protocol::replies;
@@ -189,9 +189,9 @@ pub struct RedisPublisher {
     streams: Mutex<HashMap<String, StreamState>>,
     own: tokio::sync::Mutex<OwnConnection>,
     /// The connections of publishes that wait for replicas (a `WAIT` would hold up every other
-    /// user of a shared connection), with a reply timeout above the wait: one per hash slot
-    /// on a cluster (the `WAIT` must go to the master that took the `XADD`s), else one.
-    waiting: tokio::sync::Mutex<HashMap<u16, DedicatedConnection>>,
+    /// user of a shared connection), with a reply timeout above the wait: one per master on a
+    /// cluster (the `WAIT` must go to the master that took the `XADD`s), else one.
+    waiting: tokio::sync::Mutex<HashMap<Option<(String, u16)>, DedicatedConnection>>,
 }
 
 /// The publisher's own connection, opened on first use (on a cluster, one per master,
@@ -298,31 +298,40 @@ impl RedisPublisher {
         pipe: &redis::Pipeline,
         wait: WaitReplicas,
     ) -> Result<Vec<Value>> {
-        let slot = if self.conn.is_cluster() { slot_of(topic) } else { 0 };
         let mut waiting = self.waiting.lock().await;
         let mut attempt = 0;
         loop {
-            if waiting.get(&slot).is_some_and(|c| !c.is_idle()) {
+            // As for the own connections: keyed by the topic's master (`None` on one server).
+            let mut node = self
+                .conn
+                .is_cluster()
+                .then(|| self.conn.known_master(topic))
+                .flatten();
+            if waiting.get(&node).is_some_and(|c| !c.is_idle()) {
                 // An earlier publish was dropped half-way: its reply would be taken for ours.
-                waiting.remove(&slot);
+                waiting.remove(&node);
             }
-            let conn = match waiting.entry(slot) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                    self.conn
-                        .dedicated(topic, wait.timeout + BLOCK_REPLY_MARGIN)
-                        .await?,
-                ),
-            };
+            if !waiting.contains_key(&node) {
+                let conn = self
+                    .conn
+                    .dedicated(topic, wait.timeout + BLOCK_REPLY_MARGIN)
+                    .await?;
+                node = conn.node().cloned();
+                waiting.insert(node.clone(), conn);
+            }
+            let conn = waiting.get_mut(&node).ok_or(Error::Closed("publisher"))?;
             match pipe.query_async::<Vec<Value>>(conn).await {
                 Ok(replies) => return Ok(replies),
                 Err(e) => {
                     if self.conn.transient(&e) {
-                        waiting.remove(&slot);
+                        waiting.remove(&node);
                     }
                     // The slot moved or its master is being replaced: the server refused the
-                    // XADD without writing it, so sending it to the slot's new master is safe.
-                    if is_cluster_change(&e) && attempt < self.conn.max_retries() {
+                    // first XADD, so sending the request to the slot's master of now writes
+                    // no entry twice (in a batch, entries before a refused one may have been
+                    // written: those come twice, as after a lost reply).
+                    if self.conn.is_cluster() && is_cluster_change(&e) && attempt < self.conn.max_retries() {
+                        self.conn.forget_slot_map();
                         tokio::time::sleep(self.conn.backoff(attempt)).await;
                         attempt += 1;
                         continue;

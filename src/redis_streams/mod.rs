@@ -25,7 +25,7 @@ pub use config::{Binding, Config};
 pub use consumer::{ConsumerOptions, EventMessage, PendingMessage, StreamConsumer};
 pub use groups::ConsumerGroupManager;
 pub use manager::{StreamManager, StreamOptions};
-pub use producer::{Backpressure, BackpressureMode, ProducerOptions, StreamProducer};
+pub use producer::{Backpressure, BackpressureMode, MAX_COUNTED_LAG, ProducerOptions, StreamProducer};
 
 pub use crate::redis::RedisConnection;
 pub use crate::redis::admin::{ConsumerInfo, ConsumerStatus, GroupInfo, StoredEntry, StreamInfo};

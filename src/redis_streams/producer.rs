@@ -12,6 +12,10 @@ use crate::pubsub::Publisher;
 use crate::redis::admin::{self, GroupInfo};
 use crate::redis::{PublisherOptions, RedisConnection, RedisPublisher};
 
+/// The most unread entries a producer counts where Redis cannot tell a group's lag: a
+/// [`Backpressure::max_lag`] above it is not enforced then (the count reads whole entries).
+pub const MAX_COUNTED_LAG: u64 = 10_000;
+
 /// What a producer does while the consumers lag behind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackpressureMode {
@@ -224,8 +228,9 @@ impl StreamProducer {
 
     /// The group's lag, read again once the last reading is older than `check_every`. A group
     /// that does not exist yet does not hold publishing back. Where Redis cannot tell the lag
-    /// (deletions in the unread range; on Redis 7.0, a replica promoted by a failover), the
-    /// entries after the group's last delivered one are counted, up to one past `max_lag`.
+    /// (deletions in the unread range; reportedly on a Redis 7.0 replica promoted by a
+    /// failover; Redis before 7), the entries after the group's last delivered one are
+    /// counted, up to one past `max_lag` and at most [`MAX_COUNTED_LAG`].
     async fn lag(&self, bp: &Backpressure) -> Result<Option<u64>> {
         let cached = *self.lag_seen.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, lag)) = cached
@@ -236,8 +241,17 @@ impl StreamProducer {
         let lag = match admin::group_info(&self.conn, &self.stream, &bp.group).await {
             Ok(GroupInfo { lag: Some(lag), .. }) => Some(lag),
             Ok(info) => {
-                let cap = bp.max_lag.saturating_add(1);
-                Some(admin::entries_after(&self.conn, &self.stream, info.last_delivered_id, cap).await?)
+                // The stream's length bounds the lag: a stream no longer than the limit is not
+                // read at all. Else the unread entries are counted, up to one past the limit
+                // and at most MAX_COUNTED_LAG (each is read whole).
+                let len: u64 = self.conn.command(redis::cmd("XLEN").arg(&self.stream)).await?;
+                if len <= bp.max_lag {
+                    Some(len)
+                } else {
+                    let cap = bp.max_lag.saturating_add(1).min(MAX_COUNTED_LAG);
+                    let after = info.last_delivered_id;
+                    Some(admin::entries_after(&self.conn, &self.stream, after, cap).await?)
+                }
             }
             Err(Error::GroupNotFound { .. }) => None,
             Err(e) => return Err(e),

@@ -103,8 +103,10 @@ pub(super) struct SlotOwners {
 }
 
 impl SlotOwners {
-    /// The owners in a `CLUSTER SLOTS` reply; `None` when the reply has another shape.
-    pub(super) fn from_reply(reply: &Value) -> Option<Self> {
+    /// The owners in a `CLUSTER SLOTS` reply; `None` when the reply has another shape. A node
+    /// that announces no endpoint (NULL, `""` or `"?"`: reach it where you reached the cluster)
+    /// is taken to be on `seed_host`.
+    pub(super) fn from_reply(reply: &Value, seed_host: &str) -> Option<Self> {
         let Value::Array(ranges) = reply else { return None };
         let mut owners = SlotOwners::default();
         for range in ranges {
@@ -119,7 +121,12 @@ impl SlotOwners {
             let host = match host {
                 Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
                 Value::SimpleString(s) => s.clone(),
+                Value::Nil => String::new(),
                 _ => return None,
+            };
+            let host = match host.as_str() {
+                "" | "?" => seed_host.to_owned(),
+                _ => host,
             };
             owners
                 .ranges
@@ -223,10 +230,21 @@ mod tests {
             ]),
             Value::Array(vec![Value::Int(5461), Value::Int(16383), node("10.0.0.2", 7001)]),
         ]);
-        let owners = SlotOwners::from_reply(&reply).unwrap();
+        let owners = SlotOwners::from_reply(&reply, "seed").unwrap();
         assert_eq!(owners.owner(0), Some(("10.0.0.1", 7000)));
         assert_eq!(owners.owner(5461), Some(("10.0.0.2", 7001)));
         assert_eq!(owners.owner(16383), Some(("10.0.0.2", 7001)));
-        assert!(SlotOwners::from_reply(&Value::Int(1)).is_none());
+        assert!(SlotOwners::from_reply(&Value::Int(1), "seed").is_none());
+        let unknown = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(100),
+                Value::Array(vec![Value::Nil, Value::Int(7000)]),
+            ]),
+            Value::Array(vec![Value::Int(101), Value::Int(16383), node("?", 7001)]),
+        ]);
+        let owners = SlotOwners::from_reply(&unknown, "seed").unwrap();
+        assert_eq!(owners.owner(5), Some(("seed", 7000)));
+        assert_eq!(owners.owner(200), Some(("seed", 7001)));
     }
 }

@@ -403,30 +403,33 @@ impl RedisConnection {
         self.run(what, op).await.map_err(CommandError::into_error)
     }
 
-    /// Runs `cmd` on the cluster node at `node` (`host`, `port`), or on the one server, with
-    /// the retry policy: for commands about a connection of that node (`CLIENT UNBLOCK`).
-    pub(crate) async fn run_on_node(
+    /// Sends `cmd` once, without retries, to the cluster node at `node` (`host`, `port`), or to
+    /// the one server, giving up after `within`: for best-effort commands about a connection
+    /// of that node (`CLIENT UNBLOCK`), which must not hold up their caller when the node is
+    /// gone.
+    pub(crate) async fn once_on_node(
         &self,
-        what: &str,
         node: Option<&(String, u16)>,
         cmd: &Cmd,
-    ) -> Result<Value> {
-        self.run_mapped(what, |c| {
-            let cmd = cmd.clone();
-            async move {
-                match (c, node) {
-                    (Shared::Cluster(mut c), Some((host, port))) => {
-                        let to = SingleNodeRoutingInfo::ByAddress {
-                            host: host.clone(),
-                            port: *port,
-                        };
-                        c.route_command(cmd, RoutingInfo::SingleNode(to)).await
-                    }
-                    (mut c, _) => cmd.query_async(&mut c).await,
+        within: Duration,
+    ) -> std::result::Result<Value, RedisError> {
+        let attempt = async {
+            let (_, conn) = self.shared().await?;
+            match (conn, node) {
+                (Shared::Cluster(mut c), Some((host, port))) => {
+                    let to = SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    };
+                    c.route_command(cmd.clone(), RoutingInfo::SingleNode(to)).await
                 }
+                (mut c, _) => cmd.query_async(&mut c).await,
             }
-        })
-        .await
+        };
+        match tokio::time::timeout(within, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply in time").into()),
+        }
     }
 
     /// Runs `cmd` on the master that serves `key`'s slot (on the one server, just runs it),
@@ -598,7 +601,13 @@ impl RedisConnection {
                 format!("no master serves slot {slot} (yet)"),
             ))
         };
-        let owners = SlotOwners::from_reply(&reply).ok_or_else(unknown)?;
+        let seed_host = match cluster.seed.addr() {
+            redis::ConnectionAddr::Tcp(host, _) => host.as_str(),
+            #[cfg(feature = "tls")]
+            redis::ConnectionAddr::TcpTls { host, .. } => host.as_str(),
+            _ => "",
+        };
+        let owners = SlotOwners::from_reply(&reply, seed_host).ok_or_else(unknown)?;
         let owner = owners
             .owner(slot)
             .map(|(h, p)| (h.to_owned(), p))

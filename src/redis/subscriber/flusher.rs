@@ -30,6 +30,9 @@ const MAX_ACK_BATCH: usize = 1000;
 /// How often at most the checkpoint is saved while acks flow (it is saved on close too).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
+/// How long the flusher waits for a `CLIENT UNBLOCK` to be answered.
+const UNBLOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// The flusher of one subscription: what it has to write, and what it wrote.
 pub(super) struct Flusher {
     ledger: Arc<Mutex<Ledger>>,
@@ -249,9 +252,11 @@ impl Flusher {
             Op::ClaimsDone => self.floor = None,
             Op::Unblock(client, node) => {
                 let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(client).clone();
+                // Best effort: a reader that is not woken notices at the end of its BLOCK, and
+                // acks must not wait behind a node that is gone.
                 let result = self
                     .conn
-                    .run_on_node("CLIENT UNBLOCK", node.as_deref(), &unblock)
+                    .once_on_node(node.as_deref(), &unblock, UNBLOCK_WAIT)
                     .await;
                 if let Err(e) = result {
                     // Without the right to unblock, the reader notices at the end of its BLOCK.
