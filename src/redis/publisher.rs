@@ -347,6 +347,19 @@ impl RedisPublisher {
         if let Some(result) = self.send_own(topic, request).await {
             return result;
         }
+        // On a cluster, concurrent publishes share a multiplexed connection to the topic's
+        // master; after trouble there, the shared cluster connection sends the request again.
+        if let Some((node, mut conn)) = self.conn.master_multiplexed(topic).await {
+            let sent = match request {
+                Request::One(cmd) => cmd.query_async::<Value>(&mut conn).await.map(|v| vec![v]),
+                Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(&mut conn).await,
+            };
+            match sent {
+                Ok(replies) => return Ok(replies),
+                Err(e) if self.conn.transient(&e) => self.conn.drop_master_multiplexed(&node, &e),
+                Err(e) => return Err(self.conn.failure("publish", e, 0)),
+            }
+        }
         self.conn
             .run_mapped("publish", |mut c| async move {
                 // Borrowed, not cloned: a retry resends the same request.

@@ -232,6 +232,7 @@ fn cluster_target(
         client,
         seed,
         owners: std::sync::Mutex::new(None),
+        masters: std::sync::Mutex::new(std::collections::HashMap::new()),
     }))
 }
 
