@@ -199,7 +199,8 @@ pub struct RedisPublisher {
 /// (publishes use the shared connection meanwhile).
 #[derive(Default)]
 struct OwnConnection {
-    conns: HashMap<Option<(String, u16)>, DedicatedConnection>,
+    /// By master (`None`: the one server); a few at most, so a list.
+    conns: Vec<(Option<(String, u16)>, DedicatedConnection)>,
     retry_at: Option<Instant>,
 }
 
@@ -242,32 +243,43 @@ impl RedisPublisher {
         let mut own = self.own.try_lock().ok()?;
         // The master of the topic's slot, as far as the slot map knows (`None` on one server,
         // or before the map is learned: the connection opened below says where it went).
-        let mut node = self
+        let node = self
             .conn
             .is_cluster()
             .then(|| self.conn.known_master(topic))
             .flatten();
-        if own.conns.get(&node).is_some_and(|c| !c.is_idle()) {
+        let mut at = own.conns.iter().position(|(n, _)| *n == node);
+        if let Some(i) = at
+            && !own.conns[i].1.is_idle()
+        {
             // An earlier publish was dropped half-way: its reply would be taken for ours.
-            own.conns.remove(&node);
+            own.conns.swap_remove(i);
+            at = None;
         }
-        if !own.conns.contains_key(&node) {
-            if own.retry_at.is_some_and(|at| Instant::now() < at) {
-                return None;
-            }
-            match self.conn.dedicated_once(topic).await {
-                Ok(conn) => {
-                    node = conn.node().cloned();
-                    own.conns.insert(node.clone(), conn);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, url = %self.conn.url(), "publisher's own connection not opened; using the shared one");
-                    own.retry_at = Some(Instant::now() + OWN_CONNECTION_RETRY);
+        let at = match at {
+            Some(i) => i,
+            None => {
+                if own.retry_at.is_some_and(|at| Instant::now() < at) {
                     return None;
                 }
+                match self.conn.dedicated_once(topic).await {
+                    Ok(conn) => {
+                        let node = conn.node().cloned();
+                        // A connection to that node under another key (the map was not known
+                        // then) gives way to this one.
+                        own.conns.retain(|(n, _)| *n != node);
+                        own.conns.push((node, conn));
+                        own.conns.len() - 1
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, url = %self.conn.url(), "publisher's own connection not opened; using the shared one");
+                        own.retry_at = Some(Instant::now() + OWN_CONNECTION_RETRY);
+                        return None;
+                    }
+                }
             }
-        }
-        let conn = own.conns.get_mut(&node)?;
+        };
+        let conn = &mut own.conns[at].1;
         let sent = match request {
             Request::One(cmd) => cmd.query_async::<Value>(conn).await.map(|v| vec![v]),
             Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(conn).await,
@@ -277,7 +289,7 @@ impl RedisPublisher {
             // Connection trouble, or the slot moved (nothing was written then): the shared
             // connection sends it again, and follows the cluster.
             Err(e) if self.conn.transient(&e) => {
-                own.conns.remove(&node);
+                own.conns.swap_remove(at);
                 if is_cluster_change(&e) {
                     // The slot map was wrong about this topic's master.
                     self.conn.forget_slot_map();
@@ -342,6 +354,28 @@ impl RedisPublisher {
         }
     }
 
+    /// On a cluster, concurrent publishes share a multiplexed connection to the topic's
+    /// master. `None`: send it on the shared cluster connection (no master known yet, or
+    /// trouble there, after which the request is sent again).
+    async fn send_to_master(&self, topic: &str, request: Request<'_>) -> Option<Result<Vec<Value>>> {
+        if !self.conn.is_cluster() {
+            return None;
+        }
+        let (node, mut conn) = self.conn.master_multiplexed(topic).await?;
+        let sent = match request {
+            Request::One(cmd) => cmd.query_async::<Value>(&mut conn).await.map(|v| vec![v]),
+            Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(&mut conn).await,
+        };
+        match sent {
+            Ok(replies) => Some(Ok(replies)),
+            Err(e) if self.conn.transient(&e) => {
+                self.conn.drop_master_multiplexed(&node, &e);
+                None
+            }
+            Err(e) => Some(Err(self.conn.failure("publish", e, 0))),
+        }
+    }
+
     /// Sends `request`: on the publisher's own connection when free, else on the shared one.
     async fn send(&self, topic: &str, request: Request<'_>) -> Result<Vec<Value>> {
         if let Some(result) = self.send_own(topic, request).await {
@@ -349,16 +383,8 @@ impl RedisPublisher {
         }
         // On a cluster, concurrent publishes share a multiplexed connection to the topic's
         // master; after trouble there, the shared cluster connection sends the request again.
-        if let Some((node, mut conn)) = self.conn.master_multiplexed(topic).await {
-            let sent = match request {
-                Request::One(cmd) => cmd.query_async::<Value>(&mut conn).await.map(|v| vec![v]),
-                Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(&mut conn).await,
-            };
-            match sent {
-                Ok(replies) => return Ok(replies),
-                Err(e) if self.conn.transient(&e) => self.conn.drop_master_multiplexed(&node, &e),
-                Err(e) => return Err(self.conn.failure("publish", e, 0)),
-            }
+        if let Some(result) = self.send_to_master(topic, request).await {
+            return result;
         }
         self.conn
             .run_mapped("publish", |mut c| async move {

@@ -435,6 +435,28 @@ impl RedisConnection {
         }
     }
 
+    /// Like [`run_mapped`](Self::run_mapped) for a command about `key`: on a cluster, first
+    /// once on the multiplexed connection to `key`'s master
+    /// ([`master_multiplexed`](Self::master_multiplexed); redis-rs' cluster connection costs
+    /// the client more per command), and on the shared cluster connection, with the retry
+    /// policy, after any trouble there. The command must be safe to send twice (`XACK`).
+    pub(crate) async fn run_mapped_at<T, F, Fut>(&self, what: &str, key: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut(Shared) -> Fut,
+        Fut: Future<Output = std::result::Result<T, RedisError>>,
+    {
+        if let Some((node, conn)) = self.master_multiplexed(key).await {
+            match op(Shared::Single(conn)).await {
+                Ok(v) => return Ok(v),
+                Err(e) if is_server_refusal(&e) && !is_cluster_change(&e) => {
+                    return Err(replies::refusal(what, e));
+                }
+                Err(e) => self.drop_master_multiplexed(&node, &e),
+            }
+        }
+        self.run_mapped(what, op).await
+    }
+
     /// Runs `cmd` on the master that serves `key`'s slot (on the one server, just runs it),
     /// for keyless commands about a key (`SCAN` for a stream's keys).
     pub(crate) async fn run_for_key(&self, what: &str, key: &str, cmd: &Cmd) -> Result<Value> {

@@ -279,7 +279,7 @@ impl Flusher {
         }
         let sent = self
             .conn
-            .run_mapped("XACK", |mut c| {
+            .run_mapped_at("XACK", stream, |mut c| {
                 let cmd = &xack;
                 async move { cmd.query_async::<u64>(&mut c).await }
             })
