@@ -6,6 +6,8 @@
 //! it and runs the scenarios one after another, each on streams of its own, so that the nodes
 //! are killed when the test ends (a static cluster would never be dropped).
 
+mod common;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,9 +18,8 @@ use streamwise::cqrs::{Command, Cqrs, Event, Kind, Replies, ReplyError, TopicNam
 use streamwise::dead_letter::{keys, stream_for};
 use streamwise::redis::{RedisBackend, admin};
 use streamwise::redis_streams::{
-    Backpressure, BackpressureMode, Config, ConsumerGroupManager, ConsumerOptions, ConsumerStatus,
-    EventMessage, ProducerOptions, RedisConnection, StreamConsumer, StreamManager, StreamOptions,
-    StreamProducer,
+    Backpressure, BackpressureMode, Config, ConsumerGroupManager, ConsumerStatus, ProducerOptions,
+    RedisConnection, StreamConsumer, StreamManager, StreamOptions, StreamProducer,
 };
 use streamwise::router::{DeliveryInfo, Json, Outcome, Permanent, Router, State};
 use streamwise::testing::{RedisCluster, recv, unique_topic, wait_until_handled};
@@ -26,9 +27,9 @@ use streamwise::{Error, Message, Publisher, StartFrom, SubscribeOptions, Subscri
 use streamwise_middleware::dead_letter::DeadLetterLayer;
 use streamwise_middleware::retry::RetryLayer;
 use streamwise_middleware::trace::TraceLayer;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+use common::seed::{close_and_join, fast_consumer, next_event, run_consumer};
 
 /// The longest any awaited condition may take.
 const WAIT: Duration = Duration::from_secs(20);
@@ -501,56 +502,6 @@ async fn cqrs_commands_events_and_request_reply(cluster: &RedisCluster) {
 
 // ---------------------------------------------------------------------------------------------
 // (c) The seed facade.
-
-fn fast_consumer() -> ConsumerOptions {
-    ConsumerOptions {
-        block_ms: 100,
-        ..ConsumerOptions::default()
-    }
-}
-
-/// Runs `consumer.subscribe` in a task, forwarding each event; the callback acknowledges when
-/// `ack` says so.
-fn run_consumer(
-    consumer: Arc<StreamConsumer>,
-    event_types: Option<Vec<&'static str>>,
-    ack: fn(&EventMessage) -> bool,
-) -> (
-    mpsc::UnboundedReceiver<EventMessage>,
-    JoinHandle<streamwise::Result<()>>,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        consumer
-            .subscribe(
-                move |msg| {
-                    let decision = ack(&msg);
-                    let _ = tx.send(msg);
-                    async move { decision }
-                },
-                event_types.as_deref(),
-            )
-            .await
-    });
-    (rx, task)
-}
-
-async fn next_event(rx: &mut mpsc::UnboundedReceiver<EventMessage>) -> EventMessage {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("an event in time")
-        .expect("the consumer is running")
-}
-
-/// Closes `consumer` and waits for its `subscribe` task, which must end without an error.
-async fn close_and_join(consumer: &StreamConsumer, task: JoinHandle<streamwise::Result<()>>) {
-    consumer.close().await.unwrap();
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("subscribe ends in time")
-        .unwrap()
-        .unwrap();
-}
 
 /// The quickstart's flow: a stream created, events published with metadata, a group created,
 /// a consumer filtering by event type and acknowledging, nothing left pending, its checkpoint

@@ -3,16 +3,17 @@
 
 mod common;
 
+use common::seed::{close_and_join, fast_consumer, next_event, run_consumer};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use streamwise::Error;
 use streamwise::redis_streams::{
-    Backpressure, BackpressureMode, ConsumerGroupManager, ConsumerOptions, ConsumerStatus, EventMessage,
-    ProducerOptions, RedisConnection, StreamConsumer, StreamManager, StreamOptions, StreamProducer,
+    Backpressure, BackpressureMode, ConsumerGroupManager, ConsumerOptions, ConsumerStatus, ProducerOptions,
+    RedisConnection, StreamConsumer, StreamManager, StreamOptions, StreamProducer,
 };
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use common::RedisServer;
 
@@ -22,58 +23,11 @@ fn conn(server: &RedisServer) -> RedisConnection {
     RedisConnection::new(&server.url()).unwrap()
 }
 
-fn fast_consumer() -> ConsumerOptions {
-    ConsumerOptions {
-        block_ms: 100,
-        ..ConsumerOptions::default()
-    }
-}
-
-/// Runs `consumer.subscribe` in a task, forwarding each event; the callback acknowledges when
-/// `ack` says so.
-fn run_consumer(
-    consumer: Arc<StreamConsumer>,
-    event_types: Option<Vec<&'static str>>,
-    ack: fn(&EventMessage) -> bool,
-) -> (
-    mpsc::UnboundedReceiver<EventMessage>,
-    JoinHandle<streamwise::Result<()>>,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        let types = event_types.clone();
-        consumer
-            .subscribe(
-                move |msg| {
-                    let decision = ack(&msg);
-                    let _ = tx.send(msg);
-                    async move { decision }
-                },
-                types.as_deref(),
-            )
-            .await
-    });
-    (rx, task)
-}
-
-async fn next_event(rx: &mut mpsc::UnboundedReceiver<EventMessage>) -> EventMessage {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("an event in time")
-        .expect("the consumer is running")
-}
-
 /// Creates `group` on `stream` (and the stream), reading from the start; returns the manager.
 async fn group_from_start(server: &RedisServer, stream: &str, group: &str) -> ConsumerGroupManager {
     let groups = ConsumerGroupManager::new(&server.url()).unwrap();
     groups.create_group(stream, group, "0").await.unwrap();
     groups
-}
-
-/// Closes `consumer` and waits for its `subscribe` task, which must end without an error.
-async fn close_and_join(consumer: &StreamConsumer, task: JoinHandle<streamwise::Result<()>>) {
-    consumer.close().await.unwrap();
-    task.await.unwrap().unwrap();
 }
 
 /// The ids of the entries pending for `consumer`.

@@ -22,6 +22,47 @@ pub(super) struct TlsMaterial {
     pub(super) client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// The certificates given to the builder, checked, for redis-rs' clients of a server (or
+/// cluster seed) at `addr`: `None` when none were given. Installs the crypto provider for a
+/// TLS address; certificates with a plain address are refused (`scheme` names the TLS one).
+#[cfg(feature = "tls")]
+fn checked_certificates(
+    addr: &redis::ConnectionAddr,
+    tls: &TlsMaterial,
+    scheme: &str,
+) -> Result<Option<redis::TlsCertificates>> {
+    if matches!(addr, redis::ConnectionAddr::TcpTls { .. }) {
+        // rustls needs a process-wide crypto provider. Install ring unless the application
+        // already chose one (then `install_default` fails, and its choice stands).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    } else if tls.root.is_some() || tls.client.is_some() {
+        return Err(Error::invalid(
+            "redis_url",
+            format_args!("TLS certificates were given, but the URL is not {scheme}"),
+        ));
+    }
+    if tls.root.is_none() && tls.client.is_none() {
+        return Ok(None);
+    }
+    if let Some(pem) = &tls.root {
+        check_pem_certificates("tls_root_certificate", pem)?;
+    }
+    if let Some((certificate, key)) = &tls.client {
+        check_pem_certificates("tls_client_certificate", certificate)?;
+        check_pem_key(key)?;
+    }
+    Ok(Some(redis::TlsCertificates {
+        client_tls: tls
+            .client
+            .clone()
+            .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+        root_cert: tls.root.clone(),
+    }))
+}
+
 /// A client for `info`, with the TLS material given to the builder.
 pub(super) fn open_client(
     info: redis::ConnectionInfo,
@@ -29,41 +70,13 @@ pub(super) fn open_client(
     redacted_url: &str,
 ) -> Result<redis::Client> {
     #[cfg(feature = "tls")]
-    {
-        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
-            // rustls needs a process-wide crypto provider. Install ring unless the application
-            // already chose one (then `install_default` fails, and its choice stands).
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        } else if tls.root.is_some() || tls.client.is_some() {
-            return Err(Error::invalid(
-                "redis_url",
-                "TLS certificates were given, but the URL is not rediss://",
-            ));
-        }
-        if tls.root.is_some() || tls.client.is_some() {
-            if let Some(pem) = &tls.root {
-                check_pem_certificates("tls_root_certificate", pem)?;
-            }
-            if let Some((certificate, key)) = &tls.client {
-                check_pem_certificates("tls_client_certificate", certificate)?;
-                check_pem_key(key)?;
-            }
-            let certificates = redis::TlsCertificates {
-                client_tls: tls
-                    .client
-                    .map(|(client_cert, client_key)| redis::ClientTlsConfig {
-                        client_cert,
-                        client_key,
-                    }),
-                root_cert: tls.root,
-            };
-            return redis::Client::build_with_tls(info, certificates).map_err(|e| {
-                Error::invalid(
-                    "tls_client_certificate",
-                    format_args!("the TLS certificates cannot be used ({e})"),
-                )
-            });
-        }
+    if let Some(certificates) = checked_certificates(info.addr(), &tls, "rediss://")? {
+        return redis::Client::build_with_tls(info, certificates).map_err(|e| {
+            Error::invalid(
+                "tls_client_certificate",
+                format_args!("the TLS certificates cannot be used ({e})"),
+            )
+        });
     }
     let _ = tls;
     redis::Client::open(info).map_err(|e| {
@@ -82,34 +95,8 @@ pub(super) fn cluster_certificates(
     tls: &TlsMaterial,
 ) -> Result<redis::cluster::ClusterClientBuilder> {
     #[cfg(feature = "tls")]
-    {
-        if matches!(seed.addr(), redis::ConnectionAddr::TcpTls { .. }) {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        } else if tls.root.is_some() || tls.client.is_some() {
-            return Err(Error::invalid(
-                "redis_url",
-                "TLS certificates were given, but the URL is not rediss-cluster://",
-            ));
-        }
-        if tls.root.is_some() || tls.client.is_some() {
-            if let Some(pem) = &tls.root {
-                check_pem_certificates("tls_root_certificate", pem)?;
-            }
-            if let Some((certificate, key)) = &tls.client {
-                check_pem_certificates("tls_client_certificate", certificate)?;
-                check_pem_key(key)?;
-            }
-            return Ok(builder.certs(redis::TlsCertificates {
-                client_tls: tls
-                    .client
-                    .clone()
-                    .map(|(client_cert, client_key)| redis::ClientTlsConfig {
-                        client_cert,
-                        client_key,
-                    }),
-                root_cert: tls.root.clone(),
-            }));
-        }
+    if let Some(certificates) = checked_certificates(seed.addr(), tls, "rediss-cluster://")? {
+        return Ok(builder.certs(certificates));
     }
     let _ = (seed, tls);
     Ok(builder)
