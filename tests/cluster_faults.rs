@@ -59,6 +59,54 @@ async fn produce(
     }
 }
 
+/// A producer publishing numbers on a topic and a router consuming them, while a test does
+/// harm to the cluster.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<u64>>>,
+    seen: Seen,
+    router: RunningRouter,
+    producer: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    /// Starts the router on `topic` at `url`, then `publisher` producing on it.
+    async fn start(url: &str, topic: &str, publisher: RedisPublisher) -> Self {
+        let seen: Seen = Arc::default();
+        let router = consume(url, topic, seen.clone()).await;
+        let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let producer = tokio::spawn(produce(publisher, topic.to_owned(), stop.clone(), acked.clone()));
+        Traffic {
+            stop,
+            acked,
+            seen,
+            router,
+            producer,
+        }
+    }
+
+    /// Waits until `more` further publishes were acknowledged (`when` says after what).
+    async fn wait_for_more(&self, more: usize, when: &str) {
+        let count = || self.acked.lock().unwrap().len();
+        let target = count() + more;
+        wait_for(
+            HEAL,
+            || format!("fewer than {more} publishes {when}"),
+            || count() >= target,
+        )
+        .await;
+    }
+
+    /// Stops producing, checks that everything acknowledged was consumed, stops the router;
+    /// returns the duplicates (deliveries beyond one per number) and the router's report.
+    async fn finish(self) -> (u32, streamwise::router::ShutdownReport) {
+        self.stop.store(true, Ordering::Release);
+        self.producer.await.unwrap();
+        let duplicates = assert_nothing_lost(&self.acked, &self.seen).await;
+        (duplicates, self.router.shutdown().await.unwrap())
+    }
+}
+
 /// Waits until `done` holds, checking every 20 ms; fails with `what()` after `within`.
 async fn wait_for(within: Duration, what: impl Fn() -> String, done: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
@@ -131,18 +179,8 @@ async fn a_coordinated_failover_loses_nothing_and_duplicates_stay_within_the_win
     let replica = cluster.replicas_of(master)[0].port();
     wait_replica_linked(cluster.replicas_of(master)[0]).await;
 
-    let seen: Seen = Arc::default();
-    let router = consume(&url, &topic, seen.clone()).await;
-    let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
-    let publisher = RedisBackend::new(&url).unwrap().publisher();
-    let producer = tokio::spawn(produce(publisher, topic.clone(), stop.clone(), acked.clone()));
-    let acked_count = || acked.lock().unwrap().len();
-    wait_for(
-        HEAL,
-        || "no publishes before the failover".into(),
-        || acked_count() >= 300,
-    )
-    .await;
+    let traffic = Traffic::start(&url, &topic, RedisBackend::new(&url).unwrap().publisher()).await;
+    traffic.wait_for_more(300, "before the failover").await;
 
     let reply = cluster
         .nodes()
@@ -157,22 +195,12 @@ async fn a_coordinated_failover_loses_nothing_and_duplicates_stay_within_the_win
         || cluster.master_of(&topic).map(|m| m.port()) == Some(replica),
     )
     .await;
-    let at_failover = acked_count();
-    wait_for(
-        HEAL,
-        || "publishing did not resume after the failover".into(),
-        || acked_count() >= at_failover + 300,
-    )
-    .await;
-    stop.store(true, Ordering::Release);
-    producer.await.unwrap();
-
-    let duplicates = assert_nothing_lost(&acked, &seen).await;
+    traffic.wait_for_more(300, "after the failover").await;
+    let (duplicates, report) = traffic.finish().await;
     assert!(
         duplicates as usize <= MAX_IN_FLIGHT,
         "{duplicates} duplicates, more than the in-flight window of {MAX_IN_FLIGHT}"
     );
-    let report = router.shutdown().await.unwrap();
     assert_eq!(report.abandoned, 0);
 }
 
@@ -185,19 +213,10 @@ async fn a_killed_master_loses_no_publish_that_a_replica_acknowledged() {
     let replica = cluster.replicas_of(master)[0].port();
     wait_replica_linked(cluster.replicas_of(master)[0]).await;
 
-    let seen: Seen = Arc::default();
-    let router = consume(&url, &topic, seen.clone()).await;
-    let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
     let options = PublisherOptions::default().wait_replicas(1, Duration::from_secs(1));
     let durable = RedisPublisher::new(RedisBackend::new(&url).unwrap().connection().clone(), options);
-    let producer = tokio::spawn(produce(durable, topic.clone(), stop.clone(), acked.clone()));
-    let acked_count = || acked.lock().unwrap().len();
-    wait_for(
-        HEAL,
-        || "no publishes before the kill".into(),
-        || acked_count() >= 200,
-    )
-    .await;
+    let traffic = Traffic::start(&url, &topic, durable).await;
+    traffic.wait_for_more(200, "before the kill").await;
 
     cluster.node_mut(master).kill();
     wait_for(
@@ -215,17 +234,8 @@ async fn a_killed_master_loses_no_publish_that_a_replica_acknowledged() {
         || cluster.replicas_of(replica).iter().any(|r| r.port() == master),
     )
     .await;
-    let at_rejoin = acked_count();
-    wait_for(
-        HEAL,
-        || "durable publishing did not resume".into(),
-        || acked_count() >= at_rejoin + 200,
-    )
-    .await;
-    stop.store(true, Ordering::Release);
-    producer.await.unwrap();
-    assert_nothing_lost(&acked, &seen).await;
-    router.shutdown().await.unwrap();
+    traffic.wait_for_more(200, "after the old master rejoined").await;
+    traffic.finish().await;
 
     // With the replica paused, a durable publish fails with the typed error instead of
     // reporting success.
@@ -293,36 +303,13 @@ async fn a_slot_migration_moves_the_group_and_its_pending_entries_and_loses_noth
     }
     assert_eq!(redis.pending_count(&topic, "h").await.unwrap(), 5);
 
-    let seen: Seen = Arc::default();
-    let router = consume(&url, &topic, seen.clone()).await;
-    let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
-    let producer = tokio::spawn(produce(
-        redis.publisher(),
-        topic.clone(),
-        stop.clone(),
-        acked.clone(),
-    ));
-    let acked_count = || acked.lock().unwrap().len();
-    wait_for(
-        HEAL,
-        || "no publishes before the move".into(),
-        || acked_count() >= 300,
-    )
-    .await;
+    let traffic = Traffic::start(&url, &topic, redis.publisher()).await;
+    traffic.wait_for_more(300, "before the move").await;
 
     cluster.migrate_slot(slot, target);
     assert_eq!(cluster.master_of(&topic).unwrap().port(), target);
-    let at_move = acked_count();
-    wait_for(
-        HEAL,
-        || "publishing did not resume after the move".into(),
-        || acked_count() >= at_move + 300,
-    )
-    .await;
-    stop.store(true, Ordering::Release);
-    producer.await.unwrap();
-    assert_nothing_lost(&acked, &seen).await;
-    router.shutdown().await.unwrap();
+    traffic.wait_for_more(300, "after the move").await;
+    traffic.finish().await;
 
     // The group moved with the stream: the holder's entries are still pending, and acking
     // them now reaches the new master.
