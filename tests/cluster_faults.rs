@@ -379,3 +379,57 @@ async fn producer_backpressure_holds_across_a_failover() {
         other => panic!("expected Backpressure after the failover, got {other:?}"),
     }
 }
+
+/// A connection of one's own follows `MOVED` at once: after the stream's slot moved, a reader
+/// opened on the same connection handle (whose slot map still names the old master) reads from
+/// the new master without waiting out a retry, whose backoff here is at least 2.5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_of_ones_own_follows_moved_at_once() {
+    use streamwise::StartFrom;
+    use streamwise::redis::{RedisConnection, StreamReader};
+    let cluster = RedisCluster::start();
+    let topic = unique_topic("moved");
+    let conn = RedisConnection::builder(&cluster.url())
+        .retry_base_delay(Duration::from_secs(5))
+        .retry_max_delay(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let publisher = RedisBackend::with_connection(conn.clone()).publisher();
+    publisher
+        .publish(&topic, Message::new("n", &1u64).unwrap())
+        .await
+        .unwrap();
+    // The first reader's connection learns the slot map.
+    let mut first = StreamReader::open(conn.clone(), &topic, "first", StartFrom::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(
+        first
+            .next_batch(10, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let source = cluster.master_of(&topic).unwrap().port();
+    let target = cluster
+        .masters()
+        .into_iter()
+        .find(|m| m.port() != source)
+        .unwrap()
+        .port();
+    cluster.migrate_slot(cluster.slot_of(&topic), target);
+
+    let started = tokio::time::Instant::now();
+    let mut second = StreamReader::open(conn, &topic, "second", StartFrom::Beginning)
+        .await
+        .unwrap();
+    let batch = second.next_batch(10, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_millis(2400),
+        "the redirect was not followed at once: {:?}",
+        started.elapsed()
+    );
+}
