@@ -369,7 +369,7 @@ impl RedisPublisher {
         match sent {
             Ok(replies) => Some(Ok(replies)),
             Err(e) if self.conn.transient(&e) => {
-                self.conn.drop_master_multiplexed(&node, &e);
+                self.conn.drop_master_multiplexed(&node);
                 None
             }
             Err(e) => Some(Err(self.conn.failure("publish", e, 0))),

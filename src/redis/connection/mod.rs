@@ -418,16 +418,11 @@ impl RedisConnection {
     ) -> std::result::Result<Value, RedisError> {
         let attempt = async {
             let (_, conn) = self.shared().await?;
-            match (conn, node) {
-                (Shared::Cluster(mut c), Some((host, port))) => {
-                    let to = SingleNodeRoutingInfo::ByAddress {
-                        host: host.clone(),
-                        port: *port,
-                    };
-                    c.route_command(cmd.clone(), RoutingInfo::SingleNode(to)).await
-                }
-                (mut c, _) => cmd.query_async(&mut c).await,
-            }
+            let to = node.map(|(host, port)| SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port: *port,
+            });
+            query_on(conn, cmd.clone(), to).await
         };
         match tokio::time::timeout(within, attempt).await {
             Ok(result) => result,
@@ -451,7 +446,7 @@ impl RedisConnection {
                 Err(e) if is_server_refusal(&e) && !is_cluster_change(&e) => {
                     return Err(replies::refusal(what, e));
                 }
-                Err(e) => self.drop_master_multiplexed(&node, &e),
+                Err(_) => self.drop_master_multiplexed(&node),
             }
         }
         self.run_mapped(what, op).await
@@ -460,24 +455,10 @@ impl RedisConnection {
     /// Runs `cmd` on the master that serves `key`'s slot (on the one server, just runs it),
     /// for keyless commands about a key (`SCAN` for a stream's keys).
     pub(crate) async fn run_for_key(&self, what: &str, key: &str, cmd: &Cmd) -> Result<Value> {
+        let route = redis::cluster_routing::Route::with_key(key, redis::cluster_routing::SlotAddr::Master);
         self.run_mapped(what, |c| {
-            let cmd = cmd.clone();
-            async move {
-                match c {
-                    Shared::Cluster(mut c) => {
-                        let route = redis::cluster_routing::Route::with_key(
-                            key,
-                            redis::cluster_routing::SlotAddr::Master,
-                        );
-                        c.route_command(
-                            cmd,
-                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                        )
-                        .await
-                    }
-                    mut c => cmd.query_async(&mut c).await,
-                }
-            }
+            let to = SingleNodeRoutingInfo::SpecificNode(route);
+            query_on(c, cmd.clone(), Some(to))
         })
         .await
     }
@@ -535,7 +516,7 @@ impl RedisConnection {
         let Target::Cluster(cluster) = &self.inner.target else {
             return None;
         };
-        let node = self.known_master(key)?;
+        let node = cluster.known_owner(slot_of(key))?;
         if let Some(conn) = lock(&cluster.masters).get(&node) {
             return Some((node, conn.clone()));
         }
@@ -545,22 +526,24 @@ impl RedisConnection {
         let config = AsyncConnectionConfig::new()
             .set_response_timeout(Some(s.response_timeout))
             .set_connection_timeout(Some(s.connect_timeout));
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .ok()?;
+        // A master that cannot be reached is likely gone: the map is learned again.
+        let conn = match client.get_multiplexed_async_connection_with_config(&config).await {
+            Ok(conn) => conn,
+            Err(_) => {
+                cluster.forget_owners();
+                return None;
+            }
+        };
         lock(&cluster.masters).insert(node.clone(), conn.clone());
         Some((node, conn))
     }
 
-    /// Drops the multiplexed connection to `node` after it failed or found the slot moved
-    /// (and forgets the slot map then).
-    pub(crate) fn drop_master_multiplexed(&self, node: &(String, u16), e: &RedisError) {
+    /// Drops the multiplexed connection to `node` after it failed or found the slot moved,
+    /// and forgets the slot map, which may name a node that is gone or no longer the master.
+    pub(crate) fn drop_master_multiplexed(&self, node: &(String, u16)) {
         if let Target::Cluster(cluster) = &self.inner.target {
             lock(&cluster.masters).remove(node);
-            if is_cluster_change(e) {
-                cluster.forget_owners();
-            }
+            cluster.forget_owners();
         }
     }
 
@@ -578,11 +561,7 @@ impl RedisConnection {
         let Target::Cluster(cluster) = &self.inner.target else {
             return None;
         };
-        let owners = lock(&cluster.owners);
-        owners
-            .as_ref()?
-            .owner(slot_of(key))
-            .map(|(h, p)| (h.to_owned(), p))
+        cluster.known_owner(slot_of(key))
     }
 
     /// One attempt at a connection of one's own for `key`: to the one server, or to the master
@@ -642,25 +621,18 @@ impl RedisConnection {
         cluster: &ClusterTarget,
         slot: u16,
     ) -> std::result::Result<(String, u16), RedisError> {
-        let known = lock(&cluster.owners)
-            .as_ref()
-            .and_then(|o| o.owner(slot).map(|(h, p)| (h.to_owned(), p)));
-        if let Some(owner) = known {
+        if let Some(owner) = cluster.known_owner(slot) {
             return Ok(owner);
         }
-        let reply = match self.shared().await {
-            Ok((generation, mut conn)) => {
-                let reply = redis::cmd("CLUSTER")
-                    .arg("SLOTS")
-                    .query_async::<Value>(&mut conn)
-                    .await;
-                if reply.as_ref().is_err_and(|e| e.is_unrecoverable_error()) {
-                    self.forget_shared(generation);
-                }
-                reply?
-            }
-            Err(e) => return Err(e),
-        };
+        let (generation, mut conn) = self.shared().await?;
+        let reply = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<Value>(&mut conn)
+            .await;
+        if reply.as_ref().is_err_and(|e| e.is_unrecoverable_error()) {
+            self.forget_shared(generation);
+        }
+        let reply = reply?;
         let unknown = || {
             RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
@@ -789,6 +761,20 @@ impl CommandError {
 impl ClusterTarget {
     fn forget_owners(&self) {
         *lock(&self.owners) = None;
+    }
+
+    /// The master of `slot` as the slot map knows it.
+    fn known_owner(&self, slot: u16) -> Option<(String, u16)> {
+        let owners = lock(&self.owners);
+        owners.as_ref()?.owner(slot).map(|(h, p)| (h.to_owned(), p))
+    }
+}
+
+/// `cmd` on `conn`: on a cluster to the node `to` names, when given; else routed as usual.
+async fn query_on(conn: Shared, cmd: Cmd, to: Option<SingleNodeRoutingInfo>) -> redis::RedisResult<Value> {
+    match (conn, to) {
+        (Shared::Cluster(mut c), Some(to)) => c.route_command(cmd, RoutingInfo::SingleNode(to)).await,
+        (mut c, _) => cmd.query_async(&mut c).await,
     }
 }
 
