@@ -128,12 +128,17 @@ pub(crate) async fn read_entry(
     id: EntryId,
 ) -> Result<Option<RawEntry>> {
     let id_text = id.to_string();
+    first_entry(conn, stream, &id_text, &id_text).await
+}
+
+/// The first raw entry of `stream` between `from` and `to` (`XRANGE from to COUNT 1`).
+async fn first_entry(conn: &RedisConnection, stream: &str, from: &str, to: &str) -> Result<Option<RawEntry>> {
     let reply = conn
         .run_mapped("XRANGE", |mut c| {
             let cmd = redis::cmd("XRANGE")
                 .arg(stream)
-                .arg(&id_text)
-                .arg(&id_text)
+                .arg(from)
+                .arg(to)
                 .arg("COUNT")
                 .arg(1)
                 .clone();
@@ -758,22 +763,7 @@ fn renamed_stream(stream: &str, dead_letters: &BTreeMap<String, String>) -> Stri
 
 /// The source stream named by the first record of `stream`, if it is a dead-letter record.
 async fn dead_letters_of(conn: &RedisConnection, stream: &str) -> Result<Option<String>> {
-    let reply = conn
-        .run_mapped("XRANGE", |mut c| {
-            let cmd = redis::cmd("XRANGE")
-                .arg(stream)
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(1)
-                .clone();
-            async move { cmd.query_async::<Value>(&mut c).await }
-        })
-        .await?;
-    let first = replies::parse_entries(reply)?.into_iter().find_map(|e| match e {
-        ReplyEntry::Present(raw) => Some(raw),
-        ReplyEntry::Trimmed(_) => None,
-    });
+    let first = first_entry(conn, stream, "-", "+").await?;
     Ok(first.and_then(|raw| JsonCodec.decode(raw).ok()).and_then(|m| {
         m.metadata()
             .get(crate::dead_letter::keys::STREAM)
