@@ -214,6 +214,19 @@ enum Request<'a> {
     Pipeline(&'a redis::Pipeline),
 }
 
+impl Request<'_> {
+    /// Sends the request on `conn`; its replies, one per command.
+    async fn query<C: redis::aio::ConnectionLike + Send>(
+        self,
+        conn: &mut C,
+    ) -> redis::RedisResult<Vec<Value>> {
+        match self {
+            Request::One(cmd) => cmd.query_async::<Value>(conn).await.map(|v| vec![v]),
+            Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(conn).await,
+        }
+    }
+}
+
 /// What the publisher knows of a stream's settings.
 #[derive(Clone, Copy, Debug, Default)]
 struct StreamState {
@@ -280,10 +293,7 @@ impl RedisPublisher {
             }
         };
         let conn = &mut own.conns[at].1;
-        let sent = match request {
-            Request::One(cmd) => cmd.query_async::<Value>(conn).await.map(|v| vec![v]),
-            Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(conn).await,
-        };
+        let sent = request.query(conn).await;
         match sent {
             Ok(replies) => Some(Ok(replies)),
             // Connection trouble, or the slot moved (nothing was written then): the shared
@@ -362,10 +372,7 @@ impl RedisPublisher {
             return None;
         }
         let (node, mut conn) = self.conn.master_multiplexed(topic).await?;
-        let sent = match request {
-            Request::One(cmd) => cmd.query_async::<Value>(&mut conn).await.map(|v| vec![v]),
-            Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(&mut conn).await,
-        };
+        let sent = request.query(&mut conn).await;
         match sent {
             Ok(replies) => Some(Ok(replies)),
             Err(e) if self.conn.transient(&e) => {
@@ -387,13 +394,8 @@ impl RedisPublisher {
             return result;
         }
         self.conn
-            .run_mapped("publish", |mut c| async move {
-                // Borrowed, not cloned: a retry resends the same request.
-                match request {
-                    Request::One(cmd) => cmd.query_async::<Value>(&mut c).await.map(|v| vec![v]),
-                    Request::Pipeline(pipe) => pipe.query_async::<Vec<Value>>(&mut c).await,
-                }
-            })
+            // Borrowed, not cloned: a retry resends the same request.
+            .run_mapped("publish", |mut c| async move { request.query(&mut c).await })
             .await
     }
 
