@@ -114,6 +114,29 @@ pub enum Error {
         wanted: u64,
     },
 
+    /// A partitioned topic was asked for with another partition count than the one stored
+    /// with it. The count of a topic never changes: its keys would move to other partitions.
+    #[error("topic `{topic}` has {stored} partitions, not {requested}")]
+    PartitionMismatch {
+        /// The topic.
+        topic: String,
+        /// The count stored with the topic.
+        stored: u32,
+        /// The count asked for.
+        requested: u32,
+    },
+
+    /// A plain publish or subscribe named a partitioned topic, whose entries live in its
+    /// partition streams: use [`crate::partition::PartitionedPublisher`] and
+    /// [`crate::partition::PartitionedSubscriber`].
+    #[error("topic `{topic}` is partitioned ({partitions} partitions); publish and subscribe to it through the partition module")]
+    Partitioned {
+        /// The topic.
+        topic: String,
+        /// Its partition count.
+        partitions: u32,
+    },
+
     /// An argument or setting is not acceptable.
     #[error("invalid {field}: {reason}")]
     Invalid {
@@ -331,7 +354,7 @@ pub fn validate_stream_name(field: &'static str, name: &str) -> Result<()> {
                 format_args!("{name:?} has a '}}' without a '{{'"),
             ));
         }
-        return validate_name(field, name);
+        return validate_plain_stream(field, name);
     };
     let tagged = || {
         let close = open + name[open..].find('}')?;
@@ -348,11 +371,28 @@ pub fn validate_stream_name(field: &'static str, name: &str) -> Result<()> {
             ),
         ));
     };
-    validate_name(field, tag)?;
+    validate_plain_stream(field, tag)?;
     for part in [before, after].into_iter().filter(|p| !p.is_empty()) {
         validate_name(field, part)?;
     }
     Ok(())
+}
+
+/// A stream name without hash tag: a [`validate_name`] name, or a partition stream of one
+/// (`orders~p3`, see [`crate::partition`]).
+fn validate_plain_stream(field: &'static str, name: &str) -> Result<()> {
+    if split_partition_stream(name).is_some() {
+        return Ok(());
+    }
+    validate_name(field, name)
+}
+
+/// The topic and partition number of a partition stream's name (`orders~p3`), when it is one:
+/// a [`validate_name`] topic, `~p`, and the number in its one decimal spelling.
+pub(crate) fn split_partition_stream(stream: &str) -> Option<(&str, u32)> {
+    let (topic, number) = stream.rsplit_once("~p")?;
+    let partition: u32 = number.parse().ok()?;
+    (partition.to_string() == number && validate_name("topic", topic).is_ok()).then_some((topic, partition))
 }
 
 /// The Redis Cluster hash tag of `key`, as the server finds it: the text between the first

@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -321,6 +322,13 @@ pub struct SubscribeOptions {
     pub reclaim: Option<ReclaimOptions>,
     /// After this many deliveries an entry is dead-lettered. Default 10; at least 1.
     pub max_deliveries: u64,
+    /// The limit this subscription's deliveries count against, when it is shared with other
+    /// subscriptions (a partition's share of its member's limit); `None`: its own, of
+    /// `max_in_flight`.
+    pub(crate) in_flight: Option<InFlight>,
+    /// Acks and dead letters are written only while this consumer's lease is still its own
+    /// (a partition's owner: a member that lost the partition cannot ack into it).
+    pub(crate) fenced: bool,
 }
 
 impl SubscribeOptions {
@@ -338,7 +346,16 @@ impl SubscribeOptions {
             create_group: true,
             reclaim: None,
             max_deliveries: 10,
+            in_flight: None,
+            fenced: false,
         }
+    }
+
+    /// The in-flight limit the subscription's deliveries count against.
+    pub(crate) fn in_flight_limit(&self) -> InFlight {
+        self.in_flight
+            .clone()
+            .unwrap_or_else(|| InFlight::new(self.max_in_flight))
     }
 
     /// The most entries fetched in one read (Redis `COUNT`). Default 10.
@@ -610,45 +627,108 @@ impl fmt::Debug for Subscription {
 /// The in-flight limit of one subscription, for backends: a fetch first takes capacity with
 /// [`acquire`](Self::acquire), and a settled or dropped delivery gives its slot back with
 /// [`release`](Self::release). This is what makes "no hidden prefetch" hold.
+///
+/// The partitions a member of a partitioned group owns share one limit: each partition's
+/// subscription gets a share of it (`share`), and when the last clone of a share is dropped
+/// (its subscription ended, its deliveries are gone), the slots it still held go back.
 #[derive(Clone, Debug)]
 pub struct InFlight {
-    slots: Arc<Semaphore>,
+    inner: Arc<Slots>,
 }
+
+#[derive(Debug)]
+struct Slots {
+    semaphore: Arc<Semaphore>,
+    /// Slots this holder took and did not give back.
+    held: AtomicUsize,
+    /// The most one `acquire` takes, when the limit is shared.
+    most_per_take: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        let held = *self.held.get_mut();
+        if held > 0 {
+            self.semaphore.add_permits(held);
+        }
+    }
+}
+
+impl PartialEq for InFlight {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner.semaphore, &other.inner.semaphore)
+    }
+}
+
+impl Eq for InFlight {}
 
 impl InFlight {
     /// A limit of `max` deliveries in flight.
     pub fn new(max: usize) -> Self {
         InFlight {
-            slots: Arc::new(Semaphore::new(max)),
+            inner: Arc::new(Slots {
+                semaphore: Arc::new(Semaphore::new(max)),
+                held: AtomicUsize::new(0),
+                most_per_take: None,
+            }),
         }
+    }
+
+    /// A holder of slots of the same limit, which takes at most `most_per_take` in one
+    /// `acquire` (so that reads of several partitions that wait for entries cannot hold all
+    /// of it), and gives back what it holds when its last clone is dropped.
+    pub(crate) fn share(&self, most_per_take: Arc<AtomicUsize>) -> Self {
+        InFlight {
+            inner: Arc::new(Slots {
+                semaphore: self.inner.semaphore.clone(),
+                held: AtomicUsize::new(0),
+                most_per_take: Some(most_per_take),
+            }),
+        }
+    }
+
+    fn cap(&self, want: usize) -> usize {
+        match &self.inner.most_per_take {
+            Some(most) => want.min(most.load(Ordering::Relaxed).max(1)),
+            None => want,
+        }
+    }
+
+    fn took(&self, n: usize) -> usize {
+        if n > 0 && self.inner.most_per_take.is_some() {
+            self.inner.held.fetch_add(n, Ordering::Relaxed);
+        }
+        n
     }
 
     /// Waits until at least one slot is free, then takes up to `want` of them (at least one)
     /// and returns how many it took.
     pub async fn acquire(&self, want: usize) -> usize {
-        match self.slots.acquire().await {
+        match self.inner.semaphore.acquire().await {
             Ok(first) => first.forget(),
             // The semaphore is never closed; treat it as one slot rather than panic.
             Err(_) => return 1,
         }
-        1 + self.try_acquire(want.max(1) - 1)
+        self.took(1);
+        1 + self.try_acquire(self.cap(want.max(1)) - 1)
     }
 
     /// Takes up to `want` slots that are free right now, without waiting, and returns how
     /// many it took (maybe none).
     pub fn try_acquire(&self, want: usize) -> usize {
+        let want = self.cap(want);
         loop {
-            let free = self.slots.available_permits().min(want);
+            let free = self.inner.semaphore.available_permits().min(want);
             let Ok(n) = u32::try_from(free) else {
                 return 0;
             };
             if n == 0 {
                 return 0;
             }
-            match self.slots.try_acquire_many(n) {
+            match self.inner.semaphore.try_acquire_many(n) {
                 Ok(permits) => {
                     permits.forget();
-                    return free;
+                    return self.took(free);
                 }
                 // Someone took slots in between: look again.
                 Err(tokio::sync::TryAcquireError::NoPermits) => continue,
@@ -660,13 +740,16 @@ impl InFlight {
     /// Gives `n` slots back.
     pub fn release(&self, n: usize) {
         if n > 0 {
-            self.slots.add_permits(n);
+            if self.inner.most_per_take.is_some() {
+                self.inner.held.fetch_sub(n, Ordering::Relaxed);
+            }
+            self.inner.semaphore.add_permits(n);
         }
     }
 
     /// Slots free right now.
     pub fn available(&self) -> usize {
-        self.slots.available_permits()
+        self.inner.semaphore.available_permits()
     }
 }
 

@@ -20,6 +20,7 @@
 //! # Ok(()) }
 //! ```
 
+mod coordinator;
 mod log;
 
 use std::collections::{HashMap, VecDeque};
@@ -41,6 +42,7 @@ use crate::pubsub::{
     InFlight, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber, Subscription,
 };
 
+pub use self::coordinator::MemoryCoordinator;
 use self::log::{FetchOut, FetchPlan, GiveUp, GivenUp, StreamLog};
 
 /// Streams shared by every publisher and subscriber made from one backend.
@@ -54,6 +56,10 @@ pub struct MemoryBackend {
 #[derive(Debug, Default)]
 struct Broker {
     streams: Mutex<HashMap<Arc<str>, Arc<SharedStream>>>,
+    partitions: Mutex<coordinator::Partitions>,
+    /// Whether any topic is partitioned: plain publishes skip the look at `partitions` until
+    /// one is.
+    any_partitioned: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -73,6 +79,10 @@ impl SharedStream {
 }
 
 impl Broker {
+    fn partitions(&self) -> MutexGuard<'_, coordinator::Partitions> {
+        self.partitions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn streams(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<SharedStream>>> {
         self.streams
             .lock()
@@ -107,6 +117,15 @@ impl Broker {
 }
 
 impl MemoryBackend {
+    /// The keeper of this backend's partitioned topics, for
+    /// [`PartitionedPublisher`](crate::partition::PartitionedPublisher) and
+    /// [`PartitionedSubscriber`](crate::partition::PartitionedSubscriber).
+    pub fn coordinator(&self) -> MemoryCoordinator {
+        MemoryCoordinator {
+            broker: self.broker.clone(),
+        }
+    }
+
     /// An empty backend.
     pub fn new() -> Self {
         Self::default()
@@ -305,6 +324,7 @@ impl MemoryPublisher {
             return Err(Error::Closed("publisher"));
         }
         validate_stream_name("topic", topic)?;
+        coordinator::refuse_partitioned(&self.broker, topic)?;
         for m in messages {
             let size = crate::codec::wire_size(m);
             if size > self.options.max_entry_size {
@@ -435,6 +455,7 @@ impl MemorySubscriber {
             return Err(Error::Closed("subscriber"));
         }
         options.validate(topic)?;
+        coordinator::refuse_partitioned(&self.broker, topic)?;
         let group = options.group.as_str();
         let stream = if options.create_group {
             let (stream, _) = self.broker.get_or_create(topic);
@@ -460,7 +481,7 @@ impl MemorySubscriber {
                 consumer: consumer.to_string(),
             });
         }
-        let in_flight = InFlight::new(options.max_in_flight);
+        let in_flight = options.in_flight_limit();
         let settler = Arc::new(MemorySettler {
             broker: self.broker.clone(),
             stream: stream.clone(),

@@ -18,6 +18,8 @@ pub(crate) mod prefix {
     pub(crate) const CONSUMERS: &str = "streamwise:consumers:";
     /// All of them, for the key-name migration.
     pub(crate) const ALL: [&str; 4] = [META, CHECKPOINT, LEASE, CONSUMERS];
+    /// The members of a partitioned topic's groups (new in 0.2: nothing to migrate).
+    pub(crate) const MEMBERS: &str = "streamwise:members:";
 }
 
 /// `stream` as it is written inside its keys: in braces, unless it carries a hash tag of its
@@ -54,6 +56,17 @@ pub(crate) fn lease(stream: &str, group: &str, consumer: &str) -> String {
 /// from consumers of other clients.
 pub(crate) fn leased_consumers(stream: &str, group: &str) -> String {
     format!("{}{}:{group}", prefix::CONSUMERS, in_slot(stream))
+}
+
+/// Sorted set of the live members of `group` on the partitioned `topic`, scored by the
+/// server time (ms) their record expires; [`member_tokens`] beside it.
+pub(crate) fn members(topic: &str, group: &str) -> String {
+    format!("{}{}:{group}", prefix::MEMBERS, in_slot(topic))
+}
+
+/// Hash of member name to the token of the process that holds it.
+pub(crate) fn member_tokens(topic: &str, group: &str) -> String {
+    format!("{}{}:{group}:tokens", prefix::MEMBERS, in_slot(topic))
 }
 
 #[cfg(test)]

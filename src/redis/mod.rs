@@ -22,6 +22,7 @@
 pub mod admin;
 mod checkpoint;
 mod connection;
+mod coordinator;
 mod dedicated;
 mod keys;
 mod protocol;
@@ -33,6 +34,7 @@ mod subscriber;
 /// The `redis` crate this backend is built on, for [`RedisConnection::command`].
 pub use ::redis as client;
 pub use checkpoint::RedisCheckpointStore;
+pub use coordinator::RedisCoordinator;
 pub use connection::{MAX_CONNECTION_DURATION, RedisConnection, RedisConnectionBuilder, redact_url};
 pub use publisher::{MAX_REPLICA_WAIT, PublisherOptions, RedisPublisher, WaitReplicas};
 pub use reader::StreamReader;
@@ -53,6 +55,13 @@ impl RedisBackend {
         Ok(RedisBackend {
             conn: RedisConnection::new(url)?,
         })
+    }
+
+    /// The keeper of partitioned topics' counts and group members on this connection, for
+    /// [`PartitionedPublisher`](crate::partition::PartitionedPublisher) and
+    /// [`PartitionedSubscriber`](crate::partition::PartitionedSubscriber).
+    pub fn coordinator(&self) -> RedisCoordinator {
+        RedisCoordinator::new(self.conn.clone())
     }
 
     /// A backend on an existing connection.

@@ -232,6 +232,8 @@ impl Request<'_> {
 struct StreamState {
     max_length: Option<u64>,
     retention: Option<Duration>,
+    /// The topic is partitioned: its entries go to its partitions, not here.
+    partitions: Option<u32>,
     read_at: Option<Instant>,
     trimmed_at: Option<Instant>,
 }
@@ -421,7 +423,7 @@ impl RedisPublisher {
             return Ok(state);
         }
         let key = keys::meta(topic);
-        let (max_length, retention_ms): (Option<u64>, Option<u64>) = self
+        let (max_length, retention_ms, partitions): (Option<u64>, Option<u64>, Option<u32>) = self
             .conn
             .run_mapped("read stream settings", |mut c| {
                 let key = key.clone();
@@ -430,6 +432,7 @@ impl RedisPublisher {
                         .arg(&key)
                         .arg("max_length")
                         .arg("retention_ms")
+                        .arg("partitions")
                         .query_async(&mut c)
                         .await
                 }
@@ -437,6 +440,7 @@ impl RedisPublisher {
             .await?;
         self.update_state(topic, |s| {
             s.max_length = max_length;
+            s.partitions = partitions;
             s.retention = retention_ms.filter(|ms| *ms > 0).map(Duration::from_millis);
             s.read_at = Some(Instant::now());
         });
@@ -493,6 +497,12 @@ impl RedisPublisher {
             }
         }
         let settings = self.settings(topic).await?;
+        if let Some(partitions) = settings.partitions {
+            return Err(Error::Partitioned {
+                topic: topic.to_owned(),
+                partitions,
+            });
+        }
         let max_length = match (self.options.max_length.or(settings.max_length), cap) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -87,6 +87,77 @@ return 0
     )
 });
 
+/// Acknowledges entries only while the consumer's lease holds this token (the ack of a
+/// partition's owner: one that lost the partition cannot ack into it). KEYS: stream, lease.
+/// ARGV: token, group, ids... Returns how many were acknowledged, or -1 when the lease is
+/// another's (nothing acknowledged).
+pub(crate) static FENCED_ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return -1
+end
+return redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, 3))
+",
+    )
+});
+
+/// Stores a topic's partition count unless it has one. KEYS: the topic's settings hash.
+/// ARGV: partitions, created_at. Returns the count stored now.
+pub(crate) static CREATE_PARTITIONS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HSETNX', KEYS[1], 'partitions', ARGV[1]) == 1 then
+  redis.call('HSETNX', KEYS[1], 'created_at', ARGV[2])
+end
+return tonumber(redis.call('HGET', KEYS[1], 'partitions'))
+",
+    )
+});
+
+/// A group member's heartbeat, on the server's clock: forgets members whose time ran out,
+/// refuses a member name live under another token, records this member as live for the TTL.
+/// KEYS: the group's members (sorted set of name by expiry ms), their tokens (hash).
+/// ARGV: member, token, ttl ms. Returns the live members, or the error `TAKEN`.
+pub(crate) static MEMBER_HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, name in ipairs(gone) do
+  redis.call('HDEL', KEYS[2], name)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local holder = redis.call('HGET', KEYS[2], ARGV[1])
+if holder and holder ~= ARGV[2] then
+  return redis.error_reply('TAKEN member name held by another process')
+end
+local ttl = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+",
+    )
+});
+
+/// Removes a group member if it still holds this token. KEYS: members, tokens.
+/// ARGV: member, token. Returns 1 when removed.
+pub(crate) static MEMBER_LEAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+",
+    )
+});
+
 /// The holder of a lease and its remaining time. KEYS: lease. Returns `{holder, pttl ms}`, or
 /// `{"", -2}` when the lease is free.
 pub(crate) static LEASE_STATE: LazyLock<Script> = LazyLock::new(|| {

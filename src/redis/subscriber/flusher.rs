@@ -13,6 +13,7 @@ use crate::signal::Signal;
 use redis::Value;
 use tokio::sync::mpsc;
 
+use super::lease::Lease;
 use super::shared::{Ledger, Op, lock};
 use super::stats::SubscriberStats;
 use super::warnings::RepeatedWarnings;
@@ -66,6 +67,8 @@ pub(super) struct Flusher {
     floor: Option<EntryId>,
     /// `flush` calls waiting for the acks sent before them to be written.
     flush_waiters: Vec<tokio::sync::oneshot::Sender<crate::Result<()>>>,
+    /// Acks are written only while this lease is still the subscription's (a partition's).
+    fence: Option<Lease>,
 }
 
 enum Wake {
@@ -108,7 +111,14 @@ impl Flusher {
             log: RepeatedWarnings::default(),
             floor: None,
             flush_waiters: Vec::new(),
+            fence: None,
         }
+    }
+
+    /// Writes acks only while `lease` holds (none: always).
+    pub(super) fn fenced(mut self, lease: Option<Lease>) -> Self {
+        self.fence = lease;
+        self
     }
 
     /// Takes `ops` until `closed` or every sender is gone, then writes what was sent before
@@ -272,6 +282,9 @@ impl Flusher {
             return Ok(());
         }
         let (stream, group) = (self.origin.stream(), self.origin.group());
+        if let Some(lease) = &self.fence {
+            return self.flush_fenced(batch, lease.clone()).await;
+        }
         let mut xack = redis::cmd("XACK");
         xack.arg(stream).arg(group);
         for id in batch.iter() {
@@ -296,6 +309,54 @@ impl Flusher {
                 ledger.acking.remove(id);
             }
         }
+        self.acked_up_to = self.acked_up_to.max(batch.iter().max().copied());
+        batch.clear();
+        self.save_checkpoint(false).await;
+        Ok(())
+    }
+
+    /// [`flush`](Self::flush) through the fenced ack: when the lease went to another holder,
+    /// the batch is dropped (its entries stay pending for that holder, who has them now).
+    async fn flush_fenced(&mut self, batch: &mut Vec<EntryId>, lease: Lease) -> crate::Result<()> {
+        let (stream, group) = (self.origin.stream(), self.origin.group());
+        let mut call = scripts::FENCED_ACK.key(stream);
+        call.key(lease.key()).arg(lease.token()).arg(group);
+        for id in batch.iter() {
+            call.arg(id.to_string());
+        }
+        let sent = self
+            .conn
+            .run_mapped("fenced XACK", |mut c| {
+                let call = &call;
+                async move { call.invoke_async::<i64>(&mut c).await }
+            })
+            .await;
+        let acked = match sent {
+            Ok(acked) => acked,
+            Err(e) => {
+                let message = format!("XACK of {} acks failed; will try again: {e}", batch.len());
+                self.log.warn(stream, &message);
+                return Err(e);
+            }
+        };
+        {
+            let mut ledger = lock(&self.ledger);
+            for id in batch.iter() {
+                ledger.acking.remove(id);
+            }
+        }
+        if acked < 0 {
+            tracing::error!(
+                stream,
+                group,
+                refused = batch.len(),
+                "acks refused: another consumer holds this consumer's lease now (the partition was handed on); it has these entries"
+            );
+            SubscriberStats::add(&self.stats.fenced, batch.len() as u64);
+            batch.clear();
+            return Ok(());
+        }
+        SubscriberStats::add(&self.stats.acked, batch.len() as u64);
         self.acked_up_to = self.acked_up_to.max(batch.iter().max().copied());
         batch.clear();
         self.save_checkpoint(false).await;

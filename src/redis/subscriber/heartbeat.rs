@@ -40,8 +40,9 @@ impl Heartbeat {
     }
 
     /// Beats until `closed` (the subscriber) or `released` (the last user of the
-    /// subscription's state is gone), or until the lease turns out lost; then releases it.
-    pub(super) async fn run(self, closed: Signal, released: Signal) {
+    /// subscription's state is gone), or until the lease turns out lost; then, once the
+    /// flusher wrote what it had (`flushed`), releases it.
+    pub(super) async fn run(self, closed: Signal, released: Signal, flushed: Signal) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -95,6 +96,7 @@ impl Heartbeat {
                 );
             }
         }
+        flushed.cancelled().await;
         self.lease.release().await;
     }
 }

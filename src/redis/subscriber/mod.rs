@@ -108,6 +108,9 @@ impl RedisSubscriber {
             options.group.as_str(),
             options.consumer.as_str(),
         ));
+        if crate::partition::parse_partition_stream(topic).is_none() {
+            crate::redis::coordinator::refuse_partitioned(&self.conn, topic).await?;
+        }
         group::ensure(&self.conn, self.store.as_deref(), &origin, &options).await?;
         let lease = Lease::acquire(&self.conn, &origin, self.options.lease_ttl).await?;
 
@@ -124,7 +127,7 @@ impl RedisSubscriber {
         let shared = Arc::new(Shared::new(
             self.conn.clone(),
             origin.clone(),
-            options.max_in_flight,
+            options.in_flight_limit(),
             ledger.clone(),
             ops_tx,
             self.closed.clone(),
@@ -138,10 +141,18 @@ impl RedisSubscriber {
             self.stats.clone(),
             self.options.codec.clone(),
             self.options.ack_flush_interval,
-        );
+        )
+        .fenced(options.fenced.then(|| lease.clone()));
         let heartbeat = Heartbeat::new(lease.clone(), Arc::downgrade(&shared), lease_lost.clone());
-        self.tasks.spawn(flusher.run(ops_rx, self.closed.clone()));
-        self.tasks.spawn(heartbeat.run(self.closed.clone(), released));
+        // The lease is released only after the last acks are written: the next holder of the
+        // name (a partition's next owner) then finds them acknowledged, not pending.
+        let flushed = Signal::new();
+        let (flusher_done, closed) = (flushed.clone(), self.closed.clone());
+        self.tasks.spawn(async move {
+            flusher.run(ops_rx, closed).await;
+            flusher_done.cancel();
+        });
+        self.tasks.spawn(heartbeat.run(self.closed.clone(), released, flushed));
         let reader = Reader::new(
             shared,
             lease,

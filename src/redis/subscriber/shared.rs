@@ -129,13 +129,13 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    /// The state of the subscription of `origin`: at most `max_in_flight` deliveries out, its
+    /// The state of the subscription of `origin`: at most `capacity` deliveries out, its
     /// entries in `ledger`, writes through `ops` to its flusher. `closed` is the subscriber's;
     /// `released` is cancelled when this state is dropped.
     pub(super) fn new(
         conn: RedisConnection,
         origin: Arc<Origin>,
-        max_in_flight: usize,
+        capacity: InFlight,
         ledger: Arc<Mutex<Ledger>>,
         ops: mpsc::UnboundedSender<Op>,
         closed: Signal,
@@ -144,7 +144,7 @@ impl Shared {
         Shared {
             conn,
             origin,
-            capacity: InFlight::new(max_in_flight),
+            capacity,
             ledger,
             ops,
             blocked_client: AtomicI64::new(0),

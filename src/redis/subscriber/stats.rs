@@ -16,6 +16,7 @@ pub struct SubscriberStats {
     pub(super) read_errors: AtomicU64,
     pub(super) dead_letter_failures: AtomicU64,
     pub(super) unclaimable: AtomicU64,
+    pub(super) fenced: AtomicU64,
 }
 
 /// A snapshot of [`SubscriberStats`].
@@ -43,6 +44,9 @@ pub struct StatsSnapshot {
     /// Nacked entries found in no pending list when their retry was due (their group was
     /// re-created past them): dead-lettered, since the group would not deliver them again.
     pub unclaimable: u64,
+    /// Acks refused because the consumer's lease had gone to another holder (a partition
+    /// handed on while this member was cut off): those entries are the new holder's.
+    pub fenced: u64,
 }
 
 impl SubscriberStats {
@@ -65,6 +69,7 @@ impl SubscriberStats {
             read_errors: get(&self.read_errors),
             dead_letter_failures: get(&self.dead_letter_failures),
             unclaimable: get(&self.unclaimable),
+            fenced: get(&self.fenced),
         }
     }
 }

@@ -1,0 +1,474 @@
+//! [`PartitionedSubscriber`]: a member of a consumer group on a partitioned topic, which owns
+//! the partitions rendezvous hashing gives it, reads them as one subscription, and hands them
+//! over when the group changes.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::{AbortHandle, Abortable, FuturesUnordered, SelectAll};
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use super::{
+    Membership, PARTITION_CONSUMER, PartitionCoordinator, assigned_to, partition_stream, validate_partitions,
+    validate_topic,
+};
+use crate::delivery::Delivery;
+use crate::error::{Error, Result};
+use crate::pubsub::{FlushHandle, InFlight, SubscribeOptions, Subscriber, Subscription};
+use crate::signal::Signal;
+
+/// The settings of a [`PartitionedSubscriber`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionOptions {
+    /// How long a member's record lives without a heartbeat; members beat every third of it.
+    /// A member that stopped is left out of the assignment this long after its last beat.
+    /// Default 10 s; 300 ms to 1 hour.
+    pub member_ttl: Duration,
+}
+
+impl Default for PartitionOptions {
+    fn default() -> Self {
+        PartitionOptions {
+            member_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+impl PartitionOptions {
+    /// How long a member's record lives without a heartbeat. Default 10 s.
+    #[must_use]
+    pub fn member_ttl(mut self, ttl: Duration) -> Self {
+        self.member_ttl = ttl;
+        self
+    }
+
+    /// Checks the options.
+    pub fn validate(&self) -> Result<()> {
+        let (least, most) = (Duration::from_millis(300), Duration::from_secs(3600));
+        if self.member_ttl < least || self.member_ttl > most {
+            return Err(Error::invalid(
+                "member_ttl",
+                format_args!("{:?} is not between {least:?} and {most:?}", self.member_ttl),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A [`Subscriber`] for partitioned topics. Subscribing to one makes this process a member of
+/// the group: the subscription delivers the entries of the partitions the member owns, which
+/// change as members come and go (see [the module](super)). Topics that are not partitioned
+/// pass through to the subscriber it wraps, so it can stand wherever a subscriber goes (a
+/// router's, a CQRS bus's).
+///
+/// The consumer name of the [`SubscribeOptions`] is the member's name, unique in its group;
+/// `max_in_flight` bounds the deliveries out across all the member's partitions, `batch_size`,
+/// `block`, `start_from`, `create_group` and `max_deliveries` apply to each partition, and
+/// `reclaim` is not used (a partition's next owner takes its pending entries over).
+///
+/// Keep `max_in_flight` at least the number of partitions a member may own: each partition
+/// waiting for new entries holds a share of the limit.
+pub struct PartitionedSubscriber {
+    inner: Arc<dyn Subscriber>,
+    coordinator: Arc<dyn PartitionCoordinator>,
+    options: PartitionOptions,
+    declared: HashMap<String, u32>,
+    closed: Signal,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for PartitionedSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionedSubscriber")
+            .field("options", &self.options)
+            .field("declared", &self.declared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartitionedSubscriber {
+    /// Subscribes through `inner`, with the partition counts and group members `coordinator`
+    /// keeps (the same backend's).
+    pub fn new(inner: Arc<dyn Subscriber>, coordinator: Arc<dyn PartitionCoordinator>) -> Self {
+        PartitionedSubscriber {
+            inner,
+            coordinator,
+            options: PartitionOptions::default(),
+            declared: HashMap::new(),
+            closed: Signal::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Sets the options; invalid ones are reported by `subscribe`.
+    #[must_use]
+    pub fn options(mut self, options: PartitionOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Declares `topic` with `partitions`: created so when it has no count yet, and
+    /// [`Error::PartitionMismatch`] from `subscribe` when it has another.
+    #[must_use]
+    pub fn topic(mut self, topic: &str, partitions: u32) -> Self {
+        self.declared.insert(topic.to_owned(), partitions);
+        self
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<Option<u32>> {
+        let Some(&requested) = self.declared.get(topic) else {
+            return self.coordinator.partitions(topic).await;
+        };
+        validate_topic(topic)?;
+        validate_partitions(requested)?;
+        let stored = self.coordinator.create_partitions(topic, requested).await?;
+        if stored != requested {
+            return Err(Error::PartitionMismatch {
+                topic: topic.to_owned(),
+                stored,
+                requested,
+            });
+        }
+        Ok(Some(stored))
+    }
+
+    async fn start(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        if self.closed.is_cancelled() {
+            return Err(Error::Closed("subscriber"));
+        }
+        options.validate(topic)?;
+        self.options.validate()?;
+        let Some(partitions) = self.partitions(topic).await? else {
+            return self.inner.subscribe(topic, options).await;
+        };
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+        let dropped = Signal::new();
+        let flushes = Arc::new(Mutex::new(HashMap::new()));
+        let member = Member {
+            inner: self.inner.clone(),
+            coordinator: self.coordinator.clone(),
+            topic: topic.to_owned(),
+            partitions,
+            in_flight: InFlight::new(options.max_in_flight),
+            share: Arc::new(AtomicUsize::new(options.max_in_flight)),
+            options,
+            ttl: self.options.member_ttl,
+            token: uuid::Uuid::now_v7().to_string(),
+            control: control_tx,
+            ended: ended_rx,
+        };
+        self.tasks
+            .spawn(member.run(self.closed.clone(), dropped.clone()));
+        let merged = Merged {
+            control: control_rx,
+            control_open: true,
+            parts: SelectAll::new(),
+            aborts: HashMap::new(),
+            flushes: flushes.clone(),
+            ended: ended_tx,
+            _dropped: CancelOnDrop(dropped),
+        };
+        Ok(Subscription::new(merged).with_flush(Arc::new(FlushAll(flushes))))
+    }
+}
+
+impl Subscriber for PartitionedSubscriber {
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<Subscription>> {
+        Box::pin(self.start(topic, options))
+    }
+
+    fn unflushed(&self) -> u64 {
+        self.inner.unflushed()
+    }
+
+    fn delete_topic<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
+        self.inner.delete_topic(topic)
+    }
+
+    /// Stops every member (each leaves its group, so the others take its partitions over at
+    /// once), then closes the wrapped subscriber, which flushes.
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.closed.cancel();
+        self.tasks.close();
+        Box::pin(async move {
+            self.tasks.wait().await;
+            self.inner.close().await
+        })
+    }
+}
+
+/// What the member task tells the merged stream.
+enum Control {
+    /// A partition is owned now: read it.
+    Add(u32, Subscription),
+    /// A partition went to another member: stop reading it.
+    Remove(u32),
+    /// A problem to report on the subscription.
+    Error(Error),
+}
+
+/// One member of a group: heartbeats, computes its partitions, takes and gives them up.
+struct Member {
+    inner: Arc<dyn Subscriber>,
+    coordinator: Arc<dyn PartitionCoordinator>,
+    topic: String,
+    partitions: u32,
+    options: SubscribeOptions,
+    in_flight: InFlight,
+    /// The most slots one read of a partition takes: the member's limit over its partitions.
+    share: Arc<AtomicUsize>,
+    ttl: Duration,
+    token: String,
+    control: mpsc::UnboundedSender<Control>,
+    /// Partitions whose subscription ended by itself (its lease was lost, say).
+    ended: mpsc::UnboundedReceiver<u32>,
+}
+
+type Acquiring = FuturesUnordered<BoxFuture<'static, (u32, Result<Subscription>)>>;
+
+impl Member {
+    async fn run(mut self, closed: Signal, dropped: Signal) {
+        let beat = self.ttl / 3;
+        // How soon a partition another member still holds is asked for again.
+        let retry = beat.min(Duration::from_millis(250));
+        let mut owned: HashSet<u32> = HashSet::new();
+        let mut pending: HashSet<u32> = HashSet::new();
+        let mut acquiring = Acquiring::new();
+        let mut target: Vec<u32> = Vec::new();
+        let mut next_beat = tokio::time::Instant::now();
+        let mut next_retry: Option<tokio::time::Instant> = None;
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= next_beat {
+                next_beat = now + beat;
+                match self.beat().await {
+                    Ok(Some(members)) => {
+                        failing_since = None;
+                        target = assigned_to(&self.options.consumer, &members, self.partitions);
+                    }
+                    Ok(None) => {
+                        let _ = self.control.send(Control::Error(Error::ConsumerActive {
+                            stream: self.topic.clone(),
+                            group: self.options.group.clone(),
+                            consumer: self.options.consumer.clone(),
+                        }));
+                        break;
+                    }
+                    Err(e) => {
+                        let since = *failing_since.get_or_insert(now);
+                        tracing::warn!(topic = %self.topic, group = %self.options.group, error = %e, "group membership heartbeat failed");
+                        if since.elapsed() >= self.ttl {
+                            // The others count this member gone by now: give its partitions up.
+                            target.clear();
+                        }
+                    }
+                }
+                let wanted = target.len().max(1);
+                self.share.store(
+                    (self.options.max_in_flight / wanted).max(1),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                for p in owned.iter().copied().filter(|p| !target.contains(p)).collect::<Vec<_>>() {
+                    owned.remove(&p);
+                    tracing::info!(topic = %self.topic, partition = p, member = %self.options.consumer, "partition handed off");
+                    let _ = self.control.send(Control::Remove(p));
+                }
+            }
+            if next_retry.is_none_or(|at| now >= at) {
+                next_retry = None;
+                for &p in &target {
+                    if !owned.contains(&p) && pending.insert(p) {
+                        acquiring.push(self.acquire(p));
+                    }
+                }
+            }
+            let wake = next_retry.map_or(next_beat, |at| at.min(next_beat));
+            tokio::select! {
+                biased;
+                _ = closed.cancelled() => break,
+                _ = dropped.cancelled() => break,
+                Some(p) = self.ended.recv() => {
+                    owned.remove(&p);
+                    next_retry.get_or_insert(tokio::time::Instant::now() + retry);
+                }
+                Some((p, result)) = acquiring.next(), if !acquiring.is_empty() => {
+                    pending.remove(&p);
+                    match result {
+                        Ok(subscription) if target.contains(&p) => {
+                            tracing::info!(topic = %self.topic, partition = p, member = %self.options.consumer, "partition taken");
+                            owned.insert(p);
+                            let _ = self.control.send(Control::Add(p, subscription));
+                        }
+                        // Assigned elsewhere meanwhile: dropping it gives it up again.
+                        Ok(_) => {}
+                        // The previous owner still finishes its deliveries.
+                        Err(Error::ConsumerActive { .. }) => {
+                            next_retry.get_or_insert(tokio::time::Instant::now() + retry);
+                        }
+                        Err(e) => {
+                            next_retry.get_or_insert(tokio::time::Instant::now() + retry);
+                            let _ = self.control.send(Control::Error(e));
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+        // Stop reading everything; the partitions are released as their deliveries settle.
+        for p in owned {
+            let _ = self.control.send(Control::Remove(p));
+        }
+        drop(acquiring);
+        let left = self
+            .coordinator
+            .leave(&self.topic, &self.options.group, &self.options.consumer, &self.token)
+            .await;
+        if let Err(e) = left {
+            tracing::warn!(topic = %self.topic, error = %e, "leaving the group failed; the member's record expires by itself");
+        }
+    }
+
+    /// One heartbeat: the live members, or `None` when another process has this member name.
+    async fn beat(&self) -> Result<Option<Vec<String>>> {
+        let membership = self
+            .coordinator
+            .heartbeat(
+                &self.topic,
+                &self.options.group,
+                &self.options.consumer,
+                &self.token,
+                self.ttl,
+            )
+            .await?;
+        Ok(match membership {
+            Membership::Live(members) => Some(members),
+            Membership::Taken => None,
+        })
+    }
+
+    /// Subscribes to partition `p` as its owner.
+    fn acquire(&self, p: u32) -> BoxFuture<'static, (u32, Result<Subscription>)> {
+        let inner = self.inner.clone();
+        let stream = partition_stream(&self.topic, p);
+        let mut options = self.options.clone();
+        options.consumer = PARTITION_CONSUMER.to_owned();
+        options.reclaim = None;
+        options.in_flight = Some(self.in_flight.share(self.share.clone()));
+        options.fenced = true;
+        Box::pin(async move { (p, inner.subscribe(&stream, options).await) })
+    }
+}
+
+/// An item of one partition's stream: a delivery, or the end of the stream.
+enum PartItem {
+    Item(Result<Delivery>),
+    Ended(u32),
+}
+
+type Part = Abortable<Pin<Box<dyn Stream<Item = PartItem> + Send>>>;
+
+/// The deliveries of every partition the member owns, as one stream.
+struct Merged {
+    control: mpsc::UnboundedReceiver<Control>,
+    control_open: bool,
+    parts: SelectAll<Part>,
+    aborts: HashMap<u32, AbortHandle>,
+    flushes: Arc<Mutex<HashMap<u32, FlushHandle>>>,
+    ended: mpsc::UnboundedSender<u32>,
+    _dropped: CancelOnDrop,
+}
+
+impl Merged {
+    fn add(&mut self, p: u32, subscription: Subscription) {
+        lock(&self.flushes).insert(p, subscription.flush_handle());
+        let items = subscription
+            .map(PartItem::Item)
+            .chain(futures::stream::once(std::future::ready(PartItem::Ended(p))));
+        let (handle, registration) = AbortHandle::new_pair();
+        let boxed: Pin<Box<dyn Stream<Item = PartItem> + Send>> = Box::pin(items);
+        self.parts.push(Abortable::new(boxed, registration));
+        if let Some(old) = self.aborts.insert(p, handle) {
+            old.abort();
+        }
+    }
+
+    fn remove(&mut self, p: u32) {
+        if let Some(handle) = self.aborts.remove(&p) {
+            handle.abort();
+        }
+        lock(&self.flushes).remove(&p);
+    }
+}
+
+impl Stream for Merged {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        while this.control_open {
+            match this.control.poll_recv(cx) {
+                Poll::Ready(Some(Control::Add(p, subscription))) => this.add(p, subscription),
+                Poll::Ready(Some(Control::Remove(p))) => this.remove(p),
+                Poll::Ready(Some(Control::Error(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => this.control_open = false,
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match this.parts.poll_next_unpin(cx) {
+                Poll::Ready(Some(PartItem::Item(item))) => return Poll::Ready(Some(item)),
+                Poll::Ready(Some(PartItem::Ended(p))) => {
+                    this.aborts.remove(&p);
+                    lock(&this.flushes).remove(&p);
+                    let _ = this.ended.send(p);
+                }
+                // No partition right now: the member task adds them, or ends.
+                Poll::Ready(None) if this.control_open => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Stops the member task when the subscription is dropped.
+struct CancelOnDrop(Signal);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Flushes every partition the member reads.
+struct FlushAll(Arc<Mutex<HashMap<u32, FlushHandle>>>);
+
+impl crate::pubsub::Flush for FlushAll {
+    fn flush(&self) -> BoxFuture<'static, Result<()>> {
+        let handles: Vec<FlushHandle> = lock(&self.0).values().cloned().collect();
+        Box::pin(async move {
+            for result in futures::future::join_all(handles.iter().map(FlushHandle::flush)).await {
+                result?;
+            }
+            Ok(())
+        })
+    }
+}
