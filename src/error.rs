@@ -129,7 +129,9 @@ pub enum Error {
     /// A plain publish or subscribe named a partitioned topic, whose entries live in its
     /// partition streams: use [`crate::partition::PartitionedPublisher`] and
     /// [`crate::partition::PartitionedSubscriber`].
-    #[error("topic `{topic}` is partitioned ({partitions} partitions); publish and subscribe to it through the partition module")]
+    #[error(
+        "topic `{topic}` is partitioned ({partitions} partitions); publish and subscribe to it through the partition module"
+    )]
     Partitioned {
         /// The topic.
         topic: String,

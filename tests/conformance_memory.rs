@@ -27,6 +27,11 @@ impl TestBackend for Memory {
     ) -> BoxFuture<'a, Result<Option<EntryId>>> {
         Box::pin(async move { self.0.position(topic, group, consumer) })
     }
+    fn coordinator(&self) -> BoxFuture<'_, Result<Arc<dyn streamwise::partition::PartitionCoordinator>>> {
+        Box::pin(async {
+            Ok(Arc::new(self.0.coordinator()) as Arc<dyn streamwise::partition::PartitionCoordinator>)
+        })
+    }
     fn pending_of<'a>(
         &'a self,
         topic: &'a str,

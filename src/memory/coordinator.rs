@@ -58,7 +58,9 @@ impl PartitionCoordinator for MemoryCoordinator {
             .map(|()| {
                 let stored = *self.state().counts.entry(topic.to_owned()).or_insert(partitions);
                 if stored == partitions {
-                    self.broker.any_partitioned.store(true, std::sync::atomic::Ordering::Release);
+                    self.broker
+                        .any_partitioned
+                        .store(true, std::sync::atomic::Ordering::Release);
                 }
                 stored
             });

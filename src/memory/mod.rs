@@ -80,7 +80,9 @@ impl SharedStream {
 
 impl Broker {
     fn partitions(&self) -> MutexGuard<'_, coordinator::Partitions> {
-        self.partitions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.partitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn streams(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<SharedStream>>> {
@@ -586,8 +588,9 @@ impl Reader {
         self.settler.unregister();
     }
 
-    /// Waits until at least one entry could be fetched into the buffer using the `taken`
-    /// slots, or until closed; gives back the slots it did not use.
+    /// Fetches into the buffer using the `taken` slots, and gives back the slots it did not
+    /// use; when there was nothing to fetch, waits until something may have changed (or
+    /// until closed) without holding any.
     async fn fill(&mut self, taken: usize) {
         let stream = self.stream.clone();
         loop {
@@ -629,15 +632,16 @@ impl Reader {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            // Nothing to hand out: the slots go back while it waits, so that a limit shared
+            // with other subscriptions (a member's partitions) is not held by an idle one.
+            self.in_flight.release(taken);
             tokio::select! {
                 biased;
-                _ = self.closed.cancelled() => {
-                    self.in_flight.release(taken);
-                    return;
-                }
+                _ = self.closed.cancelled() => {}
                 _ = &mut changed => {}
                 _ = sleep_until(wake_at) => {}
             }
+            return;
         }
     }
 

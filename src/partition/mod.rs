@@ -140,10 +140,11 @@ fn score(member: &str, partition: u32) -> u64 {
 /// The member that owns `partition` among `members` (rendezvous hashing), `None` when there
 /// is none.
 pub fn owner_of<S: AsRef<str>>(partition: u32, members: &[S]) -> Option<&str> {
-    members
-        .iter()
-        .map(AsRef::as_ref)
-        .max_by(|a, b| score(a, partition).cmp(&score(b, partition)).then_with(|| b.cmp(a)))
+    members.iter().map(AsRef::as_ref).max_by(|a, b| {
+        score(a, partition)
+            .cmp(&score(b, partition))
+            .then_with(|| b.cmp(a))
+    })
 }
 
 /// The partitions among `0..partitions` that `member` owns when `members` are the live ones.
@@ -173,7 +174,15 @@ mod tests {
             crate::validate_stream_name("stream", &stream).unwrap();
             crate::validate_stream_name("stream", &crate::dead_letter::stream_for(&stream)).unwrap();
         }
-        for bad in ["orders", "orders~p", "orders~p03", "orders~p+3", "~p3", "a.b~p3", "orders~px"] {
+        for bad in [
+            "orders",
+            "orders~p",
+            "orders~p03",
+            "orders~p+3",
+            "~p3",
+            "a.b~p3",
+            "orders~px",
+        ] {
             assert_eq!(parse_partition_stream(bad), None, "{bad}");
         }
         assert!(validate_topic("orders~p3").is_err(), "a partition is not a topic");
@@ -227,7 +236,10 @@ mod tests {
     #[test]
     fn assignment_covers_every_partition_exactly_once() {
         let members = ["a", "b", "c"];
-        let mut all: Vec<u32> = members.iter().flat_map(|m| assigned_to(m, &members, 16)).collect();
+        let mut all: Vec<u32> = members
+            .iter()
+            .flat_map(|m| assigned_to(m, &members, 16))
+            .collect();
         all.sort_unstable();
         assert_eq!(all, (0..16).collect::<Vec<_>>());
     }

@@ -8,7 +8,10 @@ use std::time::Duration;
 use futures::future::{BoxFuture, try_join_all};
 use tokio::time::Instant;
 
-use super::{KEY_METADATA, PartitionCoordinator, partition_for_key, partition_stream, validate_partitions, validate_topic};
+use super::{
+    KEY_METADATA, PartitionCoordinator, partition_for_key, partition_stream, validate_partitions,
+    validate_topic,
+};
 use crate::error::{Error, Result};
 use crate::message::{EntryId, Message};
 use crate::pubsub::Publisher;
@@ -169,11 +172,13 @@ impl Publisher for PartitionedPublisher {
                 group.0.push(i);
                 group.1.push(message);
             }
-            let sends = groups.into_iter().map(|(partition, (positions, batch))| async move {
-                let stream = partition_stream(topic, partition);
-                let ids = self.inner.publish_batch(&stream, batch).await?;
-                Ok::<_, Error>((positions, ids))
-            });
+            let sends = groups
+                .into_iter()
+                .map(|(partition, (positions, batch))| async move {
+                    let stream = partition_stream(topic, partition);
+                    let ids = self.inner.publish_batch(&stream, batch).await?;
+                    Ok::<_, Error>((positions, ids))
+                });
             let mut ids = vec![EntryId::default(); total];
             for (positions, written) in try_join_all(sends).await? {
                 for (position, id) in positions.into_iter().zip(written) {

@@ -166,8 +166,7 @@ impl PartitionedSubscriber {
             control: control_tx,
             ended: ended_rx,
         };
-        self.tasks
-            .spawn(member.run(self.closed.clone(), dropped.clone()));
+        self.tasks.spawn(member.run(self.closed.clone(), dropped.clone()));
         let merged = Merged {
             control: control_rx,
             control_open: true,
@@ -282,7 +281,12 @@ impl Member {
                     (self.options.max_in_flight / wanted).max(1),
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                for p in owned.iter().copied().filter(|p| !target.contains(p)).collect::<Vec<_>>() {
+                for p in owned
+                    .iter()
+                    .copied()
+                    .filter(|p| !target.contains(p))
+                    .collect::<Vec<_>>()
+                {
                     owned.remove(&p);
                     tracing::info!(topic = %self.topic, partition = p, member = %self.options.consumer, "partition handed off");
                     let _ = self.control.send(Control::Remove(p));
@@ -335,7 +339,12 @@ impl Member {
         drop(acquiring);
         let left = self
             .coordinator
-            .leave(&self.topic, &self.options.group, &self.options.consumer, &self.token)
+            .leave(
+                &self.topic,
+                &self.options.group,
+                &self.options.consumer,
+                &self.token,
+            )
             .await;
         if let Err(e) = left {
             tracing::warn!(topic = %self.topic, error = %e, "leaving the group failed; the member's record expires by itself");

@@ -34,8 +34,8 @@ mod subscriber;
 /// The `redis` crate this backend is built on, for [`RedisConnection::command`].
 pub use ::redis as client;
 pub use checkpoint::RedisCheckpointStore;
-pub use coordinator::RedisCoordinator;
 pub use connection::{MAX_CONNECTION_DURATION, RedisConnection, RedisConnectionBuilder, redact_url};
+pub use coordinator::RedisCoordinator;
 pub use publisher::{MAX_REPLICA_WAIT, PublisherOptions, RedisPublisher, WaitReplicas};
 pub use reader::StreamReader;
 pub use subscriber::{

@@ -40,10 +40,15 @@
 //! [`RedisServer`]: a free loopback port, never the machine's own 6379, gone on drop.
 
 mod captured_logs;
+mod partitions;
 mod redis_cluster;
 mod redis_server;
 
 pub use captured_logs::CapturedLogs;
+pub use partitions::{
+    max_in_flight_holds_across_partitions, partition_count_mismatch_is_an_error,
+    partitioned_keys_keep_order_across_members,
+};
 pub use redis_cluster::{ClusterTls, RedisCluster};
 pub use redis_server::{RedisServer, free_port};
 
@@ -87,6 +92,12 @@ pub trait TestBackend: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<EntryId>>> {
         let _ = (topic, group, consumer);
         Box::pin(async { Err(Error::Unsupported("checkpoints")) })
+    }
+
+    /// The keeper of partitioned topics on this backend. Backends without one leave the
+    /// default, which makes the partition scenarios skip them.
+    fn coordinator(&self) -> BoxFuture<'_, Result<Arc<dyn crate::partition::PartitionCoordinator>>> {
+        Box::pin(async { Err(Error::Unsupported("partitioned topics")) })
     }
 
     /// The entries pending for `consumer` in `group`, oldest first (needed with
@@ -166,6 +177,9 @@ scenario_list! {
     payloads_that_are_not_json_are_dead_lettered
     checkpoint_never_passes_a_pending_entry
     dead_letter_settlement_keeps_the_message_and_settles
+    partitioned_keys_keep_order_across_members
+    partition_count_mismatch_is_an_error
+    max_in_flight_holds_across_partitions
 }
 
 /// A topic name no other test uses.

@@ -90,6 +90,13 @@ impl<S: Send + Sync> streamwise::testing::TestBackend for RedisTestBackend<S> {
             Ok(store.load(topic, group, consumer).await?.map(|cp| cp.message_id))
         })
     }
+    fn coordinator(
+        &self,
+    ) -> BoxFuture<'_, streamwise::Result<Arc<dyn streamwise::partition::PartitionCoordinator>>> {
+        Box::pin(async {
+            Ok(Arc::new(self.shared.coordinator()) as Arc<dyn streamwise::partition::PartitionCoordinator>)
+        })
+    }
     fn pending_of<'a>(
         &'a self,
         topic: &'a str,

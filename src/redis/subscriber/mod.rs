@@ -152,7 +152,8 @@ impl RedisSubscriber {
             flusher.run(ops_rx, closed).await;
             flusher_done.cancel();
         });
-        self.tasks.spawn(heartbeat.run(self.closed.clone(), released, flushed));
+        self.tasks
+            .spawn(heartbeat.run(self.closed.clone(), released, flushed));
         let reader = Reader::new(
             shared,
             lease,

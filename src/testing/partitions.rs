@@ -1,0 +1,294 @@
+//! The conformance scenarios of partitioned topics ([`crate::partition`]), for backends whose
+//! [`TestBackend::coordinator`] gives one; the others skip them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use super::{TestBackend, WAIT, expect_quiet, opts, recv, unique_topic};
+use crate::partition::{
+    KEY_METADATA, PartitionCoordinator, PartitionOptions, PartitionedPublisher, PartitionedSubscriber,
+    assigned_to, parse_partition_stream,
+};
+use crate::{Error, Message, Publisher, Subscriber, Subscription};
+
+/// A member's record lives this long in the scenarios, so that rebalances are quick.
+const MEMBER_TTL: Duration = Duration::from_secs(1);
+
+async fn coordinator(backend: &dyn TestBackend, scenario: &str) -> Option<Arc<dyn PartitionCoordinator>> {
+    match backend.coordinator().await {
+        Ok(c) => Some(c),
+        Err(Error::Unsupported(_)) => {
+            eprintln!("{scenario}: skipped, the backend has no partition coordinator");
+            None
+        }
+        Err(e) => panic!("coordinator: {e}"),
+    }
+}
+
+async fn member(
+    backend: &dyn TestBackend,
+    coordinator: &Arc<dyn PartitionCoordinator>,
+    topic: &str,
+    partitions: u32,
+) -> Arc<PartitionedSubscriber> {
+    let inner = backend.subscriber().await.expect("subscriber");
+    Arc::new(
+        PartitionedSubscriber::new(inner, coordinator.clone())
+            .options(PartitionOptions::default().member_ttl(MEMBER_TTL))
+            .topic(topic, partitions),
+    )
+}
+
+fn keyed(key: usize, seq: u64) -> (String, Message) {
+    let key = format!("key-{key}");
+    let message = Message::new("test.keyed", &seq).expect("encodable");
+    (key, message)
+}
+
+/// What the members handled, in the order they handled it: (member, key, sequence number).
+type Handled = Arc<Mutex<Vec<(String, String, u64)>>>;
+
+/// Handles `sub` one delivery at a time, recording and acknowledging each.
+fn consume(name: &str, mut sub: Subscription, handled: Handled) -> tokio::task::JoinHandle<()> {
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        while let Some(item) = sub.next().await {
+            let delivery = match item {
+                Ok(d) => d,
+                Err(e) => panic!("{name}: subscription error {e}"),
+            };
+            let key = delivery
+                .message()
+                .metadata()
+                .get(KEY_METADATA)
+                .expect("keyed messages carry their key")
+                .to_owned();
+            let seq: u64 = delivery.message().decode().expect("a sequence number");
+            handled.lock().unwrap().push((name.clone(), key, seq));
+            delivery.ack().await.expect("ack");
+        }
+    })
+}
+
+async fn wait_handled(handled: &Handled, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = handled.lock().unwrap().len();
+        if got >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {got} of {n} handled after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Keyed messages published to a partitioned topic are handled in order per key, and exactly
+/// once, by a group whose members change: one member alone, a second joining (its partitions
+/// handed over cooperatively), then the second leaving (handed back).
+pub async fn partitioned_keys_keep_order_across_members(backend: &dyn TestBackend) {
+    let Some(coordinator) = coordinator(backend, "partitioned_keys_keep_order_across_members").await else {
+        return;
+    };
+    let (topic, partitions, keys, per_round) = (unique_topic("partitioned"), 4, 12, 10);
+    // The second member must win some partitions, or nothing would be handed over.
+    assert!(!assigned_to("member-b", &["member-a", "member-b"], partitions).is_empty());
+    let publisher =
+        PartitionedPublisher::new(backend.publisher().await.expect("publisher"), coordinator.clone())
+            .topic(&topic, partitions);
+    let mut seq = 0;
+    let mut publish_round = async |publisher: &PartitionedPublisher| {
+        for _ in 0..per_round {
+            for key in 0..keys {
+                let (key, message) = keyed(key, seq);
+                publisher
+                    .publish_keyed(&topic, &key, message)
+                    .await
+                    .expect("publish_keyed");
+            }
+            seq += 1;
+        }
+    };
+    let handled: Handled = Arc::default();
+    let a = member(backend, &coordinator, &topic, partitions).await;
+    let sub_a = a
+        .subscribe(&topic, opts("g", "member-a").max_in_flight(8))
+        .await
+        .expect("subscribe a");
+    let task_a = consume("member-a", sub_a, handled.clone());
+    publish_round(&publisher).await;
+    wait_handled(&handled, keys * per_round).await;
+
+    let b = member(backend, &coordinator, &topic, partitions).await;
+    let sub_b = b
+        .subscribe(&topic, opts("g", "member-b").max_in_flight(8))
+        .await
+        .expect("subscribe b");
+    let task_b = consume("member-b", sub_b, handled.clone());
+    // Published while the group rebalances, and after: until the joining member handled
+    // some (its partitions are handed over once the first member sees it).
+    let mut rounds = 1;
+    let deadline = Instant::now() + WAIT;
+    while !handled.lock().unwrap().iter().any(|(m, ..)| m == "member-b") {
+        assert!(
+            Instant::now() < deadline,
+            "the joining member was never given a partition"
+        );
+        publish_round(&publisher).await;
+        rounds += 1;
+        wait_handled(&handled, rounds * keys * per_round).await;
+    }
+    publish_round(&publisher).await;
+    rounds += 1;
+    wait_handled(&handled, rounds * keys * per_round).await;
+
+    b.close().await.expect("close b");
+    task_b.await.expect("member b's task");
+    publish_round(&publisher).await;
+    rounds += 1;
+    wait_handled(&handled, rounds * keys * per_round).await;
+    a.close().await.expect("close a");
+    task_a.await.expect("member a's task");
+
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(
+        handled.len(),
+        rounds * keys * per_round,
+        "each message handled exactly once"
+    );
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    for (member, key, seq) in &handled {
+        if let Some(before) = last.insert(key, *seq) {
+            assert!(
+                *seq == before + 1,
+                "{key}: {seq} handled by {member} after {before}"
+            );
+        } else {
+            assert_eq!(*seq, 0, "{key} started at {seq}");
+        }
+    }
+    for p in 0..partitions {
+        let stream = crate::partition::partition_stream(&topic, p);
+        assert_eq!(
+            backend.pending(&stream, "g").await.expect("pending"),
+            0,
+            "{stream}"
+        );
+    }
+}
+
+/// A partitioned topic's count is fixed: asking for another is an error on publish and
+/// subscribe, and a plain publish or subscribe to it is refused instead of going nowhere.
+pub async fn partition_count_mismatch_is_an_error(backend: &dyn TestBackend) {
+    let Some(coordinator) = coordinator(backend, "partition_count_mismatch_is_an_error").await else {
+        return;
+    };
+    let topic = unique_topic("fixed-count");
+    let plain = backend.publisher().await.expect("publisher");
+    let four = PartitionedPublisher::new(plain.clone(), coordinator.clone()).topic(&topic, 4);
+    four.publish(&topic, Message::new("t", &1).expect("message"))
+        .await
+        .expect("publish to the partitioned topic");
+    assert_eq!(coordinator.partitions(&topic).await.expect("count"), Some(4));
+
+    let eight = PartitionedPublisher::new(plain.clone(), coordinator.clone()).topic(&topic, 8);
+    let err = eight
+        .publish(&topic, Message::new("t", &1).expect("message"))
+        .await
+        .expect_err("another count");
+    assert!(
+        matches!(
+            err,
+            Error::PartitionMismatch {
+                stored: 4,
+                requested: 8,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let subscriber = member(backend, &coordinator, &topic, 8).await;
+    let Err(err) = subscriber.subscribe(&topic, opts("g", "m")).await else {
+        panic!("subscribe with another count succeeded");
+    };
+    assert!(matches!(err, Error::PartitionMismatch { .. }), "{err:?}");
+
+    let err = plain
+        .publish(&topic, Message::new("t", &1).expect("message"))
+        .await
+        .expect_err("a plain publish to a partitioned topic");
+    assert!(matches!(err, Error::Partitioned { partitions: 4, .. }), "{err:?}");
+    let raw = backend.subscriber().await.expect("subscriber");
+    let Err(err) = raw.subscribe(&topic, opts("g", "m")).await else {
+        panic!("a plain subscribe to a partitioned topic succeeded");
+    };
+    assert!(matches!(err, Error::Partitioned { partitions: 4, .. }), "{err:?}");
+    raw.close().await.expect("close");
+
+    // Without a key, messages go round-robin: every partition gets its share.
+    let batch = (0..8).map(|n| Message::new("t", &n).expect("message")).collect();
+    four.publish_batch(&topic, batch).await.expect("batch");
+    let member = member(backend, &coordinator, &topic, 4).await;
+    let mut sub = member
+        .subscribe(&topic, opts("g", "m").max_in_flight(20))
+        .await
+        .expect("subscribe");
+    let mut per_partition = HashMap::new();
+    for _ in 0..9 {
+        let d = recv(&mut sub).await;
+        let (_, p) = parse_partition_stream(d.info().origin().stream()).expect("a partition stream");
+        *per_partition.entry(p).or_insert(0) += 1;
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(per_partition.len(), 4, "{per_partition:?}");
+    assert!(per_partition.values().all(|n| *n >= 2), "{per_partition:?}");
+    member.close().await.expect("close");
+}
+
+/// `max_in_flight` bounds the deliveries out across all the partitions a member owns.
+pub async fn max_in_flight_holds_across_partitions(backend: &dyn TestBackend) {
+    let Some(coordinator) = coordinator(backend, "max_in_flight_holds_across_partitions").await else {
+        return;
+    };
+    let topic = unique_topic("partitioned-in-flight");
+    let publisher =
+        PartitionedPublisher::new(backend.publisher().await.expect("publisher"), coordinator.clone())
+            .topic(&topic, 4);
+    let batch = (0..40).map(|n| Message::new("t", &n).expect("message")).collect();
+    publisher.publish_batch(&topic, batch).await.expect("batch");
+    let member = member(backend, &coordinator, &topic, 4).await;
+    let mut sub = member
+        .subscribe(&topic, opts("g", "m").max_in_flight(6).batch_size(4))
+        .await
+        .expect("subscribe");
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(recv(&mut sub).await);
+    }
+    expect_quiet(&mut sub, "a delivery beyond max_in_flight across partitions").await;
+    let mut pending = 0;
+    for p in 0..4 {
+        let stream = crate::partition::partition_stream(&topic, p);
+        pending += backend.pending(&stream, "g").await.expect("pending");
+    }
+    assert_eq!(pending, 6, "entries read from the partitions");
+    for d in held.drain(..2) {
+        d.ack().await.expect("ack");
+    }
+    held.push(recv(&mut sub).await);
+    held.push(recv(&mut sub).await);
+    expect_quiet(&mut sub, "a delivery beyond max_in_flight after two acks").await;
+    for d in held {
+        d.ack().await.expect("ack");
+    }
+    for _ in 8..40 {
+        recv(&mut sub).await.ack().await.expect("ack");
+    }
+    member.close().await.expect("close");
+}
