@@ -329,6 +329,9 @@ pub struct SubscribeOptions {
     /// Acks and dead letters are written only while this consumer's lease is still its own
     /// (a partition's owner: a member that lost the partition cannot ack into it).
     pub(crate) fenced: bool,
+    /// The group member this subscription reads for (a partition's owner), written into its
+    /// lease so that operators can see who owns the partition.
+    pub(crate) member: Option<String>,
 }
 
 impl SubscribeOptions {
@@ -348,6 +351,7 @@ impl SubscribeOptions {
             max_deliveries: 10,
             in_flight: None,
             fenced: false,
+            member: None,
         }
     }
 

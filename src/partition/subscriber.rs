@@ -374,7 +374,10 @@ impl Member {
         let inner = self.inner.clone();
         let stream = partition_stream(&self.topic, p);
         let mut options = self.options.clone();
-        options.consumer = PARTITION_CONSUMER.to_owned();
+        options.member = Some(std::mem::replace(
+            &mut options.consumer,
+            PARTITION_CONSUMER.to_owned(),
+        ));
         options.reclaim = None;
         options.in_flight = Some(self.in_flight.share(self.share.clone()));
         options.fenced = true;

@@ -10,7 +10,10 @@ use super::connection::RedisConnection;
 use super::{keys, scripts};
 use crate::error::{Error, Result, validate_name};
 use crate::message::format_timestamp;
-use crate::partition::{Membership, PartitionCoordinator, validate_partitions, validate_topic};
+use crate::partition::{
+    Membership, PARTITION_CONSUMER, PartitionCoordinator, partition_stream, validate_partitions,
+    validate_topic,
+};
 
 /// Keeps partition counts and group members for partitioned topics on Redis
 /// ([`RedisBackend::coordinator`](super::RedisBackend::coordinator)).
@@ -23,6 +26,50 @@ impl RedisCoordinator {
     /// The coordinator on `conn`.
     pub fn new(conn: RedisConnection) -> Self {
         RedisCoordinator { conn }
+    }
+}
+
+impl RedisCoordinator {
+    /// Who owns each partition of `topic` in `group`, by partition: the member named in the
+    /// partition's lease, `None` while no one holds it. Empty when `topic` is not partitioned.
+    pub async fn owners(&self, topic: &str, group: &str) -> Result<Vec<Option<String>>> {
+        validate_topic(topic)?;
+        validate_name("group", group)?;
+        let partitions = stored_partitions(&self.conn, topic).await?.unwrap_or(0);
+        let mut owners = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let key = keys::lease(&partition_stream(topic, p), group, PARTITION_CONSUMER);
+            let holder: Option<String> = self
+                .conn
+                .run_mapped("read partition lease", |mut c| {
+                    let cmd = redis::cmd("GET").arg(&key).clone();
+                    async move { cmd.query_async(&mut c).await }
+                })
+                .await?;
+            owners.push(holder.map(|h| {
+                h.split_once('/')
+                    .map_or(h.as_str(), |(member, _)| member)
+                    .to_owned()
+            }));
+        }
+        Ok(owners)
+    }
+
+    /// The members of `group` on `topic` whose records were live at the last heartbeat of any
+    /// member (a record past its time lingers until the next one), sorted.
+    pub async fn members(&self, topic: &str, group: &str) -> Result<Vec<String>> {
+        validate_topic(topic)?;
+        validate_name("group", group)?;
+        let key = keys::members(topic, group);
+        let mut members: Vec<String> = self
+            .conn
+            .run_mapped("read group members", |mut c| {
+                let cmd = redis::cmd("ZRANGE").arg(&key).arg(0).arg(-1).clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await?;
+        members.sort_unstable();
+        Ok(members)
     }
 }
 

@@ -144,6 +144,11 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
     /// Keeps deliveries with the same key in order when `max_in_flight` is above 1: a delivery
     /// waits for the previous one with its key to be settled. Deliveries without the key are
     /// not ordered. (Across keys, and across consumers of a group, there is no order.)
+    ///
+    /// Unset, the key is the partition key ([`KEY_METADATA`](crate::partition::KEY_METADATA),
+    /// set by [`PartitionedPublisher::publish_keyed`](crate::partition::PartitionedPublisher::publish_keyed)):
+    /// on a partitioned topic, each key's messages are handled one at a time, in order, across
+    /// the whole group.
     #[must_use]
     pub fn order_by(mut self, key: OrderKey) -> Self {
         self.order_by = Some(key);
@@ -273,7 +278,12 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                 topic,
                 options,
                 service,
-                order_by: routes.order_by,
+                // Deliveries of a partitioned topic keep their key's order by default.
+                order_by: Some(
+                    routes
+                        .order_by
+                        .unwrap_or_else(|| OrderKey::Metadata(crate::partition::KEY_METADATA.to_owned())),
+                ),
                 retry_backoff,
             });
         }

@@ -40,7 +40,14 @@ impl Lease {
     /// it is live, and the call fails with [`Error::ConsumerActive`]; a lease that runs out
     /// was left by a process that died (a restart under the same name after a crash), and is
     /// taken over.
-    pub(super) async fn acquire(conn: &RedisConnection, origin: &Origin, ttl: Duration) -> Result<Lease> {
+    /// The lease's value is a token unique to this subscription: a UUIDv7, after `member/` when
+    /// the subscription reads for a group member (a partition's owner).
+    pub(super) async fn acquire(
+        conn: &RedisConnection,
+        origin: &Origin,
+        ttl: Duration,
+        member: Option<&str>,
+    ) -> Result<Lease> {
         let (stream, group, consumer) = (origin.stream(), origin.group(), origin.consumer());
         let lease = Lease {
             conn: conn.clone(),
@@ -48,7 +55,10 @@ impl Lease {
             registry: keys::leased_consumers(stream, group),
             stream: stream.to_owned(),
             consumer: consumer.to_owned(),
-            token: uuid::Uuid::now_v7().to_string(),
+            token: match member {
+                Some(member) => format!("{member}/{}", uuid::Uuid::now_v7()),
+                None => uuid::Uuid::now_v7().to_string(),
+            },
             ttl,
         };
         let active = || Error::ConsumerActive {

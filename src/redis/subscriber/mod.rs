@@ -112,7 +112,13 @@ impl RedisSubscriber {
             crate::redis::coordinator::refuse_partitioned(&self.conn, topic).await?;
         }
         group::ensure(&self.conn, self.store.as_deref(), &origin, &options).await?;
-        let lease = Lease::acquire(&self.conn, &origin, self.options.lease_ttl).await?;
+        let lease = Lease::acquire(
+            &self.conn,
+            &origin,
+            self.options.lease_ttl,
+            options.member.as_deref(),
+        )
+        .await?;
 
         let ledger = Arc::new(Mutex::new(Ledger::default()));
         {

@@ -1,0 +1,354 @@
+//! Partitioned topics under churn, with real processes: members of a group join, leave, are
+//! SIGKILLed and SIGSTOPped while keyed messages flow. Nothing is lost, each key's messages
+//! are handled in order (a duplicate only ever repeats a number already handled), every
+//! partition ends up owned by the member rendezvous hashing names, and a member cut off past
+//! its lease cannot ack into the partitions it lost.
+//!
+//! The member process is this test binary run again with `STREAMWISE_PART_URL` set (see
+//! [`member_process_entry_point`]).
+
+mod common;
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use streamwise::partition::{
+    KEY_METADATA, PartitionOptions, PartitionedPublisher, PartitionedSubscriber, owner_of, partition_stream,
+};
+use streamwise::redis::client::cmd;
+use streamwise::redis::{
+    RedisBackend, RedisConnection, RedisCoordinator, RedisSubscriber, RedisSubscriberOptions,
+};
+use streamwise::router::{Json, Metadata, Router, State};
+use streamwise::{Message, Publisher, SubscribeOptions};
+
+use common::RedisServer;
+
+const TOPIC: &str = "orders";
+const GROUP: &str = "workers";
+const PARTITIONS: u32 = 8;
+const KEYS: u64 = 1000;
+/// Per member process: deliveries in flight.
+const WINDOW: usize = 32;
+/// Lease and membership TTL of the member processes.
+const TTL: Duration = Duration::from_secs(1);
+const DONE: &str = "part-test:done";
+
+fn handled_key(key: &str) -> String {
+    format!("part-test:handled:{key}")
+}
+
+/// Not a test of its own: the body of the member processes the tests start. Without
+/// `STREAMWISE_PART_URL` it does nothing.
+#[test]
+fn member_process_entry_point() {
+    let (Ok(url), Ok(name)) = (
+        std::env::var("STREAMWISE_PART_URL"),
+        std::env::var("STREAMWISE_PART_NAME"),
+    ) else {
+        return;
+    };
+    let work_ms: u64 = std::env::var("STREAMWISE_PART_WORK_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(0);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let backend = RedisBackend::new(&url).expect("url");
+        let redis = Arc::new(
+            RedisSubscriber::new(
+                backend.connection().clone(),
+                RedisSubscriberOptions::default().lease_ttl(TTL),
+            )
+            .expect("subscriber"),
+        );
+        let subscriber = PartitionedSubscriber::new(redis.clone(), Arc::new(backend.coordinator()))
+            .options(PartitionOptions::default().member_ttl(TTL))
+            .topic(TOPIC, PARTITIONS);
+        #[derive(Clone)]
+        struct Worker {
+            conn: RedisConnection,
+            name: String,
+            work: Duration,
+        }
+        async fn handle(
+            Json(seq): Json<u64>,
+            metadata: Metadata,
+            State(w): State<Worker>,
+        ) -> streamwise::Result<()> {
+            if !w.work.is_zero() {
+                tokio::time::sleep(w.work).await;
+            }
+            let key = metadata.get(KEY_METADATA).expect("keyed").to_owned();
+            // Recorded before the ack: a crash after this line is a duplicate, never a loss.
+            w.conn
+                .command::<i64>(
+                    cmd("RPUSH")
+                        .arg(handled_key(&key))
+                        .arg(format!("{seq}/{}", w.name)),
+                )
+                .await?;
+            w.conn
+                .command::<i64>(cmd("SADD").arg(DONE).arg(format!("{key}/{seq}")))
+                .await?;
+            Ok(())
+        }
+        let worker = Worker {
+            conn: backend.connection().clone(),
+            name: name.clone(),
+            work: Duration::from_millis(work_ms),
+        };
+        let options = SubscribeOptions::new(GROUP, &name)
+            .max_in_flight(WINDOW)
+            .batch_size(8)
+            .block(Duration::from_millis(200));
+        let router = Router::with_state(worker);
+        let routes = router.routes().route("seq", handle);
+        let stopped = router
+            .subscribe(TOPIC, options, routes)
+            .shutdown_deadline(Duration::from_secs(10))
+            .run(
+                Arc::new(subscriber),
+                Arc::new(backend.publisher()),
+                streamwise::router::shutdown_signal(),
+            )
+            .await;
+        // Read by the test after the process exits.
+        println!("fenced={}", redis.stats().fenced);
+        eprintln!("member {name} stopped: {stopped:?}");
+        std::process::exit(if stopped.is_err() { 3 } else { 0 });
+    });
+}
+
+fn spawn_member(url: &str, name: &str, work_ms: u64) -> Child {
+    Command::new(std::env::current_exe().expect("own path"))
+        .args([
+            "member_process_entry_point",
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("STREAMWISE_PART_URL", url)
+        .env("STREAMWISE_PART_NAME", name)
+        .env("STREAMWISE_PART_WORK_MS", work_ms.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a member process")
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill(1)");
+    assert!(status.success(), "kill -{name} failed");
+}
+
+/// Stops a member with SIGTERM and returns what it printed.
+fn stop(mut child: Child) -> String {
+    signal(&child, "TERM");
+    let status = child.wait().expect("wait");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut out)
+        .expect("stdout");
+    assert!(status.success(), "member exited with {status:?}: {out}");
+    out
+}
+
+fn message(key: u64, seq: u64) -> Message {
+    Message::new("seq", &seq)
+        .expect("message")
+        .with_metadata(KEY_METADATA, format!("key-{key}"))
+}
+
+/// Publishes sequence numbers `seqs` for every key, in order, in batches of one round.
+async fn publish(publisher: &PartitionedPublisher, seqs: std::ops::Range<u64>) {
+    for seq in seqs {
+        let batch = (0..KEYS).map(|key| message(key, seq)).collect();
+        publisher.publish_batch(TOPIC, batch).await.expect("publish");
+    }
+}
+
+async fn done(conn: &RedisConnection) -> u64 {
+    conn.command(cmd("SCARD").arg(DONE)).await.expect("SCARD")
+}
+
+async fn wait_done(conn: &RedisConnection, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = done(conn).await;
+        if got >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "only {got} of {n} handled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every partition is owned by the member rendezvous hashing names among the live
+/// `members`, and returns how long that took.
+async fn wait_settled(coordinator: &RedisCoordinator, members: &[&str]) -> Duration {
+    let started = Instant::now();
+    let want: Vec<Option<String>> = (0..PARTITIONS)
+        .map(|p| owner_of(p, members).map(str::to_owned))
+        .collect();
+    loop {
+        let live = coordinator.members(TOPIC, GROUP).await.expect("members");
+        let owners = coordinator.owners(TOPIC, GROUP).await.expect("owners");
+        if owners == want && live == members {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "partitions not settled: owners {owners:?}, want {want:?}, live {live:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Checks what was handled for every key: each number from 0 to `seqs - 1`, new numbers in
+/// order (a record out of order is only ever a number handled before: a redelivery, or a
+/// handler that was running when its member lost the partition). Returns the duplicates.
+async fn check_order(conn: &RedisConnection, seqs: u64) -> u64 {
+    let mut duplicates = 0;
+    for key in 0..KEYS {
+        let key = format!("key-{key}");
+        let records: Vec<String> = conn
+            .command(cmd("LRANGE").arg(handled_key(&key)).arg(0).arg(-1))
+            .await
+            .expect("LRANGE");
+        let mut next = 0;
+        for record in &records {
+            let (seq, member) = record.split_once('/').expect("seq/member");
+            let seq: u64 = seq.parse().expect("number");
+            if seq == next {
+                next += 1;
+            } else {
+                assert!(
+                    seq < next,
+                    "{key}: {seq} (by {member}) handled before {next}: {records:?}"
+                );
+                duplicates += 1;
+            }
+        }
+        assert_eq!(next, seqs, "{key}: handled up to {next}: {records:?}");
+    }
+    duplicates
+}
+
+async fn assert_nothing_pending(conn: &RedisConnection) {
+    for p in 0..PARTITIONS {
+        let stream = partition_stream(TOPIC, p);
+        let pending = streamwise::redis::admin::pending_count(conn, &stream, GROUP)
+            .await
+            .expect("pending");
+        assert_eq!(pending, 0, "{stream}");
+    }
+}
+
+/// 8 partitions, 100,000 keyed messages; members join one by one, one is SIGKILLed and
+/// replaced, one leaves with SIGTERM: 0 lost, each key in order, duplicates only from the
+/// killed member's in-flight window, and after each change every partition owned by exactly
+/// the member rendezvous hashing names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_leave_and_crash_without_loss_or_reordering() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let backend = RedisBackend::new(&url).unwrap();
+    let conn = backend.connection().clone();
+    let coordinator = backend.coordinator();
+    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(coordinator.clone()))
+        .topic(TOPIC, PARTITIONS);
+    let seqs = 100;
+
+    let m0 = spawn_member(&url, "m0", 0);
+    publish(&publisher, 0..25).await;
+    let took = wait_settled(&coordinator, &["m0"]).await;
+    eprintln!("m0 owns all partitions {took:?} after the first publish");
+    let m1 = spawn_member(&url, "m1", 0);
+    publish(&publisher, 25..50).await;
+    let m2 = spawn_member(&url, "m2", 0);
+    let took = wait_settled(&coordinator, &["m0", "m1", "m2"]).await;
+    eprintln!("rebalanced to m0, m1, m2 in {took:?}");
+    publish(&publisher, 50..65).await;
+
+    let mut m1 = m1;
+    m1.kill().expect("SIGKILL m1");
+    m1.wait().expect("reap m1");
+    publish(&publisher, 65..80).await;
+    let took = wait_settled(&coordinator, &["m0", "m2"]).await;
+    eprintln!("m1's partitions taken over {took:?} after the kill was seen");
+    let m3 = spawn_member(&url, "m3", 0);
+    let joined = Instant::now();
+    let took = wait_settled(&coordinator, &["m0", "m2", "m3"]).await;
+    eprintln!(
+        "rebalance after m3 joined: {took:?} ({:?} from its start)",
+        joined.elapsed()
+    );
+    publish(&publisher, 80..90).await;
+    let fenced = stop(m0);
+    eprintln!("m0 left: {fenced}");
+    wait_settled(&coordinator, &["m2", "m3"]).await;
+    publish(&publisher, 90..seqs).await;
+
+    wait_done(&conn, KEYS * seqs).await;
+    stop(m2);
+    stop(m3);
+    let duplicates = check_order(&conn, seqs).await;
+    eprintln!("{duplicates} duplicates");
+    // Only the killed member's window comes again: joins and graceful leaves hand over with
+    // every ack written.
+    assert!(duplicates <= WINDOW as u64 + 8, "{duplicates} duplicates");
+    assert_nothing_pending(&conn).await;
+}
+
+/// A member paused (SIGSTOP) past its lease while its handlers run: the others take its
+/// partitions; once resumed, its acks into them are refused by the fence, and nothing is lost
+/// or handled out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_member_cannot_ack_into_partitions_it_lost() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let backend = RedisBackend::new(&url).unwrap();
+    let conn = backend.connection().clone();
+    let coordinator = backend.coordinator();
+    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(coordinator.clone()))
+        .topic(TOPIC, PARTITIONS);
+    let seqs = 20;
+    // Slow handlers: the pause always lands while some of them run.
+    let paused = spawn_member(&url, "paused", 20);
+    let other = spawn_member(&url, "other", 20);
+    wait_settled(&coordinator, &["other", "paused"]).await;
+    publish(&publisher, 0..seqs).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done(&conn).await < 500 {
+        assert!(Instant::now() < deadline, "no progress before the pause");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&paused, "STOP");
+    // Its membership and leases run out; the other member takes every partition.
+    let took = wait_settled(&coordinator, &["other"]).await;
+    eprintln!("the paused member's partitions taken over in {took:?}");
+    signal(&paused, "CONT");
+    wait_done(&conn, KEYS * seqs).await;
+    let out = stop(paused);
+    stop(other);
+    let fenced: u64 = out
+        .lines()
+        .find_map(|l| l.split("fenced=").nth(1))
+        .unwrap_or_else(|| panic!("no stats in the member's output: {out}"))
+        .parse()
+        .expect("a count");
+    assert!(fenced > 0, "the resumed member's acks were all written: {out}");
+    eprintln!("{fenced} acks refused by the fence");
+    check_order(&conn, seqs).await;
+    assert_nothing_pending(&conn).await;
+}
