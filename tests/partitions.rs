@@ -352,3 +352,57 @@ async fn a_paused_member_cannot_ack_into_partitions_it_lost() {
     check_order(&conn, seqs).await;
     assert_nothing_pending(&conn).await;
 }
+
+/// The same on a Redis Cluster (3 masters, 3 replicas), with a coordinated failover of the
+/// master that holds partition 0 while members consume, and a member SIGKILLed: 0 lost, each
+/// key in order, every partition owned as rendezvous hashing says once the group settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_keep_key_order_through_a_cluster_failover() {
+    let cluster = streamwise::testing::RedisCluster::start();
+    let url = cluster.url();
+    let backend = RedisBackend::new(&url).unwrap();
+    let conn = backend.connection().clone();
+    let coordinator = backend.coordinator();
+    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(coordinator.clone()))
+        .topic(TOPIC, PARTITIONS);
+    let seqs = 30;
+    let first = partition_stream(TOPIC, 0);
+    let masters: std::collections::HashSet<u16> = (0..PARTITIONS)
+        .filter_map(|p| cluster.master_of(&partition_stream(TOPIC, p)).map(|m| m.port()))
+        .collect();
+    assert!(
+        masters.len() > 1,
+        "the partitions spread over the masters: {masters:?}"
+    );
+
+    let m0 = spawn_member(&url, "m0", 0);
+    let mut m1 = spawn_member(&url, "m1", 0);
+    publish(&publisher, 0..10).await;
+    let m2 = spawn_member(&url, "m2", 0);
+    wait_settled(&coordinator, &["m0", "m1", "m2"]).await;
+    publish(&publisher, 10..15).await;
+
+    let master = cluster.master_of(&first).unwrap().port();
+    let replica = cluster.replicas_of(master)[0];
+    let promoted = replica.port();
+    assert_eq!(replica.command("CLUSTER FAILOVER"), "+OK");
+    publish(&publisher, 15..20).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.master_of(&first).map(|m| m.port()) != Some(promoted) {
+        assert!(Instant::now() < deadline, "the replica was not promoted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    m1.kill().expect("SIGKILL m1");
+    m1.wait().expect("reap m1");
+    publish(&publisher, 20..seqs).await;
+    let took = wait_settled(&coordinator, &["m0", "m2"]).await;
+    eprintln!("settled on m0, m2 {took:?} after the kill was seen");
+
+    wait_done(&conn, KEYS * seqs).await;
+    stop(m0);
+    stop(m2);
+    let duplicates = check_order(&conn, seqs).await;
+    eprintln!("{duplicates} duplicates");
+    assert!(duplicates <= 2 * WINDOW as u64, "{duplicates} duplicates");
+    assert_nothing_pending(&conn).await;
+}
