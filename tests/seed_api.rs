@@ -943,3 +943,47 @@ async fn the_lease_ttl_is_taken_from_the_options() {
     assert!(ttl <= 1200, "PTTL {ttl} ms is above the configured 1200 ms");
     close_and_join(&consumer, task).await;
 }
+
+/// A seed consumer on a partitioned topic is a member of its group: it gets the entries of
+/// every partition (it is the only member), each key's in order.
+#[tokio::test]
+async fn a_consumer_reads_a_partitioned_topic_as_a_group_member() {
+    use streamwise::partition::{PartitionedPublisher, partition_for_key};
+    let server = RedisServer::start();
+    let backend = streamwise::redis::RedisBackend::new(&server.url()).unwrap();
+    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(backend.coordinator()))
+        .topic("payments", 4);
+    let keys = ["alice", "bob", "carol", "dave", "erin"];
+    let partitions: std::collections::HashSet<u32> = keys.iter().map(|k| partition_for_key(k, 4)).collect();
+    assert!(partitions.len() > 1, "the keys spread over partitions");
+    for seq in 0..4u64 {
+        for key in keys {
+            let message = streamwise::Message::new("payment.made", &seq).unwrap();
+            publisher.publish_keyed("payments", key, message).await.unwrap();
+        }
+    }
+    // The seed's way to make the group: on a partitioned topic, on every partition.
+    assert!(
+        group_from_start(&server, "payments", "billing")
+            .await
+            .list_groups("payments~p0")
+            .await
+            .unwrap()
+            == ["billing"]
+    );
+    let consumer = Arc::new(
+        StreamConsumer::with_options(conn(&server), "payments", "billing", "worker-1", fast_consumer())
+            .unwrap(),
+    );
+    let (mut events, task) = run_consumer(consumer.clone(), None, |_| true);
+    let mut next: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for _ in 0..keys.len() * 4 {
+        let event = next_event(&mut events).await;
+        let key = event.metadata.get("partition_key").expect("keyed").to_owned();
+        let seq: u64 = event.payload_as().unwrap();
+        let expected = next.entry(key.clone()).or_insert(0);
+        assert_eq!(seq, *expected, "{key} out of order");
+        *expected += 1;
+    }
+    close_and_join(&consumer, task).await;
+}

@@ -22,7 +22,7 @@
 pub mod admin;
 mod checkpoint;
 mod connection;
-mod coordinator;
+pub(crate) mod coordinator;
 mod dedicated;
 mod keys;
 mod protocol;

@@ -268,6 +268,23 @@ return {added, acked}
     )
 });
 
+/// [`DEAD_LETTER`] only while the consumer's lease holds this token (a partition's owner).
+/// KEYS: stream, dead-letter stream, lease. ARGV: token, group, entry id, the record's fields
+/// and values. Returns `{record id, acked}`, or -1 when the lease is another's (nothing
+/// written).
+pub(crate) static FENCED_DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then
+  return -1
+end
+local added = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+local acked = redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
+return {added, acked}
+",
+    )
+});
+
 /// Moves a key to its new name (the key-name migration of release 0.2): a rename when the
 /// new name is free; when a key of the new name exists (a process of the new release ran
 /// before the migration), a hash gains the fields it lacks, a set the members, a string (a

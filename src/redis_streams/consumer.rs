@@ -204,7 +204,7 @@ pub struct StreamConsumer {
     group: String,
     consumer: String,
     options: ConsumerOptions,
-    subscriber: RedisSubscriber,
+    subscriber: Arc<RedisSubscriber>,
     skipped: AtomicU64,
     /// Asks a running `subscribe` to stop after the event in hand.
     stop: CancellationToken,
@@ -259,7 +259,7 @@ impl StreamConsumer {
             group: group.to_owned(),
             consumer: consumer.to_owned(),
             options,
-            subscriber,
+            subscriber: Arc::new(subscriber),
             skipped: AtomicU64::new(0),
             stop: CancellationToken::new(),
             running: AtomicUsize::new(0),
@@ -308,7 +308,19 @@ impl StreamConsumer {
             return Err(Error::Closed("consumer"));
         }
         let options = self.options.subscribe_options(&self.group, &self.consumer)?;
-        let mut deliveries = self.subscriber.subscribe(&self.stream, options).await?;
+        let partitioned = crate::partition::validate_topic(&self.stream).is_ok()
+            && crate::redis::coordinator::stored_partitions(&self.conn, &self.stream)
+                .await?
+                .is_some();
+        let mut deliveries = if partitioned {
+            // This consumer is a member of the group: it reads the partitions it owns.
+            let coordinator = Arc::new(crate::redis::RedisCoordinator::new(self.conn.clone()));
+            crate::partition::PartitionedSubscriber::new(self.subscriber.clone(), coordinator)
+                .subscribe(&self.stream, options)
+                .await?
+        } else {
+            self.subscriber.subscribe(&self.stream, options).await?
+        };
         *self.flush.lock().unwrap_or_else(|p| p.into_inner()) = Some(deliveries.flush_handle());
         loop {
             let next = tokio::select! {

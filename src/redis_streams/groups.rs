@@ -50,8 +50,25 @@ impl ConsumerGroupManager {
 
     /// Creates `group` on `stream`, reading from `start_id` (`"0"` all, `"$"` new only, or an
     /// id), and the stream if missing. Idempotent: `false` when the group existed.
+    ///
+    /// On a partitioned topic ([`crate::partition`]) the group is created on every partition;
+    /// `true` if it was created on any.
     pub async fn create_group(&self, stream: &str, group: &str, start_id: &str) -> Result<bool> {
-        admin::create_group(&self.conn, stream, group, StartFrom::parse(start_id)?, true).await
+        let start = StartFrom::parse(start_id)?;
+        let partitions = match crate::partition::validate_topic(stream) {
+            Ok(()) => crate::redis::coordinator::stored_partitions(&self.conn, stream).await?,
+            // A name with a hash tag is never a partitioned topic.
+            Err(_) => None,
+        };
+        let Some(partitions) = partitions else {
+            return admin::create_group(&self.conn, stream, group, start, true).await;
+        };
+        let mut created = false;
+        for p in 0..partitions {
+            let partition = crate::partition::partition_stream(stream, p);
+            created |= admin::create_group(&self.conn, &partition, group, start, true).await?;
+        }
+        Ok(created)
     }
 
     /// Like [`create_group`](Self::create_group), but a missing stream is

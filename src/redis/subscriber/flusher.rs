@@ -401,8 +401,19 @@ impl Flusher {
             let result = self
                 .conn
                 .run_mapped("dead-letter script", |mut c| {
-                    let mut call = scripts::DEAD_LETTER.key(stream);
-                    call.key(&dead_stream).arg(group).arg(id.to_string());
+                    let mut call = match &self.fence {
+                        Some(lease) => {
+                            let mut call = scripts::FENCED_DEAD_LETTER.key(stream);
+                            call.key(&dead_stream).key(lease.key()).arg(lease.token());
+                            call
+                        }
+                        None => {
+                            let mut call = scripts::DEAD_LETTER.key(stream);
+                            call.key(&dead_stream);
+                            call
+                        }
+                    };
+                    call.arg(group).arg(id.to_string());
                     for (name, value) in &fields {
                         call.arg(*name).arg(&value[..]);
                     }
@@ -410,6 +421,13 @@ impl Flusher {
                 })
                 .await;
             match result {
+                Ok(Value::Int(-1)) => {
+                    // Fenced: the partition's next owner has the entry now.
+                    SubscriberStats::add(&self.stats.fenced, 1);
+                    tracing::error!(stream, group, %id, "dead letter refused: another consumer holds this consumer's lease now; it has the entry");
+                    // Not ours to hold any more, and not acknowledged: no checkpoint past it.
+                    lock(&self.ledger).dead_lettering.remove(&id);
+                }
                 Ok(_) => {
                     SubscriberStats::add(&self.stats.dead_lettered, 1);
                     tracing::warn!(stream, group, %id,
