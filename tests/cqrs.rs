@@ -571,3 +571,71 @@ async fn closing_replies_deletes_the_reply_topic_and_command_topics_are_capped()
         tokio::task::yield_now().await;
     }
 }
+
+/// Command processors on a partitioned command topic are members of one group: each command
+/// is handled once, and both members take part (each owns some partitions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_processors_share_a_partitioned_command_topic() {
+    use streamwise::partition::{
+        PartitionCoordinator, PartitionOptions, PartitionedPublisher, PartitionedSubscriber,
+    };
+    let backend = MemoryBackend::new();
+    let coordinator: Arc<dyn PartitionCoordinator> = Arc::new(backend.coordinator());
+    let cqrs = Cqrs::new();
+    let topic = cqrs.command_topic::<PlaceOrder>().unwrap();
+    assert_eq!(coordinator.create_partitions(&topic, 8).await.unwrap(), 8);
+    let publisher = || -> Arc<dyn Publisher> {
+        Arc::new(PartitionedPublisher::new(
+            Arc::new(backend.publisher()),
+            coordinator.clone(),
+        ))
+    };
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let member = |who: &'static str| {
+        let handled = handled.clone();
+        let router = cqrs
+            .command_processor("orders")
+            .handle(move |cmd: PlaceOrder| {
+                let handled = handled.clone();
+                async move {
+                    handled.lock().unwrap().push((who, cmd.id));
+                    Ok::<_, Infallible>(())
+                }
+            })
+            .register(Router::new(), who)
+            .unwrap();
+        let subscriber = PartitionedSubscriber::new(Arc::new(backend.subscriber()), coordinator.clone())
+            .options(PartitionOptions::default().member_ttl(Duration::from_millis(600)));
+        router.start(Arc::new(subscriber), publisher())
+    };
+    let a = member("a").await.unwrap();
+    let b = member("b").await.unwrap();
+    let bus = cqrs.command_bus(publisher());
+    let mut sent = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // Until both members handled some: the second one's partitions are handed over once the
+    // first sees it.
+    while {
+        let h = handled.lock().unwrap();
+        !(h.iter().any(|(w, _)| *w == "a") && h.iter().any(|(w, _)| *w == "b"))
+    } {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a member never got a partition"
+        );
+        for _ in 0..10 {
+            bus.send(&place(sent)).await.unwrap();
+            sent += 1;
+        }
+        until_idle(&backend).await;
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    let mut ids: Vec<u32> = handled.lock().unwrap().iter().map(|(_, id)| *id).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        (0..sent).collect::<Vec<_>>(),
+        "each command handled exactly once"
+    );
+}
