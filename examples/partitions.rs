@@ -13,7 +13,10 @@
 //! stops both routers.
 //!
 //! In memory by default; on Redis when `REDIS_URL` is set (on a Redis Cluster,
-//! `redis-cluster://...`, the partition streams spread over the masters).
+//! `redis-cluster://...`, the partition streams spread over the masters). On Redis `orders`
+//! stays a partitioned topic after the run: a plain subscriber or publisher on that server
+//! (the router example's, which uses `orders` as a plain stream) then gets
+//! `Error::Partitioned` for it.
 //!
 //! ```sh
 //! cargo run --example partitions
@@ -40,7 +43,7 @@ const TOPIC: &str = "orders";
 const PARTITIONS: u32 = 4;
 const GROUP: &str = "fulfilment";
 const MEMBERS: [&str; 2] = ["worker-1", "worker-2"];
-const CUSTOMERS: [&str; 6] = ["ada", "alan", "barbara", "edsger", "grace", "donald"];
+const CUSTOMERS: [&str; 6] = ["ada", "barbara", "donald", "edsger", "grace", "linus"];
 /// How long the whole demo may take before it gives up.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -87,7 +90,7 @@ async fn on_placed(Json(order): Json<OrderPlaced>, info: DeliveryInfo, State(mem
         return;
     }
     // A little work, so that deliveries overlap: the router keeps each customer's in order
-    // (on partitioned topics it orders by the partition key unless told otherwise), while
+    // (unless `Routes::order_by` says otherwise, it orders by the partition key), while
     // different customers' run side by side.
     tokio::time::sleep(Duration::from_millis(5)).await;
     // The delivery comes from one of the partition streams (its consumer name is `owner`, the
@@ -149,9 +152,17 @@ async fn publish_round(publisher: &PartitionedPublisher, run: &str, number: u32)
     Ok(())
 }
 
-/// Waits until every order up to `number` of every customer was handled.
-async fn wait_handled(journal: &Mutex<Journal>, progress: &Notify, number: u32) -> Result<(), String> {
+/// Waits until every order up to `number` of every customer was handled; fails when a
+/// router's subscription ended by itself (its member name is live in another process, say).
+async fn wait_handled(
+    journal: &Mutex<Journal>,
+    progress: &Notify,
+    routers: &[&RunningRouter],
+    number: u32,
+) -> Result<(), String> {
     let deadline = Instant::now() + DEADLINE;
+    let failed = futures::future::select_all(routers.iter().map(|r| Box::pin(r.failed())));
+    tokio::pin!(failed);
     loop {
         let done = {
             let journal = journal.lock().unwrap();
@@ -162,13 +173,12 @@ async fn wait_handled(journal: &Mutex<Journal>, progress: &Notify, number: u32) 
         if done {
             return Ok(());
         }
-        if tokio::time::timeout_at(deadline, progress.notified())
-            .await
-            .is_err()
-        {
-            return Err(format!(
-                "orders up to number {number} were not handled in {DEADLINE:?}"
-            ));
+        tokio::select! {
+            _ = progress.notified() => {}
+            (error, _, _) = &mut failed => return Err(format!("a member stopped: {error}")),
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(format!("orders up to number {number} were not handled in {DEADLINE:?}"));
+            }
         }
     }
 }
@@ -183,39 +193,41 @@ fn handled_after(journal: &Mutex<Journal>, member: &str, after: u32) -> bool {
         .any(|h| h.member == member && h.number > after)
 }
 
+/// What the demo runs on: a publisher, one subscriber per member (each member would be a
+/// process of its own), and the coordinator that keeps the topic's partition count and the
+/// group's members.
+struct Backend {
+    publisher: Arc<dyn Publisher>,
+    subscribers: [Arc<dyn Subscriber>; 2],
+    coordinator: Arc<dyn PartitionCoordinator>,
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // The publisher, one subscriber per member (each member would be a process of its own),
-    // and the coordinator that keeps the partition count and the group's members.
-    let (publisher, subscribers, coordinator): (
-        Arc<dyn Publisher>,
-        [Arc<dyn Subscriber>; 2],
-        Arc<dyn PartitionCoordinator>,
-    ) = match std::env::var("REDIS_URL") {
+    let Backend {
+        publisher,
+        subscribers: [first_subscriber, second_subscriber],
+        coordinator,
+    } = match std::env::var("REDIS_URL") {
         Ok(url) => {
             let redis = RedisBackend::new(&url)?;
             println!("Using Redis at {}", redis.connection().url());
-            let subscribers: [Arc<dyn Subscriber>; 2] =
-                [Arc::new(redis.subscriber()?), Arc::new(redis.subscriber()?)];
-            (
-                Arc::new(redis.publisher()),
-                subscribers,
-                Arc::new(redis.coordinator()),
-            )
+            Backend {
+                publisher: Arc::new(redis.publisher()),
+                subscribers: [Arc::new(redis.subscriber()?), Arc::new(redis.subscriber()?)],
+                coordinator: Arc::new(redis.coordinator()),
+            }
         }
         Err(_) => {
             println!("Using the in-memory backend (set REDIS_URL to use Redis)");
             let memory = MemoryBackend::new();
-            let subscribers: [Arc<dyn Subscriber>; 2] =
-                [Arc::new(memory.subscriber()), Arc::new(memory.subscriber())];
-            (
-                Arc::new(memory.publisher()),
-                subscribers,
-                Arc::new(memory.coordinator()),
-            )
+            Backend {
+                publisher: Arc::new(memory.publisher()),
+                subscribers: [Arc::new(memory.subscriber()), Arc::new(memory.subscriber())],
+                coordinator: Arc::new(memory.coordinator()),
+            }
         }
     };
-    let [first_subscriber, second_subscriber] = subscribers;
 
     // Declares the topic with 4 partitions: created so on first use, and an error
     // (PartitionMismatch) if it was created with another count. It also passes topics that are
@@ -263,7 +275,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{} started alone", MEMBERS[0]);
     let mut number = 1;
     publish_round(&publisher, &run, number).await?;
-    wait_handled(&journal, &progress, number).await?;
+    wait_handled(&journal, &progress, &[&first], number).await?;
 
     // worker-2 joins: worker-1 sees it at its next heartbeat, stops reading the partitions
     // worker-2 wins, settles what it handed out there, and lets go; worker-2 takes them over.
@@ -285,13 +297,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         number += 1;
         publish_round(&publisher, &run, number).await?;
-        wait_handled(&journal, &progress, number).await?;
+        wait_handled(&journal, &progress, &[&first, &second], number).await?;
         // Orders arrive over time, not all at once.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     number += 1;
     publish_round(&publisher, &run, number).await?;
-    wait_handled(&journal, &progress, number).await?;
+    wait_handled(&journal, &progress, &[&first, &second], number).await?;
     println!("{} took its partitions over", MEMBERS[1]);
 
     // worker-2 leaves: it stops reading, settles and flushes what it was handling, and leaves
@@ -301,20 +313,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{} left: {} handled, {} abandoned",
         MEMBERS[1], report.handled, report.abandoned
     );
-    let left_at = number;
     for _ in 0..2 {
         number += 1;
         publish_round(&publisher, &run, number).await?;
     }
-    wait_handled(&journal, &progress, number).await?;
-    let first_took_back = CUSTOMERS.iter().all(|c| {
-        let journal = journal.lock().unwrap();
-        journal.per_customer[*c]
-            .iter()
-            .filter(|h| h.number > left_at)
-            .all(|h| h.member == MEMBERS[0])
-    });
-    assert!(first_took_back, "orders after {} left went elsewhere", MEMBERS[1]);
+    wait_handled(&journal, &progress, &[&first], number).await?;
 
     let report = first.shutdown().await?;
     println!(
