@@ -1,5 +1,5 @@
-//! Partitioned topics: the topic `orders` is spread over 4 partition streams (`orders~p0` ...
-//! `orders~p3`) and consumed by a group of two members, `worker-1` and `worker-2`, each a
+//! Partitioned topics: the topic `customer-orders` is spread over 4 partition streams (`customer-orders~p0` ...
+//! `customer-orders~p3`) and consumed by a group of two members, `worker-1` and `worker-2`, each a
 //! router on a subscriber of its own (as two processes would be). Every order is published
 //! with its customer as the key (`publish_keyed`), so all of a customer's orders land in one
 //! partition; the members share the partitions out between them (rendezvous hashing), and each
@@ -39,7 +39,7 @@ use streamwise::{DeliveryInfo, Message, Publisher, SubscribeOptions, Subscriber,
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-const TOPIC: &str = "orders";
+const TOPIC: &str = "customer-orders";
 const PARTITIONS: u32 = 4;
 const GROUP: &str = "fulfilment";
 const MEMBERS: [&str; 2] = ["worker-1", "worker-2"];

@@ -406,3 +406,29 @@ async fn members_keep_key_order_through_a_cluster_failover() {
     assert!(duplicates <= 2 * WINDOW as u64, "{duplicates} duplicates");
     assert_nothing_pending(&conn).await;
 }
+
+/// A member SIGKILLed and restarted at once under the same name (as a supervisor does) waits
+/// for its old record to run out, then rejoins and takes its partitions back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_under_its_name_after_a_crash_rejoins() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let backend = RedisBackend::new(&url).unwrap();
+    let conn = backend.connection().clone();
+    let coordinator = backend.coordinator();
+    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(coordinator.clone()))
+        .topic(TOPIC, PARTITIONS);
+    let mut first = spawn_member(&url, "m0", 0);
+    wait_settled(&coordinator, &["m0"]).await;
+    publish(&publisher, 0..2).await;
+    wait_done(&conn, 2 * KEYS).await;
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reap");
+    let restarted = spawn_member(&url, "m0", 0);
+    publish(&publisher, 2..4).await;
+    wait_done(&conn, 4 * KEYS).await;
+    wait_settled(&coordinator, &["m0"]).await;
+    stop(restarted);
+    check_order(&conn, 4).await;
+    assert_nothing_pending(&conn).await;
+}

@@ -55,15 +55,24 @@ impl PartitionCoordinator for MemoryCoordinator {
     fn create_partitions<'a>(&'a self, topic: &'a str, partitions: u32) -> BoxFuture<'a, Result<u32>> {
         let result = validate_topic(topic)
             .and_then(|()| validate_partitions(partitions))
-            .map(|()| {
-                let stored = *self.state().counts.entry(topic.to_owned()).or_insert(partitions);
-                if stored == partitions {
-                    self.broker
-                        .any_partitioned
-                        .store(true, std::sync::atomic::Ordering::Release);
+            .and_then(|()| {
+                let mut state = self.state();
+                if !state.counts.contains_key(topic) && self.broker.get(topic).is_some() {
+                    return Err(crate::partition::stream_in_the_way(topic));
                 }
-                stored
+                let stored = *state.counts.entry(topic.to_owned()).or_insert(partitions);
+                self.broker
+                    .any_partitioned
+                    .store(true, std::sync::atomic::Ordering::Release);
+                Ok(stored)
             });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn delete_partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
+        let result = validate_topic(topic).map(|()| {
+            self.state().counts.remove(topic);
+        });
         Box::pin(std::future::ready(result))
     }
 

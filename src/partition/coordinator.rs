@@ -32,6 +32,10 @@ pub trait PartitionCoordinator: Send + Sync {
     /// that is an error).
     fn create_partitions<'a>(&'a self, topic: &'a str, partitions: u32) -> BoxFuture<'a, Result<u32>>;
 
+    /// Forgets `topic`'s partition count (its partition streams are deleted apart, by
+    /// [`PartitionedSubscriber::delete_topic`](super::PartitionedSubscriber)).
+    fn delete_partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>>;
+
     /// Records `member` of `group` on `topic` as live for `ttl` under `token` (which tells
     /// this process's member from another one with the same name), forgets members whose
     /// time ran out, and returns the live ones.

@@ -103,6 +103,17 @@ pub fn validate_topic(topic: &str) -> Result<()> {
     validate_name("topic", topic)
 }
 
+/// The error of making `topic` partitioned while a stream of that name exists.
+pub(crate) fn stream_in_the_way(topic: &str) -> Error {
+    Error::invalid(
+        "topic",
+        format_args!(
+            "a stream named {topic:?} exists: its entries and groups would be hidden behind the partitions; \
+             partition a new topic (or delete this stream first)"
+        ),
+    )
+}
+
 /// The 64-bit FNV-1a hash of `bytes`.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {

@@ -193,8 +193,22 @@ impl Subscriber for PartitionedSubscriber {
         self.inner.unflushed()
     }
 
+    /// Deletes a partitioned topic's partition streams (with their groups, pending lists and
+    /// keys) and its partition count; other topics pass through.
     fn delete_topic<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
-        self.inner.delete_topic(topic)
+        Box::pin(async move {
+            let partitions = match validate_topic(topic) {
+                Ok(()) => self.coordinator.partitions(topic).await?,
+                Err(_) => None,
+            };
+            let Some(partitions) = partitions else {
+                return self.inner.delete_topic(topic).await;
+            };
+            for p in 0..partitions {
+                self.inner.delete_topic(&partition_stream(topic, p)).await?;
+            }
+            self.coordinator.delete_partitions(topic).await
+        })
     }
 
     /// Stops every member (each leaves its group, so the others take its partitions over at
@@ -250,6 +264,7 @@ impl Member {
         let mut next_beat = tokio::time::Instant::now();
         let mut next_retry: Option<tokio::time::Instant> = None;
         let mut failing_since: Option<tokio::time::Instant> = None;
+        let mut taken_since: Option<tokio::time::Instant> = None;
         loop {
             let now = tokio::time::Instant::now();
             if now >= next_beat {
@@ -257,15 +272,24 @@ impl Member {
                 match self.beat().await {
                     Ok(Some(members)) => {
                         failing_since = None;
+                        taken_since = None;
                         target = assigned_to(&self.options.consumer, &members, self.partitions);
                     }
                     Ok(None) => {
-                        let _ = self.control.send(Control::Error(Error::ConsumerActive {
-                            stream: self.topic.clone(),
-                            group: self.options.group.clone(),
-                            consumer: self.options.consumer.clone(),
-                        }));
-                        break;
+                        // A process that died under this name (a restart after a crash) leaves
+                        // a record that runs out within a TTL; one that stays longer is live.
+                        let since = *taken_since.get_or_insert(now);
+                        if since.elapsed() > self.ttl + beat {
+                            let _ = self.control.send(Control::Error(Error::ConsumerActive {
+                                stream: self.topic.clone(),
+                                group: self.options.group.clone(),
+                                consumer: self.options.consumer.clone(),
+                            }));
+                            break;
+                        }
+                        if since == now {
+                            tracing::info!(topic = %self.topic, member = %self.options.consumer, "member name held; waiting to see whether its holder is alive");
+                        }
                     }
                     Err(e) => {
                         let since = *failing_since.get_or_insert(now);

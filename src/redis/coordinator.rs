@@ -103,13 +103,30 @@ impl PartitionCoordinator for RedisCoordinator {
             validate_partitions(partitions)?;
             let created_at = format_timestamp(SystemTime::now());
             let key = keys::meta(topic);
-            self.conn
+            let stored: i64 = self
+                .conn
                 .run_mapped("create partitions", |mut c| {
                     let mut call = scripts::CREATE_PARTITIONS.key(&key);
-                    call.arg(partitions).arg(&created_at);
+                    call.key(topic).arg(partitions).arg(&created_at);
                     async move { call.invoke_async(&mut c).await }
                 })
-                .await
+                .await?;
+            u32::try_from(stored).map_err(|_| crate::partition::stream_in_the_way(topic))
+        })
+    }
+
+    fn delete_partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            validate_topic(topic)?;
+            let key = keys::meta(topic);
+            let _: i64 = self
+                .conn
+                .run_mapped("delete partition count", |mut c| {
+                    let cmd = redis::cmd("HDEL").arg(&key).arg("partitions").clone();
+                    async move { cmd.query_async(&mut c).await }
+                })
+                .await?;
+            Ok(())
         })
     }
 

@@ -102,11 +102,16 @@ return redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, 3))
     )
 });
 
-/// Stores a topic's partition count unless it has one. KEYS: the topic's settings hash.
-/// ARGV: partitions, created_at. Returns the count stored now.
+/// Stores a topic's partition count unless it has one. A topic that is a stream of its own
+/// (with entries or groups that its partitions would hide) is refused. KEYS: the topic's
+/// settings hash, the topic. ARGV: partitions, created_at. Returns the count stored now, or
+/// -1 when the topic is a stream.
 pub(crate) static CREATE_PARTITIONS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if redis.call('HEXISTS', KEYS[1], 'partitions') == 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  return -1
+end
 if redis.call('HSETNX', KEYS[1], 'partitions', ARGV[1]) == 1 then
   redis.call('HSETNX', KEYS[1], 'created_at', ARGV[2])
 end

@@ -46,8 +46,9 @@ mod redis_server;
 
 pub use captured_logs::CapturedLogs;
 pub use partitions::{
-    max_in_flight_holds_across_partitions, partition_count_mismatch_is_an_error,
-    partitioned_keys_keep_order_across_members,
+    a_member_name_is_refused_while_its_holder_lives, max_in_flight_holds_across_partitions,
+    partition_count_mismatch_is_an_error, partitioned_keys_keep_order_across_members,
+    partitioned_topics_are_created_and_deleted_whole,
 };
 pub use redis_cluster::{ClusterTls, RedisCluster};
 pub use redis_server::{RedisServer, free_port};
@@ -180,6 +181,8 @@ scenario_list! {
     partitioned_keys_keep_order_across_members
     partition_count_mismatch_is_an_error
     max_in_flight_holds_across_partitions
+    partitioned_topics_are_created_and_deleted_whole
+    a_member_name_is_refused_while_its_holder_lives
 }
 
 /// A topic name no other test uses.

@@ -292,3 +292,91 @@ pub async fn max_in_flight_holds_across_partitions(backend: &dyn TestBackend) {
     }
     member.close().await.expect("close");
 }
+
+/// A stream of a topic's name, with entries or groups of its own, cannot become a partitioned
+/// topic (its entries would be hidden); deleting a partitioned topic through the partitioned
+/// subscriber removes its partitions and its count, after which the name is free again.
+pub async fn partitioned_topics_are_created_and_deleted_whole(backend: &dyn TestBackend) {
+    let Some(coordinator) = coordinator(backend, "partitioned_topics_are_created_and_deleted_whole").await
+    else {
+        return;
+    };
+    let plain = backend.publisher().await.expect("publisher");
+    let taken = unique_topic("plain-first");
+    plain
+        .publish(&taken, Message::new("t", &1).expect("message"))
+        .await
+        .expect("plain publish");
+    let err = coordinator
+        .create_partitions(&taken, 4)
+        .await
+        .expect_err("a plain stream made partitioned");
+    assert_eq!(err.invalid_field(), Some("topic"), "{err:?}");
+    assert_eq!(coordinator.partitions(&taken).await.expect("count"), None);
+
+    let topic = unique_topic("deleted-whole");
+    let publisher = PartitionedPublisher::new(plain.clone(), coordinator.clone()).topic(&topic, 2);
+    let batch = (0..4).map(|n| Message::new("t", &n).expect("message")).collect();
+    publisher.publish_batch(&topic, batch).await.expect("batch");
+    let member = member(backend, &coordinator, &topic, 2).await;
+    let mut sub = member.subscribe(&topic, opts("g", "m")).await.expect("subscribe");
+    for _ in 0..4 {
+        recv(&mut sub).await.ack().await.expect("ack");
+    }
+    drop(sub);
+    member
+        .delete_topic(&topic)
+        .await
+        .expect("delete the partitioned topic");
+    assert_eq!(coordinator.partitions(&topic).await.expect("count"), None);
+    // The name is free: a plain stream may have it now, or a partitioned topic of another count.
+    let other = PartitionedPublisher::new(plain.clone(), coordinator.clone()).topic(&topic, 3);
+    other
+        .publish(&topic, Message::new("t", &1).expect("message"))
+        .await
+        .expect("the name partitioned anew");
+    assert_eq!(coordinator.partitions(&topic).await.expect("count"), Some(3));
+    member.close().await.expect("close");
+}
+
+/// A member name is the member's while it lives: a second subscription under it (another
+/// process with the same name) is refused once it has seen the first stay alive, and the first
+/// goes on.
+pub async fn a_member_name_is_refused_while_its_holder_lives(backend: &dyn TestBackend) {
+    let Some(coordinator) = coordinator(backend, "a_member_name_is_refused_while_its_holder_lives").await
+    else {
+        return;
+    };
+    let topic = unique_topic("member-name");
+    let publisher =
+        PartitionedPublisher::new(backend.publisher().await.expect("publisher"), coordinator.clone())
+            .topic(&topic, 2);
+    let first = member(backend, &coordinator, &topic, 2).await;
+    let mut first_sub = first
+        .subscribe(&topic, opts("g", "same"))
+        .await
+        .expect("subscribe");
+    publisher
+        .publish(&topic, Message::new("t", &1).expect("message"))
+        .await
+        .expect("publish");
+    recv(&mut first_sub).await.ack().await.expect("ack");
+
+    let second = member(backend, &coordinator, &topic, 2).await;
+    let mut second_sub = second
+        .subscribe(&topic, opts("g", "same"))
+        .await
+        .expect("subscribe");
+    match tokio::time::timeout(WAIT, second_sub.next()).await {
+        Ok(Some(Err(Error::ConsumerActive { consumer, .. }))) => assert_eq!(consumer, "same"),
+        Ok(other) => panic!("the second holder of a live member name got {other:?}"),
+        Err(_) => panic!("the second holder of a live member name was not refused"),
+    }
+    publisher
+        .publish(&topic, Message::new("t", &2).expect("message"))
+        .await
+        .expect("publish");
+    recv(&mut first_sub).await.ack().await.expect("ack");
+    second.close().await.expect("close");
+    first.close().await.expect("close");
+}
