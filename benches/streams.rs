@@ -692,6 +692,37 @@ fn run_spec(spec: &Spec, url: &str) -> Row {
         "publish batched (50 tasks x 64)" => measure(w, sys, t, size, nothing, || {
             streamwise_publish_batched(url, n, size)
         }),
+        "consume backlog" if sys.contains("(P=") => {
+            let partitions: u32 = sys
+                .split("(P=")
+                .nth(1)
+                .and_then(|rest| rest.trim_end_matches(')').parse().ok())
+                .expect("a partition count");
+            let u = url.clone();
+            let setup = move || async move {
+                use streamwise::partition::PartitionCoordinator;
+                let redis = RedisBackend::new(&u).expect("url");
+                redis
+                    .coordinator()
+                    .create_partitions("pbacklog", partitions)
+                    .await
+                    .expect("partitions");
+                let per = n / u64::from(partitions);
+                for p in 0..partitions {
+                    let stream = streamwise::partition::partition_stream("pbacklog", p);
+                    preload(&u, &stream, per, size).await;
+                }
+            };
+            let n = n / u64::from(partitions) * u64::from(partitions);
+            measure(w, sys, t, size, setup, || {
+                let redis = RedisBackend::new(&url).expect("url");
+                let subscriber = streamwise::partition::PartitionedSubscriber::new(
+                    Arc::new(redis.subscriber().expect("subscriber")),
+                    Arc::new(redis.coordinator()),
+                );
+                router_consume(Arc::new(subscriber), Arc::new(redis.publisher()), "pbacklog", n)
+            })
+        }
         "consume backlog" => {
             let u = url.clone();
             let setup = move || async move { preload(&u, "backlog", n, size).await };
@@ -809,6 +840,22 @@ fn specs() -> Vec<Spec> {
             system: if s.system == "streamwise" { plain } else { router },
             ..*s
         }));
+    }
+    // A partitioned topic read by one member, beside the single stream (issue 15): P = 1
+    // costs the partition layer alone, P = 16 sixteen reads in turn.
+    let backlog_rows: Vec<Spec> = specs
+        .iter()
+        .filter(|s| s.workload == "consume backlog" && s.system == "streamwise router" && s.size == 200)
+        .cloned()
+        .collect();
+    for s in backlog_rows {
+        for system in [
+            "streamwise router (P=1)",
+            "streamwise router (P=4)",
+            "streamwise router (P=16)",
+        ] {
+            specs.push(Spec { system, ..s.clone() });
+        }
     }
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         specs.retain(|s| s.workload.contains(only.as_str()));

@@ -680,7 +680,8 @@ impl InFlight {
 
     /// A holder of slots of the same limit, which takes at most `most_per_take` in one
     /// `acquire` (so that reads of several partitions that wait for entries cannot hold all
-    /// of it), and gives back what it holds when its last clone is dropped.
+    /// of it; `try_acquire` is not capped), and gives back what it holds when its last clone
+    /// is dropped.
     pub(crate) fn share(&self, most_per_take: Arc<AtomicUsize>) -> Self {
         InFlight {
             inner: Arc::new(Slots {
@@ -719,8 +720,12 @@ impl InFlight {
 
     /// Takes up to `want` slots that are free right now, without waiting, and returns how
     /// many it took (maybe none).
+    ///
+    /// A share of a limit takes at most its share in [`acquire`](Self::acquire), which a
+    /// read that may wait for entries follows, and as much as is free here, which a read sent
+    /// ahead of a full one (that never waits) follows: so an idle partition holds little of
+    /// the limit while a busy one reads full batches.
     pub fn try_acquire(&self, want: usize) -> usize {
-        let want = self.cap(want);
         loop {
             let free = self.inner.semaphore.available_permits().min(want);
             let Ok(n) = u32::try_from(free) else {
