@@ -980,10 +980,21 @@ async fn a_consumer_reads_a_partitioned_topic_as_a_group_member() {
     for _ in 0..keys.len() * 4 {
         let event = next_event(&mut events).await;
         let key = event.metadata.get("partition_key").expect("keyed").to_owned();
+        let partition = format!("payments~p{}", partition_for_key(&key, 4));
+        assert_eq!(event.stream, partition, "the event names its partition's stream");
         let seq: u64 = event.payload_as().unwrap();
         let expected = next.entry(key.clone()).or_insert(0);
         assert_eq!(seq, *expected, "{key} out of order");
         *expected += 1;
+    }
+    // Calls that look at one stream are refused on a partitioned topic, instead of looking at
+    // a stream that holds nothing.
+    for err in [
+        consumer.acknowledge("1-0").await.unwrap_err(),
+        consumer.get_pending().await.unwrap_err(),
+        consumer.lag().await.unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::Partitioned { partitions: 4, .. }), "{err:?}");
     }
     close_and_join(&consumer, task).await;
 }

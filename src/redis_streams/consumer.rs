@@ -308,11 +308,7 @@ impl StreamConsumer {
             return Err(Error::Closed("consumer"));
         }
         let options = self.options.subscribe_options(&self.group, &self.consumer)?;
-        let partitioned = crate::partition::validate_topic(&self.stream).is_ok()
-            && crate::redis::coordinator::stored_partitions(&self.conn, &self.stream)
-                .await?
-                .is_some();
-        let mut deliveries = if partitioned {
+        let mut deliveries = if self.partitions().await?.is_some() {
             // This consumer is a member of the group: it reads the partitions it owns.
             let coordinator = Arc::new(crate::redis::RedisCoordinator::new(self.conn.clone()));
             crate::partition::PartitionedSubscriber::new(self.subscriber.clone(), coordinator)
@@ -346,7 +342,8 @@ impl StreamConsumer {
             let payload = m.json()?;
             let event = EventMessage {
                 id: delivery.id().to_string(),
-                stream: self.stream.clone(),
+                // The partition's stream on a partitioned topic.
+                stream: delivery.info().origin().stream().to_owned(),
                 event_type: m.event_type().to_owned(),
                 payload,
                 metadata: m.metadata().clone(),
@@ -363,15 +360,22 @@ impl StreamConsumer {
 
     /// Acknowledges `message_id` now and returns how many messages were acknowledged (0 when it
     /// was not pending).
+    ///
+    /// On a partitioned topic, [`Error::Partitioned`]: an id names an entry of one partition
+    /// (acknowledge the partition's, `EventMessage::stream`, with `admin::ack`). The same holds
+    /// for [`get_pending`](Self::get_pending), [`lag`](Self::lag) and
+    /// [`position`](Self::position), which look at one stream.
     pub async fn acknowledge(&self, message_id: &str) -> Result<u64> {
         let id: EntryId = message_id
             .parse()
             .map_err(|_| Error::invalid("message_id", format_args!("{message_id:?} is not a message id")))?;
+        self.refuse_partitioned().await?;
         admin::ack(&self.conn, &self.stream, &self.group, &[id]).await
     }
 
     /// The events delivered to this consumer and not acknowledged, oldest first.
     pub async fn get_pending(&self) -> Result<Vec<PendingMessage>> {
+        self.refuse_partitioned().await?;
         let entries =
             admin::pending_entries(&self.conn, &self.stream, &self.group, Some(&self.consumer)).await?;
         Ok(entries
@@ -388,6 +392,7 @@ impl StreamConsumer {
     /// How many entries of the stream the group has not read yet, for monitoring (`None`
     /// when Redis cannot tell).
     pub async fn lag(&self) -> Result<Option<u64>> {
+        self.refuse_partitioned().await?;
         Ok(admin::group_info(&self.conn, &self.stream, &self.group)
             .await?
             .lag)
@@ -400,9 +405,29 @@ impl StreamConsumer {
         if !self.options.use_redis_checkpoint {
             return Ok(None);
         }
+        self.refuse_partitioned().await?;
         RedisCheckpointStore::new(self.conn.clone())
             .load(&self.stream, &self.group, &self.consumer)
             .await
+    }
+
+    /// The partition count of the topic, when it is partitioned (a name with a hash tag never
+    /// is).
+    async fn partitions(&self) -> Result<Option<u32>> {
+        if crate::partition::validate_topic(&self.stream).is_err() {
+            return Ok(None);
+        }
+        crate::redis::coordinator::stored_partitions(&self.conn, &self.stream).await
+    }
+
+    async fn refuse_partitioned(&self) -> Result<()> {
+        match self.partitions().await? {
+            Some(partitions) => Err(Error::Partitioned {
+                topic: self.stream.clone(),
+                partitions,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Waits until every acknowledgement made so far (a callback's `true`, `auto_ack`, skipped
