@@ -34,6 +34,39 @@ pub mod keys {
     pub const DELIVERY_COUNT: &str = "dead_letter.delivery_count";
 }
 
+/// The metadata keys of a message replayed from a dead-letter stream (the Redis backend's
+/// `redis::ops::replay_dead_letters`). A replayed message drops the record's own [`keys`]
+/// (a new record, if it fails again, gets fresh ones) and carries these instead.
+pub mod replay_keys {
+    /// The id the record had in its dead-letter stream.
+    pub const RECORD_ID: &str = "replay.record_id";
+    /// How many times the message has been replayed, this time included.
+    pub const COUNT: &str = "replay.count";
+    /// The reason it had been dead-lettered for.
+    pub const REASON: &str = "replay.reason";
+    /// The group that had dead-lettered it: a replay to the source stream reaches every group
+    /// of the stream, and the others may skip it by this key.
+    pub const GROUP: &str = "replay.group";
+}
+
+/// The stream whose dead letters `dead_letters` holds, when it is named like one
+/// (the inverse of [`stream_for`]).
+///
+/// ```
+/// use streamwise::dead_letter::source_of;
+/// assert_eq!(source_of("{orders}-dead"), Some("orders"));
+/// assert_eq!(source_of("x{orders}-dead"), Some("x{orders}"));
+/// assert_eq!(source_of("orders"), None);
+/// ```
+pub fn source_of(dead_letters: &str) -> Option<&str> {
+    let base = dead_letters.strip_suffix(SUFFIX)?;
+    let plain = base.strip_prefix('{').and_then(|b| b.strip_suffix('}'));
+    [plain, Some(base)]
+        .into_iter()
+        .flatten()
+        .find(|source| !source.is_empty() && stream_for(source) == dead_letters)
+}
+
 /// The dead-letter stream of `stream`: `{<stream>}-dead`, in the same Redis Cluster hash slot
 /// as `stream` (a stream that carries a hash tag of its own keeps it: `<stream>-dead`).
 ///

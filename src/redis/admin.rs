@@ -133,22 +133,40 @@ pub(crate) async fn read_entry(
 
 /// The first raw entry of `stream` between `from` and `to` (`XRANGE from to COUNT 1`).
 async fn first_entry(conn: &RedisConnection, stream: &str, from: &str, to: &str) -> Result<Option<RawEntry>> {
+    Ok(range(conn, stream, from, to, 1, false).await?.into_iter().next())
+}
+
+/// Up to `count` raw entries of `stream` between `from` and `to`, in the syntax of `XRANGE`
+/// (`-`, `+`, `(id` for exclusive): oldest first, or with `reverse` newest first
+/// (`XREVRANGE`, where `from` is the upper end).
+pub(crate) async fn range(
+    conn: &RedisConnection,
+    stream: &str,
+    from: &str,
+    to: &str,
+    count: usize,
+    reverse: bool,
+) -> Result<Vec<RawEntry>> {
+    let command = if reverse { "XREVRANGE" } else { "XRANGE" };
     let reply = conn
-        .run_mapped("XRANGE", |mut c| {
-            let cmd = redis::cmd("XRANGE")
+        .run_mapped(command, |mut c| {
+            let cmd = redis::cmd(command)
                 .arg(stream)
                 .arg(from)
                 .arg(to)
                 .arg("COUNT")
-                .arg(1)
+                .arg(count)
                 .clone();
             async move { cmd.query_async::<Value>(&mut c).await }
         })
         .await?;
-    Ok(replies::parse_entries(reply)?.into_iter().find_map(|e| match e {
-        ReplyEntry::Present(raw) => Some(raw),
-        ReplyEntry::Trimmed(_) => None,
-    }))
+    Ok(replies::parse_entries(reply)?
+        .into_iter()
+        .filter_map(|e| match e {
+            ReplyEntry::Present(raw) => Some(raw),
+            ReplyEntry::Trimmed(_) => None,
+        })
+        .collect())
 }
 
 /// One entry as stored in a stream: its id and its fields (as text).
@@ -267,33 +285,40 @@ pub async fn delete_stream(conn: &RedisConnection, stream: &str) -> Result<u64> 
 }
 
 /// The keys matching `pattern`, of type `kind` when given (`SCAN .. TYPE`); on a cluster, on
-/// the master of `near`'s slot (else on any one node).
-async fn scan_with(
+/// the master of `near`'s slot, or on every master without `near`.
+pub(crate) async fn scan_with(
     conn: &RedisConnection,
     pattern: &str,
     kind: Option<&str>,
     near: Option<&str>,
 ) -> Result<Vec<String>> {
+    let nodes = match near {
+        Some(_) => vec![None],
+        None => conn.key_nodes().await?,
+    };
     let mut found = Vec::new();
-    let mut cursor = 0u64;
-    loop {
-        let mut cmd = redis::cmd("SCAN");
-        cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
-        if let Some(kind) = kind {
-            cmd.arg("TYPE").arg(kind);
+    for node in &nodes {
+        let mut cursor = 0u64;
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
+            if let Some(kind) = kind {
+                cmd.arg("TYPE").arg(kind);
+            }
+            let reply = match near {
+                Some(key) => conn.run_for_key("SCAN", key, &cmd).await?,
+                None => conn.run_on_node("SCAN", node.as_ref(), &cmd).await?,
+            };
+            let (next, keys): (u64, Vec<String>) = redis::FromRedisValue::from_redis_value(reply)
+                .map_err(|e| replies::refusal("SCAN", e.into()))?;
+            found.extend(keys);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
-        let reply = match near {
-            Some(key) => conn.run_for_key("SCAN", key, &cmd).await?,
-            None => conn.command::<Value>(&cmd).await?,
-        };
-        let (next, keys): (u64, Vec<String>) =
-            redis::FromRedisValue::from_redis_value(reply).map_err(|e| replies::refusal("SCAN", e.into()))?;
-        found.extend(keys);
-        if next == 0 {
-            return Ok(found);
-        }
-        cursor = next;
     }
+    Ok(found)
 }
 
 /// Creates consumer group `group` on `stream`, starting at `start`. `false` when it existed.
@@ -360,7 +385,9 @@ pub struct GroupInfo {
     pub lag: Option<u64>,
 }
 
-async fn groups(conn: &RedisConnection, stream: &str) -> Result<Vec<GroupInfo>> {
+/// Statistics of every consumer group of `stream` (`XINFO GROUPS`); [`Error::StreamNotFound`]
+/// when it does not exist.
+pub async fn groups(conn: &RedisConnection, stream: &str) -> Result<Vec<GroupInfo>> {
     validate_stream_name("stream", stream)?;
     let reply = conn
         .run("XINFO GROUPS", |mut c| {
@@ -459,6 +486,29 @@ pub struct ConsumerInfo {
     /// It used a lease that lapsed while it still held entries: it crashed (see
     /// [`Error::ConsumerCrashed`]); reclaim takes its entries at once.
     pub crashed: bool,
+    /// The lease: who holds it and for how long yet, `None` when it holds none.
+    pub lease: Option<LeaseHolder>,
+    /// It uses leases (it is in the group's lease registry): with no lease now, it was cut
+    /// off or crashed rather than closed.
+    pub uses_leases: bool,
+}
+
+/// The holder of a consumer's lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseHolder {
+    /// The lease's value: a token unique to the subscription, `<member>/<uuid>` when it
+    /// reads a partition for a group member.
+    pub token: String,
+    /// Milliseconds before it runs out unless renewed (`None` without an expiry).
+    pub ttl_ms: Option<u64>,
+}
+
+impl LeaseHolder {
+    /// The group member named in the token (a partition's owner), if any.
+    pub fn member(&self) -> Option<&str> {
+        self.token.split_once('/').map(|(member, _)| member)
+    }
 }
 
 /// The consumers of `group`, with a status from their leases: those idle longer than
@@ -495,28 +545,50 @@ pub async fn consumers(
             (name, r.int("pending").unwrap_or(0), r.int("idle").unwrap_or(0))
         })
         .collect();
+    // One round trip for all: each consumer's lease value, its time left and its registration.
     let mut pipe = redis::pipe();
     for (name, _, _) in &found {
-        pipe.cmd("EXISTS").arg(keys::lease(stream, group, name));
+        let lease = keys::lease(stream, group, name);
+        pipe.cmd("GET").arg(&lease);
+        pipe.cmd("PTTL").arg(&lease);
         pipe.cmd("SISMEMBER")
             .arg(keys::leased_consumers(stream, group))
             .arg(name);
     }
-    let flags: Vec<u64> = if found.is_empty() {
+    let replies: Vec<(Option<String>, i64, bool)> = if found.is_empty() {
         Vec::new()
     } else {
-        conn.run_mapped("consumer leases", |mut c| {
-            let pipe = pipe.clone();
-            async move { pipe.query_async(&mut c).await }
-        })
-        .await?
+        let flat: Vec<Value> = conn
+            .run_mapped("consumer leases", |mut c| {
+                let pipe = pipe.clone();
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
+        flat.chunks(3)
+            .map(|r| match r {
+                [token, ttl, registered] => Ok((
+                    redis::from_redis_value(token.clone()).map_err(|e| replies::refusal("GET", e.into()))?,
+                    redis::from_redis_value(ttl.clone()).map_err(|e| replies::refusal("PTTL", e.into()))?,
+                    redis::from_redis_value(registered.clone())
+                        .map_err(|e| replies::refusal("SISMEMBER", e.into()))?,
+                )),
+                _ => Err(replies::unexpected("consumer leases")),
+            })
+            .collect::<Result<_>>()?
     };
+    let leases = replies.into_iter().map(|(token, ttl_ms, registered)| {
+        let holder = token.map(|token| LeaseHolder {
+            token,
+            ttl_ms: u64::try_from(ttl_ms).ok(),
+        });
+        (holder, registered)
+    });
     let idle_after_ms = u64::try_from(idle_after.as_millis()).unwrap_or(u64::MAX);
     Ok(found
         .into_iter()
-        .zip(flags.chunks(2))
-        .map(|((name, pending, idle_ms), flags)| {
-            let (leased, registered) = (flags[0] == 1, flags.get(1) == Some(&1));
+        .zip(leases)
+        .map(|((name, pending, idle_ms), (lease, registered))| {
+            let leased = lease.is_some();
             let status = match (leased, idle_ms >= idle_after_ms) {
                 (false, _) => ConsumerStatus::Disconnected,
                 (true, false) => ConsumerStatus::Active,
@@ -528,6 +600,8 @@ pub async fn consumers(
                 pending,
                 idle_ms,
                 status,
+                lease,
+                uses_leases: registered,
             }
         })
         .collect())
@@ -563,37 +637,60 @@ pub async fn pending_entries(
     let mut all = Vec::new();
     let mut start = "-".to_owned();
     loop {
-        let reply = conn
-            .run("XPENDING", |mut c| {
-                let mut cmd = redis::cmd("XPENDING");
-                cmd.arg(stream).arg(group).arg(&start).arg("+").arg(PAGE);
-                if let Some(consumer) = consumer {
-                    cmd.arg(consumer);
-                }
-                async move { cmd.query_async::<Value>(&mut c).await }
-            })
-            .await;
-        let rows = match reply {
-            Ok(v) => replies::parse_pending_rows(v)?,
-            Err(e) if e.is_no_such_key() || e.code() == Some("NOGROUP") => {
-                return Err(group_not_found(stream, group));
-            }
-            Err(e) => return Err(e.into_error()),
-        };
+        let rows = pending_page(conn, stream, group, &start, PAGE, consumer, 0).await?;
         let full = rows.len() == PAGE;
         if let Some(last) = rows.last() {
             start = format!("({}", last.id);
         }
-        all.extend(rows.into_iter().map(|r| PendingEntry {
-            id: r.id,
-            consumer: r.consumer,
-            idle_ms: r.idle_ms,
-            delivery_count: r.delivery_count,
-        }));
+        all.extend(rows);
         if !full {
             return Ok(all);
         }
     }
+}
+
+/// Up to `count` pending entries of `group` from `start` on (`-`, an id, or `(id` for after
+/// it), oldest first, of one consumer or of all, idle at least `min_idle_ms` (`XPENDING ..
+/// IDLE`).
+pub(crate) async fn pending_page(
+    conn: &RedisConnection,
+    stream: &str,
+    group: &str,
+    start: &str,
+    count: usize,
+    consumer: Option<&str>,
+    min_idle_ms: u64,
+) -> Result<Vec<PendingEntry>> {
+    let reply = conn
+        .run("XPENDING", |mut c| {
+            let mut cmd = redis::cmd("XPENDING");
+            cmd.arg(stream).arg(group);
+            if min_idle_ms > 0 {
+                cmd.arg("IDLE").arg(min_idle_ms);
+            }
+            cmd.arg(start).arg("+").arg(count);
+            if let Some(consumer) = consumer {
+                cmd.arg(consumer);
+            }
+            async move { cmd.query_async::<Value>(&mut c).await }
+        })
+        .await;
+    let rows = match reply {
+        Ok(v) => replies::parse_pending_rows(v)?,
+        Err(e) if e.is_no_such_key() || e.code() == Some("NOGROUP") => {
+            return Err(group_not_found(stream, group));
+        }
+        Err(e) => return Err(e.into_error()),
+    };
+    Ok(rows
+        .into_iter()
+        .map(|r| PendingEntry {
+            id: r.id,
+            consumer: r.consumer,
+            idle_ms: r.idle_ms,
+            delivery_count: r.delivery_count,
+        })
+        .collect())
 }
 
 /// Acknowledges `ids` in `group` at once (no batching) and returns how many were pending.

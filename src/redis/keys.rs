@@ -20,6 +20,8 @@ pub(crate) mod prefix {
     pub(crate) const ALL: [&str; 4] = [META, CHECKPOINT, LEASE, CONSUMERS];
     /// The members of a partitioned topic's groups (new in 0.2: nothing to migrate).
     pub(crate) const MEMBERS: &str = "streamwise:members:";
+    /// Where an interrupted dead-letter replay stops (new in 0.2: nothing to migrate).
+    pub(crate) const REPLAY: &str = "streamwise:replay:";
 }
 
 /// `stream` as it is written inside its keys: in braces, unless it carries a hash tag of its
@@ -69,6 +71,13 @@ pub(crate) fn member_tokens(topic: &str, group: &str) -> String {
     format!("{}{}:{group}:tokens", prefix::MEMBERS, in_slot(topic))
 }
 
+/// String key, with a TTL, holding the last record id an unfinished replay of the
+/// dead-letter stream `dead_letters` goes up to, so that a rerun resumes that run
+/// (`ops::replay_dead_letters`).
+pub(crate) fn replay(dead_letters: &str) -> String {
+    format!("{}{}", prefix::REPLAY, in_slot(dead_letters))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +91,7 @@ mod tests {
                 lease(stream, "g", "c"),
                 leased_consumers(stream, "g"),
                 crate::dead_letter::stream_for(stream),
+                replay(&crate::dead_letter::stream_for(stream)),
             ];
             for key in keys {
                 assert_eq!(hash_tag(&key), Some(tag), "{key}");

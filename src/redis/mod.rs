@@ -25,6 +25,7 @@ mod connection;
 pub(crate) mod coordinator;
 mod dedicated;
 mod keys;
+pub mod ops;
 mod protocol;
 mod publisher;
 mod reader;

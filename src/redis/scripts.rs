@@ -316,3 +316,32 @@ return 1
 ",
     )
 });
+
+/// Moves one dead-letter record back into a stream, in one step, so that a replay interrupted
+/// anywhere never publishes a record twice nor loses one: if the record is still in the
+/// dead-letter stream, adds the entry (`MAXLEN ~` when a length is given) and deletes the
+/// record. KEYS: dead-letter stream, target stream (in one slot). ARGV: record id, max length
+/// (`''` for none), then the entry's fields and values. Returns the new entry's id, or nil
+/// when the record was gone (replayed or purged by another run).
+pub(crate) static REPLAY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then
+  return false
+end
+local add = {'XADD', KEYS[2]}
+if ARGV[2] ~= '' then
+  table.insert(add, 'MAXLEN')
+  table.insert(add, '~')
+  table.insert(add, ARGV[2])
+end
+table.insert(add, '*')
+for i = 3, #ARGV do
+  table.insert(add, ARGV[i])
+end
+local id = redis.call(unpack(add))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+",
+    )
+});

@@ -135,6 +135,17 @@ impl SlotOwners {
         Some(owners)
     }
 
+    /// Every master of the map, each once, in the order of their first slot range.
+    pub(super) fn masters(&self) -> Vec<(String, u16)> {
+        let mut masters: Vec<(String, u16)> = Vec::new();
+        for (_, _, host, port) in &self.ranges {
+            if !masters.iter().any(|(h, p)| h == host && p == port) {
+                masters.push((host.clone(), *port));
+            }
+        }
+        masters
+    }
+
     /// The master serving `slot`, if the map knows one.
     pub(super) fn owner(&self, slot: u16) -> Option<(&str, u16)> {
         self.ranges

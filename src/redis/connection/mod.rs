@@ -463,6 +463,35 @@ impl RedisConnection {
         .await
     }
 
+    /// The nodes a keyless command must visit to see every key (`SCAN`): `[None]`, the one
+    /// server, or each master of the cluster (from `CLUSTER SLOTS`, asked anew).
+    pub(crate) async fn key_nodes(&self) -> Result<Vec<Option<(String, u16)>>> {
+        let Target::Cluster(cluster) = &self.inner.target else {
+            return Ok(vec![None]);
+        };
+        let reply: Value = self.command(redis::cmd("CLUSTER").arg("SLOTS")).await?;
+        let owners = SlotOwners::from_reply(&reply, cluster.seed_host())
+            .ok_or_else(|| replies::unexpected("CLUSTER SLOTS"))?;
+        Ok(owners.masters().into_iter().map(Some).collect())
+    }
+
+    /// Runs `cmd` on `node` (one of [`key_nodes`](Self::key_nodes)) with the retry policy.
+    pub(crate) async fn run_on_node(
+        &self,
+        what: &str,
+        node: Option<&(String, u16)>,
+        cmd: &Cmd,
+    ) -> Result<Value> {
+        self.run_mapped(what, |c| {
+            let to = node.map(|(host, port)| SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port: *port,
+            });
+            query_on(c, cmd.clone(), to)
+        })
+        .await
+    }
+
     /// Opens a connection of its own (for blocking reads, which would stall a shared one, and
     /// for reads sent ahead), retrying connection failures with backoff. `response_timeout`
     /// must exceed the longest `BLOCK` sent on it. On a cluster it goes to the master that
@@ -639,13 +668,7 @@ impl RedisConnection {
                 format!("no master serves slot {slot} (yet)"),
             ))
         };
-        let seed_host = match cluster.seed.addr() {
-            redis::ConnectionAddr::Tcp(host, _) => host.as_str(),
-            #[cfg(feature = "tls")]
-            redis::ConnectionAddr::TcpTls { host, .. } => host.as_str(),
-            _ => "",
-        };
-        let owners = SlotOwners::from_reply(&reply, seed_host).ok_or_else(unknown)?;
+        let owners = SlotOwners::from_reply(&reply, cluster.seed_host()).ok_or_else(unknown)?;
         let owner = owners
             .owner(slot)
             .map(|(h, p)| (h.to_owned(), p))
@@ -761,6 +784,16 @@ impl CommandError {
 impl ClusterTarget {
     fn forget_owners(&self) {
         *lock(&self.owners) = None;
+    }
+
+    /// Where nodes that announce no endpoint are: the seed's host.
+    fn seed_host(&self) -> &str {
+        match self.seed.addr() {
+            redis::ConnectionAddr::Tcp(host, _) => host.as_str(),
+            #[cfg(feature = "tls")]
+            redis::ConnectionAddr::TcpTls { host, .. } => host.as_str(),
+            _ => "",
+        }
     }
 
     /// The master of `slot` as the slot map knows it.
