@@ -47,6 +47,7 @@ pub mod entry_id;
 pub mod error;
 pub mod memory;
 pub mod message;
+pub mod metrics;
 pub mod partition;
 pub mod pubsub;
 #[cfg(feature = "redis")]

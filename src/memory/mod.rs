@@ -38,6 +38,7 @@ use crate::dead_letter::{self, DeadLetter, GaveUp};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, SettleError, Settlement, Settler};
 use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::message::{EntryId, Message, check_json};
+use crate::metrics::DeadLetterReason;
 use crate::pubsub::{
     InFlight, Publisher, ReclaimOptions, StartFrom, SubscribeOptions, Subscriber, Subscription,
 };
@@ -158,6 +159,7 @@ impl MemoryBackend {
             broker: self.broker.clone(),
             options,
             closed: Arc::new(AtomicBool::new(false)),
+            metrics: Arc::default(),
         })
     }
 
@@ -313,6 +315,7 @@ pub struct MemoryPublisher {
     broker: Arc<Broker>,
     options: MemoryPublisherOptions,
     closed: Arc<AtomicBool>,
+    metrics: Arc<crate::metrics::PublishMetrics>,
 }
 
 impl MemoryPublisher {
@@ -348,6 +351,18 @@ impl MemoryPublisher {
     }
 
     fn append_capped(&self, topic: &str, messages: Vec<Message>, cap: Option<u64>) -> Result<Vec<EntryId>> {
+        let (started, n) = (std::time::Instant::now(), messages.len());
+        let result = self.append_unmetered(topic, messages, cap);
+        self.metrics.record(topic, n, result.is_ok(), started.elapsed());
+        result
+    }
+
+    fn append_unmetered(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+        cap: Option<u64>,
+    ) -> Result<Vec<EntryId>> {
         let max_length = match (self.options.max_length, cap) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -501,6 +516,7 @@ impl MemorySubscriber {
             settlers.push(Arc::downgrade(&settler));
         }
         let reader = Reader {
+            metrics: crate::metrics::SubscriptionMetrics::new(origin.stream(), origin.group()),
             buffer: VecDeque::new(),
             stream,
             origin,
@@ -546,6 +562,7 @@ struct Reader {
     next_reclaim: Instant,
     drained: bool,
     closed: Signal,
+    metrics: crate::metrics::SubscriptionMetrics,
 }
 
 impl crate::pubsub::BackendReader for Reader {
@@ -652,6 +669,11 @@ impl Reader {
         }
         let origin = &self.origin;
         let records = given_up.into_iter().map(|g| {
+            self.metrics.dead_lettered(match g.why {
+                GiveUp::Exceeded => DeadLetterReason::MaxDeliveries,
+                GiveUp::Trimmed => DeadLetterReason::Trimmed,
+                GiveUp::NotJson => DeadLetterReason::Decode,
+            });
             let reason = match g.why {
                 GiveUp::Exceeded => GaveUp::TooManyDeliveries {
                     delivered: g.delivery_count,

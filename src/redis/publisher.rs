@@ -187,6 +187,7 @@ pub struct RedisPublisher {
     options: PublisherOptions,
     closed: AtomicBool,
     streams: Mutex<HashMap<String, StreamState>>,
+    metrics: crate::metrics::PublishMetrics,
     own: tokio::sync::Mutex<OwnConnection>,
     /// The connections of publishes that wait for replicas (a `WAIT` would hold up every other
     /// user of a shared connection), with a reply timeout above the wait: one per master on a
@@ -246,6 +247,7 @@ impl RedisPublisher {
             options,
             closed: AtomicBool::new(false),
             streams: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::PublishMetrics::default(),
             own: tokio::sync::Mutex::new(OwnConnection::default()),
             waiting: tokio::sync::Mutex::new(HashMap::new()),
         }
@@ -476,7 +478,21 @@ impl RedisPublisher {
         Ok(cmd)
     }
 
+    /// [`append_unmetered`](Self::append_unmetered), recorded in the publish metrics.
     async fn append(&self, topic: &str, messages: &[Message], cap: Option<u64>) -> Result<Vec<EntryId>> {
+        let started = std::time::Instant::now();
+        let result = self.append_unmetered(topic, messages, cap).await;
+        self.metrics
+            .record(topic, messages.len(), result.is_ok(), started.elapsed());
+        result
+    }
+
+    async fn append_unmetered(
+        &self,
+        topic: &str,
+        messages: &[Message],
+        cap: Option<u64>,
+    ) -> Result<Vec<EntryId>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("publisher"));
         }

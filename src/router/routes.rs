@@ -267,6 +267,8 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             }
             let retry_backoff = routes.retry_backoff.unwrap_or(self.retry_backoff);
             retry_backoff.validate()?;
+            let mut event_types: Vec<String> = routes.routes.keys().cloned().collect();
+            event_types.sort_unstable();
             let dispatch = Dispatch::new(routes.routes, routes.fallback);
             let mut layers = routes.layers.iter().chain(self.layers.iter()).peekable();
             let service = if layers.peek().is_none() {
@@ -285,6 +287,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                         .unwrap_or_else(|| OrderKey::Metadata(crate::partition::KEY_METADATA.to_owned())),
                 ),
                 retry_backoff,
+                event_types,
             });
         }
         Ok((plans, self.shutdown_deadline))

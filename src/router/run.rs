@@ -29,6 +29,7 @@ use super::route::BoxRoute;
 use super::settle::settle;
 use crate::delivery::Delivery;
 use crate::error::{Error, Result};
+use crate::metrics::DeliveryMetrics;
 use crate::pubsub::{Publisher, SubscribeOptions, Subscriber, Subscription};
 use crate::signal::Signal;
 
@@ -48,6 +49,8 @@ pub(crate) struct Plan {
     pub(crate) service: PlanService,
     pub(crate) order_by: Option<OrderKey>,
     pub(crate) retry_backoff: RetryBackoff,
+    /// The event types the routes handle (the metrics' `event_type` labels).
+    pub(crate) event_types: Vec<String>,
 }
 
 /// What a shutdown did.
@@ -137,6 +140,7 @@ pub(crate) async fn start(
                     handled: handled.clone(),
                     in_flight: in_flight.clone(),
                     retry_backoff: plan.retry_backoff,
+                    metrics: DeliveryMetrics::new(&plan.options.group, plan.event_types),
                 }),
             };
             let ordering = plan.order_by.map(KeyOrder::new);
@@ -367,12 +371,20 @@ struct Common {
     in_flight: Arc<AtomicU64>,
     /// The subscription's delay before failed deliveries come back.
     retry_backoff: RetryBackoff,
+    metrics: DeliveryMetrics,
 }
 
 impl Worker {
     async fn handle(self, delivery: Arc<Delivery>) {
         let Worker { service, common } = self;
         common.in_flight.fetch_add(1, Ordering::Relaxed);
+        let message = delivery.message();
+        let handling = common.metrics.start(
+            delivery.info().origin().stream(),
+            message.event_type(),
+            delivery.delivery_count(),
+            message.timestamp(),
+        );
         let incoming = Incoming::new(delivery.clone());
         // Called inside the future, so that a handler panicking before it returns its
         // future is caught like one panicking while it runs.
@@ -401,7 +413,8 @@ impl Worker {
                 Outcome::nack_after(delay)
             }
         };
-        settle(&delivery, outcome, &*common.publisher, &common.retry_backoff).await;
+        let settled = settle(&delivery, outcome, &*common.publisher, &common.retry_backoff).await;
+        handling.done(settled);
         common.handled.fetch_add(1, Ordering::Relaxed);
         // (A future dropped at the shutdown deadline never gets here: its delivery stays
         // pending, and the count is reported as abandoned.)

@@ -41,6 +41,7 @@ use crate::dead_letter::{DeadLetter, GaveUp};
 use crate::delivery::{Delivery, DeliveryInfo, Origin, Settler};
 use crate::error::{Error, Result};
 use crate::message::{EntryId, Message};
+use crate::metrics::DeadLetterReason;
 use crate::pubsub::{ReclaimOptions, SubscribeOptions};
 use crate::redis::connection::{is_cluster_change, is_transient};
 use crate::redis::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
@@ -59,6 +60,7 @@ pub(super) struct Reader {
     max_entry_size: usize,
     store: Option<Arc<dyn CheckpointStore>>,
     stats: Arc<SubscriberStats>,
+    metrics: crate::metrics::SubscriptionMetrics,
     options: SubscribeOptions,
     read_conn: Option<(DedicatedConnection, i64)>,
     /// Which step comes next, and the state that decision rests on (the read sent ahead, the
@@ -107,6 +109,8 @@ impl Reader {
         store: Option<Arc<dyn CheckpointStore>>,
         stats: Arc<SubscriberStats>,
     ) -> Self {
+        let (stream, group) = (shared.origin().stream(), shared.origin().group());
+        let metrics = crate::metrics::SubscriptionMetrics::new(stream, group);
         Reader {
             settler: shared.clone(),
             max_entry_size: subscriber.max_entry_size_of(shared.origin().stream()),
@@ -114,6 +118,7 @@ impl Reader {
             codec: subscriber.codec.clone(),
             store,
             stats,
+            metrics,
             plan: Planner::new(&options, lease.ttl(), Instant::now()),
             options,
             read_conn: None,
@@ -209,6 +214,7 @@ impl Reader {
     /// that is missing or cannot be re-created, else once per spent retry budget.
     async fn after_error(&mut self, e: ReadError) -> Option<Error> {
         SubscriberStats::add(&self.stats.read_errors, 1);
+        self.metrics.read_error();
         self.drop_read_conn();
         let origin = self.shared.origin().clone();
         if let ReadError::Redis(e) = &e
@@ -567,6 +573,7 @@ impl Reader {
             .filter(|(e, _)| matches!(e, ReplyEntry::Present(_)))
             .count();
         SubscriberStats::add(&self.stats.reclaimed, reclaimed as u64);
+        self.metrics.reclaimed(reclaimed as u64);
         Ok(fetched)
     }
 
@@ -649,6 +656,7 @@ impl Reader {
             match entry {
                 ReplyEntry::Trimmed(_) => {
                     SubscriberStats::add(&self.stats.trimmed_pending, 1);
+                    self.metrics.dead_lettered(DeadLetterReason::Trimmed);
                     tracing::warn!(stream = origin.stream(), group = origin.group(), %id,
                         "pending entry was trimmed from the stream before it was acknowledged");
                     let r = record(&GaveUp::Trimmed.to_string(), count.saturating_sub(1)).for_trimmed();
@@ -659,10 +667,12 @@ impl Reader {
                     match crate::codec::decode_entry(&*self.codec, raw) {
                         Err((e, raw)) => {
                             SubscriberStats::add(&self.stats.undecodable, 1);
+                            self.metrics.dead_lettered(DeadLetterReason::Decode);
                             dead.push((id, record(&e.to_string(), count).for_undecodable(&raw.fields)));
                         }
                         Ok(message) if size > self.max_entry_size => {
                             SubscriberStats::add(&self.stats.oversized, 1);
+                            self.metrics.dead_lettered(DeadLetterReason::Oversize);
                             let reason = GaveUp::TooLarge {
                                 size,
                                 limit: self.max_entry_size,
@@ -671,6 +681,7 @@ impl Reader {
                             dead.push((id, record(&reason, count).for_message(&message)));
                         }
                         Ok(message) if count > max => {
+                            self.metrics.dead_lettered(DeadLetterReason::MaxDeliveries);
                             let reason = GaveUp::TooManyDeliveries {
                                 delivered: count - 1,
                                 limit: max,
