@@ -358,7 +358,8 @@ pub struct ReplayReport {
     pub interrupted: bool,
     /// How long it took, in milliseconds.
     pub elapsed_ms: u64,
-    /// Records a second, replayed (executed runs).
+    /// Records a second, replayed, between the first record moved and the last (executed runs
+    /// of more than one record).
     pub rate: Option<f64>,
     /// Every record the selection took, in order.
     pub records: Vec<ReplayedRecord>,
@@ -443,6 +444,7 @@ pub async fn replay_dead_letters(
         looked_at: 0,
         total,
         pace_from: Instant::now(),
+        last_move: None,
         max_lengths: BTreeMap::new(),
         progress,
     };
@@ -455,8 +457,12 @@ pub async fn replay_dead_letters(
     }
     let elapsed = started.elapsed();
     run.report.elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
-    if options.mode == Mode::Execute && run.report.replayed > 0 {
-        run.report.rate = Some(run.report.replayed as f64 / elapsed.as_secs_f64().max(1e-9));
+    // Between the first record moved and the last: what a rate limit bounds.
+    if let Some(last) = run.last_move
+        && run.report.replayed > 1
+    {
+        let span = last.duration_since(run.pace_from).as_secs_f64().max(1e-9);
+        run.report.rate = Some((run.report.replayed - 1) as f64 / span);
     }
     Ok(run.report)
 }
@@ -470,6 +476,8 @@ struct Run<'a> {
     total: u64,
     /// The pacing's start: record `n` goes no sooner than `n / rate` after it.
     pace_from: Instant,
+    /// When the last record was moved.
+    last_move: Option<Instant>,
     /// Each target's `max_length` setting.
     max_lengths: BTreeMap<String, Option<u64>>,
     progress: &'a mut (dyn FnMut(u64, u64) + Send),
@@ -597,6 +605,7 @@ impl Run<'_> {
                 }
                 match self.move_record(dead_letters, target, id, message).await? {
                     Some(new_id) => {
+                        self.last_move = Some(Instant::now());
                         record.new_id = Some(new_id);
                         record.outcome = ReplayOutcome::Replayed;
                         self.report.replayed += 1;

@@ -1,0 +1,778 @@
+//! The `streamwise` binary against real `redis-server`s the tests start (free loopback ports),
+//! on data the library makes: a backlog, pending entries of a live and of a crashed consumer,
+//! dead letters of each reason, a partitioned topic. JSON output is parsed and checked against
+//! what `XINFO`, `XPENDING` and `XRANGE` say.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value as Json;
+use streamwise::redis::RedisSubscriberOptions;
+use streamwise::{Publisher, SubscribeOptions};
+
+const GROUP: &str = "billing";
+
+/// `orders` with 10 entries; group `billing` with a live consumer `live-1` holding 2 entries
+/// pending and a crashed consumer `dead-1` that held 3 when its lease ran out; 5 undelivered.
+async fn backlog(env: &Env) -> Worker {
+    env.publish("orders", 10).await;
+    crash_a_consumer(&env.url, "orders", GROUP, "dead-1", 3, Duration::from_millis(300)).await;
+    let worker = Worker::start(
+        &env.url,
+        "orders",
+        SubscribeOptions::new(GROUP, "live-1")
+            .max_in_flight(2)
+            .batch_size(2),
+        RedisSubscriberOptions::default(),
+        holds,
+    )
+    .await;
+    eventually(
+        "2 entries pending for live-1",
+        Duration::from_secs(10),
+        || async {
+            let p =
+                streamwise::redis::admin::pending_entries(env.conn(), "orders", GROUP, Some("live-1")).await;
+            p.is_ok_and(|p| p.len() == 2)
+        },
+    )
+    .await;
+    // The crashed consumer's lease (300 ms) runs out.
+    eventually("dead-1's lease gone", Duration::from_secs(5), || async {
+        int(&env
+            .cmd(&["EXISTS", "streamwise:lease:{orders}:billing:dead-1"])
+            .await)
+            == 0
+    })
+    .await;
+    worker
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_consumers_and_pending_match_xinfo_and_xpending() {
+    let env = Env::start();
+    let worker = backlog(&env).await;
+
+    let groups = cli_json(&env.url, &["groups", "orders"], 0).await;
+    let xgroups = xinfo(&env, &["XINFO", "GROUPS", "orders"]).await;
+    assert_eq!(groups["groups"].as_array().unwrap().len(), xgroups.len());
+    let g = &groups["groups"][0];
+    let x = &xgroups[0];
+    assert_eq!(g["group"], GROUP);
+    assert_eq!(g["consumers"].as_i64().unwrap(), int(&x["consumers"]));
+    assert_eq!(g["pending"].as_i64().unwrap(), int(&x["pending"]));
+    assert_eq!(g["pending"], 5);
+    assert_eq!(
+        g["last_delivered_id"].as_str().unwrap(),
+        text(&x["last-delivered-id"])
+    );
+    assert_eq!(g["lag"].as_i64().unwrap(), int(&x["lag"]));
+    assert_eq!(g["lag"], 5);
+    assert_eq!(g["live_consumers"], 1);
+    assert!(g["lag_ms"].as_u64().unwrap() > 0);
+    let first = env.entries("orders").await[0].0.clone();
+    assert_eq!(g["oldest_pending_id"].as_str().unwrap(), first);
+
+    let consumers = cli_json(&env.url, &["consumers", "orders", GROUP], 0).await;
+    let xconsumers = xinfo(&env, &["XINFO", "CONSUMERS", "orders", GROUP]).await;
+    let rows = consumers["consumers"].as_array().unwrap();
+    assert_eq!(rows.len(), xconsumers.len());
+    for x in &xconsumers {
+        let name = text(&x["name"]);
+        let row = rows
+            .iter()
+            .find(|r| r["consumer"] == name.as_str())
+            .expect("each consumer");
+        assert_eq!(row["pending"].as_i64().unwrap(), int(&x["pending"]), "{name}");
+    }
+    let live = rows.iter().find(|r| r["consumer"] == "live-1").unwrap();
+    assert_eq!(live["lease"], "alive");
+    assert!(live["lease_ttl_ms"].as_u64().unwrap() > 0);
+    assert_eq!(live["crashed"], false);
+    let dead = rows.iter().find(|r| r["consumer"] == "dead-1").unwrap();
+    assert_eq!(dead["lease"], "expired");
+    assert_eq!(dead["crashed"], true);
+    assert_eq!(dead["pending"], 3);
+
+    let pending = cli_json(&env.url, &["pending", "orders", GROUP], 0).await;
+    let entries = pending["entries"].as_array().unwrap();
+    let Value::Array(xpending) = env.cmd(&["XPENDING", "orders", GROUP, "-", "+", "100"]).await else {
+        panic!("XPENDING")
+    };
+    assert_eq!(entries.len(), xpending.len());
+    for (row, x) in entries.iter().zip(&xpending) {
+        let Value::Array(x) = x else { panic!("row") };
+        assert_eq!(row["id"].as_str().unwrap(), text(&x[0]));
+        assert_eq!(row["consumer"].as_str().unwrap(), text(&x[1]));
+        assert_eq!(row["deliveries"].as_i64().unwrap(), int(&x[3]));
+        assert_eq!(row["event_type"], "order.placed");
+    }
+    let mine = cli_json(
+        &env.url,
+        &["pending", "orders", GROUP, "--consumer", "dead-1", "--limit", "2"],
+        0,
+    )
+    .await;
+    let mine = mine["entries"].as_array().unwrap();
+    assert_eq!(mine.len(), 2);
+    assert!(mine.iter().all(|r| r["consumer"] == "dead-1"));
+    let idle = cli_json(&env.url, &["pending", "orders", GROUP, "--min-idle", "1h"], 0).await;
+    assert_eq!(idle["entries"].as_array().unwrap().len(), 0);
+
+    let streams = cli_json(&env.url, &["streams"], 0).await;
+    let orders = streams["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == "orders")
+        .expect("orders listed");
+    assert_eq!(orders["length"], 10);
+    assert_eq!(orders["groups"], 1);
+    assert_eq!(orders["kind"], "stream");
+    assert_eq!(orders["first_id"].as_str().unwrap(), first);
+
+    // The tables name the same things.
+    let table = cli(&env.url, &["groups", "orders"]).await;
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(table.stdout.contains(GROUP) && table.stdout.contains("2 (1)") || table.stdout.contains("(1)"));
+    let table = cli(&env.url, &["consumers", "orders", GROUP]).await;
+    assert!(
+        table.stdout.contains("expired") && table.stdout.contains("alive"),
+        "{}",
+        table.stdout
+    );
+    worker.stop().await;
+}
+
+/// Dead letters of each reason on `poison`: 3 by the handler, 1 past `max_deliveries`, 1 not
+/// JSON, 1 larger than `max_entry_size`.
+async fn dead_letters_of_each_reason(env: &Env) {
+    let publisher = env.redis.publisher();
+    let message = |n: u64| streamwise::Message::new("order.placed", &serde_json::json!({ "n": n })).unwrap();
+    for n in 0..3 {
+        publisher.publish("poison", message(n)).await.unwrap();
+    }
+    let failing = Worker::start(
+        &env.url,
+        "poison",
+        SubscribeOptions::new("handler", "w"),
+        RedisSubscriberOptions::default(),
+        fails,
+    )
+    .await;
+    eventually("3 dead letters", Duration::from_secs(10), || async {
+        env.xlen("{poison}-dead").await == 3
+    })
+    .await;
+    failing.stop().await;
+    // Nacked past its limit, not JSON, too large: the subscriber gives up by itself.
+    publisher.publish("poison", message(3)).await.unwrap();
+    env.cmd(&[
+        "XADD",
+        "poison",
+        "*",
+        "event_type",
+        "order.placed",
+        "payload",
+        "{not json",
+    ])
+    .await;
+    let big = "x".repeat(600);
+    publisher
+        .publish("poison", streamwise::Message::new("order.placed", &big).unwrap())
+        .await
+        .unwrap();
+    let nacking = Worker::start(
+        &env.url,
+        "poison",
+        SubscribeOptions::new("limits", "w")
+            .max_deliveries(1)
+            .block(Duration::from_millis(100)),
+        RedisSubscriberOptions::default().max_entry_size(500),
+        |d| Box::pin(async move { d.nack().await.expect("nack") }),
+    )
+    .await;
+    // "limits" reads all 6 entries: the first 4 are nacked until they are over the limit.
+    eventually("6 more dead letters", Duration::from_secs(20), || async {
+        env.xlen("{poison}-dead").await == 3 + 6
+    })
+    .await;
+    nacking.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_peek_counts_each_reason_and_shows_the_latest() {
+    let env = Env::start();
+    dead_letters_of_each_reason(&env).await;
+    let records = env.dead_letters("poison").await;
+    let peek = cli_json(&env.url, &["dlq", "peek", "poison", "--limit", "4"], 0).await;
+    assert_eq!(peek["total"].as_u64().unwrap(), records.len() as u64);
+    let reasons = peek["reasons"].as_array().unwrap();
+    let count = |needle: &str| -> u64 {
+        reasons
+            .iter()
+            .filter(|r| r["reason"].as_str().unwrap().contains(needle))
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(count("payment service down"), 3);
+    assert_eq!(count("the limit is 1"), 4, "{reasons:#?}");
+    assert_eq!(count("is not JSON"), 1, "{reasons:#?}");
+    assert_eq!(count("larger than max_entry_size"), 1, "{reasons:#?}");
+    let sum: u64 = reasons.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+    assert_eq!(sum, records.len() as u64);
+    // The latest 4, newest first, as XRANGE has them.
+    let latest = peek["latest"].as_array().unwrap();
+    assert_eq!(latest.len(), 4);
+    let newest: Vec<&str> = records.iter().rev().take(4).map(|(id, _)| id.as_str()).collect();
+    let shown: Vec<&str> = latest.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(shown, newest);
+    for (row, (_, record)) in latest.iter().zip(records.iter().rev()) {
+        let meta = record.metadata();
+        assert_eq!(row["reason"].as_str(), meta.get("dead_letter.reason"));
+        assert_eq!(row["group"].as_str(), meta.get("dead_letter.group"));
+        assert_eq!(row["original_id"].as_str(), meta.get("dead_letter.original_id"));
+        assert_eq!(row["event_type"].as_str(), Some(record.event_type()));
+    }
+    let filtered = cli_json(&env.url, &["dlq", "peek", "poison", "--reason", "payment"], 0).await;
+    assert_eq!(filtered["matching"], 3);
+    assert_eq!(filtered["total"].as_u64().unwrap(), records.len() as u64);
+    assert!(
+        filtered["latest"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["reason"] == "payment service down")
+    );
+    let table = cli(&env.url, &["dlq", "peek", "poison"]).await;
+    assert_eq!(table.code, 0);
+    assert!(table.stdout.contains("payment service down"), "{}", table.stdout);
+
+    // A dry run of a replay leaves everything in place and says it would change something;
+    // the undecodable record is not replayable.
+    let dry = cli_json(&env.url, &["dlq", "replay", "poison"], 2).await;
+    assert_eq!(dry["mode"], "dry_run");
+    assert_eq!(dry["not_replayable"], 1);
+    assert_eq!(dry["replayed"].as_u64().unwrap(), records.len() as u64 - 1);
+    assert_eq!(env.xlen("{poison}-dead").await, records.len() as u64);
+}
+
+/// `n` dead letters of `orders` in group `billing`, by a handler that still fails.
+async fn failed_orders(env: &Env, n: u64) -> BTreeSet<streamwise::Uuid> {
+    env.publish("orders", n).await;
+    let failing = Worker::start(
+        &env.url,
+        "orders",
+        SubscribeOptions::new(GROUP, "w").max_in_flight(16),
+        RedisSubscriberOptions::default(),
+        fails,
+    )
+    .await;
+    eventually("every order dead-lettered", Duration::from_secs(20), || async {
+        env.xlen("{orders}-dead").await == n
+    })
+    .await;
+    failing.stop().await;
+    env.dead_letters("orders")
+        .await
+        .iter()
+        .map(|(_, m)| m.uuid())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_while_the_handler_still_fails_ends_and_is_paced() {
+    let env = Env::start();
+    const N: u64 = 30;
+    let uuids = failed_orders(&env, N).await;
+    // The handler still fails.
+    let failing = Worker::start(
+        &env.url,
+        "orders",
+        SubscribeOptions::new(GROUP, "w").max_in_flight(16),
+        RedisSubscriberOptions::default(),
+        fails,
+    )
+    .await;
+    let started = Instant::now();
+    let report = cli_json(
+        &env.url,
+        &["dlq", "replay", "orders", "--rate", "20/s", "--execute"],
+        0,
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(report["replayed"], N);
+    assert_eq!(report["interrupted"], false);
+    // N records at 20/s: the first at once, the last (N - 1) / 20 s later.
+    let least = Duration::from_secs_f64((N - 1) as f64 / 20.0);
+    assert!(took >= least, "{took:?} < {least:?}");
+    let rate = report["rate"].as_f64().unwrap();
+    assert!(rate <= 20.5, "rate {rate}");
+    // Every record went once, and came back once: the same records, each replayed once.
+    eventually(
+        "every replayed order dead-lettered again",
+        Duration::from_secs(20),
+        || async {
+            let dead = env.dead_letters("orders").await;
+            dead.len() as u64 == N
+                && dead
+                    .iter()
+                    .all(|(_, m)| m.metadata().get("replay.count") == Some("1"))
+        },
+    )
+    .await;
+    failing.stop().await;
+    let dead = env.dead_letters("orders").await;
+    let again: BTreeSet<_> = dead.iter().map(|(_, m)| m.uuid()).collect();
+    assert_eq!(again, uuids);
+    for (_, m) in &dead {
+        assert_eq!(m.metadata().get("replay.reason"), Some("payment service down"));
+        assert_eq!(
+            m.metadata().get("dead_letter.reason"),
+            Some("payment service down")
+        );
+    }
+    // The original N, plus N replayed, each once.
+    assert_eq!(env.xlen("orders").await, 2 * N);
+    assert_eq!(report["records"].as_array().unwrap().len() as u64, N);
+    let peek = cli_json(&env.url, &["dlq", "peek", "orders", "--limit", "1"], 0).await;
+    assert_eq!(peek["latest"][0]["replays"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_replay_is_resumed_and_replays_every_record_exactly_once() {
+    let env = Env::start();
+    const N: u64 = 40;
+    let uuids = failed_orders(&env, N).await;
+    let failing = Worker::start(
+        &env.url,
+        "orders",
+        SubscribeOptions::new(GROUP, "w").max_in_flight(16),
+        RedisSubscriberOptions::default(),
+        fails,
+    )
+    .await;
+    let child = tokio::process::Command::new(BIN)
+        .args([
+            "--url",
+            &env.url,
+            "--output",
+            "json",
+            "dlq",
+            "replay",
+            "orders",
+            "--rate",
+            "20/s",
+            "--execute",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Half-way (20 of 40 replayed into orders), SIGINT.
+    eventually("half replayed", Duration::from_secs(20), || async {
+        env.xlen("orders").await >= N + N / 2
+    })
+    .await;
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let first = child.wait_with_output().await.unwrap();
+    let first_report: Json = serde_json::from_slice(&first.stdout).expect("a report on stdout");
+    assert_eq!(first.status.code(), Some(1), "{first:?}");
+    assert_eq!(first_report["interrupted"], true);
+    let first_replayed = first_report["replayed"].as_u64().unwrap();
+    assert!((N / 2..N).contains(&first_replayed), "{first_replayed}");
+    assert!(String::from_utf8_lossy(&first.stderr).contains("run the same command again"));
+
+    // The rerun resumes: up to the same last record, so the records dead-lettered again by the
+    // still failing handler meanwhile are not replayed a second time.
+    let second = cli_json(&env.url, &["dlq", "replay", "orders", "--execute"], 0).await;
+    assert_eq!(second["bounds"][0]["resumed"], true);
+    assert_eq!(second["bounds"][0]["up_to"], first_report["bounds"][0]["up_to"]);
+    assert_eq!(first_replayed + second["replayed"].as_u64().unwrap(), N);
+
+    eventually("all dead-lettered again", Duration::from_secs(20), || async {
+        env.xlen("{orders}-dead").await == N && env.xlen("orders").await == 2 * N
+    })
+    .await;
+    failing.stop().await;
+    // Exactly once: the N replayed entries are the N records, each once, and each record is
+    // back once, replayed once.
+    let replayed: Vec<_> = env
+        .entries("orders")
+        .await
+        .into_iter()
+        .filter(|(_, m)| m.metadata().get("replay.count").is_some())
+        .map(|(_, m)| m.uuid())
+        .collect();
+    assert_eq!(replayed.len() as u64, N);
+    assert_eq!(replayed.iter().copied().collect::<BTreeSet<_>>(), uuids);
+    let dead = env.dead_letters("orders").await;
+    assert!(
+        dead.iter()
+            .all(|(_, m)| m.metadata().get("replay.count") == Some("1"))
+    );
+    // The run finished: the next one starts fresh (and would replay the N records again).
+    let next = cli_json(&env.url, &["dlq", "replay", "orders"], 2).await;
+    assert_eq!(next["bounds"][0]["resumed"], false);
+    assert_eq!(next["replayed"], N);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_and_trim_refuse_while_a_consumer_is_live() {
+    let env = Env::start();
+    let worker = backlog(&env).await;
+    let last_delivered = || async {
+        let groups = xinfo(&env, &["XINFO", "GROUPS", "orders"]).await;
+        text(&groups[0]["last-delivered-id"])
+    };
+    let before = last_delivered().await;
+
+    // Refused (3), in a dry run as with --execute, and nothing moves.
+    let refused = cli_json(
+        &env.url,
+        &["group", "reset", "orders", GROUP, "--to", "earliest"],
+        3,
+    )
+    .await;
+    assert_eq!(refused["refused"], true);
+    assert_eq!(refused["live"][0]["consumer"], "live-1");
+    let refused = cli(
+        &env.url,
+        &["group", "reset", "orders", GROUP, "--to", "earliest", "--execute"],
+    )
+    .await;
+    assert_eq!(refused.code, 3, "{refused:?}");
+    assert!(refused.stdout.contains("Refused"), "{}", refused.stdout);
+    assert_eq!(last_delivered().await, before);
+
+    // Trimming to 2 entries would cut entries live-1's group has pending and undelivered.
+    let trim = cli_json(&env.url, &["trim", "orders", "--maxlen", "2", "--execute"], 3).await;
+    assert_eq!(trim["refused"], true);
+    assert_eq!(trim["streams"][0]["would_cut"], true);
+    assert_eq!(trim["streams"][0]["protected_for"][0], GROUP);
+    assert_eq!(env.xlen("orders").await, 10);
+    // A trim that stays below the oldest pending entry is allowed.
+    let none = cli_json(&env.url, &["trim", "orders", "--older-than", "1h"], 0).await;
+    assert_eq!(none["refused"], false);
+    assert_eq!(none["streams"][0]["removes"], 0);
+
+    // --force does what it says.
+    let forced = cli_json(
+        &env.url,
+        &[
+            "group",
+            "reset",
+            "orders",
+            GROUP,
+            "--to",
+            "earliest",
+            "--execute",
+            "--force",
+        ],
+        0,
+    )
+    .await;
+    assert_eq!(forced["streams"][0]["to"], "0-0");
+    assert_eq!(last_delivered().await, "0-0");
+
+    // Once the consumer is gone: a dry run says it would change (2), --execute does it.
+    worker.stop().await;
+    let ids: Vec<String> = env
+        .entries("orders")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let dry = cli_json(&env.url, &["group", "reset", "orders", GROUP, "--to", &ids[6]], 2).await;
+    assert_eq!(dry["refused"], false);
+    assert_eq!(last_delivered().await, "0-0");
+    cli_json(
+        &env.url,
+        &["group", "reset", "orders", GROUP, "--to", &ids[6], "--execute"],
+        0,
+    )
+    .await;
+    assert_eq!(last_delivered().await, ids[6]);
+    let latest = cli_json(
+        &env.url,
+        &["group", "reset", "orders", GROUP, "--to", "latest", "--execute"],
+        0,
+    )
+    .await;
+    assert_eq!(latest["streams"][0]["to"].as_str().unwrap(), ids[9]);
+    assert_eq!(last_delivered().await, ids[9]);
+
+    let dry = cli_json(&env.url, &["trim", "orders", "--maxlen", "2"], 2).await;
+    assert_eq!(dry["streams"][0]["removes"], 8);
+    assert_eq!(env.xlen("orders").await, 10);
+    let done = cli_json(&env.url, &["trim", "orders", "--maxlen", "2", "--execute"], 0).await;
+    assert_eq!(done["streams"][0]["removes"], 8);
+    assert_eq!(env.xlen("orders").await, 2);
+    let kept: Vec<String> = env
+        .entries("orders")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(kept, ids[8..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_deletes_dead_letters_up_to_the_start_and_by_age() {
+    let env = Env::start();
+    failed_orders(&env, 5).await;
+    let young = cli_json(
+        &env.url,
+        &["dlq", "purge", "orders", "--older-than", "1h", "--execute"],
+        0,
+    )
+    .await;
+    assert_eq!(young["total"], 0);
+    let dry = cli_json(&env.url, &["dlq", "purge", "orders"], 2).await;
+    assert_eq!(dry["total"], 5);
+    assert_eq!(env.xlen("{orders}-dead").await, 5);
+    let done = cli_json(&env.url, &["dlq", "purge", "orders", "--execute"], 0).await;
+    assert_eq!(done["total"], 5);
+    assert_eq!(env.xlen("{orders}-dead").await, 0);
+    let again = cli_json(&env.url, &["dlq", "purge", "orders", "--execute"], 0).await;
+    assert_eq!(again["total"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_tail_round_trip() {
+    let env = Env::start();
+    let run = cli(
+        &env.url,
+        &[
+            "publish",
+            "orders",
+            "order.placed",
+            r#"{"id":7}"#,
+            "--metadata",
+            "source=cli",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.starts_with("Published "), "{}", run.stdout);
+    cli_json(
+        &env.url,
+        &["publish", "orders", "order.cancelled", r#"{"id":7}"#],
+        0,
+    )
+    .await;
+    let bad = cli(&env.url, &["publish", "orders", "order.placed", "{not json"]).await;
+    assert_eq!(bad.code, 1);
+
+    let tail = cli(&env.url, &["--output", "json", "tail", "orders", "--from", "-1h"]).await;
+    assert_eq!(tail.code, 0, "{tail:?}");
+    let lines: Vec<Json> = tail
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["event_type"], "order.placed");
+    assert_eq!(lines[0]["metadata"]["source"], "cli");
+    assert_eq!(lines[0]["payload"]["id"], 7);
+    assert_eq!(lines[1]["event_type"], "order.cancelled");
+    let only = cli(
+        &env.url,
+        &[
+            "--output",
+            "json",
+            "tail",
+            "orders",
+            "--event-type",
+            "order.cancelled",
+        ],
+    )
+    .await;
+    assert_eq!(only.stdout.lines().count(), 1, "{only:?}");
+    let from = cli(
+        &env.url,
+        &[
+            "--output",
+            "json",
+            "tail",
+            "orders",
+            "--from",
+            lines[1]["id"].as_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(from.stdout.lines().count(), 1, "{from:?}");
+    // Reading changed nothing: no group, no pending entry.
+    assert_eq!(xinfo(&env, &["XINFO", "GROUPS", "orders"]).await.len(), 0);
+
+    // --follow prints what comes, until ctrl-c.
+    let mut follow = tokio::process::Command::new(BIN)
+        .args([
+            "--url", &env.url, "--output", "json", "tail", "orders", "--from", "$", "--follow",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let publisher = env.redis.publisher();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        // Published until the follower shows one (it may start reading after the first).
+        loop {
+            publisher
+                .publish("orders", streamwise::Message::new("order.shipped", &1).unwrap())
+                .await
+                .unwrap();
+            if let Ok(Ok(Some(line))) =
+                tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await
+            {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("a followed entry");
+    assert!(got.contains("order.shipped"), "{got}");
+    let pid = follow.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), follow.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_topic_is_shown_per_partition_with_its_owners() {
+    use std::sync::Arc;
+    use streamwise::partition::{PartitionedPublisher, PartitionedSubscriber};
+    let env = Env::start();
+    let coordinator = Arc::new(env.redis.coordinator());
+    let publisher =
+        PartitionedPublisher::new(Arc::new(env.redis.publisher()), coordinator.clone()).topic("accounts", 2);
+    for key in ["ada", "bob", "cy", "dee"] {
+        publisher
+            .publish_keyed("accounts", key, streamwise::Message::new("opened", &key).unwrap())
+            .await
+            .unwrap();
+    }
+    let subscriber = PartitionedSubscriber::new(Arc::new(env.redis.subscriber().unwrap()), coordinator)
+        .topic("accounts", 2);
+    use streamwise::Subscriber;
+    let mut member = subscriber
+        .subscribe(
+            "accounts",
+            SubscribeOptions::new("ledger", "worker-1").max_in_flight(8),
+        )
+        .await
+        .unwrap();
+    // worker-1, alone, owns both partitions: it reads all four.
+    for _ in 0..4 {
+        use futures::StreamExt;
+        let d = tokio::time::timeout(Duration::from_secs(20), member.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        d.ack().await.unwrap();
+    }
+    member.flush().await.unwrap();
+
+    let groups = cli_json(&env.url, &["groups", "accounts"], 0).await;
+    assert_eq!(groups["partitions"], 2);
+    let rows = groups["groups"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (p, row) in rows.iter().enumerate() {
+        assert_eq!(row["partition"], p);
+        assert_eq!(row["stream"], format!("accounts~p{p}"));
+        assert_eq!(row["owner"], "worker-1");
+        assert_eq!(row["pending"], 0);
+        assert_eq!(row["live_consumers"], 1);
+    }
+    let consumers = cli_json(&env.url, &["consumers", "accounts", "ledger"], 0).await;
+    assert_eq!(consumers["members"][0]["member"], "worker-1");
+    assert_eq!(consumers["members"][0]["live"], true);
+    assert_eq!(consumers["members"][0]["partitions"], serde_json::json!([0, 1]));
+    for row in consumers["consumers"].as_array().unwrap() {
+        assert_eq!(row["consumer"], "owner");
+        assert_eq!(row["member"], "worker-1");
+        assert_eq!(row["lease"], "alive");
+    }
+    // A reset of the partitioned group is refused while worker-1 owns the partitions.
+    let refused = cli_json(
+        &env.url,
+        &["group", "reset", "accounts", "ledger", "--to", "earliest"],
+        3,
+    )
+    .await;
+    assert_eq!(refused["live"].as_array().unwrap().len(), 2);
+    let streams = cli_json(&env.url, &["streams", "--pattern", "accounts*"], 0).await;
+    let kinds: Vec<&str> = streams["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["partition", "partition"]);
+    drop(member);
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_show_in_any_line() {
+    let env_server = RedisServer::start_with(&["--requirepass", "s3cr3t-pw"]);
+    let good = format!("redis://:s3cr3t-pw@127.0.0.1:{}", env_server.port());
+    let bad = format!("redis://:wr0ng-pw@127.0.0.1:{}", env_server.port());
+    let published = cli(&good, &["publish", "orders", "t", "1"]).await;
+    assert_eq!(published.code, 0, "{published:?}");
+    for (url, code) in [(good.as_str(), 0), (bad.as_str(), 1)] {
+        let run = cli(url, &["groups", "orders"]).await;
+        assert_eq!(run.code, code, "{run:?}");
+        for secret in ["s3cr3t-pw", "wr0ng-pw"] {
+            assert!(
+                !run.stdout.contains(secret) && !run.stderr.contains(secret),
+                "{run:?}"
+            );
+        }
+    }
+    // Nothing listens there: the error names the URL, redacted.
+    let gone = format!(
+        "redis://:s3cr3t-pw@127.0.0.1:{}",
+        streamwise::testing::free_port()
+    );
+    let run = cli(&gone, &["streams"]).await;
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("error:"), "{run:?}");
+    assert!(!run.stderr.contains("s3cr3t-pw"), "{run:?}");
+    // --help with REDIS_URL set does not show it.
+    let help = tokio::process::Command::new(BIN)
+        .arg("--help")
+        .env("REDIS_URL", &good)
+        .output()
+        .await
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("s3cr3t-pw"));
+    // A missing URL is an error that says what to do.
+    let none = tokio::process::Command::new(BIN)
+        .args(["streams"])
+        .env_remove("REDIS_URL")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("REDIS_URL"));
+}
+
+use streamwise::redis::client::Value;
