@@ -260,17 +260,22 @@ async fn dlq_peek_counts_each_reason_and_shows_the_latest() {
     assert_eq!(env.xlen("{poison}-dead").await, records.len() as u64);
 }
 
-/// `n` dead letters of `orders` in group `billing`, by a handler that still fails.
-async fn failed_orders(env: &Env, n: u64) -> BTreeSet<streamwise::Uuid> {
-    env.publish("orders", n).await;
-    let failing = Worker::start(
+/// Group `billing` on `orders`, whose handler still fails: it dead-letters every delivery.
+async fn still_failing(env: &Env) -> Worker {
+    Worker::start(
         &env.url,
         "orders",
         SubscribeOptions::new(GROUP, "w").max_in_flight(16),
         RedisSubscriberOptions::default(),
         fails,
     )
-    .await;
+    .await
+}
+
+/// `n` dead letters of `orders` in group `billing`, by a handler that still fails.
+async fn failed_orders(env: &Env, n: u64) -> BTreeSet<streamwise::Uuid> {
+    env.publish("orders", n).await;
+    let failing = still_failing(env).await;
     eventually("every order dead-lettered", Duration::from_secs(20), || async {
         env.xlen("{orders}-dead").await == n
     })
@@ -289,14 +294,7 @@ async fn a_replay_while_the_handler_still_fails_ends_and_is_paced() {
     const N: u64 = 30;
     let uuids = failed_orders(&env, N).await;
     // The handler still fails.
-    let failing = Worker::start(
-        &env.url,
-        "orders",
-        SubscribeOptions::new(GROUP, "w").max_in_flight(16),
-        RedisSubscriberOptions::default(),
-        fails,
-    )
-    .await;
+    let failing = still_failing(&env).await;
     let started = Instant::now();
     let report = cli_json(
         &env.url,
@@ -348,14 +346,7 @@ async fn an_interrupted_replay_is_resumed_and_replays_every_record_exactly_once(
     let env = Env::start();
     const N: u64 = 40;
     let uuids = failed_orders(&env, N).await;
-    let failing = Worker::start(
-        &env.url,
-        "orders",
-        SubscribeOptions::new(GROUP, "w").max_in_flight(16),
-        RedisSubscriberOptions::default(),
-        fails,
-    )
-    .await;
+    let failing = still_failing(&env).await;
     let child = tokio::process::Command::new(BIN)
         .args([
             "--url",
@@ -776,3 +767,70 @@ async fn passwords_never_show_in_any_line() {
 }
 
 use streamwise::redis::client::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_every_master_is_listed_and_a_replay_stays_in_its_slot() {
+    let cluster = streamwise::testing::RedisCluster::start();
+    let url = cluster.url();
+    let redis = streamwise::redis::RedisBackend::new(&url).unwrap();
+    let publisher = redis.publisher();
+    let topics = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"];
+    for topic in topics {
+        publisher
+            .publish(topic, streamwise::Message::new("t", &1).unwrap())
+            .await
+            .unwrap();
+    }
+    let masters: BTreeSet<u16> = topics
+        .iter()
+        .map(|t| cluster.master_of(t).unwrap().port())
+        .collect();
+    assert!(masters.len() > 1, "the topics are on one master: pick others");
+    let streams = cli_json(&url, &["streams"], 0).await;
+    let names: BTreeSet<&str> = streams["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, topics.into_iter().collect());
+
+    // Dead letters on the cluster, replayed into their stream, or into one in the same slot.
+    let failing = Worker::start(
+        &url,
+        "alpha",
+        SubscribeOptions::new(GROUP, "w"),
+        RedisSubscriberOptions::default(),
+        fails,
+    )
+    .await;
+    let dead = || async {
+        redis
+            .connection()
+            .command::<u64>(streamwise::redis::client::cmd("XLEN").arg("{alpha}-dead"))
+            .await
+            .unwrap()
+    };
+    eventually("alpha dead-lettered", Duration::from_secs(20), || async {
+        dead().await == 1
+    })
+    .await;
+    failing.stop().await;
+    let groups = cli_json(&url, &["groups", "alpha"], 0).await;
+    assert_eq!(groups["groups"][0]["group"], GROUP);
+    let elsewhere = cli(&url, &["dlq", "replay", "alpha", "--to", "bravo", "--execute"]).await;
+    assert_eq!(elsewhere.code, 1, "{elsewhere:?}");
+    assert!(elsewhere.stderr.contains("hash tag"), "{}", elsewhere.stderr);
+    let replayed = cli_json(
+        &url,
+        &["dlq", "replay", "alpha", "--to", "{alpha}-retry", "--execute"],
+        0,
+    )
+    .await;
+    assert_eq!(replayed["replayed"], 1);
+    assert_eq!(dead().await, 0);
+    let tail = cli(&url, &["--output", "json", "tail", "{alpha}-retry"]).await;
+    let line: Json = serde_json::from_str(tail.stdout.lines().next().expect("the replayed entry")).unwrap();
+    assert_eq!(line["metadata"]["replay.count"], "1");
+    assert_eq!(line["metadata"]["replay.group"], GROUP);
+}
