@@ -1,7 +1,9 @@
 //! The metrics streamwise records, through the [`metrics`](https://docs.rs/metrics) facade
-//! (the `metrics` cargo feature, on by default): the library records, the application installs
+//! (the `metrics` cargo feature, off by default): the library records, the application installs
 //! the exporter it wants (Prometheus, StatsD, OpenTelemetry, ...) **before** it starts
-//! publishers, subscribers and routers, which take their handles when they start.
+//! publishers, subscribers and routers, which take their handles when they start. Without the
+//! feature nothing is recorded and nothing is paid; with it, a delivery through the router
+//! costs about 0.1 µs more (two clock reads for its durations), exporter or not.
 //!
 //! Labels are few and bounded: never a consumer name or an entry id. An event type is a label
 //! only when a route handles it; the others count as `unrouted`.
@@ -227,8 +229,8 @@ impl TypeMetrics {
 
 /// The delivery metrics of one stream and group, as the router records them.
 struct StreamDeliveries {
-    types: HashMap<String, usize>,
-    by_type: Vec<TypeMetrics>,
+    /// Per routed event type (a few: found by a scan, cheaper than hashing here).
+    by_type: Vec<(String, TypeMetrics)>,
     unrouted: TypeMetrics,
     in_flight: Gauge,
     redeliveries: Counter,
@@ -240,14 +242,9 @@ impl StreamDeliveries {
     fn new(topic: &str, group: &str, event_types: &[String]) -> Self {
         let pair = [("topic", topic), ("group", group)];
         StreamDeliveries {
-            types: event_types
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.clone(), i))
-                .collect(),
             by_type: event_types
                 .iter()
-                .map(|t| TypeMetrics::new(topic, group, t))
+                .map(|t| (t.clone(), TypeMetrics::new(topic, group, t)))
                 .collect(),
             unrouted: TypeMetrics::new(topic, group, "unrouted"),
             in_flight: gauge(names::IN_FLIGHT, &pair),
@@ -271,16 +268,23 @@ pub(crate) struct DeliveryMetrics {
     group: String,
     event_types: Vec<String>,
     /// The subscription's stream (the first one seen), looked up without a lock.
-    first: std::sync::OnceLock<(String, Arc<StreamDeliveries>)>,
+    first: std::sync::OnceLock<(String, StreamDeliveries)>,
     /// The other streams (partitions).
     others: Mutex<HashMap<String, Arc<StreamDeliveries>>>,
 }
 
+/// The stream metrics of a delivery: the subscription's own stream's (borrowed from the
+/// subscription's metrics, which outlive it), or another's.
+enum StreamRef {
+    First,
+    Other(Arc<StreamDeliveries>),
+}
+
 /// A delivery being handled: records its start, and its outcome when it is done.
 pub(crate) struct Handling {
-    stream: Arc<StreamDeliveries>,
+    stream: StreamRef,
     event_type: Option<usize>,
-    started: std::time::Instant,
+    started: std::time::SystemTime,
 }
 
 impl DeliveryMetrics {
@@ -294,14 +298,31 @@ impl DeliveryMetrics {
         }
     }
 
-    fn of_stream(&self, stream: &str) -> Arc<StreamDeliveries> {
-        let make = || Arc::new(StreamDeliveries::new(stream, &self.group, &self.event_types));
-        let (first, metrics) = self.first.get_or_init(|| (stream.to_owned(), make()));
+    fn of_stream(&self, stream: &str) -> StreamRef {
+        let (first, _) = self.first.get_or_init(|| {
+            (
+                stream.to_owned(),
+                StreamDeliveries::new(stream, &self.group, &self.event_types),
+            )
+        });
         if first == stream {
-            return metrics.clone();
+            return StreamRef::First;
         }
         let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
-        others.entry(stream.to_owned()).or_insert_with(make).clone()
+        let m = others
+            .entry(stream.to_owned())
+            .or_insert_with(|| Arc::new(StreamDeliveries::new(stream, &self.group, &self.event_types)));
+        StreamRef::Other(m.clone())
+    }
+
+    fn metrics<'a>(&'a self, stream: &'a StreamRef) -> &'a StreamDeliveries {
+        match stream {
+            StreamRef::Other(m) => m,
+            StreamRef::First => match self.first.get() {
+                Some((_, m)) => m,
+                None => unreachable!("a StreamRef::First is made after the first stream is set"),
+            },
+        }
     }
 
     /// A delivery of `event_type` from `stream`, delivered `delivery_count` times, whose
@@ -313,29 +334,44 @@ impl DeliveryMetrics {
         delivery_count: u64,
         timestamp: std::time::SystemTime,
     ) -> Handling {
-        let metrics = self.of_stream(stream);
+        if !cfg!(feature = "metrics") {
+            // Nothing to record: not even the clock is read.
+            return Handling {
+                stream: StreamRef::First,
+                event_type: None,
+                started: std::time::UNIX_EPOCH,
+            };
+        }
+        let stream = self.of_stream(stream);
+        let metrics = self.metrics(&stream);
         metrics.in_flight.increment(1.0);
         if delivery_count > 1 {
             metrics.redeliveries.increment(1);
         }
-        if let Ok(age) = std::time::SystemTime::now().duration_since(timestamp) {
+        // One clock read for both: the age of the message, and the start of the handler.
+        let started = std::time::SystemTime::now();
+        if let Ok(age) = started.duration_since(timestamp) {
             metrics.end_to_end.record(age.as_secs_f64());
         }
+        let event_type = metrics.by_type.iter().position(|(t, _)| t == event_type);
         Handling {
-            event_type: metrics.types.get(event_type).copied(),
-            stream: metrics,
-            started: std::time::Instant::now(),
+            stream,
+            event_type,
+            started,
         }
     }
-}
 
-impl Handling {
-    /// The delivery was settled with `outcome`.
-    pub(crate) fn done(self, outcome: DeliveryOutcome) {
-        let m = &self.stream;
-        let by_type = self.event_type.map_or(&m.unrouted, |i| &m.by_type[i]);
+    /// The delivery of `handling` was settled with `outcome`.
+    pub(crate) fn done(&self, handling: Handling, outcome: DeliveryOutcome) {
+        if !cfg!(feature = "metrics") {
+            return;
+        }
+        let m = self.metrics(&handling.stream);
+        let by_type = handling.event_type.map_or(&m.unrouted, |i| &m.by_type[i].1);
         by_type.total[outcome.index()].increment(1);
-        by_type.duration[outcome.index()].record(self.started.elapsed().as_secs_f64());
+        if let Ok(took) = handling.started.elapsed() {
+            by_type.duration[outcome.index()].record(took.as_secs_f64());
+        }
         if outcome == DeliveryOutcome::DeadLetter {
             m.handler_dead_letters.increment(1);
         }

@@ -1,6 +1,7 @@
 //! Metrics: a real Redis round trip, with a handler that fails some deliveries once, one it
 //! dead-letters and an entry that is not JSON, records exactly the expected values per label.
 //! The recorder is `metrics-util`'s debugging one, installed once for this test binary.
+#![cfg(feature = "metrics")]
 
 mod common;
 

@@ -414,7 +414,7 @@ impl Worker {
             }
         };
         let settled = settle(&delivery, outcome, &*common.publisher, &common.retry_backoff).await;
-        handling.done(settled);
+        common.metrics.done(handling, settled);
         common.handled.fetch_add(1, Ordering::Relaxed);
         // (A future dropped at the shutdown deadline never gets here: its delivery stays
         // pending, and the count is reported as abandoned.)
