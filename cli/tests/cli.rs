@@ -147,8 +147,8 @@ async fn groups_consumers_and_pending_match_xinfo_and_xpending() {
     worker.stop().await;
 }
 
-/// Dead letters of each reason on `poison`: 3 by the handler, 1 past `max_deliveries`, 1 not
-/// JSON, 1 larger than `max_entry_size`.
+/// Dead letters of each reason on `poison`: 3 by the handler, 4 past `max_deliveries`, 1 not
+/// JSON, 1 larger than `max_entry_size`, 1 trimmed while pending.
 async fn dead_letters_of_each_reason(env: &Env) {
     let publisher = env.redis.publisher();
     let message = |n: u64| streamwise::Message::new("order.placed", &serde_json::json!({ "n": n })).unwrap();
@@ -201,6 +201,33 @@ async fn dead_letters_of_each_reason(env: &Env) {
     })
     .await;
     nacking.stop().await;
+    // Trimmed while pending: delivered, nacked for later, trimmed away meanwhile; the claim
+    // of its retry finds it gone.
+    let retrying = Worker::start(
+        &env.url,
+        "poison",
+        SubscribeOptions::new("trimmed", "w")
+            .start_from(streamwise::StartFrom::Latest)
+            .block(Duration::from_millis(100)),
+        RedisSubscriberOptions::default(),
+        |d| Box::pin(async move { d.nack_after(Duration::from_millis(500)).await.expect("nack") }),
+    )
+    .await;
+    publisher.publish("poison", message(4)).await.unwrap();
+    eventually(
+        "the entry pending in group trimmed",
+        Duration::from_secs(10),
+        || async { env.redis.pending_count("poison", "trimmed").await.unwrap() == 1 },
+    )
+    .await;
+    env.cmd(&["XTRIM", "poison", "MAXLEN", "0"]).await;
+    eventually(
+        "the trimmed entry dead-lettered",
+        Duration::from_secs(20),
+        || async { env.xlen("{poison}-dead").await == 3 + 6 + 1 },
+    )
+    .await;
+    retrying.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,6 +249,7 @@ async fn dlq_peek_counts_each_reason_and_shows_the_latest() {
     assert_eq!(count("the limit is 1"), 4, "{reasons:#?}");
     assert_eq!(count("is not JSON"), 1, "{reasons:#?}");
     assert_eq!(count("larger than max_entry_size"), 1, "{reasons:#?}");
+    assert_eq!(count("trimmed from the stream while pending"), 1, "{reasons:#?}");
     let sum: u64 = reasons.iter().map(|r| r["count"].as_u64().unwrap()).sum();
     assert_eq!(sum, records.len() as u64);
     // The latest 4, newest first, as XRANGE has them.
@@ -251,12 +279,12 @@ async fn dlq_peek_counts_each_reason_and_shows_the_latest() {
     assert_eq!(table.code, 0);
     assert!(table.stdout.contains("payment service down"), "{}", table.stdout);
 
-    // A dry run of a replay leaves everything in place and says it would change something;
-    // the undecodable record is not replayable.
+    // A dry run of a replay leaves everything in place and says it would change something.
     let dry = cli_json(&env.url, &["dlq", "replay", "poison"], 2).await;
     assert_eq!(dry["mode"], "dry_run");
-    assert_eq!(dry["not_replayable"], 1);
-    assert_eq!(dry["replayed"].as_u64().unwrap(), records.len() as u64 - 1);
+    // Neither the undecodable entry's record nor the trimmed one's can be replayed.
+    assert_eq!(dry["not_replayable"], 2);
+    assert_eq!(dry["replayed"].as_u64().unwrap(), records.len() as u64 - 2);
     assert_eq!(env.xlen("{poison}-dead").await, records.len() as u64);
 }
 
@@ -474,6 +502,17 @@ async fn reset_and_trim_refuse_while_a_consumer_is_live() {
     .await;
     assert_eq!(forced["streams"][0]["to"], "0-0");
     assert_eq!(last_delivered().await, "0-0");
+    // A forced trim cuts into the live group's pending entries (the oldest, dead-1's).
+    let cut = cli_json(
+        &env.url,
+        &["trim", "orders", "--maxlen", "9", "--execute", "--force"],
+        0,
+    )
+    .await;
+    assert_eq!(cut["refused"], false);
+    assert_eq!(cut["streams"][0]["would_cut"], true);
+    assert_eq!(cut["streams"][0]["removes"], 1);
+    assert_eq!(env.xlen("orders").await, 9);
 
     // Once the consumer is gone: a dry run says it would change (2), --execute does it.
     worker.stop().await;
@@ -483,30 +522,30 @@ async fn reset_and_trim_refuse_while_a_consumer_is_live() {
         .into_iter()
         .map(|(id, _)| id)
         .collect();
-    let dry = cli_json(&env.url, &["group", "reset", "orders", GROUP, "--to", &ids[6]], 2).await;
+    let dry = cli_json(&env.url, &["group", "reset", "orders", GROUP, "--to", &ids[5]], 2).await;
     assert_eq!(dry["refused"], false);
     assert_eq!(last_delivered().await, "0-0");
     cli_json(
         &env.url,
-        &["group", "reset", "orders", GROUP, "--to", &ids[6], "--execute"],
+        &["group", "reset", "orders", GROUP, "--to", &ids[5], "--execute"],
         0,
     )
     .await;
-    assert_eq!(last_delivered().await, ids[6]);
+    assert_eq!(last_delivered().await, ids[5]);
     let latest = cli_json(
         &env.url,
         &["group", "reset", "orders", GROUP, "--to", "latest", "--execute"],
         0,
     )
     .await;
-    assert_eq!(latest["streams"][0]["to"].as_str().unwrap(), ids[9]);
-    assert_eq!(last_delivered().await, ids[9]);
+    assert_eq!(latest["streams"][0]["to"].as_str().unwrap(), ids[8]);
+    assert_eq!(last_delivered().await, ids[8]);
 
     let dry = cli_json(&env.url, &["trim", "orders", "--maxlen", "2"], 2).await;
-    assert_eq!(dry["streams"][0]["removes"], 8);
-    assert_eq!(env.xlen("orders").await, 10);
+    assert_eq!(dry["streams"][0]["removes"], 7);
+    assert_eq!(env.xlen("orders").await, 9);
     let done = cli_json(&env.url, &["trim", "orders", "--maxlen", "2", "--execute"], 0).await;
-    assert_eq!(done["streams"][0]["removes"], 8);
+    assert_eq!(done["streams"][0]["removes"], 7);
     assert_eq!(env.xlen("orders").await, 2);
     let kept: Vec<String> = env
         .entries("orders")
@@ -514,7 +553,7 @@ async fn reset_and_trim_refuse_while_a_consumer_is_live() {
         .into_iter()
         .map(|(id, _)| id)
         .collect();
-    assert_eq!(kept, ids[8..]);
+    assert_eq!(kept, ids[7..]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
