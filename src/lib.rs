@@ -64,8 +64,8 @@ pub use entry_id::ParseEntryIdError;
 pub use error::{BoxError, Error, Result, validate_event_type, validate_name, validate_stream_name};
 pub use message::{EntryId, Message, Metadata, format_timestamp, parse_timestamp};
 pub use pubsub::{
-    Flush, FlushHandle, InFlight, MAX_CAP, Publisher, ReclaimOptions, StartFrom, SubscribeOptions,
-    Subscriber, Subscription, unique_consumer_name,
+    Flush, FlushHandle, HealthHandle, HealthProbe, InFlight, MAX_CAP, Publisher, ReclaimOptions, StartFrom,
+    SubscribeOptions, Subscriber, Subscription, SubscriptionHealth, unique_consumer_name,
 };
 /// The UUID type of message ids (re-exported so that extensions can name it).
 pub use uuid::Uuid;

@@ -460,6 +460,7 @@ impl SubscribeOptions {
 pub struct Subscription {
     inner: Inner,
     flush: Option<Arc<dyn Flush>>,
+    health: Option<Arc<dyn HealthProbe>>,
 }
 
 enum Inner {
@@ -480,6 +481,7 @@ impl Subscription {
         Subscription {
             inner: Inner::Stream(Box::pin(stream)),
             flush: None,
+            health: None,
         }
     }
 
@@ -502,6 +504,20 @@ impl Subscription {
         async move { handle.flush().await }
     }
 
+    /// Gives the subscription its backend's [`HealthProbe`], for
+    /// [`health_handle`](Self::health_handle). Without one it counts as ready.
+    #[must_use]
+    pub fn with_health(mut self, probe: Arc<dyn HealthProbe>) -> Self {
+        self.health = Some(probe);
+        self
+    }
+
+    /// A handle that tells whether this subscription is reading as it should, from elsewhere
+    /// (the router's health report, say). It does not keep the subscription alive.
+    pub fn health_handle(&self) -> HealthHandle {
+        HealthHandle(self.health.clone())
+    }
+
     /// A handle that flushes this subscription from elsewhere (another task, or while the
     /// subscription is borrowed by a loop over it).
     pub fn flush_handle(&self) -> FlushHandle {
@@ -516,6 +532,7 @@ impl Subscription {
                 waiting: None,
             })),
             flush: None,
+            health: None,
         }
     }
 
@@ -599,6 +616,46 @@ impl<R: BackendReader> Stream for ReaderStream<R> {
 pub trait Flush: Send + Sync + 'static {
     /// Flushes what was settled so far.
     fn flush(&self) -> BoxFuture<'static, Result<()>>;
+}
+
+/// Whether a subscription reads as it should ([`Subscription::health_handle`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SubscriptionHealth {
+    /// Reading, or waiting for entries, as it should.
+    Ready,
+    /// Not reading as it should, for `reason` (a read not answered in time, reconnecting,
+    /// a lease it cannot renew); it keeps trying.
+    Degraded {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A backend's view of one subscription's health ([`Subscription::with_health`]).
+pub trait HealthProbe: Send + Sync + 'static {
+    /// The subscription's health now.
+    fn health(&self) -> SubscriptionHealth;
+}
+
+/// Tells one subscription's health ([`Subscription::health_handle`]). Cheap to clone.
+#[derive(Clone)]
+pub struct HealthHandle(Option<Arc<dyn HealthProbe>>);
+
+impl HealthHandle {
+    /// The subscription's health now; [`SubscriptionHealth::Ready`] for a backend that has
+    /// no probe.
+    pub fn health(&self) -> SubscriptionHealth {
+        self.0
+            .as_ref()
+            .map_or(SubscriptionHealth::Ready, |probe| probe.health())
+    }
+}
+
+impl fmt::Debug for HealthHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("HealthHandle").field(&self.health()).finish()
+    }
 }
 
 /// Flushes one subscription's settlements ([`Subscription::flush_handle`]). Cheap to clone;

@@ -21,7 +21,10 @@ use super::{
 };
 use crate::delivery::Delivery;
 use crate::error::{Error, Result};
-use crate::pubsub::{FlushHandle, InFlight, SubscribeOptions, Subscriber, Subscription};
+use crate::pubsub::{
+    FlushHandle, HealthHandle, HealthProbe, InFlight, SubscribeOptions, Subscriber, Subscription,
+    SubscriptionHealth,
+};
 use crate::signal::Signal;
 
 /// The settings of a [`PartitionedSubscriber`].
@@ -153,6 +156,7 @@ impl PartitionedSubscriber {
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
         let dropped = Signal::new();
         let flushes = Arc::new(Mutex::new(HashMap::new()));
+        let healths = Arc::new(Mutex::new(HashMap::new()));
         let member = Member {
             inner: self.inner.clone(),
             coordinator: self.coordinator.clone(),
@@ -173,10 +177,13 @@ impl PartitionedSubscriber {
             parts: SelectAll::new(),
             aborts: HashMap::new(),
             flushes: flushes.clone(),
+            healths: healths.clone(),
             ended: ended_tx,
             _dropped: CancelOnDrop(dropped),
         };
-        Ok(Subscription::new(merged).with_flush(Arc::new(FlushAll(flushes))))
+        Ok(Subscription::new(merged)
+            .with_flush(Arc::new(FlushAll(flushes)))
+            .with_health(Arc::new(WorstHealth(healths))))
     }
 }
 
@@ -424,6 +431,7 @@ struct Merged {
     parts: SelectAll<Part>,
     aborts: HashMap<u32, AbortHandle>,
     flushes: Arc<Mutex<HashMap<u32, FlushHandle>>>,
+    healths: Arc<Mutex<HashMap<u32, HealthHandle>>>,
     ended: mpsc::UnboundedSender<u32>,
     _dropped: CancelOnDrop,
 }
@@ -431,6 +439,7 @@ struct Merged {
 impl Merged {
     fn add(&mut self, p: u32, subscription: Subscription) {
         lock(&self.flushes).insert(p, subscription.flush_handle());
+        lock(&self.healths).insert(p, subscription.health_handle());
         let items = subscription
             .map(PartItem::Item)
             .chain(futures::stream::once(std::future::ready(PartItem::Ended(p))));
@@ -447,6 +456,7 @@ impl Merged {
             handle.abort();
         }
         lock(&self.flushes).remove(&p);
+        lock(&self.healths).remove(&p);
     }
 }
 
@@ -470,6 +480,7 @@ impl Stream for Merged {
                 Poll::Ready(Some(PartItem::Ended(p))) => {
                     this.aborts.remove(&p);
                     lock(&this.flushes).remove(&p);
+                    lock(&this.healths).remove(&p);
                     let _ = this.ended.send(p);
                 }
                 // No partition right now: the member task adds them, or ends.
@@ -506,5 +517,24 @@ impl crate::pubsub::Flush for FlushAll {
             }
             Ok(())
         })
+    }
+}
+
+/// The health of a member's subscription: the first partition that is not ready, if any.
+struct WorstHealth(Arc<Mutex<HashMap<u32, HealthHandle>>>);
+
+impl HealthProbe for WorstHealth {
+    fn health(&self) -> SubscriptionHealth {
+        let mut parts: Vec<(u32, HealthHandle)> =
+            lock(&self.0).iter().map(|(p, h)| (*p, h.clone())).collect();
+        parts.sort_by_key(|(p, _)| *p);
+        for (p, handle) in parts {
+            if let SubscriptionHealth::Degraded { reason } = handle.health() {
+                return SubscriptionHealth::Degraded {
+                    reason: format!("partition {p}: {reason}"),
+                };
+            }
+        }
+        SubscriptionHealth::Ready
     }
 }

@@ -73,6 +73,7 @@
 //! | `settle` | settling a delivery from its outcome |
 //! | `backoff` | [`RetryBackoff`] |
 //! | `run` | running: the fetch loop per subscription, [`RunningRouter`], shutdown |
+//! | `health` | [`RouterHealth`]: the router's and each subscription's [`Health`] |
 
 /// Expands `$impl_for!` once per handler arity, from no argument to eight (a handler takes at
 /// most eight extractors): the one list of arities that the handler and route impls share.
@@ -94,6 +95,7 @@ mod backoff;
 mod dispatch;
 mod extract;
 mod handler;
+mod health;
 mod incoming;
 mod ordering;
 mod outcome;
@@ -106,6 +108,7 @@ pub use self::backoff::RetryBackoff;
 pub use self::dispatch::Fallback;
 pub use self::extract::{EventType, FromIncoming, Json, State};
 pub use self::handler::{Handler, HandlerService, Layered, handler_service};
+pub use self::health::{Health, RouterHealth, SubscriptionReport};
 pub use self::incoming::Incoming;
 pub use self::ordering::OrderKey;
 pub use self::outcome::{

@@ -172,6 +172,7 @@ pub struct Router<S = ()> {
     layers: Vec<BoxRouteLayer>,
     shutdown_deadline: Duration,
     retry_backoff: RetryBackoff,
+    health: super::health::RouterHealth,
 }
 
 impl<S> fmt::Debug for Router<S> {
@@ -214,6 +215,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             layers: Vec::new(),
             shutdown_deadline: Duration::from_secs(30),
             retry_backoff: RetryBackoff::default(),
+            health: super::health::RouterHealth::default(),
         }
     }
 
@@ -235,6 +237,13 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     pub fn layer(mut self, layer: impl RouteLayer) -> Self {
         self.layers.push(layer.into_box_layer());
         self
+    }
+
+    /// The router's health, [`Health::Starting`](super::Health::Starting) until it runs; the
+    /// same handle reports it while it runs and after it stopped (a readiness check can hold
+    /// it from before the start).
+    pub fn health(&self) -> super::health::RouterHealth {
+        self.health.clone()
     }
 
     /// How long shutdown lets in-flight handlers finish before it stops waiting (their
@@ -299,8 +308,15 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         subscriber: Arc<dyn Subscriber>,
         publisher: Arc<dyn Publisher>,
     ) -> Result<RunningRouter> {
-        let (plans, deadline) = self.plan()?;
-        run::start(plans, deadline, subscriber, publisher).await
+        let health = self.health.clone();
+        let started = match self.plan() {
+            Ok((plans, deadline)) => run::start(plans, deadline, subscriber, publisher, health.clone()).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &started {
+            health.start_failed(e.to_string());
+        }
+        started
     }
 
     /// Runs until `shutdown` completes (for example [`shutdown_signal`](super::shutdown_signal):

@@ -22,6 +22,7 @@ use tower::{Service, ServiceExt};
 
 use super::backoff::RetryBackoff;
 use super::dispatch::Dispatch;
+use super::health::RouterHealth;
 use super::incoming::Incoming;
 use super::ordering::{KeyOrder, OrderKey};
 use super::outcome::{Outcome, outcome_of_error};
@@ -76,6 +77,7 @@ pub struct RunningRouter {
     deadline: Duration,
     handled: Arc<AtomicU64>,
     in_flight: Arc<AtomicU64>,
+    health: RouterHealth,
 }
 
 impl std::fmt::Debug for RunningRouter {
@@ -118,16 +120,21 @@ pub(crate) async fn start(
     deadline: Duration,
     subscriber: Arc<dyn Subscriber>,
     publisher: Arc<dyn Publisher>,
+    health: RouterHealth,
 ) -> Result<RunningRouter> {
     let stop_fetching = Signal::new();
     let abandon = Signal::new();
-    let failure = Arc::new(Failure::default());
+    let failure = Arc::new(Failure {
+        health: health.clone(),
+        ..Failure::default()
+    });
     let handled = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(AtomicU64::new(0));
     // Subscribe everything first, so that a bad subscription fails the start as a whole.
     let mut subscriptions = Vec::new();
     for plan in plans {
         let subscription = subscriber.subscribe(&plan.topic, plan.options.clone()).await?;
+        health.watch(&plan.topic, &plan.options.group, subscription.health_handle());
         subscriptions.push((plan, subscription));
     }
     let loops = subscriptions
@@ -155,6 +162,7 @@ pub(crate) async fn start(
             ))
         })
         .collect();
+    health.running();
     Ok(RunningRouter {
         stop_fetching,
         failure,
@@ -164,6 +172,7 @@ pub(crate) async fn start(
         deadline,
         handled,
         in_flight,
+        health,
     })
 }
 
@@ -176,6 +185,12 @@ impl RunningRouter {
     /// Handlers running right now.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The router's health and each subscription's (the same handle as
+    /// [`Router::health`](super::Router::health)).
+    pub fn health(&self) -> RouterHealth {
+        self.health.clone()
     }
 
     /// Completes when a subscription ended by itself (not through
@@ -206,6 +221,7 @@ impl RunningRouter {
     pub async fn shutdown(self) -> Result<ShutdownReport> {
         let started = tokio::time::Instant::now();
         let reserve = (self.deadline / 4).min(Duration::from_secs(2));
+        self.health.stopping();
         self.stop_fetching.cancel();
         // Each subscription task stops fetching and ends once its handlers are done.
         let all = futures::future::join_all(self.loops);
@@ -233,6 +249,7 @@ impl RunningRouter {
                 n
             }
         };
+        self.health.stopped();
         Ok(ShutdownReport {
             handled: self.handled.load(Ordering::Relaxed),
             abandoned,
@@ -246,6 +263,7 @@ impl RunningRouter {
 struct Failure {
     signal: Signal,
     error: Mutex<Option<Error>>,
+    health: RouterHealth,
 }
 
 impl Failure {
@@ -259,6 +277,7 @@ impl Failure {
             reason,
             "a subscription ended while the router ran; the router stops"
         );
+        self.health.ended(topic, &reason);
         let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if !self.signal.is_cancelled() {
             *slot = Some(Error::SubscriptionEnded {

@@ -25,17 +25,24 @@ pub(super) struct Heartbeat {
     interval: Duration,
     /// Cancelled when another consumer turns out to hold the lease: the reader then stops.
     lease_lost: Signal,
+    health: std::sync::Arc<super::health::ReadHealth>,
 }
 
 impl Heartbeat {
     /// The heartbeat of `lease` for the subscription whose state is `shared`: it beats every
     /// third of the lease TTL and cancels `lease_lost` when another consumer took the lease.
-    pub(super) fn new(lease: Lease, shared: Weak<Shared>, lease_lost: Signal) -> Self {
+    pub(super) fn new(
+        lease: Lease,
+        shared: Weak<Shared>,
+        lease_lost: Signal,
+        health: std::sync::Arc<super::health::ReadHealth>,
+    ) -> Self {
         Heartbeat {
             interval: lease.ttl() / 3,
             lease,
             shared,
             lease_lost,
+            health,
         }
     }
 
@@ -56,6 +63,7 @@ impl Heartbeat {
                 _ = tick.tick() => {}
             }
             let renewed = self.lease.hold_state("lease renewal").await;
+            self.health.lease_renewed(renewed.is_ok());
             if renewed.is_ok() && std::mem::take(&mut renewal_failed) {
                 // The server was out of reach: others may have lost their leases meanwhile
                 // while ours survived, so no one is taken for crashed for one TTL.

@@ -17,6 +17,7 @@
 //! | [`group`] | the subscription's consumer group: ensured on start, re-created at its checkpoint |
 //! | [`lease`] | the consumer lease: acquire, extend, release |
 //! | [`heartbeat`] | the task that renews the lease and touches owned entries |
+//! | [`health`] | the subscription's health, from its reads and lease renewals |
 //! | [`shared`] | the state a subscription shares with its deliveries and tasks: ledger, capacity, settling |
 //! | [`plan`] | the read loop's decisions: the next step, block time, read-ahead, drain cursor |
 //! | [`read_loop`] | the reader: takes capacity, sends each step's commands, admits entries |
@@ -25,6 +26,7 @@
 
 mod flusher;
 mod group;
+mod health;
 mod heartbeat;
 mod lease;
 mod options;
@@ -149,7 +151,13 @@ impl RedisSubscriber {
             self.options.ack_flush_interval,
         )
         .fenced(options.fenced.then(|| lease.clone()));
-        let heartbeat = Heartbeat::new(lease.clone(), Arc::downgrade(&shared), lease_lost.clone());
+        let health = shared.health().clone();
+        let heartbeat = Heartbeat::new(
+            lease.clone(),
+            Arc::downgrade(&shared),
+            lease_lost.clone(),
+            health.clone(),
+        );
         // The lease is released only after the last acks are written: the next holder of the
         // name (a partition's next owner) then finds them acknowledged, not pending.
         let flushed = Signal::new();
@@ -170,7 +178,9 @@ impl RedisSubscriber {
             self.stats.clone(),
         );
         let flush = Arc::new(FlushAcks(ops_weak));
-        Ok(Subscription::from_reader(reader).with_flush(flush))
+        Ok(Subscription::from_reader(reader)
+            .with_flush(flush)
+            .with_health(health))
     }
 }
 

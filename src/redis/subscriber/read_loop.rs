@@ -61,6 +61,7 @@ pub(super) struct Reader {
     store: Option<Arc<dyn CheckpointStore>>,
     stats: Arc<SubscriberStats>,
     metrics: crate::metrics::SubscriptionMetrics,
+    health: Arc<super::health::ReadHealth>,
     options: SubscribeOptions,
     read_conn: Option<(DedicatedConnection, i64)>,
     /// Which step comes next, and the state that decision rests on (the read sent ahead, the
@@ -110,6 +111,8 @@ impl Reader {
         stats: Arc<SubscriberStats>,
     ) -> Self {
         let (stream, group) = (shared.origin().stream(), shared.origin().group());
+        let health = shared.health().clone();
+        health.set_longest_step(options.block, BLOCK_REPLY_MARGIN);
         let metrics = crate::metrics::SubscriptionMetrics::new(stream, group);
         Reader {
             settler: shared.clone(),
@@ -119,6 +122,7 @@ impl Reader {
             store,
             stats,
             metrics,
+            health,
             plan: Planner::new(&options, lease.ttl(), Instant::now()),
             options,
             read_conn: None,
@@ -172,12 +176,14 @@ impl Reader {
                 }
             };
             let taken = step.slots();
+            self.health.step_started();
             let result = tokio::select! {
                 biased;
                 _ = closed.cancelled() => Ok(0),
                 _ = lease_lost.cancelled() => Ok(0),
                 r = self.run(step, started) => r,
             };
+            self.health.step_ended(result.is_ok());
             if self.plan.out_of_reach(started, Instant::now()) {
                 // A step that took far longer than its BLOCK: the server was out of reach (or
                 // this process paused), maybe for everyone; no one is taken for crashed yet.

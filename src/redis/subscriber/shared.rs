@@ -126,6 +126,8 @@ pub(super) struct Shared {
     /// a pause cut it off, and perhaps everyone), so that the others get one lease TTL to
     /// renew theirs and touch their entries before any is taken for crashed.
     reclaim_after: Mutex<Option<Instant>>,
+    /// What the reader and the heartbeat tell of the subscription's health.
+    health: Arc<super::health::ReadHealth>,
 }
 
 impl Shared {
@@ -152,12 +154,18 @@ impl Shared {
             closed,
             released,
             reclaim_after: Mutex::new(None),
+            health: Arc::default(),
         }
     }
 
     /// The subscriber's connection.
     pub(super) fn conn(&self) -> &RedisConnection {
         &self.conn
+    }
+
+    /// What the reader and the heartbeat tell of the subscription's health.
+    pub(super) fn health(&self) -> &Arc<super::health::ReadHealth> {
+        &self.health
     }
 
     /// The stream, group and consumer of this subscription.
