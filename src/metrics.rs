@@ -53,6 +53,16 @@ pub mod names {
     pub const READ_ERRORS_TOTAL: &str = "streamwise_read_errors_total";
     /// Histogram of handler start less message timestamp, in seconds, by `topic`, `group`.
     pub const END_TO_END_SECONDS: &str = "streamwise_end_to_end_seconds";
+    /// Gauge of entries not delivered to a group yet, by `topic`, `group` (and `partition`).
+    pub const GROUP_LAG_ENTRIES: &str = "streamwise_group_lag_entries";
+    /// Gauge of how long the oldest entry not delivered yet has waited, in seconds.
+    pub const GROUP_LAG_SECONDS: &str = "streamwise_group_lag_seconds";
+    /// Gauge of entries delivered to a group and not acknowledged.
+    pub const GROUP_PENDING_ENTRIES: &str = "streamwise_group_pending_entries";
+    /// Gauge of seconds since the oldest pending entry was last delivered.
+    pub const OLDEST_PENDING_SECONDS: &str = "streamwise_oldest_pending_seconds";
+    /// Gauge of entries in the stream.
+    pub const STREAM_LENGTH_ENTRIES: &str = "streamwise_stream_length_entries";
 }
 
 /// Why an entry was dead-lettered, as the `reason` label says it.
@@ -137,6 +147,7 @@ mod handles {
     impl Gauge {
         pub(crate) fn increment(&self, _: f64) {}
         pub(crate) fn decrement(&self, _: f64) {}
+        pub(crate) fn set(&self, _: f64) {}
     }
     #[derive(Clone, Debug, Default)]
     pub(crate) struct Histogram;
@@ -376,6 +387,51 @@ impl DeliveryMetrics {
             m.handler_dead_letters.increment(1);
         }
         m.in_flight.decrement(1.0);
+    }
+}
+
+/// The gauges of one group on one stream, as the Redis group monitor records them.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) struct GroupGauges {
+    lag: Gauge,
+    lag_seconds: Gauge,
+    pending: Gauge,
+    oldest_pending: Gauge,
+    length: Gauge,
+}
+
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl GroupGauges {
+    /// The gauges of `group` on `topic` (`partition`, on a partitioned topic).
+    pub(crate) fn new(topic: &str, group: &str, partition: Option<&str>) -> Self {
+        let mut labels = vec![("topic", topic), ("group", group)];
+        if let Some(p) = partition {
+            labels.push(("partition", p));
+        }
+        GroupGauges {
+            lag: gauge(names::GROUP_LAG_ENTRIES, &labels),
+            lag_seconds: gauge(names::GROUP_LAG_SECONDS, &labels),
+            pending: gauge(names::GROUP_PENDING_ENTRIES, &labels),
+            oldest_pending: gauge(names::OLDEST_PENDING_SECONDS, &labels),
+            length: gauge(names::STREAM_LENGTH_ENTRIES, &labels),
+        }
+    }
+
+    /// Records one poll's figures.
+    pub(crate) fn record(
+        &self,
+        lag: u64,
+        lag_age: Duration,
+        pending: u64,
+        oldest_pending: Option<Duration>,
+        length: u64,
+    ) {
+        self.lag.set(lag as f64);
+        self.lag_seconds.set(lag_age.as_secs_f64());
+        self.pending.set(pending as f64);
+        self.oldest_pending
+            .set(oldest_pending.map_or(0.0, |d| d.as_secs_f64()));
+        self.length.set(length as f64);
     }
 }
 

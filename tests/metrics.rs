@@ -198,3 +198,132 @@ async fn a_redis_round_trip_records_exactly_what_happened() {
         other => panic!("in-flight gauge: {other:?}"),
     }
 }
+
+fn gauge(metrics: &HashMap<(String, Vec<String>), DebugValue>, name: &str, labels: &[&str]) -> f64 {
+    let labels = labels.iter().map(|s| s.to_string()).collect();
+    match metrics.get(&(name.to_owned(), labels)) {
+        Some(DebugValue::Gauge(v)) => v.into_inner(),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+/// The group monitor's gauges match `XINFO GROUPS` and `XPENDING` while a backlog forms, while
+/// a consumer holds entries, and once everything is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_monitor_gauges_follow_a_backlog_as_it_forms_and_drains() {
+    use futures::StreamExt;
+    use streamwise::redis::{GroupMonitor, admin};
+    use streamwise::{StartFrom, Subscriber};
+    snapshotter();
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let conn = backend.connection().clone();
+    let topic = "monitored";
+    admin::create_group(&conn, topic, "billing", StartFrom::Beginning, true)
+        .await
+        .unwrap();
+    let messages = (0..100u64).map(|n| Message::new("t", &n).unwrap()).collect();
+    backend.publisher().publish_batch(topic, messages).await.unwrap();
+    let monitor = GroupMonitor::new(conn.clone()).watch(topic, "billing").unwrap();
+    let labels = ["group=billing"];
+
+    let polled = monitor.poll().await.unwrap();
+    assert_eq!(
+        (polled.len(), polled[0].lag, polled[0].pending),
+        (1, Some(100), 0)
+    );
+    let m = recorded(topic);
+    assert_eq!(gauge(&m, names::GROUP_LAG_ENTRIES, &labels), 100.0);
+    assert_eq!(gauge(&m, names::GROUP_PENDING_ENTRIES, &labels), 0.0);
+    assert_eq!(gauge(&m, names::STREAM_LENGTH_ENTRIES, &labels), 100.0);
+    assert!(gauge(&m, names::GROUP_LAG_SECONDS, &labels) >= 0.0);
+
+    // A consumer takes 30 and holds them.
+    let subscriber = backend.subscriber().unwrap();
+    let options = SubscribeOptions::new("billing", "w1")
+        .batch_size(30)
+        .max_in_flight(30);
+    let mut sub = subscriber.subscribe(topic, options).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        held.push(sub.next().await.unwrap().unwrap());
+    }
+    monitor.poll().await.unwrap();
+    let info = admin::group_info(&conn, topic, "billing").await.unwrap();
+    let m = recorded(topic);
+    assert_eq!(
+        gauge(&m, names::GROUP_PENDING_ENTRIES, &labels),
+        info.pending as f64
+    );
+    assert_eq!(
+        gauge(&m, names::GROUP_LAG_ENTRIES, &labels),
+        info.lag.unwrap() as f64
+    );
+    assert_eq!((info.pending, info.lag), (30, Some(70)));
+    assert!(gauge(&m, names::OLDEST_PENDING_SECONDS, &labels) >= 0.0);
+
+    // All acknowledged and read: nothing lags, nothing pending.
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    for _ in 30..100 {
+        sub.next().await.unwrap().unwrap().ack().await.unwrap();
+    }
+    sub.flush().await.unwrap();
+    monitor.poll().await.unwrap();
+    let m = recorded(topic);
+    assert_eq!(gauge(&m, names::GROUP_LAG_ENTRIES, &labels), 0.0);
+    assert_eq!(gauge(&m, names::GROUP_PENDING_ENTRIES, &labels), 0.0);
+    assert_eq!(gauge(&m, names::GROUP_LAG_SECONDS, &labels), 0.0);
+    assert_eq!(gauge(&m, names::OLDEST_PENDING_SECONDS, &labels), 0.0);
+    subscriber.close().await.unwrap();
+}
+
+/// On a partitioned topic the monitor records each partition under the topic, with a
+/// `partition` label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_monitor_records_each_partition_of_a_partitioned_topic() {
+    use streamwise::StartFrom;
+    use streamwise::partition::{PartitionedPublisher, partition_for_key, partition_stream};
+    use streamwise::redis::{GroupMonitor, admin};
+    snapshotter();
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let conn = backend.connection().clone();
+    let topic = "monitored-partitions";
+    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(backend.coordinator()))
+        .topic(topic, 2);
+    for n in 0..10u64 {
+        publisher
+            .publish_keyed(topic, "ada", Message::new("t", &n).unwrap())
+            .await
+            .unwrap();
+    }
+    for p in 0..2 {
+        admin::create_group(
+            &conn,
+            &partition_stream(topic, p),
+            "billing",
+            StartFrom::Beginning,
+            true,
+        )
+        .await
+        .unwrap();
+    }
+    GroupMonitor::new(conn)
+        .watch(topic, "billing")
+        .unwrap()
+        .poll()
+        .await
+        .unwrap();
+    let m = recorded(topic);
+    let ada = partition_for_key("ada", 2);
+    for p in 0..2u32 {
+        let partition = format!("partition={p}");
+        let want = if p == ada { 10.0 } else { 0.0 };
+        assert_eq!(
+            gauge(&m, names::GROUP_LAG_ENTRIES, &["group=billing", &partition]),
+            want
+        );
+    }
+}

@@ -90,6 +90,12 @@ pub async fn stream_settings(
     ))
 }
 
+/// How many entries `stream` holds (`XLEN`; 0 when it does not exist).
+pub async fn stream_length(conn: &RedisConnection, stream: &str) -> Result<u64> {
+    validate_stream_name("stream", stream)?;
+    conn.command(redis::cmd("XLEN").arg(stream)).await
+}
+
 /// How many entries of `stream` are pending in `group` (`XPENDING` summary).
 pub async fn pending_count(conn: &RedisConnection, stream: &str, group: &str) -> Result<u64> {
     let reply = conn

@@ -25,6 +25,7 @@ mod connection;
 pub(crate) mod coordinator;
 mod dedicated;
 mod keys;
+mod monitor;
 pub mod ops;
 mod protocol;
 mod publisher;
@@ -37,6 +38,7 @@ pub use ::redis as client;
 pub use checkpoint::RedisCheckpointStore;
 pub use connection::{MAX_CONNECTION_DURATION, RedisConnection, RedisConnectionBuilder, redact_url};
 pub use coordinator::RedisCoordinator;
+pub use monitor::{GroupMonitor, MIN_MONITOR_INTERVAL, MonitorHandle};
 pub use publisher::{MAX_REPLICA_WAIT, PublisherOptions, RedisPublisher, WaitReplicas};
 pub use reader::StreamReader;
 pub use subscriber::{
