@@ -18,6 +18,10 @@ use streamwise::{Message, Publisher, SubscribeOptions};
 
 use common::RedisServer;
 
+/// A snapshot drains what it reads (counters and gauges back to 0, histograms emptied), so the
+/// tests of this binary take turns: each holds this while it records and reads.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn snapshotter() -> &'static Snapshotter {
     static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
     SNAPSHOTTER.get_or_init(|| {
@@ -77,6 +81,7 @@ fn histogram_count(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_round_trip_records_exactly_what_happened() {
+    let _turn = SERIAL.lock().await;
     snapshotter();
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
@@ -214,6 +219,7 @@ async fn the_group_monitor_gauges_follow_a_backlog_as_it_forms_and_drains() {
     use futures::StreamExt;
     use streamwise::redis::{GroupMonitor, admin};
     use streamwise::{StartFrom, Subscriber};
+    let _turn = SERIAL.lock().await;
     snapshotter();
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
@@ -286,6 +292,7 @@ async fn the_group_monitor_records_each_partition_of_a_partitioned_topic() {
     use streamwise::StartFrom;
     use streamwise::partition::{PartitionedPublisher, partition_for_key, partition_stream};
     use streamwise::redis::{GroupMonitor, admin};
+    let _turn = SERIAL.lock().await;
     snapshotter();
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
