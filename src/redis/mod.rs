@@ -38,7 +38,7 @@ pub use ::redis as client;
 pub use checkpoint::RedisCheckpointStore;
 pub use connection::{MAX_CONNECTION_DURATION, RedisConnection, RedisConnectionBuilder, redact_url};
 pub use coordinator::RedisCoordinator;
-pub use monitor::{GroupMonitor, MIN_MONITOR_INTERVAL, MonitorHandle};
+pub use monitor::{GroupFigures, GroupMonitor, LAG_COUNT_CAP, MIN_MONITOR_INTERVAL, MonitorHandle};
 pub use publisher::{MAX_REPLICA_WAIT, PublisherOptions, RedisPublisher, WaitReplicas};
 pub use reader::StreamReader;
 pub use subscriber::{

@@ -6,10 +6,45 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use super::admin;
 use super::connection::RedisConnection;
-use super::ops::{GroupOverview, groups};
 use crate::error::{Error, Result, validate_name, validate_stream_name};
+use crate::message::EntryId;
 use crate::metrics::GroupGauges;
+
+/// The most entries [`GroupMonitor`] counts for a group's lag where the server cannot tell.
+pub const LAG_COUNT_CAP: u64 = 10_000;
+
+/// One group on one stream, as [`GroupMonitor::poll`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupFigures {
+    /// The topic.
+    pub topic: String,
+    /// The partition, on a partitioned topic.
+    pub partition: Option<u32>,
+    /// The group.
+    pub group: String,
+    /// Entries not delivered to the group yet (counted up to [`LAG_COUNT_CAP`] where the
+    /// server cannot tell).
+    pub lag: u64,
+    /// How long the oldest of those has waited (zero when there is none).
+    pub lag_age: Duration,
+    /// Entries delivered and not acknowledged.
+    pub pending: u64,
+    /// Since the oldest pending entry was last delivered.
+    pub oldest_pending_idle: Option<Duration>,
+    /// Entries in the stream.
+    pub length: u64,
+}
+
+/// How long ago the entry `id` was added (its id's time against this machine's clock).
+fn age_of(id: EntryId) -> Duration {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Duration::from_millis(now_ms.saturating_sub(id.ms()))
+}
 
 /// The shortest [`GroupMonitor::interval`].
 pub const MIN_MONITOR_INTERVAL: Duration = Duration::from_millis(100);
@@ -20,7 +55,7 @@ pub const MIN_MONITOR_INTERVAL: Duration = Duration::from_millis(100);
 ///
 /// | gauge | what |
 /// |---|---|
-/// | `streamwise_group_lag_entries` | entries not delivered to the group yet (counted up to 10,000 where the server cannot tell, as after a failover on Redis 7.0) |
+/// | `streamwise_group_lag_entries` | entries not delivered to the group yet (counted up to [`LAG_COUNT_CAP`] where the server cannot tell, as after a failover on Redis 7.0) |
 /// | `streamwise_group_lag_seconds` | how long the oldest of those has waited |
 /// | `streamwise_group_pending_entries` | entries delivered and not acknowledged |
 /// | `streamwise_oldest_pending_seconds` | since the oldest pending entry was last delivered |
@@ -78,30 +113,75 @@ impl GroupMonitor {
     }
 
     /// Polls every watched group once, records the gauges and returns what it found (a group
-    /// not created yet, or on a topic not created yet, is left out).
-    pub async fn poll(&self) -> Result<Vec<GroupOverview>> {
+    /// not created yet, or on a topic not created yet, is left out). A few commands per
+    /// stream and group, none of which walks the keyspace.
+    pub async fn poll(&self) -> Result<Vec<GroupFigures>> {
         let mut found = Vec::new();
         for (topic, group) in &self.watched {
-            let overview = match groups(&self.conn, topic).await {
-                Ok(overview) => overview,
-                Err(Error::StreamNotFound { .. }) => continue,
-                Err(e) => return Err(e),
+            let partitions = match crate::partition::validate_topic(topic) {
+                Ok(()) => super::coordinator::stored_partitions(&self.conn, topic).await?,
+                Err(_) => None,
             };
-            for g in overview.groups.into_iter().filter(|g| &g.group == group) {
-                let length = super::admin::stream_length(&self.conn, &g.stream).await?;
-                let partition = g.partition.map(|p| p.to_string());
-                let gauges = GroupGauges::new(topic, group, partition.as_deref());
-                gauges.record(
-                    g.lag.unwrap_or(0),
-                    Duration::from_millis(g.lag_ms),
-                    g.pending,
-                    g.oldest_pending_idle_ms.map(Duration::from_millis),
-                    length,
+            let streams: Vec<(Option<u32>, String)> = match partitions {
+                Some(n) => (0..n)
+                    .map(|p| (Some(p), crate::partition::partition_stream(topic, p)))
+                    .collect(),
+                None => vec![(None, topic.clone())],
+            };
+            for (partition, stream) in streams {
+                let Some(figures) = self.figures(topic, &stream, partition, group).await? else {
+                    continue;
+                };
+                let label = partition.map(|p| p.to_string());
+                GroupGauges::new(topic, group, label.as_deref()).record(
+                    figures.lag,
+                    figures.lag_age,
+                    figures.pending,
+                    figures.oldest_pending_idle,
+                    figures.length,
                 );
-                found.push(g);
+                found.push(figures);
             }
         }
         Ok(found)
+    }
+
+    async fn figures(
+        &self,
+        topic: &str,
+        stream: &str,
+        partition: Option<u32>,
+        group: &str,
+    ) -> Result<Option<GroupFigures>> {
+        let conn = &self.conn;
+        let info = match admin::groups(conn, stream).await {
+            Ok(groups) => groups.into_iter().find(|g| g.name == group),
+            Err(Error::StreamNotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let Some(info) = info else {
+            return Ok(None);
+        };
+        let lag = match info.lag {
+            Some(lag) => lag,
+            None => admin::entries_after(conn, stream, info.last_delivered_id, LAG_COUNT_CAP).await?,
+        };
+        let after = format!("({}", info.last_delivered_id);
+        let lag_age = admin::range(conn, stream, &after, "+", 1, false)
+            .await?
+            .first()
+            .map_or(Duration::ZERO, |next| age_of(next.id));
+        let oldest = admin::pending_page(conn, stream, group, "-", 1, None, 0).await?;
+        Ok(Some(GroupFigures {
+            topic: topic.to_owned(),
+            partition,
+            group: group.to_owned(),
+            lag,
+            lag_age,
+            pending: info.pending,
+            oldest_pending_idle: oldest.first().map(|p| Duration::from_millis(p.idle_ms)),
+            length: admin::stream_length(conn, stream).await?,
+        }))
     }
 
     /// Polls in a task of its own until the handle is dropped (or
