@@ -48,6 +48,8 @@ pub mod error;
 pub mod memory;
 pub mod message;
 pub mod metrics;
+#[cfg(feature = "opentelemetry")]
+pub mod otel;
 pub mod partition;
 pub mod pubsub;
 #[cfg(feature = "redis")]

@@ -350,7 +350,14 @@ impl MemoryPublisher {
         self.append_capped(topic, messages, None)
     }
 
-    fn append_capped(&self, topic: &str, messages: Vec<Message>, cap: Option<u64>) -> Result<Vec<EntryId>> {
+    fn append_capped(
+        &self,
+        topic: &str,
+        mut messages: Vec<Message>,
+        cap: Option<u64>,
+    ) -> Result<Vec<EntryId>> {
+        let span = crate::pubsub::publish_trace(topic, &mut messages);
+        let _in_span = span.enter();
         if !cfg!(feature = "metrics") {
             return self.append_unmetered(topic, messages, cap);
         }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::Instrument;
 
 use futures::future::BoxFuture;
 use redis::Value;
@@ -479,15 +480,27 @@ impl RedisPublisher {
     }
 
     /// [`append_unmetered`](Self::append_unmetered), recorded in the publish metrics.
-    async fn append(&self, topic: &str, messages: &[Message], cap: Option<u64>) -> Result<Vec<EntryId>> {
-        if !cfg!(feature = "metrics") {
-            return self.append_unmetered(topic, messages, cap).await;
+    /// Inside the publish's span (with its trace context in the messages, feature
+    /// `opentelemetry`).
+    async fn append(
+        &self,
+        topic: &str,
+        mut messages: Vec<Message>,
+        cap: Option<u64>,
+    ) -> Result<Vec<EntryId>> {
+        let span = crate::pubsub::publish_trace(topic, &mut messages);
+        async move {
+            if !cfg!(feature = "metrics") {
+                return self.append_unmetered(topic, &messages, cap).await;
+            }
+            let started = std::time::Instant::now();
+            let result = self.append_unmetered(topic, &messages, cap).await;
+            self.metrics
+                .record(topic, messages.len(), result.is_ok(), started.elapsed());
+            result
         }
-        let started = std::time::Instant::now();
-        let result = self.append_unmetered(topic, messages, cap).await;
-        self.metrics
-            .record(topic, messages.len(), result.is_ok(), started.elapsed());
-        result
+        .instrument(span)
+        .await
     }
 
     async fn append_unmetered(
@@ -610,7 +623,7 @@ fn now_ms() -> u64 {
 impl Publisher for RedisPublisher {
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> BoxFuture<'a, Result<EntryId>> {
         Box::pin(async move {
-            let mut ids = self.append(topic, std::slice::from_ref(&message), None).await?;
+            let mut ids = self.append(topic, vec![message], None).await?;
             ids.pop()
                 .ok_or_else(|| replies::unexpected("XADD returned no id"))
         })
@@ -621,7 +634,7 @@ impl Publisher for RedisPublisher {
         topic: &'a str,
         messages: Vec<Message>,
     ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
-        Box::pin(async move { self.append(topic, &messages, None).await })
+        Box::pin(async move { self.append(topic, messages, None).await })
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
@@ -637,9 +650,7 @@ impl Publisher for RedisPublisher {
     ) -> BoxFuture<'a, Result<EntryId>> {
         Box::pin(async move {
             crate::pubsub::check_cap(max_length)?;
-            let mut ids = self
-                .append(topic, std::slice::from_ref(&message), Some(max_length))
-                .await?;
+            let mut ids = self.append(topic, vec![message], Some(max_length)).await?;
             ids.pop()
                 .ok_or_else(|| replies::unexpected("XADD returned no id"))
         })

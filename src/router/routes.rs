@@ -173,6 +173,7 @@ pub struct Router<S = ()> {
     shutdown_deadline: Duration,
     retry_backoff: RetryBackoff,
     health: super::health::RouterHealth,
+    trace_links: bool,
 }
 
 impl<S> fmt::Debug for Router<S> {
@@ -216,6 +217,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             shutdown_deadline: Duration::from_secs(30),
             retry_backoff: RetryBackoff::default(),
             health: super::health::RouterHealth::default(),
+            trace_links: false,
         }
     }
 
@@ -236,6 +238,15 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     #[must_use]
     pub fn layer(mut self, layer: impl RouteLayer) -> Self {
         self.layers.push(layer.into_box_layer());
+        self
+    }
+
+    /// With the `opentelemetry` feature ([`crate::otel`]): a delivery's CONSUMER span links to
+    /// the producer's span instead of being its child (for consumers whose work should be a
+    /// trace of its own). Default `false`: a child.
+    #[must_use]
+    pub fn trace_links(mut self, links: bool) -> Self {
+        self.trace_links = links;
         self
     }
 
@@ -297,6 +308,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                 ),
                 retry_backoff,
                 event_types,
+                trace_links: self.trace_links,
             });
         }
         Ok((plans, self.shutdown_deadline))

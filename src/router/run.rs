@@ -52,6 +52,8 @@ pub(crate) struct Plan {
     pub(crate) retry_backoff: RetryBackoff,
     /// The event types the routes handle (the metrics' `event_type` labels).
     pub(crate) event_types: Vec<String>,
+    /// See [`Router::trace_links`](super::Router::trace_links).
+    pub(crate) trace_links: bool,
 }
 
 /// What a shutdown did.
@@ -148,6 +150,7 @@ pub(crate) async fn start(
                     in_flight: in_flight.clone(),
                     retry_backoff: plan.retry_backoff,
                     metrics: DeliveryMetrics::new(&plan.options.group, plan.event_types),
+                    trace_links: plan.trace_links,
                 }),
             };
             let ordering = plan.order_by.map(KeyOrder::new);
@@ -391,10 +394,32 @@ struct Common {
     /// The subscription's delay before failed deliveries come back.
     retry_backoff: RetryBackoff,
     metrics: DeliveryMetrics,
+    /// A delivery's span links to the producer's instead of being its child.
+    #[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
+    trace_links: bool,
 }
 
 impl Worker {
+    /// Handles `delivery` (inside its CONSUMER span, with the `opentelemetry` feature).
     async fn handle(self, delivery: Arc<Delivery>) {
+        #[cfg(feature = "opentelemetry")]
+        {
+            use tracing::Instrument;
+            let info = delivery.info();
+            let span = crate::otel::process_span(
+                info.origin().stream(),
+                info.origin().group(),
+                &info.id().to_string(),
+                delivery.message(),
+                self.common.trace_links,
+            );
+            self.handle_in_span(delivery).instrument(span).await;
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        self.handle_in_span(delivery).await;
+    }
+
+    async fn handle_in_span(self, delivery: Arc<Delivery>) {
         let Worker { service, common } = self;
         common.in_flight.fetch_add(1, Ordering::Relaxed);
         let message = delivery.message();
