@@ -393,6 +393,7 @@ struct Common {
     in_flight: Arc<AtomicU64>,
     /// The subscription's delay before failed deliveries come back.
     retry_backoff: RetryBackoff,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     metrics: DeliveryMetrics,
     /// A delivery's span links to the producer's instead of being its child.
     #[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
@@ -400,35 +401,42 @@ struct Common {
 }
 
 impl Worker {
-    /// Handles `delivery` (inside its CONSUMER span, with the `opentelemetry` feature).
-    async fn handle(self, delivery: Arc<Delivery>) {
-        #[cfg(feature = "opentelemetry")]
-        {
-            use tracing::Instrument;
-            let info = delivery.info();
-            let span = crate::otel::process_span(
-                info.origin().stream(),
-                info.origin().group(),
-                &info.id().to_string(),
-                delivery.message(),
-                self.common.trace_links,
-            );
-            self.handle_in_span(delivery).instrument(span).await;
-        }
-        #[cfg(not(feature = "opentelemetry"))]
-        self.handle_in_span(delivery).await;
+    /// Handles `delivery` inside its CONSUMER span ([`crate::otel`]).
+    #[cfg(feature = "opentelemetry")]
+    fn handle(self, delivery: Arc<Delivery>) -> impl Future<Output = ()> + Send + 'static {
+        use tracing::Instrument;
+        let info = delivery.info();
+        let span = crate::otel::process_span(
+            info.origin().stream(),
+            info.origin().group(),
+            &info.id().to_string(),
+            delivery.message(),
+            self.common.trace_links,
+        );
+        self.handle_in_span(delivery).instrument(span)
     }
 
+    /// Handles `delivery`.
+    #[cfg(not(feature = "opentelemetry"))]
+    fn handle(self, delivery: Arc<Delivery>) -> impl Future<Output = ()> + Send + 'static {
+        self.handle_in_span(delivery)
+    }
+
+    /// Handles `delivery`: runs its service, turns an error or a panic into an outcome, and
+    /// settles it.
     async fn handle_in_span(self, delivery: Arc<Delivery>) {
         let Worker { service, common } = self;
         common.in_flight.fetch_add(1, Ordering::Relaxed);
-        let message = delivery.message();
-        let handling = common.metrics.start(
-            delivery.info().origin().stream(),
-            message.event_type(),
-            delivery.delivery_count(),
-            message.timestamp(),
-        );
+        #[cfg(feature = "metrics")]
+        let handling = {
+            let message = delivery.message();
+            common.metrics.start(
+                delivery.info().origin().stream(),
+                message.event_type(),
+                delivery.delivery_count(),
+                message.timestamp(),
+            )
+        };
         let incoming = Incoming::new(delivery.clone());
         // Called inside the future, so that a handler panicking before it returns its
         // future is caught like one panicking while it runs.
@@ -458,7 +466,10 @@ impl Worker {
             }
         };
         let settled = settle(&delivery, outcome, &*common.publisher, &common.retry_backoff).await;
+        #[cfg(feature = "metrics")]
         common.metrics.done(handling, settled);
+        #[cfg(not(feature = "metrics"))]
+        let _ = settled;
         common.handled.fetch_add(1, Ordering::Relaxed);
         // (A future dropped at the shutdown deadline never gets here: its delivery stays
         // pending, and the count is reported as abandoned.)
