@@ -66,7 +66,11 @@ async fn on_cancelled(Json(order): Json<OrderCancelled>) {
 
 #[tokio::main]
 async fn main() -> streamwise::Result<()> {
-    tracing_subscriber::fmt().with_target(false).init();
+    // Colour only on a terminal: piped into a file or a log collector, plain text.
+    tracing_subscriber::fmt()
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
     let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match std::env::var("REDIS_URL")
     {
         Ok(url) => {

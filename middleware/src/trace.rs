@@ -2,7 +2,9 @@
 //! `group`, `consumer`, `event_type`, `id` and `delivery_count`, and, once the handler is done,
 //! `outcome` (`ack`, `nack`, `dead_letter` or `error`) and `duration_ms`. The handler runs inside
 //! the span, so its own events carry these fields. A closing event is logged at `INFO` for an
-//! ack, at `WARN` otherwise.
+//! ack and at `WARN` for a nack; a handler's error and a dead letter close at `DEBUG`, since
+//! the router logs the error with its verdict and the backend the dead letter with its reason
+//! (one line per failed delivery, not two).
 //!
 //! ```
 //! use streamwise::router::{Router, Routes};
@@ -126,12 +128,17 @@ where
         let duration_ms = this.started.elapsed().as_secs_f64() * 1000.0;
         span.record("outcome", outcome);
         span.record("duration_ms", duration_ms);
+        // A failure is logged once, where its fate is known: the router logs a handler's
+        // error with the verdict it leads to, the backend logs a dead letter with its reason.
         match &result {
             Ok(o) if *o.verdict() == Verdict::Ack => tracing::info!(outcome, duration_ms, "delivery handled"),
+            Ok(o) if matches!(o.verdict(), Verdict::DeadLetter { .. }) => {
+                tracing::debug!(outcome, duration_ms, "delivery dead-lettered by its handler")
+            }
             Ok(o) => {
                 tracing::warn!(outcome, duration_ms, verdict = ?o.verdict(), "delivery not acknowledged")
             }
-            Err(e) => tracing::warn!(outcome, duration_ms, error = %e, "handler failed"),
+            Err(e) => tracing::debug!(outcome, duration_ms, error = %e, "handler failed"),
         }
         Poll::Ready(result)
     }
@@ -188,11 +195,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn anything_but_an_ack_is_a_warning() {
+    async fn a_nack_is_a_warning_and_a_dead_letter_is_left_to_the_backend() {
+        let log = traced(Outcome::nack()).await;
+        assert!(log.contains("WARN") && log.contains("outcome=\"nack\""), "{log}");
+        // The backend logs the dead letter with its reason; here it is only recorded.
         let log = traced(Outcome::dead_letter("bad")).await;
-        assert!(
-            log.contains("WARN") && log.contains("outcome=\"dead_letter\""),
-            "{log}"
-        );
+        assert!(!log.contains("WARN"), "{log}");
+        assert!(log.contains("outcome=\"dead_letter\""), "{log}");
     }
 }
