@@ -749,6 +749,14 @@ fn run_spec(spec: &Spec, url: &str) -> Row {
             streamwise_end_to_end(url, "e2e", n, 0, size)
         }),
         "in-memory through the router" => {
+            // With the metrics feature, the same workload with an exporter's recorder
+            // installed (issue 16: within 10 % of the row without).
+            #[cfg(feature = "metrics")]
+            if sys.ends_with("(recorder)") {
+                metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .install_recorder()
+                    .expect("the only recorder of this process");
+            }
             let backend = MemoryBackend::new();
             let b = backend.clone();
             let n = n / 1000 * 1000;
@@ -823,6 +831,14 @@ fn specs() -> Vec<Spec> {
             200,
             memory_n,
         ));
+        if cfg!(feature = "metrics") {
+            specs.push(spec(
+                "in-memory through the router",
+                "streamwise router (recorder)",
+                200,
+                memory_n,
+            ));
+        }
     }
     // The same streamwise workloads on a master with one replica, and on the cluster, beside
     // the single node: the replica shows what replication costs on these two cores, apart from
