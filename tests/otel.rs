@@ -30,6 +30,8 @@ fn exporter() -> &'static InMemorySpanExporter {
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("streamwise-tests"));
         tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
             .expect("the only subscriber of this binary");
+        // Kept for the whole binary: dropping the provider shuts its pipeline down.
+        std::mem::forget(provider);
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
@@ -191,5 +193,86 @@ async fn with_trace_links_the_consumer_span_links_to_the_producer() {
             .iter()
             .any(|l| l.span_context.span_id() == publish.span_context.span_id()),
         "it links to the producer's span"
+    );
+}
+
+/// Two services, each with a tracer provider of its own (as two processes would have): the
+/// consumer's span, exported by its provider, is the child of the producer's publish span,
+/// exported by the other; the trace context crossed Redis in the message.
+#[test]
+fn two_services_with_their_own_tracer_providers_share_one_trace() {
+    // The propagator (and the binary's global subscriber, which the services' own override).
+    exporter();
+    let server = RedisServer::start();
+    let url = server.url();
+    let service = |name: &'static str| {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(name));
+        // The provider is kept: dropping it shuts its pipeline down.
+        (exporter, provider, tracing_subscriber::registry().with(layer))
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let (consumer_spans, _consumer_provider, consumer_subscriber) = service("consumer-service");
+    let (producer_spans, _producer_provider, producer_subscriber) = service("producer-service");
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+
+    let consumer_url = url.clone();
+    let consumer = std::thread::spawn(move || {
+        let _service = tracing::subscriber::set_default(consumer_subscriber);
+        runtime().block_on(async move {
+            let backend = RedisBackend::new(&consumer_url).unwrap();
+            let router = Router::new();
+            let routes = router.routes().route("order.placed", || async {});
+            let running = router
+                .subscribe("otel-two", SubscribeOptions::new("mailer", "w1"), routes)
+                .start(
+                    Arc::new(backend.subscriber().unwrap()),
+                    Arc::new(backend.publisher()),
+                )
+                .await
+                .unwrap();
+            started_tx.send(()).unwrap();
+            streamwise::testing::wait_until_handled(&running, 1).await;
+            running.shutdown().await.unwrap();
+        });
+    });
+    started_rx.recv().expect("the consumer service started");
+    {
+        let _service = tracing::subscriber::set_default(producer_subscriber);
+        runtime().block_on(async {
+            let backend = RedisBackend::new(&url).unwrap();
+            backend
+                .publisher()
+                .publish("otel-two", Message::new("order.placed", &1).unwrap())
+                .instrument(tracing::info_span!("order-service"))
+                .await
+                .unwrap();
+        });
+    }
+    consumer.join().expect("the consumer service");
+
+    let produced = producer_spans.get_finished_spans().unwrap();
+    let publish = produced
+        .iter()
+        .find(|s| s.name == "publish otel-two")
+        .expect("the producer's publish span");
+    let consumed = consumer_spans.get_finished_spans().unwrap();
+    let process = consumed
+        .iter()
+        .find(|s| s.name == "process otel-two")
+        .expect("the consumer's span");
+    assert_eq!(process.span_context.trace_id(), publish.span_context.trace_id());
+    assert_eq!(process.parent_span_id, publish.span_context.span_id());
+    assert!(
+        consumed.iter().all(|s| s.name != "publish otel-two"),
+        "each service exports only its own spans"
     );
 }
