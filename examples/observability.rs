@@ -74,7 +74,8 @@ async fn main() -> Result<(), BoxError> {
         .install_recorder()?;
 
     let mut monitor = None;
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match std::env::var("REDIS_URL") {
+    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match std::env::var("REDIS_URL")
+    {
         Ok(url) => {
             let redis = RedisBackend::new(&url)?;
             println!("Using Redis at {}", redis.connection().url());
@@ -93,7 +94,10 @@ async fn main() -> Result<(), BoxError> {
         }
     };
 
-    let router = Router::new().retry_backoff(RetryBackoff::exponential(Duration::from_millis(50), Duration::from_secs(1)));
+    let router = Router::new().retry_backoff(RetryBackoff::exponential(
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+    ));
     let routes = router.routes().route("order.placed", fulfil);
     let router = router.subscribe(TOPIC, SubscribeOptions::new(GROUP, "worker-1"), routes);
     let health = router.health();
@@ -117,9 +121,14 @@ async fn main() -> Result<(), BoxError> {
     });
 
     let running = router.start(subscriber, publisher.clone()).await?;
-    if let Some(n) = std::env::var("OBS_DEMO_MESSAGES").ok().and_then(|n| n.parse::<u64>().ok()) {
+    if let Some(n) = std::env::var("OBS_DEMO_MESSAGES")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+    {
         for order in 1..=n {
-            publisher.publish(TOPIC, Message::new("order.placed", &order)?).await?;
+            publisher
+                .publish(TOPIC, Message::new("order.placed", &order)?)
+                .await?;
         }
         // Each order once, and every tenth once more (its retry).
         let deliveries = n + n / 10;
@@ -134,6 +143,9 @@ async fn main() -> Result<(), BoxError> {
     }
     let report = running.shutdown().await?;
     drop(monitor);
-    println!("Router stopped: {} handled, {} abandoned", report.handled, report.abandoned);
+    println!(
+        "Router stopped: {} handled, {} abandoned",
+        report.handled, report.abandoned
+    );
     Ok(())
 }
