@@ -325,6 +325,13 @@ pub fn format_timestamp(time: SystemTime) -> String {
     }
 }
 
+/// `d` in whole milliseconds, `u64::MAX` when it is longer than that holds (a duration a
+/// user gives, `Duration::MAX`, must not wrap around to a short one).
+#[cfg(feature = "redis")]
+pub(crate) fn saturating_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Parses an ISO 8601 / RFC 3339 time as other producers write it: with `Z`, with an
 /// offset (`+00:00`), or without a zone (taken as UTC), with any fraction of a second.
 ///

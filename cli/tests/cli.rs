@@ -873,3 +873,333 @@ async fn on_a_cluster_every_master_is_listed_and_a_replay_stays_in_its_slot() {
     assert_eq!(line["metadata"]["replay.count"], "1");
     assert_eq!(line["metadata"]["replay.group"], GROUP);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_replay_fixes_every_range_first_and_resumes_without_duplicates() {
+    use std::sync::Arc;
+    use streamwise::partition::PartitionedPublisher;
+    let env = Env::start();
+    let publisher =
+        PartitionedPublisher::new(Arc::new(env.redis.publisher()), Arc::new(env.redis.coordinator()))
+            .topic("accounts", 2);
+    for i in 0..24 {
+        publisher
+            .publish_keyed(
+                "accounts",
+                &format!("k{i}"),
+                streamwise::Message::new("opened", &i).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let n = [env.xlen("accounts~p0").await, env.xlen("accounts~p1").await];
+    assert!(n[0] >= 4 && n[1] >= 4, "the keys fall unevenly: {n:?}");
+    let dead = |p: usize| format!("{{accounts~p{p}}}-dead");
+    // A member whose handler still fails.
+    let failing = Worker::start_partitioned(
+        &env.url,
+        "accounts",
+        2,
+        SubscribeOptions::new("ledger", "worker-1").max_in_flight(16),
+        fails,
+    )
+    .await;
+    eventually("every entry dead-lettered", Duration::from_secs(20), || async {
+        env.xlen(&dead(0)).await == n[0] && env.xlen(&dead(1)).await == n[1]
+    })
+    .await;
+    let mut originals: Vec<BTreeSet<streamwise::Uuid>> = Vec::new();
+    let mut last_records = Vec::new();
+    for p in 0..2 {
+        let records = env.entries(&dead(p)).await;
+        originals.push(records.iter().map(|(_, m)| m.uuid()).collect());
+        last_records.push(records.last().unwrap().0.clone());
+    }
+
+    // A partition is no target: its records would come back into a range still to replay.
+    let into_partition = cli(
+        &env.url,
+        &["dlq", "replay", "accounts", "--to", "accounts~p1", "--execute"],
+    )
+    .await;
+    assert_eq!(into_partition.code, 1, "{into_partition:?}");
+    assert!(into_partition.stderr.contains("partition"), "{into_partition:?}");
+    assert_eq!(env.xlen(&dead(0)).await, n[0]);
+
+    // Interrupted while on p1, after p0 was done (p0's records are back in its dead letters).
+    let child = spawn_cli(
+        &env.url,
+        &["dlq", "replay", "accounts", "--rate", "10/s", "--execute"],
+    );
+    eventually("p0 done and p1 begun", Duration::from_secs(20), || async {
+        env.xlen("accounts~p1").await >= n[1] + 2
+    })
+    .await;
+    let (first, first_report) = interrupt(child).await;
+    assert_eq!(first.code, 1, "{first:?}");
+    assert_eq!(first_report["interrupted"], true);
+    let first_replayed = first_report["replayed"].as_u64().unwrap();
+    assert!(
+        first_replayed >= n[0] + 2 && first_replayed < n[0] + n[1],
+        "{first_report}"
+    );
+    // Both ranges were fixed at the start, before p0's records came back, and are kept.
+    let bounds = first_report["bounds"].as_array().unwrap();
+    assert_eq!(bounds.len(), 2);
+    for (p, bound) in bounds.iter().enumerate() {
+        assert_eq!(bound["up_to"].as_str().unwrap(), last_records[p], "p{p}");
+        assert!(env.exists(&resume_key(&format!("accounts~p{p}"))).await, "p{p}");
+    }
+    eventually(
+        "p0's records dead-lettered again",
+        Duration::from_secs(20),
+        || async { env.xlen(&dead(0)).await == n[0] },
+    )
+    .await;
+
+    // The rerun resumes both ranges: p0's records, back in its dead letters, stay there.
+    let second = cli_json(&env.url, &["dlq", "replay", "accounts", "--execute"], 0).await;
+    for p in 0..2 {
+        assert_eq!(second["bounds"][p]["resumed"], true, "{second}");
+        assert_eq!(second["bounds"][p]["up_to"], first_report["bounds"][p]["up_to"]);
+    }
+    assert_eq!(
+        first_replayed + second["replayed"].as_u64().unwrap(),
+        n[0] + n[1],
+        "{second}"
+    );
+    eventually("every record back once", Duration::from_secs(20), || async {
+        env.xlen(&dead(0)).await == n[0]
+            && env.xlen(&dead(1)).await == n[1]
+            && env.xlen("accounts~p0").await == 2 * n[0]
+            && env.xlen("accounts~p1").await == 2 * n[1]
+    })
+    .await;
+    failing.stop().await;
+    // Exactly once: each partition got each of its records back once.
+    for p in 0..2 {
+        let replayed: Vec<_> = env
+            .entries(&format!("accounts~p{p}"))
+            .await
+            .into_iter()
+            .filter(|(_, m)| m.metadata().get("replay.count").is_some())
+            .map(|(_, m)| m.uuid())
+            .collect();
+        assert_eq!(replayed.len() as u64, n[p]);
+        assert_eq!(replayed.into_iter().collect::<BTreeSet<_>>(), originals[p]);
+        assert!(
+            env.dead_letters(&format!("accounts~p{p}"))
+                .await
+                .iter()
+                .all(|(_, m)| m.metadata().get("replay.count") == Some("1"))
+        );
+        // The run went through both ranges: the next starts afresh.
+        assert!(!env.exists(&resume_key(&format!("accounts~p{p}"))).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_run_after_an_interruption_keeps_the_range_for_the_next() {
+    let env = Env::start();
+    const N: u64 = 30;
+    let uuids = failed_orders(&env, N).await;
+    let failing = still_failing(&env).await;
+    let child = spawn_cli(
+        &env.url,
+        &["dlq", "replay", "orders", "--rate", "20/s", "--execute"],
+    );
+    eventually("a few replayed", Duration::from_secs(20), || async {
+        env.xlen("orders").await >= N + 5
+    })
+    .await;
+    let (first, first_report) = interrupt(child).await;
+    assert_eq!(first.code, 1, "{first:?}");
+    let first_replayed = first_report["replayed"].as_u64().unwrap();
+    assert!((5..N - 3).contains(&first_replayed), "{first_replayed}");
+    let up_to = first_report["bounds"][0]["up_to"].clone();
+
+    // 3 more, resuming: the range is not done, so its end stays for the next run.
+    let limited = cli_json(
+        &env.url,
+        &["dlq", "replay", "orders", "--limit", "3", "--execute"],
+        0,
+    )
+    .await;
+    assert_eq!(limited["bounds"][0]["resumed"], true);
+    assert_eq!(limited["bounds"][0]["up_to"], up_to);
+    assert_eq!(limited["replayed"], 3);
+    assert_eq!(limited["unfinished"], true);
+    assert!(env.exists(&resume_key("orders")).await);
+    eventually(
+        "the replayed records dead-lettered again",
+        Duration::from_secs(20),
+        || async { env.xlen("{orders}-dead").await == N },
+    )
+    .await;
+
+    // The next run goes on to the same end, and not beyond it to the records that came back.
+    let rest = cli_json(&env.url, &["dlq", "replay", "orders", "--execute"], 0).await;
+    assert_eq!(rest["bounds"][0]["resumed"], true);
+    assert_eq!(rest["bounds"][0]["up_to"], up_to);
+    assert_eq!(rest["replayed"].as_u64().unwrap(), N - first_replayed - 3);
+    assert_eq!(rest["unfinished"], false);
+    assert!(!env.exists(&resume_key("orders")).await);
+    eventually("all back", Duration::from_secs(20), || async {
+        env.xlen("{orders}-dead").await == N && env.xlen("orders").await == 2 * N
+    })
+    .await;
+    failing.stop().await;
+    let replayed: Vec<_> = env
+        .entries("orders")
+        .await
+        .into_iter()
+        .filter(|(_, m)| m.metadata().get("replay.count").is_some())
+        .map(|(_, m)| m.uuid())
+        .collect();
+    assert_eq!(replayed.len() as u64, N);
+    assert_eq!(replayed.into_iter().collect::<BTreeSet<_>>(), uuids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_takes_chosen_ids_reasons_a_fresh_start_and_another_target() {
+    let env = Env::start();
+    failed_orders(&env, 6).await;
+    let records: Vec<String> = env
+        .dead_letters("orders")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    // A record without a reason (another tool's).
+    let reasonless = env
+        .add(
+            "{orders}-dead",
+            "*",
+            &streamwise::Message::new("order.placed", &serde_json::json!({ "n": 99 })).unwrap(),
+        )
+        .await;
+
+    // --ids: only those, and nothing kept to resume.
+    let ids = format!("{},{}", records[1], records[3]);
+    let chosen = cli_json(
+        &env.url,
+        &["dlq", "replay", "orders", "--ids", &ids, "--execute"],
+        0,
+    )
+    .await;
+    assert_eq!(chosen["replayed"], 2);
+    assert_eq!(chosen["bounds"][0]["up_to"], Json::Null);
+    let back: Vec<String> = env
+        .entries("orders")
+        .await
+        .into_iter()
+        .filter_map(|(_, m)| m.metadata().get("replay.record_id").map(str::to_owned))
+        .collect();
+    assert_eq!(back, [records[1].clone(), records[3].clone()]);
+    let left: Vec<String> = env
+        .dead_letters("orders")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        left,
+        [&records[0], &records[2], &records[4], &records[5], &reasonless].map(String::clone)
+    );
+    assert!(!env.exists(&resume_key("orders")).await);
+
+    // --reason: peek and replay select alike, "(none)" being the records without one.
+    let peek = cli_json(&env.url, &["dlq", "peek", "orders", "--reason", "(none)"], 0).await;
+    assert_eq!(peek["matching"], 1);
+    let dry = cli_json(&env.url, &["dlq", "replay", "orders", "--reason", "(none)"], 2).await;
+    assert_eq!(dry["selected"], 1);
+    assert_eq!(dry["records"][0]["id"].as_str().unwrap(), reasonless);
+    let peek = cli_json(&env.url, &["dlq", "peek", "orders", "--reason", "none"], 0).await;
+    let dry = cli_json(&env.url, &["dlq", "replay", "orders", "--reason", "none"], 0).await;
+    assert_eq!(
+        (peek["matching"].as_u64(), dry["selected"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    // A rate too slow to pace is refused before anything moves.
+    let slow = cli(
+        &env.url,
+        &["dlq", "replay", "orders", "--rate", "1e-18", "--execute"],
+    )
+    .await;
+    assert_eq!(slow.code, 1, "{slow:?}");
+    assert!(slow.stderr.contains("rate"), "{slow:?}");
+    assert_eq!(env.xlen("{orders}-dead").await, 5);
+
+    // --limit leaves the rest of the range to the next run; --fresh starts over instead.
+    let one = cli_json(
+        &env.url,
+        &["dlq", "replay", "orders", "--limit", "1", "--execute"],
+        0,
+    )
+    .await;
+    assert_eq!(one["records"][0]["id"].as_str().unwrap(), records[0]);
+    assert_eq!(one["unfinished"], true);
+    let newer = env
+        .add(
+            "{orders}-dead",
+            "*",
+            &streamwise::Message::new("order.placed", &7).unwrap(),
+        )
+        .await;
+    let resumed = cli_json(&env.url, &["dlq", "replay", "orders"], 2).await;
+    assert_eq!(resumed["bounds"][0]["resumed"], true);
+    assert_eq!(resumed["bounds"][0]["up_to"].as_str().unwrap(), reasonless);
+    assert_eq!(resumed["replayed"], 4);
+    let fresh = cli_json(&env.url, &["dlq", "replay", "orders", "--fresh"], 2).await;
+    assert_eq!(fresh["bounds"][0]["resumed"], false);
+    assert_eq!(fresh["bounds"][0]["up_to"].as_str().unwrap(), newer);
+    assert_eq!(fresh["replayed"], 5);
+
+    // --to: neither a dead-letter stream nor a partition; another stream takes the records,
+    // with their replay marker.
+    for to in ["{orders}-dead", "orders~p1"] {
+        let refused = cli(&env.url, &["dlq", "replay", "orders", "--to", to, "--execute"]).await;
+        assert_eq!(refused.code, 1, "{to}: {refused:?}");
+    }
+    let retried = cli_json(
+        &env.url,
+        &[
+            "dlq",
+            "replay",
+            "orders",
+            "--reason",
+            "payment",
+            "--to",
+            "orders-retry",
+            "--execute",
+        ],
+        0,
+    )
+    .await;
+    assert_eq!(retried["bounds"][0]["resumed"], true);
+    assert_eq!(retried["replayed"], 3);
+    let retry = env.entries("orders-retry").await;
+    let replayed: Vec<&str> = retry
+        .iter()
+        .map(|(_, m)| m.metadata().get("replay.record_id").unwrap())
+        .collect();
+    assert_eq!(
+        replayed,
+        [&records[2], &records[4], &records[5]].map(String::as_str)
+    );
+    assert!(
+        retry
+            .iter()
+            .all(|(_, m)| m.metadata().get("replay.group") == Some(GROUP))
+    );
+    let left: Vec<String> = env
+        .dead_letters("orders")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(left, [reasonless, newer]);
+    // That run went through its range: nothing is kept to resume.
+    assert!(!env.exists(&resume_key("orders")).await);
+}

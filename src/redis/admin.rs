@@ -275,10 +275,16 @@ pub async fn stream_info(conn: &RedisConnection, stream: &str) -> Result<StreamI
 }
 
 /// Deletes `stream` with everything streamwise keeps beside it (settings, checkpoints,
-/// leases, consumer registries) and returns how many keys were deleted.
+/// leases, consumer registries; for a dead-letter stream, where an interrupted replay of it
+/// stopped) and returns how many keys were deleted.
 pub async fn delete_stream(conn: &RedisConnection, stream: &str) -> Result<u64> {
     validate_stream_name("stream", stream)?;
-    let mut doomed = vec![stream.to_owned(), keys::meta(stream), keys::checkpoints(stream)];
+    let mut doomed = vec![
+        stream.to_owned(),
+        keys::meta(stream),
+        keys::checkpoints(stream),
+        keys::replay(stream),
+    ];
     for pattern in [keys::lease(stream, "*", "*"), keys::leased_consumers(stream, "*")] {
         // On a cluster, the keys of a stream are on the master of its slot.
         doomed.extend(scan_with(conn, &pattern, None, Some(stream)).await?);

@@ -6,11 +6,13 @@
 
 use std::future::Future;
 use std::process::Output;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde_json::Value as Json;
+use streamwise::partition::PartitionedSubscriber;
 use streamwise::redis::client::{Value, cmd};
 use streamwise::redis::{RedisBackend, RedisConnection, RedisSubscriber, RedisSubscriberOptions};
 use streamwise::{Delivery, Message, Publisher, SubscribeOptions, Subscriber};
@@ -31,7 +33,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn of(output: Output) -> Run {
+    pub fn of(output: Output) -> Run {
         Run {
             code: output.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -72,6 +74,39 @@ pub async fn cli_json(url: &str, args: &[&str], code: i32) -> Json {
     run.json()
 }
 
+/// Starts `streamwise --url <url> --output json args...` without waiting for its end.
+pub fn spawn_cli(url: &str, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
+        .args(["--url", url, "--output", "json"])
+        .args(args)
+        .env_remove("REDIS_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs")
+}
+
+/// Sends SIGINT to `child` and waits for its end: what it printed, with stdout as JSON.
+pub async fn interrupt(child: tokio::process::Child) -> (Run, Json) {
+    let pid = child.id().expect("still running").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let run = Run::of(child.wait_with_output().await.unwrap());
+    let report = run.json();
+    (run, report)
+}
+
+/// The name of the key where an unfinished replay of `topic`'s dead letters stops.
+pub fn resume_key(stream: &str) -> String {
+    format!(
+        "streamwise:replay:{}",
+        streamwise::dead_letter::stream_for(stream)
+    )
+}
+
 /// A server with a backend and a plain connection on it.
 pub struct Env {
     pub server: RedisServer,
@@ -102,6 +137,22 @@ impl Env {
 
     pub async fn xlen(&self, stream: &str) -> u64 {
         self.conn().command(cmd("XLEN").arg(stream)).await.expect("XLEN")
+    }
+
+    pub async fn exists(&self, key: &str) -> bool {
+        int(&self.cmd(&["EXISTS", key]).await) == 1
+    }
+
+    /// Adds `message` to `stream` in the wire format under `id` (`*`: the next id) and
+    /// returns its id.
+    pub async fn add(&self, stream: &str, id: &str, message: &Message) -> String {
+        use streamwise::codec::Codec;
+        let mut c = cmd("XADD");
+        c.arg(stream).arg(id);
+        for (field, value) in streamwise::codec::JsonCodec.encode(message).unwrap() {
+            c.arg(field).arg(&value[..]);
+        }
+        self.conn().command(&c).await.expect("XADD")
     }
 
     /// Publishes `n` messages `order.placed` `{"n": i}` to `topic`.
@@ -209,6 +260,33 @@ impl Worker {
     ) -> Worker {
         let conn = RedisConnection::new(url).unwrap();
         let subscriber = RedisSubscriber::new(conn, subscriber_options).unwrap();
+        Worker::on(Arc::new(subscriber), topic, options, handler).await
+    }
+
+    /// A member of `options`' group on the partitioned `topic` (of `partitions`), alone in
+    /// it, so that it reads every partition.
+    pub async fn start_partitioned(
+        url: &str,
+        topic: &str,
+        partitions: u32,
+        options: SubscribeOptions,
+        handler: Handler,
+    ) -> Worker {
+        let redis = RedisBackend::new(url).unwrap();
+        let subscriber = PartitionedSubscriber::new(
+            Arc::new(redis.subscriber().unwrap()),
+            Arc::new(redis.coordinator()),
+        )
+        .topic(topic, partitions);
+        Worker::on(Arc::new(subscriber), topic, options, handler).await
+    }
+
+    async fn on(
+        subscriber: Arc<dyn Subscriber>,
+        topic: &str,
+        options: SubscribeOptions,
+        handler: Handler,
+    ) -> Worker {
         let mut deliveries = subscriber.subscribe(topic, options).await.expect("subscribe");
         let (stop, mut stopped) = oneshot::channel();
         let task = tokio::spawn(async move {

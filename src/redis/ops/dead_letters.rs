@@ -4,10 +4,12 @@
 //!
 //! Replay is where a hand-written tool goes wrong: re-publishing records while the handler
 //! still fails makes new records, which such a tool then replays again, in a loop. Here a run
-//! stops at the last record there was when it started, so a record dead-lettered again meanwhile
-//! waits for the next run; each record is moved (added to the target, deleted from the
-//! dead-letter stream) by one script step, so a run interrupted anywhere publishes no record
-//! twice and loses none; an interrupted run is resumed by the next, up to the same last record.
+//! stops at the last record there was when it started (in every dead-letter stream of the topic,
+//! all read before the first record moves), so a record dead-lettered again meanwhile waits
+//! for the next run; each record is moved (added to the target, deleted from the dead-letter
+//! stream) by one script step, so a run interrupted anywhere publishes no record twice and
+//! loses none; a run that did not finish its range (interrupted, or stopped at its limit) is
+//! resumed by the next, up to the same last records.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -15,11 +17,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Mode, count_before, id_at, id_time, last_id, millis, next_id, now_ms, streams_of};
+use super::{Mode, count_before, id_at, id_time, last_id, next_id, now_ms, streams_of};
 use crate::codec::{Codec, JsonCodec, RawEntry};
 use crate::dead_letter::{self, TRIMMED_EVENT_TYPE, UNDECODABLE_EVENT_TYPE, replay_keys};
 use crate::error::{Error, Result, validate_stream_name};
-use crate::message::{EntryId, Message};
+use crate::message::{EntryId, Message, saturating_ms};
+use crate::partition::parse_partition_stream;
 use crate::redis::connection::{RedisConnection, slot_of};
 use crate::redis::coordinator::refuse_partitioned;
 use crate::redis::{admin, keys, scripts};
@@ -29,6 +32,25 @@ const PAGE: usize = 200;
 
 /// How long an interrupted replay's end is kept for the next run to resume (7 days).
 const RESUME_TTL_SECONDS: u64 = 7 * 24 * 3600;
+
+/// The slowest replay rate: one record a day.
+const MIN_RATE: f64 = 1.0 / 86_400.0;
+
+/// The fastest replay rate a second.
+const MAX_RATE: f64 = 1_000_000.0;
+
+/// The reason shown for a record without one, and the reason filter that selects such
+/// records.
+pub const NO_REASON: &str = "(none)";
+
+/// Whether a record with `reason` is selected by the reason filter `filter`: a reason that
+/// contains it, or no reason for the filter [`NO_REASON`]. Peek and replay select alike.
+fn reason_selected(reason: Option<&str>, filter: &str) -> bool {
+    match reason {
+        Some(reason) => reason.contains(filter),
+        None => filter == NO_REASON,
+    }
+}
 
 /// One dead-letter record, decoded.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -110,7 +132,8 @@ pub struct DeadLetterPeek {
     pub total: u64,
     /// Records whose reason contains the filter (all without one).
     pub matching: u64,
-    /// A count per reason of the matching records, most frequent first.
+    /// A count per reason of the matching records, most frequent first ([`NO_REASON`] for
+    /// records without one).
     pub reasons: Vec<ReasonCount>,
     /// The latest matching records, newest first.
     pub latest: Vec<DeadLetterRecord>,
@@ -143,7 +166,7 @@ async fn each_record(
 
 /// The dead letters of `topic` (of every partition of a partitioned topic): how many, a count
 /// per reason, and the latest `limit` records, newest first; with `reason`, only the records
-/// whose reason contains it.
+/// whose reason contains it ([`NO_REASON`]: the records without one).
 pub async fn peek_dead_letters(
     conn: &RedisConnection,
     topic: &str,
@@ -173,8 +196,8 @@ pub async fn peek_dead_letters(
             let id = raw.id;
             let message = JsonCodec.decode(raw).ok();
             let record = DeadLetterRecord::new(&dead_letters, id, message.as_ref());
-            let why = record.reason.clone().unwrap_or_else(|| "(none)".to_owned());
-            if reason.is_none_or(|r| why.contains(r)) {
+            if reason.is_none_or(|filter| reason_selected(record.reason.as_deref(), filter)) {
+                let why = record.reason.clone().unwrap_or_else(|| NO_REASON.to_owned());
                 peek.matching += 1;
                 *reasons.entry(why).or_default() += 1;
                 if limit > 0 {
@@ -239,13 +262,13 @@ impl ReplayOptions {
         self
     }
 
-    /// Only records whose reason contains `reason`.
+    /// Only records whose reason contains `reason` ([`NO_REASON`]: the records without one).
     pub fn reason(mut self, reason: impl Into<String>) -> Self {
         self.reason = Some(reason.into());
         self
     }
 
-    /// At most `per_second` records a second (above 0, at most 1,000,000).
+    /// At most `per_second` records a second (from one a day, 1/86400, to 1,000,000).
     pub fn rate(mut self, per_second: f64) -> Self {
         self.rate = Some(per_second);
         self
@@ -253,13 +276,14 @@ impl ReplayOptions {
 
     /// Into `stream` instead of the stream each record came from. On a Redis Cluster it must
     /// hash to the dead-letter stream's slot (a topic with the hash tag of the source,
-    /// `{orders}-retry`), so that each record moves in one script step.
+    /// `{orders}-retry`), so that each record moves in one script step. Neither a dead-letter
+    /// stream nor a partition of a partitioned topic (only its publisher writes there).
     pub fn to(mut self, stream: impl Into<String>) -> Self {
         self.to = Some(stream.into());
         self
     }
 
-    /// Start a new run even when an interrupted one could be resumed (its records that were
+    /// Start a new run even when an unfinished one could be resumed (its records that were
     /// dead-lettered again since are then replayed again).
     pub fn fresh(mut self, fresh: bool) -> Self {
         self.fresh = fresh;
@@ -268,11 +292,11 @@ impl ReplayOptions {
 
     fn check(&self) -> Result<()> {
         if let Some(rate) = self.rate
-            && !(rate > 0.0 && rate <= 1_000_000.0)
+            && !(MIN_RATE..=MAX_RATE).contains(&rate)
         {
             return Err(Error::invalid(
                 "rate",
-                format_args!("{rate} is not above 0 and at most 1000000 a second"),
+                format_args!("{rate} a second is not between one a day (1/86400) and {MAX_RATE}"),
             ));
         }
         if self.limit == Some(0) {
@@ -282,6 +306,14 @@ impl ReplayOptions {
             validate_stream_name("to", to)?;
             if dead_letter::source_of(to).is_some() {
                 return Err(Error::invalid("to", format_args!("{to} is a dead-letter stream")));
+            }
+            if let Some((topic, _)) = parse_partition_stream(to) {
+                return Err(Error::invalid(
+                    "to",
+                    format_args!(
+                        "{to} is a partition of {topic}: only its partitioned publisher writes there"
+                    ),
+                ));
             }
         }
         Ok(())
@@ -330,9 +362,9 @@ pub struct ReplayBound {
     /// The dead-letter stream.
     pub dead_letter_stream: String,
     /// The last record the run replays (the last there was when it started, or the end of the
-    /// interrupted run it resumes); `None` when it was empty or only chosen ids are replayed.
+    /// unfinished run it resumes); `None` when there was none or only chosen ids are replayed.
     pub up_to: Option<EntryId>,
-    /// It resumes a run that was interrupted.
+    /// It resumes a run that did not finish (interrupted, or stopped at its limit).
     pub resumed: bool,
 }
 
@@ -356,6 +388,9 @@ pub struct ReplayReport {
     pub gone: u64,
     /// The run was stopped before its end; run again to resume it.
     pub interrupted: bool,
+    /// The run stopped at its limit with records of its range left; the next run resumes it
+    /// (up to the same last records).
+    pub unfinished: bool,
     /// How long it took, in milliseconds.
     pub elapsed_ms: u64,
     /// Records a second, replayed, between the first record moved and the last (executed runs
@@ -377,13 +412,16 @@ impl ReplayReport {
 /// record's own `dead_letter.*` keys are dropped), then deletes it from the dead-letter
 /// stream, both in one script step. In [`Mode::DryRun`] it only lists what it would replay.
 ///
-/// - **No loop:** a run stops at the last record there was when it started, so a record
+/// - **No loop:** a run stops at the last record there was when it started, in each
+///   dead-letter stream of the topic (all read before the first record moves), so a record
 ///   dead-lettered again during the run (its handler still fails) is not replayed again by it.
 /// - **No duplicates, nothing lost:** each record moves in one step, so a run interrupted
 ///   anywhere (`stop`, a crash, a lost connection) publishes no record twice.
-/// - **Resumable:** an executed run keeps where it stops in Redis (for 7 days) until it
-///   finishes; the next run resumes it, up to the same last record, unless
-///   [`ReplayOptions::fresh`].
+/// - **Resumable:** an executed run keeps where each dead-letter stream's range ends in Redis
+///   (for 7 days), all before the first record moves, until it has gone through the whole
+///   range; a run that stops earlier (interrupted, or at [`ReplayOptions::limit`]) is resumed
+///   by the next, up to the same last records, unless [`ReplayOptions::fresh`]. Runs of chosen
+///   [`ReplayOptions::ids`] neither resume nor leave anything to resume.
 /// - **Paced:** with [`ReplayOptions::rate`], no faster than that.
 /// - Records of entries streamwise could not decode or that were trimmed are left in place
 ///   ([`ReplayOutcome::NotReplayable`]): no handler could take them.
@@ -425,18 +463,50 @@ pub async fn replay_dead_letters(
     if let Some(ids) = &options.ids {
         total = total.min(ids.len() as u64);
     }
+    let execute = options.mode == Mode::Execute;
+    // Every stream's range, fixed before the first record moves: a record that one stream's
+    // replay sends back to the dead letters (of its own stream, or of another through `to`)
+    // lies beyond the range of every stream, and the keys let a rerun find the same ranges.
+    let mut bounds = Vec::with_capacity(sources.len());
+    for (dead_letters, _) in &sources {
+        bounds.push(match options.ids {
+            Some(_) => ReplayBound {
+                dead_letter_stream: dead_letters.clone(),
+                up_to: None,
+                resumed: false,
+            },
+            None => range_of(conn, dead_letters, options.fresh).await?,
+        });
+    }
+    if execute && options.ids.is_none() {
+        for bound in &bounds {
+            // An empty range is kept too (as 0-0), so that a resumed run leaves alone what
+            // came into that stream since.
+            let end = bound.up_to.unwrap_or(EntryId::ZERO);
+            let _: () = conn
+                .command(
+                    redis::cmd("SET")
+                        .arg(keys::replay(&bound.dead_letter_stream))
+                        .arg(end.to_string())
+                        .arg("EX")
+                        .arg(RESUME_TTL_SECONDS),
+                )
+                .await?;
+        }
+    }
     let mut run = Run {
         conn,
         options,
         report: ReplayReport {
             topic: topic.to_owned(),
             mode: options.mode,
-            bounds: Vec::new(),
+            bounds,
             selected: 0,
             replayed: 0,
             not_replayable: 0,
             gone: 0,
             interrupted: false,
+            unfinished: false,
             elapsed_ms: 0,
             rate: None,
             records: Vec::new(),
@@ -449,14 +519,21 @@ pub async fn replay_dead_letters(
         progress,
     };
     let mut stop = std::pin::pin!(stop);
-    for (dead_letters, target) in &sources {
-        let finished = run.one_stream(dead_letters, target, stop.as_mut()).await?;
-        if !finished {
+    for (n, (dead_letters, target)) in sources.iter().enumerate() {
+        let end = run.report.bounds[n].up_to;
+        if !run.one_stream(dead_letters, target, end, stop.as_mut()).await? {
             break;
         }
     }
-    let elapsed = started.elapsed();
-    run.report.elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    // Only a run that went through its whole range lets the next one start afresh.
+    if execute && options.ids.is_none() && !run.report.interrupted && !run.report.unfinished {
+        for (dead_letters, _) in &sources {
+            let _: i64 = conn
+                .command(redis::cmd("DEL").arg(keys::replay(dead_letters)))
+                .await?;
+        }
+    }
+    run.report.elapsed_ms = saturating_ms(started.elapsed());
     // Between the first record moved and the last: what a rate limit bounds.
     if let Some(last) = run.last_move
         && run.report.replayed > 1
@@ -465,6 +542,32 @@ pub async fn replay_dead_letters(
         run.report.rate = Some((run.report.replayed - 1) as f64 / span);
     }
     Ok(run.report)
+}
+
+/// Where a run replaying `dead_letters` stops: the end of the unfinished run it resumes (kept
+/// under [`keys::replay`]), or, fresh, the last record there is now.
+async fn range_of(conn: &RedisConnection, dead_letters: &str, fresh: bool) -> Result<ReplayBound> {
+    let stored: Option<String> = conn
+        .command(redis::cmd("GET").arg(keys::replay(dead_letters)))
+        .await?;
+    let stored = stored
+        .and_then(|id| id.parse::<EntryId>().ok())
+        .filter(|_| !fresh);
+    let last = last_id(conn, dead_letters).await?;
+    let (up_to, resumed) = match stored {
+        // 0-0: that run's range was empty.
+        Some(stored) => (
+            last.map(|last| last.min(stored))
+                .filter(|end| *end != EntryId::ZERO),
+            true,
+        ),
+        None => (last, false),
+    };
+    Ok(ReplayBound {
+        dead_letter_stream: dead_letters.to_owned(),
+        up_to,
+        resumed,
+    })
 }
 
 /// One replay run's state.
@@ -484,21 +587,18 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Replays the selected records of `dead_letters` into `target`; `false` when the run
-    /// stops here (interrupted, or the limit reached).
+    /// Replays the selected records of `dead_letters` up to `end` (the chosen ids instead,
+    /// with [`ReplayOptions::ids`]) into `target`; `false` when the run stops here
+    /// (interrupted, or at its limit).
     async fn one_stream(
         &mut self,
         dead_letters: &str,
         target: &str,
+        end: Option<EntryId>,
         mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<bool> {
         let conn = self.conn;
         if let Some(ids) = &self.options.ids {
-            self.report.bounds.push(ReplayBound {
-                dead_letter_stream: dead_letters.to_owned(),
-                up_to: None,
-                resumed: false,
-            });
             for id in ids {
                 let Some(raw) = admin::read_entry(conn, dead_letters, *id).await? else {
                     continue;
@@ -509,45 +609,18 @@ impl Run<'_> {
             }
             return Ok(true);
         }
-        let resume_key = keys::replay(dead_letters);
-        let stored: Option<String> = conn.command(redis::cmd("GET").arg(&resume_key)).await?;
-        let stored = stored.and_then(|id| id.parse::<EntryId>().ok());
-        let last = last_id(conn, dead_letters).await?;
-        let (end, resumed) = match (stored, last) {
-            (Some(stored), Some(last)) if !self.options.fresh => (Some(stored.min(last)), true),
-            (_, last) => (last, false),
-        };
-        self.report.bounds.push(ReplayBound {
-            dead_letter_stream: dead_letters.to_owned(),
-            up_to: end,
-            resumed,
-        });
         let Some(end) = end else { return Ok(true) };
-        let execute = self.options.mode == Mode::Execute;
-        if execute {
-            let _: () = conn
-                .command(
-                    redis::cmd("SET")
-                        .arg(&resume_key)
-                        .arg(end.to_string())
-                        .arg("EX")
-                        .arg(RESUME_TTL_SECONDS),
-                )
-                .await?;
-        }
         let mut go_on = true;
         each_record(conn, dead_letters, end, async |raw| {
             go_on = self.one_record(dead_letters, target, raw, stop.as_mut()).await?;
             Ok(go_on)
         })
         .await?;
-        if execute && !self.report.interrupted {
-            let _: i64 = conn.command(redis::cmd("DEL").arg(&resume_key)).await?;
-        }
         Ok(go_on)
     }
 
-    /// Replays one record; `false` when the run stops after it.
+    /// Replays one record; `false` when the run stops at it (at the limit: a record is left
+    /// in the range, [`ReplayReport::unfinished`]) or after it (interrupted).
     async fn one_record(
         &mut self,
         dead_letters: &str,
@@ -555,8 +628,6 @@ impl Run<'_> {
         raw: RawEntry,
         mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<bool> {
-        self.looked_at += 1;
-        (self.progress)(self.looked_at, self.total);
         let id = raw.id;
         let message = JsonCodec.decode(raw).ok();
         let reason = message
@@ -564,10 +635,24 @@ impl Run<'_> {
             .and_then(|m| m.metadata().get(dead_letter::keys::REASON))
             .map(str::to_owned);
         if let Some(filter) = &self.options.reason
-            && !reason.as_deref().is_some_and(|r| r.contains(filter.as_str()))
+            && !reason_selected(reason.as_deref(), filter)
         {
+            self.looked_at += 1;
+            (self.progress)(self.looked_at, self.total);
             return Ok(true);
         }
+        // The limit is reached when a record beyond it is found: only then is the range known
+        // to be unfinished.
+        if self
+            .options
+            .limit
+            .is_some_and(|limit| self.report.selected >= limit)
+        {
+            self.report.unfinished = true;
+            return Ok(false);
+        }
+        self.looked_at += 1;
+        (self.progress)(self.looked_at, self.total);
         self.report.selected += 1;
         let mut record = ReplayedRecord {
             dead_letter_stream: dead_letters.to_owned(),
@@ -589,7 +674,12 @@ impl Run<'_> {
             }
             (Some(message), Mode::Execute) => {
                 if let Some(rate) = self.options.rate {
-                    let due = self.pace_from + Duration::from_secs_f64(self.report.replayed as f64 / rate);
+                    // `check` keeps the rate at one a day or more; should the sum still not
+                    // fit the clock, the record goes now rather than never.
+                    let due = Duration::try_from_secs_f64(self.report.replayed as f64 / rate)
+                        .ok()
+                        .and_then(|wait| self.pace_from.checked_add(wait))
+                        .unwrap_or_else(Instant::now);
                     tokio::select! {
                         biased;
                         () = stop.as_mut() => {
@@ -618,13 +708,6 @@ impl Run<'_> {
             }
         }
         self.report.records.push(record);
-        if self
-            .options
-            .limit
-            .is_some_and(|limit| self.report.selected >= limit)
-        {
-            return Ok(false);
-        }
         // Between two records, a stop that came meanwhile ends the run.
         let stopped = tokio::select! {
             biased;
@@ -746,7 +829,7 @@ pub async fn purge_dead_letters(
     let mut report = PurgeReport {
         topic: topic.to_owned(),
         mode,
-        older_than_ms: older_than.map(|d| millis(std::time::UNIX_EPOCH + d)),
+        older_than_ms: older_than.map(saturating_ms),
         streams: Vec::new(),
         total: 0,
     };
@@ -809,10 +892,23 @@ mod tests {
     }
 
     #[test]
+    fn peek_and_replay_select_reasons_alike() {
+        assert!(reason_selected(Some("payment service down"), "payment"));
+        assert!(!reason_selected(Some("payment service down"), "timeout"));
+        // A record without a reason is selected by the label peek shows for it, and only so.
+        assert!(reason_selected(None, NO_REASON));
+        assert!(!reason_selected(None, "none"));
+    }
+
+    #[test]
     fn replay_options_are_checked() {
         for (options, field) in [
             (ReplayOptions::new(Mode::Execute).rate(0.0), "rate"),
             (ReplayOptions::new(Mode::Execute).rate(f64::NAN), "rate"),
+            // Slower than one a day: the pacing's sums would overflow the clock.
+            (ReplayOptions::new(Mode::Execute).rate(1e-18), "rate"),
+            (ReplayOptions::new(Mode::Execute).rate(f64::INFINITY), "rate"),
+            (ReplayOptions::new(Mode::Execute).to("orders~p1"), "to"),
             (ReplayOptions::new(Mode::Execute).limit(0), "limit"),
             (ReplayOptions::new(Mode::Execute).to("{orders}-dead"), "to"),
             (ReplayOptions::new(Mode::Execute).to("a b"), "to"),

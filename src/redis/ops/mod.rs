@@ -26,8 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 pub use self::dead_letters::{
-    DeadLetterPeek, DeadLetterRecord, PurgeReport, PurgeRow, ReasonCount, ReplayBound, ReplayOptions,
-    ReplayOutcome, ReplayReport, ReplayedRecord, peek_dead_letters, purge_dead_letters, replay_dead_letters,
+    DeadLetterPeek, DeadLetterRecord, NO_REASON, PurgeReport, PurgeRow, ReasonCount, ReplayBound,
+    ReplayOptions, ReplayOutcome, ReplayReport, ReplayedRecord, peek_dead_letters, purge_dead_letters,
+    replay_dead_letters,
 };
 pub use self::inspect::{
     ConsumerOverview, GroupOverview, LAG_COUNT_CAP, LeaseState, MemberOverview, PendingOverview,
