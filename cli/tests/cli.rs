@@ -479,7 +479,8 @@ async fn reset_and_trim_refuse_while_a_consumer_is_live() {
     assert_eq!(trim["streams"][0]["would_cut"], true);
     assert_eq!(trim["streams"][0]["protected_for"][0], GROUP);
     assert_eq!(env.xlen("orders").await, 10);
-    // A trim that stays below the oldest pending entry is allowed.
+    // A trim that removes nothing refuses nothing (the boundary is in
+    // a_trim_may_reach_the_first_needed_entry_but_not_pass_it).
     let none = cli_json(&env.url, &["trim", "orders", "--older-than", "1h"], 0).await;
     assert_eq!(none["refused"], false);
     assert_eq!(none["streams"][0]["removes"], 0);
@@ -1202,4 +1203,122 @@ async fn replay_takes_chosen_ids_reasons_a_fresh_start_and_another_target() {
     assert_eq!(left, [reasonless, newer]);
     // That run went through its range: nothing is kept to resume.
     assert!(!env.exists(&resume_key("orders")).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_may_reach_the_first_needed_entry_but_not_pass_it() {
+    let env = Env::start();
+    env.publish("orders", 10).await;
+    let ids: Vec<String> = env
+        .entries("orders")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    // Group billing has handled the first 4 (read and acknowledged by a consumer without a
+    // lease); live-1, live, holds the next 2 pending; 4 are undelivered. The first entry the
+    // group still needs is ids[4].
+    env.cmd(&["XGROUP", "CREATE", "orders", GROUP, "0"]).await;
+    env.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        GROUP,
+        "done-1",
+        "COUNT",
+        "4",
+        "STREAMS",
+        "orders",
+        ">",
+    ])
+    .await;
+    let mut ack = vec!["XACK", "orders", GROUP];
+    ack.extend(ids[..4].iter().map(String::as_str));
+    assert_eq!(int(&env.cmd(&ack).await), 4);
+    let worker = Worker::start(
+        &env.url,
+        "orders",
+        SubscribeOptions::new(GROUP, "live-1")
+            .max_in_flight(2)
+            .batch_size(2),
+        RedisSubscriberOptions::default(),
+        holds,
+    )
+    .await;
+    eventually(
+        "2 entries pending for live-1",
+        Duration::from_secs(10),
+        || async {
+            streamwise::redis::admin::pending_entries(env.conn(), "orders", GROUP, Some("live-1"))
+                .await
+                .is_ok_and(|p| p.len() == 2)
+        },
+    )
+    .await;
+
+    // Keeping 6 cuts just below ids[4]: allowed.
+    let exact = cli_json(&env.url, &["trim", "orders", "--maxlen", "6"], 2).await;
+    let row = &exact["streams"][0];
+    assert_eq!(row["protected_from"].as_str().unwrap(), ids[4]);
+    assert_eq!(row["before"].as_str().unwrap(), ids[4]);
+    assert_eq!(row["would_cut"], false);
+    assert_eq!(row["removes"], 4);
+    // Keeping 5 would cut ids[4]: refused, and nothing goes.
+    let past = cli_json(&env.url, &["trim", "orders", "--maxlen", "5", "--execute"], 3).await;
+    assert_eq!(past["refused"], true);
+    assert_eq!(past["streams"][0]["before"].as_str().unwrap(), ids[5]);
+    assert_eq!(past["streams"][0]["would_cut"], true);
+    assert_eq!(past["streams"][0]["applied"], false);
+    assert_eq!(past["live"][0]["consumer"], "live-1");
+    assert_eq!(env.xlen("orders").await, 10);
+    let done = cli_json(&env.url, &["trim", "orders", "--maxlen", "6", "--execute"], 0).await;
+    assert_eq!(done["streams"][0]["removes"], 4);
+    assert_eq!(done["streams"][0]["applied"], true);
+    let kept: Vec<String> = env
+        .entries("orders")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(kept, ids[4..]);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maxlen_trim_reads_no_more_than_a_page_at_once() {
+    let env = Env::start();
+    const LEN: u64 = 6000;
+    // 6000 entries of about 650 bytes; a reply of more than 1 MB closes the connection.
+    env.cmd(&[
+        "EVAL",
+        "for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', 'payload', ARGV[2]) end",
+        "1",
+        "orders",
+        &LEN.to_string(),
+        &"x".repeat(600),
+    ])
+    .await;
+    env.cmd(&["CONFIG", "SET", "client-output-buffer-limit", "normal 1mb 1mb 0"])
+        .await;
+    // Keep 4000 (of 6000: the cut is found from the oldest end), then 1000 (from the newest).
+    for keep in [4000u64, 1000] {
+        let before = env.xlen("orders").await;
+        let dry = cli_json(&env.url, &["trim", "orders", "--maxlen", &keep.to_string()], 2).await;
+        assert_eq!(dry["streams"][0]["removes"].as_u64().unwrap(), before - keep);
+        let done = cli_json(
+            &env.url,
+            &["trim", "orders", "--maxlen", &keep.to_string(), "--execute"],
+            0,
+        )
+        .await;
+        assert_eq!(done["streams"][0]["removes"].as_u64().unwrap(), before - keep);
+        assert_eq!(env.xlen("orders").await, keep);
+        // The cut is where the report says: the first entry left is `before`.
+        let Value::Array(first) = env.cmd(&["XRANGE", "orders", "-", "+", "COUNT", "1"]).await else {
+            panic!("XRANGE")
+        };
+        let Value::Array(first) = &first[0] else {
+            panic!("entry")
+        };
+        assert_eq!(text(&first[0]), done["streams"][0]["before"].as_str().unwrap());
+    }
 }

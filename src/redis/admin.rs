@@ -153,6 +153,7 @@ pub(crate) async fn range(
     count: usize,
     reverse: bool,
 ) -> Result<Vec<RawEntry>> {
+    validate_stream_name("stream", stream)?;
     let command = if reverse { "XREVRANGE" } else { "XRANGE" };
     let reply = conn
         .run_mapped(command, |mut c| {
@@ -424,33 +425,35 @@ pub async fn groups(conn: &RedisConnection, stream: &str) -> Result<Vec<GroupInf
         .collect())
 }
 
-/// How many entries of `stream` come after `after`, counting at most `cap` (`XRANGE` from just
-/// after `after`, `cap` entries at most): a group's lag where Redis cannot tell it
+/// How many entries of `stream` come after `after`, counting at most `cap` (read in pages from
+/// just after `after`): a group's lag where Redis cannot tell it
 /// ([`GroupInfo::lag`] is `None` after deletions in the unread range, and on Redis 7.0 on a
 /// replica promoted by a failover). It reads up to `cap` entries, so keep `cap` small.
 pub async fn entries_after(conn: &RedisConnection, stream: &str, after: EntryId, cap: u64) -> Result<u64> {
-    validate_stream_name("stream", stream)?;
-    if cap == 0 {
-        return Ok(0);
+    count_range(conn, stream, &format!("({after}"), "+", cap).await
+}
+
+/// How many entries of `stream` lie between `from` and `to` (in the syntax of `XRANGE`),
+/// counting at most `cap`: read in pages, so that no reply holds more than a page of entries.
+pub(crate) async fn count_range(
+    conn: &RedisConnection,
+    stream: &str,
+    from: &str,
+    to: &str,
+    cap: u64,
+) -> Result<u64> {
+    const PAGE: u64 = 1000;
+    let (mut counted, mut from) = (0u64, from.to_owned());
+    while counted < cap {
+        let want = PAGE.min(cap - counted);
+        let page = range(conn, stream, &from, to, want as usize, false).await?;
+        counted += page.len() as u64;
+        match page.last() {
+            Some(entry) if page.len() as u64 == want => from = format!("({}", entry.id),
+            _ => break,
+        }
     }
-    let start = format!("({after}");
-    let reply = conn
-        .run_mapped("XRANGE", |mut c| {
-            let cmd = redis::cmd("XRANGE")
-                .arg(stream)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(cap)
-                .clone();
-            async move { cmd.query_async::<Value>(&mut c).await }
-        })
-        .await?;
-    match reply {
-        Value::Array(entries) => Ok(entries.len() as u64),
-        Value::Nil => Ok(0),
-        _ => Err(replies::unexpected("XRANGE")),
-    }
+    Ok(counted)
 }
 
 /// The names of the consumer groups of `stream`; [`Error::StreamNotFound`] when it does not
@@ -517,6 +520,10 @@ pub struct LeaseHolder {
 }
 
 impl LeaseHolder {
+    pub(crate) fn new(token: String, ttl_ms: Option<u64>) -> Self {
+        LeaseHolder { token, ttl_ms }
+    }
+
     /// The group member named in the token (a partition's owner), if any.
     pub fn member(&self) -> Option<&str> {
         self.token.split_once('/').map(|(member, _)| member)
@@ -589,10 +596,7 @@ pub async fn consumers(
             .collect::<Result<_>>()?
     };
     let leases = replies.into_iter().map(|(token, ttl_ms, registered)| {
-        let holder = token.map(|token| LeaseHolder {
-            token,
-            ttl_ms: u64::try_from(ttl_ms).ok(),
-        });
+        let holder = token.map(|token| LeaseHolder::new(token, u64::try_from(ttl_ms).ok()));
         (holder, registered)
     });
     let idle_after_ms = u64::try_from(idle_after.as_millis()).unwrap_or(u64::MAX);

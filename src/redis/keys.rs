@@ -60,6 +60,18 @@ pub(crate) fn leased_consumers(stream: &str, group: &str) -> String {
     format!("{}{}:{group}", prefix::CONSUMERS, in_slot(stream))
 }
 
+/// What the lease keys of every group of `stream` start with: [`lease`] is this, then
+/// `<group>:<consumer>` (for the scripts that look at each group's leases).
+pub(crate) fn leases_of(stream: &str) -> String {
+    format!("{}{}:", prefix::LEASE, in_slot(stream))
+}
+
+/// What the lease registries of every group of `stream` start with: [`leased_consumers`] is
+/// this, then the group.
+pub(crate) fn registries_of(stream: &str) -> String {
+    format!("{}{}:", prefix::CONSUMERS, in_slot(stream))
+}
+
 /// Sorted set of the live members of `group` on the partitioned `topic`, scored by the
 /// server time (ms) their record expires; [`member_tokens`] beside it.
 pub(crate) fn members(topic: &str, group: &str) -> String {
@@ -105,6 +117,14 @@ mod tests {
         assert_eq!(
             leased_consumers("orders", "billing"),
             "streamwise:consumers:{orders}:billing"
+        );
+        assert_eq!(
+            format!("{}billing:w-1", leases_of("orders")),
+            lease("orders", "billing", "w-1")
+        );
+        assert_eq!(
+            format!("{}billing", registries_of("orders")),
+            leased_consumers("orders", "billing")
         );
     }
 

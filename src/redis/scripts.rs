@@ -345,3 +345,96 @@ return id
 ",
     )
 });
+
+/// Lua functions of the guarded repairs: `live(registry, lease prefix)`, the consumers of a
+/// registry whose lease key is there, as flat `name, token, pttl` triples; `cmp_id(a, b)`,
+/// -1, 0 or 1 as entry id `a` is below, equal to or above `b` (compared as decimal text, so
+/// that ids beyond 2^53 compare right).
+const GUARD_FUNCTIONS: &str = r"
+local function live(registry, prefix)
+  local found = {}
+  for _, name in ipairs(redis.call('SMEMBERS', registry)) do
+    local key = prefix .. name
+    local token = redis.call('GET', key)
+    if token then
+      table.insert(found, name)
+      table.insert(found, token)
+      table.insert(found, redis.call('PTTL', key))
+    end
+  end
+  return found
+end
+local function cmp_num(a, b)
+  if #a ~= #b then return #a < #b and -1 or 1 end
+  if a == b then return 0 end
+  return a < b and -1 or 1
+end
+local function cmp_id(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  local c = cmp_num(am, bm)
+  if c ~= 0 then return c end
+  return cmp_num(as, bs)
+end
+";
+
+/// Moves a group's last delivered id, unless (not forced) a consumer of the group holds a live
+/// lease: the check and the move in one step, so that no consumer can start between them.
+/// KEYS: stream, the group's lease registry. ARGV: group, id, the group's lease key prefix,
+/// `1` to force. Returns an empty array when moved, else the live consumers as flat
+/// `name, token, pttl` triples (nothing moved).
+pub(crate) static GUARDED_SETID: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{GUARD_FUNCTIONS}{}",
+        r"
+if ARGV[4] ~= '1' then
+  local found = live(KEYS[2], ARGV[3])
+  if #found > 0 then return found end
+end
+redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[2])
+return {}
+"
+    ))
+});
+
+/// Trims a stream below an id (`XTRIM MINID`, exact), unless (not forced) that would remove
+/// an entry a group with live consumers still needs: its oldest pending entry, or the first it
+/// has not been delivered. The check and the trim in one step, so that no consumer can start
+/// or read between them. KEYS: stream. ARGV: the id, `1` to force, the stream's registry
+/// prefix, its lease key prefix. Returns `{removed}`, or, nothing removed, `{-1, the first
+/// needed id, {groups that need it}, {per such group, its live consumers as flat
+/// name, token, pttl triples}}`.
+pub(crate) static GUARDED_TRIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{GUARD_FUNCTIONS}{}",
+        r"
+if ARGV[2] ~= '1' then
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+  if ok then
+    local needed, protecting, lives = nil, {}, {}
+    for _, g in ipairs(groups) do
+      local name, last
+      for i = 1, #g, 2 do
+        if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+      end
+      local found = live(ARGV[3] .. name, ARGV[4] .. name .. ':')
+      if #found > 0 then
+        local first
+        local p = redis.call('XPENDING', KEYS[1], name, '-', '+', 1)
+        if p[1] then first = p[1][1] end
+        local u = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
+        if u[1] and (not first or cmp_id(u[1][1], first) < 0) then first = u[1][1] end
+        if first and cmp_id(ARGV[1], first) > 0 then
+          if not needed or cmp_id(first, needed) < 0 then needed = first end
+          table.insert(protecting, name)
+          table.insert(lives, found)
+        end
+      end
+    end
+    if needed then return {-1, needed, protecting, lives} end
+  end
+end
+return {redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])}
+"
+    ))
+});

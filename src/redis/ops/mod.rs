@@ -37,7 +37,9 @@ pub use self::inspect::{
 };
 pub use self::repair::{ResetReport, ResetRow, ResetTo, TrimReport, TrimRow, TrimTo, reset_group, trim};
 
+use super::admin::LeaseHolder;
 use super::connection::RedisConnection;
+use super::protocol::replies;
 use super::{admin, coordinator, keys};
 use crate::error::{Result, validate_name, validate_stream_name};
 use crate::message::{EntryId, format_timestamp};
@@ -86,37 +88,69 @@ pub struct LiveConsumer {
     pub lease_ttl_ms: Option<u64>,
 }
 
-/// The consumers of `group` on `stream` that hold a live lease (found by their lease keys, so
-/// that a consumer that has not read yet counts too).
-async fn live_consumers(conn: &RedisConnection, stream: &str, group: &str) -> Result<Vec<LiveConsumer>> {
-    validate_name("group", group)?;
-    let prefix = keys::lease(stream, group, "");
-    let found = admin::scan_with(conn, &format!("{prefix}*"), None, Some(stream)).await?;
-    let mut live = Vec::with_capacity(found.len());
-    for key in found {
-        let Some(consumer) = key.strip_prefix(&prefix) else {
-            continue;
-        };
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
-        let (token, ttl): (Option<String>, i64) = conn
-            .run_mapped("read lease", |mut c| {
-                let pipe = pipe.clone();
-                async move { pipe.query_async(&mut c).await }
-            })
-            .await?;
-        // Gone between the scan and the look: no longer live.
-        let Some(token) = token else { continue };
-        live.push(LiveConsumer {
+impl LiveConsumer {
+    fn new(stream: &str, group: &str, consumer: String, lease: &LeaseHolder) -> Self {
+        LiveConsumer {
             stream: stream.to_owned(),
             group: group.to_owned(),
-            consumer: consumer.to_owned(),
-            member: token.split_once('/').map(|(member, _)| member.to_owned()),
-            lease_ttl_ms: u64::try_from(ttl).ok(),
-        });
+            consumer,
+            member: lease.member().map(str::to_owned),
+            lease_ttl_ms: lease.ttl_ms,
+        }
     }
-    live.sort_by(|a, b| a.consumer.cmp(&b.consumer));
-    Ok(live)
+
+    /// The live consumers a guard script found, as flat `name, token, pttl` triples.
+    fn from_script(stream: &str, group: &str, flat: &[redis::Value]) -> Result<Vec<LiveConsumer>> {
+        flat.chunks(3)
+            .map(|triple| {
+                let [name, token, ttl] = triple else {
+                    return Err(replies::unexpected("live consumers"));
+                };
+                let text = |v: &redis::Value| -> Result<String> {
+                    redis::from_redis_value(v.clone())
+                        .map_err(|e| replies::refusal("live consumers", e.into()))
+                };
+                let ttl: i64 = redis::from_redis_value(ttl.clone())
+                    .map_err(|e| replies::refusal("live consumers", e.into()))?;
+                let lease = LeaseHolder::new(text(token)?, u64::try_from(ttl).ok());
+                Ok(LiveConsumer::new(stream, group, text(name)?, &lease))
+            })
+            .collect()
+    }
+}
+
+/// The consumers of `group` on `stream` that hold a live lease: the members of the group's
+/// lease registry (every consumer that takes a lease joins it, before it reads, so one that
+/// has not read yet counts too) whose lease key is there, in two round trips.
+async fn live_consumers(conn: &RedisConnection, stream: &str, group: &str) -> Result<Vec<LiveConsumer>> {
+    validate_name("group", group)?;
+    let mut names: Vec<String> = conn
+        .command(redis::cmd("SMEMBERS").arg(keys::leased_consumers(stream, group)))
+        .await?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    names.sort();
+    let mut pipe = redis::pipe();
+    for name in &names {
+        let lease = keys::lease(stream, group, name);
+        pipe.cmd("GET").arg(&lease).cmd("PTTL").arg(&lease);
+    }
+    let leases: Vec<(Option<String>, i64)> = conn
+        .run_mapped("read leases", |mut c| {
+            let pipe = pipe.clone();
+            async move { pipe.query_async(&mut c).await }
+        })
+        .await?;
+    Ok(names
+        .into_iter()
+        .zip(leases)
+        // A registered consumer without its lease key closed or crashed: not live.
+        .filter_map(|(name, (token, ttl))| {
+            let lease = LeaseHolder::new(token?, u64::try_from(ttl).ok());
+            Some(LiveConsumer::new(stream, group, name, &lease))
+        })
+        .collect())
 }
 
 /// The time an entry id was made, as text (ISO 8601, UTC).
@@ -150,19 +184,8 @@ fn next_id(id: EntryId) -> EntryId {
 
 /// How many entries of `stream` have ids below `before` (counted in pages; stops at `cap`).
 async fn count_before(conn: &RedisConnection, stream: &str, before: EntryId, cap: u64) -> Result<u64> {
-    const PAGE: usize = 1000;
     let Some(last) = before.prev() else { return Ok(0) };
-    let (mut counted, mut from) = (0u64, "-".to_owned());
-    let to = last.to_string();
-    while counted < cap {
-        let page = admin::range(conn, stream, &from, &to, PAGE, false).await?;
-        counted += page.len() as u64;
-        match page.last() {
-            Some(entry) if page.len() == PAGE => from = format!("({}", entry.id),
-            _ => break,
-        }
-    }
-    Ok(counted.min(cap))
+    admin::count_range(conn, stream, "-", &last.to_string(), cap).await
 }
 
 /// The id of the last entry of `stream`, if it has any.

@@ -1,10 +1,17 @@
 //! Repairs of a topic's groups and entries that refuse while consumers are live: moving a
 //! group's position ([`reset_group`]) and trimming a stream without cutting what a live group
 //! still has to handle ([`trim`]).
+//!
+//! Each reads first, for its report and to refuse the whole topic at once; then, executing,
+//! it checks again and writes in one script step per stream (`scripts::GUARDED_SETID`,
+//! `scripts::GUARDED_TRIM`: the stream, its lease keys and registries share a slot), so that
+//! a consumer that starts after the first look cannot slip in before the write.
 
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
+
+use redis::Value;
 
 use super::{
     LiveConsumer, Mode, count_before, first_after, id_at, last_id, live_consumers, millis, next_id, now_ms,
@@ -12,10 +19,11 @@ use super::{
 };
 use crate::checkpoint::CheckpointStore;
 use crate::error::{Error, Result, validate_name};
-use crate::message::EntryId;
-use crate::redis::admin;
+use crate::message::{EntryId, saturating_ms};
 use crate::redis::checkpoint::RedisCheckpointStore;
 use crate::redis::connection::RedisConnection;
+use crate::redis::protocol::replies;
+use crate::redis::{admin, keys, scripts};
 
 /// Where [`reset_group`] moves a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +56,8 @@ pub struct ResetRow {
     /// Entries pending in the group: a reset keeps them pending (they are delivered again to
     /// their consumers, or reclaimed).
     pub pending: u64,
+    /// The group was moved here (executed, and not refused).
+    pub applied: bool,
 }
 
 /// What [`reset_group`] did, or would do.
@@ -61,7 +71,9 @@ pub struct ResetReport {
     /// Dry run or executed.
     pub mode: Mode,
     /// Refused: consumers of the group hold live leases (listed in `live`), and it was not
-    /// forced. Nothing was changed.
+    /// forced. Nothing was changed, unless a consumer started while the reset went from stream
+    /// to stream of a partitioned topic: the rows say which streams were reset (`applied`)
+    /// before it stopped.
     pub refused: bool,
     /// Consumers of the group that held live leases.
     pub live: Vec<LiveConsumer>,
@@ -79,7 +91,8 @@ impl ResetReport {
 /// Moves `group`'s position on `topic` (on each partition of a partitioned topic) to `to`
 /// (`XGROUP SETID`). Pending entries stay pending. While consumers of the group hold live
 /// leases, a consumer would go on from where it stood in its own reads, so it refuses
-/// ([`ResetReport::refused`]) unless `force`. [`Error::GroupNotFound`] when no stream of the
+/// ([`ResetReport::refused`]) unless `force`; the check and the move are one script step per
+/// stream. [`Error::GroupNotFound`] when no stream of the
 /// topic has the group; [`Error::Invalid`] (`to`) for [`ResetTo::Checkpoint`] when the group
 /// has no checkpoint on a stream.
 pub async fn reset_group(
@@ -132,6 +145,7 @@ pub async fn reset_group(
             from: info.last_delivered_id,
             to: target,
             pending: info.pending,
+            applied: false,
         });
     }
     if report.streams.is_empty() {
@@ -142,19 +156,42 @@ pub async fn reset_group(
     }
     report.refused = !force && !report.live.is_empty();
     if mode == Mode::Execute && !report.refused {
-        for row in report.streams.iter().filter(|r| r.from != r.to) {
-            let _: () = conn
-                .command(
-                    redis::cmd("XGROUP")
-                        .arg("SETID")
-                        .arg(&row.stream)
-                        .arg(group)
-                        .arg(row.to.to_string()),
-                )
-                .await?;
+        for row in report.streams.iter_mut().filter(|r| r.from != r.to) {
+            let live = guarded_setid(conn, &row.stream, group, row.to, force).await?;
+            if !live.is_empty() {
+                // A consumer started since the first look: this stream and the next stay.
+                report.refused = true;
+                report.live = live;
+                break;
+            }
+            row.applied = true;
         }
     }
     Ok(report)
+}
+
+/// Sets `group`'s last delivered id on `stream` to `to`, unless (not `force`) a consumer of
+/// the group holds a live lease, checked in the same script step; the live consumers when
+/// refused (nothing changed), else none.
+async fn guarded_setid(
+    conn: &RedisConnection,
+    stream: &str,
+    group: &str,
+    to: EntryId,
+    force: bool,
+) -> Result<Vec<LiveConsumer>> {
+    let found: Vec<Value> = conn
+        .run_mapped("reset group", |mut c| {
+            let mut call = scripts::GUARDED_SETID.key(stream);
+            call.key(keys::leased_consumers(stream, group))
+                .arg(group)
+                .arg(to.to_string())
+                .arg(keys::lease(stream, group, ""))
+                .arg(if force { "1" } else { "0" });
+            async move { call.invoke_async(&mut c).await }
+        })
+        .await?;
+    LiveConsumer::from_script(stream, group, &found)
 }
 
 /// How much [`trim`] keeps.
@@ -187,6 +224,8 @@ pub struct TrimRow {
     pub protected_for: Vec<String>,
     /// The trim asked for would cut into what those groups need.
     pub would_cut: bool,
+    /// The stream was trimmed (executed, and not refused); `removes` is then what went.
+    pub applied: bool,
 }
 
 /// What [`trim`] did, or would do.
@@ -199,7 +238,9 @@ pub struct TrimReport {
     pub mode: Mode,
     /// Refused: the trim would cut entries that a group with live consumers has pending or
     /// not yet delivered (see the rows' `would_cut`), and it was not forced. Nothing was
-    /// changed.
+    /// changed, unless a consumer started while the trim went from stream to stream of a
+    /// partitioned topic: the rows say which streams were trimmed (`applied`) before it
+    /// stopped.
     pub refused: bool,
     /// The live consumers of the groups that protect entries.
     pub live: Vec<LiveConsumer>,
@@ -216,9 +257,11 @@ impl TrimReport {
 
 /// Trims `topic` (each partition of a partitioned topic) to `to` (`XTRIM MINID`, exact).
 /// It never removes an entry that a group with live consumers has pending or has not been
-/// delivered yet: such a trim is refused whole ([`TrimReport::refused`]) unless `force`. The
-/// groups without live consumers do not hold it back (their pending entries that go are
-/// dead-lettered as trimmed when next claimed).
+/// delivered yet: such a trim is refused whole ([`TrimReport::refused`]) unless `force`; the
+/// check and the trim are one script step per stream. The groups without live consumers do
+/// not hold it back (their pending entries that go are dead-lettered as trimmed when next
+/// claimed). `TrimTo::MaxLen` finds where to cut in pages from the nearer end of the stream,
+/// never holding more than a page of entries.
 pub async fn trim(
     conn: &RedisConnection,
     topic: &str,
@@ -242,22 +285,8 @@ pub async fn trim(
         let before = match to {
             TrimTo::MaxLen(keep) if keep >= length => None,
             TrimTo::MaxLen(0) => last_id(conn, &stream).await?.map(next_id),
-            TrimTo::MaxLen(keep) => {
-                let kept = admin::range(
-                    conn,
-                    &stream,
-                    "+",
-                    "-",
-                    usize::try_from(keep).unwrap_or(usize::MAX),
-                    true,
-                )
-                .await?;
-                kept.last().map(|e| e.id)
-            }
-            TrimTo::OlderThan(age) => {
-                let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-                Some(id_at(now_ms().saturating_sub(age_ms)))
-            }
+            TrimTo::MaxLen(keep) => first_kept(conn, &stream, length, keep).await?,
+            TrimTo::OlderThan(age) => Some(id_at(now_ms().saturating_sub(saturating_ms(age)))),
         };
         let removes = match (to, before) {
             (_, None) => 0,
@@ -274,6 +303,7 @@ pub async fn trim(
             protected_from: None,
             protected_for: Vec::new(),
             would_cut: false,
+            applied: false,
         };
         let infos = match admin::groups(conn, &stream).await {
             Ok(infos) => infos,
@@ -304,17 +334,118 @@ pub async fn trim(
     if mode == Mode::Execute && !report.refused {
         for row in &mut report.streams {
             let Some(before) = row.before else { continue };
-            row.removes = conn
-                .command(
-                    redis::cmd("XTRIM")
-                        .arg(&row.stream)
-                        .arg("MINID")
-                        .arg(before.to_string()),
-                )
-                .await?;
+            match guarded_trim(conn, &row.stream, before, force).await? {
+                Trimmed::Removed(removed) => {
+                    row.removes = removed;
+                    row.applied = true;
+                }
+                Trimmed::Refused { needed, groups, live } => {
+                    // A consumer started (or a live group fell behind) since the first look:
+                    // this stream and the next stay.
+                    row.would_cut = true;
+                    row.protected_from = Some(needed);
+                    row.protected_for = groups;
+                    report.refused = true;
+                    report.live = live;
+                    break;
+                }
+            }
         }
     }
     Ok(report)
+}
+
+/// The id of the first entry a trim to the newest `keep` of `length` entries keeps (`keep`
+/// below `length`, above 0), found by skipping entries in pages from the nearer end: the
+/// `length - keep` oldest, or the `keep - 1` newest.
+async fn first_kept(conn: &RedisConnection, stream: &str, length: u64, keep: u64) -> Result<Option<EntryId>> {
+    let removes = length - keep;
+    if removes <= keep {
+        nth_entry(conn, stream, removes, false).await
+    } else {
+        nth_entry(conn, stream, keep - 1, true).await
+    }
+}
+
+/// The id of the entry after the first `skip` entries of `stream`, oldest first (newest first
+/// with `reverse`), read in pages.
+async fn nth_entry(
+    conn: &RedisConnection,
+    stream: &str,
+    mut skip: u64,
+    reverse: bool,
+) -> Result<Option<EntryId>> {
+    const PAGE: u64 = 1000;
+    let (mut from, to) = if reverse {
+        ("+".to_owned(), "-")
+    } else {
+        ("-".to_owned(), "+")
+    };
+    loop {
+        let want = skip.saturating_add(1).min(PAGE);
+        let page = admin::range(conn, stream, &from, to, want as usize, reverse).await?;
+        if let Some(entry) = usize::try_from(skip).ok().and_then(|n| page.get(n)) {
+            return Ok(Some(entry.id));
+        }
+        match page.last() {
+            Some(last) if page.len() as u64 == want => {
+                skip -= want;
+                from = format!("({}", last.id);
+            }
+            // The stream ended first (entries went meanwhile).
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// What [`guarded_trim`] did.
+enum Trimmed {
+    Removed(u64),
+    Refused {
+        needed: EntryId,
+        groups: Vec<String>,
+        live: Vec<LiveConsumer>,
+    },
+}
+
+/// Trims `stream` below `before`, unless (not `force`) a group with live consumers still
+/// needs an entry below it, checked in the same script step.
+async fn guarded_trim(conn: &RedisConnection, stream: &str, before: EntryId, force: bool) -> Result<Trimmed> {
+    let reply: Vec<Value> = conn
+        .run_mapped("trim", |mut c| {
+            let mut call = scripts::GUARDED_TRIM.key(stream);
+            call.arg(before.to_string())
+                .arg(if force { "1" } else { "0" })
+                .arg(keys::registries_of(stream))
+                .arg(keys::leases_of(stream));
+            async move { call.invoke_async(&mut c).await }
+        })
+        .await?;
+    let parse_error = |e: redis::RedisError| replies::refusal("trim", e);
+    match reply.as_slice() {
+        [Value::Int(removed)] => Ok(Trimmed::Removed(u64::try_from(*removed).unwrap_or(0))),
+        [Value::Int(-1), needed, Value::Array(groups), Value::Array(lives)] => {
+            let needed: String =
+                redis::from_redis_value(needed.clone()).map_err(|e| parse_error(e.into()))?;
+            let groups: Vec<String> = groups
+                .iter()
+                .map(|g| redis::from_redis_value(g.clone()).map_err(|e| parse_error(e.into())))
+                .collect::<Result<_>>()?;
+            let mut live = Vec::new();
+            for (group, found) in groups.iter().zip(lives) {
+                let Value::Array(found) = found else {
+                    return Err(replies::unexpected("trim"));
+                };
+                live.extend(LiveConsumer::from_script(stream, group, found)?);
+            }
+            Ok(Trimmed::Refused {
+                needed: needed.parse()?,
+                groups,
+                live,
+            })
+        }
+        _ => Err(replies::unexpected("trim")),
+    }
 }
 
 async fn exists(conn: &RedisConnection, key: &str) -> Result<bool> {
