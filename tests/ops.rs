@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use streamwise::redis::client::{Value, cmd};
-use streamwise::redis::ops::{self, Mode, ReplayOptions, ResetTo, TrimTo};
+use streamwise::redis::ops::{self, Mode, PendingQuery, ReplayOptions, ResetTo, TrimTo};
 use streamwise::redis::{RedisBackend, RedisConnection, RedisSubscriber, RedisSubscriberOptions, admin};
 use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber, Subscription};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -270,6 +270,35 @@ async fn live_consumers_are_found_without_scanning_the_keyspace() {
     assert!(!stats.contains("cmdstat_scan:"), "{stats}");
     assert!(stats.contains("cmdstat_smembers:"), "{stats}");
     holder.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_beyond_the_clock_are_no_panic() {
+    let server = RedisServer::start();
+    let redis = RedisBackend::new(&server.url()).unwrap();
+    let conn = redis.connection();
+    publish(&redis, "orders", 2).await;
+    cmd_on(conn, &["XADD", "{orders}-dead", "*", "f", "v"]).await;
+    for mode in [Mode::DryRun, Mode::Execute] {
+        let purge = ops::purge_dead_letters(conn, "orders", Some(Duration::MAX), mode)
+            .await
+            .unwrap();
+        assert_eq!((purge.total, purge.older_than_ms), (0, Some(u64::MAX)));
+        let trim = ops::trim(conn, "orders", TrimTo::OlderThan(Duration::MAX), mode, false)
+            .await
+            .unwrap();
+        assert!(!trim.changes(), "{trim:?}");
+    }
+    assert_eq!(admin::stream_length(conn, "{orders}-dead").await.unwrap(), 1);
+    assert_eq!(admin::stream_length(conn, "orders").await.unwrap(), 2);
+    // A query left at its defaults is a valid one.
+    admin::create_group(conn, "orders", "billing", StartFrom::Beginning, false)
+        .await
+        .unwrap();
+    let pending = ops::pending(conn, "orders", "billing", &PendingQuery::default())
+        .await
+        .unwrap();
+    assert!(pending.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

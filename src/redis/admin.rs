@@ -13,7 +13,7 @@ use super::protocol::replies::{self, Record, ReplyEntry};
 use super::{keys, scripts};
 use crate::codec::{Codec, JsonCodec, RawEntry};
 use crate::error::{Error, Result, validate_name, validate_stream_name};
-use crate::message::{EntryId, Message, format_timestamp, parse_timestamp};
+use crate::message::{EntryId, Message, format_timestamp, parse_timestamp, saturating_ms};
 use crate::pubsub::{MAX_CAP, StartFrom};
 
 /// A stream's settings, kept in the hash `streamwise:meta:{<stream>}` beside it. Publishers
@@ -599,7 +599,7 @@ pub async fn consumers(
         let holder = token.map(|token| LeaseHolder::new(token, u64::try_from(ttl_ms).ok()));
         (holder, registered)
     });
-    let idle_after_ms = u64::try_from(idle_after.as_millis()).unwrap_or(u64::MAX);
+    let idle_after_ms = saturating_ms(idle_after);
     Ok(found
         .into_iter()
         .zip(leases)

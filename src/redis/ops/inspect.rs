@@ -11,7 +11,7 @@ use crate::checkpoint::CheckpointStore;
 use crate::codec::{Codec, JsonCodec};
 use crate::dead_letter;
 use crate::error::{Error, Result, validate_name};
-use crate::message::EntryId;
+use crate::message::{EntryId, saturating_ms};
 use crate::partition::parse_partition_stream;
 use crate::redis::admin;
 use crate::redis::checkpoint::RedisCheckpointStore;
@@ -374,19 +374,27 @@ pub async fn consumers(conn: &RedisConnection, topic: &str, group: &str) -> Resu
 }
 
 /// Which pending entries [`pending`] lists.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingQuery {
     consumer: Option<String>,
     min_idle: Duration,
     limit: usize,
 }
 
+impl Default for PendingQuery {
+    /// [`PendingQuery::new`]: a query [`pending`] takes as it is.
+    fn default() -> Self {
+        PendingQuery::new()
+    }
+}
+
 impl PendingQuery {
     /// The oldest 100 pending entries of every consumer.
     pub fn new() -> Self {
         PendingQuery {
+            consumer: None,
+            min_idle: Duration::ZERO,
             limit: 100,
-            ..Default::default()
         }
     }
 
@@ -448,7 +456,7 @@ pub async fn pending(
             format_args!("{} is not between 1 and 10000", query.limit),
         ));
     }
-    let min_idle_ms = u64::try_from(query.min_idle.as_millis()).unwrap_or(u64::MAX);
+    let min_idle_ms = saturating_ms(query.min_idle);
     let (_, streams) = streams_of(conn, topic).await?;
     let mut found = Vec::new();
     let mut any_group = false;

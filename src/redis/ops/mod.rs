@@ -42,7 +42,7 @@ use super::connection::RedisConnection;
 use super::protocol::replies;
 use super::{admin, coordinator, keys};
 use crate::error::{Result, validate_name, validate_stream_name};
-use crate::message::{EntryId, format_timestamp};
+use crate::message::{EntryId, format_timestamp, saturating_ms};
 use crate::partition::partition_stream;
 
 /// Whether a repair writes.
@@ -153,9 +153,13 @@ async fn live_consumers(conn: &RedisConnection, stream: &str, group: &str) -> Re
         .collect())
 }
 
-/// The time an entry id was made, as text (ISO 8601, UTC).
-fn id_time(id: EntryId) -> String {
-    format_timestamp(UNIX_EPOCH + Duration::from_millis(id.ms()))
+/// The time an entry id was made, as text (ISO 8601, UTC; `<ms> ms after the epoch` for an id
+/// beyond what the clock can hold).
+pub fn id_time(id: EntryId) -> String {
+    match UNIX_EPOCH.checked_add(Duration::from_millis(id.ms())) {
+        Some(time) => format_timestamp(time),
+        None => format!("{} ms after the epoch", id.ms()),
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -165,8 +169,7 @@ fn now_ms() -> u64 {
 
 /// Milliseconds since the Unix epoch at `time` (0 before it).
 fn millis(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    time.duration_since(UNIX_EPOCH).map_or(0, saturating_ms)
 }
 
 /// The first id at or after `ms`: `ms-0`.
@@ -217,5 +220,7 @@ mod tests {
             "2026-11-22T10:00:00.123Z"
         );
         assert_eq!(millis(UNIX_EPOCH + Duration::from_millis(7)), 7);
+        // An id as far out as ids go still reads, whatever the platform's clock holds.
+        assert!(!id_time(EntryId::new(u64::MAX, 0)).is_empty());
     }
 }
