@@ -14,10 +14,10 @@ use streamwise::partition::{
     PartitionCoordinator, PartitionedPublisher, partition_for_key, partition_stream,
 };
 use streamwise::redis::ops::{self, LeaseState, Mode, PendingQuery, ReplayOptions, TrimTo};
-use streamwise::redis::{RedisBackend, RedisConnection, StreamReader};
+use streamwise::redis::{RedisBackend, RedisConnection, StreamReader, admin};
 use streamwise::{EntryId, Message, Publisher, StartFrom};
 
-use crate::output::{Format, Out, id_with_time, ms, opt, table, time_of};
+use crate::output::{Format, Out, id_with_time, ms, opt, table};
 use crate::parse::From;
 use crate::{Command, DlqCommand, Exit, GroupCommand, TailArgs};
 
@@ -349,7 +349,7 @@ fn print_entry(out: &Out, stream: &str, id: EntryId, message: &streamwise::Resul
     let entry = TailEntry {
         stream,
         id,
-        time: time_of(id),
+        time: ops::id_time(id),
         event_type: message.as_ref().ok().map(Message::event_type),
         uuid: message.as_ref().ok().map(Message::uuid),
         metadata: message.as_ref().ok().map(Message::metadata),
@@ -472,29 +472,11 @@ fn wanted(args: &TailArgs, message: &streamwise::Result<Message>) -> bool {
 
 /// The ids of the last `count` entries of `stream`, newest first.
 async fn last_ids(conn: &RedisConnection, stream: &str, count: u64) -> streamwise::Result<Vec<EntryId>> {
-    use streamwise::redis::client::{Value, cmd};
-    let reply: Value = conn
-        .command(
-            cmd("XREVRANGE")
-                .arg(stream)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(count),
-        )
-        .await?;
-    let Value::Array(entries) = reply else {
-        return Ok(Vec::new());
-    };
-    Ok(entries
+    let count = usize::try_from(count).unwrap_or(usize::MAX);
+    Ok(admin::range(conn, stream, "+", "-", count, true)
+        .await?
         .into_iter()
-        .filter_map(|entry| match entry {
-            Value::Array(parts) => match parts.into_iter().next() {
-                Some(Value::BulkString(id)) => std::str::from_utf8(&id).ok()?.parse().ok(),
-                _ => None,
-            },
-            _ => None,
-        })
+        .map(|e| e.id)
         .collect())
 }
 
@@ -683,7 +665,7 @@ async fn dlq_replay(
         for bound in &report.bounds {
             match (bound.up_to, bound.resumed) {
                 (Some(id), true) => out.line(&format!(
-                    "{}: resuming the interrupted run, up to {id}",
+                    "{}: resuming the unfinished run, up to {id}",
                     bound.dead_letter_stream
                 )),
                 (Some(id), false) => out.line(&format!("{}: up to {id}", bound.dead_letter_stream)),
@@ -731,6 +713,12 @@ async fn dlq_replay(
     if report.interrupted {
         out.note("interrupted: run the same command again to resume (no record is replayed twice)");
         return Ok(Exit::Error);
+    }
+    if report.unfinished && report.mode == Mode::Execute {
+        out.note(
+            "stopped at --limit with records left: the next run goes on up to the same last records \
+             (records dead-lettered again meanwhile wait for the run after)",
+        );
     }
     Ok(repair_exit(false, report.mode, report.changes()))
 }
@@ -800,13 +788,14 @@ async fn group_reset(
     if out.format == Format::Json {
         out.json(&report);
     } else {
-        let mut t = table(&["stream", "last delivered", "reset to", "pending (kept)"]);
+        let mut t = table(&["stream", "last delivered", "reset to", "pending (kept)", "reset"]);
         for row in &report.streams {
             t.add_row([
                 row.stream.clone(),
                 row.from.to_string(),
                 row.to.to_string(),
                 row.pending.to_string(),
+                if row.applied { "yes" } else { "no" }.to_owned(),
             ]);
         }
         out.table(&t);
@@ -850,6 +839,7 @@ async fn trim(
             "entries before",
             "needed from",
             "needed by",
+            "trimmed",
         ]);
         for row in &report.streams {
             t.add_row([
@@ -863,6 +853,7 @@ async fn trim(
                 } else {
                     row.protected_for.join(", ")
                 },
+                if row.applied { "yes" } else { "no" }.to_owned(),
             ]);
         }
         out.table(&t);

@@ -4,7 +4,8 @@
 //! A front end to [`streamwise::redis::ops`], where the logic and its safety live: this crate
 //! owns the arguments, the tables, the JSON output (the reports' fields, serialized) and the
 //! exit codes. Exit codes: 0 ok, 1 error, 2 a dry run that would change something, 3 refused
-//! (live consumers). Destructive commands are dry runs unless `--execute`.
+//! (live consumers); usage errors and panics exit 1 too, so that 2 always means a dry run that
+//! would change something. Destructive commands are dry runs unless `--execute`.
 
 mod commands;
 mod output;
@@ -13,6 +14,7 @@ mod parse;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use streamwise::EntryId;
 use streamwise::redis::RedisConnection;
@@ -154,7 +156,7 @@ enum DlqCommand {
         /// How many of the latest records to show.
         #[arg(long, default_value_t = 10)]
         limit: usize,
-        /// Only records whose reason contains this.
+        /// Only records whose reason contains this ("(none)": the records without one).
         #[arg(long)]
         reason: Option<String>,
     },
@@ -166,19 +168,21 @@ enum DlqCommand {
         /// Only these records (ids in the dead-letter stream; comma-separated or repeated).
         #[arg(long, value_delimiter = ',', value_parser = parse::entry_id)]
         ids: Vec<EntryId>,
-        /// At most this many records, oldest first.
+        /// At most this many records, oldest first (the next run goes on up to the same last
+        /// records).
         #[arg(long)]
         limit: Option<u64>,
-        /// Only records whose reason contains this.
+        /// Only records whose reason contains this ("(none)": the records without one).
         #[arg(long)]
         reason: Option<String>,
-        /// At most this many records a second (100/s, 600/m).
+        /// At most this many records a second (100/s, 600/m; one a day at the least).
         #[arg(long, value_parser = parse::rate)]
         rate: Option<f64>,
-        /// Into this stream instead of the one each came from.
+        /// Into this stream instead of the one each came from (not a dead-letter stream, nor a
+        /// partition).
         #[arg(long)]
         to: Option<String>,
-        /// Start a new run instead of resuming an interrupted one.
+        /// Start a new run instead of resuming an unfinished one.
         #[arg(long)]
         fresh: bool,
         /// Replay (without it: only list what would be replayed).
@@ -232,8 +236,46 @@ pub(crate) enum Exit {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let out = Out::new(cli.output, cli.url.as_deref());
+    // The URLs the tool was given, in the form they were typed, so that whatever quotes one
+    // (a usage error, a panic) prints it redacted.
+    let urls: Vec<String> = std::env::args()
+        .chain(std::env::var("REDIS_URL").ok())
+        .filter_map(|arg| {
+            // `--url=redis://...`: the URL starts with its scheme.
+            let scheme = arg.find("://")?;
+            let start = arg[..scheme]
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || "+-.".contains(c)))
+                .map_or(0, |i| i + 1);
+            Some(arg[start..].to_owned())
+        })
+        .collect();
+    std::panic::set_hook(Box::new({
+        let urls = urls.clone();
+        move |info| {
+            let what = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let at = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
+            eprintln!(
+                "error: streamwise failed{at}: {} (a bug: please report it)",
+                output::redact_urls(&what, &urls)
+            );
+            std::process::exit(Exit::Error as u8 as i32);
+        }
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage(&e, &urls),
+    };
+    // Lets the tests see what a panic prints (debug builds only).
+    #[cfg(debug_assertions)]
+    if std::env::var_os("STREAMWISE_CLI_TEST_PANIC").is_some() {
+        panic!("a test panic, naming {:?}", cli.url);
+    }
+    let out = Out::new(cli.output, urls);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -255,6 +297,22 @@ fn main() -> ExitCode {
         }
     });
     ExitCode::from(exit as u8)
+}
+
+/// Prints what clap says (the URLs in it redacted) and how the tool ends: 0 for --help and
+/// --version, 1 for a usage error (never 2, which says a dry run would change something).
+fn usage(e: &clap::Error, urls: &[String]) -> ExitCode {
+    let text = output::redact_urls(&e.render().to_string(), urls);
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprint!("{text}");
+            ExitCode::from(Exit::Error as u8)
+        }
+    }
 }
 
 /// Connects and runs the command.

@@ -1,11 +1,15 @@
 //! Everything the tool prints goes through [`Out`]: tables or JSON on stdout, notes and errors
-//! on stderr, each line with the URL's password (and the URL's user information) taken out.
+//! on stderr. The reports carry no URL, and the library's errors name the server by its
+//! redacted URL; notes and errors are redacted once more with the library's
+//! [`redact_url`](streamwise::redis::redact_url), applied to the URLs the tool was given,
+//! wherever one is quoted.
 
 use std::io::Write;
 
 use comfy_table::{ContentArrangement, Table, presets};
 use serde::Serialize;
 use streamwise::EntryId;
+use streamwise::redis::{ops, redact_url};
 
 /// How results are printed (`--output`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -16,42 +20,29 @@ pub(crate) enum Format {
     Json,
 }
 
-/// The printer, which knows the secrets it must never print.
+/// The printer, which knows the URLs it must never print as they were typed.
 pub(crate) struct Out {
     pub(crate) format: Format,
-    secrets: Vec<String>,
+    urls: Vec<String>,
 }
 
 impl Out {
-    /// A printer that hides the password of `url` (and the URL as typed, in favour of its
-    /// redacted form).
-    pub(crate) fn new(format: Format, url: Option<&str>) -> Self {
-        let mut secrets = Vec::new();
-        if let Some(password) = url.and_then(password_of) {
-            secrets.push(password.to_owned());
-        }
-        Out { format, secrets }
-    }
-
-    /// `text` without any secret.
-    pub(crate) fn scrub(&self, text: &str) -> String {
-        let mut text = text.to_owned();
-        for secret in &self.secrets {
-            text = text.replace(secret.as_str(), "***");
-        }
-        text
+    /// A printer whose notes show `urls` (the URLs the tool was given) redacted.
+    pub(crate) fn new(format: Format, urls: Vec<String>) -> Self {
+        Out { format, urls }
     }
 
     /// A line on stdout.
     pub(crate) fn line(&self, text: &str) {
         let mut stdout = std::io::stdout().lock();
         // A closed pipe (`| head`) ends the output, not the tool.
-        let _ = writeln!(stdout, "{}", self.scrub(text));
+        let _ = writeln!(stdout, "{text}");
     }
 
-    /// A note on stderr (in both formats, so that stdout stays parseable).
+    /// A note or an error on stderr (in both formats, so that stdout stays parseable), with
+    /// any URL the tool was given redacted.
     pub(crate) fn note(&self, text: &str) {
-        eprintln!("{}", self.scrub(text));
+        eprintln!("{}", redact_urls(text, &self.urls));
     }
 
     /// `value` as pretty JSON on stdout.
@@ -76,12 +67,21 @@ impl Out {
     }
 }
 
-/// The password in a URL's user information (`redis://user:pass@host`), if any.
-fn password_of(url: &str) -> Option<&str> {
-    let rest = &url[url.find("://")? + 3..];
-    let userinfo = &rest[..rest.find('@')?];
-    let (_, password) = userinfo.split_once(':')?;
-    (!password.is_empty()).then_some(password)
+/// `text` with each of `urls` (whole URLs, as typed) replaced by its redacted form
+/// ([`redact_url`]): only where a whole URL is quoted, so that nothing else in the text can
+/// change.
+pub(crate) fn redact_urls(text: &str, urls: &[String]) -> String {
+    let mut text = text.to_owned();
+    // The longest first: a URL that contains another is replaced whole.
+    let mut urls: Vec<&String> = urls.iter().filter(|u| !u.is_empty()).collect();
+    urls.sort_by_key(|u| std::cmp::Reverse(u.len()));
+    for url in urls {
+        let redacted = redact_url(url);
+        if redacted != *url {
+            text = text.replace(url.as_str(), &redacted);
+        }
+    }
+    text
 }
 
 /// A table with `header`, for rows to be added.
@@ -114,14 +114,9 @@ pub(crate) fn opt<T: ToString>(value: Option<T>) -> String {
 /// An entry id with the time it was made.
 pub(crate) fn id_with_time(id: Option<EntryId>) -> String {
     match id {
-        Some(id) => format!("{id} ({})", time_of(id)),
+        Some(id) => format!("{id} ({})", ops::id_time(id)),
         None => "-".to_owned(),
     }
-}
-
-/// The time an entry id was made.
-pub(crate) fn time_of(id: EntryId) -> String {
-    streamwise::format_timestamp(std::time::UNIX_EPOCH + std::time::Duration::from_millis(id.ms()))
 }
 
 #[cfg(test)]
@@ -129,12 +124,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passwords_are_scrubbed_from_every_line() {
-        assert_eq!(password_of("redis://:s3cret@host:1"), Some("s3cret"));
-        assert_eq!(password_of("redis://user:pw@host"), Some("pw"));
-        assert_eq!(password_of("redis://host:1"), None);
-        let out = Out::new(Format::Table, Some("redis://admin:s3cret@host:1"));
-        assert_eq!(out.scrub("auth s3cret refused"), "auth *** refused");
+    fn urls_are_redacted_whole_and_nothing_else_changes() {
+        let urls = |u: &[&str]| u.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+        // A password with an `@` (the user information ends at the last one), and one in the
+        // query.
+        let given = urls(&[
+            "redis://admin:p@ss@host:1",
+            "redis+unix:///tmp/r.sock?password=hunter2",
+        ]);
+        assert_eq!(
+            redact_urls(
+                "cannot reach redis://admin:p@ss@host:1 nor redis+unix:///tmp/r.sock?password=hunter2",
+                &given
+            ),
+            "cannot reach redis://admin:***@host:1 nor redis+unix:///tmp/r.sock?password=***"
+        );
+        // A short password leaves everything but the URL as it was.
+        let given = urls(&["redis://:1@127.0.0.1:7001"]);
+        assert_eq!(
+            redact_urls("{\"pending\": 1} redis://:1@127.0.0.1:7001", &given),
+            "{\"pending\": 1} redis://:***@127.0.0.1:7001"
+        );
+        assert_eq!(redact_urls("no url here: 1", &given), "no url here: 1");
     }
 
     #[test]

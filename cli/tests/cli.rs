@@ -1322,3 +1322,113 @@ async fn a_maxlen_trim_reads_no_more_than_a_page_at_once() {
         assert_eq!(text(&first[0]), done["streams"][0]["before"].as_str().unwrap());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_character_password_is_never_printed_and_changes_no_output() {
+    let server = RedisServer::start_with(&["--requirepass", "1"]);
+    let url = format!("redis://:1@127.0.0.1:{}", server.port());
+    let redis = streamwise::redis::RedisBackend::new(&url).unwrap();
+    let env = Env {
+        url: url.clone(),
+        redis,
+        server,
+    };
+    env.publish("orders", 3).await;
+    env.cmd(&["XGROUP", "CREATE", "orders", GROUP, "0"]).await;
+    env.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        GROUP,
+        "c-1",
+        "COUNT",
+        "1",
+        "STREAMS",
+        "orders",
+        ">",
+    ])
+    .await;
+    let runs: [(&[&str], i32); 8] = [
+        (&["groups", "orders"], 0),
+        (&["consumers", "orders", GROUP], 0),
+        (&["pending", "orders", GROUP], 0),
+        (&["dlq", "peek", "orders"], 0),
+        (&["dlq", "purge", "orders"], 0),
+        (&["dlq", "replay", "orders"], 0),
+        (&["group", "reset", "orders", GROUP, "--to", "earliest"], 2),
+        (&["trim", "orders", "--maxlen", "1"], 2),
+    ];
+    let mut reports = Vec::new();
+    for (args, code) in runs {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let run = cli(&url, &all).await;
+        assert_eq!(run.code, code, "{args:?}: {run:?}");
+        assert!(
+            !run.stdout.contains(":1@") && !run.stderr.contains(":1@"),
+            "{run:?}"
+        );
+        reports.push(run.json());
+    }
+    assert_eq!(reports[0]["groups"][0]["pending"], 1);
+    assert_eq!(reports[0]["groups"][0]["consumers"], 1);
+    assert_eq!(reports[2]["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(reports[6]["streams"][0]["to"], "0-0");
+    assert_eq!(reports[7]["streams"][0]["removes"], 2);
+    // The errors name the server with its password hidden.
+    let wrong = format!("redis://:2@127.0.0.1:{}", env.server.port());
+    let gone = format!("redis://:1@127.0.0.1:{}", streamwise::testing::free_port());
+    for url in [wrong, gone] {
+        let run = cli(&url, &["groups", "orders"]).await;
+        assert_eq!(run.code, 1, "{run:?}");
+        assert!(run.stderr.contains("redis://:***@127.0.0.1:"), "{run:?}");
+        assert!(
+            !run.stderr.contains(":1@") && !run.stderr.contains(":2@"),
+            "{run:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_and_panics_exit_1_and_print_no_password() {
+    let url = "redis://:s3cr3t-pw@127.0.0.1:1";
+    let run_bin = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = tokio::process::Command::new(BIN);
+        command.args(args).env_remove("REDIS_URL");
+        command.envs(env.iter().copied());
+        async move { Run::of(command.output().await.unwrap()) }
+    };
+    // 2 is a dry run that would change something: a typo never says that.
+    for args in [
+        &["grups"][..],
+        &[],
+        &["dlq", "replay", "orders", "--bogus"],
+        &["trim", "orders"],
+        &["--url", url, "groups", "orders", url],
+    ] {
+        let run = run_bin(args, &[]).await;
+        assert_eq!(run.code, 1, "{args:?}: {run:?}");
+        assert!(!run.stderr.is_empty(), "{run:?}");
+        assert!(!run.stderr.contains("s3cr3t-pw"), "{run:?}");
+    }
+    let stray = run_bin(&["--url", url, "groups", "orders", url], &[]).await;
+    assert!(stray.stderr.contains("redis://:***@127.0.0.1:1"), "{stray:?}");
+    for args in [&["--help"][..], &["--version"], &["dlq", "replay", "--help"]] {
+        let run = run_bin(args, &[]).await;
+        assert_eq!(run.code, 0, "{args:?}: {run:?}");
+        assert!(!run.stdout.is_empty());
+    }
+    // A panic (made on purpose in debug builds) exits 1 and shows the URL redacted, whether
+    // it came as --url or as REDIS_URL.
+    let panic = run_bin(&["--url", url, "streams"], &[("STREAMWISE_CLI_TEST_PANIC", "1")]).await;
+    let from_env = run_bin(
+        &["streams"],
+        &[("STREAMWISE_CLI_TEST_PANIC", "1"), ("REDIS_URL", url)],
+    )
+    .await;
+    for run in [panic, from_env] {
+        assert_eq!(run.code, 1, "{run:?}");
+        assert!(run.stderr.contains("streamwise failed"), "{run:?}");
+        assert!(run.stderr.contains("redis://:***@127.0.0.1:1"), "{run:?}");
+        assert!(!run.stderr.contains("s3cr3t-pw"), "{run:?}");
+    }
+}

@@ -143,9 +143,10 @@ async fn first_entry(conn: &RedisConnection, stream: &str, from: &str, to: &str)
 }
 
 /// Up to `count` raw entries of `stream` between `from` and `to`, in the syntax of `XRANGE`
-/// (`-`, `+`, `(id` for exclusive): oldest first, or with `reverse` newest first
-/// (`XREVRANGE`, where `from` is the upper end).
-pub(crate) async fn range(
+/// (`-`, `+`, an id, `(id` for exclusive): oldest first, or with `reverse` newest first
+/// (`XREVRANGE`, where `from` is the upper end). Empty when the stream does not exist. The
+/// entries come in one reply: keep `count` to a page.
+pub async fn range(
     conn: &RedisConnection,
     stream: &str,
     from: &str,
