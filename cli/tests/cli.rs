@@ -137,7 +137,12 @@ async fn groups_consumers_and_pending_match_xinfo_and_xpending() {
     // The tables name the same things.
     let table = cli(&env.url, &["groups", "orders"]).await;
     assert_eq!(table.code, 0, "{table:?}");
-    assert!(table.stdout.contains(GROUP) && table.stdout.contains("2 (1)") || table.stdout.contains("(1)"));
+    // billing: 2 consumers, 1 of them live.
+    assert!(
+        table.stdout.contains(GROUP) && table.stdout.contains("2 (1)"),
+        "{}",
+        table.stdout
+    );
     let table = cli(&env.url, &["consumers", "orders", GROUP]).await;
     assert!(
         table.stdout.contains("expired") && table.stdout.contains("alive"),
@@ -876,6 +881,124 @@ async fn on_a_cluster_every_master_is_listed_and_a_replay_stays_in_its_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_may_reach_the_first_needed_entry_but_not_pass_it() {
+    let env = Env::start();
+    env.publish("orders", 10).await;
+    let ids: Vec<String> = env
+        .entries("orders")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    // Group billing has handled the first 4 (read and acknowledged by a consumer without a
+    // lease); live-1, live, holds the next 2 pending; 4 are undelivered. The first entry the
+    // group still needs is ids[4].
+    env.cmd(&["XGROUP", "CREATE", "orders", GROUP, "0"]).await;
+    env.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        GROUP,
+        "done-1",
+        "COUNT",
+        "4",
+        "STREAMS",
+        "orders",
+        ">",
+    ])
+    .await;
+    let mut ack = vec!["XACK", "orders", GROUP];
+    ack.extend(ids[..4].iter().map(String::as_str));
+    assert_eq!(int(&env.cmd(&ack).await), 4);
+    let worker = Worker::start(
+        &env.url,
+        "orders",
+        SubscribeOptions::new(GROUP, "live-1")
+            .max_in_flight(2)
+            .batch_size(2),
+        RedisSubscriberOptions::default(),
+        holds,
+    )
+    .await;
+    eventually(
+        "2 entries pending for live-1",
+        Duration::from_secs(10),
+        || async {
+            streamwise::redis::admin::pending_entries(env.conn(), "orders", GROUP, Some("live-1"))
+                .await
+                .is_ok_and(|p| p.len() == 2)
+        },
+    )
+    .await;
+
+    // Keeping 6 cuts just below ids[4]: allowed.
+    let exact = cli_json(&env.url, &["trim", "orders", "--maxlen", "6"], 2).await;
+    let row = &exact["streams"][0];
+    assert_eq!(row["protected_from"].as_str().unwrap(), ids[4]);
+    assert_eq!(row["before"].as_str().unwrap(), ids[4]);
+    assert_eq!(row["would_cut"], false);
+    assert_eq!(row["removes"], 4);
+    // Keeping 5 would cut ids[4]: refused, and nothing goes.
+    let past = cli_json(&env.url, &["trim", "orders", "--maxlen", "5", "--execute"], 3).await;
+    assert_eq!(past["refused"], true);
+    assert_eq!(past["streams"][0]["before"].as_str().unwrap(), ids[5]);
+    assert_eq!(past["streams"][0]["would_cut"], true);
+    assert_eq!(past["streams"][0]["applied"], false);
+    assert_eq!(past["live"][0]["consumer"], "live-1");
+    assert_eq!(env.xlen("orders").await, 10);
+    let done = cli_json(&env.url, &["trim", "orders", "--maxlen", "6", "--execute"], 0).await;
+    assert_eq!(done["streams"][0]["removes"], 4);
+    assert_eq!(done["streams"][0]["applied"], true);
+    let kept: Vec<String> = env
+        .entries("orders")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(kept, ids[4..]);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maxlen_trim_reads_no_more_than_a_page_at_once() {
+    let env = Env::start();
+    const LEN: u64 = 6000;
+    // 6000 entries of about 650 bytes; a reply of more than 1 MB closes the connection.
+    env.cmd(&[
+        "EVAL",
+        "for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', 'payload', ARGV[2]) end",
+        "1",
+        "orders",
+        &LEN.to_string(),
+        &"x".repeat(600),
+    ])
+    .await;
+    env.cmd(&["CONFIG", "SET", "client-output-buffer-limit", "normal 1mb 1mb 0"])
+        .await;
+    // Keep 4000 (of 6000: the cut is found from the oldest end), then 1000 (from the newest).
+    for keep in [4000u64, 1000] {
+        let before = env.xlen("orders").await;
+        let dry = cli_json(&env.url, &["trim", "orders", "--maxlen", &keep.to_string()], 2).await;
+        assert_eq!(dry["streams"][0]["removes"].as_u64().unwrap(), before - keep);
+        let done = cli_json(
+            &env.url,
+            &["trim", "orders", "--maxlen", &keep.to_string(), "--execute"],
+            0,
+        )
+        .await;
+        assert_eq!(done["streams"][0]["removes"].as_u64().unwrap(), before - keep);
+        assert_eq!(env.xlen("orders").await, keep);
+        // The cut is where the report says: the first entry left is `before`.
+        let Value::Array(first) = env.cmd(&["XRANGE", "orders", "-", "+", "COUNT", "1"]).await else {
+            panic!("XRANGE")
+        };
+        let Value::Array(first) = &first[0] else {
+            panic!("entry")
+        };
+        assert_eq!(text(&first[0]), done["streams"][0]["before"].as_str().unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_replay_fixes_every_range_first_and_resumes_without_duplicates() {
     use std::sync::Arc;
     use streamwise::partition::PartitionedPublisher;
@@ -1206,121 +1329,130 @@ async fn replay_takes_chosen_ids_reasons_a_fresh_start_and_another_target() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trim_may_reach_the_first_needed_entry_but_not_pass_it() {
+async fn group_reset_goes_to_a_checkpoint_and_to_a_time() {
     let env = Env::start();
-    env.publish("orders", 10).await;
-    let ids: Vec<String> = env
-        .entries("orders")
-        .await
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    // Group billing has handled the first 4 (read and acknowledged by a consumer without a
-    // lease); live-1, live, holds the next 2 pending; 4 are undelivered. The first entry the
-    // group still needs is ids[4].
-    env.cmd(&["XGROUP", "CREATE", "orders", GROUP, "0"]).await;
-    env.cmd(&[
-        "XREADGROUP",
-        "GROUP",
-        GROUP,
-        "done-1",
-        "COUNT",
-        "4",
-        "STREAMS",
-        "orders",
-        ">",
-    ])
-    .await;
-    let mut ack = vec!["XACK", "orders", GROUP];
-    ack.extend(ids[..4].iter().map(String::as_str));
-    assert_eq!(int(&env.cmd(&ack).await), 4);
+    for ms in [1000, 2000, 3000, 4000] {
+        env.add(
+            "orders",
+            &format!("{ms}-0"),
+            &streamwise::Message::new("order.placed", &ms).unwrap(),
+        )
+        .await;
+    }
     let worker = Worker::start(
         &env.url,
         "orders",
-        SubscribeOptions::new(GROUP, "live-1")
-            .max_in_flight(2)
-            .batch_size(2),
+        SubscribeOptions::new(GROUP, "w").start_from(streamwise::StartFrom::Beginning),
         RedisSubscriberOptions::default(),
-        holds,
+        acks,
     )
     .await;
-    eventually(
-        "2 entries pending for live-1",
-        Duration::from_secs(10),
-        || async {
-            streamwise::redis::admin::pending_entries(env.conn(), "orders", GROUP, Some("live-1"))
-                .await
-                .is_ok_and(|p| p.len() == 2)
-        },
-    )
+    eventually("all acknowledged", Duration::from_secs(10), || async {
+        let g = xinfo(&env, &["XINFO", "GROUPS", "orders"]).await;
+        text(&g[0]["last-delivered-id"]) == "4000-0" && int(&g[0]["pending"]) == 0
+    })
     .await;
+    worker.stop().await;
+    let last_delivered = || async {
+        let groups = xinfo(&env, &["XINFO", "GROUPS", "orders"]).await;
+        text(&groups[0]["last-delivered-id"])
+    };
+    let groups = cli_json(&env.url, &["groups", "orders"], 0).await;
+    let checkpoint = groups["groups"][0]["checkpoint"]
+        .as_str()
+        .expect("a checkpoint")
+        .to_owned();
+    assert_eq!(checkpoint, "4000-0");
 
-    // Keeping 6 cuts just below ids[4]: allowed.
-    let exact = cli_json(&env.url, &["trim", "orders", "--maxlen", "6"], 2).await;
-    let row = &exact["streams"][0];
-    assert_eq!(row["protected_from"].as_str().unwrap(), ids[4]);
-    assert_eq!(row["before"].as_str().unwrap(), ids[4]);
-    assert_eq!(row["would_cut"], false);
-    assert_eq!(row["removes"], 4);
-    // Keeping 5 would cut ids[4]: refused, and nothing goes.
-    let past = cli_json(&env.url, &["trim", "orders", "--maxlen", "5", "--execute"], 3).await;
-    assert_eq!(past["refused"], true);
-    assert_eq!(past["streams"][0]["before"].as_str().unwrap(), ids[5]);
-    assert_eq!(past["streams"][0]["would_cut"], true);
-    assert_eq!(past["streams"][0]["applied"], false);
-    assert_eq!(past["live"][0]["consumer"], "live-1");
-    assert_eq!(env.xlen("orders").await, 10);
-    let done = cli_json(&env.url, &["trim", "orders", "--maxlen", "6", "--execute"], 0).await;
-    assert_eq!(done["streams"][0]["removes"], 4);
-    assert_eq!(done["streams"][0]["applied"], true);
-    let kept: Vec<String> = env
-        .entries("orders")
+    // To a time: before the first entry added at or after it.
+    let at = cli_json(
+        &env.url,
+        &[
+            "group",
+            "reset",
+            "orders",
+            GROUP,
+            "--to",
+            "1970-01-01T00:00:02.500Z",
+            "--execute",
+        ],
+        0,
+    )
+    .await;
+    assert_eq!(at["streams"][0]["applied"], true);
+    assert_eq!(last_delivered().await, "2499-18446744073709551615");
+    // Back to the checkpoint.
+    let dry = cli_json(
+        &env.url,
+        &["group", "reset", "orders", GROUP, "--to", "checkpoint"],
+        2,
+    )
+    .await;
+    assert_eq!(dry["streams"][0]["to"].as_str().unwrap(), checkpoint);
+    assert_eq!(dry["streams"][0]["applied"], false);
+    cli_json(
+        &env.url,
+        &[
+            "group",
+            "reset",
+            "orders",
+            GROUP,
+            "--to",
+            "checkpoint",
+            "--execute",
+        ],
+        0,
+    )
+    .await;
+    assert_eq!(last_delivered().await, checkpoint);
+    // A group without a checkpoint cannot go there.
+    env.cmd(&["XGROUP", "CREATE", "orders", "audit", "0"]).await;
+    let none = cli(
+        &env.url,
+        &[
+            "group",
+            "reset",
+            "orders",
+            "audit",
+            "--to",
+            "checkpoint",
+            "--execute",
+        ],
+    )
+    .await;
+    assert_eq!(none.code, 1, "{none:?}");
+    assert!(none.stderr.contains("no checkpoint"), "{none:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_age_splits_old_from_young_records() {
+    let env = Env::start();
+    let record = |n: u64| streamwise::Message::new("order.placed", &n).unwrap();
+    // Two records of 1970, three of now.
+    env.add("{orders}-dead", "1000-0", &record(0)).await;
+    env.add("{orders}-dead", "2000-0", &record(1)).await;
+    let mut young = Vec::new();
+    for n in 2..5 {
+        young.push(env.add("{orders}-dead", "*", &record(n)).await);
+    }
+    let dry = cli_json(&env.url, &["dlq", "purge", "orders", "--older-than", "1h"], 2).await;
+    assert_eq!(dry["total"], 2);
+    assert_eq!(dry["older_than_ms"], 3_600_000);
+    assert_eq!(env.xlen("{orders}-dead").await, 5);
+    let done = cli_json(
+        &env.url,
+        &["dlq", "purge", "orders", "--older-than", "1h", "--execute"],
+        0,
+    )
+    .await;
+    assert_eq!(done["total"], 2);
+    let left: Vec<String> = env
+        .dead_letters("orders")
         .await
         .into_iter()
         .map(|(id, _)| id)
         .collect();
-    assert_eq!(kept, ids[4..]);
-    worker.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_maxlen_trim_reads_no_more_than_a_page_at_once() {
-    let env = Env::start();
-    const LEN: u64 = 6000;
-    // 6000 entries of about 650 bytes; a reply of more than 1 MB closes the connection.
-    env.cmd(&[
-        "EVAL",
-        "for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', 'payload', ARGV[2]) end",
-        "1",
-        "orders",
-        &LEN.to_string(),
-        &"x".repeat(600),
-    ])
-    .await;
-    env.cmd(&["CONFIG", "SET", "client-output-buffer-limit", "normal 1mb 1mb 0"])
-        .await;
-    // Keep 4000 (of 6000: the cut is found from the oldest end), then 1000 (from the newest).
-    for keep in [4000u64, 1000] {
-        let before = env.xlen("orders").await;
-        let dry = cli_json(&env.url, &["trim", "orders", "--maxlen", &keep.to_string()], 2).await;
-        assert_eq!(dry["streams"][0]["removes"].as_u64().unwrap(), before - keep);
-        let done = cli_json(
-            &env.url,
-            &["trim", "orders", "--maxlen", &keep.to_string(), "--execute"],
-            0,
-        )
-        .await;
-        assert_eq!(done["streams"][0]["removes"].as_u64().unwrap(), before - keep);
-        assert_eq!(env.xlen("orders").await, keep);
-        // The cut is where the report says: the first entry left is `before`.
-        let Value::Array(first) = env.cmd(&["XRANGE", "orders", "-", "+", "COUNT", "1"]).await else {
-            panic!("XRANGE")
-        };
-        let Value::Array(first) = &first[0] else {
-            panic!("entry")
-        };
-        assert_eq!(text(&first[0]), done["streams"][0]["before"].as_str().unwrap());
-    }
+    assert_eq!(left, young);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
