@@ -878,6 +878,19 @@ async fn on_a_cluster_every_master_is_listed_and_a_replay_stays_in_its_slot() {
     let line: Json = serde_json::from_str(tail.stdout.lines().next().expect("the replayed entry")).unwrap();
     assert_eq!(line["metadata"]["replay.count"], "1");
     assert_eq!(line["metadata"]["replay.group"], GROUP);
+
+    // The guarded reset and trim run on the master of the stream's slot, with the group's
+    // registry and leases beside the stream.
+    let reset = cli_json(
+        &url,
+        &["group", "reset", "alpha", GROUP, "--to", "earliest", "--execute"],
+        0,
+    )
+    .await;
+    assert_eq!(reset["streams"][0]["applied"], true, "{reset}");
+    let trim = cli_json(&url, &["trim", "alpha", "--maxlen", "0", "--execute"], 0).await;
+    assert_eq!(trim["streams"][0]["applied"], true, "{trim}");
+    assert_eq!(trim["streams"][0]["removes"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
