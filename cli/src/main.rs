@@ -11,6 +11,7 @@ mod commands;
 mod output;
 mod parse;
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -259,7 +260,9 @@ fn main() -> ExitCode {
                 .or_else(|| info.payload().downcast_ref::<String>().cloned())
                 .unwrap_or_default();
             let at = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
-            eprintln!(
+            // Not eprintln!, which panics when stderr is closed (a panic in the hook aborts).
+            let _ = writeln!(
+                std::io::stderr().lock(),
                 "error: streamwise failed{at}: {} (a bug: please report it)",
                 output::redact_urls(&what, &urls)
             );
