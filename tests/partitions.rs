@@ -432,3 +432,42 @@ async fn a_member_restarted_under_its_name_after_a_crash_rejoins() {
     check_order(&conn, 4).await;
     assert_nothing_pending(&conn).await;
 }
+
+/// A partition's lease that merely ran out (an outage, a pause; no one else took it) does not
+/// refuse its holder's acks: refusing would strand the entries in the pending list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_after_the_lease_ran_out_unclaimed_is_written() {
+    use futures::StreamExt;
+    use streamwise::Subscriber;
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let conn = backend.connection().clone();
+    let coordinator = Arc::new(backend.coordinator());
+    let publisher =
+        PartitionedPublisher::new(Arc::new(backend.publisher()), coordinator.clone()).topic("lapsed", 1);
+    let subscriber =
+        PartitionedSubscriber::new(Arc::new(backend.subscriber().unwrap()), coordinator).topic("lapsed", 1);
+    let mut sub = subscriber
+        .subscribe("lapsed", SubscribeOptions::new("g", "m"))
+        .await
+        .unwrap();
+    publisher
+        .publish_keyed("lapsed", "k", Message::new("seq", &0u64).unwrap())
+        .await
+        .unwrap();
+    let delivery = sub.next().await.unwrap().unwrap();
+    // The lease runs out while the delivery is handled.
+    let deleted: i64 = conn
+        .command(cmd("DEL").arg("streamwise:lease:{lapsed~p0}:g:owner"))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    delivery.ack().await.unwrap();
+    sub.flush().await.unwrap();
+    let pending = streamwise::redis::admin::pending_count(&conn, "lapsed~p0", "g")
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "the ack was written");
+    drop(sub);
+    subscriber.close().await.unwrap();
+}

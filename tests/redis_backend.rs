@@ -1686,3 +1686,41 @@ async fn a_nack_is_redelivered_during_a_backlog_not_after_it() {
     assert!(seen < 500, "the nacked entry came back after {seen} deliveries");
     subscriber.close().await.unwrap();
 }
+
+/// A flusher that panics (here, a codec that panics on the dead-letter record) does not keep
+/// the lease, nor `close`, waiting for it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_returns_when_the_flusher_panicked() {
+    use streamwise::codec::{Codec, JsonCodec, RawEntry};
+    #[derive(Debug)]
+    struct PanicsOnEncode;
+    impl Codec for PanicsOnEncode {
+        fn encode(&self, _: &streamwise::Message) -> streamwise::Result<Vec<(&'static str, bytes::Bytes)>> {
+            panic!("this codec cannot encode");
+        }
+        fn decode(&self, entry: RawEntry) -> streamwise::Result<streamwise::Message> {
+            JsonCodec.decode(entry)
+        }
+    }
+    let server = RedisServer::start();
+    let conn = RedisConnection::new(&server.url()).unwrap();
+    let publisher = RedisBackend::with_connection(conn.clone()).publisher();
+    publisher
+        .publish("panicky", streamwise::Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    let subscriber =
+        RedisSubscriber::new(conn, RedisSubscriberOptions::default().codec(PanicsOnEncode)).unwrap();
+    let mut sub = subscriber
+        .subscribe("panicky", SubscribeOptions::new("g", "c"))
+        .await
+        .unwrap();
+    let delivery = sub.next().await.unwrap().unwrap();
+    delivery.dead_letter("refused").await.unwrap();
+    drop(delivery);
+    drop(sub);
+    tokio::time::timeout(Duration::from_secs(20), subscriber.close())
+        .await
+        .expect("close returns")
+        .unwrap();
+}

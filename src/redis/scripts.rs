@@ -94,7 +94,8 @@ return 0
 pub(crate) static FENCED_ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then
   return -1
 end
 return redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, 3))
@@ -273,14 +274,15 @@ return {added, acked}
     )
 });
 
-/// [`DEAD_LETTER`] only while the consumer's lease holds this token (a partition's owner).
+/// [`DEAD_LETTER`] unless another holder has the consumer's lease (as [`FENCED_ACK`]).
 /// KEYS: stream, dead-letter stream, lease. ARGV: token, group, entry id, the record's fields
 /// and values. Returns `{record id, acked}`, or -1 when the lease is another's (nothing
 /// written).
 pub(crate) static FENCED_DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[1] then
   return -1
 end
 local added = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))

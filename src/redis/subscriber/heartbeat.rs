@@ -104,7 +104,21 @@ impl Heartbeat {
                 );
             }
         }
-        flushed.cancelled().await;
+        // Held (renewed) until the flusher wrote the last settlements: a final flush that
+        // retries past the lease's time would otherwise find it run out, or another's.
+        let mut tick = tokio::time::interval(self.interval);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                _ = flushed.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Ok(Held::Refused) = self.lease.hold_state("lease renewal").await {
+                        return;
+                    }
+                }
+            }
+        }
         self.lease.release().await;
     }
 }

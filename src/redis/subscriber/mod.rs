@@ -163,8 +163,10 @@ impl RedisSubscriber {
         let flushed = Signal::new();
         let (flusher_done, closed) = (flushed.clone(), self.closed.clone());
         self.tasks.spawn(async move {
+            // Set however the flusher ends (a panic included), or the heartbeat would hold
+            // the lease, and close would wait, forever.
+            let _done = CancelOnDrop(flusher_done);
             flusher.run(ops_rx, closed).await;
-            flusher_done.cancel();
         });
         self.tasks
             .spawn(heartbeat.run(self.closed.clone(), released, flushed));
@@ -181,6 +183,15 @@ impl RedisSubscriber {
         Ok(Subscription::from_reader(reader)
             .with_flush(flush)
             .with_health(health))
+    }
+}
+
+/// Sets its signal when dropped.
+struct CancelOnDrop(Signal);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
     }
 }
 
