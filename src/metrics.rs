@@ -375,6 +375,18 @@ impl DeliveryMetrics {
         }
     }
 
+    /// No delivery is being handled any more (the router dropped the ones it abandoned at its
+    /// shutdown deadline).
+    pub(crate) fn none_in_flight(&self) {
+        if let Some((_, m)) = self.first.get() {
+            m.in_flight.set(0.0);
+        }
+        let others = self.others.lock().unwrap_or_else(|p| p.into_inner());
+        for m in others.values() {
+            m.in_flight.set(0.0);
+        }
+    }
+
     /// The delivery of `handling` was settled with `outcome`.
     pub(crate) fn done(&self, handling: Handling, outcome: DeliveryOutcome) {
         if !cfg!(feature = "metrics") {

@@ -331,3 +331,31 @@ async fn the_group_monitor_records_each_partition_of_a_partitioned_topic() {
         );
     }
 }
+
+/// A handler abandoned at the shutdown deadline does not leave the in-flight gauge up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_flight_gauge_falls_to_zero_when_handlers_are_abandoned() {
+    let _turn = SERIAL.lock().await;
+    snapshotter();
+    let backend = streamwise::memory::MemoryBackend::new();
+    let topic = "abandoned";
+    let router = Router::new().shutdown_deadline(Duration::from_millis(300));
+    let routes = router.routes().route("stuck", || std::future::pending::<()>());
+    let running = router
+        .subscribe(topic, SubscribeOptions::new("g", "w1"), routes)
+        .start(Arc::new(backend.subscriber()), Arc::new(backend.publisher()))
+        .await
+        .unwrap();
+    backend
+        .publisher()
+        .publish(topic, Message::new("stuck", &1).unwrap())
+        .await
+        .unwrap();
+    while running.in_flight() < 1 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let report = running.shutdown().await.unwrap();
+    assert_eq!(report.abandoned, 1);
+    let m = recorded(topic);
+    assert_eq!(gauge(&m, names::IN_FLIGHT, &["group=g"]), 0.0);
+}

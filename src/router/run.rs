@@ -355,6 +355,12 @@ async fn fetch_loop(
             }
         }
     }
+    // Handlers abandoned at the shutdown deadline never reach their `done`.
+    #[cfg(feature = "metrics")]
+    if !handlers.is_empty() {
+        drop(handlers);
+        worker.common.metrics.none_in_flight();
+    }
 }
 
 /// The future that handles `delivery`: at once, or after the one before it with the same
