@@ -340,7 +340,7 @@ async fn the_in_flight_gauge_falls_to_zero_when_handlers_are_abandoned() {
     let backend = streamwise::memory::MemoryBackend::new();
     let topic = "abandoned";
     let router = Router::new().shutdown_deadline(Duration::from_millis(300));
-    let routes = router.routes().route("stuck", || std::future::pending::<()>());
+    let routes = router.routes().route("stuck", std::future::pending::<()>);
     let running = router
         .subscribe(topic, SubscribeOptions::new("g", "w1"), routes)
         .start(Arc::new(backend.subscriber()), Arc::new(backend.publisher()))
