@@ -117,3 +117,59 @@ async fn a_subscription_whose_redis_stops_answering_is_degraded_then_ready_again
     streamwise::testing::wait_until_handled(&running, 1).await;
     running.shutdown().await.unwrap();
 }
+
+/// A partitioned subscription stays `Degraded` while its Redis does not answer, also after
+/// the member gave its partitions up (its heartbeat failing past its TTL): it does not turn
+/// `Ready` with nothing left to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_subscription_stays_degraded_through_an_outage() {
+    use streamwise::partition::{PartitionOptions, PartitionedSubscriber};
+    use streamwise::redis::RedisConnection;
+    let server = RedisServer::start();
+    // Short timeouts and few retries: an outage shows within seconds.
+    let conn = RedisConnection::builder(&server.url())
+        .response_timeout(Duration::from_millis(300))
+        .max_retries(1)
+        .build()
+        .unwrap();
+    let backend = RedisBackend::with_connection(conn);
+    let subscriber = PartitionedSubscriber::new(
+        Arc::new(backend.subscriber().unwrap()),
+        Arc::new(backend.coordinator()),
+    )
+    .options(PartitionOptions::default().member_ttl(Duration::from_millis(600)))
+    .topic("outage", 2);
+    let router = Router::new();
+    let routes = router.routes().route("t", || async {});
+    let running = router
+        .subscribe(
+            "outage",
+            SubscribeOptions::new("g", "m").block(Duration::from_millis(100)),
+            routes,
+        )
+        .start(Arc::new(subscriber), Arc::new(backend.publisher()))
+        .await
+        .unwrap();
+    let health = running.health();
+    wait_health(&health, Duration::from_secs(10), Health::is_ready).await;
+
+    server.freeze();
+    wait_health(&health, Duration::from_secs(20), |h| {
+        matches!(h, Health::Degraded { .. })
+    })
+    .await;
+    // Well past the member's TTL, when it has given its partitions up: still degraded.
+    let watch_until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < watch_until {
+        let now = health.overall();
+        assert!(
+            matches!(now, Health::Degraded { .. }),
+            "during the outage: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.thaw();
+    let took = wait_health(&health, Duration::from_secs(30), Health::is_ready).await;
+    eprintln!("ready {took:?} after SIGCONT");
+    running.shutdown().await.unwrap();
+}

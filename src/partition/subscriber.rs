@@ -157,6 +157,7 @@ impl PartitionedSubscriber {
         let dropped = Signal::new();
         let flushes = Arc::new(Mutex::new(HashMap::new()));
         let healths = Arc::new(Mutex::new(HashMap::new()));
+        let member_issue: Arc<Mutex<Option<String>>> = Arc::default();
         let member = Member {
             inner: self.inner.clone(),
             coordinator: self.coordinator.clone(),
@@ -169,6 +170,7 @@ impl PartitionedSubscriber {
             token: uuid::Uuid::now_v7().to_string(),
             control: control_tx,
             ended: ended_rx,
+            issue: member_issue.clone(),
         };
         self.tasks.spawn(member.run(self.closed.clone(), dropped.clone()));
         let merged = Merged {
@@ -183,7 +185,10 @@ impl PartitionedSubscriber {
         };
         Ok(Subscription::new(merged)
             .with_flush(Arc::new(FlushAll(flushes)))
-            .with_health(Arc::new(WorstHealth(healths))))
+            .with_health(Arc::new(WorstHealth {
+                member: member_issue,
+                partitions: healths,
+            })))
     }
 }
 
@@ -255,6 +260,9 @@ struct Member {
     control: mpsc::UnboundedSender<Control>,
     /// Partitions whose subscription ended by itself (its lease was lost, say).
     ended: mpsc::UnboundedReceiver<u32>,
+    /// What keeps the member from working, for its health: a failing heartbeat, its name
+    /// held by another process.
+    issue: Arc<Mutex<Option<String>>>,
 }
 
 type Acquiring = FuturesUnordered<BoxFuture<'static, (u32, Result<Subscription>)>>;
@@ -280,6 +288,7 @@ impl Member {
                     Ok(Some(members)) => {
                         failing_since = None;
                         taken_since = None;
+                        *lock(&self.issue) = None;
                         target = assigned_to(&self.options.consumer, &members, self.partitions);
                     }
                     Ok(None) => {
@@ -297,8 +306,11 @@ impl Member {
                         if since == now {
                             tracing::info!(topic = %self.topic, member = %self.options.consumer, "member name held; waiting to see whether its holder is alive");
                         }
+                        *lock(&self.issue) =
+                            Some("the member name is held by another process; waiting".into());
                     }
                     Err(e) => {
+                        *lock(&self.issue) = Some(format!("group membership heartbeat failing: {e}"));
                         let since = *failing_since.get_or_insert(now);
                         tracing::warn!(topic = %self.topic, group = %self.options.group, error = %e, "group membership heartbeat failed");
                         if since.elapsed() >= self.ttl {
@@ -520,13 +532,22 @@ impl crate::pubsub::Flush for FlushAll {
     }
 }
 
-/// The health of a member's subscription: the first partition that is not ready, if any.
-struct WorstHealth(Arc<Mutex<HashMap<u32, HealthHandle>>>);
+/// The health of a member's subscription: what keeps the member itself from working, else
+/// the first partition that is not ready, if any.
+struct WorstHealth {
+    member: Arc<Mutex<Option<String>>>,
+    partitions: Arc<Mutex<HashMap<u32, HealthHandle>>>,
+}
 
 impl HealthProbe for WorstHealth {
     fn health(&self) -> SubscriptionHealth {
-        let mut parts: Vec<(u32, HealthHandle)> =
-            lock(&self.0).iter().map(|(p, h)| (*p, h.clone())).collect();
+        if let Some(reason) = lock(&self.member).clone() {
+            return SubscriptionHealth::Degraded { reason };
+        }
+        let mut parts: Vec<(u32, HealthHandle)> = lock(&self.partitions)
+            .iter()
+            .map(|(p, h)| (*p, h.clone()))
+            .collect();
         parts.sort_by_key(|(p, _)| *p);
         for (p, handle) in parts {
             if let SubscriptionHealth::Degraded { reason } = handle.health() {
