@@ -112,9 +112,11 @@ impl GroupMonitor {
         Ok(self)
     }
 
-    /// Polls every watched group once, records the gauges and returns what it found (a group
-    /// not created yet, or on a topic not created yet, is left out). A few commands per
-    /// stream and group, none of which walks the keyspace.
+    /// Polls every watched group once, records the gauges and returns what it found. A group
+    /// (or stream) not there is left out and its gauges read zero; a stream whose figures
+    /// cannot be read is logged and left out, the others recorded. A few commands per stream
+    /// and group, none of which walks the keyspace. An error only when a topic's partition
+    /// count cannot be read.
     pub async fn poll(&self) -> Result<Vec<GroupFigures>> {
         let mut found = Vec::new();
         for (topic, group) in &self.watched {
@@ -129,18 +131,26 @@ impl GroupMonitor {
                 None => vec![(None, topic.clone())],
             };
             for (partition, stream) in streams {
-                let Some(figures) = self.figures(topic, &stream, partition, group).await? else {
-                    continue;
-                };
                 let label = partition.map(|p| p.to_string());
-                GroupGauges::new(topic, group, label.as_deref()).record(
-                    figures.lag,
-                    figures.lag_age,
-                    figures.pending,
-                    figures.oldest_pending_idle,
-                    figures.length,
-                );
-                found.push(figures);
+                let gauges = GroupGauges::new(topic, group, label.as_deref());
+                match self.figures(topic, &stream, partition, group).await {
+                    Ok(Some(figures)) => {
+                        gauges.record(
+                            figures.lag,
+                            figures.lag_age,
+                            figures.pending,
+                            figures.oldest_pending_idle,
+                            figures.length,
+                        );
+                        found.push(figures);
+                    }
+                    // Gone (or not there yet): nothing lags, so no alert keeps firing.
+                    Ok(None) => gauges.record(0, Duration::ZERO, 0, None, 0),
+                    // One stream's trouble leaves the others' gauges current.
+                    Err(e) => {
+                        tracing::warn!(stream = %stream, group = %group, error = %e, "group monitor: this stream's figures could not be read");
+                    }
+                }
             }
         }
         Ok(found)

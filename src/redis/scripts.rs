@@ -142,8 +142,12 @@ end
 local ttl = tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ttl * 2)
-redis.call('PEXPIRE', KEYS[2], ttl * 2)
+-- Kept as long as the longest-lived record needs (members may use different TTLs).
+for i = 1, 2 do
+  if redis.call('PTTL', KEYS[i]) < ttl * 2 then
+    redis.call('PEXPIRE', KEYS[i], ttl * 2)
+  end
+end
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 ",
     )

@@ -308,7 +308,8 @@ impl StreamConsumer {
             return Err(Error::Closed("consumer"));
         }
         let options = self.options.subscribe_options(&self.group, &self.consumer)?;
-        let mut deliveries = if self.partitions().await?.is_some() {
+        let partitioned = self.partitions().await?.is_some();
+        let mut deliveries = if partitioned {
             // This consumer is a member of the group: it reads the partitions it owns.
             let coordinator = Arc::new(crate::redis::RedisCoordinator::new(self.conn.clone()));
             crate::partition::PartitionedSubscriber::new(self.subscriber.clone(), coordinator)
@@ -318,6 +319,7 @@ impl StreamConsumer {
             self.subscriber.subscribe(&self.stream, options).await?
         };
         *self.flush.lock().unwrap_or_else(|p| p.into_inner()) = Some(deliveries.flush_handle());
+        let mut last_error = None;
         loop {
             let next = tokio::select! {
                 biased;
@@ -325,9 +327,18 @@ impl StreamConsumer {
                 next = deliveries.next() => next,
             };
             // A lost lease or group, or a connection down past its retries, ends the call; the
-            // caller decides whether to subscribe again.
-            let Some(delivery) = next.transpose()? else {
-                return Ok(());
+            // caller decides whether to subscribe again. On a partitioned topic an error is one
+            // partition's (a hand-off, a retried acquire) and the member goes on; the last one
+            // is returned if the subscription then ends.
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) if partitioned => {
+                    tracing::warn!(stream = %self.stream, error = %e, "a partition of the topic reported an error; the member goes on");
+                    last_error = Some(e);
+                    continue;
+                }
+                Some(Err(e)) => return Err(e),
+                None => return last_error.map_or(Ok(()), Err),
             };
             let m = delivery.message();
             if event_types.is_some_and(|types| !types.contains(&m.event_type())) {
