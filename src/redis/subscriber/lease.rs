@@ -32,6 +32,9 @@ pub(super) struct Lease {
     consumer: String,
     token: String,
     ttl: Duration,
+    /// When the lease was last found ours (ms since `since`), shared by every clone.
+    confirmed_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    since: tokio::time::Instant,
 }
 
 impl Lease {
@@ -60,6 +63,8 @@ impl Lease {
                 None => uuid::Uuid::now_v7().to_string(),
             },
             ttl,
+            confirmed_ms: std::sync::Arc::default(),
+            since: tokio::time::Instant::now(),
         };
         let active = || Error::ConsumerActive {
             stream: stream.to_owned(),
@@ -135,11 +140,24 @@ impl Lease {
                 async move { call.invoke_async(&mut c).await }
             })
             .await?;
-        Ok(match held {
+        let state = match held {
             1 => Held::Extended,
             2 => Held::Retaken,
             _ => Held::Refused,
-        })
+        };
+        if state != Held::Refused {
+            let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.confirmed_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(state)
+    }
+
+    /// Whether the lease was last found ours longer ago than the heartbeat should take
+    /// (two thirds of the TTL): a paused or cut-off process, whose lease another may have
+    /// taken meanwhile.
+    pub(super) fn unconfirmed(&self) -> bool {
+        let confirmed = Duration::from_millis(self.confirmed_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(confirmed) > self.ttl * 2 / 3
     }
 
     /// How long the lease lives without renewal.

@@ -175,6 +175,16 @@ impl Reader {
                     Next::Run(step) => break (now, step),
                 }
             };
+            // A process that was paused (or cut off) past its heartbeat looks at its lease
+            // before it reads again: another consumer may own the name now (a partition's next
+            // owner), and a read as that name would take entries from it.
+            if self.lease.unconfirmed()
+                && let Ok(Held::Refused) = self.lease.hold_state("lease check").await
+            {
+                self.shared.capacity().release(step.slots());
+                self.lease_lost.cancel();
+                continue 'steps;
+            }
             let taken = step.slots();
             self.health.step_started();
             let result = tokio::select! {
