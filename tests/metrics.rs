@@ -359,3 +359,79 @@ async fn the_in_flight_gauge_falls_to_zero_when_handlers_are_abandoned() {
     let m = recorded(topic);
     assert_eq!(gauge(&m, names::IN_FLIGHT, &["group=g"]), 0.0);
 }
+
+/// A dead letter is counted once, when its record is written: not also when its entry, whose
+/// record could not be written before the subscriber closed, is read and dead-lettered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_counted_once_when_it_is_written() {
+    use futures::StreamExt;
+    use streamwise::Subscriber;
+    let _turn = SERIAL.lock().await;
+    snapshotter();
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let conn = backend.connection().clone();
+    let topic = "dead-once";
+    // An entry that is not JSON, and a dead-letter stream key that is not a stream: the
+    // record cannot be written yet.
+    conn.command::<String>(
+        cmd("XADD")
+            .arg(topic)
+            .arg("*")
+            .arg("event_type")
+            .arg("t")
+            .arg("payload")
+            .arg("{not json")
+            .arg("metadata")
+            .arg("{}")
+            .arg("timestamp")
+            .arg("2026-12-06T00:00:00.000Z")
+            .arg("uuid")
+            .arg("0193a1b2-0000-7000-8000-000000000001"),
+    )
+    .await
+    .unwrap();
+    conn.command::<String>(cmd("SET").arg("{dead-once}-dead").arg("in the way"))
+        .await
+        .unwrap();
+    let options = || SubscribeOptions::new("g", "c").block(Duration::from_millis(100));
+    let first = backend.subscriber().unwrap();
+    let mut sub = first.subscribe(topic, options()).await.unwrap();
+    // Reads run while the subscription is polled; nothing is handed out.
+    let poll = tokio::spawn(async move { while sub.next().await.is_some() {} });
+    // Wait until the write was tried and refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while first.stats().dead_letter_failures == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write was never tried"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    poll.abort();
+    let _ = poll.await;
+    first.close().await.unwrap();
+
+    conn.command::<i64>(cmd("DEL").arg("{dead-once}-dead"))
+        .await
+        .unwrap();
+    let second = backend.subscriber().unwrap();
+    let mut sub = second.subscribe(topic, options()).await.unwrap();
+    let poll = tokio::spawn(async move { while sub.next().await.is_some() {} });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while second.stats().dead_lettered == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the record was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    poll.abort();
+    let _ = poll.await;
+    second.close().await.unwrap();
+    let m = recorded(topic);
+    assert_eq!(
+        counter(&m, names::DEAD_LETTERS_TOTAL, &["group=g", "reason=decode"]),
+        1
+    );
+}

@@ -22,6 +22,7 @@ use crate::codec::Codec;
 use crate::dead_letter;
 use crate::delivery::Origin;
 use crate::message::{EntryId, Message};
+use crate::metrics::DeadLetterReason;
 use crate::redis::connection::RedisConnection;
 use crate::redis::scripts;
 
@@ -45,7 +46,11 @@ pub(super) struct Flusher {
     codec: Arc<dyn Codec>,
     /// Dead letters not written yet, oldest first (their entries are in the ledger's
     /// `dead_lettering` until written).
-    dead_letters: Vec<(EntryId, Message)>,
+    /// Records to write, with why the subscription gave their entries up (`None`: a handler's
+    /// dead letter, which the router counts).
+    dead_letters: Vec<(EntryId, Message, Option<DeadLetterReason>)>,
+    /// The dead letters counted once written.
+    metrics: crate::metrics::SubscriptionMetrics,
     /// After a failed dead-letter write: when to try again, and what failed. No write is
     /// tried before (a record that failed would fail again on every ack written meanwhile).
     dead_letter_retry: Option<(tokio::time::Instant, String)>,
@@ -91,7 +96,9 @@ impl Flusher {
         codec: Arc<dyn Codec>,
         interval: Duration,
     ) -> Self {
+        let metrics = crate::metrics::SubscriptionMetrics::new(origin.stream(), origin.group());
         Flusher {
+            metrics,
             ledger,
             conn,
             origin,
@@ -196,7 +203,7 @@ impl Flusher {
         while let Ok(op) = ops.try_recv() {
             match op {
                 Op::Ack(id) => batch.push(id),
-                Op::DeadLetter { id, record } => self.dead_letters.push((id, record)),
+                Op::DeadLetter { id, record, reason } => self.dead_letters.push((id, record, reason)),
                 Op::Flush(waiter) => self.flush_waiters.push(waiter),
                 // Closing: nothing more is taken over.
                 Op::Lower(_, answer) => drop(answer),
@@ -250,8 +257,8 @@ impl Flusher {
     async fn take(&mut self, op: Op, batch: &mut Vec<EntryId>) {
         match op {
             Op::Ack(id) => batch.push(id),
-            Op::DeadLetter { id, record } => {
-                self.dead_letters.push((id, record));
+            Op::DeadLetter { id, record, reason } => {
+                self.dead_letters.push((id, record, reason));
                 self.dead_letter_waiting = true;
             }
             // Answered after the flush that follows: every ack sent before it is in the batch.
@@ -385,7 +392,7 @@ impl Flusher {
         let mut written = Vec::new();
         let mut failed = None;
         let mut queue = std::mem::take(&mut self.dead_letters).into_iter();
-        for (id, record) in queue.by_ref() {
+        for (id, record, reason) in queue.by_ref() {
             let fields = match self.codec.encode(&record) {
                 Ok(fields) => fields,
                 Err(e) => {
@@ -430,13 +437,16 @@ impl Flusher {
                 }
                 Ok(_) => {
                     SubscriberStats::add(&self.stats.dead_lettered, 1);
+                    if let Some(reason) = reason {
+                        self.metrics.dead_lettered(reason);
+                    }
                     tracing::warn!(stream, group, %id,
                         reason = record.metadata().get(dead_letter::keys::REASON).unwrap_or(""), "dead-lettered");
                     written.push(id);
                 }
                 Err(e) => {
                     SubscriberStats::add(&self.stats.dead_letter_failures, 1);
-                    self.dead_letters.push((id, record));
+                    self.dead_letters.push((id, record, reason));
                     failed = Some(e);
                     break;
                 }

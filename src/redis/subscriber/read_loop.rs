@@ -661,7 +661,9 @@ impl Reader {
     async fn admit(&mut self, fetched: Fetched) -> usize {
         let max = self.options.max_deliveries;
         let origin = self.shared.origin().clone();
-        let mut dead: Vec<(EntryId, Message)> = Vec::new();
+        // Counted in the metrics once written (the flusher), not here: a write refused or
+        // left for later would count twice.
+        let mut dead: Vec<(EntryId, Message, DeadLetterReason)> = Vec::new();
         let mut ready: Vec<(EntryId, u64, Message)> = Vec::new();
         for (entry, count) in fetched {
             let id = entry.id();
@@ -672,47 +674,49 @@ impl Reader {
             match entry {
                 ReplyEntry::Trimmed(_) => {
                     SubscriberStats::add(&self.stats.trimmed_pending, 1);
-                    self.metrics.dead_lettered(DeadLetterReason::Trimmed);
                     tracing::warn!(stream = origin.stream(), group = origin.group(), %id,
                         "pending entry was trimmed from the stream before it was acknowledged");
                     let r = record(&GaveUp::Trimmed.to_string(), count.saturating_sub(1)).for_trimmed();
-                    dead.push((id, r));
+                    dead.push((id, r, DeadLetterReason::Trimmed));
                 }
                 ReplyEntry::Present(raw) => {
                     let size = raw.size();
                     match crate::codec::decode_entry(&*self.codec, raw) {
                         Err((e, raw)) => {
                             SubscriberStats::add(&self.stats.undecodable, 1);
-                            self.metrics.dead_lettered(DeadLetterReason::Decode);
-                            dead.push((id, record(&e.to_string(), count).for_undecodable(&raw.fields)));
+                            let r = record(&e.to_string(), count).for_undecodable(&raw.fields);
+                            dead.push((id, r, DeadLetterReason::Decode));
                         }
                         Ok(message) if size > self.max_entry_size => {
                             SubscriberStats::add(&self.stats.oversized, 1);
-                            self.metrics.dead_lettered(DeadLetterReason::Oversize);
                             let reason = GaveUp::TooLarge {
                                 size,
                                 limit: self.max_entry_size,
                             }
                             .to_string();
-                            dead.push((id, record(&reason, count).for_message(&message)));
+                            dead.push((
+                                id,
+                                record(&reason, count).for_message(&message),
+                                DeadLetterReason::Oversize,
+                            ));
                         }
                         Ok(message) if count > max => {
-                            self.metrics.dead_lettered(DeadLetterReason::MaxDeliveries);
                             let reason = GaveUp::TooManyDeliveries {
                                 delivered: count - 1,
                                 limit: max,
                             }
                             .to_string();
-                            dead.push((id, record(&reason, count - 1).for_message(&message)));
+                            let r = record(&reason, count - 1).for_message(&message);
+                            dead.push((id, r, DeadLetterReason::MaxDeliveries));
                         }
                         Ok(message) => ready.push((id, count, message)),
                     }
                 }
             }
         }
-        for (id, record) in dead {
+        for (id, record, reason) in dead {
             // Kept this subscription's (never handed out) until the flusher wrote it.
-            if self.shared.dead_letter(id, record).is_err() {
+            if self.shared.dead_letter(id, record, Some(reason)).is_err() {
                 tracing::debug!(stream = origin.stream(), %id, "closed before dead-lettering; the entry stays pending");
             }
         }
@@ -778,7 +782,7 @@ impl Reader {
                 }
             };
             tracing::error!(stream = origin.stream(), group = origin.group(), %id, "{reason}; dead-lettering it");
-            if self.shared.dead_letter(id, record).is_err() {
+            if self.shared.dead_letter(id, record, None).is_err() {
                 tracing::debug!(stream = origin.stream(), %id, "closed before dead-lettering");
             }
         }

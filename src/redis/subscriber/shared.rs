@@ -14,6 +14,7 @@ use crate::dead_letter::DeadLetter;
 use crate::delivery::{DeliveryInfo, Origin, SettleError, Settlement, Settler};
 use crate::error::Result;
 use crate::message::{EntryId, Message};
+use crate::metrics::DeadLetterReason;
 use crate::pubsub::InFlight;
 use crate::redis::connection::RedisConnection;
 
@@ -91,6 +92,8 @@ pub(super) enum Op {
     DeadLetter {
         id: EntryId,
         record: Message,
+        /// Why the subscription gave the entry up (`None`: a handler dead-lettered it).
+        reason: Option<DeadLetterReason>,
     },
     /// Before entries from `EntryId` on are taken over: keep the checkpoint below it, and
     /// answer once saved (so that a crash right after the claim leaves no checkpoint past
@@ -220,9 +223,14 @@ impl Shared {
     /// Hands `record` to the flusher, which writes it to `{<stream>}-dead` and acks `id` in one
     /// step (retrying while that fails); meanwhile the entry stays this subscription's.
     /// `Err` when the flusher is gone (closed): the entry stays pending.
-    pub(super) fn dead_letter(&self, id: EntryId, record: Message) -> std::result::Result<(), FlusherGone> {
+    pub(super) fn dead_letter(
+        &self,
+        id: EntryId,
+        record: Message,
+        reason: Option<DeadLetterReason>,
+    ) -> std::result::Result<(), FlusherGone> {
         self.ledger().dead_lettering.insert(id);
-        self.send_to_flusher(Op::DeadLetter { id, record })
+        self.send_to_flusher(Op::DeadLetter { id, record, reason })
             .inspect_err(|_| {
                 self.ledger().dead_lettering.remove(&id);
             })
@@ -288,7 +296,7 @@ impl Settler for Shared {
                     }
                     .for_message(message);
                     // Dead-lettering before it is no longer held: never in neither set.
-                    let handed = self.dead_letter(id, record);
+                    let handed = self.dead_letter(id, record, None);
                     self.ledger().held.remove(&id);
                     handed.map_err(|FlusherGone| closed)
                 }
