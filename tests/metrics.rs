@@ -79,6 +79,27 @@ fn histogram_count(
     }
 }
 
+/// Adds an entry of `event_type` to `topic` in the wire format whose payload is not JSON.
+async fn add_not_json(conn: &streamwise::redis::RedisConnection, topic: &str, event_type: &str) {
+    conn.command::<String>(
+        cmd("XADD")
+            .arg(topic)
+            .arg("*")
+            .arg("event_type")
+            .arg(event_type)
+            .arg("payload")
+            .arg("{not json")
+            .arg("metadata")
+            .arg("{}")
+            .arg("timestamp")
+            .arg("2026-12-06T00:00:00.000Z")
+            .arg("uuid")
+            .arg(streamwise::Uuid::now_v7().to_string()),
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_round_trip_records_exactly_what_happened() {
     let _turn = SERIAL.lock().await;
@@ -98,25 +119,7 @@ async fn a_redis_round_trip_records_exactly_what_happened() {
         .await
         .unwrap();
     // An entry no codec can read: its payload is not JSON.
-    backend
-        .connection()
-        .command::<String>(
-            cmd("XADD")
-                .arg(topic)
-                .arg("*")
-                .arg("event_type")
-                .arg("order.placed")
-                .arg("payload")
-                .arg("{not json")
-                .arg("metadata")
-                .arg("{}")
-                .arg("timestamp")
-                .arg("2026-12-06T00:00:00.000Z")
-                .arg("uuid")
-                .arg("0193a1b2-0000-7000-8000-000000000000"),
-        )
-        .await
-        .unwrap();
+    add_not_json(backend.connection(), topic, "order.placed").await;
 
     // Fails multiples of 5 on their first delivery; dead-letters 7.
     async fn handle(
@@ -374,23 +377,7 @@ async fn a_dead_letter_is_counted_once_when_it_is_written() {
     let topic = "dead-once";
     // An entry that is not JSON, and a dead-letter stream key that is not a stream: the
     // record cannot be written yet.
-    conn.command::<String>(
-        cmd("XADD")
-            .arg(topic)
-            .arg("*")
-            .arg("event_type")
-            .arg("t")
-            .arg("payload")
-            .arg("{not json")
-            .arg("metadata")
-            .arg("{}")
-            .arg("timestamp")
-            .arg("2026-12-06T00:00:00.000Z")
-            .arg("uuid")
-            .arg("0193a1b2-0000-7000-8000-000000000001"),
-    )
-    .await
-    .unwrap();
+    add_not_json(&conn, topic, "t").await;
     conn.command::<String>(cmd("SET").arg("{dead-once}-dead").arg("in the way"))
         .await
         .unwrap();

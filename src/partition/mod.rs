@@ -103,6 +103,30 @@ pub fn validate_topic(topic: &str) -> Result<()> {
     validate_name("topic", topic)
 }
 
+/// The partition count of `topic` for a publisher or subscriber that was told `declared`:
+/// created so when the topic has none, [`Error::PartitionMismatch`] when it has another;
+/// without a declaration, whatever is stored (`None`: not partitioned).
+pub(crate) async fn resolve_count(
+    coordinator: &dyn PartitionCoordinator,
+    topic: &str,
+    declared: Option<u32>,
+) -> Result<Option<u32>> {
+    let Some(requested) = declared else {
+        return coordinator.partitions(topic).await;
+    };
+    validate_topic(topic)?;
+    validate_partitions(requested)?;
+    let stored = coordinator.create_partitions(topic, requested).await?;
+    if stored != requested {
+        return Err(Error::PartitionMismatch {
+            topic: topic.to_owned(),
+            stored,
+            requested,
+        });
+    }
+    Ok(Some(stored))
+}
+
 /// The error of making `topic` partitioned while a stream of that name exists.
 pub(crate) fn stream_in_the_way(topic: &str) -> Error {
     Error::invalid(

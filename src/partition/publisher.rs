@@ -8,10 +8,7 @@ use std::time::Duration;
 use futures::future::{BoxFuture, try_join_all};
 use tokio::time::Instant;
 
-use super::{
-    KEY_METADATA, PartitionCoordinator, partition_for_key, partition_stream, validate_partitions,
-    validate_topic,
-};
+use super::{KEY_METADATA, PartitionCoordinator, partition_for_key, partition_stream};
 use crate::error::{Error, Result};
 use crate::message::{EntryId, Message};
 use crate::pubsub::Publisher;
@@ -84,22 +81,8 @@ impl PartitionedPublisher {
         {
             return Ok(*count);
         }
-        let count = match self.declared.get(topic) {
-            Some(&requested) => {
-                validate_topic(topic)?;
-                validate_partitions(requested)?;
-                let stored = self.coordinator.create_partitions(topic, requested).await?;
-                if stored != requested {
-                    return Err(Error::PartitionMismatch {
-                        topic: topic.to_owned(),
-                        stored,
-                        requested,
-                    });
-                }
-                Some(stored)
-            }
-            None => self.coordinator.partitions(topic).await?,
-        };
+        let declared = self.declared.get(topic).copied();
+        let count = super::resolve_count(&*self.coordinator, topic, declared).await?;
         self.lock().insert(topic.to_owned(), (count, Instant::now()));
         Ok(count)
     }

@@ -16,8 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    Membership, PARTITION_CONSUMER, PartitionCoordinator, assigned_to, partition_stream, validate_partitions,
-    validate_topic,
+    Membership, PARTITION_CONSUMER, PartitionCoordinator, assigned_to, partition_stream, validate_topic,
 };
 use crate::delivery::Delivery;
 use crate::error::{Error, Result};
@@ -127,20 +126,8 @@ impl PartitionedSubscriber {
     }
 
     async fn partitions(&self, topic: &str) -> Result<Option<u32>> {
-        let Some(&requested) = self.declared.get(topic) else {
-            return self.coordinator.partitions(topic).await;
-        };
-        validate_topic(topic)?;
-        validate_partitions(requested)?;
-        let stored = self.coordinator.create_partitions(topic, requested).await?;
-        if stored != requested {
-            return Err(Error::PartitionMismatch {
-                topic: topic.to_owned(),
-                stored,
-                requested,
-            });
-        }
-        Ok(Some(stored))
+        let declared = self.declared.get(topic).copied();
+        super::resolve_count(&*self.coordinator, topic, declared).await
     }
 
     async fn start(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
