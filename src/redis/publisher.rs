@@ -480,21 +480,21 @@ impl RedisPublisher {
     }
 
     /// [`append_unmetered`](Self::append_unmetered), recorded in the publish metrics.
-    /// Inside the publish's span (with its trace context in the messages, feature
-    /// `opentelemetry`).
-    async fn append(
-        &self,
-        topic: &str,
-        mut messages: Vec<Message>,
-        cap: Option<u64>,
-    ) -> Result<Vec<EntryId>> {
-        let span = crate::pubsub::publish_trace(topic, &mut messages);
+    /// [`append_unmetered`](Self::append_unmetered), recorded in the publish metrics (feature
+    /// `metrics`), inside the publish's span with its trace context written into `messages`
+    /// (feature `opentelemetry`). Without either, neither a clock read nor a span.
+    async fn append(&self, topic: &str, messages: &mut [Message], cap: Option<u64>) -> Result<Vec<EntryId>> {
+        if !cfg!(any(feature = "metrics", feature = "opentelemetry")) {
+            return self.append_unmetered(topic, messages, cap).await;
+        }
+        let span = crate::pubsub::publish_trace(topic, messages);
+        let messages = &*messages;
         async move {
             if !cfg!(feature = "metrics") {
-                return self.append_unmetered(topic, &messages, cap).await;
+                return self.append_unmetered(topic, messages, cap).await;
             }
             let started = std::time::Instant::now();
-            let result = self.append_unmetered(topic, &messages, cap).await;
+            let result = self.append_unmetered(topic, messages, cap).await;
             self.metrics
                 .record(topic, messages.len(), result.is_ok(), started.elapsed());
             result
@@ -623,7 +623,10 @@ fn now_ms() -> u64 {
 impl Publisher for RedisPublisher {
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> BoxFuture<'a, Result<EntryId>> {
         Box::pin(async move {
-            let mut ids = self.append(topic, vec![message], None).await?;
+            let mut message = message;
+            let mut ids = self
+                .append(topic, std::slice::from_mut(&mut message), None)
+                .await?;
             ids.pop()
                 .ok_or_else(|| replies::unexpected("XADD returned no id"))
         })
@@ -634,7 +637,10 @@ impl Publisher for RedisPublisher {
         topic: &'a str,
         messages: Vec<Message>,
     ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
-        Box::pin(async move { self.append(topic, messages, None).await })
+        Box::pin(async move {
+            let mut messages = messages;
+            self.append(topic, &mut messages, None).await
+        })
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
@@ -650,7 +656,10 @@ impl Publisher for RedisPublisher {
     ) -> BoxFuture<'a, Result<EntryId>> {
         Box::pin(async move {
             crate::pubsub::check_cap(max_length)?;
-            let mut ids = self.append(topic, vec![message], Some(max_length)).await?;
+            let mut message = message;
+            let mut ids = self
+                .append(topic, std::slice::from_mut(&mut message), Some(max_length))
+                .await?;
             ids.pop()
                 .ok_or_else(|| replies::unexpected("XADD returned no id"))
         })
