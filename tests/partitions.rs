@@ -169,6 +169,15 @@ fn message(key: u64, seq: u64) -> Message {
         .with_metadata(KEY_METADATA, format!("key-{key}"))
 }
 
+/// A connection, the coordinator and a publisher of the topic on the server at `url`.
+fn connect(url: &str) -> (RedisConnection, RedisCoordinator, PartitionedPublisher) {
+    let backend = RedisBackend::new(url).unwrap();
+    let coordinator = backend.coordinator();
+    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(coordinator.clone()))
+        .topic(TOPIC, PARTITIONS);
+    (backend.connection().clone(), coordinator, publisher)
+}
+
 /// Publishes sequence numbers `seqs` for every key, in order, in batches of one round.
 async fn publish(publisher: &PartitionedPublisher, seqs: std::ops::Range<u64>) {
     for seq in seqs {
@@ -291,11 +300,7 @@ async fn assert_nothing_pending(conn: &RedisConnection) {
 async fn members_join_leave_and_crash_without_loss_or_reordering() {
     let server = RedisServer::start();
     let url = server.url();
-    let backend = RedisBackend::new(&url).unwrap();
-    let conn = backend.connection().clone();
-    let coordinator = backend.coordinator();
-    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(coordinator.clone()))
-        .topic(TOPIC, PARTITIONS);
+    let (conn, coordinator, publisher) = connect(&url);
     let seqs = 100;
 
     let m0 = spawn_member(&url, "m0", 0);
@@ -346,11 +351,7 @@ async fn members_join_leave_and_crash_without_loss_or_reordering() {
 async fn a_paused_member_cannot_ack_into_partitions_it_lost() {
     let server = RedisServer::start();
     let url = server.url();
-    let backend = RedisBackend::new(&url).unwrap();
-    let conn = backend.connection().clone();
-    let coordinator = backend.coordinator();
-    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(coordinator.clone()))
-        .topic(TOPIC, PARTITIONS);
+    let (conn, coordinator, publisher) = connect(&url);
     let seqs = 20;
     // Slow handlers: the pause always lands while some of them run.
     let paused = spawn_member(&url, "paused", 20);
@@ -391,11 +392,7 @@ async fn a_paused_member_cannot_ack_into_partitions_it_lost() {
 async fn members_keep_key_order_through_a_cluster_failover() {
     let cluster = streamwise::testing::RedisCluster::start();
     let url = cluster.url();
-    let backend = RedisBackend::new(&url).unwrap();
-    let conn = backend.connection().clone();
-    let coordinator = backend.coordinator();
-    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(coordinator.clone()))
-        .topic(TOPIC, PARTITIONS);
+    let (conn, coordinator, publisher) = connect(&url);
     let seqs = 30;
     let first = partition_stream(TOPIC, 0);
     let masters: std::collections::HashSet<u16> = (0..PARTITIONS)
@@ -446,11 +443,7 @@ async fn members_keep_key_order_through_a_cluster_failover() {
 async fn a_member_restarted_under_its_name_after_a_crash_rejoins() {
     let server = RedisServer::start();
     let url = server.url();
-    let backend = RedisBackend::new(&url).unwrap();
-    let conn = backend.connection().clone();
-    let coordinator = backend.coordinator();
-    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(coordinator.clone()))
-        .topic(TOPIC, PARTITIONS);
+    let (conn, coordinator, publisher) = connect(&url);
     let mut first = spawn_member(&url, "m0", 0);
     wait_settled(&coordinator, &["m0"]).await;
     publish(&publisher, 0..2).await;
