@@ -753,9 +753,22 @@ fn run_spec(spec: &Spec, url: &str) -> Row {
             // installed (issue 16: within 10 % of the row without).
             #[cfg(feature = "metrics")]
             if sys.ends_with("(recorder)") {
-                metrics_exporter_prometheus::PrometheusBuilder::new()
+                // Configured as examples/observability.rs is: Prometheus histograms (buckets),
+                // which the Grafana dashboard's quantiles need.
+                let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .set_buckets(&[0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])
+                    .expect("buckets")
                     .install_recorder()
                     .expect("the only recorder of this process");
+                // As the exporter's own HTTP listener does (every 5 s by default), and as a
+                // scraped service does: histograms fold their samples into summaries on upkeep
+                // instead of keeping every one.
+                std::thread::spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        handle.run_upkeep();
+                    }
+                });
             }
             let backend = MemoryBackend::new();
             let b = backend.clone();
