@@ -332,7 +332,27 @@ pub struct SubscribeOptions {
     /// The group member this subscription reads for (a partition's owner), written into its
     /// lease so that operators can see who owns the partition.
     pub(crate) member: Option<String>,
+    /// Reads without blocking, on a connection shared with other such subscriptions (a
+    /// member's partitions past its bound of dedicated readers), instead of one of its own.
+    pub(crate) shared_read: bool,
+    /// Set when the subscription must end even though deliveries are still out (a partition
+    /// handed off whose handlers ran past the hand-off deadline): reading stops, settlements
+    /// made after it are refused (their entries stay pending for the next holder of the
+    /// consumer name), what was settled before is written, and the consumer name is freed.
+    pub(crate) abandon: Option<Abandon>,
 }
+
+/// The signal of [`SubscribeOptions::abandon`].
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Abandon(pub(crate) crate::signal::Signal);
+
+impl PartialEq for Abandon {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.same_as(&other.0)
+    }
+}
+
+impl Eq for Abandon {}
 
 impl SubscribeOptions {
     /// Options for consumer `consumer` in group `group`, with the defaults: batches of 10,
@@ -352,6 +372,8 @@ impl SubscribeOptions {
             in_flight: None,
             fenced: false,
             member: None,
+            shared_read: false,
+            abandon: None,
         }
     }
 

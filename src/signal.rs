@@ -27,6 +27,11 @@ impl Signal {
         self.token.cancel();
     }
 
+    /// Whether `other` is this signal (a clone of it).
+    pub(crate) fn same_as(&self, other: &Signal) -> bool {
+        Arc::ptr_eq(&self.flag, &other.flag)
+    }
+
     /// Whether the signal is set.
     pub(crate) fn is_cancelled(&self) -> bool {
         self.flag.load(Ordering::Acquire)

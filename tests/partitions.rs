@@ -54,6 +54,10 @@ fn member_process_entry_point() {
         .ok()
         .and_then(|ms| ms.parse().ok())
         .unwrap_or(0);
+    let dedicated: usize = std::env::var("STREAMWISE_PART_DEDICATED")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(16);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
         let backend = RedisBackend::new(&url).expect("url");
@@ -65,7 +69,11 @@ fn member_process_entry_point() {
             .expect("subscriber"),
         );
         let subscriber = PartitionedSubscriber::new(redis.clone(), Arc::new(backend.coordinator()))
-            .options(PartitionOptions::default().member_ttl(TTL))
+            .options(
+                PartitionOptions::default()
+                    .member_ttl(TTL)
+                    .dedicated_readers(dedicated),
+            )
             .topic(TOPIC, PARTITIONS);
         #[derive(Clone)]
         struct Worker {
@@ -123,6 +131,12 @@ fn member_process_entry_point() {
 }
 
 fn spawn_member(url: &str, name: &str, work_ms: u64) -> Child {
+    spawn_member_reading_on(url, name, work_ms, 16)
+}
+
+/// A member process whose partitions past the first `dedicated` read in turn on a shared
+/// connection.
+fn spawn_member_reading_on(url: &str, name: &str, work_ms: u64, dedicated: usize) -> Child {
     Command::new(std::env::current_exe().expect("own path"))
         .args([
             "member_process_entry_point",
@@ -134,6 +148,7 @@ fn spawn_member(url: &str, name: &str, work_ms: u64) -> Child {
         .env("STREAMWISE_PART_URL", url)
         .env("STREAMWISE_PART_NAME", name)
         .env("STREAMWISE_PART_WORK_MS", work_ms.to_string())
+        .env("STREAMWISE_PART_DEDICATED", dedicated.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -202,9 +217,20 @@ async fn wait_done(conn: &RedisConnection, n: u64) {
     }
 }
 
+/// Each partition's owner when the group last settled (`None`: no owner yet).
+struct Owners(Vec<Option<String>>);
+
+impl Owners {
+    fn none() -> Self {
+        Owners(vec![None; PARTITIONS as usize])
+    }
+}
+
 /// Waits until every partition is owned by the member rendezvous hashing names among the live
-/// `members`, and returns how long that took.
-async fn wait_settled(coordinator: &RedisCoordinator, members: &[&str]) -> Duration {
+/// `members`, and returns how long that took. On the way, no partition moves that rendezvous
+/// hashing keeps where it was (`last`, updated), and one that moves goes straight to its new
+/// owner (through no owner at all, never through a third member).
+async fn wait_settled(coordinator: &RedisCoordinator, members: &[&str], last: &mut Owners) -> Duration {
     let started = Instant::now();
     let want: Vec<Option<String>> = (0..PARTITIONS)
         .map(|p| owner_of(p, members).map(str::to_owned))
@@ -212,7 +238,23 @@ async fn wait_settled(coordinator: &RedisCoordinator, members: &[&str]) -> Durat
     loop {
         let live = coordinator.members(TOPIC, GROUP).await.expect("members");
         let owners = coordinator.owners(TOPIC, GROUP).await.expect("owners");
+        for (p, ((now, was), will)) in owners.iter().zip(&last.0).zip(&want).enumerate() {
+            if was.is_some() && was == will {
+                assert_eq!(
+                    now, was,
+                    "partition {p} moved, though rendezvous hashing keeps it"
+                );
+            } else {
+                assert!(
+                    now == was || now.is_none() || now == will,
+                    "partition {p} went to {now:?} on its way from {was:?} to {will:?}"
+                );
+            }
+        }
         if owners == want && live == members {
+            let moved = owners.iter().zip(&last.0).filter(|(now, was)| now != was).count();
+            eprintln!("{moved} of {PARTITIONS} partitions moved to settle on {members:?}");
+            last.0 = owners;
             return started.elapsed();
         }
         assert!(
@@ -301,16 +343,19 @@ async fn members_join_leave_and_crash_without_loss_or_reordering() {
     let server = RedisServer::start();
     let url = server.url();
     let (conn, coordinator, publisher) = connect(&url);
+    let mut owners = Owners::none();
     let seqs = 100;
 
     let m0 = spawn_member(&url, "m0", 0);
     publish(&publisher, 0..25).await;
-    let took = wait_settled(&coordinator, &["m0"]).await;
+    let took = wait_settled(&coordinator, &["m0"], &mut owners).await;
     eprintln!("m0 owns all partitions {took:?} after the first publish");
     let m1 = spawn_member(&url, "m1", 0);
     publish(&publisher, 25..50).await;
-    let m2 = spawn_member(&url, "m2", 0);
-    let took = wait_settled(&coordinator, &["m0", "m1", "m2"]).await;
+    wait_settled(&coordinator, &["m0", "m1"], &mut owners).await;
+    // m2 and m3 read all but one of their partitions on a shared connection.
+    let m2 = spawn_member_reading_on(&url, "m2", 0, 1);
+    let took = wait_settled(&coordinator, &["m0", "m1", "m2"], &mut owners).await;
     eprintln!("rebalanced to m0, m1, m2 in {took:?}");
     publish(&publisher, 50..65).await;
 
@@ -318,11 +363,11 @@ async fn members_join_leave_and_crash_without_loss_or_reordering() {
     m1.kill().expect("SIGKILL m1");
     m1.wait().expect("reap m1");
     publish(&publisher, 65..80).await;
-    let took = wait_settled(&coordinator, &["m0", "m2"]).await;
+    let took = wait_settled(&coordinator, &["m0", "m2"], &mut owners).await;
     eprintln!("m1's partitions taken over {took:?} after the kill was seen");
-    let m3 = spawn_member(&url, "m3", 0);
+    let m3 = spawn_member_reading_on(&url, "m3", 0, 1);
     let joined = Instant::now();
-    let took = wait_settled(&coordinator, &["m0", "m2", "m3"]).await;
+    let took = wait_settled(&coordinator, &["m0", "m2", "m3"], &mut owners).await;
     eprintln!(
         "rebalance after m3 joined: {took:?} ({:?} from its start)",
         joined.elapsed()
@@ -330,7 +375,7 @@ async fn members_join_leave_and_crash_without_loss_or_reordering() {
     publish(&publisher, 80..90).await;
     let fenced = stop(m0);
     eprintln!("m0 left: {fenced}");
-    wait_settled(&coordinator, &["m2", "m3"]).await;
+    wait_settled(&coordinator, &["m2", "m3"], &mut owners).await;
     publish(&publisher, 90..seqs).await;
 
     wait_done(&conn, KEYS * seqs).await;
@@ -352,11 +397,13 @@ async fn a_paused_member_cannot_ack_into_partitions_it_lost() {
     let server = RedisServer::start();
     let url = server.url();
     let (conn, coordinator, publisher) = connect(&url);
+    let mut owners = Owners::none();
     let seqs = 20;
     // Slow handlers: the pause always lands while some of them run.
     let paused = spawn_member(&url, "paused", 20);
+    wait_settled(&coordinator, &["paused"], &mut owners).await;
     let other = spawn_member(&url, "other", 20);
-    wait_settled(&coordinator, &["other", "paused"]).await;
+    wait_settled(&coordinator, &["other", "paused"], &mut owners).await;
     publish(&publisher, 0..seqs).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while done(&conn).await < 500 {
@@ -365,7 +412,7 @@ async fn a_paused_member_cannot_ack_into_partitions_it_lost() {
     }
     signal(&paused, "STOP");
     // Its membership and leases run out; the other member takes every partition.
-    let took = wait_settled(&coordinator, &["other"]).await;
+    let took = wait_settled(&coordinator, &["other"], &mut owners).await;
     eprintln!("the paused member's partitions taken over in {took:?}");
     signal(&paused, "CONT");
     wait_done(&conn, KEYS * seqs).await;
@@ -393,6 +440,7 @@ async fn members_keep_key_order_through_a_cluster_failover() {
     let cluster = streamwise::testing::RedisCluster::start();
     let url = cluster.url();
     let (conn, coordinator, publisher) = connect(&url);
+    let mut owners = Owners::none();
     let seqs = 30;
     let first = partition_stream(TOPIC, 0);
     let masters: std::collections::HashSet<u16> = (0..PARTITIONS)
@@ -404,10 +452,13 @@ async fn members_keep_key_order_through_a_cluster_failover() {
     );
 
     let m0 = spawn_member(&url, "m0", 0);
+    wait_settled(&coordinator, &["m0"], &mut owners).await;
     let mut m1 = spawn_member(&url, "m1", 0);
     publish(&publisher, 0..10).await;
-    let m2 = spawn_member(&url, "m2", 0);
-    wait_settled(&coordinator, &["m0", "m1", "m2"]).await;
+    wait_settled(&coordinator, &["m0", "m1"], &mut owners).await;
+    // m2 reads all but one of its partitions on shared connections, one per master.
+    let m2 = spawn_member_reading_on(&url, "m2", 0, 1);
+    wait_settled(&coordinator, &["m0", "m1", "m2"], &mut owners).await;
     publish(&publisher, 10..15).await;
 
     let master = cluster.master_of(&first).unwrap().port();
@@ -423,7 +474,7 @@ async fn members_keep_key_order_through_a_cluster_failover() {
     m1.kill().expect("SIGKILL m1");
     m1.wait().expect("reap m1");
     publish(&publisher, 20..seqs).await;
-    let took = wait_settled(&coordinator, &["m0", "m2"]).await;
+    let took = wait_settled(&coordinator, &["m0", "m2"], &mut owners).await;
     eprintln!("settled on m0, m2 {took:?} after the kill was seen");
 
     wait_done(&conn, KEYS * seqs).await;
@@ -444,8 +495,9 @@ async fn a_member_restarted_under_its_name_after_a_crash_rejoins() {
     let server = RedisServer::start();
     let url = server.url();
     let (conn, coordinator, publisher) = connect(&url);
+    let mut owners = Owners::none();
     let mut first = spawn_member(&url, "m0", 0);
-    wait_settled(&coordinator, &["m0"]).await;
+    wait_settled(&coordinator, &["m0"], &mut owners).await;
     publish(&publisher, 0..2).await;
     wait_done(&conn, 2 * KEYS).await;
     first.kill().expect("SIGKILL");
@@ -453,7 +505,7 @@ async fn a_member_restarted_under_its_name_after_a_crash_rejoins() {
     let restarted = spawn_member(&url, "m0", 0);
     publish(&publisher, 2..4).await;
     wait_done(&conn, 4 * KEYS).await;
-    wait_settled(&coordinator, &["m0"]).await;
+    wait_settled(&coordinator, &["m0"], &mut owners).await;
     stop(restarted);
     check_order(&conn, 4, Repeats::ExactReplay).await;
     assert_nothing_pending(&conn).await;
@@ -496,4 +548,77 @@ async fn an_ack_after_the_lease_ran_out_unclaimed_is_written() {
     assert_eq!(pending, 0, "the ack was written");
     drop(sub);
     subscriber.close().await.unwrap();
+}
+
+/// A member that owns more partitions than its bound of dedicated readers reads the others in
+/// turn on one shared connection: the connections it opens stay bounded (its own readers, the
+/// shared read connection, the subscriber's multiplexed connection), and every keyed message
+/// is still handled once, in order per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_past_the_reader_bound_read_on_one_shared_connection() {
+    use futures::StreamExt;
+    use streamwise::Subscriber;
+    let server = RedisServer::start();
+    let url = server.url();
+    let (conn, _, publisher) = connect(&url);
+    let clients = || async {
+        let info: String = conn.command(cmd("INFO").arg("clients")).await.expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .expect("connected_clients")
+            .trim()
+            .parse::<usize>()
+            .expect("a count")
+    };
+    publish(&publisher, 0..5).await;
+    let before = clients().await;
+    let dedicated = 2;
+    let backend = RedisBackend::new(&url).unwrap();
+    let subscriber = PartitionedSubscriber::new(
+        Arc::new(backend.subscriber().unwrap()),
+        Arc::new(backend.coordinator()),
+    )
+    .options(PartitionOptions::default().dedicated_readers(dedicated))
+    .topic(TOPIC, PARTITIONS);
+    let mut sub = subscriber
+        .subscribe(
+            TOPIC,
+            SubscribeOptions::new(GROUP, "m").max_in_flight(64).batch_size(16),
+        )
+        .await
+        .unwrap();
+    let mut last: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut most = 0;
+    for n in 0..5 * KEYS {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {n} of {} delivered", 5 * KEYS))
+            .expect("open")
+            .expect("a delivery");
+        let key = delivery
+            .message()
+            .metadata()
+            .get(KEY_METADATA)
+            .unwrap()
+            .to_owned();
+        let seq: u64 = delivery.message().decode().unwrap();
+        let expected = last.get(&key).map_or(0, |s| s + 1);
+        assert_eq!(seq, expected, "{key}");
+        last.insert(key, seq);
+        delivery.ack().await.unwrap();
+        if n % 500 == 0 {
+            most = most.max(clients().await - before);
+        }
+    }
+    most = most.max(clients().await - before);
+    // Without the bound, one read connection per partition: PARTITIONS + 1.
+    assert!(
+        most <= dedicated + 2,
+        "{most} connections for {PARTITIONS} partitions with {dedicated} dedicated readers"
+    );
+    eprintln!("{most} connections for {PARTITIONS} partitions, {dedicated} of them read on their own");
+    sub.flush().await.unwrap();
+    drop(sub);
+    subscriber.close().await.unwrap();
+    assert_nothing_pending(&conn).await;
 }

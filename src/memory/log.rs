@@ -432,6 +432,18 @@ impl StreamLog {
         }
     }
 
+    /// Nothing is held by `consumer`'s subscription any more (it was abandoned): its entries
+    /// stay pending, owned by it, for the next holder of the name to drain.
+    pub(crate) fn release_all(&mut self, group: &str, consumer: &str) {
+        if let Some(gi) = self.group_index(group) {
+            for p in self.groups[gi].pending.values_mut() {
+                if &*p.consumer == consumer {
+                    p.in_flight = false;
+                }
+            }
+        }
+    }
+
     /// `id` is no longer held by `consumer`'s subscription but stays pending, owned by it.
     pub(crate) fn release(&mut self, group: &str, id: EntryId, consumer: &str) {
         if let Some((p, _)) = self.held_by(group, id, consumer) {

@@ -515,11 +515,32 @@ impl MemorySubscriber {
             origin: origin.clone(),
             in_flight: in_flight.clone(),
             closed: self.closed.clone(),
+            abandoned: Signal::new(),
             registration: Mutex::new(Some(Registration {
                 stream: stream.clone(),
                 origin: origin.clone(),
             })),
         });
+        // The reader stops at the subscriber's close, or when the subscription is abandoned.
+        let stop = match &options.abandon {
+            None => self.closed.clone(),
+            Some(abandon) => {
+                let (stop, abandon, closed) = (Signal::new(), abandon.0.clone(), self.closed.clone());
+                let (stopping, settling) = (stop.clone(), Arc::downgrade(&settler));
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = closed.cancelled() => {}
+                        _ = abandon.cancelled() => {
+                            if let Some(settler) = settling.upgrade() {
+                                settler.abandon();
+                            }
+                        }
+                    }
+                    stopping.cancel();
+                });
+                stop
+            }
+        };
         {
             let mut settlers = self.settlers.lock().unwrap_or_else(|p| p.into_inner());
             settlers.retain(|s| s.strong_count() > 0);
@@ -538,7 +559,7 @@ impl MemorySubscriber {
             reclaim: options.reclaim,
             next_reclaim: Instant::now(),
             drained: false,
-            closed: self.closed.clone(),
+            closed: stop,
         };
         Ok(Subscription::from_reader(reader))
     }
@@ -731,10 +752,26 @@ struct MemorySettler {
     origin: Arc<Origin>,
     in_flight: InFlight,
     closed: Signal,
+    /// Set when the subscription was abandoned: its entries were handed back, and its
+    /// deliveries settle nothing any more.
+    abandoned: Signal,
     registration: Mutex<Option<Registration>>,
 }
 
 impl MemorySettler {
+    /// Abandons the subscription while deliveries may still be out: they settle nothing from
+    /// now on, the entries they hold stay pending for the consumer name, to be drained by its
+    /// next holder, and the name is freed.
+    fn abandon(&self) {
+        {
+            let mut log = self.stream.log();
+            self.abandoned.cancel();
+            log.release_all(self.origin.group(), self.origin.consumer());
+        }
+        self.unregister();
+        self.stream.changed.notify_waiters();
+    }
+
     /// Frees the consumer name.
     fn unregister(&self) {
         self.registration.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -771,21 +808,31 @@ impl Settler for MemorySettler {
         message: &Message,
         settlement: Settlement,
     ) -> std::result::Result<(), SettleError> {
+        if self.abandoned.is_cancelled() {
+            self.in_flight.release(1);
+            return Err(SettleError::Closed { id: info.id() });
+        }
         if self.closed.is_cancelled() {
             self.release(info);
             return Err(SettleError::Closed { id: info.id() });
         }
         let group = self.origin.group();
         match settlement {
-            Settlement::Ack => {
-                self.stream.log().ack(group, info.id());
-            }
-            Settlement::Nack { delay } => {
-                let ready_at = Instant::now() + delay;
-                self.stream
-                    .log()
-                    .nack(group, info.id(), self.origin.consumer(), ready_at);
-                self.stream.changed.notify_waiters();
+            Settlement::Ack | Settlement::Nack { .. } => {
+                let mut log = self.stream.log();
+                // Checked again under the lock that abandoning takes.
+                if self.abandoned.is_cancelled() {
+                    drop(log);
+                    self.in_flight.release(1);
+                    return Err(SettleError::Closed { id: info.id() });
+                }
+                if let Settlement::Nack { delay } = settlement {
+                    log.nack(group, info.id(), self.origin.consumer(), Instant::now() + delay);
+                    drop(log);
+                    self.stream.changed.notify_waiters();
+                } else {
+                    log.ack(group, info.id());
+                }
             }
             Settlement::DeadLetter { reason } => {
                 let record = DeadLetter {
@@ -806,9 +853,12 @@ impl Settler for MemorySettler {
     }
 
     fn release(&self, info: &DeliveryInfo) {
-        self.stream
-            .log()
-            .release(self.origin.group(), info.id(), self.origin.consumer());
+        // Abandoned: the entry was handed back already, maybe to the name's next holder.
+        if !self.abandoned.is_cancelled() {
+            self.stream
+                .log()
+                .release(self.origin.group(), info.id(), self.origin.consumer());
+        }
         self.in_flight.release(1);
     }
 }

@@ -34,12 +34,26 @@ pub struct PartitionOptions {
     /// A member that stopped is left out of the assignment this long after its last beat.
     /// Default 10 s; 300 ms to 1 hour.
     pub member_ttl: Duration,
+    /// How many of a member's partitions read on connections of their own, with blocking
+    /// reads (Redis). The partitions it takes past these read in turn, without blocking, on
+    /// one connection per server node that the subscriber shares, polled every 100 ms when
+    /// they have nothing new: so a process holds at most this many read connections per
+    /// member, plus one per node, however many partitions it owns. Default 16; at most 1024.
+    pub dedicated_readers: usize,
+    /// How long a member that hands a partition off lets the deliveries it has out of that
+    /// partition finish. It stops reading the partition at once; past this deadline, a
+    /// settlement of the partition's deliveries is refused (their entries go to the next
+    /// owner, which handles them again) and the partition is released, so that a stuck
+    /// handler cannot hold a partition for ever. Default 30 s; 100 ms to 1 hour.
+    pub handoff_deadline: Duration,
 }
 
 impl Default for PartitionOptions {
     fn default() -> Self {
         PartitionOptions {
             member_ttl: Duration::from_secs(10),
+            dedicated_readers: 16,
+            handoff_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -52,8 +66,38 @@ impl PartitionOptions {
         self
     }
 
+    /// How many of a member's partitions read on connections of their own. Default 16.
+    #[must_use]
+    pub fn dedicated_readers(mut self, n: usize) -> Self {
+        self.dedicated_readers = n;
+        self
+    }
+
+    /// How long the deliveries of a partition handed off may take to finish. Default 30 s.
+    #[must_use]
+    pub fn handoff_deadline(mut self, deadline: Duration) -> Self {
+        self.handoff_deadline = deadline;
+        self
+    }
+
     /// Checks the options.
     pub fn validate(&self) -> Result<()> {
+        let (shortest, longest) = (Duration::from_millis(100), Duration::from_secs(3600));
+        if self.handoff_deadline < shortest || self.handoff_deadline > longest {
+            return Err(Error::invalid(
+                "handoff_deadline",
+                format_args!(
+                    "{:?} is not between {shortest:?} and {longest:?}",
+                    self.handoff_deadline
+                ),
+            ));
+        }
+        if self.dedicated_readers > 1024 {
+            return Err(Error::invalid(
+                "dedicated_readers",
+                format_args!("{} is more than 1024", self.dedicated_readers),
+            ));
+        }
         let (least, most) = (Duration::from_millis(300), Duration::from_secs(3600));
         if self.member_ttl < least || self.member_ttl > most {
             return Err(Error::invalid(
@@ -154,6 +198,8 @@ impl PartitionedSubscriber {
             share: Arc::new(AtomicUsize::new(options.max_in_flight)),
             options,
             ttl: self.options.member_ttl,
+            dedicated_readers: self.options.dedicated_readers,
+            handoff_deadline: self.options.handoff_deadline,
             token: uuid::Uuid::now_v7().to_string(),
             control: control_tx,
             ended: ended_rx,
@@ -243,6 +289,10 @@ struct Member {
     /// The most slots one read of a partition takes: the member's limit over its partitions.
     share: Arc<AtomicUsize>,
     ttl: Duration,
+    /// How many partitions read on connections of their own.
+    dedicated_readers: usize,
+    /// How long the deliveries of a partition handed off may take.
+    handoff_deadline: Duration,
     token: String,
     control: mpsc::UnboundedSender<Control>,
     /// Partitions whose subscription ended by itself (its lease was lost, say).
@@ -261,6 +311,10 @@ impl Member {
         let retry = beat.min(Duration::from_millis(250));
         let mut owned: HashSet<u32> = HashSet::new();
         let mut pending: HashSet<u32> = HashSet::new();
+        // The partitions (owned or being taken) that read on connections of their own.
+        let mut dedicated: HashSet<u32> = HashSet::new();
+        // What abandons each partition's subscription (owned or being taken).
+        let mut abandons: HashMap<u32, Signal> = HashMap::new();
         let mut acquiring = Acquiring::new();
         let mut target: Vec<u32> = Vec::new();
         let mut next_beat = tokio::time::Instant::now();
@@ -318,15 +372,23 @@ impl Member {
                     .collect::<Vec<_>>()
                 {
                     owned.remove(&p);
+                    dedicated.remove(&p);
                     tracing::info!(topic = %self.topic, partition = p, member = %self.options.consumer, "partition handed off");
                     let _ = self.control.send(Control::Remove(p));
+                    self.abandon_after_deadline(abandons.remove(&p));
                 }
             }
             if next_retry.is_none_or(|at| now >= at) {
                 next_retry = None;
                 for &p in &target {
                     if !owned.contains(&p) && pending.insert(p) {
-                        acquiring.push(self.acquire(p));
+                        let own_reader = dedicated.len() < self.dedicated_readers;
+                        if own_reader {
+                            dedicated.insert(p);
+                        }
+                        let abandon = Signal::new();
+                        abandons.insert(p, abandon.clone());
+                        acquiring.push(self.acquire(p, own_reader, abandon));
                     }
                 }
             }
@@ -337,10 +399,20 @@ impl Member {
                 _ = dropped.cancelled() => break,
                 Some(p) = self.ended.recv() => {
                     owned.remove(&p);
+                    dedicated.remove(&p);
+                    if let Some(abandon) = abandons.remove(&p) {
+                        abandon.cancel();
+                    }
                     next_retry.get_or_insert(tokio::time::Instant::now() + retry);
                 }
                 Some((p, result)) = acquiring.next(), if !acquiring.is_empty() => {
                     pending.remove(&p);
+                    if !(result.is_ok() && target.contains(&p)) {
+                        dedicated.remove(&p);
+                        if let Some(abandon) = abandons.remove(&p) {
+                            abandon.cancel();
+                        }
+                    }
                     match result {
                         Ok(subscription) if target.contains(&p) => {
                             tracing::info!(topic = %self.topic, partition = p, member = %self.options.consumer, "partition taken");
@@ -362,11 +434,16 @@ impl Member {
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
-        // Stop reading everything; the partitions are released as their deliveries settle.
+        // Stop reading everything; the partitions are released as their deliveries settle,
+        // or at the hand-off deadline.
         for p in owned {
             let _ = self.control.send(Control::Remove(p));
+            self.abandon_after_deadline(abandons.remove(&p));
         }
         drop(acquiring);
+        for (_, abandon) in abandons {
+            abandon.cancel();
+        }
         let left = self
             .coordinator
             .leave(
@@ -399,8 +476,26 @@ impl Member {
         })
     }
 
-    /// Subscribes to partition `p` as its owner.
-    fn acquire(&self, p: u32) -> BoxFuture<'static, (u32, Result<Subscription>)> {
+    /// Abandons a partition's subscription at the hand-off deadline, if its deliveries have
+    /// not all settled by then (else it is a no-op).
+    fn abandon_after_deadline(&self, abandon: Option<Signal>) {
+        if let Some(abandon) = abandon {
+            let deadline = self.handoff_deadline;
+            tokio::spawn(async move {
+                tokio::time::sleep(deadline).await;
+                abandon.cancel();
+            });
+        }
+    }
+
+    /// Subscribes to partition `p` as its owner, reading on a connection of its own when
+    /// `own_reader`; `abandon` ends the subscription whatever its deliveries are doing.
+    fn acquire(
+        &self,
+        p: u32,
+        own_reader: bool,
+        abandon: Signal,
+    ) -> BoxFuture<'static, (u32, Result<Subscription>)> {
         let inner = self.inner.clone();
         let stream = partition_stream(&self.topic, p);
         let mut options = self.options.clone();
@@ -411,6 +506,8 @@ impl Member {
         options.reclaim = None;
         options.in_flight = Some(self.in_flight.share(self.share.clone()));
         options.fenced = true;
+        options.shared_read = !own_reader;
+        options.abandon = Some(crate::pubsub::Abandon(abandon));
         Box::pin(async move { (p, inner.subscribe(&stream, options).await) })
     }
 }

@@ -46,7 +46,8 @@ mod redis_server;
 
 pub use captured_logs::CapturedLogs;
 pub use partitions::{
-    a_member_name_is_refused_while_its_holder_lives, max_in_flight_holds_across_partitions,
+    a_member_name_is_refused_while_its_holder_lives,
+    a_stuck_handler_holds_a_partition_only_until_the_handoff_deadline, max_in_flight_holds_across_partitions,
     partition_count_mismatch_is_an_error, partitioned_keys_keep_order_across_members,
     partitioned_topics_are_created_and_deleted_whole,
 };
@@ -183,6 +184,7 @@ scenario_list! {
     max_in_flight_holds_across_partitions
     partitioned_topics_are_created_and_deleted_whole
     a_member_name_is_refused_while_its_holder_lives
+    a_stuck_handler_holds_a_partition_only_until_the_handoff_deadline
 }
 
 /// A topic name no other test uses.

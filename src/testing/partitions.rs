@@ -35,10 +35,39 @@ async fn member(
     topic: &str,
     partitions: u32,
 ) -> Arc<PartitionedSubscriber> {
+    member_with(
+        backend,
+        coordinator,
+        topic,
+        partitions,
+        PartitionOptions::default(),
+    )
+    .await
+}
+
+/// A member whose partitions past the first read on the subscriber's shared connections (a
+/// backend without connections reads them as any other).
+async fn member_on_shared_reads(
+    backend: &dyn TestBackend,
+    coordinator: &Arc<dyn PartitionCoordinator>,
+    topic: &str,
+    partitions: u32,
+) -> Arc<PartitionedSubscriber> {
+    let options = PartitionOptions::default().dedicated_readers(1);
+    member_with(backend, coordinator, topic, partitions, options).await
+}
+
+async fn member_with(
+    backend: &dyn TestBackend,
+    coordinator: &Arc<dyn PartitionCoordinator>,
+    topic: &str,
+    partitions: u32,
+    options: PartitionOptions,
+) -> Arc<PartitionedSubscriber> {
     let inner = backend.subscriber().await.expect("subscriber");
     Arc::new(
         PartitionedSubscriber::new(inner, coordinator.clone())
-            .options(PartitionOptions::default().member_ttl(MEMBER_TTL))
+            .options(options.member_ttl(MEMBER_TTL))
             .topic(topic, partitions),
     )
 }
@@ -125,7 +154,8 @@ pub async fn partitioned_keys_keep_order_across_members(backend: &dyn TestBacken
     publish_round(&publisher).await;
     wait_handled(&handled, keys * per_round).await;
 
-    let b = member(backend, &coordinator, &topic, partitions).await;
+    // The second member reads all but one of its partitions on a shared connection.
+    let b = member_on_shared_reads(backend, &coordinator, &topic, partitions).await;
     let sub_b = b
         .subscribe(&topic, opts("g", "member-b").max_in_flight(8))
         .await
@@ -262,7 +292,8 @@ pub async fn max_in_flight_holds_across_partitions(backend: &dyn TestBackend) {
             .topic(&topic, 4);
     let batch = (0..40).map(|n| Message::new("t", &n).expect("message")).collect();
     publisher.publish_batch(&topic, batch).await.expect("batch");
-    let member = member(backend, &coordinator, &topic, 4).await;
+    // Three of the four partitions read on a shared connection: no prefetch there either.
+    let member = member_on_shared_reads(backend, &coordinator, &topic, 4).await;
     let mut sub = member
         .subscribe(&topic, opts("g", "m").max_in_flight(6).batch_size(4))
         .await
@@ -379,4 +410,57 @@ pub async fn a_member_name_is_refused_while_its_holder_lives(backend: &dyn TestB
     recv(&mut first_sub).await.ack().await.expect("ack");
     second.close().await.expect("close");
     first.close().await.expect("close");
+}
+
+/// A member that hands a partition off lets the partition's deliveries finish until its
+/// hand-off deadline, then lets the partition go: a handler stuck past the deadline cannot
+/// keep the next owner out. Its entry goes to the next owner (delivered again), and the stuck
+/// handler's late ack is refused.
+pub async fn a_stuck_handler_holds_a_partition_only_until_the_handoff_deadline(backend: &dyn TestBackend) {
+    let scenario = "a_stuck_handler_holds_a_partition_only_until_the_handoff_deadline";
+    let Some(coordinator) = coordinator(backend, scenario).await else {
+        return;
+    };
+    let topic = unique_topic("partitioned-handoff");
+    let deadline = Duration::from_millis(500);
+    // A second member that rendezvous hashing gives the one partition to.
+    let second = (0..)
+        .map(|n| format!("member-{n}"))
+        .find(|name| crate::partition::owner_of(0, &["first", name.as_str()]) == Some(name.as_str()))
+        .expect("some name wins the partition");
+    let publisher =
+        PartitionedPublisher::new(backend.publisher().await.expect("publisher"), coordinator.clone())
+            .topic(&topic, 1);
+    publisher
+        .publish_keyed(&topic, "k", Message::new("t", &7).expect("message"))
+        .await
+        .expect("publish");
+    let options = PartitionOptions::default().handoff_deadline(deadline);
+    let a = member_with(backend, &coordinator, &topic, 1, options).await;
+    let mut sub_a = a.subscribe(&topic, opts("g", "first")).await.expect("subscribe");
+    let stuck = recv(&mut sub_a).await;
+
+    let b = member(backend, &coordinator, &topic, 1).await;
+    let joined = Instant::now();
+    let mut sub_b = b.subscribe(&topic, opts("g", &second)).await.expect("subscribe");
+    let again = recv(&mut sub_b).await;
+    assert!(
+        joined.elapsed() >= deadline,
+        "the partition moved after {:?}, before the stuck delivery's deadline",
+        joined.elapsed()
+    );
+    assert_eq!(again.id(), stuck.id(), "the stuck entry goes to the next owner");
+    assert!(again.delivery_count() >= 2, "delivered again");
+    assert!(
+        stuck.ack().await.is_err(),
+        "the stuck handler's ack, past the deadline, was taken"
+    );
+    again.ack().await.expect("ack by the new owner");
+    sub_b.flush().await.expect("flush");
+    let stream = crate::partition::partition_stream(&topic, 0);
+    assert_eq!(backend.pending(&stream, "g").await.expect("pending"), 0);
+    expect_quiet(&mut sub_b, "nothing else on the partition").await;
+    drop((sub_a, sub_b));
+    b.close().await.expect("close b");
+    a.close().await.expect("close a");
 }

@@ -17,6 +17,7 @@
 //! | [`group`] | the subscription's consumer group: ensured on start, re-created at its checkpoint |
 //! | [`lease`] | the consumer lease: acquire, extend, release |
 //! | [`heartbeat`] | the task that renews the lease and touches owned entries |
+//! | [`lanes`] | read connections shared by subscriptions that read without blocking |
 //! | [`health`] | the subscription's health, from its reads and lease renewals |
 //! | [`shared`] | the state a subscription shares with its deliveries and tasks: ledger, capacity, settling |
 //! | [`plan`] | the read loop's decisions: the next step, block time, read-ahead, drain cursor |
@@ -28,6 +29,7 @@ mod flusher;
 mod group;
 mod health;
 mod heartbeat;
+mod lanes;
 mod lease;
 mod options;
 mod plan;
@@ -68,6 +70,8 @@ pub struct RedisSubscriber {
     stats: Arc<SubscriberStats>,
     /// Every subscription's ledger, for [`Subscriber::unflushed`].
     ledgers: Mutex<Vec<std::sync::Weak<Mutex<Ledger>>>>,
+    /// The read connections shared by the subscriptions that read without blocking.
+    lanes: lanes::ReadLanes,
 }
 
 impl std::fmt::Debug for RedisSubscriber {
@@ -92,6 +96,7 @@ impl RedisSubscriber {
             tasks: TaskTracker::new(),
             stats: Arc::new(SubscriberStats::default()),
             ledgers: Mutex::new(Vec::new()),
+            lanes: lanes::ReadLanes::default(),
         })
     }
 
@@ -132,13 +137,31 @@ impl RedisSubscriber {
         let ops_weak = ops_tx.downgrade();
         let released = Signal::new();
         let lease_lost = Signal::new();
+        // What ends this subscription's reads, settlements, flusher and heartbeat: the
+        // subscriber's close, or its abandonment (a partition handed off past its deadline).
+        let stop = match &options.abandon {
+            None => self.closed.clone(),
+            Some(abandon) => {
+                let (stop, abandon, closed) = (Signal::new(), abandon.0.clone(), self.closed.clone());
+                let (stopping, gone) = (stop.clone(), released.clone());
+                self.tasks.spawn(async move {
+                    tokio::select! {
+                        _ = closed.cancelled() => stopping.cancel(),
+                        _ = abandon.cancelled() => stopping.cancel(),
+                        // Everything settled and dropped: nothing left to stop.
+                        _ = gone.cancelled() => {}
+                    }
+                });
+                stop
+            }
+        };
         let shared = Arc::new(Shared::new(
             self.conn.clone(),
             origin.clone(),
             options.in_flight_limit(),
             ledger.clone(),
             ops_tx,
-            self.closed.clone(),
+            stop.clone(),
             released.clone(),
         ));
         let flusher = Flusher::new(
@@ -161,15 +184,15 @@ impl RedisSubscriber {
         // The lease is released only after the last acks are written: the next holder of the
         // name (a partition's next owner) then finds them acknowledged, not pending.
         let flushed = Signal::new();
-        let (flusher_done, closed) = (flushed.clone(), self.closed.clone());
+        let (flusher_done, closed) = (flushed.clone(), stop.clone());
         self.tasks.spawn(async move {
             // Set however the flusher ends (a panic included), or the heartbeat would hold
             // the lease, and close would wait, forever.
             let _done = CancelOnDrop(flusher_done);
             flusher.run(ops_rx, closed).await;
         });
-        self.tasks
-            .spawn(heartbeat.run(self.closed.clone(), released, flushed));
+        self.tasks.spawn(heartbeat.run(stop, released, flushed));
+        let lanes = options.shared_read.then(|| self.lanes.clone());
         let reader = Reader::new(
             shared,
             lease,
@@ -178,7 +201,8 @@ impl RedisSubscriber {
             &self.options,
             self.store.clone(),
             self.stats.clone(),
-        );
+        )
+        .reading_on(lanes);
         let flush = Arc::new(FlushAcks(ops_weak));
         Ok(Subscription::from_reader(reader)
             .with_flush(flush)

@@ -29,6 +29,7 @@ use redis::Value;
 use tokio::time::Instant;
 
 use super::group;
+use super::lanes::{LANE_POLL, LaneGuard, ReadLanes};
 use super::lease::{Held, Lease};
 use super::options::RedisSubscriberOptions;
 use super::plan::{DrainFrom, Facts, Next, Planner, Step};
@@ -64,6 +65,13 @@ pub(super) struct Reader {
     health: Arc<super::health::ReadHealth>,
     options: SubscribeOptions,
     read_conn: Option<(DedicatedConnection, i64)>,
+    /// The subscriber's read lanes, when this subscription reads without blocking on a
+    /// connection it shares ([`lanes`](super::lanes)) instead of one of its own.
+    lanes: Option<ReadLanes>,
+    /// The lane held for the step under way.
+    held_lane: Option<LaneGuard>,
+    /// After a read on a lane found nothing: how long to wait before the next step.
+    poll_wait: Option<Duration>,
     /// Which step comes next, and the state that decision rests on (the read sent ahead, the
     /// drain's cursor, the next reclaim).
     plan: Planner,
@@ -126,6 +134,9 @@ impl Reader {
             plan: Planner::new(&options, lease.ttl(), Instant::now()),
             options,
             read_conn: None,
+            lanes: None,
+            held_lane: None,
+            poll_wait: None,
             lease,
             buffer: VecDeque::new(),
             failures: 0,
@@ -135,6 +146,13 @@ impl Reader {
             log: RepeatedWarnings::default(),
             unclaimed: Vec::new(),
         }
+    }
+
+    /// Reads without blocking, on the subscriber's shared `lanes`, instead of a connection
+    /// of its own.
+    pub(super) fn reading_on(mut self, lanes: Option<ReadLanes>) -> Self {
+        self.lanes = lanes;
+        self
     }
 
     async fn next_item(&mut self) -> Option<Result<Delivery>> {
@@ -193,6 +211,13 @@ impl Reader {
                 _ = lease_lost.cancelled() => Ok(0),
                 r = self.run(step, started) => r,
             };
+            if let Some(mut lane) = self.held_lane.take() {
+                // A step that failed, or was cut short with a reply owed, leaves the lane's
+                // connection out of step: the next holder connects anew.
+                if result.is_err() || !lane.as_ref().is_some_and(DedicatedConnection::is_idle) {
+                    *lane = None;
+                }
+            }
             self.health.step_ended(result.is_ok());
             if self.plan.out_of_reach(started, Instant::now()) {
                 // A step that took far longer than its BLOCK: the server was out of reach (or
@@ -203,6 +228,14 @@ impl Reader {
                 Ok(used) => {
                     self.shared.capacity().release(taken - used);
                     self.failures = 0;
+                    if let Some(wait) = self.poll_wait.take() {
+                        tokio::select! {
+                            biased;
+                            _ = closed.cancelled() => {}
+                            _ = lease_lost.cancelled() => {}
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
                 }
                 Err(e) => {
                     self.shared.capacity().release(taken);
@@ -232,6 +265,13 @@ impl Reader {
         SubscriberStats::add(&self.stats.read_errors, 1);
         self.metrics.read_error();
         self.drop_read_conn();
+        if self.lanes.is_some()
+            && let ReadError::Redis(e) = &e
+            && is_cluster_change(e)
+        {
+            // A lane is found by the slot map, which is wrong now.
+            self.shared.conn().forget_slot_map();
+        }
         let origin = self.shared.origin().clone();
         if let ReadError::Redis(e) = &e
             && e.code() == Some("NOGROUP")
@@ -340,19 +380,45 @@ impl Reader {
     /// A blocking `XREADGROUP ... >` of up to `budget` new entries, waiting at most `block`;
     /// while it waits, a nack can unblock it through the flusher.
     async fn read_new(&mut self, budget: usize, block: Duration) -> std::result::Result<Fetched, ReadError> {
-        let read = read_group(self.shared.origin(), budget, Some(block));
         self.sending = "XREADGROUP";
-        let (conn, client_id) = self.read_conn().await?;
+        if self.lanes.is_some() {
+            // On a shared lane: no BLOCK, which would hold it; the wait is here instead.
+            let read = read_group(self.shared.origin(), budget, None);
+            let entries = self.read_conn().await?.read_entries(&read).await?;
+            if entries.is_empty() {
+                self.poll_wait = Some(block.min(LANE_POLL));
+            }
+            return Ok(entries.into_iter().map(|e| (e, 1)).collect());
+        }
+        let read = read_group(self.shared.origin(), budget, Some(block));
+        let conn = self.read_conn().await?;
         conn.send(&read).await?;
+        let client_id = self.read_conn.as_ref().map_or(0, |(_, id)| *id);
         self.shared.set_blocked_client(Some(client_id));
         let entries = self.receive_new(budget).await;
         self.shared.set_blocked_client(None);
         Ok(entries?.into_iter().map(|e| (e, 1)).collect())
     }
 
-    async fn read_conn(&mut self) -> std::result::Result<(&mut DedicatedConnection, i64), ReadError> {
+    /// The connection this step reads on: its own (connected on first use and after a
+    /// failure), or a shared lane, taken for the rest of the step.
+    async fn read_conn(&mut self) -> std::result::Result<&mut DedicatedConnection, ReadError> {
+        let timeout = self.options.block + BLOCK_REPLY_MARGIN;
+        if let Some(lanes) = &self.lanes {
+            if self.held_lane.is_none() {
+                let stream = self.shared.origin().stream();
+                let (_, guard) = lanes
+                    .take(self.shared.conn(), stream, timeout)
+                    .await
+                    .map_err(ReadError::Other)?;
+                self.held_lane = Some(guard);
+            }
+            return match self.held_lane.as_mut().and_then(|lane| lane.as_mut()) {
+                Some(conn) => Ok(conn),
+                None => unreachable!("a lane is taken with its connection"),
+            };
+        }
         if self.read_conn.is_none() {
-            let timeout = self.options.block + BLOCK_REPLY_MARGIN;
             let origin = self.shared.origin().clone();
             let mut conn = self
                 .shared
@@ -367,14 +433,14 @@ impl Reader {
             self.sending = step;
             self.read_conn = Some((conn, client_id));
         }
-        let (conn, id) = self.read_conn.as_mut().expect("just set");
-        Ok((conn, *id))
+        let (conn, _) = self.read_conn.as_mut().expect("just set");
+        Ok(conn)
     }
 
     /// Takes the reply of the `XREADGROUP ... >` sent last (`count` entries at most); when it
     /// is full, sends the next one ahead.
     async fn receive_new(&mut self, count: usize) -> std::result::Result<Vec<ReplyEntry>, ReadError> {
-        let (conn, _) = self.read_conn().await?;
+        let conn = self.read_conn().await?;
         let entries = conn.recv_entries().await?;
         if entries.len() == count {
             self.read_ahead().await;
@@ -386,6 +452,9 @@ impl Reader {
     /// and enough capacity is free; the slots are taken now and used by the step that takes
     /// the reply.
     async fn read_ahead(&mut self) {
+        if self.lanes.is_some() {
+            return;
+        }
         let now = Instant::now();
         let next_retry = self.shared.ledger().next_retry();
         let Some(ahead) = self.plan.read_ahead(now, next_retry) else {
@@ -435,7 +504,7 @@ impl Reader {
             call.arg(id.to_string());
         }
         self.sending = "claim script";
-        let (conn, _) = self.read_conn().await?;
+        let conn = self.read_conn().await?;
         let reply: Value = call.invoke_async(conn).await?;
         let mut fetched = Vec::new();
         for claimed in replies::parse_claimed(reply)? {
@@ -459,7 +528,7 @@ impl Reader {
         let origin = self.shared.origin().clone();
         let rows: Value = {
             self.sending = "XPENDING";
-            let (conn, _) = self.read_conn().await?;
+            let conn = self.read_conn().await?;
             redis::cmd("XPENDING")
                 .arg(origin.stream())
                 .arg(origin.group())
@@ -517,7 +586,7 @@ impl Reader {
         let crashed: std::result::Result<Vec<(String, i64)>, redis::RedisError> = {
             self.sending = "crashed consumers script";
             let (lease_key, token) = (self.lease.key().to_owned(), self.lease.token().to_owned());
-            let (conn, _) = self.read_conn().await?;
+            let conn = self.read_conn().await?;
             scripts::CRASHED_CONSUMERS
                 .key(stream)
                 .key(keys::leased_consumers(stream, group))
@@ -626,7 +695,7 @@ impl Reader {
             cmd.arg(consumer);
         }
         self.sending = "XPENDING";
-        let (conn, _) = self.read_conn().await?;
+        let conn = self.read_conn().await?;
         let rows: Value = cmd.query_async(conn).await?;
         Ok(replies::parse_pending_rows(rows)?)
     }

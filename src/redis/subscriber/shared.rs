@@ -135,7 +135,8 @@ pub(super) struct Shared {
 
 impl Shared {
     /// The state of the subscription of `origin`: at most `capacity` deliveries out, its
-    /// entries in `ledger`, writes through `ops` to its flusher. `closed` is the subscriber's;
+    /// entries in `ledger`, writes through `ops` to its flusher. `closed` ends it: the subscriber's close, or this
+    /// subscription's abandonment;
     /// `released` is cancelled when this state is dropped.
     pub(super) fn new(
         conn: RedisConnection,
