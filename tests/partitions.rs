@@ -622,3 +622,63 @@ async fn partitions_past_the_reader_bound_read_on_one_shared_connection() {
     subscriber.close().await.unwrap();
     assert_nothing_pending(&conn).await;
 }
+
+/// Partitions read on the shared connection do not wait on one another's callers: a
+/// subscription that its caller stopped polling (a plain loop busy with a delivery) holds up
+/// no other subscription's reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_not_polled_holds_up_no_other_on_shared_reads() {
+    use futures::StreamExt;
+    use streamwise::Subscriber;
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let coordinator = Arc::new(backend.coordinator());
+    // One subscriber: its members share its one read connection to the server.
+    let redis = Arc::new(backend.subscriber().unwrap());
+    let shared_reads = PartitionOptions::default().dedicated_readers(0);
+    let member = |topic: &str, partitions| {
+        PartitionedSubscriber::new(redis.clone(), coordinator.clone())
+            .options(shared_reads.clone())
+            .topic(topic, partitions)
+    };
+    let (busy, other) = (member("busy", 2), member("other", 1));
+    let publisher = |topic: &str, partitions| {
+        PartitionedPublisher::new(Arc::new(backend.publisher()), coordinator.clone()).topic(topic, partitions)
+    };
+    let busy_publisher = publisher("busy", 2);
+    for n in 0..50u64 {
+        let key = format!("k{n}");
+        busy_publisher
+            .publish_keyed("busy", &key, Message::new("seq", &n).unwrap())
+            .await
+            .unwrap();
+    }
+    publisher("other", 1)
+        .publish_keyed("other", "k", Message::new("seq", &0u64).unwrap())
+        .await
+        .unwrap();
+    let options = |member: &str| {
+        SubscribeOptions::new("g", member)
+            .batch_size(1)
+            .max_in_flight(4)
+            .block(Duration::from_millis(500))
+    };
+    let mut busy_sub = busy.subscribe("busy", options("a")).await.unwrap();
+    let mut other_sub = other.subscribe("other", options("b")).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), busy_sub.next())
+        .await
+        .expect("a delivery of the busy topic")
+        .unwrap()
+        .unwrap();
+    first.ack().await.unwrap();
+    // The busy subscription is not polled from here on; the other one still gets its entry.
+    let delivery = tokio::time::timeout(Duration::from_secs(10), other_sub.next())
+        .await
+        .expect("the other subscription's entry, while the busy one is not polled")
+        .unwrap()
+        .unwrap();
+    delivery.ack().await.unwrap();
+    drop((busy_sub, other_sub));
+    busy.close().await.unwrap();
+    other.close().await.unwrap();
+}

@@ -529,14 +529,15 @@ impl MemorySubscriber {
                 let (stopping, settling) = (stop.clone(), Arc::downgrade(&settler));
                 tokio::spawn(async move {
                     tokio::select! {
-                        _ = closed.cancelled() => {}
+                        _ = closed.cancelled() => stopping.cancel(),
                         _ = abandon.cancelled() => {
+                            // The reader stops first, so that it fetches nothing more.
+                            stopping.cancel();
                             if let Some(settler) = settling.upgrade() {
                                 settler.abandon();
                             }
                         }
                     }
-                    stopping.cancel();
                 });
                 stop
             }
@@ -654,9 +655,17 @@ impl Reader {
                 max_deliveries: self.max_deliveries,
             };
             let mut out = FetchOut::default();
-            stream
-                .log()
-                .fetch(self.origin.group(), &self.consumer, taken, now, plan, &mut out);
+            {
+                let mut log = stream.log();
+                // Checked under the lock that abandoning takes: nothing is fetched for a
+                // subscription whose entries were handed back.
+                if self.settler.abandoned.is_cancelled() {
+                    drop(log);
+                    self.in_flight.release(taken);
+                    return;
+                }
+                log.fetch(self.origin.group(), &self.consumer, taken, now, plan, &mut out);
+            }
             self.drained = !out.own_left;
             if let Some(r) = reclaim_due.filter(|_| out.reclaim_ran) {
                 self.next_reclaim = now + r.interval;
@@ -843,9 +852,16 @@ impl Settler for MemorySettler {
                     delivery_count: info.delivery_count(),
                 }
                 .for_message(message);
+                let mut log = self.stream.log();
+                // Checked again under the lock that abandoning takes.
+                if self.abandoned.is_cancelled() {
+                    drop(log);
+                    self.in_flight.release(1);
+                    return Err(SettleError::Closed { id: info.id() });
+                }
                 // Written before the ack: at no moment is the entry neither pending nor kept.
                 self.write_dead_letters([(info.id(), record)]);
-                self.stream.log().ack(group, info.id());
+                log.ack(group, info.id());
             }
         }
         self.in_flight.release(1);

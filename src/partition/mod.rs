@@ -44,8 +44,20 @@
 //!
 //! A member that loses a partition in a rebalance stops reading it at once; the deliveries it
 //! handed out are still handled and settled, their acks are flushed, and only then is the
-//! lease released and the next owner can start. A member that crashed holds its lease until it
-//! runs out (the backend's lease TTL), and the next owner takes over the same way.
+//! lease released and the next owner can start. This waits at most
+//! [`PartitionOptions::handoff_deadline`] (30 s): past it the member lets the partition go
+//! whatever its handlers are doing, their late settlements are refused, and the next owner
+//! handles their entries again (so a handler stuck that long may run beside the next owner's
+//! handling of its key). A member that crashed holds its lease until it runs out (the
+//! backend's lease TTL), and the next owner takes over the same way.
+//!
+//! # Reading
+//!
+//! A member reads its first [`PartitionOptions::dedicated_readers`] partitions (16) on
+//! connections of their own, with blocking reads (Redis); the partitions it takes past those
+//! read without blocking on one connection per server node that the subscriber shares, and are
+//! polled every 100 ms while they have nothing new. `max_in_flight` bounds the deliveries out
+//! across all of them.
 
 mod coordinator;
 mod publisher;

@@ -584,6 +584,18 @@ impl RedisConnection {
         }
     }
 
+    /// The master of `key`'s slot, from the slot map (learned with `CLUSTER SLOTS` when there
+    /// is none); `None` on one server.
+    pub(crate) async fn master_of(&self, key: &str) -> Result<Option<(String, u16)>> {
+        let Target::Cluster(cluster) = &self.inner.target else {
+            return Ok(None);
+        };
+        match self.slot_owner(cluster, slot_of(key)).await {
+            Ok(owner) => Ok(Some(owner)),
+            Err(e) => Err(self.connection_error("CLUSTER SLOTS", e, 0)),
+        }
+    }
+
     /// The master of `key`'s slot as the slot map knows it (`None` on one server, or before
     /// the map is learned).
     pub(crate) fn known_master(&self, key: &str) -> Option<(String, u16)> {

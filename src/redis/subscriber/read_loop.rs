@@ -29,7 +29,7 @@ use redis::Value;
 use tokio::time::Instant;
 
 use super::group;
-use super::lanes::{LANE_POLL, LaneGuard, ReadLanes};
+use super::lanes::{LANE_POLL, Lane, ReadLanes};
 use super::lease::{Held, Lease};
 use super::options::RedisSubscriberOptions;
 use super::plan::{DrainFrom, Facts, Next, Planner, Step};
@@ -68,10 +68,14 @@ pub(super) struct Reader {
     /// The subscriber's read lanes, when this subscription reads without blocking on a
     /// connection it shares ([`lanes`](super::lanes)) instead of one of its own.
     lanes: Option<ReadLanes>,
-    /// The lane held for the step under way.
-    held_lane: Option<LaneGuard>,
+    /// The lane this subscription's commands go to (found again after a failure).
+    lane: Option<Lane>,
     /// After a read on a lane found nothing: how long to wait before the next step.
     poll_wait: Option<Duration>,
+    /// The last read of new entries came back full: there are likely more, so the next one
+    /// does not block, and on a limit shared with other partitions it waits for a full
+    /// batch of slots ([`InFlight::acquire_together`](crate::pubsub::InFlight)).
+    more_to_read: bool,
     /// Which step comes next, and the state that decision rests on (the read sent ahead, the
     /// drain's cursor, the next reclaim).
     plan: Planner,
@@ -135,8 +139,9 @@ impl Reader {
             options,
             read_conn: None,
             lanes: None,
-            held_lane: None,
+            lane: None,
             poll_wait: None,
+            more_to_read: false,
             lease,
             buffer: VecDeque::new(),
             failures: 0,
@@ -183,11 +188,14 @@ impl Reader {
                 let now = Instant::now();
                 match self.plan.next(now, self.facts(budget, now)) {
                     Next::WaitForCapacity { batch } => {
+                        let capacity = self.shared.capacity();
+                        let together = self.more_to_read && capacity.is_shared();
                         budget = tokio::select! {
                             biased;
                             _ = closed.cancelled() => continue 'steps,
                             _ = lease_lost.cancelled() => continue 'steps,
-                            n = self.shared.capacity().acquire(batch) => n,
+                            n = capacity.acquire_together(batch), if together => n,
+                            n = capacity.acquire(batch), if !together => n,
                         };
                     }
                     Next::Run(step) => break (now, step),
@@ -211,13 +219,6 @@ impl Reader {
                 _ = lease_lost.cancelled() => Ok(0),
                 r = self.run(step, started) => r,
             };
-            if let Some(mut lane) = self.held_lane.take() {
-                // A step that failed, or was cut short with a reply owed, leaves the lane's
-                // connection out of step: the next holder connects anew.
-                if result.is_err() || !lane.as_ref().is_some_and(DedicatedConnection::is_idle) {
-                    *lane = None;
-                }
-            }
             self.health.step_ended(result.is_ok());
             if self.plan.out_of_reach(started, Instant::now()) {
                 // A step that took far longer than its BLOCK: the server was out of reach (or
@@ -337,6 +338,7 @@ impl Reader {
     /// list meanwhile is found by the drain that follows.
     fn drop_read_conn(&mut self) {
         self.read_conn = None;
+        self.lane = None;
         let slots = self.plan.connection_lost();
         self.shared.capacity().release(slots);
     }
@@ -388,36 +390,52 @@ impl Reader {
             if entries.is_empty() {
                 self.poll_wait = Some(block.min(LANE_POLL));
             }
+            self.more_to_read = entries.len() == budget;
+            return Ok(entries.into_iter().map(|e| (e, 1)).collect());
+        }
+        if std::mem::take(&mut self.more_to_read) && self.shared.capacity().is_shared() {
+            // A partition with more to read: without BLOCK, which would hold the batch's
+            // slots (a share of its member's limit) while it waited.
+            let read = read_group(self.shared.origin(), budget, None);
+            let entries = self.own_conn().await?.read_entries(&read).await?;
+            self.more_to_read = entries.len() == budget;
             return Ok(entries.into_iter().map(|e| (e, 1)).collect());
         }
         let read = read_group(self.shared.origin(), budget, Some(block));
-        let conn = self.read_conn().await?;
+        let conn = self.own_conn().await?;
         conn.send(&read).await?;
         let client_id = self.read_conn.as_ref().map_or(0, |(_, id)| *id);
         self.shared.set_blocked_client(Some(client_id));
         let entries = self.receive_new(budget).await;
         self.shared.set_blocked_client(None);
-        Ok(entries?.into_iter().map(|e| (e, 1)).collect())
+        let entries = entries?;
+        self.more_to_read = entries.len() == budget;
+        Ok(entries.into_iter().map(|e| (e, 1)).collect())
     }
 
-    /// The connection this step reads on: its own (connected on first use and after a
-    /// failure), or a shared lane, taken for the rest of the step.
-    async fn read_conn(&mut self) -> std::result::Result<&mut DedicatedConnection, ReadError> {
-        let timeout = self.options.block + BLOCK_REPLY_MARGIN;
+    /// Where this subscription's commands go: its own connection, or its lane.
+    async fn read_conn(&mut self) -> std::result::Result<ReadConn<'_>, ReadError> {
         if let Some(lanes) = &self.lanes {
-            if self.held_lane.is_none() {
-                let stream = self.shared.origin().stream();
-                let (_, guard) = lanes
-                    .take(self.shared.conn(), stream, timeout)
+            if self.lane.is_none() {
+                let timeout = self.options.block + BLOCK_REPLY_MARGIN;
+                let stream: Arc<str> = self.shared.origin().stream().into();
+                let lane = lanes
+                    .lane(self.shared.conn(), &stream, timeout)
                     .await
                     .map_err(ReadError::Other)?;
-                self.held_lane = Some(guard);
+                self.lane = Some(lane);
             }
-            return match self.held_lane.as_mut().and_then(|lane| lane.as_mut()) {
-                Some(conn) => Ok(conn),
-                None => unreachable!("a lane is taken with its connection"),
+            return match self.lane.clone() {
+                Some(lane) => Ok(ReadConn::Lane(lane)),
+                None => unreachable!("just set"),
             };
         }
+        Ok(ReadConn::Own(self.own_conn().await?))
+    }
+
+    /// This subscription's own connection (connected on first use and after a failure).
+    async fn own_conn(&mut self) -> std::result::Result<&mut DedicatedConnection, ReadError> {
+        let timeout = self.options.block + BLOCK_REPLY_MARGIN;
         if self.read_conn.is_none() {
             let origin = self.shared.origin().clone();
             let mut conn = self
@@ -440,7 +458,7 @@ impl Reader {
     /// Takes the reply of the `XREADGROUP ... >` sent last (`count` entries at most); when it
     /// is full, sends the next one ahead.
     async fn receive_new(&mut self, count: usize) -> std::result::Result<Vec<ReplyEntry>, ReadError> {
-        let conn = self.read_conn().await?;
+        let conn = self.own_conn().await?;
         let entries = conn.recv_entries().await?;
         if entries.len() == count {
             self.read_ahead().await;
@@ -504,8 +522,8 @@ impl Reader {
             call.arg(id.to_string());
         }
         self.sending = "claim script";
-        let conn = self.read_conn().await?;
-        let reply: Value = call.invoke_async(conn).await?;
+        let mut conn = self.read_conn().await?;
+        let reply: Value = call.invoke_async(&mut conn).await?;
         let mut fetched = Vec::new();
         for claimed in replies::parse_claimed(reply)? {
             match claimed {
@@ -528,7 +546,7 @@ impl Reader {
         let origin = self.shared.origin().clone();
         let rows: Value = {
             self.sending = "XPENDING";
-            let conn = self.read_conn().await?;
+            let mut conn = self.read_conn().await?;
             redis::cmd("XPENDING")
                 .arg(origin.stream())
                 .arg(origin.group())
@@ -536,7 +554,7 @@ impl Reader {
                 .arg("+")
                 .arg(page)
                 .arg(origin.consumer())
-                .query_async(conn)
+                .query_async(&mut conn)
                 .await?
         };
         let rows: Vec<EntryId> = replies::parse_pending_rows(rows)?.iter().map(|r| r.id).collect();
@@ -586,7 +604,7 @@ impl Reader {
         let crashed: std::result::Result<Vec<(String, i64)>, redis::RedisError> = {
             self.sending = "crashed consumers script";
             let (lease_key, token) = (self.lease.key().to_owned(), self.lease.token().to_owned());
-            let conn = self.read_conn().await?;
+            let mut conn = self.read_conn().await?;
             scripts::CRASHED_CONSUMERS
                 .key(stream)
                 .key(keys::leased_consumers(stream, group))
@@ -595,7 +613,7 @@ impl Reader {
                 .arg(me)
                 .arg(keys::lease(stream, group, ""))
                 .arg(token)
-                .invoke_async(conn)
+                .invoke_async(&mut conn)
                 .await
         };
         let crashed = match crashed {
@@ -695,8 +713,8 @@ impl Reader {
             cmd.arg(consumer);
         }
         self.sending = "XPENDING";
-        let conn = self.read_conn().await?;
-        let rows: Value = cmd.query_async(conn).await?;
+        let mut conn = self.read_conn().await?;
+        let rows: Value = cmd.query_async(&mut conn).await?;
         Ok(replies::parse_pending_rows(rows)?)
     }
 
@@ -916,6 +934,50 @@ impl std::fmt::Display for ReadError {
             }
             ReadError::Redis(e) => e.fmt(f),
             ReadError::Other(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Where a subscription's commands go: its own connection, or its lane.
+enum ReadConn<'a> {
+    Own(&'a mut DedicatedConnection),
+    Lane(Lane),
+}
+
+impl ReadConn<'_> {
+    /// Sends a stream read and parses its reply into entries.
+    async fn read_entries(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<Vec<ReplyEntry>> {
+        match self {
+            ReadConn::Own(c) => c.read_entries(cmd).await,
+            ReadConn::Lane(lane) => lane.read_entries(cmd).await,
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for ReadConn<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            ReadConn::Own(c) => c.req_packed_command(cmd),
+            ReadConn::Lane(lane) => lane.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            ReadConn::Own(c) => c.req_packed_commands(pipeline, offset, count),
+            ReadConn::Lane(lane) => lane.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            ReadConn::Own(c) => c.get_db(),
+            ReadConn::Lane(lane) => lane.get_db(),
         }
     }
 }

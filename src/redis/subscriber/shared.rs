@@ -120,7 +120,7 @@ pub(super) struct Shared {
     blocked_client: AtomicI64,
     /// The cluster node of the read connection (`None` on a single server).
     read_node: Mutex<Option<Arc<(String, u16)>>>,
-    /// The subscriber was closed.
+    /// The subscription ended: the subscriber closed, or the subscription was abandoned.
     closed: Signal,
     /// Cancelled when the last user of this state (reader or delivery) is gone: the heartbeat
     /// then releases the lease.
@@ -135,9 +135,9 @@ pub(super) struct Shared {
 
 impl Shared {
     /// The state of the subscription of `origin`: at most `capacity` deliveries out, its
-    /// entries in `ledger`, writes through `ops` to its flusher. `closed` ends it: the subscriber's close, or this
-    /// subscription's abandonment;
-    /// `released` is cancelled when this state is dropped.
+    /// entries in `ledger`, writes through `ops` to its flusher. `closed` ends it (the
+    /// subscriber's close, or this subscription's abandonment); `released` is cancelled when
+    /// this state is dropped.
     pub(super) fn new(
         conn: RedisConnection,
         origin: Arc<Origin>,
@@ -182,7 +182,7 @@ impl Shared {
         &self.capacity
     }
 
-    /// Cancelled when the subscriber closes.
+    /// Cancelled when the subscription ends: the subscriber closes, or abandons it.
     pub(super) fn closed(&self) -> &Signal {
         &self.closed
     }
