@@ -736,9 +736,6 @@ pub struct InFlight {
     inner: Arc<Slots>,
 }
 
-/// How long [`InFlight::acquire_together`] gathers slots as they come free.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
-
 #[derive(Debug)]
 struct Slots {
     semaphore: Arc<Semaphore>,
@@ -746,8 +743,6 @@ struct Slots {
     held: AtomicUsize,
     /// The most one `acquire` takes, when the limit is shared.
     most_per_take: Option<Arc<AtomicUsize>>,
-    /// The limit.
-    max: usize,
 }
 
 impl Drop for Slots {
@@ -775,7 +770,6 @@ impl InFlight {
                 semaphore: Arc::new(Semaphore::new(max)),
                 held: AtomicUsize::new(0),
                 most_per_take: None,
-                max,
             }),
         }
     }
@@ -790,7 +784,6 @@ impl InFlight {
                 semaphore: self.inner.semaphore.clone(),
                 held: AtomicUsize::new(0),
                 most_per_take: Some(most_per_take),
-                max: self.inner.max,
             }),
         }
     }
@@ -819,41 +812,6 @@ impl InFlight {
         }
         self.took(1);
         1 + self.try_acquire(self.cap(want.max(1)) - 1)
-    }
-
-    /// Whether this holds a share of a limit that others hold too (a member's partitions).
-    pub(crate) fn is_shared(&self) -> bool {
-        self.inner.most_per_take.is_some()
-    }
-
-    /// Takes `want` slots (at most half the limit) for a read that does not wait for entries,
-    /// of a partition with more to read: waits for one, then gathers more as they come free
-    /// for up to [`GATHER`], and returns how many it took. The partition then reads a fuller
-    /// batch than the one or two slots that the last settlements freed (each waiting reader of
-    /// a shared limit would otherwise wake for one slot and read one entry), and never waits
-    /// long for slots that may not come (deliveries the application holds).
-    pub(crate) async fn acquire_together(&self, want: usize) -> usize {
-        let want = want.min(self.inner.max / 2).max(1);
-        match self.inner.semaphore.acquire().await {
-            Ok(first) => first.forget(),
-            // The semaphore is never closed; treat it as one slot rather than panic.
-            Err(_) => return 1,
-        }
-        let mut took = self.took(1) + self.try_acquire(want - 1);
-        let until = tokio::time::Instant::now() + GATHER;
-        while took < want {
-            tokio::select! {
-                // A slot free now is taken even when the time is up.
-                biased;
-                next = self.inner.semaphore.acquire() => match next {
-                    Ok(slot) => slot.forget(),
-                    Err(_) => break,
-                },
-                _ = tokio::time::sleep_until(until) => break,
-            }
-            took += self.took(1) + self.try_acquire(want - took - 1);
-        }
-        took
     }
 
     /// Takes up to `want` slots that are free right now, without waiting, and returns how
@@ -969,28 +927,5 @@ mod tests {
         assert_eq!(gate.try_acquire(2), 2);
         assert_eq!(gate.try_acquire(4), 1);
         assert_eq!(gate.available(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_share_gathers_slots_as_they_come_free_for_a_while() {
-        let limit = InFlight::new(8);
-        let share = limit.share(Arc::new(AtomicUsize::new(2)));
-        assert_eq!(share.acquire(8).await, 2, "acquire takes at most the share");
-        limit.release(2);
-        assert_eq!(limit.acquire(8).await, 8);
-        let together = {
-            let share = share.clone();
-            tokio::spawn(async move { share.acquire_together(100).await })
-        };
-        // Slots come free one at a time: gathered, up to half the limit.
-        for _ in 0..4 {
-            limit.release(1);
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(together.await.unwrap(), 4, "half of the limit of 8");
-        // Fewer than that free, and no more coming: it takes what there is after a while.
-        limit.release(2);
-        assert_eq!(share.acquire_together(100).await, 2);
-        assert_eq!(limit.available(), 0);
     }
 }

@@ -72,10 +72,6 @@ pub(super) struct Reader {
     lane: Option<Lane>,
     /// After a read on a lane found nothing: how long to wait before the next step.
     poll_wait: Option<Duration>,
-    /// The last read of new entries came back full: there are likely more, so the next one
-    /// does not block, and on a limit shared with other partitions it waits for a full
-    /// batch of slots ([`InFlight::acquire_together`](crate::pubsub::InFlight)).
-    more_to_read: bool,
     /// Which step comes next, and the state that decision rests on (the read sent ahead, the
     /// drain's cursor, the next reclaim).
     plan: Planner,
@@ -141,7 +137,6 @@ impl Reader {
             lanes: None,
             lane: None,
             poll_wait: None,
-            more_to_read: false,
             lease,
             buffer: VecDeque::new(),
             failures: 0,
@@ -188,14 +183,11 @@ impl Reader {
                 let now = Instant::now();
                 match self.plan.next(now, self.facts(budget, now)) {
                     Next::WaitForCapacity { batch } => {
-                        let capacity = self.shared.capacity();
-                        let together = self.more_to_read && capacity.is_shared();
                         budget = tokio::select! {
                             biased;
                             _ = closed.cancelled() => continue 'steps,
                             _ = lease_lost.cancelled() => continue 'steps,
-                            n = capacity.acquire_together(batch), if together => n,
-                            n = capacity.acquire(batch), if !together => n,
+                            n = self.shared.capacity().acquire(batch) => n,
                         };
                     }
                     Next::Run(step) => break (now, step),
@@ -390,15 +382,6 @@ impl Reader {
             if entries.is_empty() {
                 self.poll_wait = Some(block.min(LANE_POLL));
             }
-            self.more_to_read = entries.len() == budget;
-            return Ok(entries.into_iter().map(|e| (e, 1)).collect());
-        }
-        if std::mem::take(&mut self.more_to_read) && self.shared.capacity().is_shared() {
-            // A partition with more to read: without BLOCK, which would hold the batch's
-            // slots (a share of its member's limit) while it waited.
-            let read = read_group(self.shared.origin(), budget, None);
-            let entries = self.own_conn().await?.read_entries(&read).await?;
-            self.more_to_read = entries.len() == budget;
             return Ok(entries.into_iter().map(|e| (e, 1)).collect());
         }
         let read = read_group(self.shared.origin(), budget, Some(block));
@@ -408,9 +391,7 @@ impl Reader {
         self.shared.set_blocked_client(Some(client_id));
         let entries = self.receive_new(budget).await;
         self.shared.set_blocked_client(None);
-        let entries = entries?;
-        self.more_to_read = entries.len() == budget;
-        Ok(entries.into_iter().map(|e| (e, 1)).collect())
+        Ok(entries?.into_iter().map(|e| (e, 1)).collect())
     }
 
     /// Where this subscription's commands go: its own connection, or its lane.
