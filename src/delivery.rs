@@ -21,6 +21,7 @@ pub struct Origin {
     stream: Arc<str>,
     group: Arc<str>,
     consumer: Arc<str>,
+    system: &'static str,
 }
 
 impl Origin {
@@ -34,7 +35,21 @@ impl Origin {
             stream: stream.into(),
             group: group.into(),
             consumer: consumer.into(),
+            system: "unknown",
         }
+    }
+
+    /// Names the messaging system the deliveries come from (`redis`, `memory`; the
+    /// OpenTelemetry attribute `messaging.system` of their spans). Default `unknown`.
+    #[must_use]
+    pub fn with_system(mut self, system: &'static str) -> Self {
+        self.system = system;
+        self
+    }
+
+    /// The messaging system the deliveries come from.
+    pub fn system(&self) -> &'static str {
+        self.system
     }
 
     /// The stream (topic).

@@ -8,7 +8,8 @@
 //! with the tracer provider it wants, and a text map propagator
 //! (`opentelemetry::global::set_text_map_propagator`, usually `TraceContextPropagator`).
 //!
-//! Attributes follow the OpenTelemetry messaging conventions: `messaging.system` (`redis`),
+//! Attributes follow the OpenTelemetry messaging conventions: `messaging.system` (`redis`,
+//! `memory` for the in-memory backend; [`Origin::system`](crate::delivery::Origin::system)),
 //! `messaging.destination.name`, `messaging.consumer.group.name`, `messaging.message.id`,
 //! `messaging.operation.type` (`send`, `process`).
 
@@ -43,13 +44,13 @@ impl Extractor for MetadataExtractor<'_> {
     }
 }
 
-/// The PRODUCER span of a publish to `topic`.
-pub(crate) fn publish_span(topic: &str) -> tracing::Span {
+/// The PRODUCER span of a publish to `topic` of messaging system `system`.
+pub(crate) fn publish_span(system: &'static str, topic: &str) -> tracing::Span {
     tracing::info_span!(
         "publish",
         otel.name = %format_args!("publish {topic}"),
         otel.kind = "producer",
-        messaging.system = "redis",
+        messaging.system = system,
         messaging.destination.name = %topic,
         messaging.operation.type = "send",
     )
@@ -71,6 +72,7 @@ pub(crate) fn inject(span: &tracing::Span, messages: &mut [Message]) {
 /// The CONSUMER span of handling `message`, delivered as `id` from `topic` to `group`; its
 /// parent is the trace context in the message's metadata, or with `link` a link to it.
 pub(crate) fn process_span(
+    system: &'static str,
     topic: &str,
     group: &str,
     id: &str,
@@ -81,7 +83,7 @@ pub(crate) fn process_span(
         "process",
         otel.name = %format_args!("process {topic}"),
         otel.kind = "consumer",
-        messaging.system = "redis",
+        messaging.system = system,
         messaging.destination.name = %topic,
         messaging.consumer.group.name = %group,
         messaging.message.id = %id,

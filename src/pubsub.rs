@@ -640,19 +640,19 @@ pub trait Flush: Send + Sync + 'static {
     fn flush(&self) -> BoxFuture<'static, Result<()>>;
 }
 
-/// The span of a publish to `topic`, with its trace context written into `messages`'
-/// metadata (the `opentelemetry` feature, [`crate::otel`]); without the feature, no span and
-/// nothing written. Backends run the publish inside the span.
-pub(crate) fn publish_trace(topic: &str, messages: &mut [Message]) -> tracing::Span {
+/// The span of a publish to `topic` of messaging system `system`, with its trace context
+/// written into `messages`' metadata (the `opentelemetry` feature, [`crate::otel`]); without
+/// the feature, no span and nothing written. Backends run the publish inside the span.
+pub(crate) fn publish_trace(system: &'static str, topic: &str, messages: &mut [Message]) -> tracing::Span {
     #[cfg(feature = "opentelemetry")]
     {
-        let span = crate::otel::publish_span(topic);
+        let span = crate::otel::publish_span(system, topic);
         crate::otel::inject(&span, messages);
         span
     }
     #[cfg(not(feature = "opentelemetry"))]
     {
-        let _ = (topic, messages);
+        let _ = (system, topic, messages);
         tracing::Span::none()
     }
 }

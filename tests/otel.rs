@@ -276,3 +276,36 @@ fn two_services_with_their_own_tracer_providers_share_one_trace() {
         "each service exports only its own spans"
     );
 }
+
+/// The spans name the backend the messages went through: `messaging.system` is `memory` on
+/// the in-memory backend (`redis` on Redis, checked above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spans_name_the_in_memory_backend_as_their_messaging_system() {
+    exporter();
+    let backend = streamwise::memory::MemoryBackend::new();
+    let router = Router::new();
+    let routes = router.routes().route("t", || async {});
+    let running = router
+        .subscribe("otel-memory", SubscribeOptions::new("g", "w1"), routes)
+        .start(Arc::new(backend.subscriber()), Arc::new(backend.publisher()))
+        .await
+        .unwrap();
+    backend
+        .publisher()
+        .publish("otel-memory", Message::new("t", &1).unwrap())
+        .instrument(tracing::info_span!("memory-sender"))
+        .await
+        .unwrap();
+    streamwise::testing::wait_until_handled(&running, 1).await;
+    running.shutdown().await.unwrap();
+    let (_, spans) = trace_of("memory-sender");
+    for name in ["publish otel-memory", "process otel-memory"] {
+        let span = named(&spans, name);
+        assert_eq!(span.len(), 1, "{name}");
+        assert_eq!(
+            attribute(span[0], "messaging.system").as_deref(),
+            Some("memory"),
+            "{name}"
+        );
+    }
+}

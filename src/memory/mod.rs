@@ -46,6 +46,9 @@ use crate::pubsub::{
 pub use self::coordinator::MemoryCoordinator;
 use self::log::{FetchOut, FetchPlan, GiveUp, GivenUp, StreamLog};
 
+/// This backend's name in traces (`messaging.system`).
+const SYSTEM: &str = "memory";
+
 /// Streams shared by every publisher and subscriber made from one backend.
 ///
 /// Cloning is cheap and shares the streams.
@@ -356,7 +359,7 @@ impl MemoryPublisher {
         mut messages: Vec<Message>,
         cap: Option<u64>,
     ) -> Result<Vec<EntryId>> {
-        let span = crate::pubsub::publish_trace(topic, &mut messages);
+        let span = crate::pubsub::publish_trace(SYSTEM, topic, &mut messages);
         let _in_span = span.enter();
         if !cfg!(feature = "metrics") {
             return self.append_unmetered(topic, messages, cap);
@@ -409,9 +412,10 @@ fn now_ms() -> u64 {
 }
 
 impl Publisher for MemoryPublisher {
+    // Each publish happens when its future is first polled, as on Redis (a future dropped
+    // unpolled publishes nothing), and inside the span the caller polls it in.
     fn publish<'a>(&'a self, topic: &'a str, message: Message) -> BoxFuture<'a, Result<EntryId>> {
-        let result = self.append(topic, vec![message]).map(|ids| ids[0]);
-        Box::pin(std::future::ready(result))
+        Box::pin(async move { self.append(topic, vec![message]).map(|ids| ids[0]) })
     }
 
     fn publish_batch<'a>(
@@ -419,7 +423,7 @@ impl Publisher for MemoryPublisher {
         topic: &'a str,
         messages: Vec<Message>,
     ) -> BoxFuture<'a, Result<Vec<EntryId>>> {
-        Box::pin(std::future::ready(self.append(topic, messages)))
+        Box::pin(async move { self.append(topic, messages) })
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
@@ -433,10 +437,11 @@ impl Publisher for MemoryPublisher {
         message: Message,
         max_length: u64,
     ) -> BoxFuture<'a, Result<EntryId>> {
-        let result = crate::pubsub::check_cap(max_length)
-            .and_then(|()| self.append_capped(topic, vec![message], Some(max_length)))
-            .map(|ids| ids[0]);
-        Box::pin(std::future::ready(result))
+        Box::pin(async move {
+            crate::pubsub::check_cap(max_length)
+                .and_then(|()| self.append_capped(topic, vec![message], Some(max_length)))
+                .map(|ids| ids[0])
+        })
     }
 }
 
@@ -499,7 +504,8 @@ impl MemorySubscriber {
             }
             stream
         };
-        let origin = Arc::new(Origin::new(stream.name.clone(), group, options.consumer.as_str()));
+        let origin =
+            Arc::new(Origin::new(stream.name.clone(), group, options.consumer.as_str()).with_system(SYSTEM));
         let consumer: Arc<str> = options.consumer.as_str().into();
         if !stream.log().register_consumer(group, &consumer) {
             return Err(Error::ConsumerActive {
@@ -882,6 +888,23 @@ impl Settler for MemorySettler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_publish_happens_when_its_future_is_polled() {
+        let backend = MemoryBackend::new();
+        let publisher = backend.publisher();
+        let unpolled = publisher.publish("lazy", Message::new("n", &1).unwrap());
+        drop(unpolled);
+        assert!(
+            backend.stream_len("lazy").is_err(),
+            "a dropped publish wrote nothing"
+        );
+        publisher
+            .publish("lazy", Message::new("n", &2).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(backend.stream_len("lazy").unwrap(), 1);
+    }
 
     #[tokio::test]
     async fn publisher_options_trim_refuse_and_are_checked() {

@@ -46,6 +46,9 @@ pub use subscriber::{
     StatsSnapshot, SubscriberStats,
 };
 
+/// This backend's name in traces (`messaging.system`).
+pub(crate) const SYSTEM: &str = "redis";
+
 /// A [`RedisConnection`] with shortcuts to make publishers and subscribers on it.
 #[derive(Clone, Debug)]
 pub struct RedisBackend {

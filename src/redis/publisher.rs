@@ -487,7 +487,7 @@ impl RedisPublisher {
         if !cfg!(any(feature = "metrics", feature = "opentelemetry")) {
             return self.append_unmetered(topic, messages, cap).await;
         }
-        let span = crate::pubsub::publish_trace(topic, messages);
+        let span = crate::pubsub::publish_trace(super::SYSTEM, topic, messages);
         let messages = &*messages;
         async move {
             if !cfg!(feature = "metrics") {

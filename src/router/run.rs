@@ -413,6 +413,7 @@ impl Worker {
         use tracing::Instrument;
         let info = delivery.info();
         let span = crate::otel::process_span(
+            info.origin().system(),
             info.origin().stream(),
             info.origin().group(),
             &info.id().to_string(),

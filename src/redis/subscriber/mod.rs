@@ -110,11 +110,9 @@ impl RedisSubscriber {
             return Err(Error::Closed("subscriber"));
         }
         options.validate(topic)?;
-        let origin = Arc::new(Origin::new(
-            topic,
-            options.group.as_str(),
-            options.consumer.as_str(),
-        ));
+        let origin = Arc::new(
+            Origin::new(topic, options.group.as_str(), options.consumer.as_str()).with_system(super::SYSTEM),
+        );
         if crate::partition::parse_partition_stream(topic).is_none() {
             crate::redis::coordinator::refuse_partitioned(&self.conn, topic).await?;
         }
