@@ -45,6 +45,8 @@ pub mod dead_letter;
 pub mod delivery;
 pub mod entry_id;
 pub mod error;
+#[cfg(feature = "interop")]
+pub mod interop;
 pub mod memory;
 pub mod message;
 pub mod metrics;

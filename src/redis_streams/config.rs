@@ -361,6 +361,7 @@ impl Config {
                 }
                 "auto_create_stream" => p.options.auto_create_stream = boolean(value, &path)?,
                 "max_entry_size" => p.options.max_entry_size = positive(value, &path)? as usize,
+                "codec" => p.options.wire_format = wire_format(value, &path)?,
                 _ => return Err(unknown(&path)),
             }
         }
@@ -393,6 +394,7 @@ impl Config {
                 "lease_ttl_ms" => o.lease_ttl_ms = positive(value, &path)?,
                 "ack_flush_interval_ms" => o.ack_flush_interval_ms = unsigned(value, &path)?,
                 "max_entry_size" => o.max_entry_size = positive(value, &path)? as usize,
+                "codec" => o.wire_format = wire_format(value, &path)?,
                 _ => return Err(unknown(&path)),
             }
         }
@@ -516,6 +518,25 @@ fn boolean(v: &Value, path: &str) -> Result<bool> {
             format_args!("must be true or false, got {}", kind(v)),
         )
     })
+}
+
+/// A layout by name (`streamwise`, `natricine`, `watermill`), usable in this build.
+fn wire_format(v: &Value, path: &str) -> Result<crate::codec::WireFormat> {
+    let name = v
+        .as_str()
+        .ok_or_else(|| Error::invalid(path.to_owned(), format_args!("must be a string, got {}", kind(v))))?;
+    let format: crate::codec::WireFormat = name.parse().map_err(|e: Error| rename_field(e, path))?;
+    // Checked now: a layout this build cannot write is a configuration error.
+    format.codec().map_err(|e| rename_field(e, path))?;
+    Ok(format)
+}
+
+/// `e` (an invalid value) reported under the configuration's `path`.
+fn rename_field(e: Error, path: &str) -> Error {
+    match e {
+        Error::Invalid { reason, .. } => Error::invalid(path.to_owned(), reason),
+        other => other,
+    }
 }
 
 fn bindings(v: &Value, path: &str) -> Result<Vec<Binding>> {

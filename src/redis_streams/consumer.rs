@@ -110,6 +110,9 @@ pub struct ConsumerOptions {
     /// The largest entry handed to the callback, in bytes; larger ones are dead-lettered.
     /// Default 1 MiB, the producer's default limit.
     pub max_entry_size: usize,
+    /// The layout of the entries read (`codec` in the configuration file). Default
+    /// streamwise's own; natricine's and Watermill's need the `interop` feature.
+    pub wire_format: crate::codec::WireFormat,
 }
 
 impl Default for ConsumerOptions {
@@ -128,6 +131,7 @@ impl Default for ConsumerOptions {
             lease_ttl_ms: 10_000,
             ack_flush_interval_ms: 0,
             max_entry_size: crate::codec::DEFAULT_MAX_ENTRY_SIZE,
+            wire_format: crate::codec::WireFormat::default(),
         }
     }
 }
@@ -243,6 +247,7 @@ impl StreamConsumer {
             .lease_ttl(Duration::from_millis(options.lease_ttl_ms))
             .ack_flush_interval(Duration::from_millis(options.ack_flush_interval_ms))
             .max_entry_size(options.max_entry_size);
+        subscriber_options.codec = options.wire_format.codec()?;
         if !options.use_redis_checkpoint {
             subscriber_options = subscriber_options.checkpoint_store(Arc::new(MemoryCheckpointStore::new()));
         }

@@ -74,6 +74,9 @@ pub struct ProducerOptions {
     pub max_entry_size: usize,
     /// Slow down while consumers lag. Default off.
     pub backpressure: Option<Backpressure>,
+    /// The layout of the entries written (`codec` in the configuration file). Default
+    /// streamwise's own; natricine's and Watermill's need the `interop` feature.
+    pub wire_format: crate::codec::WireFormat,
 }
 
 impl Default for ProducerOptions {
@@ -83,6 +86,7 @@ impl Default for ProducerOptions {
             auto_create_stream: true,
             max_entry_size: crate::codec::DEFAULT_MAX_ENTRY_SIZE,
             backpressure: None,
+            wire_format: crate::codec::WireFormat::default(),
         }
     }
 }
@@ -143,10 +147,11 @@ impl StreamProducer {
                 ));
             }
         }
-        let publisher_options = PublisherOptions::default()
+        let mut publisher_options = PublisherOptions::default()
             .max_length(options.max_length)
             .auto_create(options.auto_create_stream)
             .max_entry_size(options.max_entry_size);
+        publisher_options.codec = options.wire_format.codec()?;
         // Refused here rather than on the first send (`max_length` above `MAX_LENGTH`).
         publisher_options.validate()?;
         let publisher = RedisPublisher::new(conn.clone(), publisher_options);
