@@ -481,3 +481,87 @@ async fn the_configuration_file_picks_a_peer_layout() {
     let bad = Config::from_yaml_str("redis_streams:\n  producer:\n    codec: protobuf\n").unwrap_err();
     assert_eq!(bad.invalid_field(), Some("redis_streams.producer.codec"));
 }
+
+/// CQRS through Watermill's layout: a command a Go service wrote (its name in metadata key
+/// `name`, as Watermill's CQRS marshaler writes it) is handled by a command processor, and the
+/// event it emits goes out with its name in that key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cqrs_commands_and_events_travel_in_watermills_layout() {
+    use std::convert::Infallible;
+    use streamwise::cqrs::{Command, Cqrs, Emit, Event};
+    #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+    struct PlaceOrder {
+        id: u32,
+    }
+    impl Command for PlaceOrder {}
+    #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+    struct OrderPlaced {
+        id: u32,
+    }
+    impl Event for OrderPlaced {}
+
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let conn = backend.connection().clone();
+    let cqrs = Cqrs::new();
+    let topic = cqrs.command_topic::<PlaceOrder>().unwrap();
+    let _: String = conn
+        .command(
+            cmd("XADD")
+                .arg(&topic)
+                .arg("*")
+                .arg("_watermill_message_uuid")
+                .arg("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+                .arg("payload")
+                .arg(&b"{\"id\":42}"[..])
+                .arg("metadata")
+                .arg(fixmap(&[("name", "PlaceOrder")])),
+        )
+        .await
+        .unwrap();
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let log = handled.clone();
+    let processor = cqrs.command_processor("orders").handle(move |cmd: PlaceOrder| {
+        let log = log.clone();
+        async move {
+            log.lock().unwrap().push(cmd.id);
+            Ok::<_, Infallible>(Emit::new().event(OrderPlaced { id: cmd.id }))
+        }
+    });
+    let codec = WatermillCodec::default();
+    let subscriber = RedisSubscriber::new(
+        conn.clone(),
+        RedisSubscriberOptions::default().codec(codec.clone()),
+    )
+    .unwrap();
+    let publisher = Arc::new(RedisPublisher::new(
+        conn.clone(),
+        PublisherOptions::default().codec(codec),
+    ));
+    let running = processor
+        .register(Router::new(), "billing")
+        .unwrap()
+        .start(Arc::new(subscriber), publisher)
+        .await
+        .unwrap();
+    streamwise::testing::wait_until_handled(&running, 1).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(*handled.lock().unwrap(), [42]);
+    let events: Vec<RawStreamEntry> = conn
+        .command(
+            cmd("XRANGE")
+                .arg(cqrs.event_topic::<OrderPlaced>().unwrap())
+                .arg("-")
+                .arg("+"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    let metadata = events[0]
+        .1
+        .iter()
+        .find(|(k, _)| k == b"metadata")
+        .map(|(_, v)| v.clone())
+        .expect("a metadata field");
+    assert_eq!(metadata, fixmap(&[("name", "OrderPlaced")]));
+}
