@@ -62,6 +62,7 @@ pub mod router;
 mod signal;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod wire_format;
 
 pub use delivery::{Delivery, DeliveryInfo, MAX_NACK_DELAY, Origin, SettleError, Settlement, Settler};
 pub use entry_id::ParseEntryIdError;
@@ -73,6 +74,7 @@ pub use pubsub::{
 };
 /// The UUID type of message ids (re-exported so that extensions can name it).
 pub use uuid::Uuid;
+pub use wire_format::WireFormat;
 
 /// The names most programs need: `use streamwise::prelude::*;`.
 pub mod prelude {

@@ -454,8 +454,8 @@ async fn a_router_consumes_what_a_watermill_service_wrote() {
 /// that is not a layout is refused with its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_configuration_file_picks_a_peer_layout() {
-    use streamwise::codec::WireFormat;
     use streamwise::redis_streams::Config;
+    use streamwise::wire_format::WireFormat;
     let server = RedisServer::start();
     let yaml = format!(
         "redis_streams:\n  url: {}\n  producer:\n    stream: cfg-orders\n    codec: watermill\n  consumer:\n    group: g\n    consumer: c\n    codec: natricine\n",

@@ -521,11 +521,11 @@ fn boolean(v: &Value, path: &str) -> Result<bool> {
 }
 
 /// A layout by name (`streamwise`, `natricine`, `watermill`), usable in this build.
-fn wire_format(v: &Value, path: &str) -> Result<crate::codec::WireFormat> {
+fn wire_format(v: &Value, path: &str) -> Result<crate::wire_format::WireFormat> {
     let name = v
         .as_str()
         .ok_or_else(|| Error::invalid(path.to_owned(), format_args!("must be a string, got {}", kind(v))))?;
-    let format: crate::codec::WireFormat = name.parse().map_err(|e: Error| rename_field(e, path))?;
+    let format: crate::wire_format::WireFormat = name.parse().map_err(|e: Error| rename_field(e, path))?;
     // Checked now: a layout this build cannot write is a configuration error.
     format.codec().map_err(|e| rename_field(e, path))?;
     Ok(format)

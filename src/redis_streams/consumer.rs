@@ -112,7 +112,7 @@ pub struct ConsumerOptions {
     pub max_entry_size: usize,
     /// The layout of the entries read (`codec` in the configuration file). Default
     /// streamwise's own; natricine's and Watermill's need the `interop` feature.
-    pub wire_format: crate::codec::WireFormat,
+    pub wire_format: crate::wire_format::WireFormat,
 }
 
 impl Default for ConsumerOptions {
@@ -131,7 +131,7 @@ impl Default for ConsumerOptions {
             lease_ttl_ms: 10_000,
             ack_flush_interval_ms: 0,
             max_entry_size: crate::codec::DEFAULT_MAX_ENTRY_SIZE,
-            wire_format: crate::codec::WireFormat::default(),
+            wire_format: crate::wire_format::WireFormat::default(),
         }
     }
 }

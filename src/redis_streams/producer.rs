@@ -76,7 +76,7 @@ pub struct ProducerOptions {
     pub backpressure: Option<Backpressure>,
     /// The layout of the entries written (`codec` in the configuration file). Default
     /// streamwise's own; natricine's and Watermill's need the `interop` feature.
-    pub wire_format: crate::codec::WireFormat,
+    pub wire_format: crate::wire_format::WireFormat,
 }
 
 impl Default for ProducerOptions {
@@ -86,7 +86,7 @@ impl Default for ProducerOptions {
             auto_create_stream: true,
             max_entry_size: crate::codec::DEFAULT_MAX_ENTRY_SIZE,
             backpressure: None,
-            wire_format: crate::codec::WireFormat::default(),
+            wire_format: crate::wire_format::WireFormat::default(),
         }
     }
 }
