@@ -62,6 +62,53 @@ pub trait Publisher: Send + Sync {
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
     }
+
+    /// Appends `message` to `topic` once `at` has come (delayed delivery): it is checked and
+    /// kept now, and appears in the topic when due, in due-time order with the others, exactly
+    /// once. A time in the past is due at once. It has no entry id until it is appended.
+    ///
+    /// On Redis the schedule is kept beside the topic, and moved into it by the topic's
+    /// subscriptions (each looks at least every 50 ms); with no subscription running, due
+    /// messages wait for the first. The default is [`Error::Unsupported`].
+    ///
+    /// ```
+    /// # async fn demo() -> streamwise::Result<()> {
+    /// use std::time::Duration;
+    /// use streamwise::memory::MemoryBackend;
+    /// use streamwise::{Message, Publisher};
+    ///
+    /// let backend = MemoryBackend::new();
+    /// let publisher = backend.publisher();
+    /// let reminder = Message::new("cart.reminder", &serde_json::json!({"cart": 7}))?;
+    /// publisher.publish_after("reminders", Duration::from_secs(3600), reminder).await?;
+    /// # Ok(()) }
+    /// ```
+    fn publish_at<'a>(
+        &'a self,
+        topic: &'a str,
+        at: std::time::SystemTime,
+        message: Message,
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = (topic, at, message);
+        Box::pin(std::future::ready(Err(Error::Unsupported("delayed publish"))))
+    }
+
+    /// Appends `message` to `topic` after `delay` ([`publish_at`](Self::publish_at) now plus
+    /// `delay`).
+    fn publish_after<'a>(
+        &'a self,
+        topic: &'a str,
+        delay: Duration,
+        message: Message,
+    ) -> BoxFuture<'a, Result<()>> {
+        match std::time::SystemTime::now().checked_add(delay) {
+            Some(at) => self.publish_at(topic, at, message),
+            None => Box::pin(std::future::ready(Err(Error::invalid(
+                "delay",
+                format_args!("{delay:?} is too far in the future"),
+            )))),
+        }
+    }
 }
 
 /// Subscribes to topics as a consumer in a consumer group. Object safe.
@@ -121,6 +168,22 @@ impl<P: Publisher + ?Sized> Publisher for Arc<P> {
         max_length: u64,
     ) -> BoxFuture<'a, Result<EntryId>> {
         (**self).publish_capped(topic, message, max_length)
+    }
+    fn publish_at<'a>(
+        &'a self,
+        topic: &'a str,
+        at: std::time::SystemTime,
+        message: Message,
+    ) -> BoxFuture<'a, Result<()>> {
+        (**self).publish_at(topic, at, message)
+    }
+    fn publish_after<'a>(
+        &'a self,
+        topic: &'a str,
+        delay: Duration,
+        message: Message,
+    ) -> BoxFuture<'a, Result<()>> {
+        (**self).publish_after(topic, delay, message)
     }
 }
 

@@ -64,6 +64,63 @@ struct Broker {
     /// Whether any topic is partitioned: plain publishes skip the look at `partitions` until
     /// one is.
     any_partitioned: std::sync::atomic::AtomicBool,
+    /// Delayed messages ([`Publisher::publish_at`]), by due time and order of arrival.
+    schedule: Mutex<Schedule>,
+    /// Wakes the scheduler task: a message was scheduled, or the broker is gone.
+    schedule_changed: Arc<Notify>,
+}
+
+/// Delayed messages, each with the publisher that appends it when due.
+#[derive(Debug, Default)]
+struct Schedule {
+    due: std::collections::BTreeMap<(tokio::time::Instant, u64), (String, Message, MemoryPublisher)>,
+    /// Messages scheduled so far: the tie-break of equal due times.
+    scheduled: u64,
+    /// Whether the scheduler task runs.
+    running: bool,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        // The scheduler task ends when it finds the broker gone.
+        self.schedule_changed.notify_one();
+    }
+}
+
+/// Appends the broker's delayed messages when due, in due order, until the broker is gone.
+async fn run_schedule(broker: std::sync::Weak<Broker>, changed: Arc<Notify>) {
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let next = {
+            let Some(broker) = broker.upgrade() else {
+                return;
+            };
+            let now = tokio::time::Instant::now();
+            let (due, next) = {
+                let mut schedule = broker.schedule.lock().unwrap_or_else(|p| p.into_inner());
+                let mut due = Vec::new();
+                while let Some(entry) = schedule.due.first_entry() {
+                    if entry.key().0 > now {
+                        break;
+                    }
+                    due.push(entry.remove());
+                }
+                (due, schedule.due.keys().next().map(|(at, _)| *at))
+            };
+            for (topic, message, publisher) in due {
+                if let Err(e) = publisher.append(&topic, vec![message]) {
+                    tracing::warn!(topic = %topic, error = %e, "a delayed message could not be appended when due");
+                }
+            }
+            next
+        };
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = sleep_until(next) => {}
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -429,6 +486,42 @@ impl Publisher for MemoryPublisher {
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.closed.store(true, Ordering::Release);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn publish_at<'a>(
+        &'a self,
+        topic: &'a str,
+        at: std::time::SystemTime,
+        message: Message,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            // Checked now, as any publish: a message that could not be appended is refused.
+            self.check(topic, std::slice::from_ref(&message))?;
+            let wait = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            let due = tokio::time::Instant::now()
+                .checked_add(wait)
+                .ok_or_else(|| Error::invalid("at", "is too far in the future"))?;
+            // Accepted now: appended when due even if this publisher is closed meanwhile.
+            let mut appender = self.clone();
+            appender.closed = Arc::new(AtomicBool::new(false));
+            let start = {
+                let mut schedule = self.broker.schedule.lock().unwrap_or_else(|p| p.into_inner());
+                schedule.scheduled += 1;
+                let key = (due, schedule.scheduled);
+                schedule.due.insert(key, (topic.to_owned(), message, appender));
+                !std::mem::replace(&mut schedule.running, true)
+            };
+            if start {
+                tokio::spawn(run_schedule(
+                    Arc::downgrade(&self.broker),
+                    self.broker.schedule_changed.clone(),
+                ));
+            }
+            self.broker.schedule_changed.notify_one();
+            Ok(())
+        })
     }
 
     fn publish_capped<'a>(

@@ -189,6 +189,25 @@ impl Publisher for PartitionedPublisher {
         })
     }
 
+    /// Schedules the message on its key's partition (or the next in turn), where that
+    /// partition's owner moves it in when due.
+    fn publish_at<'a>(
+        &'a self,
+        topic: &'a str,
+        at: std::time::SystemTime,
+        message: Message,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            match self.partitions(topic).await? {
+                None => self.inner.publish_at(topic, at, message).await,
+                Some(partitions) => {
+                    let stream = partition_stream(topic, self.partition_of(&message, partitions));
+                    self.inner.publish_at(&stream, at, message).await
+                }
+            }
+        })
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.inner.close()
     }

@@ -286,6 +286,7 @@ pub async fn delete_stream(conn: &RedisConnection, stream: &str) -> Result<u64> 
         keys::meta(stream),
         keys::checkpoints(stream),
         keys::replay(stream),
+        keys::scheduled(stream),
     ];
     for pattern in [keys::lease(stream, "*", "*"), keys::leased_consumers(stream, "*")] {
         // On a cluster, the keys of a stream are on the master of its slot.

@@ -22,6 +22,8 @@ pub(crate) mod prefix {
     pub(crate) const MEMBERS: &str = "streamwise:members:";
     /// Where an interrupted dead-letter replay stops (new in 0.2: nothing to migrate).
     pub(crate) const REPLAY: &str = "streamwise:replay:";
+    /// A topic's delayed messages (new in 0.2: nothing to migrate).
+    pub(crate) const SCHEDULED: &str = "streamwise:scheduled:";
 }
 
 /// `stream` as it is written inside its keys: in braces, unless it carries a hash tag of its
@@ -37,6 +39,13 @@ pub(crate) fn in_slot(stream: &str) -> std::borrow::Cow<'_, str> {
 /// Hash of stream settings: `created_at`, `retention_ms`, `max_length`.
 pub(crate) fn meta(stream: &str) -> String {
     format!("{}{}", prefix::META, in_slot(stream))
+}
+
+/// Sorted set of a topic's delayed messages ([`crate::Publisher::publish_at`]), scored by
+/// their due time in milliseconds since the epoch; each member is one entry's fields, after a
+/// token that keeps equal messages apart (see [`super::scheduled`]).
+pub(crate) fn scheduled(stream: &str) -> String {
+    format!("{}{}", prefix::SCHEDULED, in_slot(stream))
 }
 
 /// Hash of checkpoints: field `<group>:<consumer>`, value `{"message_id", "timestamp"}`.

@@ -613,6 +613,51 @@ impl RedisPublisher {
     }
 }
 
+impl RedisPublisher {
+    /// Keeps `message` in `topic`'s schedule until `at` ([`Publisher::publish_at`]).
+    async fn schedule(&self, topic: &str, at: std::time::SystemTime, mut message: Message) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("publisher"));
+        }
+        self.options.validate()?;
+        validate_stream_name("topic", topic)?;
+        let span = crate::pubsub::publish_trace(super::SYSTEM, topic, std::slice::from_mut(&mut message));
+        async move {
+            let mut size = Ok(0);
+            let member = super::scheduled::member(|field| {
+                size = self.options.codec.encode_with(&message, field);
+            });
+            self.too_large(size?)?;
+            if let Some(partitions) = self.settings(topic).await?.partitions {
+                return Err(Error::Partitioned {
+                    topic: topic.to_owned(),
+                    partitions,
+                });
+            }
+            if !self.options.auto_create {
+                let exists: i64 = self.conn.command(redis::cmd("EXISTS").arg(topic)).await?;
+                if exists == 0 {
+                    return Err(Error::StreamNotFound {
+                        stream: topic.to_owned(),
+                    });
+                }
+            }
+            let due_ms = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            // Sent again after a lost reply, it adds nothing: the member is the same.
+            let schedule = keys::scheduled(topic);
+            let _: i64 = self
+                .conn
+                .command(redis::cmd("ZADD").arg(&schedule).arg(due_ms).arg(member))
+                .await?;
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -646,6 +691,15 @@ impl Publisher for RedisPublisher {
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.closed.store(true, Ordering::Release);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn publish_at<'a>(
+        &'a self,
+        topic: &'a str,
+        at: std::time::SystemTime,
+        message: Message,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.schedule(topic, at, message))
     }
 
     fn publish_capped<'a>(

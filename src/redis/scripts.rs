@@ -444,3 +444,39 @@ return {redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])}
 "
     ))
 });
+
+/// Moves a topic's delayed messages that are due (on the server's clock) into the topic, in
+/// due order, each exactly once: its `XADD` and its removal from the schedule are one step, so
+/// several movers never append one twice, and a mover that dies mid-way leaves the rest
+/// scheduled. A member is a 16-byte token, then the entry's field names and values, each as
+/// `<length>:<bytes>` ([`super::scheduled`]). KEYS: schedule, topic. ARGV: most to move.
+/// Returns `{moved, next due ms or -1, now ms}`.
+pub(crate) static MOVE_DUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do
+  local fields = {}
+  local at = 17
+  while at <= #member do
+    local colon = string.find(member, ':', at, true)
+    if not colon then break end
+    local len = tonumber(string.sub(member, at, colon - 1))
+    if not len then break end
+    table.insert(fields, string.sub(member, colon + 1, colon + len))
+    at = colon + len + 1
+  end
+  if #fields >= 2 and #fields % 2 == 0 then
+    redis.call('XADD', KEYS[2], '*', unpack(fields))
+  end
+  redis.call('ZREM', KEYS[1], member)
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local next_due = -1
+if first[2] then next_due = tonumber(first[2]) end
+return {#due, next_due, now}
+",
+    )
+});

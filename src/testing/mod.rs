@@ -185,6 +185,7 @@ scenario_list! {
     partitioned_topics_are_created_and_deleted_whole
     a_member_name_is_refused_while_its_holder_lives
     a_stuck_handler_holds_a_partition_only_until_the_handoff_deadline
+    delayed_messages_arrive_when_due_in_due_order
 }
 
 /// A topic name no other test uses.
@@ -1295,6 +1296,71 @@ pub async fn dead_letter_settlement_keeps_the_message_and_settles(backend: &dyn 
     record.ack().await.expect("ack");
     expect_quiet(&mut dead, "one dead letter, one record").await;
     expect_quiet(&mut sub, "a dead-lettered entry came back").await;
+    subscriber.close().await.expect("close");
+    assert_nothing_pending(backend, &topic, "g").await;
+}
+
+/// Delayed messages ([`Publisher::publish_at`], `publish_after`) are checked when scheduled,
+/// then appear in the topic when due (not before), in due-time order, each once; a time in
+/// the past is due at once. Skipped for a backend without delayed publish.
+pub async fn delayed_messages_arrive_when_due_in_due_order(backend: &dyn TestBackend) {
+    let publisher = backend.publisher().await.expect("publisher");
+    let subscriber = backend.subscriber().await.expect("subscriber");
+    let topic = unique_topic("delayed");
+    let mut sub = subscribe(&*subscriber, &topic, opts("g", "c")).await;
+    let started = std::time::SystemTime::now();
+    for (n, ms) in [(0u64, 700u64), (1, 0), (2, 350)] {
+        let message = Message::new("t", &n).expect("message");
+        match publisher
+            .publish_after(&topic, Duration::from_millis(ms), message)
+            .await
+        {
+            Err(Error::Unsupported(what)) => {
+                eprintln!("delayed_messages_arrive_when_due_in_due_order: skipped, no {what}");
+                return;
+            }
+            result => result.expect("publish_after"),
+        }
+    }
+    for (n, ms) in [(1u64, 0u64), (2, 350), (0, 700)] {
+        let delivery = recv(&mut sub).await;
+        let waited = started.elapsed().unwrap_or_default();
+        assert_eq!(
+            delivery.message().decode::<u64>().expect("a number"),
+            n,
+            "in due order"
+        );
+        assert!(
+            waited >= Duration::from_millis(ms),
+            "message {n}, due after {ms} ms, came after {waited:?}"
+        );
+        delivery.ack().await.expect("ack");
+    }
+    let past = std::time::UNIX_EPOCH + Duration::from_secs(1);
+    publisher
+        .publish_at(&topic, past, Message::new("t", &3u64).expect("message"))
+        .await
+        .expect("publish_at in the past");
+    let delivery = recv(&mut sub).await;
+    assert_eq!(delivery.message().decode::<u64>().expect("a number"), 3);
+    delivery.ack().await.expect("ack");
+    expect_quiet(&mut sub, "a delayed message delivered twice").await;
+
+    let bad = publisher
+        .publish_after(
+            "not a topic",
+            Duration::from_millis(10),
+            Message::new("t", &4u64).expect("message"),
+        )
+        .await
+        .expect_err("a bad topic name");
+    assert_eq!(bad.invalid_field(), Some("topic"));
+    let far = publisher
+        .publish_after(&topic, Duration::MAX, Message::new("t", &5u64).expect("message"))
+        .await
+        .expect_err("a delay past the end of time");
+    assert!(far.invalid_field().is_some(), "{far}");
+    drop(sub);
     subscriber.close().await.expect("close");
     assert_nothing_pending(backend, &topic, "g").await;
 }

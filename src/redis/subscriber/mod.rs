@@ -189,6 +189,13 @@ impl RedisSubscriber {
             let _done = CancelOnDrop(flusher_done);
             flusher.run(ops_rx, closed).await;
         });
+        // Every subscription of a topic moves its due delayed messages into it.
+        self.tasks.spawn(crate::redis::scheduled::move_due(
+            self.conn.clone(),
+            topic.to_owned(),
+            stop.clone(),
+            released.clone(),
+        ));
         self.tasks.spawn(heartbeat.run(stop, released, flushed));
         let lanes = options.shared_read.then(|| self.lanes.clone());
         let reader = Reader::new(
