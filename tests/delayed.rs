@@ -75,6 +75,14 @@ async fn delayed_messages_come_when_due_once_each_while_movers_come_and_go() {
             .await
             .unwrap();
     }
+    let info = streamwise::redis::admin::stream_info(backend.connection(), topic)
+        .await
+        .unwrap();
+    assert!(
+        info.scheduled > n / 2,
+        "{} scheduled before any is due",
+        info.scheduled
+    );
     let mut got: HashMap<u64, (u64, u64)> = HashMap::new();
     let mut duplicates = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -104,6 +112,14 @@ async fn delayed_messages_come_when_due_once_each_while_movers_come_and_go() {
         .await
         .unwrap();
     assert_eq!(stream_len, n, "each delayed message appended exactly once");
+    let info = streamwise::redis::admin::stream_info(backend.connection(), topic)
+        .await
+        .unwrap();
+    assert_eq!(info.scheduled, 0);
+    assert!(
+        info.oldest_entry_age
+            .is_some_and(|age| age < Duration::from_secs(60))
+    );
     let mut late: Vec<i64> = got
         .values()
         .map(|(due, received)| *received as i64 - *due as i64)

@@ -245,6 +245,10 @@ pub struct StreamInfo {
     pub settings: StreamSettings,
     /// When [`create_stream`] made it, if it did.
     pub created_at: Option<SystemTime>,
+    /// How old the first entry is (from its id), if there is one.
+    pub oldest_entry_age: Option<std::time::Duration>,
+    /// Delayed messages waiting for their time ([`crate::Publisher::publish_at`]).
+    pub scheduled: u64,
 }
 
 /// Everything about `stream`: length, first and last entry, storage, groups and settings.
@@ -271,8 +275,17 @@ pub async fn stream_info(conn: &RedisConnection, stream: &str) -> Result<StreamI
         last_generated_id: record.entry_id("last-generated-id"),
         settings: StreamSettings::default(),
         created_at: None,
+        oldest_entry_age: None,
+        scheduled: 0,
     };
     (info.settings, info.created_at) = stream_settings(conn, stream).await?;
+    info.oldest_entry_age = info.first_entry.as_ref().map(|e| {
+        let written = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.id.ms());
+        SystemTime::now().duration_since(written).unwrap_or_default()
+    });
+    info.scheduled = conn
+        .command(redis::cmd("ZCARD").arg(keys::scheduled(stream)))
+        .await?;
     Ok(info)
 }
 

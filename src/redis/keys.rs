@@ -24,6 +24,8 @@ pub(crate) mod prefix {
     pub(crate) const REPLAY: &str = "streamwise:replay:";
     /// A topic's delayed messages (new in 0.2: nothing to migrate).
     pub(crate) const SCHEDULED: &str = "streamwise:scheduled:";
+    /// Held by the process that trims a stream now (new in 0.2: nothing to migrate).
+    pub(crate) const TRIM_LEASE: &str = "streamwise:trim-lease:";
 }
 
 /// `stream` as it is written inside its keys: in braces, unless it carries a hash tag of its
@@ -46,6 +48,21 @@ pub(crate) fn meta(stream: &str) -> String {
 /// token that keeps equal messages apart (see [`super::scheduled`]).
 pub(crate) fn scheduled(stream: &str) -> String {
     format!("{}{}", prefix::SCHEDULED, in_slot(stream))
+}
+
+/// String key held for a moment by the process trimming `stream` ([`super::retention`]).
+pub(crate) fn trim_lease(stream: &str) -> String {
+    format!("{}{}", prefix::TRIM_LEASE, in_slot(stream))
+}
+
+/// The stream a settings hash ([`meta`]) belongs to, from the hash's name.
+pub(crate) fn stream_of_meta(key: &str) -> Option<String> {
+    let inner = key.strip_prefix(prefix::META)?;
+    // `{orders}` for a plain name; a stream with a hash tag of its own is written as it is.
+    match inner.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+        Some(plain) if !plain.contains(['{', '}']) => Some(plain.to_owned()),
+        _ => Some(inner.to_owned()),
+    }
 }
 
 /// Hash of checkpoints: field `<group>:<consumer>`, value `{"message_id", "timestamp"}`.

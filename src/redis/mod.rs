@@ -30,6 +30,7 @@ pub mod ops;
 mod protocol;
 mod publisher;
 mod reader;
+pub mod retention;
 mod scheduled;
 mod scripts;
 mod subscriber;

@@ -480,3 +480,66 @@ return {#due, next_due, now}
 ",
     )
 });
+
+/// Applies a stream's retention (`MINID`) and length limit in one step, safely unless forced:
+/// never below an entry a group still needs, its oldest pending entry or (for a group with
+/// live consumers) the first it has not been delivered, except for groups whose consumers
+/// have all been idle longer than the given age, which no longer hold it back. The cut is the
+/// later of the two limits; it moves back to the earliest entry still needed. KEYS: stream.
+/// ARGV: retention's first id to keep (`''`: none), the length limit (0: none), `1` to force,
+/// the idle age in ms past which a group does not hold back, the stream's registry prefix,
+/// its lease key prefix. Returns `{removed, held back: 0 or 1, {groups ignored as idle}}`.
+pub(crate) static SAFE_TRIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{GUARD_FUNCTIONS}{}",
+        r"
+local cut = nil
+if ARGV[1] ~= '' then cut = ARGV[1] end
+local max_length = tonumber(ARGV[2])
+if max_length > 0 then
+  local excess = redis.call('XLEN', KEYS[1]) - max_length
+  if excess > 0 then
+    local r = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', math.min(excess, 10000))
+    local m, q = string.match(r[#r][1], '^(%d+)-(%d+)$')
+    local after = m .. '-' .. (tonumber(q) + 1)
+    if not cut or cmp_id(after, cut) > 0 then cut = after end
+  end
+end
+if not cut then return {0, 0, {}} end
+local held, ignored = 0, {}
+if ARGV[3] ~= '1' then
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+  if not ok then return {0, 0, {}} end
+  local idle_age = tonumber(ARGV[4])
+  for _, g in ipairs(groups) do
+    local name, last
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+    end
+    local least_idle = nil
+    for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], name)) do
+      for i = 1, #c, 2 do
+        if c[i] == 'idle' and (not least_idle or c[i + 1] < least_idle) then least_idle = c[i + 1] end
+      end
+    end
+    if least_idle and least_idle > idle_age then
+      table.insert(ignored, name)
+    else
+      local first = nil
+      local p = redis.call('XPENDING', KEYS[1], name, '-', '+', 1)
+      if p[1] then first = p[1][1] end
+      if #live(ARGV[5] .. name, ARGV[6] .. name .. ':') > 0 then
+        local u = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
+        if u[1] and (not first or cmp_id(u[1][1], first) < 0) then first = u[1][1] end
+      end
+      if first and cmp_id(first, cut) < 0 then
+        cut = first
+        held = 1
+      end
+    end
+  end
+end
+return {redis.call('XTRIM', KEYS[1], 'MINID', cut), held, ignored}
+"
+    ))
+});

@@ -1,0 +1,166 @@
+//! Retention that keeps its promise (issue 20): a quiet stream is trimmed by its settings, by
+//! one of three processes' tasks; safe trims never remove what a group still needs, and a group
+//! idle past its age stops holding them back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use streamwise::redis::admin::{self, StreamSettings};
+use streamwise::redis::client::cmd;
+use streamwise::redis::retention::{Retention, TrimPolicy, trim};
+use streamwise::redis::{RedisBackend, RedisConnection};
+use streamwise::{Message, Publisher, SubscribeOptions, Subscriber};
+
+use common::RedisServer;
+
+async fn len(conn: &RedisConnection, stream: &str) -> u64 {
+    conn.command(cmd("XLEN").arg(stream)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_is_trimmed_by_its_retention_by_one_of_three_tasks() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let conn = backend.connection().clone();
+    let settings = StreamSettings {
+        retention_ms: Some(2_000),
+        max_length: None,
+    };
+    admin::create_stream(&conn, "quiet", settings).await.unwrap();
+    let publisher = backend.publisher();
+    // One batch: the entries age together, so one trim takes them all.
+    let batch = (0..10).map(|n| Message::new("t", &n).unwrap()).collect();
+    publisher.publish_batch("quiet", batch).await.unwrap();
+    let published = Instant::now();
+    // Three processes' tasks, each on a connection of its own.
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            Retention::new(RedisConnection::new(&server.url()).unwrap())
+                .interval(Duration::from_millis(200))
+                .spawn()
+        })
+        .collect();
+    while len(&conn, "quiet").await > 0 {
+        assert!(published.elapsed() < Duration::from_secs(10), "never trimmed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = published.elapsed();
+    eprintln!("trimmed {took:?} after the last publish (retention 2 s)");
+    assert!(
+        took >= Duration::from_millis(1_900),
+        "trimmed after {took:?}, before the entries aged"
+    );
+    let removed: Vec<u64> = tasks.iter().map(|t| t.stats().removed()).collect();
+    assert_eq!(removed.iter().sum::<u64>(), 10, "{removed:?}");
+    assert_eq!(
+        removed.iter().filter(|r| **r > 0).count(),
+        1,
+        "one task trimmed: {removed:?}"
+    );
+    for task in tasks {
+        task.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_safe_trim_keeps_what_groups_need_until_they_idle_past_their_age() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let conn = backend.connection().clone();
+    let publisher = backend.publisher();
+    for n in 0..20 {
+        publisher
+            .publish("needed", Message::new("t", &n).unwrap())
+            .await
+            .unwrap();
+    }
+    // A group with a live consumer that has read nothing yet (it lags behind everything) ...
+    let subscriber = backend.subscriber().unwrap();
+    let lagging = subscriber
+        .subscribe("needed", SubscribeOptions::new("lagging", "w1"))
+        .await
+        .unwrap();
+    // ... and a group of another client holding the first three entries pending.
+    let _: redis::Value = conn
+        .command(cmd("XGROUP").arg("CREATE").arg("needed").arg("holding").arg("0"))
+        .await
+        .unwrap();
+    let _: redis::Value = conn
+        .command(
+            cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("holding")
+                .arg("x")
+                .arg("COUNT")
+                .arg(3)
+                .arg("STREAMS")
+                .arg("needed")
+                .arg(">"),
+        )
+        .await
+        .unwrap();
+    let by_length = TrimPolicy::default().max_length(5);
+    let by_time = TrimPolicy::default().retention(Duration::ZERO);
+    for policy in [&by_length, &by_time] {
+        let trimmed = trim(&conn, "needed", policy).await.unwrap();
+        assert_eq!(trimmed.removed, 0, "{policy:?}");
+        assert!(trimmed.held_back);
+    }
+    assert_eq!(len(&conn, "needed").await, 20);
+
+    // The lagging group reads and acknowledges everything: the pending three still hold.
+    let mut lagging = lagging;
+    for _ in 0..20 {
+        lagging.next().await.unwrap().unwrap().ack().await.unwrap();
+    }
+    lagging.flush().await.unwrap();
+    let trimmed = trim(&conn, "needed", &by_length).await.unwrap();
+    assert_eq!((trimmed.removed, trimmed.held_back), (0, true));
+
+    // Once the holding group's consumer idles past the age, it no longer holds back.
+    let age = Duration::from_millis(300);
+    let since = Instant::now();
+    loop {
+        let consumers: Vec<Vec<redis::Value>> = conn
+            .command(cmd("XINFO").arg("CONSUMERS").arg("needed").arg("holding"))
+            .await
+            .unwrap();
+        let idle = consumers[0]
+            .chunks(2)
+            .find(|kv| kv[0] == redis::Value::BulkString(b"idle".to_vec()))
+            .and_then(|kv| match kv[1] {
+                redis::Value::Int(ms) => Some(ms),
+                _ => None,
+            })
+            .expect("idle");
+        if idle > 300 {
+            break;
+        }
+        assert!(since.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let trimmed = trim(&conn, "needed", &by_length.clone().idle_group_age(age))
+        .await
+        .unwrap();
+    // (The other group may have idled that long too: it needs nothing any more.)
+    assert!(
+        trimmed.idle_groups.iter().any(|g| g == "holding"),
+        "{:?}",
+        trimmed.idle_groups
+    );
+    assert_eq!(trimmed.removed, 15);
+    assert_eq!(len(&conn, "needed").await, 5);
+    // Unsafe (the seed's time and length limits): whatever groups need.
+    publisher
+        .publish("needed", Message::new("t", &20).unwrap())
+        .await
+        .unwrap();
+    let trimmed = trim(&conn, "needed", &by_length.clone().safe(false))
+        .await
+        .unwrap();
+    assert_eq!(trimmed.removed, 1);
+    drop(lagging);
+    subscriber.close().await.unwrap();
+}
