@@ -31,6 +31,7 @@ use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber};
 // ----------------------------------------------------------------------------- measurement
 
 /// One result row.
+#[derive(Clone)]
 struct Row {
     workload: String,
     system: String,
@@ -959,7 +960,13 @@ fn main() {
             flush(&server);
         }
     }
-    for (index, spec) in specs().iter().enumerate() {
+    // Every workload `BENCH_REPEAT` times (default 3), round after round: the framework's
+    // runs and their baselines alternate, so that the machine's drift falls on both alike.
+    let repeat = env("BENCH_REPEAT", 3).max(1);
+    let mut runs: Vec<(u64, Row)> = Vec::new();
+    for (round, (index, spec)) in
+        (0..repeat).flat_map(|round| specs().into_iter().enumerate().map(move |s| (round, s)))
+    {
         flush(&server);
         if let Some(cluster) = &cluster {
             for master in cluster.masters() {
@@ -984,12 +991,14 @@ fn main() {
         match text.lines().rev().find_map(parse_row) {
             Some(row) => {
                 println!("{}", row.json());
+                runs.push((round, row.clone()));
                 rows.push(row);
             }
             None => eprintln!("workload {spec:?} failed: {}", out.status),
         }
     }
     flush(&server);
+    let summary = summarize(&runs);
 
     println!();
     println!(
@@ -1026,4 +1035,131 @@ fn main() {
             r.peak_rss_mb
         );
     }
+    println!("{summary}");
+}
+
+/// The identity of a row: workload, system, threads, payload.
+type RowKey = (String, String, usize, usize);
+
+fn key(r: &Row) -> RowKey {
+    (r.workload.clone(), r.system.clone(), r.threads, r.payload)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// `median [min-max]` of `values`.
+fn spread(values: &[f64]) -> String {
+    let (min, max) = values
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+    format!("{:.2} [{min:.2}-{max:.2}]", median(values.to_vec()))
+}
+
+/// The medians of every row over the rounds, and each row beside the raw loop of the same
+/// workload, threads and payload, round by round: its rate, client CPU and server CPU per
+/// event (and latency percentiles) as ratios, the median of the rounds with their range.
+fn summarize(runs: &[(u64, Row)]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let rounds = runs.iter().map(|(r, _)| r + 1).max().unwrap_or(0);
+    let mut keys: Vec<RowKey> = Vec::new();
+    for (_, r) in runs {
+        if !keys.contains(&key(r)) {
+            keys.push(key(r));
+        }
+    }
+    let _ = writeln!(out, "\nMedians of {rounds} rounds");
+    let _ = writeln!(
+        out,
+        "{:<32} {:<34} {:>3} {:>6} {:>10} {:>8} {:>8} {:>9} {:>9}",
+        "workload", "system", "thr", "bytes", "events/s", "p50 us", "p99 us", "cpu us/ev", "srv us/ev"
+    );
+    for k in &keys {
+        let of: Vec<&Row> = runs.iter().map(|(_, r)| r).filter(|r| key(r) == *k).collect();
+        let m = |f: &dyn Fn(&Row) -> f64| median(of.iter().map(|r| f(r)).collect());
+        let lat = |i: usize| {
+            if of[0].latency_us.is_some() {
+                format!("{:.0}", m(&|r: &Row| r.latency_us.map_or(0.0, |l| l[i])))
+            } else {
+                "-".into()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{:<32} {:<34} {:>3} {:>6} {:>10.0} {:>8} {:>8} {:>9.2} {:>9.2}",
+            k.0,
+            k.1,
+            k.2,
+            k.3,
+            m(&|r: &Row| r.rate()),
+            lat(0),
+            lat(1),
+            m(&|r: &Row| r.cpu_us_per_event),
+            m(&|r: &Row| r.server_cpu_us_per_event)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nAgainst the raw loop of the same round (median [min-max] of the rounds)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<32} {:<34} {:>3} {:>6} {:>20} {:>20} {:>20} {:>20} {:>20}",
+        "workload",
+        "system",
+        "thr",
+        "bytes",
+        "rate x raw",
+        "cpu/ev x raw",
+        "srv/ev x raw",
+        "p50 x raw",
+        "p99 x raw"
+    );
+    for k in keys.iter().filter(|k| !k.1.starts_with("raw")) {
+        let mut ratios: [Vec<f64>; 5] = Default::default();
+        for (round, r) in runs.iter().filter(|(_, r)| key(r) == *k) {
+            let raw = runs.iter().find(|(q, b)| {
+                q == round
+                    && b.system.starts_with("raw")
+                    && b.workload == k.0
+                    && b.threads == k.2
+                    && b.payload == k.3
+            });
+            let Some((_, raw)) = raw else { continue };
+            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+            ratios[0].push(ratio(r.rate(), raw.rate()));
+            ratios[1].push(ratio(r.cpu_us_per_event, raw.cpu_us_per_event));
+            ratios[2].push(ratio(r.server_cpu_us_per_event, raw.server_cpu_us_per_event));
+            if let (Some(a), Some(b)) = (r.latency_us, raw.latency_us) {
+                ratios[3].push(ratio(a[0], b[0]));
+                ratios[4].push(ratio(a[1], b[1]));
+            }
+        }
+        if ratios[0].is_empty() {
+            continue;
+        }
+        let cell = |v: &Vec<f64>| if v.is_empty() { "-".to_owned() } else { spread(v) };
+        let _ = writeln!(
+            out,
+            "{:<32} {:<34} {:>3} {:>6} {:>20} {:>20} {:>20} {:>20} {:>20}",
+            k.0,
+            k.1,
+            k.2,
+            k.3,
+            cell(&ratios[0]),
+            cell(&ratios[1]),
+            cell(&ratios[2]),
+            cell(&ratios[3]),
+            cell(&ratios[4])
+        );
+    }
+    out
 }
