@@ -50,6 +50,8 @@ pub mod interop;
 pub mod memory;
 pub mod message;
 pub mod metrics;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "opentelemetry")]
 pub mod otel;
 pub mod partition;

@@ -1,0 +1,228 @@
+//! The NATS backend beyond the conformance suite: credentials, entry ids and start
+//! positions, in-progress heartbeats of long handlers, leases of crashed consumers, capped
+//! publishes, missing streams. Each test starts its own `nats-server -js`.
+
+#![cfg(feature = "nats")]
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use streamwise::nats::{NatsBackend, NatsPublisherOptions, NatsSubscriberOptions};
+use streamwise::testing::NatsServer;
+use streamwise::{
+    Delivery, EntryId, Error, Message, Publisher, StartFrom, SubscribeOptions, Subscriber, Subscription,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn recv(sub: &mut Subscription) -> Delivery {
+    match tokio::time::timeout(WAIT, sub.next()).await {
+        Ok(Some(Ok(d))) => d,
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+async fn quiet(sub: &mut Subscription, for_: Duration, why: &str) {
+    if let Ok(item) = tokio::time::timeout(for_, sub.next()).await {
+        panic!("{why}: got {item:?}");
+    }
+}
+
+fn opts(group: &str, consumer: &str) -> SubscribeOptions {
+    SubscribeOptions::new(group, consumer).block(Duration::from_millis(200))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_used_and_never_shown() {
+    let server = NatsServer::start_with(&["--user", "alice", "--pass", "s3cret-pw"]);
+    let wrong = format!("nats://alice:wr0ng-pw@127.0.0.1:{}", server.port());
+    let err = NatsBackend::connect(&wrong)
+        .await
+        .expect_err("a wrong password is refused");
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    for text in [err.to_string(), format!("{err:?}")] {
+        assert!(!text.contains("wr0ng-pw"), "{text}");
+        assert!(text.contains("alice:***@"), "{text}");
+    }
+    let right = format!("nats://alice:s3cret-pw@127.0.0.1:{}", server.port());
+    let nats = NatsBackend::connect(&right).await.expect("connect");
+    assert!(!format!("{nats:?}").contains("s3cret-pw"));
+    let id = nats
+        .publisher()
+        .publish("creds", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(id, EntryId::new(0, 1));
+    let bad = NatsBackend::connect("redis://alice:s3cret-pw@host:1")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.invalid_field(), Some("url"));
+    assert!(!bad.to_string().contains("s3cret-pw"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_are_stream_sequences_and_start_from_after_takes_one() {
+    let server = NatsServer::start();
+    let nats = NatsBackend::connect(&server.url()).await.unwrap();
+    let publisher = nats.publisher();
+    let ids = publisher
+        .publish_batch("seq", (1..=3).map(|n| Message::new("n", &n).unwrap()).collect())
+        .await
+        .unwrap();
+    assert_eq!(ids, [EntryId::new(0, 1), EntryId::new(0, 2), EntryId::new(0, 3)]);
+    assert_eq!(nats.stream_len("seq").await.unwrap(), 3);
+    let subscriber = nats.subscriber();
+    let mut sub = subscriber
+        .subscribe("seq", opts("after", "c").start_from(StartFrom::After(ids[1])))
+        .await
+        .unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!((d.id(), d.message().decode::<i32>().unwrap()), (ids[2], 3));
+    d.ack().await.unwrap();
+    let err = subscriber
+        .subscribe(
+            "seq",
+            opts("other", "c").start_from(StartFrom::After(EntryId::new(5, 1))),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.invalid_field(), Some("start_from"));
+    subscriber.close().await.unwrap();
+    assert_eq!(nats.pending_count("seq", "after").await.unwrap(), 0);
+}
+
+/// A handler that runs for several `ack_wait`s keeps its delivery: the in-progress
+/// heartbeats stop the server from handing it to another consumer of the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_keeps_its_delivery_past_ack_wait() {
+    let server = NatsServer::start();
+    let ack_wait = Duration::from_secs(1);
+    let options = NatsSubscriberOptions::default().ack_wait(ack_wait);
+    let slow = NatsBackend::connect(&server.url()).await.unwrap();
+    let other = NatsBackend::connect(&server.url()).await.unwrap();
+    slow.publisher()
+        .publish("long", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    let slow_sub = slow.subscriber_with(options.clone()).unwrap();
+    let mut mine = slow_sub.subscribe("long", opts("g", "slow")).await.unwrap();
+    let held = recv(&mut mine).await;
+    let other_sub = other.subscriber_with(options).unwrap();
+    let mut theirs = other_sub.subscribe("long", opts("g", "other")).await.unwrap();
+    quiet(
+        &mut theirs,
+        ack_wait * 4,
+        "a held delivery went to another consumer",
+    )
+    .await;
+    assert_eq!(held.delivery_count(), 1);
+    held.ack().await.unwrap();
+    mine.flush().await.unwrap();
+    assert_eq!(slow.pending_count("long", "g").await.unwrap(), 0);
+    slow_sub.close().await.unwrap();
+    other_sub.close().await.unwrap();
+}
+
+/// A process that dies without closing keeps its consumer name for the lease TTL (a second
+/// process is refused meanwhile), then the name is free and the group gets back what the
+/// dead one held, after `ack_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_consumers_name_and_deliveries_come_back() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let options = NatsSubscriberOptions::default()
+        .ack_wait(Duration::from_secs(1))
+        .lease_ttl(Duration::from_secs(2));
+    let nats = NatsBackend::connect(&url).await.unwrap();
+    let id = nats
+        .publisher()
+        .publish("crash", Message::new("t", &7).unwrap())
+        .await
+        .unwrap();
+
+    // The "process": a runtime of its own, shut down with its tasks mid-flight.
+    let (url2, options2) = (url.clone(), options.clone());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let own = NatsBackend::connect(&url2).await.unwrap();
+            let subscriber = own.subscriber_with(options2).unwrap();
+            let mut sub = subscriber.subscribe("crash", opts("g", "worker")).await.unwrap();
+            let d = recv(&mut sub).await;
+            std::mem::forget(d);
+            std::mem::forget(sub);
+            std::mem::forget(subscriber);
+        });
+        runtime.shutdown_background();
+    })
+    .join()
+    .unwrap();
+    let crashed_at = tokio::time::Instant::now();
+
+    let subscriber = nats.subscriber_with(options).unwrap();
+    match subscriber.subscribe("crash", opts("g", "worker")).await {
+        Err(Error::ConsumerActive { consumer, .. }) => assert_eq!(consumer, "worker"),
+        other => panic!("expected ConsumerActive while the lease lives, got {other:?}"),
+    }
+    let mut sub = loop {
+        match subscriber.subscribe("crash", opts("g", "worker")).await {
+            Ok(sub) => break sub,
+            Err(Error::ConsumerActive { .. }) => {
+                assert!(crashed_at.elapsed() < WAIT, "the dead lease never ran out");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let d = recv(&mut sub).await;
+    assert_eq!((d.id(), d.delivery_count()), (id, 2));
+    d.ack().await.unwrap();
+    subscriber.close().await.unwrap();
+    assert_eq!(nats.pending_count("crash", "g").await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capped_publishes_bound_the_stream_and_missing_streams_are_reported() {
+    let server = NatsServer::start();
+    let nats = NatsBackend::connect(&server.url()).await.unwrap();
+    let publisher = nats.publisher();
+    for n in 0..5 {
+        publisher
+            .publish_capped("capped", Message::new("n", &n).unwrap(), 3)
+            .await
+            .unwrap();
+    }
+    assert_eq!(nats.stream_len("capped").await.unwrap(), 3);
+
+    let strict = nats
+        .publisher_with(NatsPublisherOptions::default().auto_create(false))
+        .unwrap();
+    match strict.publish("absent", Message::new("n", &1).unwrap()).await {
+        Err(Error::StreamNotFound { stream }) => assert_eq!(stream, "absent"),
+        other => panic!("expected StreamNotFound, got {other:?}"),
+    }
+    let small = nats
+        .publisher_with(NatsPublisherOptions::default().max_entry_size(100))
+        .unwrap();
+    assert!(matches!(
+        small
+            .publish("capped", Message::new("n", &"x".repeat(200)).unwrap())
+            .await,
+        Err(Error::PayloadTooLarge { limit: 100, .. })
+    ));
+    // Larger than the server's max_payload (1 MiB) though within the entry limit.
+    let big = nats
+        .publisher_with(NatsPublisherOptions::default().max_entry_size(4 << 20))
+        .unwrap();
+    assert!(matches!(
+        big.publish("capped", Message::new("n", &"x".repeat(2 << 20)).unwrap())
+            .await,
+        Err(Error::PayloadTooLarge { .. })
+    ));
+    let subscriber = nats.subscriber();
+    subscriber.delete_topic("capped").await.unwrap();
+    assert!(matches!(
+        nats.stream_len("capped").await,
+        Err(Error::StreamNotFound { .. })
+    ));
+}
