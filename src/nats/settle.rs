@@ -59,6 +59,9 @@ struct LedgerInner {
     running: BTreeSet<u64>,
     /// The first write that failed since the last flush.
     error: Option<String>,
+    /// Set by the subscriber's close: no write begins after it, so that the close's flush
+    /// waits for every settlement that was accepted.
+    closed: bool,
 }
 
 impl Ledger {
@@ -82,12 +85,21 @@ impl Ledger {
         self.lock().held.values().cloned().collect()
     }
 
-    fn begin(&self) -> u64 {
+    /// The number of a new write, `None` once closed.
+    fn begin(&self) -> Option<u64> {
         let mut inner = self.lock();
+        if inner.closed {
+            return None;
+        }
         let n = inner.next;
         inner.next += 1;
         inner.running.insert(n);
-        n
+        Some(n)
+    }
+
+    /// Refuses writes from now on; those begun before still end (and a flush waits for them).
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
     }
 
     fn end(&self, n: u64, error: Option<String>) {
@@ -211,13 +223,16 @@ impl SubState {
         state
     }
 
-    /// Hands `write` to the writer.
-    pub(crate) fn submit(&self, write: Write) {
-        let n = self.ledger.begin();
+    /// Hands `write` to the writer; `false` when the subscription is closed (nothing sent).
+    pub(crate) fn submit(&self, write: Write) -> bool {
+        let Some(n) = self.ledger.begin() else {
+            return false;
+        };
         if self.writes.send((n, write)).is_err() {
             self.ledger
                 .end(n, Some("the subscription's writer stopped".to_owned()));
         }
+        true
     }
 
     /// Dead-letters a message the subscription gives up on by itself (key `key`, ack subject
@@ -227,7 +242,10 @@ impl SubState {
         tracing::warn!(stream = self.origin.stream(), group = self.origin.group(), id = %wire::entry_id(key.0),
             reason = record.metadata().get(dead_letter::keys::REASON).unwrap_or(""), "dead-lettering");
         self.ledger.hold(key, reply.clone());
-        self.submit(Write::DeadLetter { key, reply, record });
+        if !self.submit(Write::DeadLetter { key, reply, record }) {
+            // Closed meanwhile: it stays pending, and is given up on again when read again.
+            self.ledger.forget(key);
+        }
     }
 
     fn key(info: &DeliveryInfo) -> Key {
@@ -247,30 +265,30 @@ impl Settler for SubState {
             return Err(SettleError::Closed { id: info.id() });
         }
         let key = Self::key(info);
-        match settlement {
-            Settlement::Ack => {
-                if let Some(reply) = self.ledger.forget(key) {
-                    self.submit(Write::Ack(reply));
+        let write = match settlement {
+            Settlement::Ack => self.ledger.forget(key).map(Write::Ack),
+            Settlement::Nack { delay } => self.ledger.forget(key).map(|reply| Write::Nak(reply, delay)),
+            Settlement::DeadLetter { reason } => self.ledger.reply(key).map(|reply| {
+                let record = DeadLetter {
+                    reason: &reason,
+                    original_id: info.id(),
+                    stream: self.origin.stream(),
+                    group: self.origin.group(),
+                    delivery_count: info.delivery_count(),
                 }
+                .for_message(message);
+                Write::DeadLetter { key, reply, record }
+            }),
+        };
+        if let Some(write) = write {
+            let dead_letter = matches!(write, Write::DeadLetter { .. });
+            if !self.submit(write) {
+                // The subscriber's close came first: nothing is written.
+                self.release(info);
+                return Err(SettleError::Closed { id: info.id() });
             }
-            Settlement::Nack { delay } => {
-                if let Some(reply) = self.ledger.forget(key) {
-                    self.submit(Write::Nak(reply, delay));
-                }
-            }
-            Settlement::DeadLetter { reason } => {
-                if let Some(reply) = self.ledger.reply(key) {
-                    let record = DeadLetter {
-                        reason: &reason,
-                        original_id: info.id(),
-                        stream: self.origin.stream(),
-                        group: self.origin.group(),
-                        delivery_count: info.delivery_count(),
-                    }
-                    .for_message(message);
-                    self.metrics.dead_lettered(DeadLetterReason::Handler);
-                    self.submit(Write::DeadLetter { key, reply, record });
-                }
+            if dead_letter {
+                self.metrics.dead_lettered(DeadLetterReason::Handler);
             }
         }
         self.in_flight.release(1);

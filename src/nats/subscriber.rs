@@ -190,6 +190,9 @@ impl Subscriber for NatsSubscriber {
             self.closed.cancel();
             let timeout = self.shared.options.request_timeout;
             let subs = self.live();
+            for s in &subs {
+                s.ledger.close();
+            }
             futures::future::join_all(subs.iter().map(|s| async move {
                 match tokio::time::timeout(timeout, s.ledger.flush()).await {
                     Ok(Ok(())) => {}
