@@ -150,6 +150,11 @@ impl NatsBackend {
         })
     }
 
+    /// The URL it connected to, with the password or token hidden.
+    pub fn url(&self) -> &str {
+        &self.shared.url
+    }
+
     /// The options it was made with.
     pub fn options(&self) -> &NatsOptions {
         &self.shared.options
