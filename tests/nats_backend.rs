@@ -4,6 +4,8 @@
 
 #![cfg(feature = "nats")]
 
+mod common;
+
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -225,4 +227,64 @@ async fn capped_publishes_bound_the_stream_and_missing_streams_are_reported() {
         nats.stream_len("capped").await,
         Err(Error::StreamNotFound { .. })
     ));
+}
+
+/// TLS from the URL: a `tls://` URL with the test CA in its query talks to a server with a
+/// certificate of that CA; without the CA the certificate is refused; a server that verifies
+/// clients takes the client certificate named in the query, and refuses a client without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_files_come_from_the_url() {
+    let dir = std::env::temp_dir().join(format!("streamwise-nats-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    common::certs::make_certificates(&dir, "nats");
+    let file = |name: &str| dir.join(name).display().to_string();
+    let (ca, cert, key) = (
+        file("nats-ca.pem"),
+        file("nats-server.pem"),
+        file("nats-server.key"),
+    );
+    let server = NatsServer::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key]);
+    let port = server.port();
+
+    let trusted = format!("tls://127.0.0.1:{port}?tls_ca={ca}");
+    let nats = NatsBackend::connect(&trusted)
+        .await
+        .expect("TLS with the test CA");
+    let id = nats
+        .publisher()
+        .publish("tls", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(id, EntryId::new(0, 1));
+    let untrusted = NatsBackend::connect(&format!("tls://127.0.0.1:{port}"))
+        .await
+        .unwrap_err();
+    assert!(matches!(untrusted, Error::Connection { .. }), "{untrusted:?}");
+
+    let (client_cert, client_key) = (file("nats-client.pem"), file("nats-client.key"));
+    let mutual = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        &cert,
+        "--tlskey",
+        &key,
+        "--tlsverify",
+        "--tlscacert",
+        &ca,
+    ]);
+    let with_cert = format!(
+        "nats://127.0.0.1:{}?tls_ca={ca}&tls_cert={client_cert}&tls_key={client_key}",
+        mutual.port()
+    );
+    let nats = NatsBackend::connect(&with_cert).await.expect("mutual TLS");
+    nats.publisher()
+        .publish("tls", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    let without = format!("nats://127.0.0.1:{}?tls_ca={ca}", mutual.port());
+    assert!(
+        NatsBackend::connect(&without).await.is_err(),
+        "a client without a certificate got in"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -94,7 +94,9 @@ pub(crate) struct Shared {
 
 impl NatsBackend {
     /// Connects to `url` (`nats://[user:password@|token@]host:port[,host:port...]`, `tls://`
-    /// for TLS) with the default [`NatsOptions`].
+    /// for TLS) with the default [`NatsOptions`]. The query may name TLS files:
+    /// `tls_ca=<pem>` (repeatable), `tls_cert=<pem>&tls_key=<pem>` (a client certificate),
+    /// and `tls_required=true`; each makes TLS required.
     ///
     /// Errors: [`Error::Invalid`] (`url`) for a URL that does not parse,
     /// [`Error::Connection`] when no server answers or the credentials are refused; neither
@@ -117,10 +119,11 @@ impl NatsBackend {
             url::Auth::UserPassword(user, password) => connect.user_and_password(user, password),
             url::Auth::Token(token) => connect.token(token),
         };
-        for root in &options.root_certificates {
+        for root in options.root_certificates.iter().chain(&parsed.tls_roots) {
             connect = connect.add_root_certificates(root.clone());
         }
-        if let Some((cert, key)) = &options.client_certificate {
+        // The URL's client certificate, else the options'.
+        if let Some((cert, key)) = parsed.tls_client.as_ref().or(options.client_certificate.as_ref()) {
             connect = connect.add_client_certificate(cert.clone(), key.clone());
         }
         if let Some(name) = &options.name {

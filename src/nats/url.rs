@@ -1,8 +1,9 @@
-//! `nats://` URLs: the servers to connect to and the credentials in them, taken apart so that
-//! the credentials go to the client as options and never sit in an address that could be
-//! printed or logged (async-nats logs server addresses at debug level).
+//! `nats://` URLs: the servers to connect to, the credentials and the TLS files in them,
+//! taken apart so that the credentials go to the client as options and never sit in an
+//! address that could be printed or logged (async-nats logs server addresses at debug level).
 
 use std::fmt;
+use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 
@@ -12,8 +13,15 @@ pub(crate) struct NatsUrl {
     /// `nats://host:port` (or `tls://host:port`) per server, without credentials.
     pub(crate) servers: Vec<String>,
     pub(crate) auth: Auth,
-    /// The scheme was `tls://`.
+    /// TLS is required: the scheme was `tls://`, or the query named TLS files or
+    /// `tls_required=true`.
     pub(crate) tls: bool,
+    /// `tls_ca=<pem>` (repeatable): root certificates to trust besides the system's.
+    pub(crate) tls_roots: Vec<PathBuf>,
+    /// `tls_cert=<pem>&tls_key=<pem>`: the client's certificate and key.
+    pub(crate) tls_client: Option<(PathBuf, PathBuf)>,
+    /// The query as given (file paths only: nothing secret), for the redacted form.
+    query: Option<String>,
 }
 
 /// The credentials of a URL.
@@ -43,9 +51,11 @@ impl fmt::Debug for NatsUrl {
 }
 
 impl NatsUrl {
-    /// Parses `nats://[user:password@|token@]host[:port][,host[:port]...]`; `tls://` asks
-    /// for TLS. User, password and token may be percent-encoded. Errors name the field `url`
-    /// and never repeat the credentials.
+    /// Parses `nats://[user:password@|token@]host[:port][,host[:port]...][?query]`; `tls://`
+    /// asks for TLS. User, password and token may be percent-encoded. The query may hold
+    /// `tls_ca=<pem>` (repeatable), `tls_cert=<pem>` with `tls_key=<pem>`, and
+    /// `tls_required=true|false`. Errors name the field `url` and never repeat the
+    /// credentials.
     pub(crate) fn parse(url: &str) -> Result<Self> {
         let bad = |why: &str| Error::invalid("url", format_args!("{}: {why}", redact(url)));
         let (scheme, rest) = url
@@ -57,10 +67,46 @@ impl NatsUrl {
             _ => return Err(bad("the scheme must be nats:// or tls://")),
         };
         let rest = rest.trim_end_matches('/');
-        let (userinfo, hosts) = match rest.rfind('@') {
+        let (userinfo, after) = match rest.rfind('@') {
             Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
             None => (None, rest),
         };
+        let (hosts, query) = match after.split_once('?') {
+            Some((hosts, query)) => (hosts.trim_end_matches('/'), Some(query)),
+            None => (after, None),
+        };
+        let mut tls = tls;
+        let (mut tls_roots, mut cert, mut key) = (Vec::new(), None, None);
+        for pair in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|p| !p.is_empty())
+        {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value =
+                percent_decode(value).ok_or_else(|| bad("a query value is not percent-encoded UTF-8"))?;
+            match name {
+                "tls_ca" => tls_roots.push(PathBuf::from(value)),
+                "tls_cert" => cert = Some(PathBuf::from(value)),
+                "tls_key" => key = Some(PathBuf::from(value)),
+                "tls_required" => match value.as_str() {
+                    "true" => tls = true,
+                    "false" => {}
+                    _ => return Err(bad("tls_required must be true or false")),
+                },
+                other => {
+                    return Err(bad(&format!(
+                        "unknown parameter {other:?} (known: tls_ca, tls_cert, tls_key, tls_required)"
+                    )));
+                }
+            }
+        }
+        let tls_client = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err(bad("tls_cert and tls_key go together")),
+        };
+        tls |= !tls_roots.is_empty() || tls_client.is_some();
         let auth = match userinfo {
             None => Auth::None,
             Some(info) => match info.split_once(':') {
@@ -87,7 +133,14 @@ impl NatsUrl {
             }
             servers.push(format!("{scheme}://{host}"));
         }
-        Ok(NatsUrl { servers, auth, tls })
+        Ok(NatsUrl {
+            servers,
+            auth,
+            tls,
+            tls_roots,
+            tls_client,
+            query: query.filter(|q| !q.is_empty()).map(str::to_owned),
+        })
     }
 
     /// The URL with its password or token replaced by `***`.
@@ -97,13 +150,18 @@ impl NatsUrl {
             .iter()
             .map(|s| s.split_once("://").map_or(s.as_str(), |(_, h)| h))
             .collect();
-        let scheme = if self.tls { "tls" } else { "nats" };
+        let scheme = self
+            .servers
+            .first()
+            .and_then(|s| s.split_once("://"))
+            .map_or("nats", |(scheme, _)| scheme);
         let auth = match &self.auth {
             Auth::None => String::new(),
             Auth::UserPassword(user, _) => format!("{user}:***@"),
             Auth::Token(_) => "***@".to_owned(),
         };
-        format!("{scheme}://{auth}{}", hosts.join(","))
+        let query = self.query.as_ref().map(|q| format!("?{q}")).unwrap_or_default();
+        format!("{scheme}://{auth}{}{query}", hosts.join(","))
     }
 }
 
@@ -149,6 +207,41 @@ mod tests {
         assert!(token.tls);
         assert_eq!(token.auth, Auth::Token("s3cret".into()));
         assert_eq!(token.redacted(), "tls://***@host:4222");
+    }
+
+    #[test]
+    fn tls_files_come_from_the_query() {
+        let url = NatsUrl::parse(
+            "nats://u:pw@h:1?tls_ca=/etc/ca.pem&tls_ca=/b%20c.pem&tls_cert=/c.pem&tls_key=/k.pem",
+        )
+        .unwrap();
+        assert!(url.tls);
+        assert_eq!(
+            url.tls_roots,
+            [PathBuf::from("/etc/ca.pem"), PathBuf::from("/b c.pem")]
+        );
+        assert_eq!(
+            url.tls_client,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        assert_eq!(url.servers, ["nats://h:1"]);
+        assert_eq!(
+            url.redacted(),
+            "nats://u:***@h:1?tls_ca=/etc/ca.pem&tls_ca=/b%20c.pem&tls_cert=/c.pem&tls_key=/k.pem"
+        );
+        assert!(NatsUrl::parse("nats://h:1?tls_required=true").unwrap().tls);
+        assert!(!NatsUrl::parse("nats://h:1?tls_required=false").unwrap().tls);
+        for bad in [
+            "nats://h:1?tls_cert=/c.pem",
+            "nats://h:1?nope=1",
+            "nats://h:1?tls_required=yes",
+        ] {
+            assert_eq!(
+                NatsUrl::parse(bad).unwrap_err().invalid_field(),
+                Some("url"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
