@@ -4,9 +4,10 @@
 //! Taking it is a create-if-absent (a write that expects the key to have no live value), so
 //! two processes cannot both take it; the holder renews it with a compare-and-set on the
 //! revision it wrote last (every third of the bucket's `max_age`), so a holder that was cut
-//! off and replaced learns it lost the name instead of taking it back; closing deletes it
-//! with the same check. A crashed holder's key expires with the bucket's `max_age` (the
-//! lease TTL), after which the name is free.
+//! off and replaced learns it lost the name instead of taking it back (a key that merely ran
+//! out meanwhile, with nobody else taking it, is taken again); closing deletes it with the
+//! same check. A crashed holder's key expires with the bucket's `max_age` (the lease TTL),
+//! after which the name is free.
 
 use std::time::Duration;
 
@@ -82,7 +83,31 @@ impl Lease {
                 *held = Some(revision);
                 Ok(Renewed::Held)
             }
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(Renewed::Lost),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                // Someone else's now, or simply gone: it ran out while the server could not
+                // be reached (a restart, a partition) and nobody took it meanwhile. Then it
+                // is taken again; only another holder's token means the name is lost.
+                match self.store.entry(&self.key).await {
+                    Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                        if entry.value == self.token {
+                            *held = Some(entry.revision);
+                            Ok(Renewed::Held)
+                        } else {
+                            Ok(Renewed::Lost)
+                        }
+                    }
+                    Ok(_) => match self.store.create(&self.key, self.token.clone()).await {
+                        Ok(revision) => {
+                            *held = Some(revision);
+                            Ok(Renewed::Held)
+                        }
+                        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(Renewed::Lost),
+                        // Tried again at the next renewal.
+                        Err(_) => Err(e),
+                    },
+                    Err(_) => Err(e),
+                }
+            }
             Err(e) => Err(e),
         }
     }

@@ -164,8 +164,39 @@ impl NatsServer {
     }
 }
 
+impl NatsServer {
+    /// Stops the server process (SIGSTOP): connections stay open, nothing is answered, as
+    /// with a server that hangs or a network that drops everything.
+    ///
+    /// # Panics
+    ///
+    /// When the signal cannot be sent (the server was killed).
+    pub fn freeze(&self) {
+        send_signal(self.child.id(), "STOP");
+    }
+
+    /// Lets a [frozen](Self::freeze) server go on (SIGCONT).
+    ///
+    /// # Panics
+    ///
+    /// When the signal cannot be sent (the server was killed).
+    pub fn thaw(&self) {
+        send_signal(self.child.id(), "CONT");
+    }
+}
+
+/// Sends a signal by name with `kill(1)` (this crate forbids unsafe code, so no libc).
+fn send_signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("run kill(1)");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
+        // A frozen server dies of SIGKILL all the same.
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
