@@ -288,3 +288,53 @@ async fn tls_files_come_from_the_url() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Nothing logged at DEBUG and above, by streamwise or by the NATS client, shows the password:
+/// the client is given the servers without credentials (it logs server addresses), and the
+/// credentials as options. (async-nats writes its CONNECT message, password included, at
+/// TRACE: the README says to keep its target below that.)
+#[tokio::test(flavor = "current_thread")]
+async fn passwords_are_not_logged() {
+    use streamwise::testing::CapturedLogs;
+    let logs = CapturedLogs::new();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.make_writer())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let server = NatsServer::start_with(&["--user", "alice", "--pass", "pw-d0nt-l0g"]);
+    let port = server.port();
+    let _ = NatsBackend::connect(&format!("nats://alice:wrong-pw-d0nt-l0g@127.0.0.1:{port}")).await;
+    let nats = NatsBackend::connect(&format!("nats://alice:pw-d0nt-l0g@127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    nats.publisher()
+        .publish("logs", Message::new("t", &"not a number").unwrap())
+        .await
+        .unwrap();
+    nats.publisher()
+        .publish("logs", Message::from_json_bytes("t", &b"not json"[..]).unwrap())
+        .await
+        .unwrap();
+    let subscriber = nats.subscriber();
+    let mut sub = subscriber.subscribe("logs", opts("g", "c")).await.unwrap();
+    let d = recv(&mut sub).await;
+    d.dead_letter("logged reason").await.unwrap();
+    // Reading on meets the payload that is not JSON: dead-lettered, and logged.
+    quiet(
+        &mut sub,
+        Duration::from_millis(500),
+        "a payload that is not JSON was delivered",
+    )
+    .await;
+    sub.flush().await.unwrap();
+    subscriber.close().await.unwrap();
+    let text = logs.text();
+    assert!(text.contains("DEBUG"), "nothing was captured:\n{text}");
+    assert!(
+        text.contains("dead-lettering"),
+        "the dead letter of the non-JSON payload was logged:\n{text}"
+    );
+    assert!(!text.contains("d0nt-l0g"), "a password was logged:\n{text}");
+}
