@@ -190,6 +190,11 @@ pub struct NatsPublisherOptions {
     /// counts it. Default 1 MiB; at least 1 byte. (The server's `max_payload`, 1 MiB by
     /// default, limits a message with its headers too.)
     pub max_entry_size: usize,
+    /// How many times a publish that got no acknowledgement (a connection lost, a server
+    /// restarting) is sent again before it fails, after 50 ms, doubling up to 1 s. Each
+    /// publish carries an id of its own (`Nats-Msg-Id`), so JetStream stores one copy
+    /// however many are sent within its duplicate window. Default 5; at most 100.
+    pub max_retries: u32,
 }
 
 impl Default for NatsPublisherOptions {
@@ -197,6 +202,7 @@ impl Default for NatsPublisherOptions {
         NatsPublisherOptions {
             auto_create: true,
             max_entry_size: DEFAULT_MAX_ENTRY_SIZE,
+            max_retries: 5,
         }
     }
 }
@@ -216,10 +222,23 @@ impl NatsPublisherOptions {
         self
     }
 
+    /// How many times a publish without acknowledgement is sent again.
+    #[must_use]
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
     /// Checks the options.
     pub fn validate(&self) -> Result<()> {
         if self.max_entry_size == 0 {
             return Err(Error::invalid("max_entry_size", "must be at least 1 byte"));
+        }
+        if self.max_retries > 100 {
+            return Err(Error::invalid(
+                "max_retries",
+                format_args!("{} is more than 100", self.max_retries),
+            ));
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use futures::future::BoxFuture;
@@ -87,7 +88,15 @@ impl NatsPublisher {
     ) -> Result<Vec<EntryId>> {
         let mut encoded = Vec::with_capacity(messages.len());
         for m in &messages {
-            encoded.push((wire_size(m), wire::encode(&JsonCodec, m)?));
+            let (mut headers, body) = wire::encode(&JsonCodec, m)?;
+            // An id of this publish (not the message's UUID: publishing one message twice
+            // stores it twice, as on Redis), so that JetStream drops the copies a retry sends
+            // within its duplicate window (2 minutes by default) and acknowledges the first.
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                uuid::Uuid::now_v7().simple().to_string().as_str(),
+            );
+            encoded.push((wire_size(m), (headers, body)));
         }
         match cap {
             Some(cap) => self.apply_cap(topic, cap).await?,
@@ -99,7 +108,8 @@ impl NatsPublisher {
         }
         let subject = wire::subject(&self.shared.options.subject_prefix, topic);
         let mut ids = Vec::with_capacity(encoded.len());
-        let mut retried = false;
+        let mut recreated = false;
+        let (mut retries, mut backoff) = (0, Duration::from_millis(50));
         while ids.len() < encoded.len() {
             match self.send_from(&subject, &encoded[ids.len()..], &mut ids).await {
                 Ok(()) => {}
@@ -108,11 +118,25 @@ impl NatsPublisher {
                 Err(e)
                     if e.kind() == PublishErrorKind::StreamNotFound
                         && self.options.auto_create
-                        && !retried =>
+                        && !recreated =>
                 {
-                    retried = true;
+                    recreated = true;
                     self.shared.known().remove(topic);
                     self.shared.ensure_stream(topic).await?;
+                }
+                // No acknowledgement (a connection lost, a server restarting): again from the
+                // first message not acknowledged; those the stream took already are dropped
+                // as duplicates and acknowledged with their first sequence.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+                    ) && retries < self.options.max_retries =>
+                {
+                    retries += 1;
+                    tracing::debug!(topic, error = %e, retries, "a publish was not acknowledged; sending it again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => return Err(self.publish_error(topic, e, &encoded[ids.len()..])),
             }
