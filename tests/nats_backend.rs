@@ -338,3 +338,32 @@ async fn passwords_are_not_logged() {
     );
     assert!(!text.contains("d0nt-l0g"), "a password was logged:\n{text}");
 }
+
+/// A topic deleted under a live subscription (that may create its group) is not the end of
+/// it: its pulls fail, it creates the stream and consumer again, and reads what is published
+/// after, as on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_outlives_the_deletion_of_its_topic() {
+    let server = NatsServer::start();
+    let nats = NatsBackend::connect(&server.url()).await.unwrap();
+    let publisher = nats.publisher();
+    let subscriber = nats.subscriber();
+    let mut sub = subscriber.subscribe("gone", opts("g", "c")).await.unwrap();
+    publisher
+        .publish("gone", Message::new("n", &1).unwrap())
+        .await
+        .unwrap();
+    let d = recv(&mut sub).await;
+    d.ack().await.unwrap();
+    sub.flush().await.unwrap();
+    nats.subscriber().delete_topic("gone").await.unwrap();
+    publisher
+        .publish("gone", Message::new("n", &2).unwrap())
+        .await
+        .unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.message().decode::<i32>().unwrap(), 2);
+    d.ack().await.unwrap();
+    subscriber.close().await.unwrap();
+    assert_eq!(nats.pending_count("gone", "g").await.unwrap(), 0);
+}

@@ -116,6 +116,7 @@ impl NatsSubscriber {
             max_ack_pending: -1,
             ..Default::default()
         };
+        let recreate_config = config.clone();
         let consumer: Consumer<pull::Config> =
             match stream.get_or_create_consumer(group, config.clone()).await {
                 Ok(consumer) => consumer,
@@ -166,6 +167,10 @@ impl NatsSubscriber {
             max_deliveries: options.max_deliveries,
             max_entry_size: self.options.max_entry_size,
             failures: 0,
+            recreate: options.create_group.then(|| Recreate {
+                shared: self.shared.clone(),
+                config: recreate_config,
+            }),
         };
         Ok(Subscription::from_reader(reader)
             .with_flush(flush)
@@ -254,6 +259,15 @@ struct Reader {
     max_entry_size: usize,
     /// Pull requests that failed in a row.
     failures: u32,
+    /// How to re-create the consumer (and stream) when they were deleted under the
+    /// subscription, if it may create them (`create_group`).
+    recreate: Option<Recreate>,
+}
+
+/// What the read loop needs to re-create its consumer.
+struct Recreate {
+    shared: Arc<Shared>,
+    config: pull::Config,
 }
 
 type Item = Option<std::result::Result<async_nats::jetstream::Message, async_nats::Error>>;
@@ -317,6 +331,11 @@ impl Reader {
                 _ = self.state.ended.cancelled() => return false,
                 _ = tokio::time::sleep(backoff) => {}
             }
+            // Pulls fail: the consumer (or its stream) may have been deleted. Looked at on
+            // the first failure and every fifth after it.
+            if self.failures % 5 == 1 {
+                self.recreate_if_deleted().await;
+            }
         }
         let taken = tokio::select! {
             biased;
@@ -342,6 +361,39 @@ impl Reader {
                 self.read_failed(format!("a pull request failed: {e}"));
                 false
             }
+        }
+    }
+
+    /// Re-creates the consumer (and its stream) when they no longer exist and the
+    /// subscription may create them, as the Redis backend re-creates a deleted group.
+    async fn recreate_if_deleted(&mut self) {
+        let Some(recreate) = &self.recreate else { return };
+        let topic = self.state.origin.stream();
+        let stream = match recreate.shared.stream(topic).await {
+            Ok(Some(stream)) => match stream.consumer_info(self.state.origin.group()).await {
+                Ok(_) => return,
+                Err(e) if is_not_found(&e) => stream,
+                Err(_) => return,
+            },
+            Ok(None) => match recreate.shared.ensure_stream(topic).await {
+                Ok(stream) => stream,
+                Err(_) => return,
+            },
+            Err(_) => return,
+        };
+        match stream
+            .get_or_create_consumer(self.state.origin.group(), recreate.config.clone())
+            .await
+        {
+            Ok(consumer) => {
+                tracing::warn!(
+                    stream = topic,
+                    group = self.state.origin.group(),
+                    "the consumer was gone (deleted); created it again"
+                );
+                self.consumer = consumer;
+            }
+            Err(e) => tracing::debug!(error = %e, "the consumer could not be created again"),
         }
     }
 
