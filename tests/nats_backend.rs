@@ -367,3 +367,85 @@ async fn a_subscription_outlives_the_deletion_of_its_topic() {
     subscriber.close().await.unwrap();
     assert_eq!(nats.pending_count("gone", "g").await.unwrap(), 0);
 }
+
+/// Health follows the server: `Degraded` while it is frozen (the lease cannot be renewed,
+/// pulls go unanswered), `Ready` again once it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_degraded_while_the_server_is_frozen() {
+    use streamwise::SubscriptionHealth;
+    let server = NatsServer::start();
+    let options = streamwise::nats::NatsOptions::default().request_timeout(Duration::from_secs(1));
+    let nats = NatsBackend::connect_with(&server.url(), options).await.unwrap();
+    let subscriber = nats
+        .subscriber_with(NatsSubscriberOptions::default().lease_ttl(Duration::from_secs(1)))
+        .unwrap();
+    let mut sub = subscriber.subscribe("health", opts("g", "c")).await.unwrap();
+    let health = sub.health_handle();
+    assert_eq!(health.health(), SubscriptionHealth::Ready);
+    // Reads go on in the background, as a router's would.
+    let reader = tokio::spawn(async move {
+        while let Some(item) = sub.next().await {
+            if let Ok(d) = item {
+                let _ = d.ack().await;
+            }
+        }
+    });
+    server.freeze();
+    let frozen_at = std::time::Instant::now();
+    let degraded = loop {
+        match health.health() {
+            SubscriptionHealth::Degraded { reason } => break reason,
+            _ => {
+                assert!(frozen_at.elapsed() < WAIT, "still ready {WAIT:?} into the freeze");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    println!(
+        "degraded {:.1} s into the freeze: {degraded}",
+        frozen_at.elapsed().as_secs_f64()
+    );
+    server.thaw();
+    let thawed_at = std::time::Instant::now();
+    while health.health() != SubscriptionHealth::Ready {
+        assert!(
+            thawed_at.elapsed() < WAIT,
+            "not ready {WAIT:?} after the thaw: {:?}",
+            health.health()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("ready {:.1} s after the thaw", thawed_at.elapsed().as_secs_f64());
+    subscriber.close().await.unwrap();
+    reader.await.unwrap();
+}
+
+/// A pull the server never answers (frozen) makes the subscription `Degraded` by itself,
+/// before its lease would tell (renewed only every 20 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_pull_degrades_health() {
+    use streamwise::SubscriptionHealth;
+    let server = NatsServer::start();
+    let nats = NatsBackend::connect(&server.url()).await.unwrap();
+    let subscriber = nats
+        .subscriber_with(NatsSubscriberOptions::default().lease_ttl(Duration::from_secs(60)))
+        .unwrap();
+    let mut sub = subscriber.subscribe("unanswered", opts("g", "c")).await.unwrap();
+    let health = sub.health_handle();
+    let reader = tokio::spawn(async move { while sub.next().await.is_some() {} });
+    server.freeze();
+    let frozen_at = std::time::Instant::now();
+    let reason = loop {
+        match health.health() {
+            SubscriptionHealth::Degraded { reason } => break reason,
+            _ => {
+                assert!(frozen_at.elapsed() < WAIT, "still ready {WAIT:?} into the freeze");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(reason.contains("not answered"), "{reason}");
+    server.thaw();
+    subscriber.close().await.unwrap();
+    reader.await.unwrap();
+}

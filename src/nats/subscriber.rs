@@ -167,6 +167,7 @@ impl NatsSubscriber {
             max_deliveries: options.max_deliveries,
             max_entry_size: self.options.max_entry_size,
             failures: 0,
+            pulled_at: tokio::time::Instant::now(),
             recreate: options.create_group.then(|| Recreate {
                 shared: self.shared.clone(),
                 config: recreate_config,
@@ -259,10 +260,16 @@ struct Reader {
     max_entry_size: usize,
     /// Pull requests that failed in a row.
     failures: u32,
+    /// When the pull under way was sent.
+    pulled_at: tokio::time::Instant,
     /// How to re-create the consumer (and stream) when they were deleted under the
     /// subscription, if it may create them (`create_group`).
     recreate: Option<Recreate>,
 }
+
+/// How much longer than its `block` a pull may take before it counts as unanswered (the
+/// client itself gives up on it at `block` + 5 s).
+const UNANSWERED_MARGIN: Duration = Duration::from_secs(3);
 
 /// What the read loop needs to re-create its consumer.
 struct Recreate {
@@ -354,6 +361,7 @@ impl Reader {
             Ok(batch) => {
                 self.batch = Some(batch);
                 self.slots = taken;
+                self.pulled_at = tokio::time::Instant::now();
                 true
             }
             Err(e) => {
@@ -426,6 +434,15 @@ impl Reader {
                 self.batch = None;
                 match end {
                     Some(Err(e)) => self.read_failed(format!("a pull request failed: {e}")),
+                    // The server ends an expired pull at `block`; one ended by the client's
+                    // own timer (`block` + 5 s) went unanswered: the server or the network
+                    // is stuck.
+                    None if self.pulled_at.elapsed() > self.block + UNANSWERED_MARGIN => {
+                        self.read_failed(format!(
+                            "a pull request was not answered within {:?}",
+                            self.block + UNANSWERED_MARGIN
+                        ))
+                    }
                     _ if self.failures > 0 => {
                         self.failures = 0;
                         self.state.health.read(None);
