@@ -449,3 +449,27 @@ async fn an_unanswered_pull_degrades_health() {
     subscriber.close().await.unwrap();
     reader.await.unwrap();
 }
+
+/// `flush` waits for the settlements made so far, and once the subscription ended (its
+/// subscriber closed) it is `Error::Closed`, as the trait says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_after_close_is_closed() {
+    let server = NatsServer::start();
+    let nats = NatsBackend::connect(&server.url()).await.unwrap();
+    nats.publisher()
+        .publish("flush", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    let subscriber = nats.subscriber();
+    let mut sub = subscriber.subscribe("flush", opts("g", "c")).await.unwrap();
+    let d = recv(&mut sub).await;
+    d.ack().await.unwrap();
+    sub.flush().await.unwrap();
+    assert_eq!(
+        nats.pending_count("flush", "g").await.unwrap(),
+        0,
+        "flushed, so applied"
+    );
+    subscriber.close().await.unwrap();
+    assert!(matches!(sub.flush().await, Err(Error::Closed(_))));
+}

@@ -302,13 +302,19 @@ impl Settler for SubState {
     }
 }
 
-/// The [`Flush`] of a subscription.
-pub(crate) struct LedgerFlush(pub(crate) Arc<Ledger>);
+/// The [`Flush`] of a subscription: its ledger, and its end (after which a flush is
+/// [`Error::Closed`], as the trait says).
+pub(crate) struct LedgerFlush(pub(crate) Arc<Ledger>, pub(crate) Signal);
 
 impl Flush for LedgerFlush {
     fn flush(&self) -> futures::future::BoxFuture<'static, Result<()>> {
-        let ledger = self.0.clone();
-        Box::pin(async move { ledger.flush().await })
+        let (ledger, ended) = (self.0.clone(), self.1.clone());
+        Box::pin(async move {
+            if ended.is_cancelled() {
+                return Err(Error::Closed("subscription"));
+            }
+            ledger.flush().await
+        })
     }
 }
 

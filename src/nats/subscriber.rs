@@ -154,7 +154,7 @@ impl NatsSubscriber {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::downgrade(&state));
-        let flush = Arc::new(LedgerFlush(state.ledger.clone()));
+        let flush = Arc::new(LedgerFlush(state.ledger.clone(), state.ended.clone()));
         let health = state.health.clone();
         let reader = Reader {
             settler: state.clone(),
