@@ -98,7 +98,8 @@ async fn ids_are_stream_sequences_and_start_from_after_takes_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_handler_keeps_its_delivery_past_ack_wait() {
     let server = NatsServer::start();
-    let ack_wait = Duration::from_secs(1);
+    // Heartbeats every 670 ms; the delivery is watched for three times `ack_wait`.
+    let ack_wait = Duration::from_secs(2);
     let options = NatsSubscriberOptions::default().ack_wait(ack_wait);
     let slow = NatsBackend::connect(&server.url()).await.unwrap();
     let other = NatsBackend::connect(&server.url()).await.unwrap();
@@ -134,7 +135,7 @@ async fn a_crashed_consumers_name_and_deliveries_come_back() {
     let url = server.url();
     let options = NatsSubscriberOptions::default()
         .ack_wait(Duration::from_secs(1))
-        .lease_ttl(Duration::from_secs(2));
+        .lease_ttl(Duration::from_secs(4));
     let nats = NatsBackend::connect(&url).await.unwrap();
     let id = nats
         .publisher()

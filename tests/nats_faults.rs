@@ -107,7 +107,8 @@ async fn a_server_restart_loses_nothing() {
 async fn a_subscription_keeps_its_name_through_a_freeze_longer_than_its_lease() {
     let server = NatsServer::start();
     let options = NatsSubscriberOptions::default().lease_ttl(Duration::from_secs(1));
-    let nats = NatsBackend::connect(&server.url()).await.unwrap();
+    let quick = NatsOptions::default().request_timeout(Duration::from_secs(1));
+    let nats = NatsBackend::connect_with(&server.url(), quick).await.unwrap();
     let subscriber = nats.subscriber_with(options.clone()).unwrap();
     let mut sub = subscriber
         .subscribe(
@@ -118,9 +119,22 @@ async fn a_subscription_keeps_its_name_through_a_freeze_longer_than_its_lease() 
         .unwrap();
     server.freeze();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let health = sub.health_handle();
+    assert!(
+        matches!(health.health(), streamwise::SubscriptionHealth::Degraded { .. }),
+        "the lease could not be renewed during the freeze"
+    );
     server.thaw();
-    // Let its heartbeat find the lease gone and take it again.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Its heartbeat finds the lease gone (run out during the freeze) and takes it again.
+    let thawed_at = Instant::now();
+    while health.health() != streamwise::SubscriptionHealth::Ready {
+        assert!(
+            thawed_at.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            health.health()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let other = NatsBackend::connect(&server.url())
         .await
         .unwrap()
