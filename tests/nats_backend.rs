@@ -474,3 +474,35 @@ async fn flush_after_close_is_closed() {
     subscriber.close().await.unwrap();
     assert!(matches!(sub.flush().await, Err(Error::Closed(_))));
 }
+
+/// What JetStream refuses is `Error::Server` with its error code: three replicas of a stream
+/// on a server that is not a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_the_server_are_server_errors() {
+    let server = NatsServer::start();
+    let options = streamwise::nats::NatsOptions::default().replicas(3);
+    let nats = NatsBackend::connect_with(&server.url(), options).await.unwrap();
+    let err = nats
+        .publisher()
+        .publish("replicated", Message::new("t", &1).unwrap())
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Server {
+            command,
+            code,
+            message,
+        } => {
+            assert_eq!(command, "STREAM.CREATE");
+            assert!(code.parse::<u64>().is_ok(), "{err}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected Error::Server, got {other:?}"),
+    }
+    let err = nats
+        .subscriber()
+        .subscribe("replicated", opts("g", "c"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Server { .. }), "{err:?}");
+}

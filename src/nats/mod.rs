@@ -273,7 +273,10 @@ impl Shared {
                     self.known().insert(topic.to_owned());
                     Ok(stream)
                 }
-                None => Err(self.failed("STREAM.CREATE", first)),
+                None => Err(match first.kind() {
+                    jetstream::context::CreateStreamErrorKind::JetStream(js) => refused("STREAM.CREATE", &js),
+                    _ => self.failed("STREAM.CREATE", first),
+                }),
             },
         }
     }
@@ -323,11 +326,7 @@ impl Shared {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
         while let Some(e) = source {
             if let Some(js) = e.downcast_ref::<jetstream::Error>() {
-                return Error::Server {
-                    command: what.to_owned(),
-                    code: js.error_code().0.to_string(),
-                    message: js.to_string(),
-                };
+                return refused(what, js);
             }
             source = e.source();
         }
@@ -335,6 +334,16 @@ impl Shared {
             message: format!("{what} on {}: {text}", self.url),
             source: Some(Box::new(err)),
         }
+    }
+}
+
+/// A request JetStream refused, as [`Error::Server`] with its error code (`10074`, ...) and
+/// description.
+pub(crate) fn refused(what: &str, js: &jetstream::Error) -> Error {
+    Error::Server {
+        command: what.to_owned(),
+        code: js.error_code().0.to_string(),
+        message: js.to_string(),
     }
 }
 

@@ -123,7 +123,14 @@ impl NatsSubscriber {
                 // Created by another process between the look and the create: look again.
                 Err(first) => match stream.get_or_create_consumer(group, config).await {
                     Ok(consumer) => consumer,
-                    Err(_) => return Err(self.shared.failed("CONSUMER.CREATE", first)),
+                    Err(_) => {
+                        return Err(match first.kind() {
+                            async_nats::jetstream::stream::ConsumerErrorKind::JetStream(js) => {
+                                super::refused("CONSUMER.CREATE", &js)
+                            }
+                            _ => self.shared.failed("CONSUMER.CREATE", first),
+                        });
+                    }
                 },
             };
         let ack_wait = consumer.cached_info().config.ack_wait;
