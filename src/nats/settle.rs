@@ -10,7 +10,7 @@
 //! `+TERM`; until the record is in, the message stays held (heartbeated) and the write is
 //! retried, so at no moment is a message neither pending nor kept.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -62,6 +62,10 @@ struct LedgerInner {
     /// Set by the subscriber's close: no write begins after it, so that the close's flush
     /// waits for every settlement that was accepted.
     closed: bool,
+    /// Naks sent and not yet confirmed: the read loop waits for them before its next pull,
+    /// so that a nacked message is back in the server's queue (ahead of newer ones, as on
+    /// Redis) when it asks for more.
+    naks: usize,
 }
 
 impl Ledger {
@@ -85,11 +89,14 @@ impl Ledger {
         self.lock().held.values().cloned().collect()
     }
 
-    /// The number of a new write, `None` once closed.
-    fn begin(&self) -> Option<u64> {
+    /// The number of a new write (a nak when `nak`), `None` once closed.
+    fn begin(&self, nak: bool) -> Option<u64> {
         let mut inner = self.lock();
         if inner.closed {
             return None;
+        }
+        if nak {
+            inner.naks += 1;
         }
         let n = inner.next;
         inner.next += 1;
@@ -109,6 +116,27 @@ impl Ledger {
             if inner.error.is_none() {
                 inner.error = error;
             }
+        }
+        self.ended.notify_waiters();
+    }
+
+    /// Waits until every nak sent so far is confirmed (or given up on).
+    pub(crate) async fn naks_confirmed(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.lock().naks == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    fn nak_done(&self) {
+        {
+            let mut inner = self.lock();
+            inner.naks = inner.naks.saturating_sub(1);
         }
         self.ended.notify_waiters();
     }
@@ -225,7 +253,8 @@ impl SubState {
 
     /// Hands `write` to the writer; `false` when the subscription is closed (nothing sent).
     pub(crate) fn submit(&self, write: Write) -> bool {
-        let Some(n) = self.ledger.begin() else {
+        let nak = matches!(write, Write::Nak(..));
+        let Some(n) = self.ledger.begin(nak) else {
             return false;
         };
         if self.writes.send((n, write)).is_err() {
@@ -328,15 +357,34 @@ struct Writer {
 
 impl Writer {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<(u64, Write)>) {
+        // Acks and naks go out several at once; dead letters one after the other, so that
+        // their records keep the order the subscription gave up on the messages in.
         let mut running = FuturesUnordered::new();
+        let mut dead_letters: VecDeque<(u64, Write)> = VecDeque::new();
+        let mut dead_letter: Option<futures::future::BoxFuture<'_, ()>> = None;
         loop {
+            if dead_letter.is_none()
+                && let Some((n, write)) = dead_letters.pop_front()
+            {
+                dead_letter = Some(Box::pin(self.write(n, write)));
+            }
             tokio::select! {
                 next = rx.recv(), if running.len() < MAX_WRITES => match next {
+                    Some((n, write @ Write::DeadLetter { .. })) => dead_letters.push_back((n, write)),
                     Some((n, write)) => running.push(self.write(n, write)),
                     None => break,
                 },
                 Some(()) = running.next(), if !running.is_empty() => {}
+                Some(()) = futures::future::OptionFuture::from(dead_letter.as_mut()), if dead_letter.is_some() => {
+                    dead_letter = None;
+                }
             }
+        }
+        if let Some(write) = dead_letter {
+            write.await;
+        }
+        for (n, write) in dead_letters {
+            self.write(n, write).await;
         }
         while running.next().await.is_some() {}
     }
@@ -346,7 +394,9 @@ impl Writer {
             Write::Ack(reply) => self.confirm(reply, AckKind::Ack).await,
             Write::Nak(reply, delay) => {
                 let delay = (!delay.is_zero()).then_some(delay);
-                self.confirm(reply, AckKind::Nak(delay)).await
+                let result = self.confirm(reply, AckKind::Nak(delay)).await;
+                self.ledger.nak_done();
+                result
             }
             Write::DeadLetter { key, reply, record } => {
                 let result = match self.write_record(&record).await {

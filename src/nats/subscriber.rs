@@ -357,6 +357,18 @@ impl Reader {
             _ = self.state.ended.cancelled() => return false,
             n = self.state.in_flight.acquire(self.batch_size) => n,
         };
+        // A nack on its way first (it may have freed the slot just taken): the message must be
+        // back in the server's queue before the next pull asks for more.
+        let confirmed = tokio::select! {
+            biased;
+            _ = self.state.closed.cancelled() => false,
+            _ = self.state.ended.cancelled() => false,
+            () = self.state.ledger.naks_confirmed() => true,
+        };
+        if !confirmed {
+            self.state.in_flight.release(taken);
+            return false;
+        }
         match self
             .consumer
             .batch()
