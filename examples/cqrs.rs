@@ -2,12 +2,13 @@
 //! consumers), each produces an `OrderPlaced` event, and two event handlers (a mailer and a
 //! sales counter) each get every event. A `GetOrderCount` query shows request/reply.
 //!
-//! In memory by default; on Redis when `REDIS_URL` is set. Stops by itself once the demo
-//! orders have gone through.
+//! In memory by default; on Redis or NATS when `STREAMWISE_URL` (or `REDIS_URL`) is set.
+//! Stops by itself once the demo orders have gone through.
 //!
 //! ```sh
 //! cargo run --example cqrs
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --example cqrs
+//! STREAMWISE_URL=nats://127.0.0.1:4222 cargo run --features nats --example cqrs
 //! ```
 
 use std::convert::Infallible;
@@ -18,7 +19,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use streamwise::cqrs::{Command, Cqrs, Event, Replies};
 use streamwise::memory::MemoryBackend;
-use streamwise::redis::RedisBackend;
 use streamwise::router::Router;
 use streamwise::{Publisher, Subscriber};
 use streamwise_middleware::retry::RetryLayer;
@@ -53,15 +53,17 @@ struct Counters {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match std::env::var("REDIS_URL")
+    // STREAMWISE_URL (or REDIS_URL): redis://..., redis-cluster://..., nats://... (feature
+    // `nats`); in memory without one.
+    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match streamwise::url_from_env()
     {
-        Ok(url) => {
-            let redis = RedisBackend::new(&url)?;
-            println!("Using Redis at {}", redis.connection().url());
-            (Arc::new(redis.publisher()), Arc::new(redis.subscriber()?))
+        Some(url) => {
+            let backend = streamwise::connect(&url).await?;
+            println!("Using {} at {}", backend.kind(), backend.location());
+            (backend.publisher(), backend.subscriber())
         }
-        Err(_) => {
-            println!("Using the in-memory backend (set REDIS_URL to use Redis)");
+        None => {
+            println!("Using the in-memory backend (set STREAMWISE_URL to use Redis or NATS)");
             let memory = MemoryBackend::new();
             (Arc::new(memory.publisher()), Arc::new(memory.subscriber()))
         }

@@ -1,11 +1,12 @@
 //! The quickstart: a producer publishes a few price updates to the `data-updates` stream and
 //! a consumer in group `processors` receives, prints and acknowledges them.
 //!
-//! In memory by default; on Redis when `REDIS_URL` is set.
+//! In memory by default; on Redis or NATS when `STREAMWISE_URL` (or `REDIS_URL`) is set.
 //!
 //! ```sh
 //! cargo run --example quickstart
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --example quickstart
+//! STREAMWISE_URL=nats://127.0.0.1:4222 cargo run --features nats --example quickstart
 //! ```
 
 use std::collections::HashSet;
@@ -15,7 +16,6 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use streamwise::memory::MemoryBackend;
 use streamwise::prelude::*;
-use streamwise::redis::RedisBackend;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct PriceUpdate {
@@ -25,15 +25,17 @@ struct PriceUpdate {
 
 #[tokio::main]
 async fn main() -> streamwise::Result<()> {
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match std::env::var("REDIS_URL")
+    // STREAMWISE_URL (or REDIS_URL): redis://..., redis-cluster://..., nats://... (feature
+    // `nats`); in memory without one.
+    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match streamwise::url_from_env()
     {
-        Ok(url) => {
-            let redis = RedisBackend::new(&url)?;
-            println!("Using Redis at {}", redis.connection().url());
-            (Arc::new(redis.publisher()), Arc::new(redis.subscriber()?))
+        Some(url) => {
+            let backend = streamwise::connect(&url).await?;
+            println!("Using {} at {}", backend.kind(), backend.location());
+            (backend.publisher(), backend.subscriber())
         }
-        Err(_) => {
-            println!("Using the in-memory backend (set REDIS_URL to use Redis)");
+        None => {
+            println!("Using the in-memory backend (set STREAMWISE_URL to use Redis or NATS)");
             let memory = MemoryBackend::new();
             (Arc::new(memory.publisher()), Arc::new(memory.subscriber()))
         }

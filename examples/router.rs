@@ -2,14 +2,15 @@
 //! (tracing, timeout, retry, dead-letter, panic recovery; one handler with a layer of its
 //! own), and a clean shutdown on ctrl-c or SIGTERM.
 //!
-//! In memory by default; on Redis when `REDIS_URL` is set. A small producer publishes a few
-//! demo orders, one of them malformed (it ends in `{orders}-dead`) and one that fails once (it is
-//! retried in-process). With `ROUTER_DEMO_ONCE=1` the example stops by itself once the demo
-//! orders are handled.
+//! In memory by default; on Redis or NATS when `STREAMWISE_URL` (or `REDIS_URL`) is set. A
+//! small producer publishes a few demo orders, one of them malformed (it ends in
+//! `{orders}-dead`) and one that fails once (it is retried in-process). With
+//! `ROUTER_DEMO_ONCE=1` the example stops by itself once the demo orders are handled.
 //!
 //! ```sh
 //! cargo run --example router
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --example router
+//! STREAMWISE_URL=nats://127.0.0.1:4222 cargo run --features nats --example router
 //! ```
 
 use std::sync::Arc;
@@ -18,7 +19,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use streamwise::memory::MemoryBackend;
-use streamwise::redis::RedisBackend;
 use streamwise::router::{Handler, Json, Outcome, Router, State, shutdown_signal};
 use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber};
 use streamwise_middleware::catch_panic::CatchPanicLayer;
@@ -71,15 +71,17 @@ async fn main() -> streamwise::Result<()> {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match std::env::var("REDIS_URL")
+    // STREAMWISE_URL (or REDIS_URL): redis://..., redis-cluster://..., nats://... (feature
+    // `nats`); in memory without one.
+    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match streamwise::url_from_env()
     {
-        Ok(url) => {
-            let redis = RedisBackend::new(&url)?;
-            println!("Using Redis at {}", redis.connection().url());
-            (Arc::new(redis.publisher()), Arc::new(redis.subscriber()?))
+        Some(url) => {
+            let backend = streamwise::connect(&url).await?;
+            println!("Using {} at {}", backend.kind(), backend.location());
+            (backend.publisher(), backend.subscriber())
         }
-        Err(_) => {
-            println!("Using the in-memory backend (set REDIS_URL to use Redis)");
+        None => {
+            println!("Using the in-memory backend (set STREAMWISE_URL to use Redis or NATS)");
             let memory = MemoryBackend::new();
             (Arc::new(memory.publisher()), Arc::new(memory.subscriber()))
         }

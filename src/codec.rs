@@ -269,7 +269,7 @@ fn check_entry(entry: &RawEntry) -> std::result::Result<CheckedEntry, String> {
 /// Decodes `entry` with `codec`, and refuses a payload that is not JSON even when the codec
 /// does not check it ([`Codec::checks_json`]): what a backend hands out always decodes with
 /// [`Message::json`]. A refused entry comes back whole, for its dead-letter record.
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "nats"))]
 pub(crate) fn decode_entry(
     codec: &dyn Codec,
     entry: RawEntry,

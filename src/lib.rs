@@ -38,6 +38,7 @@
 #[doc = include_str!("../README.md")]
 mod readme {}
 
+pub mod backend;
 pub mod checkpoint;
 pub mod codec;
 pub mod cqrs;
@@ -50,6 +51,8 @@ pub mod interop;
 pub mod memory;
 pub mod message;
 pub mod metrics;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "opentelemetry")]
 pub mod otel;
 pub mod partition;
@@ -64,6 +67,7 @@ mod signal;
 pub mod testing;
 pub mod wire_format;
 
+pub use backend::{Backend, BackendKind, connect, url_from_env};
 pub use delivery::{Delivery, DeliveryInfo, MAX_NACK_DELAY, Origin, SettleError, Settlement, Settler};
 pub use entry_id::ParseEntryIdError;
 pub use error::{BoxError, Error, Result, validate_event_type, validate_name, validate_stream_name};

@@ -40,11 +40,13 @@
 //! [`RedisServer`]: a free loopback port, never the machine's own 6379, gone on drop.
 
 mod captured_logs;
+mod nats_server;
 mod partitions;
 mod redis_cluster;
 mod redis_server;
 
 pub use captured_logs::CapturedLogs;
+pub use nats_server::NatsServer;
 pub use partitions::{
     a_member_name_is_refused_while_its_holder_lives,
     a_stuck_handler_holds_a_partition_only_until_the_handoff_deadline, max_in_flight_holds_across_partitions,
@@ -73,9 +75,59 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// not come). A bounded observation, not a synchronisation.
 pub const QUIET: Duration = Duration::from_millis(400);
 
+/// What a backend can do beyond the [`Publisher`] and [`Subscriber`] traits, as far as the
+/// suite needs to know (in the manner of Watermill's `Features`): a scenario that needs a
+/// feature the backend declares it lacks is skipped for that backend only, with a note on
+/// standard error, and runs unchanged for every other.
+///
+/// ```
+/// use streamwise::testing::Features;
+/// let nats = Features::ALL.checkpoints(false).partitions(false);
+/// assert!(!nats.checkpoints && Features::ALL.partitions);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Features {
+    /// It keeps a checkpoint per consumer ([`TestBackend::position`],
+    /// [`TestBackend::pending_of`]): scenario `checkpoint_never_passes_a_pending_entry`.
+    pub checkpoints: bool,
+    /// It has a partition coordinator ([`TestBackend::coordinator`]): the scenarios of
+    /// partitioned topics.
+    pub partitions: bool,
+}
+
+impl Features {
+    /// Everything the suite knows of.
+    pub const ALL: Features = Features {
+        checkpoints: true,
+        partitions: true,
+    };
+
+    /// With or without per-consumer checkpoints.
+    #[must_use]
+    pub const fn checkpoints(mut self, yes: bool) -> Self {
+        self.checkpoints = yes;
+        self
+    }
+
+    /// With or without partitioned topics.
+    #[must_use]
+    pub const fn partitions(mut self, yes: bool) -> Self {
+        self.partitions = yes;
+        self
+    }
+}
+
 /// What a backend provides to run the suite. Each call may return a new client; all clients
 /// of one `TestBackend` must see the same streams.
 pub trait TestBackend: Send + Sync {
+    /// What the backend can do. Default [`Features::ALL`]; a backend that leaves
+    /// [`position`](Self::position) or [`coordinator`](Self::coordinator) unimplemented is
+    /// treated as lacking the feature all the same.
+    fn features(&self) -> Features {
+        Features::ALL
+    }
+
     /// A new publisher.
     fn publisher(&self) -> BoxFuture<'_, Result<Arc<dyn Publisher>>>;
     /// A new subscriber (like a new process: its own connections, closed on its own).
@@ -1144,6 +1196,10 @@ async fn assert_checkpoint_below_pending(
 /// step the consumer's checkpoint is below every entry pending for it, and once everything
 /// is acknowledged it reaches the last entry. Replay a failure with its seed.
 pub async fn checkpoint_never_passes_a_pending_entry(backend: &dyn TestBackend) {
+    if !backend.features().checkpoints {
+        eprintln!("checkpoint_never_passes_a_pending_entry: skipped, the backend declares no checkpoints");
+        return;
+    }
     let probe = unique_topic("checkpoint-probe");
     backend
         .publisher()

@@ -19,6 +19,10 @@ use crate::{Error, Message, Publisher, Subscriber, Subscription};
 const MEMBER_TTL: Duration = Duration::from_secs(1);
 
 async fn coordinator(backend: &dyn TestBackend, scenario: &str) -> Option<Arc<dyn PartitionCoordinator>> {
+    if !backend.features().partitions {
+        eprintln!("{scenario}: skipped, the backend declares no partitioned topics");
+        return None;
+    }
     match backend.coordinator().await {
         Ok(c) => Some(c),
         Err(Error::Unsupported(_)) => {

@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports, unreachable_pub)] // each test binary uses part of this module
 
 pub mod certs;
+pub mod proxy;
 pub mod seed;
 
 use std::sync::Arc;
