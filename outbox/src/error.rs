@@ -7,8 +7,10 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// PostgreSQL refused a statement, or the connection failed.
-    #[error("PostgreSQL: {0}")]
+    /// PostgreSQL refused a statement, or the connection failed. The message includes
+    /// the server's (`ERROR: duplicate key value violates unique constraint ...`), which
+    /// tokio-postgres keeps in the source.
+    #[error("PostgreSQL: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
 
     /// No connection could be taken from the pool.
@@ -49,6 +51,15 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
+}
+
+/// A tokio-postgres error with its cause: its own `Display` says only "db error" or "error
+/// connecting to server".
+fn describe(error: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
 }
 
 /// The crate's result type.

@@ -1,4 +1,4 @@
-//! The transactional outbox and inbox for [streamwise](streamwise) on PostgreSQL: events
+//! The transactional outbox and inbox for [streamwise] on PostgreSQL: events
 //! exactly as often as the data changed.
 //!
 //! - [`Outbox::publish`] writes a message into the `streamwise_outbox` table inside the

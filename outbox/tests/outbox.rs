@@ -538,3 +538,35 @@ impl Publisher for Flaky {
         self.inner.close()
     }
 }
+
+/// What a relay that died between its publish and its mark leaves: the rows go out again,
+/// and each carries the UUID (and the whole message) of its first send, so an inbox
+/// downstream can tell it is a duplicate.
+#[tokio::test]
+async fn a_row_sent_again_after_a_lost_mark_is_the_same_message() {
+    let (server, client) = database().await;
+    for n in 0..5 {
+        Outbox::new()
+            .publish(
+                &client,
+                "orders",
+                &Message::new("n", &n).unwrap().with_metadata("k", "v"),
+            )
+            .await
+            .unwrap();
+    }
+    let backend = MemoryBackend::new();
+    let relay = Relay::new(server.config(), NoTls, Arc::new(backend.publisher()));
+    assert_eq!(relay.drain().await.unwrap(), 5);
+    // The mark is lost, as when the relay is killed right after the publish.
+    client
+        .execute("UPDATE streamwise_outbox SET sent_at = NULL", &[])
+        .await
+        .unwrap();
+    assert_eq!(relay.drain().await.unwrap(), 5);
+    let sent = backend.messages("orders").unwrap();
+    assert_eq!(sent.len(), 10);
+    for (first, again) in sent[..5].iter().zip(&sent[5..]) {
+        assert_eq!(first.1, again.1, "the same message, UUID and timestamp included");
+    }
+}
