@@ -407,8 +407,9 @@ impl Worker {
             }
             // A notification that came during the pass left a permit: the wait ends at once.
             let mut wait = options.poll_interval;
-            if let Some(at) = retries.values().map(|(_, at)| *at).min() {
-                wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
+            let now = tokio::time::Instant::now();
+            if let Some(at) = retries.values().map(|(_, at)| *at).filter(|at| *at > now).min() {
+                wait = wait.min(at - now);
             }
             tokio::select! {
                 () = self.wake.notified() => {}
@@ -506,14 +507,22 @@ async fn send_pass(
     stop: &CancellationToken,
     mut retries: Option<&mut Retries>,
 ) -> Result<Pass> {
-    let topics = client.query(UNSENT_TOPICS, &[]).await?;
+    let topics = client
+        .query(UNSENT_TOPICS, &[])
+        .await?
+        .iter()
+        .map(|row| row.try_get::<_, String>(0))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if let Some(retries) = retries.as_deref_mut() {
+        // A topic with nothing left to send (its rows deleted by hand) waits for nothing.
+        retries.retain(|topic, _| topics.contains(topic));
+    }
     let mut more = false;
     let now = tokio::time::Instant::now();
-    for row in topics {
+    for topic in topics {
         if stop.is_cancelled() {
             break;
         }
-        let topic: String = row.try_get(0)?;
         if let Some(retries) = retries.as_deref()
             && retries.get(&topic).is_some_and(|(_, at)| *at > now)
         {

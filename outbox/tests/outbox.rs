@@ -570,3 +570,60 @@ async fn a_row_sent_again_after_a_lost_mark_is_the_same_message() {
         assert_eq!(first.1, again.1, "the same message, UUID and timestamp included");
     }
 }
+
+/// A topic another relay holds is left to it (and the other topics go on); once it lets go,
+/// this relay takes the topic over.
+#[tokio::test]
+async fn a_topic_held_by_another_relay_is_left_to_it_until_released() {
+    let (server, client) = database().await;
+    let holder = server.connect().await.unwrap();
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext('held'))",
+            &[&streamwise_outbox::RELAY_LOCK],
+        )
+        .await
+        .unwrap();
+    let backend = MemoryBackend::new();
+    let relay = Relay::new(server.config(), NoTls, Arc::new(backend.publisher()))
+        .options(RelayOptions::default().poll_interval(Duration::from_millis(20)))
+        .start()
+        .unwrap();
+    for topic in ["held", "free"] {
+        Outbox::new()
+            .publish(&client, topic, &Message::new("n", &1).unwrap())
+            .await
+            .unwrap();
+    }
+    wait_for("the free topic sent", Duration::from_secs(10), || async {
+        backend.stream_len("free").unwrap_or(0) == 1
+    })
+    .await;
+    // One more pass (which comes after the first one tried the held topic) for certain.
+    Outbox::new()
+        .publish(&client, "free", &Message::new("n", &2).unwrap())
+        .await
+        .unwrap();
+    wait_for("the next pass", Duration::from_secs(10), || async {
+        backend.stream_len("free").unwrap_or(0) == 2
+    })
+    .await;
+    assert_eq!(
+        backend.stream_len("held").unwrap_or(0),
+        0,
+        "the held topic is left alone"
+    );
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1, hashtext('held'))",
+            &[&streamwise_outbox::RELAY_LOCK],
+        )
+        .await
+        .unwrap();
+    wait_for("the released topic sent", Duration::from_secs(10), || async {
+        backend.stream_len("held").unwrap_or(0) == 1
+    })
+    .await;
+    let stats = relay.stop().await;
+    assert_eq!((stats.sent, stats.errors), (3, 0));
+}
