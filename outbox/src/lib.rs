@@ -21,7 +21,7 @@
 //! | `wire` | a message as a row stores it (streamwise's wire format as a JSON object) |
 //! | `relay` | [`Relay`]: topics, batches, marking, `LISTEN`, polling, retention, stop |
 //! | `inbox` | [`InboxLayer`], [`InboxTx`], [`purge_inbox`] |
-//! | `testing` | [`testing::PostgresServer`] (feature `testing`) |
+//! | `testing` | `testing::PostgresServer`, a private server for tests (feature `testing`) |
 //! | `error` | [`Error`] |
 
 mod error;

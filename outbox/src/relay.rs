@@ -324,8 +324,8 @@ impl RelayHandle {
     }
 
     /// Stops the relay gracefully: a batch being sent is published and marked first (or, if
-    /// its publish fails, left unsent), then the relay releases its topics and closes its
-    /// connections. Returns what it did.
+    /// its publish fails, left unsent), a connection being opened is given up, then the relay
+    /// releases its topics and closes its connections. Returns what it did.
     pub async fn stop(self) -> RelayStats {
         self.stop.cancel();
         if let Err(e) = self.task.await
@@ -353,9 +353,18 @@ impl Worker {
         let mut failures = 0u32;
         let mut retries = Retries::new();
         let mut next_cleanup = tokio::time::Instant::now();
-        while !self.stop.is_cancelled() {
-            self.ensure_listener().await;
-            let outcome = match open_work(&self.relay.connect, &mut self.work).await {
+        let stop = self.stop.clone();
+        while !stop.is_cancelled() {
+            // Connecting may take long (a server that does not answer): a stop does not wait.
+            tokio::select! {
+                () = self.ensure_listener() => {}
+                () = stop.cancelled() => break,
+            }
+            let opened = tokio::select! {
+                opened = open_work(&self.relay.connect, &mut self.work) => opened,
+                () = stop.cancelled() => break,
+            };
+            let outcome = match opened {
                 Ok(client) => {
                     send_pass(
                         client,

@@ -627,3 +627,35 @@ async fn a_topic_held_by_another_relay_is_left_to_it_until_released() {
     let stats = relay.stop().await;
     assert_eq!((stats.sent, stats.errors), (3, 0));
 }
+
+/// A relay whose server takes connections but never answers stops at once when asked (its
+/// connection attempts are given up), and it sent nothing.
+#[tokio::test]
+async fn a_relay_stops_at_once_while_its_server_does_not_answer() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let (accepted, first) = tokio::sync::mpsc::unbounded_channel();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket); // accepted, never answered
+            let _ = accepted.send(());
+        }
+    });
+    let mut config = streamwise_outbox::tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(port).user("postgres");
+    let relay = Relay::new(config, NoTls, Arc::new(MemoryBackend::new().publisher()))
+        .start()
+        .unwrap();
+    // It is stuck in its first connection attempt once the server took the connection.
+    let mut first = first;
+    tokio::time::timeout(Duration::from_secs(10), first.recv())
+        .await
+        .expect("the relay connects")
+        .expect("the listener runs");
+    let stats = tokio::time::timeout(Duration::from_secs(5), relay.stop())
+        .await
+        .expect("stop returns while the connection attempt hangs");
+    assert_eq!(stats.sent, 0);
+    held.abort();
+}
