@@ -72,6 +72,11 @@ pub struct RelayOptions {
     /// The longest wait between retries after a failure (the wait doubles from 50 ms up to
     /// it). Default 5 s; at least 1 ms.
     pub max_backoff: Duration,
+    /// How long [`RelayHandle::stop`] waits for the batch in flight (a server or broker that
+    /// stopped answering) before it abandons it: its rows stay unsent, or were published and
+    /// not marked, and go out again (the same messages) from the next relay. Default 30 s; at
+    /// least 1 ms.
+    pub stop_deadline: Duration,
 }
 
 impl Default for RelayOptions {
@@ -83,6 +88,7 @@ impl Default for RelayOptions {
             retention: Some(Duration::from_secs(24 * 3600)),
             cleanup_interval: Duration::from_secs(60),
             max_backoff: Duration::from_secs(5),
+            stop_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -125,6 +131,13 @@ impl RelayOptions {
         self
     }
 
+    /// Sets [`stop_deadline`](Self::stop_deadline).
+    #[must_use]
+    pub fn stop_deadline(mut self, deadline: Duration) -> Self {
+        self.stop_deadline = deadline;
+        self
+    }
+
     /// Checks the options; [`Error::Invalid`] names the one at fault.
     pub fn validate(&self) -> Result<()> {
         let invalid = |field, reason: &str| {
@@ -143,6 +156,7 @@ impl RelayOptions {
             ("poll_interval", self.poll_interval),
             ("cleanup_interval", self.cleanup_interval),
             ("max_backoff", self.max_backoff),
+            ("stop_deadline", self.stop_deadline),
         ] {
             if value < Duration::from_millis(1) {
                 return invalid(field, "must be at least 1 ms");
@@ -242,6 +256,7 @@ impl Relay {
     /// connection failures are retried by the task.
     pub fn start(self) -> Result<RelayHandle> {
         self.options.validate()?;
+        let stop_deadline = self.options.stop_deadline;
         let stop = CancellationToken::new();
         let stats = Arc::new(Counters::default());
         let task = tokio::spawn(
@@ -255,7 +270,12 @@ impl Relay {
             }
             .run(),
         );
-        Ok(RelayHandle { stop, task, stats })
+        Ok(RelayHandle {
+            stop,
+            stop_deadline,
+            task,
+            stats,
+        })
     }
 
     /// Sends every row committed and unsent now (and those committed meanwhile) on a
@@ -313,6 +333,7 @@ impl Counters {
 #[derive(Debug)]
 pub struct RelayHandle {
     stop: CancellationToken,
+    stop_deadline: Duration,
     task: JoinHandle<()>,
     stats: Arc<Counters>,
 }
@@ -325,10 +346,20 @@ impl RelayHandle {
 
     /// Stops the relay gracefully: a batch being sent is published and marked first (or, if
     /// its publish fails, left unsent), a connection being opened is given up, then the relay
-    /// releases its topics and closes its connections. Returns what it did.
-    pub async fn stop(self) -> RelayStats {
+    /// releases its topics and closes its connections. A batch still not done after
+    /// [`RelayOptions::stop_deadline`] is abandoned (its rows go out again from the next
+    /// relay, the same messages). Returns what it did.
+    pub async fn stop(mut self) -> RelayStats {
         self.stop.cancel();
-        if let Err(e) = self.task.await
+        let finished = match tokio::time::timeout(self.stop_deadline, &mut self.task).await {
+            Ok(finished) => finished,
+            Err(_) => {
+                tracing::warn!(deadline = ?self.stop_deadline, "the outbox relay's batch did not finish by the stop deadline; abandoned");
+                self.task.abort();
+                (&mut self.task).await
+            }
+        };
+        if let Err(e) = finished
             && e.is_panic()
         {
             tracing::error!(error = %e, "the outbox relay panicked");
@@ -650,6 +681,10 @@ mod tests {
                 "cleanup_interval",
             ),
             (RelayOptions::default().max_backoff(Duration::ZERO), "max_backoff"),
+            (
+                RelayOptions::default().stop_deadline(Duration::ZERO),
+                "stop_deadline",
+            ),
         ] {
             match options.validate() {
                 Err(Error::Invalid { field: f, .. }) => assert_eq!(f, field),

@@ -659,3 +659,63 @@ async fn a_relay_stops_at_once_while_its_server_does_not_answer() {
     assert_eq!(stats.sent, 0);
     held.abort();
 }
+
+/// A publisher that never answers holds a batch in flight: the stop abandons it at the
+/// deadline, and its row stays unsent for the next relay.
+#[tokio::test]
+async fn a_batch_stuck_in_its_publish_is_abandoned_at_the_stop_deadline() {
+    let (server, client) = database().await;
+    Outbox::new()
+        .publish(&client, "orders", &Message::new("n", &1).unwrap())
+        .await
+        .unwrap();
+    let (calls, mut called) = tokio::sync::mpsc::unbounded_channel();
+    let relay = Relay::new(server.config(), NoTls, Arc::new(Stuck { calls }))
+        .options(RelayOptions::default().stop_deadline(Duration::from_millis(300)))
+        .start()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), called.recv())
+        .await
+        .expect("the relay publishes")
+        .expect("the publisher lives");
+    let asked = std::time::Instant::now();
+    let stats = tokio::time::timeout(Duration::from_secs(5), relay.stop())
+        .await
+        .expect("stop returns by its deadline");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(300),
+        "it waited for the batch first"
+    );
+    assert_eq!(stats.sent, 0);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM streamwise_outbox WHERE sent_at IS NULL"
+        )
+        .await,
+        1
+    );
+}
+
+/// A publisher whose publishes never return.
+struct Stuck {
+    calls: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+impl Publisher for Stuck {
+    fn publish<'a>(&'a self, _: &'a str, _: Message) -> BoxFuture<'a, streamwise::Result<EntryId>> {
+        let _ = self.calls.send(());
+        Box::pin(std::future::pending())
+    }
+    fn publish_batch<'a>(
+        &'a self,
+        _: &'a str,
+        _: Vec<Message>,
+    ) -> BoxFuture<'a, streamwise::Result<Vec<EntryId>>> {
+        let _ = self.calls.send(());
+        Box::pin(std::future::pending())
+    }
+    fn close(&self) -> BoxFuture<'_, streamwise::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
