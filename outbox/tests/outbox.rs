@@ -719,3 +719,19 @@ impl Publisher for Stuck {
         Box::pin(async { Ok(()) })
     }
 }
+
+/// The test harness: a private server answers on its own loopback port (never 5432), and is
+/// stopped and deleted when its handle drops.
+#[tokio::test]
+async fn the_private_server_is_stopped_and_deleted_on_drop() {
+    let server = streamwise_outbox::testing::PostgresServer::start().unwrap();
+    assert_ne!(server.port(), 5432);
+    let client = server.connect().await.unwrap();
+    let port: String = client.query_one("SHOW port", &[]).await.unwrap().get(0);
+    assert_eq!(port, server.port().to_string());
+    drop(client);
+    let (config, dir) = (server.config(), server.dir().to_owned());
+    drop(server);
+    assert!(config.connect(NoTls).await.is_err(), "nothing answers any more");
+    assert!(!dir.exists(), "its files are gone");
+}
