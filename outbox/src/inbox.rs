@@ -54,7 +54,9 @@ enum Consumer {
 ///   error rolls everything back (the delivery is settled as the handler said, and a
 ///   redelivery runs the handler again).
 ///
-/// A commit that fails makes the delivery an error (nacked after the backoff). One whose
+/// A commit that fails makes the delivery an error (nacked after the backoff), and so does
+/// an ack from a handler that swallowed the error of one of its statements (the transaction
+/// is aborted then, and PostgreSQL would answer the commit with a rollback). A commit whose
 /// reply was lost but that did commit leaves the record, so the redelivery is skipped.
 /// A delivery abandoned midway (a timeout outside this layer, the router's shutdown
 /// deadline) closes its connection instead of returning it to the pool, which rolls its
@@ -211,7 +213,15 @@ where
             let future = CURRENT.sync_scope(tx.clone(), || inner.call(incoming));
             let result = CURRENT.scope(tx.clone(), future).await;
             match &result {
-                Ok(outcome) if *outcome.verdict() == Verdict::Ack => tx.finish("COMMIT").await?,
+                Ok(outcome) if *outcome.verdict() == Verdict::Ack => {
+                    // PostgreSQL answers COMMIT of a transaction in which a statement failed
+                    // (the handler swallowed the error) with a rollback, not an error: the
+                    // SELECT fails first in that case, and the query ends there.
+                    if let Err(e) = tx.finish("SELECT 1; COMMIT").await {
+                        tx.finish("ROLLBACK").await.ok();
+                        return Err(e.into());
+                    }
+                }
                 _ => {
                     if let Err(e) = tx.finish("ROLLBACK").await {
                         tracing::warn!(%uuid, error = %e, "rolling back a delivery's transaction failed; its connection is closed");

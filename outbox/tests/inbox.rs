@@ -305,3 +305,36 @@ async fn a_handler_asking_for_the_transaction_without_the_layer_is_nacked_not_ca
     assert_eq!(called.load(Ordering::SeqCst), 0);
     assert!(InboxTx::current().is_none());
 }
+
+/// A handler that swallows the error of one of its statements and acks: the transaction is
+/// aborted, and PostgreSQL would answer its COMMIT with a rollback. The delivery is an error
+/// (redelivered), not acknowledged with its effects lost.
+#[tokio::test]
+async fn an_ack_over_a_failed_statement_is_an_error_not_a_silent_rollback() {
+    let (server, client) = database().await;
+    client
+        .batch_execute("CREATE TABLE effects (at timestamptz)")
+        .await
+        .unwrap();
+    let sloppy = |tx: InboxTx| async move {
+        tx.execute("INSERT INTO effects (at) VALUES (now())", &[])
+            .await
+            .unwrap();
+        let _ = tx.execute("INSERT INTO no_such_table VALUES (1)", &[]).await;
+        Outcome::ack()
+    };
+    let svc = InboxLayer::new(server.pool(2)).layer(sloppy.with_state(()));
+    let uuid = Uuid::now_v7();
+    let err = svc.oneshot(delivery(uuid)).await.unwrap_err();
+    assert!(err.to_string().contains("aborted"), "{err}");
+    assert!(!was_handled(&client, "test", uuid).await.unwrap(), "no record");
+    assert_eq!(count(&client, "SELECT count(*) FROM effects").await, 0);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"
+        )
+        .await,
+        0
+    );
+}
