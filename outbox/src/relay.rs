@@ -419,7 +419,19 @@ impl Worker {
                     failures = failures.saturating_add(1);
                     let wait = backoff(failures, options.max_backoff);
                     tracing::warn!(error = %e, retry_in = ?wait, "outbox relay pass failed");
-                    if self.work.as_ref().is_some_and(|(c, _)| c.is_closed()) {
+                    // A closed connection is opened again; on a live one, a failed unlock
+                    // must not leave a topic held by this session.
+                    let reopen = match &self.work {
+                        Some((client, _)) => {
+                            client.is_closed()
+                                || client
+                                    .batch_execute("SELECT pg_advisory_unlock_all()")
+                                    .await
+                                    .is_err()
+                        }
+                        None => false,
+                    };
+                    if reopen {
                         self.work = None;
                     }
                     self.sleep(wait).await;
