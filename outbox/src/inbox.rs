@@ -63,8 +63,9 @@ enum Consumer {
 /// transaction back.
 ///
 /// Messages a handler returns in its [`Outcome`] are published by the router after the
-/// commit, outside the transaction; publish through [`InboxTx::publish`] to make consume →
-/// change → emit one atomic step.
+/// commit, outside the transaction, and are **lost** if that publish fails: the router nacks,
+/// and the redelivery is skipped as already handled. Publish follow-ups through
+/// [`InboxTx::publish`] instead, which makes consume → change → emit one atomic step.
 ///
 /// ```no_run
 /// # async fn demo(pool: deadpool_postgres::Pool) {
