@@ -400,9 +400,9 @@ impl Member {
                 Some(p) = self.ended.recv() => {
                     owned.remove(&p);
                     dedicated.remove(&p);
-                    if let Some(abandon) = abandons.remove(&p) {
-                        abandon.cancel();
-                    }
+                    // Its lease went to another member: the settlements of its deliveries
+                    // still go to its flusher, which the fence refuses, until the deadline.
+                    self.abandon_after_deadline(abandons.remove(&p));
                     next_retry.get_or_insert(tokio::time::Instant::now() + retry);
                 }
                 Some((p, result)) = acquiring.next(), if !acquiring.is_empty() => {
