@@ -2,11 +2,16 @@
 //! consumer name's lease) and the read loop, which pulls only as many messages as the
 //! subscription has free slots, and turns each into a [`Delivery`] or, when it cannot be
 //! handed out (undecodable, too large, delivered `max_deliveries` times), a dead letter.
+//!
+//! One pull request is under way at a time, for the free slots, replying to `<inbox>.<n>`
+//! under one inbox subscription that lives as long as the subscription: a message the server
+//! sends for a pull this side already counted as ended (expired, unanswered) still arrives,
+//! and takes a free slot or goes back at once with a nak.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::pull::{self, Batch};
+use async_nats::jetstream::consumer::pull::{self, BatchConfig};
 use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -14,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use super::lease::Lease;
 use super::options::NatsSubscriberOptions;
-use super::settle::{LedgerFlush, SubState};
+use super::settle::{LedgerFlush, SubState, Write};
 use super::{Shared, is_not_found, wire};
 use crate::codec::{JsonCodec, decode_entry};
 use crate::dead_letter::{DeadLetter, GaveUp};
@@ -161,20 +166,32 @@ impl NatsSubscriber {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::downgrade(&state));
+        // One inbox for all the subscription's pull requests (each replies to `<inbox>.<n>`):
+        // a message the server sends for a pull that ended on this side still arrives, and
+        // is handed out or given back, never left to wait for `ack_wait`.
+        let inbox_prefix = self.shared.client.new_inbox();
+        let inbox = self
+            .shared
+            .client
+            .subscribe(format!("{inbox_prefix}.*"))
+            .await
+            .map_err(|e| self.shared.failed("SUB", e))?;
         let flush = Arc::new(LedgerFlush(state.ledger.clone(), state.ended.clone()));
         let health = state.health.clone();
         let reader = Reader {
             settler: state.clone(),
             state,
             consumer,
-            batch: None,
-            slots: 0,
+            js: self.shared.js.clone(),
+            inbox_prefix,
+            inbox,
+            pull: None,
+            pulls: 0,
             batch_size: options.batch_size,
             block: options.block,
             max_deliveries: options.max_deliveries,
             max_entry_size: self.options.max_entry_size,
             failures: 0,
-            pulled_at: tokio::time::Instant::now(),
             recreate: options.create_group.then(|| Recreate {
                 shared: self.shared.clone(),
                 config: recreate_config,
@@ -257,26 +274,37 @@ struct Reader {
     state: Arc<SubState>,
     settler: Arc<dyn Settler>,
     consumer: Consumer<pull::Config>,
+    js: async_nats::jetstream::Context,
+    /// The subject prefix of the pull requests' replies, and the subscription to them.
+    inbox_prefix: String,
+    inbox: async_nats::Subscriber,
     /// The pull request under way.
-    batch: Option<Batch>,
-    /// Slots taken for it that no message has used yet.
-    slots: usize,
+    pull: Option<Pull>,
+    /// Pull requests sent (the last one's number).
+    pulls: u64,
     batch_size: usize,
     block: Duration,
     max_deliveries: u64,
     max_entry_size: usize,
     /// Pull requests that failed in a row.
     failures: u32,
-    /// When the pull under way was sent.
-    pulled_at: tokio::time::Instant,
     /// How to re-create the consumer (and stream) when they were deleted under the
     /// subscription, if it may create them (`create_group`).
     recreate: Option<Recreate>,
 }
 
-/// How much longer than its `block` a pull may take before it counts as unanswered (the
-/// client itself gives up on it at `block` + 5 s).
+/// How much longer than its `block` a pull may take before it counts as unanswered.
 const UNANSWERED_MARGIN: Duration = Duration::from_secs(3);
+
+/// A pull request under way.
+struct Pull {
+    /// Its reply subject, `<inbox>.<n>`.
+    reply: String,
+    /// Slots taken for it that no message has used yet.
+    slots: usize,
+    /// When it counts as unanswered: its `expires` plus a margin.
+    deadline: tokio::time::Instant,
+}
 
 /// What the read loop needs to re-create its consumer.
 struct Recreate {
@@ -284,17 +312,15 @@ struct Recreate {
     config: pull::Config,
 }
 
-type Item = Option<std::result::Result<async_nats::jetstream::Message, async_nats::Error>>;
-
 impl crate::pubsub::BackendReader for Reader {
     fn ready(&mut self) -> Option<Delivery> {
         if self.stopped() {
             return None;
         }
-        // Messages of the pull under way that arrived already.
+        // Messages that arrived already.
         loop {
-            let item = self.batch.as_mut()?.next().now_or_never()?;
-            if let Some(delivery) = self.on_item(item) {
+            let message = self.inbox.next().now_or_never()??;
+            if let Some(delivery) = self.on_message(message) {
                 return Some(delivery);
             }
         }
@@ -317,19 +343,34 @@ impl Reader {
                 self.stop();
                 return None;
             }
-            if self.batch.is_none() && !self.pull().await {
+            if self.pull.is_none() && !self.send_pull().await {
                 continue;
             }
-            let Some(batch) = self.batch.as_mut() else {
+            let Some(deadline) = self.pull.as_ref().map(|p| p.deadline) else {
                 continue;
             };
-            let item = tokio::select! {
+            let message = tokio::select! {
                 biased;
                 _ = self.state.closed.cancelled() => continue,
                 _ = self.state.ended.cancelled() => continue,
-                item = batch.next() => item,
+                message = self.inbox.next() => message,
+                () = tokio::time::sleep_until(deadline) => {
+                    // Unanswered: the server or the network is stuck. What it sends for this
+                    // pull later still arrives, and finds a slot or goes back.
+                    self.end_pull();
+                    self.read_failed(format!(
+                        "a pull request was not answered within {:?}",
+                        self.block + UNANSWERED_MARGIN
+                    ));
+                    continue;
+                }
             };
-            if let Some(delivery) = self.on_item(item) {
+            let Some(message) = message else {
+                // The client closed the subscription: the connection is closed for good.
+                self.stop();
+                return None;
+            };
+            if let Some(delivery) = self.on_message(message) {
                 return Some(delivery);
             }
         }
@@ -337,7 +378,7 @@ impl Reader {
 
     /// Takes free slots (waiting for one) and asks the server for that many messages;
     /// `false` when it did not get to send the request.
-    async fn pull(&mut self) -> bool {
+    async fn send_pull(&mut self) -> bool {
         if self.failures > 0 {
             let backoff = Duration::from_millis(100 << self.failures.min(6)).min(Duration::from_secs(5));
             tokio::select! {
@@ -369,18 +410,20 @@ impl Reader {
             self.state.in_flight.release(taken);
             return false;
         }
-        match self
-            .consumer
-            .batch()
-            .max_messages(taken)
-            .expires(self.block)
-            .messages()
-            .await
-        {
-            Ok(batch) => {
-                self.batch = Some(batch);
-                self.slots = taken;
-                self.pulled_at = tokio::time::Instant::now();
+        self.pulls += 1;
+        let reply = format!("{}.{}", self.inbox_prefix, self.pulls);
+        let request = BatchConfig {
+            batch: taken,
+            expires: Some(self.block),
+            ..Default::default()
+        };
+        match self.consumer.request_batch(request, reply.clone().into()).await {
+            Ok(()) => {
+                self.pull = Some(Pull {
+                    reply,
+                    slots: taken,
+                    deadline: tokio::time::Instant::now() + self.block + UNANSWERED_MARGIN,
+                });
                 true
             }
             Err(e) => {
@@ -437,40 +480,73 @@ impl Reader {
         self.state.health.read(Some(problem));
     }
 
-    fn on_item(&mut self, item: Item) -> Option<Delivery> {
-        match item {
-            Some(Ok(message)) => {
-                self.slots = self.slots.saturating_sub(1);
-                if self.failures > 0 {
-                    self.failures = 0;
-                    self.state.health.read(None);
+    /// The pull under way ended (answered, or given up on): its unused slots go back.
+    fn end_pull(&mut self) {
+        if let Some(pull) = self.pull.take() {
+            self.state.in_flight.release(pull.slots);
+        }
+    }
+
+    /// A read went through: the failures in a row are over.
+    fn recovered(&mut self) {
+        if self.failures > 0 {
+            self.failures = 0;
+            self.state.health.read(None);
+        }
+    }
+
+    /// One message on the inbox: a status of a pull (expired, no messages, an error), or a
+    /// delivery, which becomes a [`Delivery`] when there is a slot for it.
+    fn on_message(&mut self, message: async_nats::Message) -> Option<Delivery> {
+        use async_nats::StatusCode;
+        let current = self
+            .pull
+            .as_ref()
+            .is_some_and(|p| p.reply == message.subject.as_str());
+        match message.status {
+            None | Some(StatusCode::OK) => {}
+            Some(StatusCode::IDLE_HEARTBEAT) => return None,
+            // The pull ended, fulfilled or expired (a status of an earlier pull means nothing
+            // any more).
+            Some(StatusCode::TIMEOUT | StatusCode::NOT_FOUND) => {
+                if current {
+                    self.end_pull();
+                    self.recovered();
                 }
-                self.admit(message)
+                return None;
             }
-            end => {
-                // The pull ended: fulfilled, expired, or failed. Unused slots go back.
-                self.state.in_flight.release(std::mem::take(&mut self.slots));
-                self.batch = None;
-                match end {
-                    Some(Err(e)) => self.read_failed(format!("a pull request failed: {e}")),
-                    // The server ends an expired pull at `block`; one ended by the client's
-                    // own timer (`block` + 5 s) went unanswered: the server or the network
-                    // is stuck.
-                    None if self.pulled_at.elapsed() > self.block + UNANSWERED_MARGIN => {
-                        self.read_failed(format!(
-                            "a pull request was not answered within {:?}",
-                            self.block + UNANSWERED_MARGIN
-                        ))
-                    }
-                    _ if self.failures > 0 => {
-                        self.failures = 0;
-                        self.state.health.read(None);
-                    }
-                    _ => {}
+            Some(status) => {
+                if current {
+                    self.end_pull();
+                    let description = message.description.as_deref().unwrap_or("");
+                    self.read_failed(format!("a pull request failed: {status} {description}"));
                 }
-                None
+                return None;
             }
         }
+        // A delivery: one of the pull under way, or a late one of a pull that ended here.
+        let slot = match self.pull.as_mut() {
+            Some(pull) if pull.slots > 0 => {
+                pull.slots -= 1;
+                if pull.slots == 0 {
+                    self.pull = None;
+                }
+                true
+            }
+            _ => self.state.in_flight.try_acquire(1) == 1,
+        };
+        self.recovered();
+        if !slot {
+            // No room for it: back to the server at once (no delivery beyond max_in_flight).
+            if let Some(reply) = message.reply {
+                self.state.submit(Write::Nak(reply, Duration::ZERO));
+            }
+            return None;
+        }
+        self.admit(async_nats::jetstream::Message {
+            message,
+            context: self.js.clone(),
+        })
     }
 
     /// The delivery of `message`, or `None` when it is dead-lettered instead (its slot then
@@ -537,7 +613,6 @@ impl Reader {
     /// After close: no more reads; what the pull under way would still bring stays with the
     /// server (redelivered after `ack_wait`).
     fn stop(&mut self) {
-        self.batch = None;
-        self.state.in_flight.release(std::mem::take(&mut self.slots));
+        self.end_pull();
     }
 }
