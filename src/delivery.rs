@@ -16,12 +16,29 @@ use crate::message::{EntryId, Message};
 /// Where deliveries of one subscription come from: stream, consumer group and consumer name.
 ///
 /// Backends build one per subscription and share it between all its deliveries.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+///
+/// Two origins are equal when their stream, group and consumer are: the messaging system
+/// (a label for traces) does not tell them apart.
+#[derive(Clone, Debug)]
 pub struct Origin {
     stream: Arc<str>,
     group: Arc<str>,
     consumer: Arc<str>,
     system: &'static str,
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.stream, &self.group, &self.consumer) == (&other.stream, &other.group, &other.consumer)
+    }
+}
+
+impl Eq for Origin {}
+
+impl std::hash::Hash for Origin {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.stream, &self.group, &self.consumer).hash(state);
+    }
 }
 
 impl Origin {

@@ -68,7 +68,8 @@ pub trait Publisher: Send + Sync {
     /// once. A time in the past is due at once. It has no entry id until it is appended.
     ///
     /// On Redis the schedule is kept beside the topic, and moved into it by the topic's
-    /// subscriptions (each looks at least every 50 ms); with no subscription running, due
+    /// subscriptions (each looks at least once a second, and a message due sooner is moved by
+    /// its publisher at its time); with no subscription running, due
     /// messages wait for the first. The default is [`Error::Unsupported`].
     ///
     /// ```

@@ -651,6 +651,10 @@ impl RedisPublisher {
                 .conn
                 .command(redis::cmd("ZADD").arg(&schedule).arg(due_ms).arg(member))
                 .await?;
+            // Due before the subscriptions' movers look again: moved on time from here.
+            if at < std::time::SystemTime::now() + super::scheduled::MOVER_POLL {
+                super::scheduled::move_when_due(self.conn.clone(), topic.to_owned(), at);
+            }
             Ok(())
         }
         .instrument(span)

@@ -11,9 +11,10 @@ use super::connection::RedisConnection;
 use super::{keys, scripts};
 use crate::signal::Signal;
 
-/// The most a mover waits between looks at its schedule: the latest a message scheduled
-/// earlier than the mover knew of arrives after its due time (plus the script's time).
-pub(crate) const MOVER_POLL: Duration = Duration::from_millis(50);
+/// The most a subscription's mover waits between looks at its schedule. A message due sooner
+/// than that after it is scheduled is moved by a one-off task of its publisher
+/// ([`move_when_due`]), so no message waits for the next look.
+pub(crate) const MOVER_POLL: Duration = Duration::from_secs(1);
 
 /// The most entries one script step moves.
 const MOVE_BATCH: u64 = 100;
@@ -31,6 +32,29 @@ pub(crate) fn member(fields: impl FnOnce(&mut dyn FnMut(&str, &[u8]))) -> Vec<u8
         }
     });
     out
+}
+
+/// Moves `topic`'s due messages once `due` has come, once (a task of the publisher of a
+/// message due before the subscriptions' movers would look again). Another mover may have
+/// moved it already: the script moves each message once whoever runs it.
+pub(crate) fn move_when_due(conn: RedisConnection, topic: String, due: std::time::SystemTime) {
+    let wait = due
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        let schedule = keys::scheduled(&topic);
+        let moved: crate::Result<(i64, i64, i64)> = conn
+            .run_mapped("moving due delayed messages", |mut c| {
+                let mut call = scripts::MOVE_DUE.key(&schedule);
+                call.key(&topic).arg(MOVE_BATCH);
+                async move { call.invoke_async(&mut c).await }
+            })
+            .await;
+        if let Err(e) = moved {
+            tracing::debug!(topic = %topic, error = %e, "a delayed message's own move failed; the subscriptions' movers take it");
+        }
+    });
 }
 
 /// Moves the due messages of `topic`'s schedule into it until `stop` or `gone`: at once while
