@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -15,92 +15,13 @@ use streamwise::redis::{
     PublisherOptions, RedisConnection, RedisPublisher, RedisSubscriber, RedisSubscriberOptions,
 };
 use streamwise::{Message, Publisher, SubscribeOptions, Subscriber};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use common::RedisServer;
+use common::proxy::Proxy;
 
-/// A loopback TCP proxy that can reset all its connections and stall them.
-struct Proxy {
-    port: u16,
-    generation: watch::Sender<u64>,
-    stalled: watch::Sender<bool>,
-    resets: AtomicU64,
-    accepted: AtomicU64,
-}
-
-impl Proxy {
-    async fn start(upstream: u16) -> Arc<Proxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = Arc::new(Proxy {
-            port: listener.local_addr().unwrap().port(),
-            generation: watch::channel(0).0,
-            stalled: watch::channel(false).0,
-            resets: AtomicU64::new(0),
-            accepted: AtomicU64::new(0),
-        });
-        let p = proxy.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-                    continue;
-                };
-                p.accepted.fetch_add(1, Ordering::Relaxed);
-                for s in [&client, &server] {
-                    s.set_nodelay(true).unwrap();
-                }
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, p.generation.subscribe(), p.stalled.subscribe()));
-                tokio::spawn(pipe(sr, cw, p.generation.subscribe(), p.stalled.subscribe()));
-            }
-        });
-        proxy
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Drops every connection (each end sees its peer vanish mid-stream).
-    fn reset_all(&self) {
-        self.resets.fetch_add(1, Ordering::Relaxed);
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    fn stall(&self, on: bool) {
-        self.stalled.send_replace(on);
-    }
-}
-
-/// Copies one direction until the connection ends or the proxy resets everything.
-async fn pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut generation: watch::Receiver<u64>,
-    mut stalled: watch::Receiver<bool>,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = tokio::select! {
-            _ = generation.changed() => return,
-            read = from.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            },
-        };
-        // A stall holds the bytes back (the connection stays open) until it ends.
-        while *stalled.borrow_and_update() {
-            tokio::select! {
-                _ = generation.changed() => return,
-                _ = stalled.changed() => {}
-            }
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
+/// The proxy's URL, for a Redis client.
+fn url_of(proxy: &Proxy) -> String {
+    format!("redis://127.0.0.1:{}", proxy.port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +29,7 @@ async fn resets_and_stalls_lose_nothing_and_stop_no_one() {
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port()).await;
     let conn = || {
-        RedisConnection::builder(&proxy.url())
+        RedisConnection::builder(&url_of(&proxy))
             .max_retries(10)
             .retry_base_delay(Duration::from_millis(50))
             .retry_max_delay(Duration::from_millis(500))
