@@ -43,15 +43,7 @@ pub(crate) fn move_when_due(conn: RedisConnection, topic: String, due: std::time
         .unwrap_or_default();
     tokio::spawn(async move {
         tokio::time::sleep(wait).await;
-        let schedule = keys::scheduled(&topic);
-        let moved: crate::Result<(i64, i64, i64)> = conn
-            .run_mapped("moving due delayed messages", |mut c| {
-                let mut call = scripts::MOVE_DUE.key(&schedule);
-                call.key(&topic).arg(MOVE_BATCH);
-                async move { call.invoke_async(&mut c).await }
-            })
-            .await;
-        if let Err(e) = moved {
+        if let Err(e) = move_once(&conn, &keys::scheduled(&topic), &topic).await {
             tracing::debug!(topic = %topic, error = %e, "a delayed message's own move failed; the subscriptions' movers take it");
         }
     });
@@ -67,14 +59,7 @@ pub(crate) async fn move_due(conn: RedisConnection, topic: String, stop: Signal,
         if stop.is_cancelled() || gone.is_cancelled() {
             return;
         }
-        let moved: crate::Result<(i64, i64, i64)> = conn
-            .run_mapped("moving due delayed messages", |mut c| {
-                let mut call = scripts::MOVE_DUE.key(&schedule);
-                call.key(&topic).arg(MOVE_BATCH);
-                async move { call.invoke_async(&mut c).await }
-            })
-            .await;
-        let wait = match moved {
+        let wait = match move_once(&conn, &schedule, &topic).await {
             Ok((moved, next_due, now)) => {
                 failures = 0;
                 if moved >= MOVE_BATCH as i64 {
@@ -104,4 +89,14 @@ pub(crate) async fn move_due(conn: RedisConnection, topic: String, stop: Signal,
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// One step of [`scripts::MOVE_DUE`]: `{moved, next due ms or -1, now ms}`.
+async fn move_once(conn: &RedisConnection, schedule: &str, topic: &str) -> crate::Result<(i64, i64, i64)> {
+    conn.run_mapped("moving due delayed messages", |mut c| {
+        let mut call = scripts::MOVE_DUE.key(schedule);
+        call.key(topic).arg(MOVE_BATCH);
+        async move { call.invoke_async(&mut c).await }
+    })
+    .await
 }
