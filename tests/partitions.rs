@@ -58,6 +58,10 @@ fn member_process_entry_point() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(16);
+    let member_ttl = std::env::var("STREAMWISE_PART_MEMBER_TTL_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(TTL, Duration::from_millis);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
         let backend = RedisBackend::new(&url).expect("url");
@@ -71,7 +75,7 @@ fn member_process_entry_point() {
         let subscriber = PartitionedSubscriber::new(redis.clone(), Arc::new(backend.coordinator()))
             .options(
                 PartitionOptions::default()
-                    .member_ttl(TTL)
+                    .member_ttl(member_ttl)
                     .dedicated_readers(dedicated),
             )
             .topic(TOPIC, PARTITIONS);
@@ -137,6 +141,17 @@ fn spawn_member(url: &str, name: &str, work_ms: u64) -> Child {
 /// A member process whose partitions past the first `dedicated` read in turn on a shared
 /// connection.
 fn spawn_member_reading_on(url: &str, name: &str, work_ms: u64, dedicated: usize) -> Child {
+    spawn_member_process(url, name, work_ms, dedicated, TTL)
+}
+
+/// A member process with a membership TTL of its own (its leases keep [`TTL`]).
+fn spawn_member_process(
+    url: &str,
+    name: &str,
+    work_ms: u64,
+    dedicated: usize,
+    member_ttl: Duration,
+) -> Child {
     Command::new(std::env::current_exe().expect("own path"))
         .args([
             "member_process_entry_point",
@@ -149,6 +164,10 @@ fn spawn_member_reading_on(url: &str, name: &str, work_ms: u64, dedicated: usize
         .env("STREAMWISE_PART_NAME", name)
         .env("STREAMWISE_PART_WORK_MS", work_ms.to_string())
         .env("STREAMWISE_PART_DEDICATED", dedicated.to_string())
+        .env(
+            "STREAMWISE_PART_MEMBER_TTL_MS",
+            member_ttl.as_millis().to_string(),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -451,13 +470,22 @@ async fn members_keep_key_order_through_a_cluster_failover() {
         "the partitions spread over the masters: {masters:?}"
     );
 
-    let m0 = spawn_member(&url, "m0", 0);
+    assert_eq!(
+        cluster.master_of(TOPIC).map(|m| m.port()),
+        cluster.master_of(&first).map(|m| m.port()),
+        "the members' records share partition 0's master"
+    );
+    // The members' records live in the topic's slot, on the master failed over below: with
+    // records that ran out within the failover, members would count each other gone and a
+    // partition could take a detour through a third member (see the README's cluster notes).
+    let member_ttl = Duration::from_secs(5);
+    let m0 = spawn_member_process(&url, "m0", 0, 16, member_ttl);
     wait_settled(&coordinator, &["m0"], &mut owners).await;
-    let mut m1 = spawn_member(&url, "m1", 0);
+    let mut m1 = spawn_member_process(&url, "m1", 0, 16, member_ttl);
     publish(&publisher, 0..10).await;
     wait_settled(&coordinator, &["m0", "m1"], &mut owners).await;
     // m2 reads all but one of its partitions on shared connections, one per master.
-    let m2 = spawn_member_reading_on(&url, "m2", 0, 1);
+    let m2 = spawn_member_process(&url, "m2", 0, 1, member_ttl);
     wait_settled(&coordinator, &["m0", "m1", "m2"], &mut owners).await;
     publish(&publisher, 10..15).await;
 
