@@ -164,3 +164,88 @@ async fn a_safe_trim_keeps_what_groups_need_until_they_idle_past_their_age() {
     drop(lagging);
     subscriber.close().await.unwrap();
 }
+
+/// The seed facade: the configuration's `retention:` section starts the task, which trims a
+/// quiet stream made by `StreamManager::create_stream`; `apply_retention` trims one stream
+/// now, safely unless told otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_facade_and_its_configuration_run_retention() {
+    use streamwise::redis_streams::{
+        Config, ConsumerGroupManager, RetentionOptions, StreamManager, StreamOptions,
+    };
+    let server = RedisServer::start();
+    let url = server.url();
+    let manager = StreamManager::new(&url).unwrap();
+    let conn = RedisConnection::new(&url).unwrap();
+    let publisher = RedisBackend::new(&url).unwrap().publisher();
+    let aging = StreamOptions {
+        retention_ms: Some(500),
+        max_length: None,
+    };
+    for stream in ["quiet", "held"] {
+        manager.create_stream(stream, aging).await.unwrap();
+        let batch = (0..5).map(|n| Message::new("t", &n).unwrap()).collect();
+        publisher.publish_batch(stream, batch).await.unwrap();
+    }
+
+    // Disabled by default: nothing is started.
+    let off = Config::from_yaml_str("redis_streams:\n  retention:\n    interval_ms: 100\n").unwrap();
+    assert!(off.start_retention().unwrap().is_none());
+
+    // `held` has a group holding all five entries pending: a safe trim leaves them.
+    let groups = ConsumerGroupManager::new(&url).unwrap();
+    groups.create_group("held", "g", "0").await.unwrap();
+    let _: redis::Value = conn
+        .command(
+            cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("g")
+                .arg("c")
+                .arg("STREAMS")
+                .arg("held")
+                .arg(">"),
+        )
+        .await
+        .unwrap();
+
+    let yaml =
+        format!("redis_streams:\n  url: {url}\n  retention:\n    enabled: true\n    interval_ms: 100\n");
+    let task = Config::from_yaml_str(&yaml)
+        .unwrap()
+        .start_retention()
+        .unwrap()
+        .expect("enabled");
+    let started = Instant::now();
+    while len(&conn, "quiet").await > 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "never trimmed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Trims of `held` ran meanwhile and were held back.
+    while task.stats().held_back() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "held was not tried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(len(&conn, "held").await, 5);
+    assert_eq!(task.stats().removed(), 5);
+    task.stop().await;
+
+    let safe = manager
+        .apply_retention("held", RetentionOptions::default())
+        .await
+        .unwrap();
+    assert!(safe.held_back && safe.removed == 0, "{safe:?}");
+    let unsafe_trim = RetentionOptions {
+        safe: false,
+        ..RetentionOptions::default()
+    };
+    let forced = manager.apply_retention("held", unsafe_trim).await.unwrap();
+    assert_eq!(forced.removed, 5, "{forced:?}");
+    let bad = RetentionOptions {
+        interval_ms: 10,
+        ..RetentionOptions::default()
+    };
+    assert_eq!(
+        manager.start_retention(bad).unwrap_err().invalid_field(),
+        Some("interval_ms")
+    );
+}

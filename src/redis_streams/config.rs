@@ -50,7 +50,10 @@ use std::path::Path;
 
 use serde_norway::{Mapping, Value};
 
-use super::{ConsumerOptions, ProducerOptions, StreamConsumer, StreamProducer};
+use super::{
+    ConsumerOptions, ProducerOptions, RetentionHandle, RetentionOptions, StreamConsumer, StreamManager,
+    StreamProducer,
+};
 use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::redis::RedisConnection;
 
@@ -66,6 +69,8 @@ pub struct Config {
     pub producer: ProducerConfig,
     /// The consumer section.
     pub consumer: ConsumerConfig,
+    /// The retention section.
+    pub retention: RetentionConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -75,6 +80,7 @@ impl std::fmt::Debug for Config {
             .field("redis_url", &crate::redis::redact_url(&self.redis_url))
             .field("producer", &self.producer)
             .field("consumer", &self.consumer)
+            .field("retention", &self.retention)
             .finish()
     }
 }
@@ -96,6 +102,25 @@ pub struct ConsumerConfig {
     pub bindings: Vec<Binding>,
     /// `block_ms`, `count`, `auto_ack`, `use_redis_checkpoint`, `reclaim_*`, ...
     pub options: ConsumerOptions,
+}
+
+/// The retention section: whether [`Config::start_retention`] runs a background task that keeps
+/// every stream's `retention_ms` and `max_length` while it is quiet, and how.
+///
+/// ```yaml
+/// redis_streams:
+///   retention:
+///     enabled: true
+///     interval_ms: 1000
+///     safe: true
+///     idle_group_age_ms: 604800000
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RetentionConfig {
+    /// `enabled` (default `false`).
+    pub enabled: bool,
+    /// `interval_ms`, `safe`, `idle_group_age_ms`.
+    pub options: RetentionOptions,
 }
 
 /// One stream/group/consumer to consume, as far as configured.
@@ -126,6 +151,7 @@ impl Default for Config {
             redis_url: DEFAULT_REDIS_URL.to_owned(),
             producer: ProducerConfig::default(),
             consumer: ConsumerConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -328,6 +354,17 @@ impl Config {
         )
     }
 
+    /// The retention task as configured, started (`None` when `retention.enabled` is not
+    /// set). Every process may start one: a stream is trimmed by one of them at a time. Must be
+    /// called within a tokio runtime.
+    pub fn start_retention(&self) -> Result<Option<RetentionHandle>> {
+        if !self.retention.enabled {
+            return Ok(None);
+        }
+        let manager = StreamManager::with_connection(RedisConnection::new(&self.redis_url)?);
+        manager.start_retention(self.retention.options).map(Some)
+    }
+
     fn read_root(&mut self, value: &Value) -> Result<()> {
         for (key, value) in mapping(value, ROOT)? {
             let key = key_str(key, ROOT)?;
@@ -336,6 +373,7 @@ impl Config {
                 "url" | "redis_url" => self.redis_url = redis_url(value, &path)?,
                 "producer" => self.read_producer(value)?,
                 "consumer" => self.read_consumer(value)?,
+                "retention" => self.read_retention(value)?,
                 _ => return Err(unknown(&path)),
             }
         }
@@ -366,6 +404,32 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn read_retention(&mut self, value: &Value) -> Result<()> {
+        let section = format!("{ROOT}.retention");
+        for (key, value) in mapping(value, &section)? {
+            let key = key_str(key, &section)?;
+            let path = format!("{section}.{key}");
+            let r = &mut self.retention;
+            match key {
+                "enabled" => r.enabled = boolean(value, &path)?,
+                "interval_ms" => r.options.interval_ms = positive(value, &path)?,
+                "safe" => r.options.safe = boolean(value, &path)?,
+                "idle_group_age_ms" => r.options.idle_group_age_ms = positive(value, &path)?,
+                _ => return Err(unknown(&path)),
+            }
+        }
+        self.retention
+            .options
+            .validate()
+            .map_err(|e| match e.invalid_field() {
+                Some(field) => {
+                    let field = field.to_owned();
+                    rename(e, format!("{section}.{field}"))
+                }
+                None => e,
+            })
     }
 
     fn read_consumer(&mut self, value: &Value) -> Result<()> {
@@ -732,6 +796,48 @@ redis_streams:
             ),
             (1500, 20, 4096, 3)
         );
+    }
+
+    #[test]
+    fn the_retention_section_sets_every_knob() {
+        let off = Config::from_yaml_str("redis_streams:\n  producer:\n    stream: s\n").unwrap();
+        assert_eq!(off.retention, RetentionConfig::default());
+        assert!(!off.retention.enabled);
+        let yaml = "redis_streams:\n  retention:\n    enabled: true\n    interval_ms: 250\n    safe: false\n    idle_group_age_ms: 60000\n";
+        let r = Config::from_yaml_str(yaml).unwrap().retention;
+        assert_eq!(
+            r,
+            RetentionConfig {
+                enabled: true,
+                options: RetentionOptions {
+                    interval_ms: 250,
+                    safe: false,
+                    idle_group_age_ms: 60_000,
+                },
+            }
+        );
+        for (yaml, key) in [
+            (
+                "redis_streams:\n  retention:\n    interval_ms: 50",
+                "redis_streams.retention.interval_ms",
+            ),
+            (
+                "redis_streams:\n  retention:\n    idle_group_age_ms: 0",
+                "redis_streams.retention.idle_group_age_ms",
+            ),
+            (
+                "redis_streams:\n  retention:\n    enabled: yes please",
+                "redis_streams.retention.enabled",
+            ),
+            (
+                "redis_streams:\n  retention:\n    safety: true",
+                "redis_streams.retention.safety",
+            ),
+            ("redis_streams:\n  retention: 5", "redis_streams.retention"),
+        ] {
+            let err = Config::from_yaml_str(yaml).unwrap_err();
+            assert_eq!(err.invalid_field(), Some(key), "{yaml}: {err}");
+        }
     }
 
     #[test]

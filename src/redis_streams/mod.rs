@@ -7,6 +7,7 @@
 //! | `StreamProducer(redis_url, stream_name, max_length=10000)` | [`StreamProducer::new`], [`StreamProducer::with_options`] + [`ProducerOptions`] |
 //! | `producer.publish(event_type, payload, metadata=None) -> id` | [`StreamProducer::publish`] |
 //! | `StreamManager(redis_url)`: `create_stream`, `delete_stream`, `get_stream_info` | [`StreamManager`] |
+//! | `retention_ms`, `max_length` kept while a stream is quiet, never cutting what a group needs | [`StreamManager::start_retention`], [`StreamManager::apply_retention`] + [`RetentionOptions`]; `retention:` in [`Config`] |
 //! | `StreamConsumer(redis_url, stream, group, consumer, ...)` | [`StreamConsumer::new`], [`StreamConsumer::with_options`] + [`ConsumerOptions`] |
 //! | `consumer.subscribe(callback, event_types=None)` | [`StreamConsumer::subscribe`] (async callback returning `bool`) |
 //! | `acknowledge`, `get_pending`, `close`, `lag` | [`StreamConsumer`] methods |
@@ -21,10 +22,11 @@ mod groups;
 mod manager;
 mod producer;
 
+pub use crate::redis::retention::{RetentionHandle, RetentionStats, Trimmed};
 pub use config::{Binding, Config};
 pub use consumer::{ConsumerOptions, EventMessage, PendingMessage, StreamConsumer};
 pub use groups::ConsumerGroupManager;
-pub use manager::{StreamManager, StreamOptions};
+pub use manager::{RetentionOptions, StreamManager, StreamOptions};
 pub use producer::{Backpressure, BackpressureMode, MAX_COUNTED_LAG, ProducerOptions, StreamProducer};
 
 pub use crate::redis::RedisConnection;

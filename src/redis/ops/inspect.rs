@@ -54,9 +54,10 @@ pub struct StreamSummary {
     pub last_time: Option<String>,
     /// Number of consumer groups.
     pub groups: u64,
-    /// Retention: trimmed to about this many entries by publishers.
+    /// Retention: trimmed to about this many entries (by publishers and retention tasks).
     pub max_length: Option<u64>,
-    /// Retention: entries older than this many milliseconds are trimmed by publishers.
+    /// Retention: entries older than this many milliseconds are trimmed (by publishers and
+    /// retention tasks).
     pub retention_ms: Option<u64>,
 }
 
