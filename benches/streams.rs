@@ -355,6 +355,112 @@ async fn streamwise_publish_batched(url: String, n: u64, size: usize) -> (u64, V
     (tasks * per_task * batch, Vec::new())
 }
 
+/// Delayed publishes awaited one at a time, due in an hour (so nothing moves meanwhile): what
+/// scheduling costs.
+async fn streamwise_publish_delayed(url: String, n: u64, size: usize) -> (u64, Vec<Duration>) {
+    let publisher = RedisBackend::new(&url).expect("url").publisher();
+    let base = message(size);
+    let mut lat = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let m = base.clone();
+        let t = Instant::now();
+        publisher
+            .publish_after("sw-delayed", Duration::from_secs(3600), m)
+            .await
+            .expect("publish_after");
+        lat.push(t.elapsed());
+    }
+    (n, lat)
+}
+
+/// The raw crate's nearest loop: `ZADD` of a member as large as streamwise's (a 16-byte
+/// token, then the entry's fields), awaited one at a time.
+async fn raw_publish_delayed(url: String, n: u64, size: usize) -> (u64, Vec<Duration>) {
+    let mut c = raw_conn(&url).await;
+    let body = serde_json::to_vec(&payload_of(size)).expect("json");
+    let due = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+        + 3_600_000;
+    let mut lat = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let mut member = format!("{i:016}10:event_type11:bench.event7:payload{}:", body.len()).into_bytes();
+        member.extend_from_slice(&body);
+        member.extend_from_slice(
+            b"9:timestamp24:2026-11-22T10:00:00.123Z4:uuid36:01935f4e-0000-7000-8000-000000000000",
+        );
+        let t = Instant::now();
+        let _: i64 = redis_client::cmd("ZADD")
+            .arg("raw-delayed")
+            .arg(due)
+            .arg(member)
+            .query_async(&mut c)
+            .await
+            .expect("ZADD");
+        lat.push(t.elapsed());
+    }
+    (n, lat)
+}
+
+/// `n` messages published with delays spread evenly over 2 s, read by the router as they come
+/// due; the latencies are how late each reached its handler (arrival minus due time).
+async fn streamwise_delayed_delivery(url: String, n: u64, size: usize) -> (u64, Vec<Duration>) {
+    const SPREAD: Duration = Duration::from_secs(2);
+    let redis = RedisBackend::new(&url).expect("url");
+    let base = Instant::now();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
+    let got = Arc::new(AtomicU64::new(0));
+    let (s, g) = (seen.clone(), got.clone());
+    let handler = move |m: Message| {
+        let (s, g) = (s.clone(), g.clone());
+        async move {
+            let due: u64 = m
+                .metadata()
+                .get("due_ns")
+                .and_then(|v| v.parse().ok())
+                .expect("due_ns");
+            let now = base.elapsed().as_nanos() as u64;
+            s.lock()
+                .expect("lock")
+                .push(Duration::from_nanos(now.saturating_sub(due)));
+            g.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let options = SubscribeOptions::new("g", "c")
+        .batch_size(100)
+        .max_in_flight(256)
+        .start_from(StartFrom::Beginning);
+    let running = Router::new()
+        .subscribe("delayed", options, Routes::new().route("bench.event", handler))
+        .start(
+            Arc::new(redis.subscriber().expect("subscriber")),
+            Arc::new(redis.publisher()),
+        )
+        .await
+        .expect("router");
+    let publisher = redis.publisher();
+    let scheduled = Instant::now();
+    for i in 0..n {
+        // Due times spread over the window from when scheduling started, so that a slow
+        // scheduling loop does not shorten the delays.
+        let due = scheduled + SPREAD.mul_f64(i as f64 / n as f64);
+        let delay = due.saturating_duration_since(Instant::now());
+        let due_ns = (base.elapsed() + delay).as_nanos().to_string();
+        let m = message(size).with_metadata("due_ns", due_ns);
+        publisher
+            .publish_after("delayed", delay, m)
+            .await
+            .expect("publish_after");
+    }
+    while got.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    running.shutdown().await.expect("shutdown");
+    let latencies = std::mem::take(&mut *seen.lock().expect("lock"));
+    (n, latencies)
+}
+
 /// Fills `stream` with `n` entries in the wire format, pipelined, for the consume workloads.
 async fn preload(url: &str, stream: &str, n: u64, size: usize) {
     match cluster_nodes(url) {
@@ -690,6 +796,15 @@ fn run_spec(spec: &Spec, url: &str) -> Row {
         "publish awaited" => measure(w, sys, t, size, nothing, || {
             streamwise_publish_awaited(url, n, size)
         }),
+        "publish delayed (awaited)" if raw => {
+            measure(w, sys, t, size, nothing, || raw_publish_delayed(url, n, size))
+        }
+        "publish delayed (awaited)" => measure(w, sys, t, size, nothing, || {
+            streamwise_publish_delayed(url, n, size)
+        }),
+        "delayed delivery (lateness)" => measure(w, sys, t, size, nothing, || {
+            streamwise_delayed_delivery(url, n, size)
+        }),
         "publish batched (50 tasks x 64)" => measure(w, sys, t, size, nothing, || {
             streamwise_publish_batched(url, n, size)
         }),
@@ -802,6 +917,7 @@ fn specs() -> Vec<Spec> {
     let publish_n = env("BENCH_PUBLISH", 20_000);
     let latency_n = env("BENCH_LATENCY_EVENTS", 5_000);
     let memory_n = env("BENCH_MEMORY", 1_000_000);
+    let delayed_n = env("BENCH_DELAYED", 5_000);
     let mut specs = Vec::new();
     for threads in [1, 2] {
         let spec = |workload, system, size, events| Spec {
@@ -815,6 +931,19 @@ fn specs() -> Vec<Spec> {
             specs.push(spec("publish awaited", "raw redis loop", size, n));
             specs.push(spec("publish awaited", "streamwise", size, n));
         }
+        specs.push(spec(
+            "publish delayed (awaited)",
+            "raw redis loop (ZADD)",
+            200,
+            publish_n,
+        ));
+        specs.push(spec("publish delayed (awaited)", "streamwise", 200, publish_n));
+        specs.push(spec(
+            "delayed delivery (lateness)",
+            "streamwise router",
+            200,
+            delayed_n,
+        ));
         specs.push(spec(
             "publish batched (50 tasks x 64)",
             "streamwise",
@@ -889,6 +1018,9 @@ fn specs() -> Vec<Spec> {
     }
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         specs.retain(|s| s.workload.contains(only.as_str()));
+    }
+    if let Ok(system) = std::env::var("BENCH_SYSTEM") {
+        specs.retain(|s| s.system.contains(system.as_str()));
     }
     if std::env::var_os("BENCH_NO_CLUSTER").is_some() {
         specs.retain(|s| !on_cluster_system(s.system) && !on_replicated_system(s.system));
