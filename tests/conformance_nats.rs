@@ -3,7 +3,8 @@
 //!
 //! The suite runs unchanged. The backend declares (`Features`) that it keeps no per-consumer
 //! checkpoints and has no partition coordinator; those scenarios are skipped for it only
-//! (the README's NATS section lists them).
+//! (the README's NATS section lists them). It also declares that the server may count a
+//! delayed nak's redelivery more than once; that scenario then checks the count only grew.
 
 #![cfg(feature = "nats")]
 
@@ -35,7 +36,12 @@ async fn nats() -> Nats {
 
 impl TestBackend for Nats {
     fn features(&self) -> Features {
-        Features::ALL.checkpoints(false).partitions(false)
+        // nats-server 2.9 at times counts a delayed nak's redelivery twice (about 1 run of
+        // nack_after_waits_for_the_delay in 12, with no second delivery reaching the client).
+        Features::ALL
+            .checkpoints(false)
+            .partitions(false)
+            .exact_delayed_redelivery_count(false)
     }
     fn publisher(&self) -> BoxFuture<'_, Result<Arc<dyn Publisher>>> {
         Box::pin(async { Ok(Arc::new(self.shared.publisher()) as Arc<dyn Publisher>) })

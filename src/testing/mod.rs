@@ -94,6 +94,11 @@ pub struct Features {
     /// It has a partition coordinator ([`TestBackend::coordinator`]): the scenarios of
     /// partitioned topics.
     pub partitions: bool,
+    /// A message nacked with a delay comes back with its delivery count one higher, never
+    /// more: scenario `nack_after_waits_for_the_delay` checks the count exactly (else only that
+    /// it grew). nats-server 2.9 (Debian 12's) at times counts a delivery that no client got
+    /// when the delay runs out between two pull requests.
+    pub exact_delayed_redelivery_count: bool,
 }
 
 impl Features {
@@ -101,6 +106,7 @@ impl Features {
     pub const ALL: Features = Features {
         checkpoints: true,
         partitions: true,
+        exact_delayed_redelivery_count: true,
     };
 
     /// With or without per-consumer checkpoints.
@@ -114,6 +120,13 @@ impl Features {
     #[must_use]
     pub const fn partitions(mut self, yes: bool) -> Self {
         self.partitions = yes;
+        self
+    }
+
+    /// With or without exact delivery counts after a delayed nack.
+    #[must_use]
+    pub const fn exact_delayed_redelivery_count(mut self, yes: bool) -> Self {
+        self.exact_delayed_redelivery_count = yes;
         self
     }
 }
@@ -542,7 +555,22 @@ pub async fn nack_after_waits_for_the_delay(backend: &dyn TestBackend) {
         waited >= delay,
         "redelivered after {waited:?}, before the {delay:?} delay"
     );
-    assert_eq!((again.id(), again.delivery_count()), (first.id(), 2));
+    assert_eq!(again.id(), first.id());
+    if backend.features().exact_delayed_redelivery_count {
+        assert_eq!(again.delivery_count(), 2);
+    } else {
+        assert!(
+            again.delivery_count() >= 2,
+            "a redelivery counts: {:?}",
+            again.info()
+        );
+        if again.delivery_count() > 2 {
+            eprintln!(
+                "note: the backend counted {} deliveries where handlers saw 2 (declared)",
+                again.delivery_count()
+            );
+        }
+    }
     again.ack().await.expect("ack");
     subscriber.close().await.expect("close");
 }
