@@ -557,7 +557,9 @@ enum Inner {
 }
 
 /// A stream that can tell what it holds already.
-trait Buffered: Stream<Item = Result<Delivery>> + Send + Unpin {
+pub(crate) trait Buffered: Stream<Item = Result<Delivery>> + Send + Unpin {
+    /// A delivery held already, if any; taking it starts no fetch. `None` also when something
+    /// else (an error, a change the stream must look at) should come out of the next poll.
     fn take_buffered(&mut self) -> Option<Delivery>;
 }
 
@@ -612,11 +614,17 @@ impl Subscription {
 
     /// The subscription of a built-in backend's reader.
     pub(crate) fn from_reader<R: BackendReader>(reader: R) -> Self {
+        Self::from_buffered(ReaderStream {
+            reader: Some(reader),
+            waiting: None,
+        })
+    }
+
+    /// The subscription of a stream whose buffered deliveries can be taken without a fetch
+    /// (a reader's, or the partitions' of a member).
+    pub(crate) fn from_buffered(stream: impl Buffered + 'static) -> Self {
         Subscription {
-            inner: Inner::Reader(Box::new(ReaderStream {
-                reader: Some(reader),
-                waiting: None,
-            })),
+            inner: Inner::Reader(Box::new(stream)),
             flush: None,
             health: None,
         }

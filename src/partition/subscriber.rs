@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::stream::{AbortHandle, Abortable, FuturesUnordered, SelectAll};
+use futures::stream::{FuturesUnordered, SelectAll};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
@@ -209,14 +209,16 @@ impl PartitionedSubscriber {
         let merged = Merged {
             control: control_rx,
             control_open: true,
+            reported: None,
             parts: SelectAll::new(),
+            cursor: 0,
             aborts: HashMap::new(),
             flushes: flushes.clone(),
             healths: healths.clone(),
             ended: ended_tx,
             _dropped: CancelOnDrop(dropped),
         };
-        Ok(Subscription::new(merged)
+        Ok(Subscription::from_buffered(merged)
             .with_flush(Arc::new(FlushAll(flushes)))
             .with_health(Arc::new(WorstHealth {
                 member: member_issue,
@@ -518,14 +520,73 @@ enum PartItem {
     Ended(u32),
 }
 
-type Part = Abortable<Pin<Box<dyn Stream<Item = PartItem> + Send>>>;
+/// Stops one partition's part of the merged stream: the merged stream drops it when next
+/// polled, which the abort wakes it for.
+#[derive(Default)]
+struct PartAbort {
+    aborted: std::sync::atomic::AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl PartAbort {
+    fn abort(&self) {
+        self.aborted.store(true, std::sync::atomic::Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.aborted.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// One partition's subscription in the merged stream: its items, then `Ended` once; nothing
+/// once aborted (given up).
+struct PartStream {
+    partition: u32,
+    subscription: Subscription,
+    ended: bool,
+    abort: Arc<PartAbort>,
+}
+
+impl PartStream {
+    fn take_buffered(&mut self) -> Option<Delivery> {
+        if self.ended || self.abort.is_aborted() {
+            return None;
+        }
+        self.subscription.take_buffered()
+    }
+}
+
+impl Stream for PartStream {
+    type Item = PartItem;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PartItem>> {
+        self.abort.waker.register(cx.waker());
+        if self.ended || self.abort.is_aborted() {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(self.subscription.poll_next_unpin(cx)) {
+            Some(item) => Poll::Ready(Some(PartItem::Item(item))),
+            None => {
+                self.ended = true;
+                Poll::Ready(Some(PartItem::Ended(self.partition)))
+            }
+        }
+    }
+}
 
 /// The deliveries of every partition the member owns, as one stream.
 struct Merged {
     control: mpsc::UnboundedReceiver<Control>,
     control_open: bool,
-    parts: SelectAll<Part>,
-    aborts: HashMap<u32, AbortHandle>,
+    /// An error the member task reported, for the next poll (found while deliveries were
+    /// being taken from the buffers).
+    reported: Option<Error>,
+    parts: SelectAll<PartStream>,
+    /// Where the last buffered delivery was taken: the next look starts there, so that a
+    /// partition's batch is drained without scanning the others for each delivery.
+    cursor: usize,
+    aborts: HashMap<u32, Arc<PartAbort>>,
     flushes: Arc<Mutex<HashMap<u32, FlushHandle>>>,
     healths: Arc<Mutex<HashMap<u32, HealthHandle>>>,
     ended: mpsc::UnboundedSender<u32>,
@@ -536,13 +597,14 @@ impl Merged {
     fn add(&mut self, p: u32, subscription: Subscription) {
         lock(&self.flushes).insert(p, subscription.flush_handle());
         lock(&self.healths).insert(p, subscription.health_handle());
-        let items = subscription
-            .map(PartItem::Item)
-            .chain(futures::stream::once(std::future::ready(PartItem::Ended(p))));
-        let (handle, registration) = AbortHandle::new_pair();
-        let boxed: Pin<Box<dyn Stream<Item = PartItem> + Send>> = Box::pin(items);
-        self.parts.push(Abortable::new(boxed, registration));
-        if let Some(old) = self.aborts.insert(p, handle) {
+        let abort = Arc::new(PartAbort::default());
+        self.parts.push(PartStream {
+            partition: p,
+            subscription,
+            ended: false,
+            abort: abort.clone(),
+        });
+        if let Some(old) = self.aborts.insert(p, abort) {
             old.abort();
         }
     }
@@ -554,6 +616,19 @@ impl Merged {
         lock(&self.flushes).remove(&p);
         lock(&self.healths).remove(&p);
     }
+
+    /// Applies what the member task sent: partitions taken and given up, an error.
+    fn apply(&mut self, control: Control) {
+        match control {
+            Control::Add(p, subscription) => self.add(p, subscription),
+            Control::Remove(p) => self.remove(p),
+            Control::Error(e) => {
+                // The first one waits for the next poll; one that comes before it is out
+                // says no more than the first.
+                self.reported.get_or_insert(e);
+            }
+        }
+    }
 }
 
 impl Stream for Merged {
@@ -563,12 +638,13 @@ impl Stream for Merged {
         let this = &mut *self;
         while this.control_open {
             match this.control.poll_recv(cx) {
-                Poll::Ready(Some(Control::Add(p, subscription))) => this.add(p, subscription),
-                Poll::Ready(Some(Control::Remove(p))) => this.remove(p),
-                Poll::Ready(Some(Control::Error(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(control)) => this.apply(control),
                 Poll::Ready(None) => this.control_open = false,
                 Poll::Pending => break,
             }
+        }
+        if let Some(e) = this.reported.take() {
+            return Poll::Ready(Some(Err(e)));
         }
         loop {
             match this.parts.poll_next_unpin(cx) {
@@ -585,6 +661,43 @@ impl Stream for Merged {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+impl crate::pubsub::Buffered for Merged {
+    fn take_buffered(&mut self) -> Option<Delivery> {
+        // What the member task sent comes first, as in a poll: a partition given up hands
+        // out nothing more.
+        while self.control_open {
+            match self.control.try_recv() {
+                Ok(control) => self.apply(control),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.control_open = false,
+            }
+        }
+        if self.reported.is_some() {
+            return None;
+        }
+        // From the cursor to the end, then from the start up to it.
+        let cursor = self.cursor;
+        let found = self
+            .parts
+            .iter_mut()
+            .enumerate()
+            .skip(cursor)
+            .find_map(|(at, part)| part.take_buffered().map(|d| (at, d)))
+            .or_else(|| {
+                self.parts
+                    .iter_mut()
+                    .take(cursor)
+                    .enumerate()
+                    .find_map(|(at, part)| part.take_buffered().map(|d| (at, d)))
+            });
+        if let Some((at, delivery)) = found {
+            self.cursor = at;
+            return Some(delivery);
+        }
+        None
     }
 }
 
