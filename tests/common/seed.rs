@@ -30,7 +30,7 @@ pub fn run_consumer(
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
-        consumer
+        let result = consumer
             .subscribe(
                 move |msg| {
                     let decision = ack(&msg);
@@ -39,7 +39,12 @@ pub fn run_consumer(
                 },
                 event_types.as_deref(),
             )
-            .await
+            .await;
+        // A test waiting for an event sees only that the consumer stopped: this says why.
+        if let Err(e) = &result {
+            eprintln!("consumer.subscribe returned an error: {e:?}");
+        }
+        result
     });
     (rx, task)
 }
