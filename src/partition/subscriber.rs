@@ -2,7 +2,7 @@
 //! the partitions rendezvous hashing gives it, reads them as one subscription, and hands them
 //! over when the group changes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -209,7 +209,7 @@ impl PartitionedSubscriber {
         let merged = Merged {
             control: control_rx,
             control_open: true,
-            reported: None,
+            reported: VecDeque::new(),
             parts: SelectAll::new(),
             cursor: 0,
             aborts: HashMap::new(),
@@ -579,9 +579,9 @@ impl Stream for PartStream {
 struct Merged {
     control: mpsc::UnboundedReceiver<Control>,
     control_open: bool,
-    /// An error the member task reported, for the next poll (found while deliveries were
-    /// being taken from the buffers).
-    reported: Option<Error>,
+    /// Errors the member task reported, for the next polls (found while controls were
+    /// applied ahead of deliveries).
+    reported: VecDeque<Error>,
     parts: SelectAll<PartStream>,
     /// Where the last buffered delivery was taken: the next look starts there, so that a
     /// partition's batch is drained without scanning the others for each delivery.
@@ -622,11 +622,7 @@ impl Merged {
         match control {
             Control::Add(p, subscription) => self.add(p, subscription),
             Control::Remove(p) => self.remove(p),
-            Control::Error(e) => {
-                // The first one waits for the next poll; one that comes before it is out
-                // says no more than the first.
-                self.reported.get_or_insert(e);
-            }
+            Control::Error(e) => self.reported.push_back(e),
         }
     }
 }
@@ -643,7 +639,7 @@ impl Stream for Merged {
                 Poll::Pending => break,
             }
         }
-        if let Some(e) = this.reported.take() {
+        if let Some(e) = this.reported.pop_front() {
             return Poll::Ready(Some(Err(e)));
         }
         loop {
@@ -675,7 +671,7 @@ impl crate::pubsub::Buffered for Merged {
                 Err(mpsc::error::TryRecvError::Disconnected) => self.control_open = false,
             }
         }
-        if self.reported.is_some() {
+        if !self.reported.is_empty() {
             return None;
         }
         // From the cursor to the end, then from the start up to it.
@@ -754,5 +750,86 @@ impl HealthProbe for WorstHealth {
             }
         }
         SubscriptionHealth::Ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use futures::StreamExt;
+
+    use super::PartitionedSubscriber;
+    use crate::memory::MemoryBackend;
+    use crate::partition::{PartitionCoordinator, partition_stream};
+    use crate::{Error, Message, Publisher, SubscribeOptions, Subscriber};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// The errors of partitions that cannot be read come out of the merged stream one by one,
+    /// and the partitions that can be read go on: through a poll, and through the buffered
+    /// deliveries the router takes without one.
+    #[tokio::test]
+    async fn a_partition_that_cannot_be_read_reports_and_the_others_go_on() {
+        let backend = MemoryBackend::new();
+        let coordinator = Arc::new(backend.coordinator());
+        coordinator.create_partitions("t", 2).await.unwrap();
+        let publisher = backend.publisher();
+        let readable = partition_stream("t", 0);
+        let batch = (0..5u32).map(|n| Message::new("n", &n).unwrap()).collect();
+        publisher.publish_batch(&readable, batch).await.unwrap();
+        publisher
+            .publish(&partition_stream("t", 1), Message::new("n", &99).unwrap())
+            .await
+            .unwrap();
+        // The group exists on partition 0 only.
+        let other = backend.subscriber();
+        drop(
+            other
+                .subscribe(&readable, SubscribeOptions::new("g", "other").batch_size(1))
+                .await
+                .unwrap(),
+        );
+        other.close().await.unwrap();
+
+        let subscriber = PartitionedSubscriber::new(Arc::new(backend.subscriber()), coordinator);
+        let options = SubscribeOptions::new("g", "m")
+            .create_group(false)
+            .batch_size(5)
+            .max_in_flight(5);
+        let mut merged = subscriber.subscribe("t", options).await.unwrap();
+        let (mut seen, mut errors) = (Vec::new(), 0);
+        while seen.len() < 5 {
+            let item = tokio::time::timeout(WAIT, merged.next())
+                .await
+                .expect("an item in time")
+                .expect("open");
+            match item {
+                Ok(delivery) => {
+                    seen.push(delivery.message().decode::<u32>().unwrap());
+                    delivery.ack().await.unwrap();
+                    // What partition 0's read brought with it is taken without a poll.
+                    while let Some(buffered) = merged.take_buffered() {
+                        seen.push(buffered.message().decode::<u32>().unwrap());
+                        buffered.ack().await.unwrap();
+                    }
+                }
+                Err(Error::GroupNotFound { stream, .. }) => {
+                    assert_eq!(stream, partition_stream("t", 1));
+                    errors += 1;
+                }
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seen, [0, 1, 2, 3, 4]);
+        // The member keeps trying partition 1, and says so each time.
+        while errors < 2 {
+            match tokio::time::timeout(WAIT, merged.next()).await.expect("in time") {
+                Some(Err(Error::GroupNotFound { .. })) => errors += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        subscriber.close().await.unwrap();
     }
 }
