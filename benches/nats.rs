@@ -25,8 +25,9 @@
 //!
 //! Knobs: `BENCH_PUBLISH` (20,000), `BENCH_NATS_BACKLOG` (200,000),
 //! `BENCH_LATENCY_EVENTS` (5,000; four times as many at max rate), `BENCH_REPEAT` (3),
-//! `BENCH_ONLY=<workload substring>`, `BENCH_PERF_CTL=<fifo>` (as in `benches/streams.rs`;
-//! the child runs with `--run <index> <nats url>` and `BENCH_SERVER_PID`).
+//! `BENCH_ONLY=<workload substring>`, `BENCH_SYSTEM=<system substring>`,
+//! `BENCH_PERF_CTL=<fifo>` (as in `benches/streams.rs`; the child runs with
+//! `--run <index> <nats url>` and `BENCH_SERVER_PID`).
 
 mod common;
 
@@ -344,6 +345,9 @@ fn specs() -> Vec<Spec> {
     }
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         specs.retain(|s| s.workload.contains(only.as_str()));
+    }
+    if let Ok(system) = std::env::var("BENCH_SYSTEM") {
+        specs.retain(|s| s.system.contains(system.as_str()));
     }
     specs
 }
