@@ -506,3 +506,48 @@ async fn refusals_of_the_server_are_server_errors() {
         .unwrap_err();
     assert!(matches!(err, Error::Server { .. }), "{err:?}");
 }
+
+/// Acks sent in bursts (all but the last of a burst without a confirmation of its own) are
+/// all recorded once `flush` returns: nothing is pending, and nothing comes back after
+/// `ack_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_in_bursts_are_all_recorded_by_flush() {
+    let server = NatsServer::start();
+    let nats = NatsBackend::connect(&server.url()).await.expect("connect");
+    let publisher = nats.publisher();
+    let total = 600u64;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(100) {
+        let batch = chunk.iter().map(|n| Message::new("n", n).unwrap()).collect();
+        publisher.publish_batch("bursts", batch).await.unwrap();
+    }
+    let subscriber = nats
+        .subscriber_with(NatsSubscriberOptions::default().ack_wait(Duration::from_secs(1)))
+        .unwrap();
+    let mut sub = subscriber
+        .subscribe("bursts", opts("g", "c").batch_size(100).max_in_flight(300))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..total {
+        held.push(recv(&mut sub).await);
+        // Settled many at a time, so that acks queue up behind each other.
+        if held.len() == 150 {
+            for d in held.drain(..) {
+                d.ack().await.unwrap();
+            }
+        }
+    }
+    for d in held.drain(..) {
+        d.ack().await.unwrap();
+    }
+    sub.flush().await.expect("flush");
+    assert_eq!(nats.pending_count("bursts", "g").await.unwrap(), 0);
+    // Past ack_wait: an ack the server did not take would bring its message back.
+    quiet(
+        &mut sub,
+        Duration::from_millis(1500),
+        "a message came back after its ack",
+    )
+    .await;
+    subscriber.close().await.unwrap();
+}

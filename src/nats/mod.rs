@@ -12,7 +12,7 @@
 //! | consumer group | a durable pull consumer named after the group, explicit acks, `ack_wait` from [`NatsSubscriberOptions::ack_wait`] |
 //! | consumer name | a lease in the key-value bucket `streamwise_leases` (key `<topic>.<group>.<consumer>`, written with create-if-absent, renewed by compare-and-set every third of its TTL, deleted on close); a second live holder is refused with [`Error::ConsumerActive`] |
 //! | `max_in_flight` | each pull request asks for as many messages as there are free slots, never more |
-//! | ack / nack / `nack_after` | `+ACK` / `-NAK` / `-NAK {"delay": ...}`, each confirmed by the server |
+//! | ack / nack / `nack_after` | `+ACK` sent at once, confirmed a batch at a time (the last one sent again as a request); `-NAK` / `-NAK {"delay": ...}`, each confirmed by the server |
 //! | a long handler | `+WPI` (in progress) for every held delivery every third of `ack_wait` |
 //! | dead letter | the record of [`crate::dead_letter`] published to stream `{orders}-dead` (publish acknowledged), then `+TERM` |
 //! | `max_deliveries` | a message read for the `max_deliveries + 1`-th time is dead-lettered, record first, then `+TERM` |

@@ -46,6 +46,8 @@ pub(crate) struct Ledger {
     inner: Mutex<LedgerInner>,
     /// Woken when a write ends.
     ended: Notify,
+    /// Told when a flush waits: acks sent without a reply are confirmed at once then.
+    flush_wanted: Notify,
 }
 
 #[derive(Default)]
@@ -150,6 +152,7 @@ impl Ledger {
     /// the last flush is the error.
     pub(crate) async fn flush(&self) -> Result<()> {
         let target = self.lock().next;
+        self.flush_wanted.notify_one();
         loop {
             let ended = self.ended.notified();
             tokio::pin!(ended);
@@ -347,6 +350,30 @@ impl Flush for LedgerFlush {
     }
 }
 
+/// Acks sent without a reply each, waiting for one confirmation ([`Writer::confirm_acks`]).
+#[derive(Default)]
+struct Unconfirmed {
+    acks: Vec<(u64, Subject)>,
+    /// The client's connect count when the first was sent.
+    connects: u64,
+    /// When the first was sent.
+    since: Option<tokio::time::Instant>,
+}
+
+/// Acks sent without a reply are confirmed at the latest this long after the first of them
+/// was sent, or once there are [`CONFIRM_EVERY`] of them, or when a flush waits.
+const CONFIRM_AFTER: Duration = Duration::from_millis(20);
+
+/// See [`CONFIRM_AFTER`].
+const CONFIRM_EVERY: usize = 256;
+
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sends the settlements of one subscription, several at once, each retried on its own.
 struct Writer {
     shared: Arc<Shared>,
@@ -357,29 +384,66 @@ struct Writer {
 
 impl Writer {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<(u64, Write)>) {
-        // Acks and naks go out several at once; dead letters one after the other, so that
-        // their records keep the order the subscription gave up on the messages in.
-        let mut running = FuturesUnordered::new();
+        // Naks go out several at once; dead letters one after the other, so that their
+        // records keep the order the subscription gave up on the messages in. Acks are sent at
+        // once without a reply each, and confirmed a batch at a time (`Unconfirmed`).
+        let mut running: FuturesUnordered<futures::future::BoxFuture<'_, ()>> = FuturesUnordered::new();
         let mut dead_letters: VecDeque<(u64, Write)> = VecDeque::new();
         let mut dead_letter: Option<futures::future::BoxFuture<'_, ()>> = None;
+        let mut unconfirmed = Unconfirmed::default();
+        let mut confirming: Option<futures::future::BoxFuture<'_, ()>> = None;
+        let mut flush_wanted = false;
         loop {
             if dead_letter.is_none()
                 && let Some((n, write)) = dead_letters.pop_front()
             {
                 dead_letter = Some(Box::pin(self.write(n, write)));
             }
+            let confirm_at = unconfirmed.since.map(|since| since + CONFIRM_AFTER);
+            if confirming.is_none()
+                && !unconfirmed.acks.is_empty()
+                && (flush_wanted
+                    || unconfirmed.acks.len() >= CONFIRM_EVERY
+                    || confirm_at.is_some_and(|at| at <= tokio::time::Instant::now()))
+            {
+                flush_wanted = false;
+                confirming = Some(Box::pin(self.confirm_acks(std::mem::take(&mut unconfirmed))));
+            }
+            let confirm_due = confirming.is_none() && confirm_at.is_some();
             tokio::select! {
+                () = self.ledger.flush_wanted.notified() => flush_wanted = true,
+                () = sleep_until_or_never(confirm_at), if confirm_due => {}
                 next = rx.recv(), if running.len() < MAX_WRITES => match next {
                     Some((n, write @ Write::DeadLetter { .. })) => dead_letters.push_back((n, write)),
-                    Some((n, write)) => running.push(self.write(n, write)),
+                    Some((n, Write::Ack(reply))) => {
+                        if unconfirmed.acks.is_empty() {
+                            unconfirmed.connects = self.connects();
+                            unconfirmed.since = Some(tokio::time::Instant::now());
+                        }
+                        let payload: Bytes = AckKind::Ack.into();
+                        if self.shared.client.publish(reply.clone(), payload).await.is_ok() {
+                            unconfirmed.acks.push((n, reply));
+                        } else {
+                            // Not sent (the client is closing): confirmed on its own, retried.
+                            running.push(Box::pin(self.write(n, Write::Ack(reply))));
+                        }
+                    }
+                    Some((n, write)) => running.push(Box::pin(self.write(n, write))),
                     None => break,
                 },
                 Some(()) = running.next(), if !running.is_empty() => {}
+                Some(()) = futures::future::OptionFuture::from(confirming.as_mut()), if confirming.is_some() => {
+                    confirming = None;
+                }
                 Some(()) = futures::future::OptionFuture::from(dead_letter.as_mut()), if dead_letter.is_some() => {
                     dead_letter = None;
                 }
             }
         }
+        if let Some(confirmation) = confirming {
+            confirmation.await;
+        }
+        self.confirm_acks(unconfirmed).await;
         if let Some(write) = dead_letter {
             write.await;
         }
@@ -387,6 +451,36 @@ impl Writer {
             self.write(n, write).await;
         }
         while running.next().await.is_some() {}
+    }
+
+    /// How many times the client has connected so far.
+    fn connects(&self) -> u64 {
+        self.shared
+            .client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Confirms acks that were sent without a reply: the last is sent again, as a request.
+    /// The server takes a connection's acks of one consumer in order, so its reply says the
+    /// others were taken too, unless the client connected anew since the first was sent (one
+    /// may have been lost with the old connection): then, or when the request failed, each is
+    /// confirmed on its own (acking a message twice does nothing more).
+    async fn confirm_acks(&self, batch: Unconfirmed) {
+        let Some((_, last)) = batch.acks.last() else {
+            return;
+        };
+        let confirmed = self.confirm(last.clone(), AckKind::Ack).await;
+        let taken = confirmed.is_ok() && self.connects() == batch.connects;
+        for (n, reply) in batch.acks {
+            let result = if taken {
+                Ok(())
+            } else {
+                self.confirm(reply, AckKind::Ack).await
+            };
+            self.ledger.end(n, result.err());
+        }
     }
 
     async fn write(&self, n: u64, write: Write) {
