@@ -241,3 +241,33 @@ async fn a_schedule_survives_a_server_restart_with_aof() {
     task.abort();
     subscriber.close().await.unwrap();
 }
+
+/// A due time between two milliseconds is stored as the later one: the mover compares whole
+/// milliseconds of the server's clock, so a score rounded down would move the message up to a
+/// millisecond before it is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_time_is_never_stored_earlier_than_asked() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let publisher = backend.publisher();
+    let at = SystemTime::now() + Duration::from_secs(3600) + Duration::from_micros(900);
+    publisher
+        .publish_at("rounding", at, Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    let scored: Vec<(Vec<u8>, u64)> = backend
+        .connection()
+        .command(
+            cmd("ZRANGE")
+                .arg("streamwise:scheduled:{rounding}")
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(scored.len(), 1);
+    let due = UNIX_EPOCH + Duration::from_millis(scored[0].1);
+    assert!(due >= at, "stored due {due:?} is before {at:?}");
+    assert!(due < at + Duration::from_millis(1));
+}

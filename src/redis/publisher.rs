@@ -642,9 +642,11 @@ impl RedisPublisher {
                     });
                 }
             }
-            let due_ms = at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            // Rounded up: the mover compares whole milliseconds of the server's clock, and a
+            // score rounded down would move the message before it is due.
+            let due_ms = at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| {
+                u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+            });
             // Sent again after a lost reply, it adds nothing: the member is the same.
             let schedule = keys::scheduled(topic);
             let _: i64 = self
