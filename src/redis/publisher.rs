@@ -655,7 +655,9 @@ impl RedisPublisher {
                 .await?;
             // Due before the subscriptions' movers look again: moved on time from here.
             if at < std::time::SystemTime::now() + super::scheduled::MOVER_POLL {
-                super::scheduled::move_when_due(self.conn.clone(), topic.to_owned(), at);
+                // At the stored due time: sooner, the server's clock has not reached it.
+                let stored = std::time::UNIX_EPOCH + std::time::Duration::from_millis(due_ms);
+                super::scheduled::move_when_due(self.conn.clone(), topic.to_owned(), stored);
             }
             Ok(())
         }
