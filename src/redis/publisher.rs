@@ -649,10 +649,15 @@ impl RedisPublisher {
             });
             // Sent again after a lost reply, it adds nothing: the member is the same.
             let schedule = keys::scheduled(topic);
-            let _: i64 = self
-                .conn
-                .command(redis::cmd("ZADD").arg(&schedule).arg(due_ms).arg(member))
-                .await?;
+            let zadd = redis::cmd("ZADD").arg(&schedule).arg(due_ms).arg(member).clone();
+            // On the publisher's own connection, as a publish (the schedule is in the topic's
+            // slot), else on the shared one.
+            match self.send_own(topic, Request::One(&zadd)).await {
+                Some(sent) => drop(sent?),
+                None => {
+                    let _: i64 = self.conn.command(&zadd).await?;
+                }
+            }
             // Due before the subscriptions' movers look again: moved on time from here.
             if at < std::time::SystemTime::now() + super::scheduled::MOVER_POLL {
                 // At the stored due time: sooner, the server's clock has not reached it.
