@@ -3,9 +3,12 @@
 //! and waits for each confirmation, and the heartbeat task (in-progress acks for what it
 //! holds, the lease's renewal).
 //!
-//! Every settlement goes out as a request on the message's ack subject, so the server
-//! confirms it (what JetStream calls a double ack): a flush that returned means the acks
-//! before it were applied, and a close that flushed leaves nothing acked behind. A dead
+//! Every settlement is confirmed by the server: naks, terms and in-progress acks each as a
+//! request on the message's ack subject (what JetStream calls a double ack); acks go out at
+//! once without a reply and are confirmed a batch at a time, by a request for the last of the
+//! batch, on a server that takes one connection's acks in order (one not in a cluster; else
+//! each is a request). A flush that returned means the acks before it were applied, and a
+//! close that flushed leaves nothing acked behind. A dead
 //! letter is a publish of the record to `{<topic>}-dead`, acknowledged by the stream, then a
 //! `+TERM`; until the record is in, the message stays held (heartbeated) and the write is
 //! retried, so at no moment is a message neither pending nor kept.
@@ -350,6 +353,32 @@ impl Flush for LedgerFlush {
     }
 }
 
+/// Whether one confirmation may stand for the acks sent before it: the client talks to a
+/// server that is not part of a cluster (nor, as far as it says, reaches JetStream in another
+/// domain through a leaf node). Across servers, an ack can be lost on a route that reconnects,
+/// or with a consumer leader that moves, while a later one is answered. Looked up again after
+/// each connect (the client may have gone to another server).
+#[derive(Default)]
+struct InOrder {
+    /// The connect count it was looked up at, and what it said.
+    seen: Option<(u64, bool)>,
+}
+
+impl InOrder {
+    fn get(&mut self, writer: &Writer) -> bool {
+        let connects = writer.connects();
+        match self.seen {
+            Some((at, in_order)) if at == connects => in_order,
+            _ => {
+                let info = writer.shared.client.server_info();
+                let in_order = info.cluster.is_none() && info.domain.is_none();
+                self.seen = Some((connects, in_order));
+                in_order
+            }
+        }
+    }
+}
+
 /// Acks sent without a reply each, waiting for one confirmation ([`Writer::confirm_acks`]).
 #[derive(Default)]
 struct Unconfirmed {
@@ -393,13 +422,17 @@ impl Writer {
         let mut unconfirmed = Unconfirmed::default();
         let mut confirming: Option<futures::future::BoxFuture<'_, ()>> = None;
         let mut flush_wanted = false;
+        let mut in_order = InOrder::default();
         loop {
             if dead_letter.is_none()
                 && let Some((n, write)) = dead_letters.pop_front()
             {
                 dead_letter = Some(Box::pin(self.write(n, write)));
             }
-            let confirm_at = unconfirmed.since.map(|since| since + CONFIRM_AFTER);
+            let confirm_at = unconfirmed
+                .since
+                .filter(|_| !unconfirmed.acks.is_empty())
+                .map(|since| since + CONFIRM_AFTER);
             if confirming.is_none()
                 && !unconfirmed.acks.is_empty()
                 && (flush_wanted
@@ -415,13 +448,14 @@ impl Writer {
                 () = sleep_until_or_never(confirm_at), if confirm_due => {}
                 next = rx.recv(), if running.len() < MAX_WRITES => match next {
                     Some((n, write @ Write::DeadLetter { .. })) => dead_letters.push_back((n, write)),
-                    Some((n, Write::Ack(reply))) => {
-                        if unconfirmed.acks.is_empty() {
-                            unconfirmed.connects = self.connects();
-                            unconfirmed.since = Some(tokio::time::Instant::now());
-                        }
+                    Some((n, Write::Ack(reply))) if in_order.get(&self) => {
+                        let connects = self.connects();
                         let payload: Bytes = AckKind::Ack.into();
                         if self.shared.client.publish(reply.clone(), payload).await.is_ok() {
+                            if unconfirmed.acks.is_empty() {
+                                unconfirmed.connects = connects;
+                                unconfirmed.since = Some(tokio::time::Instant::now());
+                            }
                             unconfirmed.acks.push((n, reply));
                         } else {
                             // Not sent (the client is closing): confirmed on its own, retried.
@@ -472,15 +506,19 @@ impl Writer {
             return;
         };
         let confirmed = self.confirm(last.clone(), AckKind::Ack).await;
-        let taken = confirmed.is_ok() && self.connects() == batch.connects;
-        for (n, reply) in batch.acks {
-            let result = if taken {
-                Ok(())
-            } else {
-                self.confirm(reply, AckKind::Ack).await
-            };
-            self.ledger.end(n, result.err());
+        if confirmed.is_ok() && self.connects() == batch.connects {
+            for (n, _) in batch.acks {
+                self.ledger.end(n, None);
+            }
+            return;
         }
+        // Each on its own, all at once (as acks went before batches).
+        futures::stream::iter(batch.acks)
+            .for_each_concurrent(MAX_WRITES, |(n, reply)| async move {
+                let result = self.confirm(reply, AckKind::Ack).await;
+                self.ledger.end(n, result.err());
+            })
+            .await;
     }
 
     async fn write(&self, n: u64, write: Write) {
