@@ -355,8 +355,8 @@ async fn assert_nothing_pending(conn: &RedisConnection) {
 
 /// 8 partitions, 100,000 keyed messages; members join one by one, one is SIGKILLed and
 /// replaced, one leaves with SIGTERM: 0 lost, each key in order, duplicates only from the
-/// killed member's in-flight window, and after each change every partition owned by exactly
-/// the member rendezvous hashing names.
+/// killed member (its in-flight window and its unwritten acks), and after each change every
+/// partition owned by exactly the member rendezvous hashing names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_join_leave_and_crash_without_loss_or_reordering() {
     let server = RedisServer::start();
@@ -402,9 +402,11 @@ async fn members_join_leave_and_crash_without_loss_or_reordering() {
     stop(m3);
     let duplicates = check_order(&conn, seqs, Repeats::ExactReplay).await;
     eprintln!("{duplicates} duplicates");
-    // Only the killed member's window comes again: joins and graceful leaves hand over with
-    // every ack written.
-    assert!(duplicates <= WINDOW as u64 + 8, "{duplicates} duplicates");
+    // Only the killed member's entries come again: joins and graceful leaves hand over with
+    // every ack written. What the kill leaves behind is its window in flight plus the acks
+    // of deliveries it settled whose XACK had not returned (a slot is free at the settle, not
+    // at the write): at most about a second window under load (41 seen in CI).
+    assert!(duplicates <= 2 * WINDOW as u64, "{duplicates} duplicates");
     assert_nothing_pending(&conn).await;
 }
 
