@@ -20,19 +20,17 @@ mod common;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Pacing, Row, Spec, env, measure, message, nothing, parse_row, payload_of, print_table, router_consume,
-    router_end_to_end, summarize,
+    LatencyRouter, Pacing, Row, Spec, env, measure, message, nothing, parse_row, payload_of, print_table,
+    router_consume, router_end_to_end, summarize,
 };
 use streamwise::memory::MemoryBackend;
 use streamwise::redis::RedisBackend;
 use streamwise::redis::client::{self as redis_client, Value};
-use streamwise::router::{Router, Routes};
 use streamwise::testing::{RedisCluster, RedisServer};
-use streamwise::{Message, Publisher, StartFrom, SubscribeOptions};
+use streamwise::{Message, Publisher, StartFrom};
 
 // ----------------------------------------------------------------------------- measurement
 
@@ -244,36 +242,15 @@ async fn streamwise_delayed_delivery(url: String, n: u64, size: usize) -> (u64, 
     const SPREAD: Duration = Duration::from_secs(2);
     let redis = RedisBackend::new(&url).expect("url");
     let base = Instant::now();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
-    let got = Arc::new(AtomicU64::new(0));
-    let (s, g) = (seen.clone(), got.clone());
-    let handler = move |m: Message| {
-        let (s, g) = (s.clone(), g.clone());
-        async move {
-            let due: u64 = m
-                .metadata()
-                .get("due_ns")
-                .and_then(|v| v.parse().ok())
-                .expect("due_ns");
-            let now = base.elapsed().as_nanos() as u64;
-            s.lock()
-                .expect("lock")
-                .push(Duration::from_nanos(now.saturating_sub(due)));
-            g.fetch_add(1, Ordering::Relaxed);
-        }
-    };
-    let options = SubscribeOptions::new("g", "c")
-        .batch_size(100)
-        .max_in_flight(256)
-        .start_from(StartFrom::Beginning);
-    let running = Router::new()
-        .subscribe("delayed", options, Routes::new().route("bench.event", handler))
-        .start(
-            Arc::new(redis.subscriber().expect("subscriber")),
-            Arc::new(redis.publisher()),
-        )
-        .await
-        .expect("router");
+    let router = LatencyRouter::start(
+        Arc::new(redis.subscriber().expect("subscriber")),
+        Arc::new(redis.publisher()),
+        "delayed",
+        StartFrom::Beginning,
+        "due_ns",
+        base,
+    )
+    .await;
     let publisher = redis.publisher();
     let scheduled = Instant::now();
     for i in 0..n {
@@ -288,12 +265,7 @@ async fn streamwise_delayed_delivery(url: String, n: u64, size: usize) -> (u64, 
             .await
             .expect("publish_after");
     }
-    while got.load(Ordering::Relaxed) < n {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    running.shutdown().await.expect("shutdown");
-    let latencies = std::mem::take(&mut *seen.lock().expect("lock"));
-    (n, latencies)
+    (n, router.finish(n).await)
 }
 
 /// Fills `stream` with `n` entries in the wire format, pipelined, for the consume workloads.

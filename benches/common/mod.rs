@@ -234,45 +234,75 @@ pub(crate) async fn router_end_to_end(
     size: usize,
 ) -> (u64, Vec<Duration>) {
     let base = Instant::now();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
-    let got = Arc::new(AtomicU64::new(0));
-    let (s, g) = (seen.clone(), got.clone());
-    let handler = move |m: Message| {
-        let (s, g) = (s.clone(), g.clone());
-        async move {
-            let sent: u64 = m
-                .metadata()
-                .get("sent_ns")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let now = base.elapsed().as_nanos() as u64;
-            s.lock()
-                .expect("lock")
-                .push(Duration::from_nanos(now.saturating_sub(sent)));
-            g.fetch_add(1, Ordering::Relaxed);
-        }
-    };
-    let options = SubscribeOptions::new("g", "c")
-        .batch_size(100)
-        .max_in_flight(256)
-        .start_from(StartFrom::Latest);
-    let running = Router::new()
-        .subscribe(stream, options, Routes::new().route("bench.event", handler))
-        .start(subscriber, router_publisher)
-        .await
-        .expect("router");
+    let router = LatencyRouter::start(
+        subscriber,
+        router_publisher,
+        stream,
+        StartFrom::Latest,
+        "sent_ns",
+        base,
+    )
+    .await;
     let pacing = Pacing::new(rate);
     for i in 0..n {
         pacing.wait_for(i).await;
         let m = message(size).with_metadata("sent_ns", base.elapsed().as_nanos().to_string());
         publisher.publish(stream, m).await.expect("publish");
     }
-    while got.load(Ordering::Relaxed) < n {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    (n, router.finish(n).await)
+}
+
+/// A router whose handler records how late each event came: its arrival minus the time (ns
+/// since `base`) in the metadata field `stamp`.
+pub(crate) struct LatencyRouter {
+    running: streamwise::router::RunningRouter,
+    seen: Arc<std::sync::Mutex<Vec<Duration>>>,
+    got: Arc<AtomicU64>,
+}
+
+impl LatencyRouter {
+    pub(crate) async fn start(
+        subscriber: Arc<dyn Subscriber>,
+        publisher: Arc<dyn Publisher>,
+        stream: &str,
+        start_from: StartFrom,
+        stamp: &'static str,
+        base: Instant,
+    ) -> Self {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let got = Arc::new(AtomicU64::new(0));
+        let (s, g) = (seen.clone(), got.clone());
+        let handler = move |m: Message| {
+            let (s, g) = (s.clone(), g.clone());
+            async move {
+                let stamped: u64 = m.metadata().get(stamp).and_then(|v| v.parse().ok()).unwrap_or(0);
+                let now = base.elapsed().as_nanos() as u64;
+                s.lock()
+                    .expect("lock")
+                    .push(Duration::from_nanos(now.saturating_sub(stamped)));
+                g.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        let options = SubscribeOptions::new("g", "c")
+            .batch_size(100)
+            .max_in_flight(256)
+            .start_from(start_from);
+        let running = Router::new()
+            .subscribe(stream, options, Routes::new().route("bench.event", handler))
+            .start(subscriber, publisher)
+            .await
+            .expect("router");
+        LatencyRouter { running, seen, got }
     }
-    running.shutdown().await.expect("shutdown");
-    let latencies = std::mem::take(&mut *seen.lock().expect("lock"));
-    (n, latencies)
+
+    /// Waits until `n` events were handled, stops the router, and returns their latencies.
+    pub(crate) async fn finish(self, n: u64) -> Vec<Duration> {
+        while self.got.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.running.shutdown().await.expect("shutdown");
+        std::mem::take(&mut *self.seen.lock().expect("lock"))
+    }
 }
 
 /// A numeric knob from the environment.
