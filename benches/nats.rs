@@ -42,7 +42,7 @@ use futures::StreamExt;
 
 use common::{
     Pacing, Row, Spec, env, measure, message, nothing, parse_row, payload_of, print_table, process_cpu_time,
-    router_consume, router_end_to_end, summarize,
+    publish_awaited, router_consume, router_end_to_end, summarize,
 };
 use streamwise::Publisher;
 use streamwise::nats::NatsBackend;
@@ -233,16 +233,7 @@ async fn connect(url: &str) -> NatsBackend {
 
 async fn streamwise_publish_awaited(url: String, n: u64, size: usize) -> (u64, Vec<Duration>) {
     let publisher = connect(&url).await.publisher();
-    let base = message(size);
-    let mut lat = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        // A clone of one message, as the raw loop sends one body.
-        let m = base.clone();
-        let t = Instant::now();
-        publisher.publish("sw-pub", m).await.expect("publish");
-        lat.push(t.elapsed());
-    }
-    (n, lat)
+    publish_awaited(&publisher, "sw-pub", n, size).await
 }
 
 /// Fills `topic` with `n` messages through streamwise's publisher, 1,000 a batch (each batch

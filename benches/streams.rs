@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     LatencyRouter, Pacing, Row, Spec, env, measure, message, nothing, parse_row, payload_of, print_table,
-    router_consume, router_end_to_end, summarize,
+    publish_awaited, router_consume, router_end_to_end, summarize,
 };
 use streamwise::memory::MemoryBackend;
 use streamwise::redis::RedisBackend;
@@ -149,16 +149,7 @@ async fn raw_publish_awaited(url: String, n: u64, size: usize) -> (u64, Vec<Dura
 
 async fn streamwise_publish_awaited(url: String, n: u64, size: usize) -> (u64, Vec<Duration>) {
     let publisher = RedisBackend::new(&url).expect("url").publisher();
-    let base = message(size);
-    let mut lat = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        // A clone of one message, as the raw loop sends one pre-serialized body.
-        let m = base.clone();
-        let t = Instant::now();
-        publisher.publish("sw-pub", m).await.expect("publish");
-        lat.push(t.elapsed());
-    }
-    (n, lat)
+    publish_awaited(&publisher, "sw-pub", n, size).await
 }
 
 /// 50 tasks publishing batches of 64, on one shared connection.

@@ -305,6 +305,25 @@ impl LatencyRouter {
     }
 }
 
+/// Publishes `n` messages of `size` to `topic` through `publisher`, each awaited before the
+/// next (a clone of one message, as the raw loops send one body); the latency of each.
+pub(crate) async fn publish_awaited(
+    publisher: &dyn Publisher,
+    topic: &str,
+    n: u64,
+    size: usize,
+) -> (u64, Vec<Duration>) {
+    let base = message(size);
+    let mut lat = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let m = base.clone();
+        let t = Instant::now();
+        publisher.publish(topic, m).await.expect("publish");
+        lat.push(t.elapsed());
+    }
+    (n, lat)
+}
+
 /// A numeric knob from the environment.
 pub(crate) fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
