@@ -1,7 +1,7 @@
 //! The stream log of the in-memory backend: entries, consumer groups and their pending lists,
 //! as Redis keeps them. Synchronous and clock-free (callers pass `now`), so it is easy to test.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,10 +37,45 @@ struct Group {
     retry: RetryQueue,
     live_consumers: HashSet<Arc<str>>,
     /// The highest id each consumer acknowledged, for its checkpoint.
-    acked_up_to: HashMap<Arc<str>, EntryId>,
+    acked_up_to: AckedUpTo,
 }
 
 type RetryQueue = BTreeSet<(Instant, EntryId)>;
+
+/// The highest id each consumer of a group acknowledged. An ack names its consumer by the same
+/// `Arc` its pending entry holds, and a group's acks come mostly from the consumer that acked
+/// last: a list kept most recent first, searched by pointer, is cheaper per ack than hashing
+/// the name.
+#[derive(Debug, Default)]
+struct AckedUpTo(Vec<(Arc<str>, EntryId)>);
+
+impl AckedUpTo {
+    /// `consumer` acknowledged `id`.
+    fn raise(&mut self, consumer: Arc<str>, id: EntryId) {
+        let found = match self.0.iter().position(|(c, _)| Arc::ptr_eq(c, &consumer)) {
+            Some(i) => Some(i),
+            None => self.0.iter().position(|(c, _)| *c == consumer),
+        };
+        match found {
+            Some(i) => {
+                let acked = &mut self.0[i].1;
+                *acked = (*acked).max(id);
+                if i > 0 {
+                    self.0.swap(0, i);
+                }
+            }
+            None => {
+                self.0.push((consumer, id));
+                let last = self.0.len() - 1;
+                self.0.swap(0, last);
+            }
+        }
+    }
+
+    fn get(&self, consumer: &str) -> Option<EntryId> {
+        self.0.iter().find(|(c, _)| &**c == consumer).map(|(_, id)| *id)
+    }
+}
 
 #[derive(Debug)]
 struct Pending {
@@ -164,7 +199,7 @@ impl StreamLog {
             pending: BTreeMap::new(),
             retry: BTreeSet::new(),
             live_consumers: HashSet::new(),
-            acked_up_to: HashMap::new(),
+            acked_up_to: AckedUpTo::default(),
         });
         true
     }
@@ -370,8 +405,7 @@ impl StreamLog {
                 if let Some(at) = p.retry_at {
                     g.retry.remove(&(at, id));
                 }
-                let acked = g.acked_up_to.entry(p.consumer).or_insert(id);
-                *acked = (*acked).max(id);
+                g.acked_up_to.raise(p.consumer, id);
                 true
             }
             None => false,
@@ -383,7 +417,7 @@ impl StreamLog {
     /// `None` before its first acknowledgement.
     pub(crate) fn position(&self, group: &str, consumer: &str) -> Option<EntryId> {
         let g = &self.groups[self.group_index(group)?];
-        let acked = *g.acked_up_to.get(consumer)?;
+        let acked = g.acked_up_to.get(consumer)?;
         let oldest = g
             .pending
             .iter()
@@ -455,6 +489,22 @@ impl StreamLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acked_up_to_keeps_each_consumers_highest_id_by_name() {
+        let mut acked = AckedUpTo::default();
+        let (a, b) = (Arc::<str>::from("a"), Arc::<str>::from("b"));
+        acked.raise(a.clone(), EntryId::new(1, 0));
+        acked.raise(b.clone(), EntryId::new(5, 0));
+        acked.raise(a.clone(), EntryId::new(3, 0));
+        // A lower id does not move it back; another `Arc` of the same name is the same consumer.
+        acked.raise(Arc::from("a"), EntryId::new(2, 0));
+        acked.raise(b, EntryId::new(4, 0));
+        assert_eq!(acked.get("a"), Some(EntryId::new(3, 0)));
+        assert_eq!(acked.get("b"), Some(EntryId::new(5, 0)));
+        assert_eq!(acked.get("c"), None);
+        assert_eq!(acked.0.len(), 2);
+    }
 
     const PLAN: FetchPlan = FetchPlan {
         drain_own: false,
