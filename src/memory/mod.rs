@@ -753,7 +753,10 @@ impl Reader {
                 reclaim_min_idle: reclaim_due.map(|r| r.min_idle),
                 max_deliveries: self.max_deliveries,
             };
-            let mut out = FetchOut::default();
+            let mut out = FetchOut {
+                fetched: Vec::with_capacity(taken),
+                ..FetchOut::default()
+            };
             {
                 let mut log = stream.log();
                 // Checked under the lock that abandoning takes: nothing is fetched for a
