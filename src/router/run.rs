@@ -1,11 +1,12 @@
 //! Running a router: one task per subscription pulls deliveries (only as fast as
-//! `max_in_flight` lets the subscription hand them out), runs each through its service stack
-//! as one of the task's concurrent futures (after the one before it with its key, when the
-//! subscription is ordered: `ordering`), turns a handler's error or panic into an outcome, and
-//! has the delivery settled from the outcome (`settle`). (Handlers of one
-//! subscription share its task: they run concurrently, not in parallel; CPU-heavy handlers
-//! should use `spawn_blocking`. Subscriptions run in parallel.) Shutdown has two phases: stop
-//! fetching, then let in-flight handlers finish until the deadline, settle them, and close the
+//! `max_in_flight` lets the subscription hand them out) and runs each through its service
+//! stack (after the one before it with its key, when the subscription is ordered:
+//! `ordering`): first in place, as soon as it is taken, and, if it has to wait, on as one of
+//! the task's concurrent futures. It turns a handler's error or panic into an outcome and has
+//! the delivery settled from the outcome (`settle`). (Handlers of one subscription share its
+//! task: they run concurrently, not in parallel; CPU-heavy handlers should use
+//! `spawn_blocking`. Subscriptions run in parallel.) Shutdown has two phases: stop fetching,
+//! then let in-flight handlers finish until the deadline, settle them, and close the
 //! subscriber (which flushes acks and checkpoints).
 
 use std::future::Future;
@@ -308,7 +309,7 @@ async fn fetch_loop(
 ) {
     let mut subscription = Some(subscription);
     let mut last_error = None;
-    let mut handlers = FuturesUnordered::new();
+    let mut handlers: FuturesUnordered<HandlerFuture> = FuturesUnordered::new();
     // Waited on across iterations, at the cost of one atomic load per poll.
     let abandoned = abandon.wait();
     let stopped = stop_fetching.wait();
@@ -331,7 +332,14 @@ async fn fetch_loop(
         };
         for taken in 1.. {
             match next {
-                Some(Ok(delivery)) => handlers.push(handling(&worker, ordering.as_mut(), delivery)),
+                Some(Ok(delivery)) => {
+                    let mut handler: HandlerFuture = Box::pin(handling(&worker, ordering.as_mut(), delivery));
+                    // Run at once: one that finishes without waiting (most, in a backlog) costs
+                    // no place among the concurrent futures; one that waits takes one.
+                    if poll_once(handler.as_mut()).await.is_pending() {
+                        handlers.push(handler);
+                    }
+                }
                 Some(Err(e)) => {
                     tracing::error!(topic, error = %e, "subscription error; the router keeps going");
                     last_error = Some(e);
@@ -361,6 +369,15 @@ async fn fetch_loop(
         drop(handlers);
         worker.common.metrics.none_in_flight();
     }
+}
+
+/// A delivery's handling, boxed: run once in place, and kept among the concurrent futures
+/// only when it waits.
+type HandlerFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Polls `future` once with the calling task's context.
+async fn poll_once(mut future: std::pin::Pin<&mut (dyn Future<Output = ()> + Send)>) -> std::task::Poll<()> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await
 }
 
 /// The future that handles `delivery`: at once, or after the one before it with the same
