@@ -1,12 +1,13 @@
 //! The stream log of the in-memory backend: entries, consumer groups and their pending lists,
 //! as Redis keeps them. Synchronous and clock-free (callers pass `now`), so it is easy to test.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::pending::PendingList;
 use crate::message::{EntryId, Message};
 use crate::pubsub::StartFrom;
 
@@ -32,7 +33,7 @@ struct Stored {
 struct Group {
     name: Arc<str>,
     last_delivered: EntryId,
-    pending: BTreeMap<EntryId, Pending>,
+    pending: PendingList<Pending>,
     /// Nacked entries by the time they may be delivered again (to their owner).
     retry: RetryQueue,
     live_consumers: HashSet<Arc<str>>,
@@ -196,7 +197,7 @@ impl StreamLog {
         self.groups.push(Group {
             name: group.into(),
             last_delivered,
-            pending: BTreeMap::new(),
+            pending: PendingList::default(),
             retry: BTreeSet::new(),
             live_consumers: HashSet::new(),
             acked_up_to: AckedUpTo::default(),

@@ -22,6 +22,7 @@
 
 mod coordinator;
 mod log;
+mod pending;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
