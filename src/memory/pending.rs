@@ -43,7 +43,11 @@ impl<T> PendingList<T> {
     }
 
     fn slot(&self, id: &EntryId) -> Result<usize, usize> {
-        self.slots.binary_search_by(|(slot, _)| slot.cmp(id))
+        // Acks come mostly in id order, and the front is never a gone slot: try it first.
+        match self.slots.front() {
+            Some((first, _)) if first == id => Ok(0),
+            _ => self.slots.binary_search_by(|(slot, _)| slot.cmp(id)),
+        }
     }
 
     pub(crate) fn get(&self, id: &EntryId) -> Option<&T> {
