@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use streamwise::redis::client::{Value, cmd};
-use streamwise::redis::ops::{self, Mode, PendingQuery, ReplayOptions, ResetTo, TrimTo};
+use streamwise::redis::ops::{self, Mode, PendingQuery, ReplayOptions, ResetTo, TrimGuard, TrimTo};
 use streamwise::redis::{RedisBackend, RedisConnection, RedisSubscriber, RedisSubscriberOptions, admin};
 use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber, Subscription};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -216,15 +216,27 @@ async fn a_trim_refuses_a_consumer_that_starts_between_its_look_and_its_write() 
         .unwrap();
     let proxy = HoldingProxy::start(server.port(), &[b"XTRIM", b"EVALSHA"]).await;
     let through = RedisConnection::new(&proxy.url()).unwrap();
-    let dry = ops::trim(&through, "orders", TrimTo::MaxLen(2), Mode::DryRun, false)
-        .await
-        .unwrap();
+    let dry = ops::trim(
+        &through,
+        "orders",
+        TrimTo::MaxLen(2),
+        Mode::DryRun,
+        TrimGuard::default(),
+    )
+    .await
+    .unwrap();
     assert!(!dry.refused && dry.changes(), "{dry:?}");
     proxy.arm();
-    let trim =
-        tokio::spawn(
-            async move { ops::trim(&through, "orders", TrimTo::MaxLen(2), Mode::Execute, false).await },
-        );
+    let trim = tokio::spawn(async move {
+        ops::trim(
+            &through,
+            "orders",
+            TrimTo::MaxLen(2),
+            Mode::Execute,
+            TrimGuard::default(),
+        )
+        .await
+    });
     proxy.held().await;
     let holder = Holder::start(&server.url(), "orders", "billing", "w-1", 2).await;
     eventually_exists(&conn, "streamwise:lease:{orders}:billing:w-1").await;
@@ -260,9 +272,15 @@ async fn live_consumers_are_found_without_scanning_the_keyspace() {
     assert!(reset.refused);
     assert_eq!(reset.live[0].consumer, "w-1");
     assert!(reset.live[0].lease_ttl_ms.is_some_and(|ttl| ttl > 0));
-    let trim = ops::trim(conn, "orders", TrimTo::MaxLen(0), Mode::DryRun, false)
-        .await
-        .unwrap();
+    let trim = ops::trim(
+        conn,
+        "orders",
+        TrimTo::MaxLen(0),
+        Mode::DryRun,
+        TrimGuard::default(),
+    )
+    .await
+    .unwrap();
     assert!(trim.refused);
     assert_eq!(trim.live[0].consumer, "w-1");
 
@@ -284,9 +302,15 @@ async fn durations_beyond_the_clock_are_no_panic() {
             .await
             .unwrap();
         assert_eq!((purge.total, purge.older_than_ms), (0, Some(u64::MAX)));
-        let trim = ops::trim(conn, "orders", TrimTo::OlderThan(Duration::MAX), mode, false)
-            .await
-            .unwrap();
+        let trim = ops::trim(
+            conn,
+            "orders",
+            TrimTo::OlderThan(Duration::MAX),
+            mode,
+            TrimGuard::default(),
+        )
+        .await
+        .unwrap();
         assert!(!trim.changes(), "{trim:?}");
     }
     assert_eq!(admin::stream_length(conn, "{orders}-dead").await.unwrap(), 1);

@@ -13,7 +13,7 @@ use streamwise::codec::JsonCodec;
 use streamwise::partition::{
     PartitionCoordinator, PartitionedPublisher, partition_for_key, partition_stream,
 };
-use streamwise::redis::ops::{self, LeaseState, Mode, PendingQuery, ReplayOptions, TrimTo};
+use streamwise::redis::ops::{self, LeaseState, Mode, PendingQuery, ReplayOptions, TrimGuard, TrimTo};
 use streamwise::redis::{RedisBackend, RedisConnection, StreamReader, admin};
 use streamwise::{EntryId, Message, Publisher, StartFrom};
 
@@ -100,6 +100,7 @@ pub(crate) async fn run(command: &Command, conn: &RedisConnection, out: &Out) ->
             topic,
             to,
             execute,
+            idle_group_age,
             force,
         } => {
             let to = match (to.maxlen, to.older_than) {
@@ -113,7 +114,14 @@ pub(crate) async fn run(command: &Command, conn: &RedisConnection, out: &Out) ->
                     ));
                 }
             };
-            trim(conn, out, topic, to, mode(*execute), *force).await
+            let guard = if *force {
+                TrimGuard::Force
+            } else {
+                TrimGuard::Safe {
+                    idle_group_age: *idle_group_age,
+                }
+            };
+            trim(conn, out, topic, to, mode(*execute), guard).await
         }
     }
 }
@@ -826,9 +834,9 @@ async fn trim(
     topic: &str,
     to: TrimTo,
     mode: Mode,
-    force: bool,
+    guard: TrimGuard,
 ) -> streamwise::Result<Exit> {
-    let report = with_spinner(out, "trimming", ops::trim(conn, topic, to, mode, force)).await?;
+    let report = with_spinner(out, "trimming", ops::trim(conn, topic, to, mode, guard)).await?;
     if out.format == Format::Json {
         out.json(&report);
     } else {
@@ -857,12 +865,26 @@ async fn trim(
             ]);
         }
         out.table(&t);
+        let idle: Vec<&str> = report
+            .streams
+            .iter()
+            .flat_map(|r| r.idle_groups.iter().map(String::as_str))
+            .collect();
+        if !idle.is_empty() {
+            out.note(&format!(
+                "not holding the trim back, all their consumers idle past --idle-group-age: {}",
+                idle.join(", ")
+            ));
+        }
         if report.refused {
             out.line(
-                "Refused: the trim would remove entries that groups with live consumers have pending or not yet \
-                 delivered (stop them, trim less, or add --force):",
+                "Refused: the trim would remove entries that groups have pending or, with live consumers, not yet \
+                 delivered (settle or stop them, trim less, or add --force)",
             );
-            out.table(&live_table(&report.live));
+            if !report.live.is_empty() {
+                out.line("Their live consumers:");
+                out.table(&live_table(&report.live));
+            }
         } else {
             let removes: u64 = report.streams.iter().map(|r| r.removes).sum();
             let verb = match mode {

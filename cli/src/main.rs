@@ -103,7 +103,8 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
-    /// Trim a topic, never below what a group with live consumers still needs (unless --force).
+    /// Trim a topic, never below what a group still needs (unless --force): an entry it has
+    /// pending, or one a group with live consumers has not been delivered.
     Trim {
         /// The topic.
         topic: String,
@@ -112,7 +113,11 @@ enum Command {
         /// Trim (without it: only say what would go).
         #[arg(long)]
         execute: bool,
-        /// Trim even into entries live groups have pending or not yet delivered.
+        /// A group whose consumers have all been idle this long no longer holds the trim back
+        /// (7d, 12h, ...).
+        #[arg(long, value_parser = parse::duration, default_value = "7d", conflicts_with = "force")]
+        idle_group_age: Duration,
+        /// Trim even into entries groups have pending or not yet delivered.
         #[arg(long)]
         force: bool,
     },

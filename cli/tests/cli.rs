@@ -547,10 +547,53 @@ async fn reset_and_trim_refuse_while_a_consumer_is_live() {
     assert_eq!(latest["streams"][0]["to"].as_str().unwrap(), ids[8]);
     assert_eq!(last_delivered().await, ids[8]);
 
-    let dry = cli_json(&env.url, &["trim", "orders", "--maxlen", "2"], 2).await;
-    assert_eq!(dry["streams"][0]["removes"], 7);
+    // No consumer is live, but the group still has entries pending (the crashed dead-1's,
+    // and those live-1 held when it stopped): they hold the trim back.
+    let pending: Vec<String> = streamwise::redis::admin::pending_entries(env.conn(), "orders", GROUP, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.id.to_string())
+        .collect();
+    assert!(!pending.is_empty());
+    let held = cli_json(&env.url, &["trim", "orders", "--maxlen", "2", "--execute"], 3).await;
+    assert_eq!(held["refused"], true);
+    assert_eq!(held["streams"][0]["protected_for"][0], GROUP);
+    assert_eq!(held["streams"][0]["protected_from"].as_str().unwrap(), pending[0]);
+    assert_eq!(held["live"].as_array().unwrap().len(), 0);
     assert_eq!(env.xlen("orders").await, 9);
-    let done = cli_json(&env.url, &["trim", "orders", "--maxlen", "2", "--execute"], 0).await;
+    // Once all the group's consumers have idled past --idle-group-age, it no longer does.
+    let idle_ms = || async {
+        let consumers = xinfo(&env, &["XINFO", "CONSUMERS", "orders", GROUP]).await;
+        consumers.iter().map(|c| int(&c["idle"])).min().unwrap()
+    };
+    eventually("the consumers idle for 2 ms", Duration::from_secs(5), || async {
+        idle_ms().await >= 2
+    })
+    .await;
+    let dry = cli_json(
+        &env.url,
+        &["trim", "orders", "--maxlen", "2", "--idle-group-age", "1ms"],
+        2,
+    )
+    .await;
+    assert_eq!(dry["streams"][0]["removes"], 7);
+    assert_eq!(dry["streams"][0]["idle_groups"][0], GROUP);
+    assert_eq!(env.xlen("orders").await, 9);
+    let done = cli_json(
+        &env.url,
+        &[
+            "trim",
+            "orders",
+            "--maxlen",
+            "2",
+            "--idle-group-age",
+            "1ms",
+            "--execute",
+        ],
+        0,
+    )
+    .await;
     assert_eq!(done["streams"][0]["removes"], 7);
     assert_eq!(env.xlen("orders").await, 2);
     let kept: Vec<String> = env
@@ -1500,7 +1543,8 @@ async fn a_one_character_password_is_never_printed_and_changes_no_output() {
         (&["dlq", "purge", "orders"], 0),
         (&["dlq", "replay", "orders"], 0),
         (&["group", "reset", "orders", GROUP, "--to", "earliest"], 2),
-        (&["trim", "orders", "--maxlen", "1"], 2),
+        // c-1 holds the first entry pending: the trim would cut it, and is refused.
+        (&["trim", "orders", "--maxlen", "1"], 3),
     ];
     let mut reports = Vec::new();
     for (args, code) in runs {
@@ -1519,6 +1563,7 @@ async fn a_one_character_password_is_never_printed_and_changes_no_output() {
     assert_eq!(reports[2]["entries"].as_array().unwrap().len(), 1);
     assert_eq!(reports[6]["streams"][0]["to"], "0-0");
     assert_eq!(reports[7]["streams"][0]["removes"], 2);
+    assert_eq!(reports[7]["refused"], true);
     // The errors name the server with its password hidden.
     let wrong = format!("redis://:2@127.0.0.1:{}", env.server.port());
     let gone = format!("redis://:1@127.0.0.1:{}", streamwise::testing::free_port());

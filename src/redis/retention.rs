@@ -25,6 +25,10 @@ use super::{keys, scripts};
 use crate::error::{Result, validate_stream_name};
 use crate::signal::Signal;
 
+/// How long a group's consumers may all idle before the group stops holding a safe trim back,
+/// unless told otherwise: 7 days.
+pub const DEFAULT_IDLE_GROUP_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// What one trim applies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -46,7 +50,7 @@ impl Default for TrimPolicy {
             retention: None,
             max_length: None,
             safe: true,
-            idle_group_age: Duration::from_secs(7 * 24 * 3600),
+            idle_group_age: DEFAULT_IDLE_GROUP_AGE,
         }
     }
 }

@@ -382,6 +382,32 @@ local function cmp_id(a, b)
   if c ~= 0 then return c end
   return cmp_num(as, bs)
 end
+-- What group `g` (an XINFO GROUPS row) of stream `key` still needs: its oldest pending entry
+-- and, when it has live consumers, the first entry it has not been delivered; nothing when
+-- every consumer it has idled past `idle_age` ms. Returns the group's name, the first needed
+-- id (or nil), its live consumers as in `live`, and whether it idled past the age.
+local function needed_by(key, g, idle_age, registry_prefix, lease_prefix)
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  local least_idle = nil
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', key, name)) do
+    for i = 1, #c, 2 do
+      if c[i] == 'idle' and (not least_idle or c[i + 1] < least_idle) then least_idle = c[i + 1] end
+    end
+  end
+  if least_idle and least_idle > idle_age then return name, nil, {}, true end
+  local first = nil
+  local p = redis.call('XPENDING', key, name, '-', '+', 1)
+  if p[1] then first = p[1][1] end
+  local found = live(registry_prefix .. name, lease_prefix .. name .. ':')
+  if #found > 0 then
+    local u = redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', 1)
+    if u[1] and (not first or cmp_id(u[1][1], first) < 0) then first = u[1][1] end
+  end
+  return name, first, found, false
+end
 ";
 
 /// Moves a group's last delivered id, unless (not forced) a consumer of the group holds a live
@@ -404,11 +430,12 @@ return {}
 });
 
 /// Trims a stream below an id (`XTRIM MINID`, exact), unless (not forced) that would remove
-/// an entry a group with live consumers still needs: its oldest pending entry, or the first it
-/// has not been delivered. The check and the trim in one step, so that no consumer can start
-/// or read between them. KEYS: stream. ARGV: the id, `1` to force, the stream's registry
-/// prefix, its lease key prefix. Returns `{removed}`, or, nothing removed, `{-1, the first
-/// needed id, {groups that need it}, {per such group, its live consumers as flat
+/// an entry a group still needs (`needed_by`: its oldest pending entry, or, with live
+/// consumers, the first it has not been delivered; nothing once all its consumers idled past
+/// the age). The check and the trim in one step, so that no consumer can start or read
+/// between them. KEYS: stream. ARGV: the id, `1` to force, the stream's registry prefix, its
+/// lease key prefix, the idle age in ms. Returns `{removed}`, or, nothing removed, `{-1, the
+/// first needed id, {groups that need it}, {per such group, its live consumers as flat
 /// name, token, pttl triples}}`.
 pub(crate) static GUARDED_TRIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
@@ -417,24 +444,14 @@ pub(crate) static GUARDED_TRIM: LazyLock<Script> = LazyLock::new(|| {
 if ARGV[2] ~= '1' then
   local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
   if ok then
+    local idle_age = tonumber(ARGV[5])
     local needed, protecting, lives = nil, {}, {}
     for _, g in ipairs(groups) do
-      local name, last
-      for i = 1, #g, 2 do
-        if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
-      end
-      local found = live(ARGV[3] .. name, ARGV[4] .. name .. ':')
-      if #found > 0 then
-        local first
-        local p = redis.call('XPENDING', KEYS[1], name, '-', '+', 1)
-        if p[1] then first = p[1][1] end
-        local u = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
-        if u[1] and (not first or cmp_id(u[1][1], first) < 0) then first = u[1][1] end
-        if first and cmp_id(ARGV[1], first) > 0 then
-          if not needed or cmp_id(first, needed) < 0 then needed = first end
-          table.insert(protecting, name)
-          table.insert(lives, found)
-        end
+      local name, first, found = needed_by(KEYS[1], g, idle_age, ARGV[3], ARGV[4])
+      if first and cmp_id(ARGV[1], first) > 0 then
+        if not needed or cmp_id(first, needed) < 0 then needed = first end
+        table.insert(protecting, name)
+        table.insert(lives, found)
       end
     end
     if needed then return {-1, needed, protecting, lives} end
@@ -512,30 +529,12 @@ if ARGV[3] ~= '1' then
   if not ok then return {0, 0, {}} end
   local idle_age = tonumber(ARGV[4])
   for _, g in ipairs(groups) do
-    local name, last
-    for i = 1, #g, 2 do
-      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
-    end
-    local least_idle = nil
-    for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], name)) do
-      for i = 1, #c, 2 do
-        if c[i] == 'idle' and (not least_idle or c[i + 1] < least_idle) then least_idle = c[i + 1] end
-      end
-    end
-    if least_idle and least_idle > idle_age then
+    local name, first, _, idle = needed_by(KEYS[1], g, idle_age, ARGV[5], ARGV[6])
+    if idle then
       table.insert(ignored, name)
-    else
-      local first = nil
-      local p = redis.call('XPENDING', KEYS[1], name, '-', '+', 1)
-      if p[1] then first = p[1][1] end
-      if #live(ARGV[5] .. name, ARGV[6] .. name .. ':') > 0 then
-        local u = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
-        if u[1] and (not first or cmp_id(u[1][1], first) < 0) then first = u[1][1] end
-      end
-      if first and cmp_id(first, cut) < 0 then
-        cut = first
-        held = 1
-      end
+    elseif first and cmp_id(first, cut) < 0 then
+      cut = first
+      held = 1
     end
   end
 end

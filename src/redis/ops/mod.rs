@@ -35,7 +35,9 @@ pub use self::inspect::{
     PendingQuery, StreamKind, StreamSummary, TopicConsumers, TopicGroups, consumers, groups, list_streams,
     pending,
 };
-pub use self::repair::{ResetReport, ResetRow, ResetTo, TrimReport, TrimRow, TrimTo, reset_group, trim};
+pub use self::repair::{
+    ResetReport, ResetRow, ResetTo, TrimGuard, TrimReport, TrimRow, TrimTo, reset_group, trim,
+};
 
 use super::admin::LeaseHolder;
 use super::connection::RedisConnection;

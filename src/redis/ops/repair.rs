@@ -1,6 +1,6 @@
 //! Repairs of a topic's groups and entries that refuse while consumers are live: moving a
-//! group's position ([`reset_group`]) and trimming a stream without cutting what a live group
-//! still has to handle ([`trim`]).
+//! group's position ([`reset_group`]) and trimming a stream without cutting what a group
+//! still has to handle ([`trim`], guarded by [`TrimGuard`]).
 //!
 //! Each reads first, for its report and to refuse the whole topic at once; then, executing,
 //! it checks again and writes in one script step per stream (`scripts::GUARDED_SETID`,
@@ -23,6 +23,7 @@ use crate::message::{EntryId, saturating_ms};
 use crate::redis::checkpoint::RedisCheckpointStore;
 use crate::redis::connection::RedisConnection;
 use crate::redis::protocol::replies;
+use crate::redis::retention::DEFAULT_IDLE_GROUP_AGE;
 use crate::redis::{admin, keys, scripts};
 
 /// Where [`reset_group`] moves a group.
@@ -203,6 +204,46 @@ pub enum TrimTo {
     OlderThan(Duration),
 }
 
+/// What holds a [`trim`] back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrimGuard {
+    /// Nothing a group still needs goes: its oldest pending entry and, while it has live
+    /// consumers, the first entry it has not been delivered (the rule of
+    /// [`TrimPolicy::safe`](crate::redis::retention::TrimPolicy)). A group whose consumers
+    /// have all been idle longer than `idle_group_age` no longer holds back
+    /// ([`TrimRow::idle_groups`]).
+    Safe {
+        /// How long a group's consumers may all idle before it stops holding back.
+        idle_group_age: Duration,
+    },
+    /// Whatever groups need, the trim goes as far as asked.
+    Force,
+}
+
+impl Default for TrimGuard {
+    /// Safe, with groups idle for [`DEFAULT_IDLE_GROUP_AGE`] (7 days) no longer holding back.
+    fn default() -> Self {
+        TrimGuard::Safe {
+            idle_group_age: DEFAULT_IDLE_GROUP_AGE,
+        }
+    }
+}
+
+impl TrimGuard {
+    fn forced(self) -> bool {
+        self == TrimGuard::Force
+    }
+
+    fn idle_ms(self) -> u64 {
+        match self {
+            TrimGuard::Safe { idle_group_age } => {
+                u64::try_from(idle_group_age.as_millis()).unwrap_or(u64::MAX)
+            }
+            TrimGuard::Force => u64::MAX,
+        }
+    }
+}
+
 /// One stream, trimmed or to be.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -217,11 +258,15 @@ pub struct TrimRow {
     pub before: Option<EntryId>,
     /// How many entries go.
     pub removes: u64,
-    /// The first entry a group with live consumers still needs (its oldest pending entry, or
-    /// the first it has not been delivered): a trim never goes past it unless forced.
+    /// The first entry a group still needs (its oldest pending entry, or, with live
+    /// consumers, the first it has not been delivered): a trim never goes past it unless
+    /// forced.
     pub protected_from: Option<EntryId>,
-    /// The groups with live consumers that need it.
+    /// The groups that need it.
     pub protected_for: Vec<String>,
+    /// Groups whose consumers have all idled past the guard's age: they do not hold the trim
+    /// back, whatever they have pending.
+    pub idle_groups: Vec<String>,
     /// The trim asked for would cut into what those groups need.
     pub would_cut: bool,
     /// The stream was trimmed (executed, and not refused); `removes` is then what went.
@@ -236,7 +281,7 @@ pub struct TrimReport {
     pub topic: String,
     /// Dry run or executed.
     pub mode: Mode,
-    /// Refused: the trim would cut entries that a group with live consumers has pending or
+    /// Refused: the trim would cut entries that a group has pending, or, with live consumers,
     /// not yet delivered (see the rows' `would_cut`), and it was not forced. Nothing was
     /// changed, unless a consumer started while the trim went from stream to stream of a
     /// partitioned topic: the rows say which streams were trimmed (`applied`) before it
@@ -256,18 +301,19 @@ impl TrimReport {
 }
 
 /// Trims `topic` (each partition of a partitioned topic) to `to` (`XTRIM MINID`, exact).
-/// It never removes an entry that a group with live consumers has pending or has not been
-/// delivered yet: such a trim is refused whole ([`TrimReport::refused`]) unless `force`; the
-/// check and the trim are one script step per stream. The groups without live consumers do
-/// not hold it back (their pending entries that go are dead-lettered as trimmed when next
-/// claimed). `TrimTo::MaxLen` finds where to cut in pages from the nearer end of the stream,
-/// never holding more than a page of entries.
+/// With [`TrimGuard::Safe`] it never removes an entry a group has pending, nor one a group
+/// with live consumers has not been delivered yet, unless all the group's consumers idled
+/// past the guard's age: such a trim is refused whole ([`TrimReport::refused`]); the check
+/// and the trim are one script step per stream. With [`TrimGuard::Force`] it trims as asked
+/// (pending entries that go are dead-lettered as trimmed when next claimed).
+/// `TrimTo::MaxLen` finds where to cut in pages from the nearer end of the stream, never
+/// holding more than a page of entries.
 pub async fn trim(
     conn: &RedisConnection,
     topic: &str,
     to: TrimTo,
     mode: Mode,
-    force: bool,
+    guard: TrimGuard,
 ) -> Result<TrimReport> {
     let (partitions, streams) = streams_of(conn, topic).await?;
     let mut report = TrimReport {
@@ -302,6 +348,7 @@ pub async fn trim(
             removes,
             protected_from: None,
             protected_for: Vec::new(),
+            idle_groups: Vec::new(),
             would_cut: false,
             applied: false,
         };
@@ -311,12 +358,20 @@ pub async fn trim(
             Err(e) => return Err(e),
         };
         for info in infos {
-            let live = live_consumers(conn, &stream, &info.name).await?;
-            if live.is_empty() {
+            // The rule of `needed_by` in the guard's script, which checks it again.
+            let consumers = admin::consumers(conn, &stream, &info.name, Duration::MAX).await?;
+            let least_idle = consumers.iter().map(|c| c.idle_ms).min();
+            if least_idle.is_some_and(|idle| idle > guard.idle_ms()) {
+                row.idle_groups.push(info.name.clone());
                 continue;
             }
+            let live = live_consumers(conn, &stream, &info.name).await?;
             let oldest = admin::pending_page(conn, &stream, &info.name, "-", 1, None, 0).await?;
-            let undelivered = first_after(conn, &stream, info.last_delivered_id).await?;
+            let undelivered = if live.is_empty() {
+                None
+            } else {
+                first_after(conn, &stream, info.last_delivered_id).await?
+            };
             let needed = [oldest.first().map(|p| p.id), undelivered]
                 .into_iter()
                 .flatten()
@@ -330,11 +385,11 @@ pub async fn trim(
         row.would_cut = matches!((row.before, row.protected_from), (Some(b), Some(p)) if b > p);
         report.streams.push(row);
     }
-    report.refused = !force && report.streams.iter().any(|r| r.would_cut);
+    report.refused = !guard.forced() && report.streams.iter().any(|r| r.would_cut);
     if mode == Mode::Execute && !report.refused {
         for row in &mut report.streams {
             let Some(before) = row.before else { continue };
-            match guarded_trim(conn, &row.stream, before, force).await? {
+            match guarded_trim(conn, &row.stream, before, guard).await? {
                 Trimmed::Removed(removed) => {
                     row.removes = removed;
                     row.applied = true;
@@ -408,16 +463,22 @@ enum Trimmed {
     },
 }
 
-/// Trims `stream` below `before`, unless (not `force`) a group with live consumers still
-/// needs an entry below it, checked in the same script step.
-async fn guarded_trim(conn: &RedisConnection, stream: &str, before: EntryId, force: bool) -> Result<Trimmed> {
+/// Trims `stream` below `before`, unless (`guard` safe) a group still needs an entry below
+/// it, checked in the same script step.
+async fn guarded_trim(
+    conn: &RedisConnection,
+    stream: &str,
+    before: EntryId,
+    guard: TrimGuard,
+) -> Result<Trimmed> {
     let reply: Vec<Value> = conn
         .run_mapped("trim", |mut c| {
             let mut call = scripts::GUARDED_TRIM.key(stream);
             call.arg(before.to_string())
-                .arg(if force { "1" } else { "0" })
+                .arg(if guard.forced() { "1" } else { "0" })
                 .arg(keys::registries_of(stream))
-                .arg(keys::leases_of(stream));
+                .arg(keys::leases_of(stream))
+                .arg(guard.idle_ms());
             async move { call.invoke_async(&mut c).await }
         })
         .await?;
