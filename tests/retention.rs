@@ -19,6 +19,24 @@ async fn len(conn: &RedisConnection, stream: &str) -> u64 {
     conn.command(cmd("XLEN").arg(stream)).await.unwrap()
 }
 
+/// Waits until every consumer of `group` has been idle longer than `age`.
+async fn idle_past(conn: &RedisConnection, stream: &str, group: &str, age: Duration) {
+    let since = Instant::now();
+    loop {
+        let consumers = admin::consumers(conn, stream, group, Duration::MAX)
+            .await
+            .unwrap();
+        if consumers.iter().all(|c| u128::from(c.idle_ms) > age.as_millis()) {
+            return;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "{group} never idled past {age:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_stream_is_trimmed_by_its_retention_by_one_of_three_tasks() {
     let server = RedisServer::start();
@@ -129,26 +147,7 @@ async fn a_safe_trim_keeps_what_groups_need_until_they_idle_past_their_age() {
 
     // Once the holding group's consumer idles past the age, it no longer holds back.
     let age = Duration::from_millis(300);
-    let since = Instant::now();
-    loop {
-        let consumers: Vec<Vec<redis::Value>> = conn
-            .command(cmd("XINFO").arg("CONSUMERS").arg("needed").arg("holding"))
-            .await
-            .unwrap();
-        let idle = consumers[0]
-            .chunks(2)
-            .find(|kv| kv[0] == redis::Value::BulkString(b"idle".to_vec()))
-            .and_then(|kv| match kv[1] {
-                redis::Value::Int(ms) => Some(ms),
-                _ => None,
-            })
-            .expect("idle");
-        if idle > 300 {
-            break;
-        }
-        assert!(since.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    idle_past(&conn, "needed", "holding", age).await;
     let trimmed = trim(&conn, "needed", &by_length.clone().idle_group_age(age))
         .await
         .unwrap();
@@ -171,6 +170,74 @@ async fn a_safe_trim_keeps_what_groups_need_until_they_idle_past_their_age() {
     assert_eq!(trimmed.removed, 1);
     drop(lagging);
     subscriber.close().await.unwrap();
+}
+
+/// The background task counts what it did: a trim a group held back, then, once the group's
+/// consumer idled past the task's age, the group passed over (and the trim done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_task_counts_held_back_trims_and_the_idle_groups_it_passes_over() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let conn = backend.connection().clone();
+    let settings = StreamSettings {
+        retention_ms: None,
+        max_length: Some(2),
+    };
+    admin::create_stream(&conn, "counted", settings).await.unwrap();
+    let batch = (0..5).map(|n| Message::new("t", &n).unwrap()).collect();
+    backend.publisher().publish_batch("counted", batch).await.unwrap();
+    let _: redis::Value = conn
+        .command(cmd("XGROUP").arg("CREATE").arg("counted").arg("holding").arg("0"))
+        .await
+        .unwrap();
+    let _: redis::Value = conn
+        .command(
+            cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("holding")
+                .arg("x")
+                .arg("COUNT")
+                .arg(3)
+                .arg("STREAMS")
+                .arg("counted")
+                .arg(">"),
+        )
+        .await
+        .unwrap();
+    let patient = Retention::new(RedisConnection::new(&server.url()).unwrap())
+        .interval(Duration::from_millis(50))
+        .spawn();
+    let since = Instant::now();
+    while patient.stats().held_back() == 0 {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "no held-back trim counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(patient.stats().idle_groups_ignored(), 0);
+    assert_eq!(patient.stats().removed(), 0);
+    assert_eq!(len(&conn, "counted").await, 5);
+    patient.stop().await;
+
+    // The holding group's one consumer idles past 100 ms: a task with that age passes it over.
+    let age = Duration::from_millis(100);
+    idle_past(&conn, "counted", "holding", age).await;
+    let lenient = Retention::new(RedisConnection::new(&server.url()).unwrap())
+        .interval(Duration::from_millis(50))
+        .idle_group_age(age)
+        .spawn();
+    let since = Instant::now();
+    while lenient.stats().removed() < 3 {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "the idle group still held back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(lenient.stats().idle_groups_ignored() >= 1);
+    assert_eq!(len(&conn, "counted").await, 2);
+    lenient.stop().await;
 }
 
 /// The seed facade: the configuration's `retention:` section starts the task, which trims a
