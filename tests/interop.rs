@@ -489,16 +489,26 @@ async fn the_configuration_file_picks_a_peer_layout() {
 async fn cqrs_commands_and_events_travel_in_watermills_layout() {
     use std::convert::Infallible;
     use streamwise::cqrs::{Command, Cqrs, Emit, Event};
+    // Watermill's CQRS marshalers name a type `FullyQualifiedStructName` unless told
+    // otherwise (`GenerateName`): the Go package, a dot, the struct.
     #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
     struct PlaceOrder {
         id: u32,
     }
-    impl Command for PlaceOrder {}
+    impl Command for PlaceOrder {
+        fn name() -> std::borrow::Cow<'static, str> {
+            "main.PlaceOrder".into()
+        }
+    }
     #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
     struct OrderPlaced {
         id: u32,
     }
-    impl Event for OrderPlaced {}
+    impl Event for OrderPlaced {
+        fn name() -> std::borrow::Cow<'static, str> {
+            "main.OrderPlaced".into()
+        }
+    }
 
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
@@ -515,7 +525,7 @@ async fn cqrs_commands_and_events_travel_in_watermills_layout() {
                 .arg("payload")
                 .arg(&b"{\"id\":42}"[..])
                 .arg("metadata")
-                .arg(fixmap(&[("name", "PlaceOrder")])),
+                .arg(fixmap(&[("name", "main.PlaceOrder")])),
         )
         .await
         .unwrap();
@@ -563,5 +573,5 @@ async fn cqrs_commands_and_events_travel_in_watermills_layout() {
         .find(|(k, _)| k == b"metadata")
         .map(|(_, v)| v.clone())
         .expect("a metadata field");
-    assert_eq!(metadata, fixmap(&[("name", "OrderPlaced")]));
+    assert_eq!(metadata, fixmap(&[("name", "main.OrderPlaced")]));
 }
