@@ -4,11 +4,12 @@
 //! model in PostgreSQL exactly once per event, even when an event arrives twice.
 //!
 //! On a private PostgreSQL it starts itself (Debian's `postgresql` package), or on the one
-//! `DATABASE_URL` names; in memory, or on Redis when `REDIS_URL` is set.
+//! `DATABASE_URL` names; in memory, or on the backend `STREAMWISE_URL` (or `REDIS_URL`) names:
+//! `redis://...`, `redis-cluster://...`, `nats://...`.
 //!
 //! ```sh
 //! cargo run -p streamwise-outbox --example outbox
-//! DATABASE_URL=postgresql://postgres@127.0.0.1:5433/demo REDIS_URL=redis://127.0.0.1:6379 \
+//! DATABASE_URL=postgresql://postgres@127.0.0.1:5433/demo STREAMWISE_URL=redis://127.0.0.1:6379 \
 //!     cargo run -p streamwise-outbox --example outbox
 //! ```
 
@@ -18,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use streamwise::memory::MemoryBackend;
-use streamwise::redis::RedisBackend;
 use streamwise::router::{Handler, Json, Router, Routes};
 use streamwise::{Message, Publisher, SubscribeOptions, Subscriber};
 use streamwise_outbox::deadpool_postgres::{Manager, Pool};
@@ -91,14 +91,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?;
 
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match std::env::var("REDIS_URL")
+    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match streamwise::url_from_env()
     {
-        Ok(url) => {
-            let redis = RedisBackend::new(&url)?;
-            println!("Using Redis at {}", redis.connection().url());
-            (Arc::new(redis.publisher()), Arc::new(redis.subscriber()?))
+        Some(url) => {
+            let backend = streamwise::connect(&url).await?;
+            println!("Using {} at {}", backend.kind(), backend.location());
+            (backend.publisher(), backend.subscriber())
         }
-        Err(_) => {
+        None => {
             let memory = MemoryBackend::new();
             (Arc::new(memory.publisher()), Arc::new(memory.subscriber()))
         }

@@ -108,6 +108,59 @@ async fn a_message_is_sent_once_its_transaction_commits_and_never_after_a_rollba
     assert_eq!(relay.drain().await.unwrap(), 0, "a sent row is not sent again");
 }
 
+/// The relay takes any backend's publisher: a NATS JetStream server and a Redis Cluster, each
+/// named by its URL (`streamwise::connect`), get every committed row once, in order per topic,
+/// as the same messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_sends_to_nats_and_to_a_redis_cluster() {
+    use futures::StreamExt;
+    use streamwise::testing::{NatsServer, RedisCluster};
+    use streamwise::{SubscribeOptions, Subscriber};
+
+    let (server, mut client) = database().await;
+    let nats = NatsServer::start();
+    let cluster = RedisCluster::start();
+    for url in [nats.url(), cluster.url()] {
+        let backend = streamwise::connect(&url).await.unwrap();
+        let relay = Relay::new(server.config(), NoTls, backend.publisher());
+        let outbox = Outbox::new();
+        let mut written: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
+        for n in 0..40 {
+            let topic = if n % 2 == 0 { "orders" } else { "invoices" };
+            let message = Message::new("e", &n).unwrap();
+            let tx = client.transaction().await.unwrap();
+            outbox.publish(&tx, topic, &message).await.unwrap();
+            tx.commit().await.unwrap();
+            written.entry(topic).or_default().push(message.uuid());
+        }
+        assert_eq!(relay.drain().await.unwrap(), 40, "{url}");
+        let subscriber: Arc<dyn Subscriber> = backend.subscriber();
+        for (topic, uuids) in &written {
+            let mut subscription = subscriber
+                .subscribe(topic, SubscribeOptions::new("check", "c1"))
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            while got.len() < uuids.len() {
+                let delivery = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("{url} {topic}: only {} of {}", got.len(), uuids.len()))
+                    .expect("the subscription ended")
+                    .unwrap();
+                got.push(delivery.message().uuid());
+                delivery.ack().await.unwrap();
+            }
+            assert_eq!(&got, uuids, "{url} {topic}: each row once, in commit order");
+        }
+        subscriber.close().await.unwrap();
+        // The rows are sent: the next backend gets only its own.
+        client
+            .batch_execute("DELETE FROM streamwise_outbox")
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn bad_messages_and_topics_are_refused_before_anything_is_written() {
     let (_server, client) = database().await;
