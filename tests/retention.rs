@@ -1,6 +1,7 @@
 //! Retention that keeps its promise (issue 20): a quiet stream is trimmed by its settings, by
-//! one of three processes' tasks; safe trims never remove what a group still needs, and a group
-//! idle past its age stops holding them back.
+//! one of three processes (this test binary run again: `retention_process_entry_point`);
+//! safe trims never remove what a group still needs, and a group idle past its age stops
+//! holding them back.
 
 mod common;
 
@@ -37,8 +38,74 @@ async fn idle_past(conn: &RedisConnection, stream: &str, group: &str, age: Durat
     }
 }
 
+/// Not a test of its own: the body of the retention processes the test below starts. A
+/// `Retention` task with its defaults (each stream at most once a second), printing `ready`,
+/// then `stats <trims> <removed>` whenever its counts grow.
+#[test]
+fn retention_process_entry_point() {
+    let Ok(url) = std::env::var("STREAMWISE_RETENTION_URL") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let task = Retention::new(RedisConnection::new(&url).expect("url")).spawn();
+        println!("ready");
+        let mut reported = (0, 0);
+        loop {
+            let counts = (task.stats().trims(), task.stats().removed());
+            if counts != reported {
+                reported = counts;
+                println!("stats {} {}", counts.0, counts.1);
+            }
+            std::io::Write::flush(&mut std::io::stdout()).expect("flush");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+}
+
+/// A retention process: this test binary run again with `STREAMWISE_RETENTION_URL` set; each
+/// line it prints is sent on with the process's number. Killed on drop.
+struct RetentionProcess(std::process::Child);
+
+impl RetentionProcess {
+    fn start(url: &str, number: usize, lines: tokio::sync::mpsc::UnboundedSender<(usize, String)>) -> Self {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "retention_process_entry_point",
+                "--exact",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("STREAMWISE_RETENTION_URL", url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("a retention process");
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                // The test harness's own `test ... ` may come first on the line.
+                let line = line.rsplit("... ").next().unwrap_or_default().trim_end();
+                if lines.send((number, line.to_owned())).is_err() {
+                    return;
+                }
+            }
+        });
+        RetentionProcess(child)
+    }
+}
+
+impl Drop for RetentionProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quiet_stream_is_trimmed_by_its_retention_by_one_of_three_tasks() {
+async fn a_quiet_stream_is_trimmed_by_its_retention_by_one_of_three_processes() {
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
     let conn = backend.connection().clone();
@@ -52,42 +119,54 @@ async fn a_quiet_stream_is_trimmed_by_its_retention_by_one_of_three_tasks() {
     let batch = (0..10).map(|n| Message::new("t", &n).unwrap()).collect();
     publisher.publish_batch("quiet", batch).await.unwrap();
     let published = Instant::now();
-    // Three processes' tasks, each on a connection of its own.
-    let tasks: Vec<_> = (0..3)
-        .map(|_| {
-            Retention::new(RedisConnection::new(&server.url()).unwrap())
-                .interval(Duration::from_millis(200))
-                .spawn()
-        })
+    let (lines, mut from_processes) = tokio::sync::mpsc::unbounded_channel();
+    let _processes: Vec<_> = (0..3)
+        .map(|number| RetentionProcess::start(&server.url(), number, lines.clone()))
         .collect();
-    while len(&conn, "quiet").await > 0 {
-        assert!(published.elapsed() < Duration::from_secs(10), "never trimmed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut removed = [0u64; 3];
+    let mut trims = [0u64; 3];
+    let mut ready = 0;
+    // Trimmed within a few seconds of the entries' age passing 2 s: the next round of a task
+    // (each stream at most once a second, jittered by up to a fifth) after they aged, and the
+    // processes' start.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    while ready < 3 || removed.iter().sum::<u64>() < 10 {
+        let (number, line) = tokio::time::timeout_at(deadline, from_processes.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("not trimmed 6 s after the publish: {ready} ready, removed {removed:?}")
+            })
+            .expect("the processes' output");
+        match line.split(' ').collect::<Vec<_>>()[..] {
+            ["stats", t, r] => {
+                trims[number] = t.parse().unwrap();
+                removed[number] = r.parse().unwrap();
+            }
+            ["ready"] => ready += 1,
+            _ => {}
+        }
     }
     let took = published.elapsed();
-    eprintln!("trimmed {took:?} after the last publish (retention 2 s)");
+    eprintln!(
+        "trimmed {took:?} after the last publish (retention 2 s): removed {removed:?}, trims {trims:?}"
+    );
     assert!(
         took >= Duration::from_millis(1_900),
         "trimmed after {took:?}, before the entries aged"
     );
-    // A task counts its trim once the script's answer is back, a moment after the stream
-    // emptied: wait for the count rather than read it at once.
-    let removed = loop {
-        let removed: Vec<u64> = tasks.iter().map(|t| t.stats().removed()).collect();
-        if removed.iter().sum::<u64>() >= 10 || published.elapsed() > Duration::from_secs(10) {
-            break removed;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    assert_eq!(removed.iter().sum::<u64>(), 10, "{removed:?}");
+    assert_eq!(len(&conn, "quiet").await, 0);
     assert_eq!(
         removed.iter().filter(|r| **r > 0).count(),
         1,
-        "one task trimmed: {removed:?}"
+        "one process trimmed: {removed:?}"
     );
-    for task in tasks {
-        task.stop().await;
-    }
+    // The stream's trim lease (one interval long) lets one trim through per second between
+    // the three: not the three a second that three processes without it would make.
+    let seconds = took.as_secs_f64().ceil() as u64;
+    assert!(
+        trims.iter().sum::<u64>() <= seconds + 1,
+        "{trims:?} trims in {took:?}: the processes multiplied the work"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
