@@ -1,6 +1,7 @@
-//! The router, CQRS (request/reply included) and the seed facade (`streamwise::redis_streams`)
-//! on a Redis Cluster (three masters, three replicas), through a `redis-cluster://` URL: the
-//! single-server tests of tests/router_redis.rs, tests/cqrs.rs and tests/seed_api.rs, ported.
+//! The router, CQRS (request/reply included), the seed facade (`streamwise::redis_streams`)
+//! and retention on a Redis Cluster (three masters, three replicas), through a
+//! `redis-cluster://` URL: the single-server tests of tests/router_redis.rs, tests/cqrs.rs,
+//! tests/seed_api.rs and tests/retention.rs, ported.
 //!
 //! One cluster for the whole binary (a cluster per test would take seconds each): one test owns
 //! it and runs the scenarios one after another, each on streams of its own, so that the nodes
@@ -52,6 +53,7 @@ async fn the_router_cqrs_and_seed_facade_work_on_a_cluster() {
         seed_consumer_keeps_pending_on_false_until_acknowledged,
         seed_producer_backpressure_waits_or_fails_fast,
         seed_config_builds_a_producer_and_consumer_for_the_cluster,
+        retention_and_safe_trims_work_across_the_masters,
     );
 }
 
@@ -771,4 +773,85 @@ async fn seed_config_builds_a_producer_and_consumer_for_the_cluster(cluster: &Re
     delivery.ack().await.unwrap();
     subscriber.close().await.unwrap();
     assert_eq!(redis.pending_count(&stream, "audit").await.unwrap(), 0);
+}
+
+/// The background retention task finds streams with settings on every master, trims one by
+/// its length limit and holds back on another whose group has entries pending; the safe trim
+/// and the operators' guarded trim hold back the same way (their scripts read the stream's
+/// lease keys, in its slot).
+async fn retention_and_safe_trims_work_across_the_masters(cluster: &RedisCluster) {
+    use streamwise::redis::client::cmd;
+    use streamwise::redis::ops::{self, Mode, TrimGuard, TrimTo};
+    use streamwise::redis::retention::{Retention, TrimPolicy, trim};
+
+    let redis = RedisBackend::new(&cluster.url()).unwrap();
+    let conn = redis.connection().clone();
+    let settings = admin::StreamSettings {
+        retention_ms: None,
+        max_length: Some(2),
+    };
+    // Enough streams that they land on more than one master.
+    let free: Vec<String> = (0..6).map(|_| unique_topic("kept-short")).collect();
+    let held = unique_topic("held");
+    for topic in free.iter().chain([&held]) {
+        admin::create_stream(&conn, topic, settings).await.unwrap();
+        let batch = (0..5).map(|n| Message::new("t", &n).unwrap()).collect();
+        redis.publisher().publish_batch(topic, batch).await.unwrap();
+    }
+    let masters: std::collections::HashSet<_> = free
+        .iter()
+        .map(|t| cluster.master_of(t).unwrap().port())
+        .collect();
+    assert!(masters.len() > 1, "the streams all landed on one master");
+    let _: redis::Value = conn
+        .command(cmd("XGROUP").arg("CREATE").arg(&held).arg("holding").arg("0"))
+        .await
+        .unwrap();
+    let _: redis::Value = conn
+        .command(
+            cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("holding")
+                .arg("x")
+                .arg("COUNT")
+                .arg(3)
+                .arg("STREAMS")
+                .arg(&held)
+                .arg(">"),
+        )
+        .await
+        .unwrap();
+
+    let task = Retention::new(conn.clone())
+        .interval(Duration::from_millis(100))
+        .spawn();
+    for topic in &free {
+        eventually("each stream trimmed to its length limit", async || {
+            stream_len(&redis, topic).await == 2
+        })
+        .await;
+    }
+    eventually("the held stream's trim held back", async || {
+        task.stats().held_back() >= 1
+    })
+    .await;
+    task.stop().await;
+    assert_eq!(stream_len(&redis, &held).await, 5);
+
+    let trimmed = trim(&conn, &held, &TrimPolicy::default().max_length(2))
+        .await
+        .unwrap();
+    assert_eq!((trimmed.removed, trimmed.held_back), (0, true));
+    let report = ops::trim(
+        &conn,
+        &held,
+        TrimTo::MaxLen(2),
+        Mode::Execute,
+        TrimGuard::default(),
+    )
+    .await
+    .unwrap();
+    assert!(report.refused, "{report:?}");
+    assert_eq!(report.streams[0].protected_for, ["holding"]);
+    assert_eq!(stream_len(&redis, &held).await, 5);
 }
