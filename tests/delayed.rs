@@ -327,6 +327,12 @@ async fn a_due_time_is_never_stored_earlier_than_asked() {
         .await
         .unwrap();
     assert_eq!(scored.len(), 1);
+    // The topic has no stream yet, only the schedule: it is there, with nothing in it.
+    let info = streamwise::redis::admin::stream_info(backend.connection(), "rounding")
+        .await
+        .unwrap();
+    assert_eq!((info.length, info.scheduled), (0, 1));
+    assert!(info.oldest_entry_age.is_none());
     let due = UNIX_EPOCH + Duration::from_millis(scored[0].1);
     assert!(due >= at, "stored due {due:?} is before {at:?}");
     assert!(due < at + Duration::from_millis(1));

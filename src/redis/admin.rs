@@ -252,7 +252,8 @@ pub struct StreamInfo {
 }
 
 /// Everything about `stream`: length, first and last entry, storage, groups and settings.
-/// [`Error::StreamNotFound`] when it does not exist.
+/// [`Error::StreamNotFound`] when it does not exist and has no delayed messages waiting (a
+/// topic with only those is reported with length 0).
 pub async fn stream_info(conn: &RedisConnection, stream: &str) -> Result<StreamInfo> {
     validate_stream_name("stream", stream)?;
     let reply = conn
@@ -261,31 +262,52 @@ pub async fn stream_info(conn: &RedisConnection, stream: &str) -> Result<StreamI
             async move { cmd.query_async::<Value>(&mut c).await }
         })
         .await;
-    let mut record = match reply {
-        Ok(v) => Record::parse(v)?,
-        Err(e) if e.is_no_such_key() => return Err(stream_not_found(stream)),
+    let mut zcard = redis::cmd("ZCARD");
+    zcard.arg(keys::scheduled(stream));
+    let scheduled = || conn.command::<u64>(&zcard);
+    let mut info = match reply {
+        Ok(v) => {
+            let mut record = Record::parse(v)?;
+            StreamInfo {
+                length: record.int("length").unwrap_or(0),
+                first_entry: StoredEntry::from_value(record.take("first-entry"))?,
+                last_entry: StoredEntry::from_value(record.take("last-entry"))?,
+                radix_tree_keys: record.int("radix-tree-keys").unwrap_or(0),
+                groups: record.int("groups").unwrap_or(0),
+                last_generated_id: record.entry_id("last-generated-id"),
+                settings: StreamSettings::default(),
+                created_at: None,
+                oldest_entry_age: None,
+                scheduled: 0,
+            }
+        }
+        Err(e) if e.is_no_such_key() => {
+            // A topic whose messages are all still scheduled has no stream yet, but it is
+            // there: its first message will create it.
+            if scheduled().await? == 0 {
+                return Err(stream_not_found(stream));
+            }
+            StreamInfo {
+                length: 0,
+                first_entry: None,
+                last_entry: None,
+                radix_tree_keys: 0,
+                groups: 0,
+                last_generated_id: None,
+                settings: StreamSettings::default(),
+                created_at: None,
+                oldest_entry_age: None,
+                scheduled: 0,
+            }
+        }
         Err(e) => return Err(e.into_error()),
-    };
-    let mut info = StreamInfo {
-        length: record.int("length").unwrap_or(0),
-        first_entry: StoredEntry::from_value(record.take("first-entry"))?,
-        last_entry: StoredEntry::from_value(record.take("last-entry"))?,
-        radix_tree_keys: record.int("radix-tree-keys").unwrap_or(0),
-        groups: record.int("groups").unwrap_or(0),
-        last_generated_id: record.entry_id("last-generated-id"),
-        settings: StreamSettings::default(),
-        created_at: None,
-        oldest_entry_age: None,
-        scheduled: 0,
     };
     (info.settings, info.created_at) = stream_settings(conn, stream).await?;
     info.oldest_entry_age = info.first_entry.as_ref().map(|e| {
         let written = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.id.ms());
         SystemTime::now().duration_since(written).unwrap_or_default()
     });
-    info.scheduled = conn
-        .command(redis::cmd("ZCARD").arg(keys::scheduled(stream)))
-        .await?;
+    info.scheduled = scheduled().await?;
     Ok(info)
 }
 
