@@ -482,6 +482,77 @@ async fn the_configuration_file_picks_a_peer_layout() {
     assert_eq!(bad.invalid_field(), Some("redis_streams.producer.codec"));
 }
 
+/// `codec` as a mapping: a layout with its settings. A consumer configured with natricine's
+/// layout and a fallback type reads all three fixture entries (two carry no event type); a
+/// producer configured with Watermill's layout, another event type key and another id field
+/// writes them; settings that do not fit are refused with their key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configuration_file_sets_a_peer_layouts_event_type_and_fields() {
+    use streamwise::redis_streams::Config;
+    let server = RedisServer::start();
+    let yaml = format!(
+        "redis_streams:\n  url: {}\n  producer:\n    stream: cfg-fields\n    codec:\n      format: watermill\n      event_type_key: kind\n      uuid_field: id\n  consumer:\n    group: g\n    consumer: c\n    codec:\n      format: natricine\n      fallback_event_type: natricine.message\n",
+        server.url()
+    );
+    let config = Config::from_yaml_str(&yaml).unwrap();
+
+    // The consumer's codec, as StreamConsumer makes it from these options.
+    let options = &config.consumer.options;
+    let codec = options.wire_format.codec_with(&options.wire_settings).unwrap();
+    for entry in natricine_fixture() {
+        let message = codec
+            .decode(RawEntry {
+                id: entry.id,
+                fields: entry.fields.clone(),
+            })
+            .unwrap_or_else(|e| panic!("entry {}: {e}", entry.id));
+        let expected = entry
+            .metadata
+            .get("event_type")
+            .map_or("natricine.message", String::as_str);
+        assert_eq!(message.event_type(), expected, "entry {}", entry.id);
+    }
+
+    let producer = config.stream_producer().unwrap();
+    producer
+        .publish("OrderPlaced", &serde_json::json!({"id": 1}), None)
+        .await
+        .unwrap();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let written: Vec<RawStreamEntry> = backend
+        .connection()
+        .command(cmd("XRANGE").arg("cfg-fields").arg("-").arg("+"))
+        .await
+        .unwrap();
+    let fields: BTreeMap<&[u8], &[u8]> = written[0].1.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    assert_eq!(
+        fields.keys().copied().collect::<Vec<_>>(),
+        [&b"id"[..], b"metadata", b"payload"]
+    );
+    assert_eq!(fields[&b"metadata"[..]], &fixmap(&[("kind", "OrderPlaced")])[..]);
+
+    for (codec, field) in [
+        // Settings are for the peers' layouts.
+        ("{format: streamwise, uuid_field: id}", "codec"),
+        // A fixed type leaves no room for a key.
+        (
+            "{format: natricine, fixed_event_type: a, event_type_key: b}",
+            "codec",
+        ),
+        ("{format: natricine, uuid_field: ''}", "codec"),
+        ("{event_type_key: b}", "codec.format"),
+        ("{format: natricine, colour: blue}", "codec.colour"),
+    ] {
+        let yaml = format!("redis_streams:\n  consumer:\n    codec: {codec}\n");
+        let err = Config::from_yaml_str(&yaml).unwrap_err();
+        assert_eq!(
+            err.invalid_field(),
+            Some(format!("redis_streams.consumer.{field}").as_str()),
+            "{codec}: {err}"
+        );
+    }
+}
+
 /// CQRS through Watermill's layout: a command a Go service wrote (its name in metadata key
 /// `name`, as Watermill's CQRS marshaler writes it) is handled by a command processor, and the
 /// event it emits goes out with its name in that key.

@@ -56,6 +56,7 @@ use super::{
 };
 use crate::error::{Error, Result, validate_name, validate_stream_name};
 use crate::redis::RedisConnection;
+use crate::wire_format::{WireFormat, WireSettings};
 
 /// The default Redis URL.
 pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
@@ -399,7 +400,7 @@ impl Config {
                 }
                 "auto_create_stream" => p.options.auto_create_stream = boolean(value, &path)?,
                 "max_entry_size" => p.options.max_entry_size = positive(value, &path)? as usize,
-                "codec" => p.options.wire_format = wire_format(value, &path)?,
+                "codec" => (p.options.wire_format, p.options.wire_settings) = codec(value, &path)?,
                 _ => return Err(unknown(&path)),
             }
         }
@@ -458,7 +459,7 @@ impl Config {
                 "lease_ttl_ms" => o.lease_ttl_ms = positive(value, &path)?,
                 "ack_flush_interval_ms" => o.ack_flush_interval_ms = unsigned(value, &path)?,
                 "max_entry_size" => o.max_entry_size = positive(value, &path)? as usize,
-                "codec" => o.wire_format = wire_format(value, &path)?,
+                "codec" => (o.wire_format, o.wire_settings) = codec(value, &path)?,
                 _ => return Err(unknown(&path)),
             }
         }
@@ -584,15 +585,51 @@ fn boolean(v: &Value, path: &str) -> Result<bool> {
     })
 }
 
-/// A layout by name (`streamwise`, `natricine`, `watermill`), usable in this build.
-fn wire_format(v: &Value, path: &str) -> Result<crate::wire_format::WireFormat> {
+/// A layout: by name (`codec: natricine`), or a mapping of its name (`format`) and settings
+/// (`event_type_key`, `fallback_event_type`, `fixed_event_type`, `uuid_field`,
+/// `payload_field`, `metadata_field`), usable in this build.
+fn codec(v: &Value, path: &str) -> Result<(WireFormat, WireSettings)> {
+    let (format, settings) = match v {
+        Value::Mapping(map) => {
+            let mut format = None;
+            let mut settings = WireSettings::default();
+            for (key, value) in map {
+                let key = key_str(key, path)?;
+                let path = format!("{path}.{key}");
+                let text = || string(value, &path).map(Some);
+                match key {
+                    "format" => format = Some(wire_format(value, &path)?),
+                    "event_type_key" => settings.event_type_key = text()?,
+                    "fallback_event_type" => settings.fallback_event_type = text()?,
+                    "fixed_event_type" => settings.fixed_event_type = text()?,
+                    "uuid_field" => settings.uuid_field = text()?,
+                    "payload_field" => settings.payload_field = text()?,
+                    "metadata_field" => settings.metadata_field = text()?,
+                    _ => return Err(unknown(&path)),
+                }
+            }
+            let format = format.ok_or_else(|| {
+                Error::invalid(
+                    format!("{path}.format"),
+                    "is missing: streamwise, natricine or watermill",
+                )
+            })?;
+            (format, settings)
+        }
+        _ => (wire_format(v, path)?, WireSettings::default()),
+    };
+    // Checked now: a layout this build cannot write, or settings that do not fit it, are a
+    // configuration error.
+    format.codec_with(&settings).map_err(|e| rename_field(e, path))?;
+    Ok((format, settings))
+}
+
+/// A layout by name (`streamwise`, `natricine`, `watermill`).
+fn wire_format(v: &Value, path: &str) -> Result<WireFormat> {
     let name = v
         .as_str()
         .ok_or_else(|| Error::invalid(path.to_owned(), format_args!("must be a string, got {}", kind(v))))?;
-    let format: crate::wire_format::WireFormat = name.parse().map_err(|e: Error| rename_field(e, path))?;
-    // Checked now: a layout this build cannot write is a configuration error.
-    format.codec().map_err(|e| rename_field(e, path))?;
-    Ok(format)
+    name.parse().map_err(|e: Error| rename_field(e, path))
 }
 
 /// `e` (an invalid value) reported under the configuration's `path`.

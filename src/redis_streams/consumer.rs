@@ -113,6 +113,9 @@ pub struct ConsumerOptions {
     /// The layout of the entries read (`codec` in the configuration file). Default
     /// streamwise's own; natricine's and Watermill's need the `interop` feature.
     pub wire_format: crate::wire_format::WireFormat,
+    /// The peer layout's settings beyond its defaults (`codec:` as a mapping in the
+    /// configuration file): event type key, fallback or fixed type, field names.
+    pub wire_settings: crate::wire_format::WireSettings,
 }
 
 impl Default for ConsumerOptions {
@@ -132,6 +135,7 @@ impl Default for ConsumerOptions {
             ack_flush_interval_ms: 0,
             max_entry_size: crate::codec::DEFAULT_MAX_ENTRY_SIZE,
             wire_format: crate::wire_format::WireFormat::default(),
+            wire_settings: crate::wire_format::WireSettings::default(),
         }
     }
 }
@@ -247,7 +251,7 @@ impl StreamConsumer {
             .lease_ttl(Duration::from_millis(options.lease_ttl_ms))
             .ack_flush_interval(Duration::from_millis(options.ack_flush_interval_ms))
             .max_entry_size(options.max_entry_size);
-        subscriber_options.codec = options.wire_format.codec()?;
+        subscriber_options.codec = options.wire_format.codec_with(&options.wire_settings)?;
         if !options.use_redis_checkpoint {
             subscriber_options = subscriber_options.checkpoint_store(Arc::new(MemoryCheckpointStore::new()));
         }

@@ -77,6 +77,9 @@ pub struct ProducerOptions {
     /// The layout of the entries written (`codec` in the configuration file). Default
     /// streamwise's own; natricine's and Watermill's need the `interop` feature.
     pub wire_format: crate::wire_format::WireFormat,
+    /// The peer layout's settings beyond its defaults (`codec:` as a mapping in the
+    /// configuration file): event type key, fallback or fixed type, field names.
+    pub wire_settings: crate::wire_format::WireSettings,
 }
 
 impl Default for ProducerOptions {
@@ -87,6 +90,7 @@ impl Default for ProducerOptions {
             max_entry_size: crate::codec::DEFAULT_MAX_ENTRY_SIZE,
             backpressure: None,
             wire_format: crate::wire_format::WireFormat::default(),
+            wire_settings: crate::wire_format::WireSettings::default(),
         }
     }
 }
@@ -151,7 +155,7 @@ impl StreamProducer {
             .max_length(options.max_length)
             .auto_create(options.auto_create_stream)
             .max_entry_size(options.max_entry_size);
-        publisher_options.codec = options.wire_format.codec()?;
+        publisher_options.codec = options.wire_format.codec_with(&options.wire_settings)?;
         // Refused here rather than on the first send (`max_length` above `MAX_LENGTH`).
         publisher_options.validate()?;
         let publisher = RedisPublisher::new(conn.clone(), publisher_options);
