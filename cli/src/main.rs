@@ -113,8 +113,8 @@ enum Command {
         /// Trim (without it: only say what would go).
         #[arg(long)]
         execute: bool,
-        /// A group whose consumers have all been idle this long no longer holds the trim back
-        /// (7d, 12h, ...).
+        /// A group without live consumers whose consumers have all been idle this long no
+        /// longer holds the trim back (7d, 12h, ...).
         #[arg(long, value_parser = parse::duration, default_value = "7d", conflicts_with = "force")]
         idle_group_age: Duration,
         /// Trim even into entries groups have pending or not yet delivered.

@@ -484,6 +484,33 @@ async fn reset_and_trim_refuse_while_a_consumer_is_live() {
     assert_eq!(trim["streams"][0]["would_cut"], true);
     assert_eq!(trim["streams"][0]["protected_for"][0], GROUP);
     assert_eq!(env.xlen("orders").await, 10);
+    // However long its consumers have not read (live-1's handlers hold its two slots), a
+    // group with a live consumer is never let go as idle.
+    let idle_ms = || async {
+        let consumers = xinfo(&env, &["XINFO", "CONSUMERS", "orders", GROUP]).await;
+        consumers.iter().map(|c| int(&c["idle"])).min().unwrap()
+    };
+    eventually("the consumers idle for 2 ms", Duration::from_secs(5), || async {
+        idle_ms().await >= 2
+    })
+    .await;
+    let still = cli_json(
+        &env.url,
+        &[
+            "trim",
+            "orders",
+            "--maxlen",
+            "2",
+            "--idle-group-age",
+            "1ms",
+            "--execute",
+        ],
+        3,
+    )
+    .await;
+    assert_eq!(still["refused"], true);
+    assert_eq!(still["streams"][0]["idle_groups"].as_array().unwrap().len(), 0);
+    assert_eq!(env.xlen("orders").await, 10);
     // A trim that removes nothing refuses nothing (the boundary is in
     // a_trim_may_reach_the_first_needed_entry_but_not_pass_it).
     let none = cli_json(&env.url, &["trim", "orders", "--older-than", "1h"], 0).await;
@@ -563,10 +590,6 @@ async fn reset_and_trim_refuse_while_a_consumer_is_live() {
     assert_eq!(held["live"].as_array().unwrap().len(), 0);
     assert_eq!(env.xlen("orders").await, 9);
     // Once all the group's consumers have idled past --idle-group-age, it no longer does.
-    let idle_ms = || async {
-        let consumers = xinfo(&env, &["XINFO", "CONSUMERS", "orders", GROUP]).await;
-        consumers.iter().map(|c| int(&c["idle"])).min().unwrap()
-    };
     eventually("the consumers idle for 2 ms", Duration::from_secs(5), || async {
         idle_ms().await >= 2
     })

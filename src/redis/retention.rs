@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `retention_ms` (seed default 24 h) | entries older than it | on publish (about, at most once a second per stream, `XTRIM MINID ~`) and, with a [`Retention`] task running, also while the stream is quiet |
 //! | `max_length` | the oldest entries past that count | on publish (about, `XADD MAXLEN ~`) and with a [`Retention`] task |
-//! | [`TrimPolicy::safe`] (a [`Retention`] task's default) | nothing a group still needs: below its oldest pending entry, or (a group with live consumers) below the first entry it has not been delivered; a group whose consumers all idled past `idle_group_age` (7 days) no longer holds back | each trim of the task |
+//! | [`TrimPolicy::safe`] (a [`Retention`] task's default) | nothing a group still needs: below its oldest pending entry, or (a group with live consumers) below the first entry it has not been delivered; a group without live consumers whose consumers all idled past `idle_group_age` (7 days) no longer holds back | each trim of the task |
 //!
 //! The publish-time trims stay what the seed API promised (time and length, whatever groups
 //! still need); a safe [`Retention`] task is the way to keep lagging groups whole.
@@ -39,8 +39,8 @@ pub struct TrimPolicy {
     pub max_length: Option<u64>,
     /// Never below an entry a group still needs (see [the module](self)). Default on.
     pub safe: bool,
-    /// A group whose consumers have all been idle this long no longer holds a safe trim
-    /// back. Default 7 days.
+    /// A group without live consumers whose consumers have all been idle this long no
+    /// longer holds a safe trim back (one with a live consumer always does). Default 7 days.
     pub idle_group_age: Duration,
 }
 

@@ -383,25 +383,29 @@ local function cmp_id(a, b)
   return cmp_num(as, bs)
 end
 -- What group `g` (an XINFO GROUPS row) of stream `key` still needs: its oldest pending entry
--- and, when it has live consumers, the first entry it has not been delivered; nothing when
--- every consumer it has idled past `idle_age` ms. Returns the group's name, the first needed
--- id (or nil), its live consumers as in `live`, and whether it idled past the age.
+-- and, when it has live consumers, the first entry it has not been delivered; nothing when it
+-- has no live consumer and every consumer it has idled past `idle_age` ms (a group with a
+-- live consumer always holds back, however long it has not read). Returns the group's name,
+-- the first needed id (or nil), its live consumers as in `live`, and whether it was let go as
+-- idle.
 local function needed_by(key, g, idle_age, registry_prefix, lease_prefix)
   local name, last
   for i = 1, #g, 2 do
     if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
   end
-  local least_idle = nil
-  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', key, name)) do
-    for i = 1, #c, 2 do
-      if c[i] == 'idle' and (not least_idle or c[i + 1] < least_idle) then least_idle = c[i + 1] end
+  local found = live(registry_prefix .. name, lease_prefix .. name .. ':')
+  if #found == 0 then
+    local least_idle = nil
+    for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', key, name)) do
+      for i = 1, #c, 2 do
+        if c[i] == 'idle' and (not least_idle or c[i + 1] < least_idle) then least_idle = c[i + 1] end
+      end
     end
+    if least_idle and least_idle > idle_age then return name, nil, found, true end
   end
-  if least_idle and least_idle > idle_age then return name, nil, {}, true end
   local first = nil
   local p = redis.call('XPENDING', key, name, '-', '+', 1)
   if p[1] then first = p[1][1] end
-  local found = live(registry_prefix .. name, lease_prefix .. name .. ':')
   if #found > 0 then
     local u = redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', 1)
     if u[1] and (not first or cmp_id(u[1][1], first) < 0) then first = u[1][1] end

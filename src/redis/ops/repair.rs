@@ -209,9 +209,9 @@ pub enum TrimTo {
 pub enum TrimGuard {
     /// Nothing a group still needs goes: its oldest pending entry and, while it has live
     /// consumers, the first entry it has not been delivered (the rule of
-    /// [`TrimPolicy::safe`](crate::redis::retention::TrimPolicy)). A group whose consumers
-    /// have all been idle longer than `idle_group_age` no longer holds back
-    /// ([`TrimRow::idle_groups`]).
+    /// [`TrimPolicy::safe`](crate::redis::retention::TrimPolicy)). A group without live
+    /// consumers whose consumers have all been idle longer than `idle_group_age` no longer
+    /// holds back ([`TrimRow::idle_groups`]); one with a live consumer always does.
     Safe {
         /// How long a group's consumers may all idle before it stops holding back.
         idle_group_age: Duration,
@@ -358,14 +358,23 @@ pub async fn trim(
             Err(e) => return Err(e),
         };
         for info in infos {
-            // The rule of `needed_by` in the guard's script, which checks it again.
-            let consumers = admin::consumers(conn, &stream, &info.name, Duration::MAX).await?;
-            let least_idle = consumers.iter().map(|c| c.idle_ms).min();
-            if least_idle.is_some_and(|idle| idle > guard.idle_ms()) {
-                row.idle_groups.push(info.name.clone());
-                continue;
-            }
+            // The rule of `needed_by` in the guard's script, which checks it again: a group
+            // with a live consumer always holds back; one without, until all its consumers
+            // idled past the age.
             let live = live_consumers(conn, &stream, &info.name).await?;
+            if live.is_empty() {
+                let consumers = match admin::consumers(conn, &stream, &info.name, Duration::MAX).await {
+                    Ok(consumers) => consumers,
+                    // Deleted since the list of groups: it needs nothing.
+                    Err(Error::GroupNotFound { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                let least_idle = consumers.iter().map(|c| c.idle_ms).min();
+                if least_idle.is_some_and(|idle| idle > guard.idle_ms()) {
+                    row.idle_groups.push(info.name.clone());
+                    continue;
+                }
+            }
             let oldest = admin::pending_page(conn, &stream, &info.name, "-", 1, None, 0).await?;
             let undelivered = if live.is_empty() {
                 None
