@@ -552,7 +552,7 @@ async fn the_configuration_file_sets_a_peer_layouts_event_type_and_fields() {
             "{format: natricine, fixed_event_type: a, event_type_key: b}",
             "codec",
         ),
-        ("{format: natricine, uuid_field: ''}", "codec"),
+        ("{format: natricine, uuid_field: ''}", "codec.uuid_field"),
         ("{event_type_key: b}", "codec.format"),
         ("{format: natricine, colour: blue}", "codec.colour"),
     ] {

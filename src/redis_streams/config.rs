@@ -596,7 +596,10 @@ fn codec(v: &Value, path: &str) -> Result<(WireFormat, WireSettings)> {
             for (key, value) in map {
                 let key = key_str(key, path)?;
                 let path = format!("{path}.{key}");
-                let text = || string(value, &path).map(Some);
+                let text = || match string(value, &path)? {
+                    t if t.is_empty() => Err(Error::invalid(path.clone(), "must not be empty")),
+                    t => Ok(Some(t)),
+                };
                 match key {
                     "format" => format = Some(wire_format(value, &path)?),
                     "event_type_key" => settings.event_type_key = text()?,
