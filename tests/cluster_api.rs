@@ -790,19 +790,21 @@ async fn retention_and_safe_trims_work_across_the_masters(cluster: &RedisCluster
         retention_ms: None,
         max_length: Some(2),
     };
-    // Enough streams that they land on more than one master.
-    let free: Vec<String> = (0..6).map(|_| unique_topic("kept-short")).collect();
+    // Streams on every master.
+    let mut free: Vec<String> = Vec::new();
+    let mut masters = std::collections::HashSet::new();
+    while masters.len() < cluster.masters().len() {
+        let topic = unique_topic("kept-short");
+        if masters.insert(cluster.master_of(&topic).unwrap().port()) {
+            free.push(topic);
+        }
+    }
     let held = unique_topic("held");
     for topic in free.iter().chain([&held]) {
         admin::create_stream(&conn, topic, settings).await.unwrap();
         let batch = (0..5).map(|n| Message::new("t", &n).unwrap()).collect();
         redis.publisher().publish_batch(topic, batch).await.unwrap();
     }
-    let masters: std::collections::HashSet<_> = free
-        .iter()
-        .map(|t| cluster.master_of(t).unwrap().port())
-        .collect();
-    assert!(masters.len() > 1, "the streams all landed on one master");
     let _: redis::Value = conn
         .command(cmd("XGROUP").arg("CREATE").arg(&held).arg("holding").arg("0"))
         .await

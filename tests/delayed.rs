@@ -283,6 +283,11 @@ async fn a_server_killed_while_messages_are_being_moved_loses_none_and_appends_n
         );
         got.insert(i);
         if !restarted && got.len() as u64 == n / 2 {
+            let waiting = streamwise::redis::admin::stream_info(backend.connection(), topic)
+                .await
+                .unwrap()
+                .scheduled;
+            assert!(waiting > 0, "nothing left to move when the server is killed");
             server.kill();
             server.restart();
             restarted = true;

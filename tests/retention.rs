@@ -307,14 +307,14 @@ async fn a_retention_task_counts_held_back_trims_and_the_idle_groups_it_passes_o
         .idle_group_age(age)
         .spawn();
     let since = Instant::now();
-    while lenient.stats().removed() < 3 {
+    // Both counts, which a round adds one after the other.
+    while lenient.stats().removed() < 3 || lenient.stats().idle_groups_ignored() == 0 {
         assert!(
             since.elapsed() < Duration::from_secs(10),
-            "the idle group still held back"
+            "the idle group still held back, or was not counted"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(lenient.stats().idle_groups_ignored() >= 1);
     assert_eq!(len(&conn, "counted").await, 2);
     lenient.stop().await;
 }

@@ -237,13 +237,10 @@ async fn twenty_sigkills_of_the_relay_lose_nothing_and_the_inbox_removes_the_dup
         assert!(firsts == expected, "{topic}: out of order");
     }
     let duplicates = in_redis - rows;
-    // What the inbox below is for: some kill must have landed between a batch's publish and
-    // its mark. Measured: 50 and 200 rows resent in two runs of 20,000, 400 in one of
-    // 100,000 (whole batches, each from a different kill).
-    assert!(
-        duplicates > 0,
-        "no kill left a batch published but unmarked: the inbox had nothing to remove"
-    );
+    // Not asserted above 0: a kill lands between a batch's publish and its mark only now and
+    // then (50 and 200 rows resent in two runs of 20,000, 400 in one of 100,000: one to eight
+    // batches of twenty kills). `tests/outbox.rs` `a_row_sent_again_after_a_lost_mark_is_the_same_message`
+    // and `tests/inbox.rs` make the duplicate on purpose.
 
     // A consumer with the inbox: each effect once, duplicates skipped.
     async fn apply(Json(n): Json<i32>, tx: InboxTx) -> Result<(), streamwise_outbox::Error> {
