@@ -284,21 +284,23 @@ pub async fn stream_info(conn: &RedisConnection, stream: &str) -> Result<StreamI
         Err(e) if e.is_no_such_key() => {
             // A topic whose messages are all still scheduled has no stream yet, but it is
             // there: its first message will create it.
-            if scheduled().await? == 0 {
+            let waiting = scheduled().await?;
+            if waiting == 0 {
                 return Err(stream_not_found(stream));
             }
-            StreamInfo {
+            let (settings, created_at) = stream_settings(conn, stream).await?;
+            return Ok(StreamInfo {
                 length: 0,
                 first_entry: None,
                 last_entry: None,
                 radix_tree_keys: 0,
                 groups: 0,
                 last_generated_id: None,
-                settings: StreamSettings::default(),
-                created_at: None,
+                settings,
+                created_at,
                 oldest_entry_age: None,
-                scheduled: 0,
-            }
+                scheduled: waiting,
+            });
         }
         Err(e) => return Err(e.into_error()),
     };
