@@ -463,6 +463,97 @@ async fn a_router_consumes_what_a_watermill_service_wrote() {
     );
 }
 
+/// A dead letter of a topic a Watermill service also reads is replayed in Watermill's layout
+/// (`ReplayOptions::layout`, `streamwise dlq replay --codec watermill`): the Go consumers read
+/// it as they read the original; in streamwise's own layout they could not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_replayed_in_the_layout_of_its_topic() {
+    use streamwise::redis::ops::{self, Mode, ReplayOptions};
+    use streamwise::router::Permanent;
+    use streamwise::wire_format::{WireFormat, WireSettings};
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let conn = backend.connection().clone();
+    let _: String = conn
+        .command(
+            cmd("XADD")
+                .arg("wm-replay")
+                .arg("*")
+                .arg("_watermill_message_uuid")
+                .arg("0198c2a4-6b1e-7d5c-9a3f-2b8e4c6d1f07")
+                .arg("payload")
+                .arg(&b"{\"id\":7}"[..])
+                .arg("metadata")
+                .arg(fixmap(&[("name", "OrderPlaced")])),
+        )
+        .await
+        .unwrap();
+    async fn refuse() -> std::result::Result<(), Permanent> {
+        Err(Permanent::new("unknown customer"))
+    }
+    let codec = WatermillCodec::default();
+    let subscriber = RedisSubscriber::new(
+        conn.clone(),
+        RedisSubscriberOptions::default().codec(codec.clone()),
+    )
+    .unwrap();
+    let publisher = Arc::new(RedisPublisher::new(
+        conn.clone(),
+        PublisherOptions::default().codec(codec),
+    ));
+    let router = Router::new();
+    let routes = router.routes().route("OrderPlaced", refuse);
+    let running = router
+        .subscribe(
+            "wm-replay",
+            streamwise::SubscribeOptions::new("rust", "w1"),
+            routes,
+        )
+        .start(Arc::new(subscriber), publisher)
+        .await
+        .unwrap();
+    streamwise::testing::wait_until_handled(&running, 1).await;
+    running.shutdown().await.unwrap();
+
+    let report = ops::replay_dead_letters(
+        &conn,
+        "wm-replay",
+        &ReplayOptions::new(Mode::Execute).layout(WireFormat::Watermill, WireSettings::default()),
+        std::future::pending(),
+        &mut |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.replayed, 1, "{report:?}");
+    let entries: Vec<RawStreamEntry> = conn
+        .command(cmd("XRANGE").arg("wm-replay").arg("-").arg("+"))
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 2);
+    let replayed: BTreeMap<Vec<u8>, Vec<u8>> = entries[1].1.iter().cloned().collect();
+    assert_eq!(
+        replayed
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect::<Vec<_>>(),
+        ["_watermill_message_uuid", "metadata", "payload"]
+    );
+    assert_eq!(replayed[&b"payload"[..]], b"{\"id\":7}");
+    // Decoded as a Watermill consumer would: its name, and the replay's marks.
+    let message = WatermillCodec::default()
+        .decode(RawEntry {
+            id: EntryId::new(1, 0),
+            fields: entries[1]
+                .1
+                .iter()
+                .map(|(k, v)| (Bytes::from(k.clone()), Bytes::from(v.clone())))
+                .collect(),
+        })
+        .unwrap();
+    assert_eq!(message.event_type(), "OrderPlaced");
+    assert_eq!(message.metadata().get("replay.count"), Some("1"));
+}
+
 /// The configuration file names the layout (`codec`) of the producer and the consumer; a name
 /// that is not a layout is refused with its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,9 +60,12 @@ pub(crate) async fn run(command: &Command, conn: &RedisConnection, out: &Out) ->
                 rate,
                 to,
                 fresh,
+                codec,
                 execute,
             } => {
-                let mut options = ReplayOptions::new(mode(*execute)).fresh(*fresh);
+                let mut options = ReplayOptions::new(mode(*execute))
+                    .fresh(*fresh)
+                    .layout(*codec, Default::default());
                 if !ids.is_empty() {
                     options = options.ids(ids.clone());
                 }

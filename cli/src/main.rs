@@ -191,6 +191,10 @@ enum DlqCommand {
         /// Start a new run instead of resuming an unfinished one.
         #[arg(long)]
         fresh: bool,
+        /// The topic's layout, in which its subscriptions wrote the records and the replayed
+        /// entries are written (streamwise, natricine, watermill; with default settings).
+        #[arg(long, default_value = "streamwise")]
+        codec: streamwise::WireFormat,
         /// Replay (without it: only list what would be replayed).
         #[arg(long)]
         execute: bool,

@@ -26,6 +26,7 @@ use crate::partition::parse_partition_stream;
 use crate::redis::connection::{RedisConnection, slot_of};
 use crate::redis::coordinator::refuse_partitioned;
 use crate::redis::{admin, keys, scripts};
+use crate::wire_format::{WireFormat, WireSettings};
 
 /// How many records are read at once.
 const PAGE: usize = 200;
@@ -234,6 +235,7 @@ pub struct ReplayOptions {
     rate: Option<f64>,
     to: Option<String>,
     fresh: bool,
+    layout: (WireFormat, WireSettings),
 }
 
 impl ReplayOptions {
@@ -247,6 +249,7 @@ impl ReplayOptions {
             rate: None,
             to: None,
             fresh: false,
+            layout: (WireFormat::Streamwise, WireSettings::default()),
         }
     }
 
@@ -287,6 +290,15 @@ impl ReplayOptions {
     /// dead-lettered again since are then replayed again).
     pub fn fresh(mut self, fresh: bool) -> Self {
         self.fresh = fresh;
+        self
+    }
+
+    /// The layout of the topic (default streamwise's own), such as Watermill's for a topic
+    /// its subscribers read with `WatermillCodec` (the `interop` feature): its subscriptions
+    /// wrote the dead-letter records in it, and the replayed entries are written in it, so
+    /// that the topic's other readers (a Go service) read them as they read the original.
+    pub fn layout(mut self, format: WireFormat, settings: WireSettings) -> Self {
+        self.layout = (format, settings);
         self
     }
 
@@ -494,9 +506,11 @@ pub async fn replay_dead_letters(
                 .await?;
         }
     }
+    let codec = options.layout.0.codec_with(&options.layout.1)?;
     let mut run = Run {
         conn,
         options,
+        codec,
         report: ReplayReport {
             topic: topic.to_owned(),
             mode: options.mode,
@@ -574,6 +588,8 @@ async fn range_of(conn: &RedisConnection, dead_letters: &str, fresh: bool) -> Re
 struct Run<'a> {
     conn: &'a RedisConnection,
     options: &'a ReplayOptions,
+    /// The layout the replayed entries are written in.
+    codec: std::sync::Arc<dyn Codec>,
     report: ReplayReport,
     looked_at: u64,
     total: u64,
@@ -629,7 +645,8 @@ impl Run<'_> {
         mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<bool> {
         let id = raw.id;
-        let message = JsonCodec.decode(raw).ok();
+        // A subscription writes its dead-letter records in its topic's layout.
+        let message = self.codec.decode(raw).ok();
         let reason = message
             .as_ref()
             .and_then(|m| m.metadata().get(dead_letter::keys::REASON))
@@ -738,7 +755,7 @@ impl Run<'_> {
             }
         };
         let replayed = replayed_message(message, id);
-        let fields = JsonCodec.encode(&replayed)?;
+        let fields = self.codec.encode(&replayed)?;
         let max_length = max_length.map(|n| n.to_string()).unwrap_or_default();
         let new_id: Option<String> = self
             .conn
