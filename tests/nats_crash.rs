@@ -22,8 +22,8 @@ use streamwise::router::{Json, Outcome, Router};
 use streamwise::testing::NatsServer;
 use streamwise::{Message, Publisher, SubscribeOptions, Subscriber, Subscription};
 
-const MESSAGES: u64 = 20_000;
-const KILLS: u32 = 10;
+const MESSAGES: u64 = 100_000;
+const KILLS: u32 = 20;
 const STREAM: &str = "work";
 const HANDLED: &str = "handled";
 /// Per consumer process: deliveries in flight and messages per pull.
@@ -32,7 +32,7 @@ const WINDOW: usize = 50;
 const ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// Not a test of its own: the body of the consumer processes that
-/// [`ten_sigkills_lose_nothing`] starts. Without `STREAMWISE_NATS_CRASH_URL` it does nothing.
+/// [`twenty_sigkills_lose_nothing`] starts. Without `STREAMWISE_NATS_CRASH_URL` it does nothing.
 #[test]
 fn nats_consumer_process_entry_point() {
     let (Ok(url), Ok(name)) = (
@@ -117,7 +117,7 @@ impl Audit {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_sigkills_lose_nothing() {
+async fn twenty_sigkills_lose_nothing() {
     let server = NatsServer::start();
     let url = server.url();
     let nats = NatsBackend::connect(&url).await.unwrap();
