@@ -1,7 +1,8 @@
 //! Observability: a router whose metrics a Prometheus exporter serves on `/metrics`, beside
 //! `/healthz` (alive: not failed or stopped) and `/readyz` (ready: every subscription reads),
 //! on `METRICS_ADDR` (default `127.0.0.1:9464`). In memory by default; on Redis when
-//! `REDIS_URL` is set, with a group monitor for the lag and pending gauges.
+//! `STREAMWISE_URL` (or `REDIS_URL`) names a Redis server, with a group monitor for the lag
+//! and pending gauges.
 //!
 //! ```sh
 //! cargo run --features metrics --example observability
@@ -74,9 +75,10 @@ async fn main() -> Result<(), BoxError> {
         .install_recorder()?;
 
     let mut monitor = None;
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match std::env::var("REDIS_URL")
+    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match streamwise::url_from_env()
     {
-        Ok(url) => {
+        // A Redis URL: the group monitor reads the Redis group's figures.
+        Some(url) => {
             let redis = RedisBackend::new(&url)?;
             println!("Using Redis at {}", redis.connection().url());
             monitor = Some(
@@ -87,8 +89,8 @@ async fn main() -> Result<(), BoxError> {
             );
             (Arc::new(redis.publisher()), Arc::new(redis.subscriber()?))
         }
-        Err(_) => {
-            println!("Using the in-memory backend (set REDIS_URL to use Redis)");
+        None => {
+            println!("Using the in-memory backend (set STREAMWISE_URL to use Redis)");
             let memory = MemoryBackend::new();
             (Arc::new(memory.publisher()), Arc::new(memory.subscriber()))
         }

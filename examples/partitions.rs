@@ -12,15 +12,15 @@
 //! per customer, which member handled which of its orders, checks they came in order, and
 //! stops both routers.
 //!
-//! In memory by default; on Redis when `REDIS_URL` is set (on a Redis Cluster,
-//! `redis-cluster://...`, the partition streams spread over the masters). On Redis `orders`
+//! In memory by default; on Redis when `STREAMWISE_URL` (or `REDIS_URL`) is set (on a Redis
+//! Cluster, `redis-cluster://...`, the partition streams spread over the masters). On Redis `orders`
 //! stays a partitioned topic after the run: a plain subscriber or publisher on that server
 //! (the router example's, which uses `orders` as a plain stream) then gets
 //! `Error::Partitioned` for it.
 //!
 //! ```sh
 //! cargo run --example partitions
-//! REDIS_URL=redis://127.0.0.1:6379 cargo run --example partitions
+//! STREAMWISE_URL=redis://127.0.0.1:6379 cargo run --example partitions
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -33,7 +33,6 @@ use streamwise::partition::{
     PartitionCoordinator, PartitionOptions, PartitionedPublisher, PartitionedSubscriber, assigned_to,
     parse_partition_stream, partition_for_key,
 };
-use streamwise::redis::RedisBackend;
 use streamwise::router::{Json, Router, RunningRouter, State};
 use streamwise::{DeliveryInfo, Message, Publisher, SubscribeOptions, Subscriber, Uuid};
 use tokio::sync::Notify;
@@ -208,18 +207,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         publisher,
         subscribers: [first_subscriber, second_subscriber],
         coordinator,
-    } = match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            let redis = RedisBackend::new(&url)?;
-            println!("Using Redis at {}", redis.connection().url());
+    } = match streamwise::url_from_env() {
+        Some(url) => {
+            // Two connections, as two services would have.
+            let (first, second) = (streamwise::connect(&url).await?, streamwise::connect(&url).await?);
+            let coordinator = first
+                .coordinator()
+                .ok_or("partitioned topics need a backend that keeps their members (memory or Redis); NATS has none yet")?;
+            println!("Using {} at {}", first.kind(), first.location());
             Backend {
-                publisher: Arc::new(redis.publisher()),
-                subscribers: [Arc::new(redis.subscriber()?), Arc::new(redis.subscriber()?)],
-                coordinator: Arc::new(redis.coordinator()),
+                publisher: first.publisher(),
+                subscribers: [first.subscriber(), second.subscriber()],
+                coordinator,
             }
         }
-        Err(_) => {
-            println!("Using the in-memory backend (set REDIS_URL to use Redis)");
+        None => {
+            println!("Using the in-memory backend (set STREAMWISE_URL to use Redis)");
             let memory = MemoryBackend::new();
             Backend {
                 publisher: Arc::new(memory.publisher()),
