@@ -515,6 +515,18 @@ async fn a_dead_letter_is_replayed_in_the_layout_of_its_topic() {
     streamwise::testing::wait_until_handled(&running, 1).await;
     running.shutdown().await.unwrap();
 
+    // Read in the topic's layout, the record shows its reason.
+    let peek = ops::peek_dead_letters(&conn, "wm-replay", 10, None, &WatermillCodec::default())
+        .await
+        .unwrap();
+    assert_eq!(peek.total, 1);
+    assert!(
+        peek.latest[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("unknown customer")),
+        "{peek:?}"
+    );
     let report = ops::replay_dead_letters(
         &conn,
         "wm-replay",

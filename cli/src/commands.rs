@@ -49,8 +49,14 @@ pub(crate) async fn run(command: &Command, conn: &RedisConnection, out: &Out) ->
             key,
         } => publish(conn, out, topic, event_type, json, metadata, key.as_deref()).await,
         Command::Dlq { command } => match command {
-            DlqCommand::Peek { topic, limit, reason } => {
-                dlq_peek(conn, out, topic, *limit, reason.as_deref()).await
+            DlqCommand::Peek {
+                topic,
+                limit,
+                reason,
+                codec,
+            } => {
+                let codec = codec.codec()?;
+                dlq_peek(conn, out, topic, *limit, reason.as_deref(), &*codec).await
             }
             DlqCommand::Replay {
                 topic,
@@ -589,11 +595,12 @@ async fn dlq_peek(
     topic: &str,
     limit: usize,
     reason: Option<&str>,
+    codec: &dyn streamwise::codec::Codec,
 ) -> streamwise::Result<Exit> {
     let peek = with_spinner(
         out,
         "reading dead letters",
-        ops::peek_dead_letters(conn, topic, limit, reason),
+        ops::peek_dead_letters(conn, topic, limit, reason, codec),
     )
     .await?;
     if out.format == Format::Json {

@@ -165,6 +165,10 @@ enum DlqCommand {
         /// Only records whose reason contains this ("(none)": the records without one).
         #[arg(long)]
         reason: Option<String>,
+        /// The topic's layout, in which its subscriptions wrote the records (streamwise,
+        /// natricine, watermill; with default settings).
+        #[arg(long, default_value = "streamwise")]
+        codec: streamwise::WireFormat,
     },
     /// Put dead letters back into their stream, safely: up to the last record there was at the
     /// start, each moved once (resumable after an interruption), with a replay marker.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{Mode, count_before, id_at, id_time, last_id, next_id, now_ms, streams_of};
-use crate::codec::{Codec, JsonCodec, RawEntry};
+use crate::codec::{Codec, RawEntry};
 use crate::dead_letter::{self, TRIMMED_EVENT_TYPE, UNDECODABLE_EVENT_TYPE, replay_keys};
 use crate::error::{Error, Result, validate_stream_name};
 use crate::message::{EntryId, Message, saturating_ms};
@@ -167,12 +167,16 @@ async fn each_record(
 
 /// The dead letters of `topic` (of every partition of a partitioned topic): how many, a count
 /// per reason, and the latest `limit` records, newest first; with `reason`, only the records
-/// whose reason contains it ([`NO_REASON`]: the records without one).
+/// whose reason contains it ([`NO_REASON`]: the records without one). The records are read
+/// with `codec`, the topic's layout, in which its subscriptions wrote them
+/// ([`JsonCodec`](crate::codec::JsonCodec), streamwise's own, unless its subscribers use a
+/// peer's).
 pub async fn peek_dead_letters(
     conn: &RedisConnection,
     topic: &str,
     limit: usize,
     reason: Option<&str>,
+    codec: &dyn Codec,
 ) -> Result<DeadLetterPeek> {
     let (_, streams) = streams_of(conn, topic).await?;
     let mut peek = DeadLetterPeek {
@@ -195,7 +199,7 @@ pub async fn peek_dead_letters(
         each_record(conn, &dead_letters, end, async |raw| {
             peek.total += 1;
             let id = raw.id;
-            let message = JsonCodec.decode(raw).ok();
+            let message = codec.decode(raw).ok();
             let record = DeadLetterRecord::new(&dead_letters, id, message.as_ref());
             if reason.is_none_or(|filter| reason_selected(record.reason.as_deref(), filter)) {
                 let why = record.reason.clone().unwrap_or_else(|| NO_REASON.to_owned());
