@@ -40,6 +40,25 @@ fn collect(
     })
 }
 
+/// A subscription of `topic` in group `g`, handled by [`collect`]: its task and what it sees.
+async fn collect_group_g(
+    subscriber: &dyn Subscriber,
+    topic: &str,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<(u64, u64, u64)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let sub = subscriber
+        .subscribe(
+            topic,
+            SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    (collect(sub, tx), rx)
+}
+
 fn percentile(sorted: &[i64], p: f64) -> i64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -211,17 +230,7 @@ async fn a_schedule_survives_a_server_restart_with_aof() {
     server.kill();
     server.restart();
     let subscriber = backend.subscriber().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let task = collect(
-        subscriber
-            .subscribe(
-                topic,
-                SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-            )
-            .await
-            .unwrap(),
-        tx,
-    );
+    let (task, mut rx) = collect_group_g(&subscriber, topic).await;
     let mut got = std::collections::HashSet::new();
     while got.len() < 100 {
         let (i, due, received) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
@@ -246,17 +255,7 @@ async fn a_server_killed_while_messages_are_being_moved_loses_none_and_appends_n
     let topic = "crashing";
     let n = 2_000u64;
     let subscriber = backend.subscriber().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let task = collect(
-        subscriber
-            .subscribe(
-                topic,
-                SubscribeOptions::new("g", "c").block(Duration::from_millis(200)),
-            )
-            .await
-            .unwrap(),
-        tx,
-    );
+    let (task, mut rx) = collect_group_g(&subscriber, topic).await;
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     for i in 0..n {
         rng ^= rng << 13;

@@ -20,6 +20,29 @@ async fn len(conn: &RedisConnection, stream: &str) -> u64 {
     conn.command(cmd("XLEN").arg(stream)).await.unwrap()
 }
 
+/// Group `holding` of `stream`, created at its start, holds its first three entries pending
+/// for consumer `x`, a client without a lease (so never live).
+async fn hold_three(conn: &RedisConnection, stream: &str) {
+    let _: redis::Value = conn
+        .command(cmd("XGROUP").arg("CREATE").arg(stream).arg("holding").arg("0"))
+        .await
+        .unwrap();
+    let _: redis::Value = conn
+        .command(
+            cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("holding")
+                .arg("x")
+                .arg("COUNT")
+                .arg(3)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">"),
+        )
+        .await
+        .unwrap();
+}
+
 /// Waits until every consumer of `group` has been idle longer than `age`.
 async fn idle_past(conn: &RedisConnection, stream: &str, group: &str, age: Duration) {
     let since = Instant::now();
@@ -188,24 +211,7 @@ async fn a_safe_trim_keeps_what_groups_need_until_they_idle_past_their_age() {
         .await
         .unwrap();
     // ... and a group of another client holding the first three entries pending.
-    let _: redis::Value = conn
-        .command(cmd("XGROUP").arg("CREATE").arg("needed").arg("holding").arg("0"))
-        .await
-        .unwrap();
-    let _: redis::Value = conn
-        .command(
-            cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg("holding")
-                .arg("x")
-                .arg("COUNT")
-                .arg(3)
-                .arg("STREAMS")
-                .arg("needed")
-                .arg(">"),
-        )
-        .await
-        .unwrap();
+    hold_three(&conn, "needed").await;
     let by_length = TrimPolicy::default().max_length(5);
     let by_time = TrimPolicy::default().retention(Duration::ZERO);
     for policy in [&by_length, &by_time] {
@@ -265,24 +271,7 @@ async fn a_retention_task_counts_held_back_trims_and_the_idle_groups_it_passes_o
     admin::create_stream(&conn, "counted", settings).await.unwrap();
     let batch = (0..5).map(|n| Message::new("t", &n).unwrap()).collect();
     backend.publisher().publish_batch("counted", batch).await.unwrap();
-    let _: redis::Value = conn
-        .command(cmd("XGROUP").arg("CREATE").arg("counted").arg("holding").arg("0"))
-        .await
-        .unwrap();
-    let _: redis::Value = conn
-        .command(
-            cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg("holding")
-                .arg("x")
-                .arg("COUNT")
-                .arg(3)
-                .arg("STREAMS")
-                .arg("counted")
-                .arg(">"),
-        )
-        .await
-        .unwrap();
+    hold_three(&conn, "counted").await;
     let patient = Retention::new(RedisConnection::new(&server.url()).unwrap())
         .interval(Duration::from_millis(50))
         .spawn();
