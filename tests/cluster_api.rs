@@ -780,7 +780,6 @@ async fn seed_config_builds_a_producer_and_consumer_for_the_cluster(cluster: &Re
 /// and the operators' guarded trim hold back the same way (their scripts read the stream's
 /// lease keys, in its slot).
 async fn retention_and_safe_trims_work_across_the_masters(cluster: &RedisCluster) {
-    use streamwise::redis::client::cmd;
     use streamwise::redis::ops::{self, Mode, TrimGuard, TrimTo};
     use streamwise::redis::retention::{Retention, TrimPolicy, trim};
 
@@ -805,24 +804,7 @@ async fn retention_and_safe_trims_work_across_the_masters(cluster: &RedisCluster
         let batch = (0..5).map(|n| Message::new("t", &n).unwrap()).collect();
         redis.publisher().publish_batch(topic, batch).await.unwrap();
     }
-    let _: redis::Value = conn
-        .command(cmd("XGROUP").arg("CREATE").arg(&held).arg("holding").arg("0"))
-        .await
-        .unwrap();
-    let _: redis::Value = conn
-        .command(
-            cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg("holding")
-                .arg("x")
-                .arg("COUNT")
-                .arg(3)
-                .arg("STREAMS")
-                .arg(&held)
-                .arg(">"),
-        )
-        .await
-        .unwrap();
+    common::hold_three(&conn, &held).await;
 
     let task = Retention::new(conn.clone())
         .interval(Duration::from_millis(100))

@@ -16,7 +16,7 @@ use streamwise::codec::{Codec, RawEntry};
 use streamwise::interop::{NatricineCodec, WatermillCodec};
 use streamwise::redis::client::cmd;
 use streamwise::redis::{
-    PublisherOptions, RedisBackend, RedisPublisher, RedisSubscriber, RedisSubscriberOptions,
+    PublisherOptions, RedisBackend, RedisConnection, RedisPublisher, RedisSubscriber, RedisSubscriberOptions,
 };
 use streamwise::router::{Json, Metadata, Router, State};
 use streamwise::{EntryId, Error, Message, Publisher};
@@ -96,6 +96,39 @@ fn metadata_map(message: &Message) -> BTreeMap<String, String> {
         .iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
+}
+
+/// Writes an entry as a Watermill service does (raw `XADD` of its layout).
+async fn xadd_watermill(
+    conn: &RedisConnection,
+    stream: &str,
+    uuid: &str,
+    payload: &[u8],
+    metadata: &[(&str, &str)],
+) {
+    let _: String = conn
+        .command(
+            cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("_watermill_message_uuid")
+                .arg(uuid)
+                .arg("payload")
+                .arg(payload)
+                .arg("metadata")
+                .arg(fixmap(metadata)),
+        )
+        .await
+        .unwrap();
+}
+
+/// The fields of the first entry of `stream`.
+async fn first_entry(conn: &RedisConnection, stream: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let written: Vec<RawStreamEntry> = conn
+        .command(cmd("XRANGE").arg(stream).arg("-").arg("+").arg("COUNT").arg(1))
+        .await
+        .unwrap();
+    written.into_iter().next().expect("an entry").1
 }
 
 fn sorted(mut fields: Vec<(Bytes, Bytes)>) -> Vec<(Bytes, Bytes)> {
@@ -377,20 +410,14 @@ async fn a_router_consumes_what_a_watermill_service_wrote() {
     let codec = WatermillCodec::default();
     for (n, payload) in [(1, &b"{\"id\":1}"[..]), (2, b"not json"), (3, b"{\"id\":3}")] {
         let uuid = format!("0198c2a4-6b1e-7d5c-9a3f-2b8e4c6d1f0{n}");
-        let _: String = conn
-            .command(
-                cmd("XADD")
-                    .arg("wm-orders")
-                    .arg("*")
-                    .arg("_watermill_message_uuid")
-                    .arg(uuid)
-                    .arg("payload")
-                    .arg(payload)
-                    .arg("metadata")
-                    .arg(fixmap(&[("name", "OrderPlaced"), ("tenant", "acme")])),
-            )
-            .await
-            .unwrap();
+        xadd_watermill(
+            &conn,
+            "wm-orders",
+            &uuid,
+            payload,
+            &[("name", "OrderPlaced"), ("tenant", "acme")],
+        )
+        .await;
     }
     type Seen = Arc<Mutex<Vec<(u64, String)>>>;
     async fn placed(Json(order): Json<serde_json::Value>, metadata: Metadata, State(seen): State<Seen>) {
@@ -474,20 +501,14 @@ async fn a_dead_letter_is_replayed_in_the_layout_of_its_topic() {
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
     let conn = backend.connection().clone();
-    let _: String = conn
-        .command(
-            cmd("XADD")
-                .arg("wm-replay")
-                .arg("*")
-                .arg("_watermill_message_uuid")
-                .arg("0198c2a4-6b1e-7d5c-9a3f-2b8e4c6d1f07")
-                .arg("payload")
-                .arg(&b"{\"id\":7}"[..])
-                .arg("metadata")
-                .arg(fixmap(&[("name", "OrderPlaced")])),
-        )
-        .await
-        .unwrap();
+    xadd_watermill(
+        &conn,
+        "wm-replay",
+        "0198c2a4-6b1e-7d5c-9a3f-2b8e4c6d1f07",
+        b"{\"id\":7}",
+        &[("name", "OrderPlaced")],
+    )
+    .await;
     async fn refuse() -> std::result::Result<(), Permanent> {
         Err(Permanent::new("unknown customer"))
     }
@@ -586,12 +607,8 @@ async fn the_configuration_file_picks_a_peer_layout() {
         .await
         .unwrap();
     let backend = RedisBackend::new(&server.url()).unwrap();
-    let written: Vec<RawStreamEntry> = backend
-        .connection()
-        .command(cmd("XRANGE").arg("cfg-orders").arg("-").arg("+"))
-        .await
-        .unwrap();
-    let names: Vec<&[u8]> = written[0].1.iter().map(|(k, _)| &k[..]).collect();
+    let written = first_entry(backend.connection(), "cfg-orders").await;
+    let names: Vec<&[u8]> = written.iter().map(|(k, _)| &k[..]).collect();
     assert!(names.contains(&&b"_watermill_message_uuid"[..]), "{names:?}");
 
     let bad = Config::from_yaml_str("redis_streams:\n  producer:\n    codec: protobuf\n").unwrap_err();
@@ -635,12 +652,8 @@ async fn the_configuration_file_sets_a_peer_layouts_event_type_and_fields() {
         .await
         .unwrap();
     let backend = RedisBackend::new(&server.url()).unwrap();
-    let written: Vec<RawStreamEntry> = backend
-        .connection()
-        .command(cmd("XRANGE").arg("cfg-fields").arg("-").arg("+"))
-        .await
-        .unwrap();
-    let fields: BTreeMap<&[u8], &[u8]> = written[0].1.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let written = first_entry(backend.connection(), "cfg-fields").await;
+    let fields: BTreeMap<&[u8], &[u8]> = written.iter().map(|(k, v)| (&k[..], &v[..])).collect();
     assert_eq!(
         fields.keys().copied().collect::<Vec<_>>(),
         [&b"id"[..], b"metadata", b"payload"]
@@ -702,20 +715,14 @@ async fn cqrs_commands_and_events_travel_in_watermills_layout() {
     let conn = backend.connection().clone();
     let cqrs = Cqrs::new();
     let topic = cqrs.command_topic::<PlaceOrder>().unwrap();
-    let _: String = conn
-        .command(
-            cmd("XADD")
-                .arg(&topic)
-                .arg("*")
-                .arg("_watermill_message_uuid")
-                .arg("01ARZ3NDEKTSV4RRFFQ69G5FAV")
-                .arg("payload")
-                .arg(&b"{\"id\":42}"[..])
-                .arg("metadata")
-                .arg(fixmap(&[("name", "main.PlaceOrder")])),
-        )
-        .await
-        .unwrap();
+    xadd_watermill(
+        &conn,
+        &topic,
+        "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        b"{\"id\":42}",
+        &[("name", "main.PlaceOrder")],
+    )
+    .await;
     let handled = Arc::new(Mutex::new(Vec::new()));
     let log = handled.clone();
     let processor = cqrs.command_processor("orders").handle(move |cmd: PlaceOrder| {

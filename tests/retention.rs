@@ -14,33 +14,10 @@ use streamwise::redis::retention::{Retention, TrimPolicy, trim};
 use streamwise::redis::{RedisBackend, RedisConnection};
 use streamwise::{Message, Publisher, SubscribeOptions, Subscriber};
 
-use common::RedisServer;
+use common::{RedisServer, hold_three};
 
 async fn len(conn: &RedisConnection, stream: &str) -> u64 {
     conn.command(cmd("XLEN").arg(stream)).await.unwrap()
-}
-
-/// Group `holding` of `stream`, created at its start, holds its first three entries pending
-/// for consumer `x`, a client without a lease (so never live).
-async fn hold_three(conn: &RedisConnection, stream: &str) {
-    let _: redis::Value = conn
-        .command(cmd("XGROUP").arg("CREATE").arg(stream).arg("holding").arg("0"))
-        .await
-        .unwrap();
-    let _: redis::Value = conn
-        .command(
-            cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg("holding")
-                .arg("x")
-                .arg("COUNT")
-                .arg(3)
-                .arg("STREAMS")
-                .arg(stream)
-                .arg(">"),
-        )
-        .await
-        .unwrap();
 }
 
 /// Waits until every consumer of `group` has been idle longer than `age`.

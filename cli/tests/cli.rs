@@ -450,6 +450,17 @@ async fn an_interrupted_replay_is_resumed_and_replays_every_record_exactly_once(
     assert_eq!(next["replayed"], N);
 }
 
+/// A trim to 2 entries that lets go groups idle for more than a millisecond.
+const LENIENT_TRIM: &[&str] = &[
+    "trim",
+    "orders",
+    "--maxlen",
+    "2",
+    "--idle-group-age",
+    "1ms",
+    "--execute",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_and_trim_refuse_while_a_consumer_is_live() {
     let env = Env::start();
@@ -494,20 +505,7 @@ async fn reset_and_trim_refuse_while_a_consumer_is_live() {
         idle_ms().await >= 2
     })
     .await;
-    let still = cli_json(
-        &env.url,
-        &[
-            "trim",
-            "orders",
-            "--maxlen",
-            "2",
-            "--idle-group-age",
-            "1ms",
-            "--execute",
-        ],
-        3,
-    )
-    .await;
+    let still = cli_json(&env.url, LENIENT_TRIM, 3).await;
     assert_eq!(still["refused"], true);
     assert_eq!(still["streams"][0]["idle_groups"].as_array().unwrap().len(), 0);
     assert_eq!(env.xlen("orders").await, 10);
@@ -603,20 +601,7 @@ async fn reset_and_trim_refuse_while_a_consumer_is_live() {
     assert_eq!(dry["streams"][0]["removes"], 7);
     assert_eq!(dry["streams"][0]["idle_groups"][0], GROUP);
     assert_eq!(env.xlen("orders").await, 9);
-    let done = cli_json(
-        &env.url,
-        &[
-            "trim",
-            "orders",
-            "--maxlen",
-            "2",
-            "--idle-group-age",
-            "1ms",
-            "--execute",
-        ],
-        0,
-    )
-    .await;
+    let done = cli_json(&env.url, LENIENT_TRIM, 0).await;
     assert_eq!(done["streams"][0]["removes"], 7);
     assert_eq!(env.xlen("orders").await, 2);
     let kept: Vec<String> = env

@@ -116,3 +116,28 @@ impl<S: Send + Sync> streamwise::testing::TestBackend for RedisTestBackend<S> {
         })
     }
 }
+
+/// Group `holding` of `stream`, created at its start, holds its first three entries pending
+/// for consumer `x`, a client without a lease (so never live): what a crashed or stopped
+/// service leaves behind.
+pub async fn hold_three(conn: &streamwise::redis::RedisConnection, stream: &str) {
+    use streamwise::redis::client::cmd;
+    let _: redis::Value = conn
+        .command(cmd("XGROUP").arg("CREATE").arg(stream).arg("holding").arg("0"))
+        .await
+        .unwrap();
+    let _: redis::Value = conn
+        .command(
+            cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("holding")
+                .arg("x")
+                .arg("COUNT")
+                .arg(3)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">"),
+        )
+        .await
+        .unwrap();
+}
