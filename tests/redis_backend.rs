@@ -504,6 +504,57 @@ async fn a_long_handler_keeps_its_entry_by_heartbeat() {
     assert_eq!(thief.stats().reclaimed, 0);
 }
 
+/// The heartbeat touches a held entry at every beat, so its idle time stays under one
+/// interval (a third of the lease) plus a round trip, and reclaim `min_idle` just above two
+/// thirds of the lease is safe. It once touched only entries held a whole interval since the
+/// last touch, which a beat a little early missed: every other beat, idle up to two thirds of
+/// the lease, and a live handler's entry was reclaimed (a flaky fault test found it).
+#[tokio::test]
+async fn a_held_entry_is_touched_at_every_heartbeat() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    backend
+        .publisher()
+        .publish("slow", Message::new("t", &1).unwrap())
+        .await
+        .unwrap();
+    let ttl = Duration::from_millis(1800);
+    let interval = ttl / 3;
+    let worker = RedisSubscriber::new(
+        RedisConnection::new(&server.url()).unwrap(),
+        RedisSubscriberOptions::default().lease_ttl(ttl),
+    )
+    .unwrap();
+    let mut busy = worker.subscribe("slow", opts("g", "busy")).await.unwrap();
+    let held = recv(&mut busy).await;
+
+    // A measurement over five beats, read as XPENDING reports it.
+    let mut c = raw(&server).await;
+    let mut longest = 0u64;
+    let until = tokio::time::Instant::now() + interval * 5;
+    while tokio::time::Instant::now() < until {
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg("slow")
+            .arg("g")
+            .arg("-")
+            .arg("+")
+            .arg(10)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        longest = longest.max(rows[0].2);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bound = interval + Duration::from_millis(250);
+    assert!(
+        Duration::from_millis(longest) < bound,
+        "a held entry idled {longest} ms between heartbeats (interval {interval:?})"
+    );
+    held.ack().await.unwrap();
+    worker.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn checkpoints_follow_acks_and_a_vanished_group_resumes_there() {
     let server = RedisServer::start();
