@@ -93,6 +93,63 @@ async fn ids_are_stream_sequences_and_start_from_after_takes_one() {
     assert_eq!(nats.pending_count("seq", "after").await.unwrap(), 0);
 }
 
+/// A second pull goes out once half of the first one's messages were taken, so that the
+/// server has the next request before the first is done (no round trip's pause per batch on a
+/// backlog), and both are backed by slots: what the server hands out stays within
+/// `max_in_flight`. Nothing is lost or handed out twice on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_goes_ahead_of_the_last_within_max_in_flight() {
+    let server = NatsServer::start();
+    let nats = NatsBackend::connect(&server.url()).await.unwrap();
+    nats.publisher()
+        .publish_batch("ahead", (0..1000u64).map(|n| Message::new("n", &n).unwrap()).collect())
+        .await
+        .unwrap();
+    let subscriber = nats.subscriber();
+    let mut sub = subscriber
+        .subscribe(
+            "ahead",
+            opts("g", "c")
+                .batch_size(100)
+                .max_in_flight(400)
+                .start_from(StartFrom::Beginning),
+        )
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        held.push(recv(&mut sub).await);
+    }
+    // What the server handed out and waits acks for: the first pull's 100, and the 100 of the
+    // pull sent when 50 had been taken.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        js.get_consumer_from_stream("g", "ahead").await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let out = loop {
+        let out = consumer.info().await.unwrap().num_ack_pending;
+        if out >= 200 || tokio::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(out, 200, "messages handed out with 60 taken of a first pull of 100");
+    let mut seen: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    for d in held {
+        assert!(seen.insert(d.message().decode().unwrap()));
+        d.ack().await.unwrap();
+    }
+    while seen.len() < 1000 {
+        let d = recv(&mut sub).await;
+        assert!(seen.insert(d.message().decode().unwrap()), "{:?} twice", d.id());
+        d.ack().await.unwrap();
+    }
+    assert!(consumer.info().await.unwrap().num_ack_pending <= 400);
+    subscriber.close().await.unwrap();
+    assert_eq!(nats.pending_count("ahead", "g").await.unwrap(), 0);
+}
+
 /// A handler that runs for several `ack_wait`s keeps its delivery: the in-progress
 /// heartbeats stop the server from handing it to another consumer of the group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

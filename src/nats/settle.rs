@@ -125,6 +125,11 @@ impl Ledger {
         self.ended.notify_waiters();
     }
 
+    /// Whether a nak sent is not confirmed (or given up on) yet.
+    pub(crate) fn naks_pending(&self) -> bool {
+        self.lock().naks > 0
+    }
+
     /// Waits until every nak sent so far is confirmed (or given up on).
     pub(crate) async fn naks_confirmed(&self) {
         loop {

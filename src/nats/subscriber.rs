@@ -3,11 +3,16 @@
 //! subscription has free slots, and turns each into a [`Delivery`] or, when it cannot be
 //! handed out (undecodable, too large, delivered `max_deliveries` times), a dead letter.
 //!
-//! One pull request is under way at a time, for the free slots, replying to `<inbox>.<n>`
-//! under one inbox subscription that lives as long as the subscription: a message the server
-//! sends for a pull this side already counted as ended (expired, unanswered) still arrives,
-//! and takes a free slot or goes back at once with a nak.
+//! A pull request asks for as many messages as the subscription has free slots, replying to
+//! `<inbox>.<n>` under one inbox subscription that lives as long as the subscription: a
+//! message the server sends for a pull this side already counted as ended (expired,
+//! unanswered) still arrives, and takes a free slot or goes back at once with a nak. When
+//! half of a pull's messages have come and slots are free, a second pull is sent ahead for
+//! them, so that the server has the next request before the first is done and a backlog flows
+//! without a round trip's pause per batch; each pull is backed by slots taken for it, so no
+//! more than `max_in_flight` messages are ever out.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -185,7 +190,7 @@ impl NatsSubscriber {
             js: self.shared.js.clone(),
             inbox_prefix,
             inbox,
-            pull: None,
+            pulls_under_way: VecDeque::with_capacity(PULLS_UNDER_WAY),
             pulls: 0,
             batch_size: options.batch_size,
             block: options.block,
@@ -278,8 +283,9 @@ struct Reader {
     /// The subject prefix of the pull requests' replies, and the subscription to them.
     inbox_prefix: String,
     inbox: async_nats::Subscriber,
-    /// The pull request under way.
-    pull: Option<Pull>,
+    /// The pull requests under way, oldest first (the server answers them in that order):
+    /// at most [`PULLS_UNDER_WAY`].
+    pulls_under_way: VecDeque<Pull>,
     /// Pull requests sent (the last one's number).
     pulls: u64,
     batch_size: usize,
@@ -293,6 +299,9 @@ struct Reader {
     recreate: Option<Recreate>,
 }
 
+/// The most pull requests under way at once: one, and one sent ahead of it.
+const PULLS_UNDER_WAY: usize = 2;
+
 /// How much longer than its `block` a pull may take before it counts as unanswered.
 const UNANSWERED_MARGIN: Duration = Duration::from_secs(3);
 
@@ -302,6 +311,8 @@ struct Pull {
     reply: String,
     /// Slots taken for it that no message has used yet.
     slots: usize,
+    /// Slots taken for it when it was sent.
+    asked: usize,
     /// When it counts as unanswered: its `expires` plus a margin.
     deadline: tokio::time::Instant,
 }
@@ -317,11 +328,18 @@ impl crate::pubsub::BackendReader for Reader {
         if self.stopped() {
             return None;
         }
-        // Messages that arrived already.
+        // Messages that arrived already; but first a pull sent ahead when one is due (a pull's
+        // messages come together, and would all be taken here before `next` looked).
+        if self.pull_ahead_due() {
+            return None;
+        }
         loop {
             let message = self.inbox.next().now_or_never()??;
             if let Some(delivery) = self.on_message(message) {
                 return Some(delivery);
+            }
+            if self.pull_ahead_due() {
+                return None;
             }
         }
     }
@@ -343,10 +361,11 @@ impl Reader {
                 self.stop();
                 return None;
             }
-            if self.pull.is_none() && !self.send_pull().await {
+            if self.pulls_under_way.is_empty() && !self.send_pull().await {
                 continue;
             }
-            let Some(deadline) = self.pull.as_ref().map(|p| p.deadline) else {
+            self.send_pull_ahead().await;
+            let Some(deadline) = self.pulls_under_way.iter().map(|p| p.deadline).min() else {
                 continue;
             };
             let message = tokio::select! {
@@ -355,9 +374,9 @@ impl Reader {
                 _ = self.state.ended.cancelled() => continue,
                 message = self.inbox.next() => message,
                 () = tokio::time::sleep_until(deadline) => {
-                    // Unanswered: the server or the network is stuck. What it sends for this
-                    // pull later still arrives, and finds a slot or goes back.
-                    self.end_pull();
+                    // Unanswered: the server or the network is stuck. What it sends for these
+                    // pulls later still arrives, and finds a slot or goes back.
+                    self.end_pulls();
                     self.read_failed(format!(
                         "a pull request was not answered within {:?}",
                         self.block + UNANSWERED_MARGIN
@@ -410,6 +429,44 @@ impl Reader {
             self.state.in_flight.release(taken);
             return false;
         }
+        self.request(taken).await
+    }
+
+    /// Sends a second pull while the one under way still brings messages, once half of them
+    /// came, for slots free right now (a quarter of a batch at least: smaller pulls cost the
+    /// server more than the pause they save). Not while a nak is on its way: the message
+    /// must be back in the server's queue before more is asked for.
+    async fn send_pull_ahead(&mut self) {
+        if !self.pull_ahead_due() {
+            return;
+        }
+        let taken = self.state.in_flight.try_acquire(self.batch_size);
+        if taken < self.least_ahead() {
+            self.state.in_flight.release(taken);
+            return;
+        }
+        self.request(taken).await;
+    }
+
+    /// Whether [`send_pull_ahead`](Self::send_pull_ahead) would send a pull now.
+    fn pull_ahead_due(&self) -> bool {
+        let half_came = match self.pulls_under_way.back() {
+            Some(last) => self.pulls_under_way.len() < PULLS_UNDER_WAY && last.slots * 2 <= last.asked,
+            None => false,
+        };
+        half_came
+            && self.failures == 0
+            && !self.state.ledger.naks_pending()
+            && self.state.in_flight.available() >= self.least_ahead()
+    }
+
+    fn least_ahead(&self) -> usize {
+        (self.batch_size / 4).max(1)
+    }
+
+    /// Asks the server for `taken` messages, slots taken for them; `false` when the request
+    /// could not be sent (the slots then go back).
+    async fn request(&mut self, taken: usize) -> bool {
         self.pulls += 1;
         let reply = format!("{}.{}", self.inbox_prefix, self.pulls);
         let request = BatchConfig {
@@ -419,9 +476,10 @@ impl Reader {
         };
         match self.consumer.request_batch(request, reply.clone().into()).await {
             Ok(()) => {
-                self.pull = Some(Pull {
+                self.pulls_under_way.push_back(Pull {
                     reply,
                     slots: taken,
+                    asked: taken,
                     deadline: tokio::time::Instant::now() + self.block + UNANSWERED_MARGIN,
                 });
                 true
@@ -480,10 +538,17 @@ impl Reader {
         self.state.health.read(Some(problem));
     }
 
-    /// The pull under way ended (answered, or given up on): its unused slots go back.
-    fn end_pull(&mut self) {
-        if let Some(pull) = self.pull.take() {
+    /// The pull under way at `at` ended (answered, or given up on): its unused slots go back.
+    fn end_pull(&mut self, at: usize) {
+        if let Some(pull) = self.pulls_under_way.remove(at) {
             self.state.in_flight.release(pull.slots);
+        }
+    }
+
+    /// Every pull under way ended (unanswered, or the subscription stops).
+    fn end_pulls(&mut self) {
+        while !self.pulls_under_way.is_empty() {
+            self.end_pull(0);
         }
     }
 
@@ -499,41 +564,43 @@ impl Reader {
     /// delivery, which becomes a [`Delivery`] when there is a slot for it.
     fn on_message(&mut self, message: async_nats::Message) -> Option<Delivery> {
         use async_nats::StatusCode;
+        // A status comes on the reply subject of its pull (a delivery on its own subject).
         let current = self
-            .pull
-            .as_ref()
-            .is_some_and(|p| p.reply == message.subject.as_str());
+            .pulls_under_way
+            .iter()
+            .position(|p| p.reply == message.subject.as_str());
         match message.status {
             None | Some(StatusCode::OK) => {}
             Some(StatusCode::IDLE_HEARTBEAT) => return None,
             // The pull ended, fulfilled or expired (a status of an earlier pull means nothing
             // any more).
             Some(StatusCode::TIMEOUT | StatusCode::NOT_FOUND) => {
-                if current {
-                    self.end_pull();
+                if let Some(at) = current {
+                    self.end_pull(at);
                     self.recovered();
                 }
                 return None;
             }
             Some(status) => {
-                if current {
-                    self.end_pull();
+                if let Some(at) = current {
+                    self.end_pull(at);
                     let description = message.description.as_deref().unwrap_or("");
                     self.read_failed(format!("a pull request failed: {status} {description}"));
                 }
                 return None;
             }
         }
-        // A delivery: one of the pull under way, or a late one of a pull that ended here.
-        let slot = match self.pull.as_mut() {
-            Some(pull) if pull.slots > 0 => {
+        // A delivery: of the oldest pull under way (the server answers them in order), or a
+        // late one of a pull that ended here.
+        let slot = match self.pulls_under_way.front_mut() {
+            Some(pull) => {
                 pull.slots -= 1;
                 if pull.slots == 0 {
-                    self.pull = None;
+                    self.pulls_under_way.pop_front();
                 }
                 true
             }
-            _ => self.state.in_flight.try_acquire(1) == 1,
+            None => self.state.in_flight.try_acquire(1) == 1,
         };
         self.recovered();
         if !slot {
@@ -613,6 +680,6 @@ impl Reader {
     /// After close: no more reads; what the pull under way would still bring stays with the
     /// server (redelivered after `ack_wait`).
     fn stop(&mut self) {
-        self.end_pull();
+        self.end_pulls();
     }
 }
