@@ -102,7 +102,10 @@ async fn a_pull_goes_ahead_of_the_last_within_max_in_flight() {
     let server = NatsServer::start();
     let nats = NatsBackend::connect(&server.url()).await.unwrap();
     nats.publisher()
-        .publish_batch("ahead", (0..1000u64).map(|n| Message::new("n", &n).unwrap()).collect())
+        .publish_batch(
+            "ahead",
+            (0..1000u64).map(|n| Message::new("n", &n).unwrap()).collect(),
+        )
         .await
         .unwrap();
     let subscriber = nats.subscriber();
@@ -134,7 +137,10 @@ async fn a_pull_goes_ahead_of_the_last_within_max_in_flight() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    assert_eq!(out, 200, "messages handed out with 60 taken of a first pull of 100");
+    assert_eq!(
+        out, 200,
+        "messages handed out with 60 taken of a first pull of 100"
+    );
     let mut seen: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
     for d in held {
         assert!(seen.insert(d.message().decode().unwrap()));
