@@ -283,8 +283,7 @@ struct Reader {
     /// The subject prefix of the pull requests' replies, and the subscription to them.
     inbox_prefix: String,
     inbox: async_nats::Subscriber,
-    /// The pull requests under way, oldest first (the server answers them in that order):
-    /// at most [`PULLS_UNDER_WAY`].
+    /// The pull requests under way, oldest first: at most [`PULLS_UNDER_WAY`].
     pulls_under_way: VecDeque<Pull>,
     /// Pull requests sent (the last one's number).
     pulls: u64,
@@ -434,14 +433,17 @@ impl Reader {
 
     /// Sends a second pull while the one under way still brings messages, once half of them
     /// came, for slots free right now (a quarter of a batch at least: smaller pulls cost the
-    /// server more than the pause they save). Not while a nak is on its way: the message
-    /// must be back in the server's queue before more is asked for.
+    /// server more than the pause they save). Only behind a pull of half a batch or more: a
+    /// reader held to a small share of a limit (a partition's) does not take more of it
+    /// ahead. Not while a nak is on its way (looked at after the slots are taken, as the nak
+    /// may have freed one of them): the message must be back in the server's queue before
+    /// more is asked for.
     async fn send_pull_ahead(&mut self) {
         if !self.pull_ahead_due() {
             return;
         }
         let taken = self.state.in_flight.try_acquire(self.batch_size);
-        if taken < self.least_ahead() {
+        if taken < self.least_ahead() || self.state.ledger.naks_pending() {
             self.state.in_flight.release(taken);
             return;
         }
@@ -451,7 +453,11 @@ impl Reader {
     /// Whether [`send_pull_ahead`](Self::send_pull_ahead) would send a pull now.
     fn pull_ahead_due(&self) -> bool {
         let half_came = match self.pulls_under_way.back() {
-            Some(last) => self.pulls_under_way.len() < PULLS_UNDER_WAY && last.slots * 2 <= last.asked,
+            Some(last) => {
+                self.pulls_under_way.len() < PULLS_UNDER_WAY
+                    && last.asked * 2 >= self.batch_size
+                    && last.slots * 2 <= last.asked
+            }
             None => false,
         };
         half_came
@@ -590,8 +596,10 @@ impl Reader {
                 return None;
             }
         }
-        // A delivery: of the oldest pull under way (the server answers them in order), or a
-        // late one of a pull that ended here.
+        // A delivery: counted against the oldest pull under way, or a late one of a pull that
+        // ended here. (The server may share messages out between two waiting pulls, so the
+        // count per pull can be off; every delivery still holds a slot taken for some pull or
+        // taken here, and each pull's end gives back what is counted against it.)
         let slot = match self.pulls_under_way.front_mut() {
             Some(pull) => {
                 pull.slots -= 1;
