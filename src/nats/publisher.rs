@@ -86,18 +86,9 @@ impl NatsPublisher {
         messages: Vec<Message>,
         cap: Option<u64>,
     ) -> Result<Vec<EntryId>> {
-        let mut encoded = Vec::with_capacity(messages.len());
-        for m in &messages {
-            let (mut headers, body) = wire::encode(&JsonCodec, m)?;
-            // An id of this publish (not the message's UUID: publishing one message twice
-            // stores it twice, as on Redis), so that JetStream drops the copies a retry sends
-            // within its duplicate window (2 minutes by default) and acknowledges the first.
-            headers.insert(
-                async_nats::header::NATS_MESSAGE_ID,
-                uuid::Uuid::now_v7().simple().to_string().as_str(),
-            );
-            encoded.push((wire_size(m), (headers, body)));
-        }
+        // Encoded before anything is sent: a message that cannot be encoded fails the call
+        // with nothing published.
+        let mut batch = Batch::new(&messages)?;
         match cap {
             Some(cap) => self.apply_cap(topic, cap).await?,
             None => {
@@ -106,12 +97,13 @@ impl NatsPublisher {
                 }
             }
         }
-        let subject = wire::subject(&self.shared.options.subject_prefix, topic);
-        let mut ids = Vec::with_capacity(encoded.len());
+        let subject = async_nats::Subject::from(wire::subject(&self.shared.options.subject_prefix, topic));
+        let mut ids = Vec::with_capacity(messages.len());
         let mut recreated = false;
         let (mut retries, mut backoff) = (0, Duration::from_millis(50));
-        while ids.len() < encoded.len() {
-            match self.send_from(&subject, &encoded[ids.len()..], &mut ids).await {
+        while ids.len() < messages.len() {
+            batch.encode_again(ids.len())?;
+            match self.send_from(&subject, &mut batch, &mut ids).await {
                 Ok(()) => {}
                 // The stream went away (deleted) since it was known: once more after
                 // creating it, from the first message it did not take.
@@ -138,26 +130,33 @@ impl NatsPublisher {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
-                Err(e) => return Err(self.publish_error(topic, e, &encoded[ids.len()..])),
+                Err(e) => return Err(self.publish_error(topic, e, &messages[ids.len()..])),
             }
         }
         Ok(ids)
     }
 
-    /// Sends `encoded` and waits for their acknowledgements, pushing the id of each one
-    /// acknowledged onto `ids`, in order.
+    /// Sends the messages of `batch` from the first one not acknowledged (`ids.len()`) and
+    /// waits for their acknowledgements, pushing the id of each one acknowledged onto `ids`,
+    /// in order.
     async fn send_from(
         &self,
-        subject: &str,
-        encoded: &[(usize, (async_nats::HeaderMap, bytes::Bytes))],
+        subject: &async_nats::Subject,
+        batch: &mut Batch<'_>,
         ids: &mut Vec<EntryId>,
     ) -> std::result::Result<(), PublishError> {
-        let mut acks = Vec::with_capacity(encoded.len());
-        for (_, (headers, body)) in encoded {
+        let mut acks = Vec::with_capacity(batch.ready.len() - ids.len());
+        for ready in &mut batch.ready[ids.len()..] {
+            // Taken, not cloned: a retry encodes the message again (`Batch::encode_again`).
+            // (All are there: `encode_again` ran before; were one not, the attempt would end
+            // there, the ones before it in order.)
+            let Some((headers, body)) = ready.take() else {
+                break;
+            };
             acks.push(
                 self.shared
                     .js
-                    .publish_with_headers(subject.to_owned(), headers.clone(), body.clone())
+                    .publish_with_headers(subject.clone(), headers, body)
                     .await?,
             );
         }
@@ -167,18 +166,13 @@ impl NatsPublisher {
         Ok(())
     }
 
-    fn publish_error(
-        &self,
-        topic: &str,
-        e: PublishError,
-        unsent: &[(usize, (async_nats::HeaderMap, bytes::Bytes))],
-    ) -> Error {
+    fn publish_error(&self, topic: &str, e: PublishError, unsent: &[Message]) -> Error {
         match e.kind() {
             PublishErrorKind::StreamNotFound => Error::StreamNotFound {
                 stream: topic.to_owned(),
             },
             PublishErrorKind::MaxPayloadExceeded => Error::PayloadTooLarge {
-                size: unsent.iter().map(|(size, _)| *size).max().unwrap_or(0),
+                size: unsent.iter().map(wire_size).max().unwrap_or(0),
                 limit: self.shared.client.server_info().max_payload,
             },
             _ => self.shared.failed("PUBLISH", e),
@@ -222,6 +216,56 @@ impl NatsPublisher {
             .insert(topic.to_owned(), cap);
         Ok(())
     }
+}
+
+/// The messages of one publish call, each with the id of this publish (`Nats-Msg-Id`; not
+/// the message's UUID: publishing one message twice stores it twice, as on Redis), so that
+/// JetStream drops the copies a retry sends within its duplicate window (2 minutes by
+/// default) and acknowledges the first.
+struct Batch<'a> {
+    messages: &'a [Message],
+    /// The publish ids, as the lowercase hex of a UUIDv7.
+    publish_ids: Vec<[u8; uuid::fmt::Simple::LENGTH]>,
+    /// Each message's headers and body for the next attempt; an attempt takes those it sends.
+    ready: Vec<Option<(async_nats::HeaderMap, bytes::Bytes)>>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(messages: &'a [Message]) -> Result<Self> {
+        let mut batch = Batch {
+            messages,
+            publish_ids: Vec::with_capacity(messages.len()),
+            ready: Vec::with_capacity(messages.len()),
+        };
+        for message in messages {
+            let mut id = [0u8; uuid::fmt::Simple::LENGTH];
+            uuid::Uuid::now_v7().simple().encode_lower(&mut id);
+            batch.ready.push(Some(encode(message, &id)?));
+            batch.publish_ids.push(id);
+        }
+        Ok(batch)
+    }
+
+    /// Encodes again, for a retry, the messages from `from` on that an attempt took.
+    fn encode_again(&mut self, from: usize) -> Result<()> {
+        for (i, ready) in self.ready.iter_mut().enumerate().skip(from) {
+            if ready.is_none() {
+                *ready = Some(encode(&self.messages[i], &self.publish_ids[i])?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `message`'s headers (with the publish id, hex digits) and body.
+fn encode(message: &Message, publish_id: &[u8]) -> Result<(async_nats::HeaderMap, bytes::Bytes)> {
+    let (mut headers, body) = wire::encode(&JsonCodec, message)?;
+    let id = String::from_utf8_lossy(publish_id).into_owned();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        async_nats::HeaderValue::from(id),
+    );
+    Ok((headers, body))
 }
 
 impl Publisher for NatsPublisher {

@@ -7,8 +7,6 @@
 //! any other value is written as `%` followed by its bytes percent-encoded, so that nothing a
 //! message holds (a line break in an event type, say) can break the header block.
 
-use std::str::FromStr;
-
 use async_nats::HeaderMap;
 use async_nats::header::{HeaderName, HeaderValue};
 use bytes::Bytes;
@@ -25,7 +23,11 @@ const PAYLOAD: &str = "payload";
 
 /// The subject of `topic`'s entries: `<prefix>.<topic>`.
 pub(crate) fn subject(prefix: &str, topic: &str) -> String {
-    format!("{prefix}.{topic}")
+    let mut subject = String::with_capacity(prefix.len() + 1 + topic.len());
+    subject.push_str(prefix);
+    subject.push('.');
+    subject.push_str(topic);
+    subject
 }
 
 /// The entry id of stream sequence `sequence`: `0-<sequence>`. JetStream numbers a stream's
@@ -62,22 +64,53 @@ pub(crate) fn lease_key(topic: &str, group: &str, consumer: &str) -> String {
 pub(crate) fn encode(codec: &dyn Codec, message: &Message) -> Result<(HeaderMap, Bytes)> {
     let mut headers = HeaderMap::new();
     let mut body = Bytes::new();
-    for (name, value) in codec.encode(message)? {
-        if name == PAYLOAD {
-            body = value;
-            continue;
+    let mut refused = None;
+    codec.encode_with(message, &mut |name, value| {
+        if refused.is_some() {
+            return;
         }
-        let header = HeaderName::from_str(&format!("{HEADER_PREFIX}{name}")).map_err(|_| {
-            Error::invalid(
-                "codec",
-                format_args!("field name {name:?} cannot be a NATS header"),
-            )
-        })?;
-        let value = HeaderValue::from_str(&header_value(&value))
-            .map_err(|_| Error::invalid("codec", "a field value cannot be a NATS header"))?;
-        headers.insert(header, value);
+        if name == PAYLOAD {
+            // The message's own payload is shared, not copied.
+            let payload = message.payload();
+            body = if value.as_ptr() == payload.as_ptr() && value.len() == payload.len() {
+                payload.clone()
+            } else {
+                Bytes::copy_from_slice(value)
+            };
+            return;
+        }
+        match (header_name(name), header_value(value)) {
+            (Ok(header), Some(value)) => headers.insert(header, HeaderValue::from(value)),
+            (Err(e), _) => refused = Some(e),
+            (_, None) => refused = Some(Error::invalid("codec", "a field value cannot be a NATS header")),
+        }
+    })?;
+    match refused {
+        Some(e) => Err(e),
+        None => Ok((headers, body)),
     }
-    Ok((headers, body))
+}
+
+/// The header of codec field `name`: `Streamwise-<name>`, without building the name for the
+/// fields streamwise's codec writes.
+fn header_name(name: &'static str) -> Result<HeaderName> {
+    Ok(match name {
+        "event_type" => HeaderName::from_static("Streamwise-event_type"),
+        "timestamp" => HeaderName::from_static("Streamwise-timestamp"),
+        "uuid" => HeaderName::from_static("Streamwise-uuid"),
+        "metadata" => HeaderName::from_static("Streamwise-metadata"),
+        other => {
+            let mut header = String::with_capacity(HEADER_PREFIX.len() + other.len());
+            header.push_str(HEADER_PREFIX);
+            header.push_str(other);
+            HeaderName::try_from(header).map_err(|_| {
+                Error::invalid(
+                    "codec",
+                    format_args!("field name {other:?} cannot be a NATS header"),
+                )
+            })?
+        }
+    })
 }
 
 /// The entry a NATS message holds, with id `id`: its `Streamwise-` headers as fields, its
@@ -99,7 +132,15 @@ pub(crate) fn decode(id: EntryId, headers: Option<&HeaderMap>, body: &Bytes) -> 
     RawEntry { id, fields }
 }
 
-fn header_value(value: &[u8]) -> String {
+/// A field's value as a header's: as it is, or `%` and its bytes percent-encoded (see the
+/// module's documentation); `None` only if that held a line break, which it never does (the
+/// header map would refuse it).
+fn header_value(value: &[u8]) -> Option<String> {
+    let text = header_text(value);
+    (!text.contains(['\r', '\n'])).then_some(text)
+}
+
+fn header_text(value: &[u8]) -> String {
     if let Ok(text) = std::str::from_utf8(value)
         && !text.starts_with('%')
         && text.trim() == text
