@@ -121,15 +121,23 @@ pub(crate) fn decode(id: EntryId, headers: Option<&HeaderMap>, body: &Bytes) -> 
         for (name, values) in headers.iter() {
             let name: &str = name.as_ref();
             if let (Some(field), Some(value)) = (name.strip_prefix(HEADER_PREFIX), values.first()) {
-                fields.push((
-                    Bytes::copy_from_slice(field.as_bytes()),
-                    header_bytes(value.as_str()),
-                ));
+                fields.push((field_name(field), header_bytes(value.as_str())));
             }
         }
     }
     fields.push((Bytes::from_static(PAYLOAD.as_bytes()), body.clone()));
     RawEntry { id, fields }
+}
+
+/// A field's name, not copied for the fields streamwise's codec writes.
+fn field_name(field: &str) -> Bytes {
+    match field {
+        "event_type" => Bytes::from_static(b"event_type"),
+        "timestamp" => Bytes::from_static(b"timestamp"),
+        "uuid" => Bytes::from_static(b"uuid"),
+        "metadata" => Bytes::from_static(b"metadata"),
+        other => Bytes::copy_from_slice(other.as_bytes()),
+    }
 }
 
 /// A field's value as a header's: as it is, or `%` and its bytes percent-encoded (see the
