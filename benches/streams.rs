@@ -11,6 +11,8 @@
 //! one replica, and `(cluster)` on a local Redis Cluster of 3 masters and 3 replicas (one
 //! stream lives in one slot, so expect no speed-up on 2 cores; the client's CPU per event is
 //! what to compare, the server's counts every node). `BENCH_NO_CLUSTER=1` leaves both out.
+//! The partitioned rows (`(P=1)`, `(P=4)`, `(P=16)`) read with the default
+//! `PartitionOptions::dedicated_readers`; `BENCH_DEDICATED_READERS=<n>` sets it.
 //!
 //! Baselines: a raw `redis` crate loop written here (XADD awaited one at a time; XREADGROUP
 //! COUNT 100 + one XACK per batch), and `redis-benchmark` XADD with `-c 1 -P 1` and
@@ -552,10 +554,15 @@ fn run_spec(spec: &Spec, url: &str) -> Row {
             let n = n / u64::from(partitions) * u64::from(partitions);
             measure(w, sys, t, size, setup, || {
                 let redis = RedisBackend::new(&url).expect("url");
+                let mut options = streamwise::partition::PartitionOptions::default();
+                if let Ok(n) = std::env::var("BENCH_DEDICATED_READERS") {
+                    options = options.dedicated_readers(n.parse().expect("a reader count"));
+                }
                 let subscriber = streamwise::partition::PartitionedSubscriber::new(
                     Arc::new(redis.subscriber().expect("subscriber")),
                     Arc::new(redis.coordinator()),
-                );
+                )
+                .options(options);
                 router_consume(Arc::new(subscriber), Arc::new(redis.publisher()), "pbacklog", n)
             })
         }
