@@ -18,9 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use streamwise::cqrs::{Command, Cqrs, Event, Replies};
-use streamwise::memory::MemoryBackend;
 use streamwise::router::Router;
-use streamwise::{Publisher, Subscriber};
 use streamwise_middleware::retry::RetryLayer;
 use streamwise_middleware::trace::TraceLayer;
 
@@ -55,19 +53,10 @@ struct Counters {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // STREAMWISE_URL (or REDIS_URL): redis://..., redis-cluster://..., nats://... (feature
     // `nats`); in memory without one.
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match streamwise::url_from_env()
-    {
-        Some(url) => {
-            let backend = streamwise::connect(&url).await?;
-            println!("Using {} at {}", backend.kind(), backend.location());
-            (backend.publisher(), backend.subscriber())
-        }
-        None => {
-            println!("Using the in-memory backend (set STREAMWISE_URL to use Redis or NATS)");
-            let memory = MemoryBackend::new();
-            (Arc::new(memory.publisher()), Arc::new(memory.subscriber()))
-        }
-    };
+    let url = streamwise::url_from_env().unwrap_or_else(|| "memory://".to_owned());
+    let backend = streamwise::connect(&url).await?;
+    println!("Using {} at {}", backend.kind(), backend.location()); // a password shown as ***
+    let (publisher, subscriber) = (backend.publisher(), backend.subscriber());
     let cqrs = Cqrs::new();
     let counters = Arc::new(Counters::default());
 

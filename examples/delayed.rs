@@ -10,12 +10,10 @@
 //! STREAMWISE_URL=redis://127.0.0.1:6379 cargo run --example delayed
 //! ```
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use streamwise::memory::MemoryBackend;
 use streamwise::prelude::*;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,19 +30,10 @@ fn ms_since_epoch(t: SystemTime) -> u64 {
 
 #[tokio::main]
 async fn main() -> streamwise::Result<()> {
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match streamwise::url_from_env()
-    {
-        Some(url) => {
-            let backend = streamwise::connect(&url).await?;
-            println!("Using {} at {}", backend.kind(), backend.location());
-            (backend.publisher(), backend.subscriber())
-        }
-        None => {
-            println!("Using the in-memory backend (set STREAMWISE_URL to use Redis)");
-            let memory = MemoryBackend::new();
-            (Arc::new(memory.publisher()), Arc::new(memory.subscriber()))
-        }
-    };
+    let url = streamwise::url_from_env().unwrap_or_else(|| "memory://".to_owned());
+    let backend = streamwise::connect(&url).await?;
+    println!("Using {} at {}", backend.kind(), backend.location()); // a password shown as ***
+    let (publisher, subscriber) = (backend.publisher(), backend.subscriber());
 
     // From now on: a rerun on Redis does not see an earlier run's reminders again.
     let options = SubscribeOptions::new("reminders", "worker-1").start_from(StartFrom::Latest);

@@ -10,11 +10,9 @@
 //! ```
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use streamwise::memory::MemoryBackend;
 use streamwise::prelude::*;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,19 +25,10 @@ struct PriceUpdate {
 async fn main() -> streamwise::Result<()> {
     // STREAMWISE_URL (or REDIS_URL): redis://..., redis-cluster://..., nats://... (feature
     // `nats`); in memory without one.
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match streamwise::url_from_env()
-    {
-        Some(url) => {
-            let backend = streamwise::connect(&url).await?;
-            println!("Using {} at {}", backend.kind(), backend.location());
-            (backend.publisher(), backend.subscriber())
-        }
-        None => {
-            println!("Using the in-memory backend (set STREAMWISE_URL to use Redis or NATS)");
-            let memory = MemoryBackend::new();
-            (Arc::new(memory.publisher()), Arc::new(memory.subscriber()))
-        }
-    };
+    let url = streamwise::url_from_env().unwrap_or_else(|| "memory://".to_owned());
+    let backend = streamwise::connect(&url).await?;
+    println!("Using {} at {}", backend.kind(), backend.location()); // a password shown as ***
+    let (publisher, subscriber) = (backend.publisher(), backend.subscriber());
 
     // A group created now starts with what is published from now on; reruns on Redis do not
     // replay earlier runs.

@@ -18,9 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use streamwise::memory::MemoryBackend;
 use streamwise::router::{Handler, Json, Outcome, Router, State, shutdown_signal};
-use streamwise::{Message, Publisher, StartFrom, SubscribeOptions, Subscriber};
+use streamwise::{Message, Publisher, StartFrom, SubscribeOptions};
 use streamwise_middleware::catch_panic::CatchPanicLayer;
 use streamwise_middleware::dead_letter::DeadLetterLayer;
 use streamwise_middleware::retry::RetryLayer;
@@ -73,19 +72,10 @@ async fn main() -> streamwise::Result<()> {
         .init();
     // STREAMWISE_URL (or REDIS_URL): redis://..., redis-cluster://..., nats://... (feature
     // `nats`); in memory without one.
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match streamwise::url_from_env()
-    {
-        Some(url) => {
-            let backend = streamwise::connect(&url).await?;
-            println!("Using {} at {}", backend.kind(), backend.location());
-            (backend.publisher(), backend.subscriber())
-        }
-        None => {
-            println!("Using the in-memory backend (set STREAMWISE_URL to use Redis or NATS)");
-            let memory = MemoryBackend::new();
-            (Arc::new(memory.publisher()), Arc::new(memory.subscriber()))
-        }
-    };
+    let url = streamwise::url_from_env().unwrap_or_else(|| "memory://".to_owned());
+    let backend = streamwise::connect(&url).await?;
+    println!("Using {} at {}", backend.kind(), backend.location()); // a password shown as ***
+    let (publisher, subscriber) = (backend.publisher(), backend.subscriber());
 
     let router = Router::with_state(App::default());
     let routes = router

@@ -18,9 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use streamwise::memory::MemoryBackend;
 use streamwise::router::{Handler, Json, Router, Routes};
-use streamwise::{Message, Publisher, SubscribeOptions, Subscriber};
+use streamwise::{Message, Publisher, SubscribeOptions};
 use streamwise_outbox::deadpool_postgres::{Manager, Pool};
 use streamwise_outbox::testing::PostgresServer;
 use streamwise_outbox::tokio_postgres::{self, NoTls};
@@ -91,18 +90,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?;
 
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match streamwise::url_from_env()
-    {
-        Some(url) => {
-            let backend = streamwise::connect(&url).await?;
-            println!("Using {} at {}", backend.kind(), backend.location());
-            (backend.publisher(), backend.subscriber())
-        }
-        None => {
-            let memory = MemoryBackend::new();
-            (Arc::new(memory.publisher()), Arc::new(memory.subscriber()))
-        }
-    };
+    let url = streamwise::url_from_env().unwrap_or_else(|| "memory://".to_owned());
+    let backend = streamwise::connect(&url).await?;
+    println!("Using {} at {}", backend.kind(), backend.location()); // a password shown as ***
+    let (publisher, subscriber) = (backend.publisher(), backend.subscriber());
 
     // The relay: committed events to the broker.
     let relay = Relay::new(config.clone(), NoTls, publisher.clone()).start()?;
