@@ -122,6 +122,19 @@ async fn xadd_watermill(
         .unwrap();
 }
 
+/// A subscriber and a publisher on `conn` that read and write Watermill's layout, as a Rust
+/// service in a Watermill fleet runs them.
+fn watermill_pair(conn: &RedisConnection) -> (Arc<RedisSubscriber>, Arc<RedisPublisher>) {
+    let codec = WatermillCodec::default();
+    let subscriber = RedisSubscriber::new(
+        conn.clone(),
+        RedisSubscriberOptions::default().codec(codec.clone()),
+    )
+    .unwrap();
+    let publisher = RedisPublisher::new(conn.clone(), PublisherOptions::default().codec(codec));
+    (Arc::new(subscriber), Arc::new(publisher))
+}
+
 /// The fields of the first entry of `stream`.
 async fn first_entry(conn: &RedisConnection, stream: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let written: Vec<RawStreamEntry> = conn
@@ -407,7 +420,6 @@ async fn a_router_consumes_what_a_watermill_service_wrote() {
     let server = RedisServer::start();
     let backend = RedisBackend::new(&server.url()).unwrap();
     let conn = backend.connection().clone();
-    let codec = WatermillCodec::default();
     for (n, payload) in [(1, &b"{\"id\":1}"[..]), (2, b"not json"), (3, b"{\"id\":3}")] {
         let uuid = format!("0198c2a4-6b1e-7d5c-9a3f-2b8e4c6d1f0{n}");
         xadd_watermill(
@@ -425,15 +437,7 @@ async fn a_router_consumes_what_a_watermill_service_wrote() {
         seen.lock().unwrap().push((order["id"].as_u64().unwrap(), tenant));
     }
     let seen: Seen = Arc::default();
-    let subscriber = RedisSubscriber::new(
-        conn.clone(),
-        RedisSubscriberOptions::default().codec(codec.clone()),
-    )
-    .unwrap();
-    let publisher = Arc::new(RedisPublisher::new(
-        conn.clone(),
-        PublisherOptions::default().codec(codec.clone()),
-    ));
+    let (subscriber, publisher) = watermill_pair(&conn);
     let router = Router::with_state(seen.clone());
     let routes = router.routes().route("OrderPlaced", placed);
     let running = router
@@ -442,7 +446,7 @@ async fn a_router_consumes_what_a_watermill_service_wrote() {
             streamwise::SubscribeOptions::new("rust", "w1"),
             routes,
         )
-        .start(Arc::new(subscriber), publisher.clone())
+        .start(subscriber, publisher.clone())
         .await
         .unwrap();
     streamwise::testing::wait_until_handled(&running, 2).await;
@@ -512,16 +516,7 @@ async fn a_dead_letter_is_replayed_in_the_layout_of_its_topic() {
     async fn refuse() -> std::result::Result<(), Permanent> {
         Err(Permanent::new("unknown customer"))
     }
-    let codec = WatermillCodec::default();
-    let subscriber = RedisSubscriber::new(
-        conn.clone(),
-        RedisSubscriberOptions::default().codec(codec.clone()),
-    )
-    .unwrap();
-    let publisher = Arc::new(RedisPublisher::new(
-        conn.clone(),
-        PublisherOptions::default().codec(codec),
-    ));
+    let (subscriber, publisher) = watermill_pair(&conn);
     let router = Router::new();
     let routes = router.routes().route("OrderPlaced", refuse);
     let running = router
@@ -530,7 +525,7 @@ async fn a_dead_letter_is_replayed_in_the_layout_of_its_topic() {
             streamwise::SubscribeOptions::new("rust", "w1"),
             routes,
         )
-        .start(Arc::new(subscriber), publisher)
+        .start(subscriber, publisher)
         .await
         .unwrap();
     streamwise::testing::wait_until_handled(&running, 1).await;
@@ -732,20 +727,11 @@ async fn cqrs_commands_and_events_travel_in_watermills_layout() {
             Ok::<_, Infallible>(Emit::new().event(OrderPlaced { id: cmd.id }))
         }
     });
-    let codec = WatermillCodec::default();
-    let subscriber = RedisSubscriber::new(
-        conn.clone(),
-        RedisSubscriberOptions::default().codec(codec.clone()),
-    )
-    .unwrap();
-    let publisher = Arc::new(RedisPublisher::new(
-        conn.clone(),
-        PublisherOptions::default().codec(codec),
-    ));
+    let (subscriber, publisher) = watermill_pair(&conn);
     let running = processor
         .register(Router::new(), "billing")
         .unwrap()
-        .start(Arc::new(subscriber), publisher)
+        .start(subscriber, publisher)
         .await
         .unwrap();
     streamwise::testing::wait_until_handled(&running, 1).await;
