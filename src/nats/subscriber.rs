@@ -460,10 +460,11 @@ impl Reader {
             }
             None => false,
         };
+        // The ledger's lock last: this runs for each message taken from the buffer.
         half_came
             && self.failures == 0
-            && !self.state.ledger.naks_pending()
             && self.state.in_flight.available() >= self.least_ahead()
+            && !self.state.ledger.naks_pending()
     }
 
     fn least_ahead(&self) -> usize {
