@@ -344,8 +344,12 @@ async fn check_order(conn: &RedisConnection, seqs: u64, repeats: Repeats) -> u64
 }
 
 async fn assert_nothing_pending(conn: &RedisConnection) {
-    for p in 0..PARTITIONS {
-        let stream = partition_stream(TOPIC, p);
+    assert_nothing_pending_in(conn, TOPIC, PARTITIONS).await;
+}
+
+async fn assert_nothing_pending_in(conn: &RedisConnection, topic: &str, partitions: u32) {
+    for p in 0..partitions {
+        let stream = partition_stream(topic, p);
         let pending = streamwise::redis::admin::pending_count(conn, &stream, GROUP)
             .await
             .expect("pending");
@@ -711,4 +715,88 @@ async fn a_subscription_not_polled_holds_up_no_other_on_shared_reads() {
     drop((busy_sub, other_sub));
     busy.close().await.unwrap();
     other.close().await.unwrap();
+}
+
+/// A member's partitions with a backlog read full batches, as one stream would, not each its
+/// share of `max_in_flight` (256 over 16 partitions: 16 entries a read), so that a topic split
+/// in 16 costs about the round trips of one stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_with_a_backlog_read_full_batches_within_max_in_flight() {
+    use futures::StreamExt;
+    use streamwise::Subscriber;
+    const TOPIC: &str = "backlog";
+    const PARTITIONS: u32 = 16;
+    const PER_PARTITION: u64 = 1_000;
+    const BATCH: usize = 100;
+    const MAX_IN_FLIGHT: usize = 256;
+    let server = RedisServer::start();
+    let url = server.url();
+    let backend = RedisBackend::new(&url).unwrap();
+    let conn = backend.connection().clone();
+    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(backend.coordinator()))
+        .topic(TOPIC, PARTITIONS);
+    // KEYS keys, spread over the partitions by their hash.
+    let seqs = PER_PARTITION * u64::from(PARTITIONS) / KEYS;
+    let total = seqs * KEYS;
+    for seq in 0..seqs {
+        let batch = (0..KEYS).map(|key| message(key, seq)).collect();
+        publisher.publish_batch(TOPIC, batch).await.expect("publish");
+    }
+    // Every partition has its backlog.
+    for p in 0..PARTITIONS {
+        let len: u64 = conn
+            .command(cmd("XLEN").arg(partition_stream(TOPIC, p)))
+            .await
+            .unwrap();
+        assert!(len > 0, "partition {p} is empty; the keys did not spread");
+    }
+    let _: () = conn.command(cmd("CONFIG").arg("RESETSTAT")).await.unwrap();
+    let subscriber = PartitionedSubscriber::new(
+        Arc::new(backend.subscriber().unwrap()),
+        Arc::new(backend.coordinator()),
+    )
+    .topic(TOPIC, PARTITIONS);
+    let mut sub = subscriber
+        .subscribe(
+            TOPIC,
+            SubscribeOptions::new(GROUP, "m")
+                .max_in_flight(MAX_IN_FLIGHT)
+                .batch_size(BATCH),
+        )
+        .await
+        .unwrap();
+    let mut held = std::collections::VecDeque::new();
+    for n in 0..total {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {n} of {total} delivered"))
+            .expect("open")
+            .expect("a delivery");
+        held.push_back(delivery);
+        assert!(held.len() <= MAX_IN_FLIGHT, "{} deliveries out", held.len());
+        // Settled a while after they came, as a router's handlers would.
+        if held.len() > MAX_IN_FLIGHT / 2 {
+            held.pop_front().unwrap().ack().await.unwrap();
+        }
+    }
+    for delivery in held {
+        delivery.ack().await.unwrap();
+    }
+    sub.flush().await.unwrap();
+    let stats: String = conn.command(cmd("INFO").arg("commandstats")).await.unwrap();
+    let reads: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_xreadgroup:calls="))
+        .and_then(|l| l.split(',').next())
+        .expect("XREADGROUP was called")
+        .parse()
+        .unwrap();
+    // Full batches: total / BATCH reads, plus the few of each partition's start and end.
+    // Reads of a share each would be total / 16 = 1,000.
+    let most = total / BATCH as u64 + 20 * u64::from(PARTITIONS);
+    eprintln!("{reads} reads for {total} entries in {PARTITIONS} partitions");
+    assert!(reads <= most, "{reads} reads for {total} entries (at most {most})");
+    drop(sub);
+    subscriber.close().await.unwrap();
+    assert_nothing_pending_in(&conn, TOPIC, PARTITIONS).await;
 }

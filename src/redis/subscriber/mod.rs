@@ -23,6 +23,7 @@
 //! | [`plan`] | the read loop's decisions: the next step, block time, read-ahead, drain cursor |
 //! | [`read_loop`] | the reader: takes capacity, sends each step's commands, admits entries |
 //! | [`flusher`] | the task that writes acks, dead letters and checkpoints |
+//! | [`member_tasks`] | one task per group member, in which its partitions' flushers run |
 //! | [`warnings`] | repeated warnings logged once with a count |
 
 mod flusher;
@@ -31,6 +32,7 @@ mod health;
 mod heartbeat;
 mod lanes;
 mod lease;
+mod member_tasks;
 mod options;
 mod plan;
 mod read_loop;
@@ -72,6 +74,8 @@ pub struct RedisSubscriber {
     ledgers: Mutex<Vec<std::sync::Weak<Mutex<Ledger>>>>,
     /// The read connections shared by the subscriptions that read without blocking.
     lanes: lanes::ReadLanes,
+    /// The flushers of a member's partitions, run in one task per member.
+    member_tasks: member_tasks::MemberTasks,
 }
 
 impl std::fmt::Debug for RedisSubscriber {
@@ -97,6 +101,7 @@ impl RedisSubscriber {
             stats: Arc::new(SubscriberStats::default()),
             ledgers: Mutex::new(Vec::new()),
             lanes: lanes::ReadLanes::default(),
+            member_tasks: member_tasks::MemberTasks::default(),
         })
     }
 
@@ -183,12 +188,21 @@ impl RedisSubscriber {
         // name (a partition's next owner) then finds them acknowledged, not pending.
         let flushed = Signal::new();
         let (flusher_done, closed) = (flushed.clone(), stop.clone());
-        self.tasks.spawn(async move {
+        let flushing = async move {
             // Set however the flusher ends (a panic included), or the heartbeat would hold
             // the lease, and close would wait, forever.
             let _done = CancelOnDrop(flusher_done);
             flusher.run(ops_rx, closed).await;
-        });
+        };
+        match options.member.as_deref() {
+            // A member's partitions settle together: their flushers share one task.
+            Some(member) => self
+                .member_tasks
+                .run(&self.tasks, options.group.as_str(), member, flushing),
+            None => {
+                self.tasks.spawn(flushing);
+            }
+        }
         // Every subscription of a topic moves its due delayed messages into it.
         self.tasks.spawn(crate::redis::scheduled::move_due(
             self.conn.clone(),
@@ -267,6 +281,7 @@ impl Subscriber for RedisSubscriber {
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.closed.cancel();
+        self.member_tasks.close();
         self.tasks.close();
         Box::pin(async move {
             // A task that panicked has nothing left to flush; closing still succeeds.
