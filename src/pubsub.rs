@@ -811,6 +811,8 @@ pub struct InFlight {
 #[derive(Debug)]
 struct Slots {
     semaphore: Arc<Semaphore>,
+    /// The limit: every slot there is.
+    limit: usize,
     /// Slots this holder took and did not give back.
     held: AtomicUsize,
     /// The most one `acquire` takes, when the limit is shared.
@@ -840,6 +842,7 @@ impl InFlight {
         InFlight {
             inner: Arc::new(Slots {
                 semaphore: Arc::new(Semaphore::new(max)),
+                limit: max,
                 held: AtomicUsize::new(0),
                 most_per_take: None,
             }),
@@ -854,6 +857,7 @@ impl InFlight {
         InFlight {
             inner: Arc::new(Slots {
                 semaphore: self.inner.semaphore.clone(),
+                limit: self.inner.limit,
                 held: AtomicUsize::new(0),
                 most_per_take: Some(most_per_take),
             }),
@@ -884,6 +888,28 @@ impl InFlight {
         }
         self.took(1);
         1 + self.try_acquire(self.cap(want.max(1)) - 1)
+    }
+
+    /// For a share of a limit: waits until `at_least` slots are free (at most half the
+    /// limit), then takes up to `want`, uncapped; gives up waiting after `patience` and takes
+    /// what [`acquire`](Self::acquire) would. A partition with a backlog reads this way, so
+    /// that the partitions of a member make a few large reads rather than many reads of
+    /// their share each. Anything else takes what `acquire` would.
+    pub(crate) async fn acquire_at_least(&self, at_least: usize, want: usize, patience: Duration) -> usize {
+        let at_least = at_least.min(self.inner.limit / 2).min(want);
+        if self.inner.most_per_take.is_none() || at_least <= 1 {
+            return self.acquire(want).await;
+        }
+        let Ok(n) = u32::try_from(at_least) else {
+            return self.acquire(want).await;
+        };
+        match tokio::time::timeout(patience, self.inner.semaphore.acquire_many(n)).await {
+            Ok(Ok(first)) => first.forget(),
+            // Slots held by slow handlers: read what is free rather than wait for them.
+            Ok(Err(_)) | Err(_) => return self.acquire(want).await,
+        }
+        self.took(at_least);
+        at_least + self.try_acquire(want - at_least)
     }
 
     /// Takes up to `want` slots that are free right now, without waiting, and returns how
@@ -999,5 +1025,47 @@ mod tests {
         assert_eq!(gate.try_acquire(2), 2);
         assert_eq!(gate.try_acquire(4), 1);
         assert_eq!(gate.available(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_share_waits_for_at_least_what_it_asks_then_takes_what_is_free() {
+        // One thread: the waiter runs only where this test yields.
+        let limit = InFlight::new(100);
+        let share = limit.share(Arc::new(AtomicUsize::new(10)));
+        let patience = Duration::from_secs(30);
+        assert_eq!(limit.acquire(100).await, 100);
+        let waiter = {
+            let share = share.clone();
+            tokio::spawn(async move { share.acquire_at_least(40, 60, patience).await })
+        };
+        tokio::task::yield_now().await;
+        limit.release(30);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "30 free of the 40 it waits for");
+        assert_eq!(limit.available(), 0, "set aside for the waiter");
+        limit.release(30);
+        // 40 for the wait, 20 more of what is free, above the share's cap of 10.
+        assert_eq!(waiter.await.unwrap(), 60);
+        assert_eq!(limit.available(), 0);
+        // Never more than half the limit is waited for: of 60 free, 80 asked, 50 waited for
+        // (80 would wait its whole patience) and then the rest taken.
+        share.release(60);
+        assert_eq!(share.acquire_at_least(80, 70, patience).await, 60);
+        share.release(60);
+        // An own limit (not a share) takes what `acquire` takes.
+        assert_eq!(limit.acquire_at_least(40, 60, patience).await, 60);
+    }
+
+    #[tokio::test]
+    async fn a_share_that_waited_its_patience_takes_what_acquire_would() {
+        let limit = InFlight::new(100);
+        let share = limit.share(Arc::new(AtomicUsize::new(10)));
+        assert_eq!(limit.acquire(100).await, 100);
+        limit.release(30);
+        let started = std::time::Instant::now();
+        let took = share.acquire_at_least(40, 60, Duration::from_millis(5)).await;
+        assert!(started.elapsed() >= Duration::from_millis(5));
+        assert_eq!(took, 10, "its share's cap of the 30 free");
+        assert_eq!(limit.available(), 20, "what the wait had set aside is free again");
     }
 }

@@ -795,7 +795,10 @@ async fn partitions_with_a_backlog_read_full_batches_within_max_in_flight() {
     // Reads of a share each would be total / 16 = 1,000.
     let most = total / BATCH as u64 + 20 * u64::from(PARTITIONS);
     eprintln!("{reads} reads for {total} entries in {PARTITIONS} partitions");
-    assert!(reads <= most, "{reads} reads for {total} entries (at most {most})");
+    assert!(
+        reads <= most,
+        "{reads} reads for {total} entries (at most {most})"
+    );
     drop(sub);
     subscriber.close().await.unwrap();
     assert_nothing_pending_in(&conn, TOPIC, PARTITIONS).await;

@@ -20,6 +20,10 @@ use crate::pubsub::{ReclaimOptions, SubscribeOptions};
 /// skipped, so a page larger than the budget still finds entries to hand out.
 const MIN_DRAIN_PAGE: usize = 16;
 
+/// The `BLOCK` of a read that follows a full one on a shared limit: it may hold more than
+/// the share, so it hardly waits (`BLOCK 0` would wait for ever).
+pub(super) const BACKLOG_BLOCK: Duration = Duration::from_millis(1);
+
 /// The state of a subscription's read loop that its decisions rest on.
 #[derive(Debug)]
 pub(super) struct Planner {
@@ -32,6 +36,11 @@ pub(super) struct Planner {
     /// Where the drain of this consumer's own pending list has got to; `None` once done.
     drain: Option<DrainFrom>,
     next_reclaim: Instant,
+    /// The in-flight limit is shared with other subscriptions (a member's partitions).
+    shared_limit: bool,
+    /// The last read of new entries came back full, on a shared limit: the next one waits
+    /// for a batch of slots and does not block.
+    backlog: bool,
 }
 
 /// What the planner asks of the subscription's shared state for one decision.
@@ -49,9 +58,10 @@ pub(super) struct Facts {
 /// What the read loop does next.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Next {
-    /// No slots are taken yet: wait until at least one is free, take up to `batch`, and ask
-    /// again with them.
-    WaitForCapacity { batch: usize },
+    /// No slots are taken yet: wait until at least one is free (`at_least` of a shared
+    /// limit, for a partition with a backlog: see [`Planner::read_came_back`]), take up to
+    /// `batch`, and ask again with them.
+    WaitForCapacity { batch: usize, at_least: usize },
     /// Take this step with the slots taken.
     Run(Step),
 }
@@ -127,6 +137,8 @@ impl Planner {
             read_ahead: None,
             drain: Some(DrainFrom::Start),
             next_reclaim: now,
+            shared_limit: options.in_flight.is_some(),
+            backlog: false,
         }
     }
 
@@ -138,8 +150,10 @@ impl Planner {
         }
         let budget = facts.budget;
         if budget == 0 {
+            let at_least = if self.backlog { self.batch_size } else { 1 };
             return Next::WaitForCapacity {
                 batch: self.batch_size,
+                at_least,
             };
         }
         if facts.next_retry.is_some_and(|at| at <= now) {
@@ -156,8 +170,23 @@ impl Planner {
                 _ => return Next::Run(Step::Reclaim { options, budget }),
             }
         }
-        let block = self.block_for(now, facts.next_retry);
+        let block = if self.backlog {
+            // Slots beyond the share may be taken: not to be held by a read that waits.
+            BACKLOG_BLOCK
+        } else {
+            self.block_for(now, facts.next_retry)
+        };
         Next::Run(Step::Read { budget, block })
+    }
+
+    /// A read of new entries for `count` came back with `found`. On a shared limit, a full
+    /// one says the stream has a backlog: the next read waits for a batch of slots
+    /// rather than read its share of what is free, so that a member's partitions each read
+    /// larger batches, in fewer round trips, while `max_in_flight` still bounds them all.
+    /// That read does not block (it may hold more than the share); one that comes back
+    /// short ends it.
+    pub(super) fn read_came_back(&mut self, count: usize, found: usize) {
+        self.backlog = self.shared_limit && found == count && count > 0;
     }
 
     /// How long a blocking read at `now` may wait: `block`, but no longer than until the next
@@ -290,10 +319,78 @@ mod tests {
     }
 
     #[test]
+    fn on_a_shared_limit_a_full_read_makes_the_next_wait_for_a_batch_and_not_block() {
+        let now = Instant::now();
+        let shared = crate::pubsub::InFlight::new(100).share(Default::default());
+        let mut options = options(None);
+        options.in_flight = Some(shared);
+        let mut plan = Planner::new(&options, TTL, now);
+        assert!(plan.drained(&[], 16, BATCH, |_| false).is_empty());
+        plan.read_came_back(4, 4);
+        assert_eq!(
+            plan.next(now, facts(0)),
+            Next::WaitForCapacity {
+                batch: BATCH,
+                at_least: BATCH
+            }
+        );
+        assert_eq!(
+            run(&mut plan, now, facts(BATCH)),
+            Step::Read {
+                budget: BATCH,
+                block: BACKLOG_BLOCK
+            }
+        );
+        // A short read: the backlog is gone, the next read waits as any.
+        plan.read_came_back(BATCH, 3);
+        assert_eq!(
+            plan.next(now, facts(0)),
+            Next::WaitForCapacity {
+                batch: BATCH,
+                at_least: 1
+            }
+        );
+        assert_eq!(
+            run(&mut plan, now, facts(2)),
+            Step::Read {
+                budget: 2,
+                block: BLOCK
+            }
+        );
+    }
+
+    #[test]
+    fn on_an_own_limit_a_full_read_changes_nothing() {
+        let now = Instant::now();
+        let mut plan = drained(None, now);
+        plan.read_came_back(BATCH, BATCH);
+        assert_eq!(
+            plan.next(now, facts(0)),
+            Next::WaitForCapacity {
+                batch: BATCH,
+                at_least: 1
+            }
+        );
+        assert_eq!(
+            run(&mut plan, now, facts(BATCH)),
+            Step::Read {
+                budget: BATCH,
+                block: BLOCK
+            }
+        );
+    }
+
+    #[test]
     fn a_step_waits_for_capacity_first_then_drains_from_the_start() {
         let now = Instant::now();
         let mut plan = Planner::new(&options(Some(RECLAIM)), TTL, now);
-        assert_eq!(plan.next(now, facts(0)), Next::WaitForCapacity { batch: BATCH });
+        assert_eq!(
+            plan.next(now, facts(0)),
+            Next::WaitForCapacity {
+                batch: BATCH,
+                at_least: 1
+            }
+        );
         let step = run(&mut plan, now, facts(4));
         assert_eq!(
             step,
@@ -321,7 +418,13 @@ mod tests {
         };
         assert_eq!(plan.next(now, due), Next::Run(Step::TakeReadAhead { slots: 7 }));
         // Taken once: the next step waits for capacity again.
-        assert_eq!(plan.next(now, due), Next::WaitForCapacity { batch: BATCH });
+        assert_eq!(
+            plan.next(now, due),
+            Next::WaitForCapacity {
+                batch: BATCH,
+                at_least: 1
+            }
+        );
     }
 
     #[test]
@@ -520,7 +623,13 @@ mod tests {
         plan.drained(&[], 16, 1, |_| false);
         plan.sent_ahead(6);
         assert_eq!(plan.connection_lost(), 6);
-        assert_eq!(plan.next(now, facts(0)), Next::WaitForCapacity { batch: BATCH });
+        assert_eq!(
+            plan.next(now, facts(0)),
+            Next::WaitForCapacity {
+                batch: BATCH,
+                at_least: 1
+            }
+        );
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //! the drain, a reclaim): the server prepares that batch while this one is handled, and the
 //! next step only takes its reply; so whatever falls due waits one batch at most. The slots
 //! it may fill are taken when it is sent, so `max_in_flight` still bounds everything read.
+//! On a limit shared with other subscriptions (a member's partitions), each read that may
+//! block takes at most its share of the free slots; after a read came back full, the next one
+//! waits for a whole batch of slots instead (briefly: see [`BACKLOG_PATIENCE`]) and does not
+//! block, so busy partitions read full batches, as one stream would, not a share each.
 //! Entries of a read sent ahead that is outstanding when the subscription ends stay pending
 //! for this consumer, like buffered deliveries, and come back on its next start (or by
 //! reclaim).
@@ -49,6 +53,11 @@ use crate::redis::dedicated::{BLOCK_REPLY_MARGIN, DedicatedConnection};
 use crate::redis::protocol::replies::{self, Claimed, ReplyEntry};
 use crate::redis::{admin, keys, scripts};
 use crate::signal::Signal;
+
+/// How long a partition with a backlog waits for a batch of slots before it reads
+/// what is free ([`InFlight::acquire_at_least`](crate::pubsub::InFlight::acquire_at_least)):
+/// under load slots come back far faster; only handlers that hold most of them wait this.
+const BACKLOG_PATIENCE: Duration = Duration::from_millis(50);
 
 /// Entries fetched by one step, with their delivery counts (this delivery included).
 type Fetched = Vec<(ReplyEntry, u64)>;
@@ -182,12 +191,13 @@ impl Reader {
             let (started, step) = loop {
                 let now = Instant::now();
                 match self.plan.next(now, self.facts(budget, now)) {
-                    Next::WaitForCapacity { batch } => {
+                    Next::WaitForCapacity { batch, at_least } => {
+                        let capacity = self.shared.capacity();
                         budget = tokio::select! {
                             biased;
                             _ = closed.cancelled() => continue 'steps,
                             _ = lease_lost.cancelled() => continue 'steps,
-                            n = self.shared.capacity().acquire(batch) => n,
+                            n = capacity.acquire_at_least(at_least, batch, BACKLOG_PATIENCE) => n,
                         };
                     }
                     Next::Run(step) => break (now, step),
@@ -379,6 +389,7 @@ impl Reader {
             // On a shared lane: no BLOCK, which would hold it; the wait is here instead.
             let read = read_group(self.shared.origin(), budget, None);
             let entries = self.read_conn().await?.read_entries(&read).await?;
+            self.plan.read_came_back(budget, entries.len());
             if entries.is_empty() {
                 self.poll_wait = Some(block.min(LANE_POLL));
             }
@@ -441,6 +452,7 @@ impl Reader {
     async fn receive_new(&mut self, count: usize) -> std::result::Result<Vec<ReplyEntry>, ReadError> {
         let conn = self.own_conn().await?;
         let entries = conn.recv_entries().await?;
+        self.plan.read_came_back(count, entries.len());
         if entries.len() == count {
             self.read_ahead().await;
         }
