@@ -13,6 +13,7 @@
 //! what to compare, the server's counts every node). `BENCH_NO_CLUSTER=1` leaves both out.
 //! The partitioned rows (`(P=1)`, `(P=4)`, `(P=16)`) read with the default
 //! `PartitionOptions::dedicated_readers`; `BENCH_DEDICATED_READERS=<n>` sets it.
+//! `BENCH_MAX_IN_FLIGHT=<n>` sets the routers' `max_in_flight` of the consume rows (256).
 //!
 //! Baselines: a raw `redis` crate loop written here (XADD awaited one at a time; XREADGROUP
 //! COUNT 100 + one XACK per batch), and `redis-benchmark` XADD with `-c 1 -P 1` and

@@ -206,7 +206,7 @@ pub(crate) async fn router_consume(
 ) -> (u64, Vec<Duration>) {
     let options = SubscribeOptions::new("g", "c")
         .batch_size(100)
-        .max_in_flight(256)
+        .max_in_flight(env("BENCH_MAX_IN_FLIGHT", 256) as usize)
         .block(Duration::from_millis(100))
         .start_from(StartFrom::Beginning);
     let running = Router::new()
