@@ -813,6 +813,9 @@ struct Slots {
     semaphore: Arc<Semaphore>,
     /// The limit: every slot there is.
     limit: usize,
+    /// Slots of the whole limit held by reads that may wait for entries ([`InFlight::park`]):
+    /// not coming back soon, so not worth waiting for.
+    parked: Arc<AtomicUsize>,
     /// Slots this holder took and did not give back.
     held: AtomicUsize,
     /// The most one `acquire` takes, when the limit is shared.
@@ -825,6 +828,19 @@ impl Drop for Slots {
         if held > 0 {
             self.semaphore.add_permits(held);
         }
+    }
+}
+
+/// Slots marked by [`InFlight::park`], unmarked when dropped.
+#[derive(Debug)]
+pub(crate) struct ParkedSlots {
+    parked: Arc<AtomicUsize>,
+    n: usize,
+}
+
+impl Drop for ParkedSlots {
+    fn drop(&mut self) {
+        self.parked.fetch_sub(self.n, Ordering::Relaxed);
     }
 }
 
@@ -843,6 +859,7 @@ impl InFlight {
             inner: Arc::new(Slots {
                 semaphore: Arc::new(Semaphore::new(max)),
                 limit: max,
+                parked: Arc::default(),
                 held: AtomicUsize::new(0),
                 most_per_take: None,
             }),
@@ -858,6 +875,7 @@ impl InFlight {
             inner: Arc::new(Slots {
                 semaphore: self.inner.semaphore.clone(),
                 limit: self.inner.limit,
+                parked: self.inner.parked.clone(),
                 held: AtomicUsize::new(0),
                 most_per_take: Some(most_per_take),
             }),
@@ -891,13 +909,23 @@ impl InFlight {
     }
 
     /// For a share of a limit: waits until `at_least` slots are free (at most half the
-    /// limit), then takes up to `want`, uncapped; gives up waiting after `patience` and takes
-    /// what [`acquire`](Self::acquire) would. A partition with a backlog reads this way, so
-    /// that the partitions of a member make a few large reads rather than many reads of
-    /// their share each. Anything else takes what `acquire` would.
+    /// limit, and no more than the slots not [parked](Self::park) by waiting reads), then
+    /// takes up to `want`, uncapped; gives up waiting after `patience` and takes what
+    /// [`acquire`](Self::acquire) would. A partition with a backlog reads this way, so that
+    /// the partitions of a member make a few large reads rather than many reads of their
+    /// share each. Anything else, or a wait for no more than the share, takes what `acquire`
+    /// would.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) async fn acquire_at_least(&self, at_least: usize, want: usize, patience: Duration) -> usize {
-        let at_least = at_least.min(self.inner.limit / 2).min(want);
-        if self.inner.most_per_take.is_none() || at_least <= 1 {
+        let Some(most) = &self.inner.most_per_take else {
+            return self.acquire(want).await;
+        };
+        let not_parked = self
+            .inner
+            .limit
+            .saturating_sub(self.inner.parked.load(Ordering::Relaxed));
+        let at_least = at_least.min(self.inner.limit / 2).min(want).min(not_parked);
+        if at_least <= most.load(Ordering::Relaxed).max(1) {
             return self.acquire(want).await;
         }
         let Ok(n) = u32::try_from(at_least) else {
@@ -910,6 +938,17 @@ impl InFlight {
         }
         self.took(at_least);
         at_least + self.try_acquire(want - at_least)
+    }
+
+    /// Marks `n` slots of this holder as held by a read that may wait for entries, until the
+    /// returned guard is dropped: a backlog read of another share does not wait for them.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn park(&self, n: usize) -> ParkedSlots {
+        self.inner.parked.fetch_add(n, Ordering::Relaxed);
+        ParkedSlots {
+            parked: self.inner.parked.clone(),
+            n,
+        }
     }
 
     /// Takes up to `want` slots that are free right now, without waiting, and returns how
@@ -1052,8 +1091,35 @@ mod tests {
         share.release(60);
         assert_eq!(share.acquire_at_least(80, 70, patience).await, 60);
         share.release(60);
-        // An own limit (not a share) takes what `acquire` takes.
-        assert_eq!(limit.acquire_at_least(40, 60, patience).await, 60);
+        // An own limit (not a share) takes what `acquire` takes: what is free, at once.
+        assert_eq!(limit.acquire(100).await, 60, "all the share gave back");
+        limit.release(30);
+        let took =
+            tokio::time::timeout(Duration::from_secs(5), limit.acquire_at_least(40, 60, patience)).await;
+        assert_eq!(took.expect("no wait on an own limit"), 30);
+    }
+
+    #[tokio::test]
+    async fn a_share_does_not_wait_for_slots_parked_in_waiting_reads() {
+        let limit = InFlight::new(100);
+        let share = limit.share(Arc::new(AtomicUsize::new(10)));
+        let other = limit.share(Arc::new(AtomicUsize::new(10)));
+        assert_eq!(limit.acquire(100).await, 100);
+        limit.release(15);
+        // Other partitions' reads that wait for entries hold 90 slots: at most 10 can come
+        // back soon, no more than the share, so it takes its share of what is free at once.
+        let parked = other.park(90);
+        let took = tokio::time::timeout(
+            Duration::from_secs(5),
+            share.acquire_at_least(40, 60, Duration::from_secs(30)),
+        )
+        .await;
+        assert_eq!(took.expect("no wait for parked slots"), 10);
+        drop(parked);
+        share.release(10);
+        // Unparked: it waits for 40 again (15 free), until its patience runs out.
+        let took = share.acquire_at_least(40, 60, Duration::from_millis(5)).await;
+        assert_eq!(took, 10, "after its patience, its share");
     }
 
     #[tokio::test]

@@ -766,21 +766,46 @@ async fn partitions_with_a_backlog_read_full_batches_within_max_in_flight() {
         .await
         .unwrap();
     let mut held = std::collections::VecDeque::new();
-    for n in 0..total {
-        let delivery = tokio::time::timeout(Duration::from_secs(30), sub.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {n} of {total} delivered"))
-            .expect("open")
-            .expect("a delivery");
-        held.push_back(delivery);
-        assert!(held.len() <= MAX_IN_FLIGHT, "{} deliveries out", held.len());
-        // Settled a while after they came, as a router's handlers would.
+    // Most of the backlog, settled a while after it came, as a router's handlers would.
+    let window = 2_000;
+    for n in 0..total - window {
+        held.push_back(next_delivery(&mut sub, n, total).await);
         if held.len() > MAX_IN_FLIGHT / 2 {
             held.pop_front().unwrap().ack().await.unwrap();
         }
     }
-    for delivery in held {
+    for delivery in held.drain(..) {
         delivery.ack().await.unwrap();
+    }
+    sub.flush().await.unwrap();
+    // Then nothing settled: what is handed out, buffered or being read stays within
+    // max_in_flight, backlog reads included.
+    while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
+        held.push_back(delivery.expect("a delivery"));
+    }
+    // (Fewer when partitions that ran dry hold their shares in reads waiting for entries.)
+    assert!(
+        !held.is_empty() && held.len() <= MAX_IN_FLIGHT,
+        "{} handed out while none was settled",
+        held.len()
+    );
+    let mut pending = 0;
+    for p in 0..PARTITIONS {
+        let stream = partition_stream(TOPIC, p);
+        pending += streamwise::redis::admin::pending_count(&conn, &stream, GROUP)
+            .await
+            .expect("pending");
+    }
+    assert!(
+        pending <= MAX_IN_FLIGHT as u64,
+        "{pending} pending, all earlier acks written"
+    );
+    let held_len = held.len() as u64;
+    for delivery in held.drain(..) {
+        delivery.ack().await.unwrap();
+    }
+    for n in total - window + held_len..total {
+        next_delivery(&mut sub, n, total).await.ack().await.unwrap();
     }
     sub.flush().await.unwrap();
     let stats: String = conn.command(cmd("INFO").arg("commandstats")).await.unwrap();
@@ -799,6 +824,72 @@ async fn partitions_with_a_backlog_read_full_batches_within_max_in_flight() {
         reads <= most,
         "{reads} reads for {total} entries (at most {most})"
     );
+    drop(sub);
+    subscriber.close().await.unwrap();
+    assert_nothing_pending_in(&conn, TOPIC, PARTITIONS).await;
+}
+
+/// The next delivery of `sub`, the `n`th of `total`.
+async fn next_delivery(sub: &mut streamwise::Subscription, n: u64, total: u64) -> streamwise::Delivery {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("only {n} of {total} delivered"))
+        .expect("open")
+        .expect("a delivery")
+}
+
+/// A partition with a backlog beside idle ones, whose reads wait for entries holding their
+/// shares of `max_in_flight`: it reads on at once with what is left, rather than wait for a
+/// whole batch of slots that cannot come back while those reads wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_partition_beside_idle_ones_is_not_held_up_by_their_waiting_reads() {
+    use futures::StreamExt;
+    use streamwise::Subscriber;
+    const TOPIC: &str = "busy";
+    const PARTITIONS: u32 = 16;
+    const N: u64 = 6_000;
+    let server = RedisServer::start();
+    let url = server.url();
+    let backend = RedisBackend::new(&url).unwrap();
+    let conn = backend.connection().clone();
+    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(backend.coordinator()))
+        .topic(TOPIC, PARTITIONS);
+    for chunk in 0..N / 100 {
+        let batch = (0..100).map(|i| message(0, chunk * 100 + i)).collect();
+        publisher.publish_batch(TOPIC, batch).await.expect("publish");
+    }
+    let subscriber = PartitionedSubscriber::new(
+        Arc::new(backend.subscriber().unwrap()),
+        Arc::new(backend.coordinator()),
+    )
+    .topic(TOPIC, PARTITIONS);
+    // The default BLOCK (5 s): the idle partitions' reads hold 15 shares of 16 that long.
+    let mut sub = subscriber
+        .subscribe(
+            TOPIC,
+            SubscribeOptions::new(GROUP, "m")
+                .max_in_flight(256)
+                .batch_size(100),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for n in 0..N {
+        let delivery = tokio::time::timeout(Duration::from_secs(60), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {n} of {N} delivered"))
+            .expect("open")
+            .expect("a delivery");
+        let seq: u64 = delivery.message().decode().unwrap();
+        assert_eq!(seq, n, "one key, in order");
+        delivery.ack().await.unwrap();
+    }
+    let took = started.elapsed();
+    eprintln!("{N} entries of one partition beside 15 idle ones in {took:?}");
+    // Reads of 16 that each first waited 50 ms for a batch of slots: 10 s and more.
+    assert!(took < Duration::from_secs(5), "{N} entries took {took:?}");
+    sub.flush().await.unwrap();
     drop(sub);
     subscriber.close().await.unwrap();
     assert_nothing_pending_in(&conn, TOPIC, PARTITIONS).await;

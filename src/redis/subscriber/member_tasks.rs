@@ -84,10 +84,12 @@ async fn member_task(
             let mut running = lock(&running);
             match incoming.try_recv() {
                 Ok(next) => work.push(isolated(next)),
-                Err(_) => {
+                Err(mpsc::error::TryRecvError::Empty) => {
                     running.remove(&key);
                     return;
                 }
+                // Taken out by `close` already (the entry there now may be another task's).
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
             }
         }
     }

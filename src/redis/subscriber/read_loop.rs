@@ -36,7 +36,7 @@ use super::group;
 use super::lanes::{LANE_POLL, Lane, ReadLanes};
 use super::lease::{Held, Lease};
 use super::options::RedisSubscriberOptions;
-use super::plan::{DrainFrom, Facts, Next, Planner, Step};
+use super::plan::{BACKLOG_BLOCK, DrainFrom, Facts, Next, Planner, Step};
 use super::shared::{Op, Shared};
 use super::stats::SubscriberStats;
 use super::warnings::RepeatedWarnings;
@@ -396,6 +396,8 @@ impl Reader {
             return Ok(entries.into_iter().map(|e| (e, 1)).collect());
         }
         let read = read_group(self.shared.origin(), budget, Some(block));
+        // Slots a read that may wait holds are not worth another partition's waiting for.
+        let _parked = (block > BACKLOG_BLOCK).then(|| self.shared.capacity().park(budget));
         let conn = self.own_conn().await?;
         conn.send(&read).await?;
         let client_id = self.read_conn.as_ref().map_or(0, |(_, id)| *id);
