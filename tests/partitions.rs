@@ -751,20 +751,7 @@ async fn partitions_with_a_backlog_read_full_batches_within_max_in_flight() {
         assert!(len > 0, "partition {p} is empty; the keys did not spread");
     }
     let _: () = conn.command(cmd("CONFIG").arg("RESETSTAT")).await.unwrap();
-    let subscriber = PartitionedSubscriber::new(
-        Arc::new(backend.subscriber().unwrap()),
-        Arc::new(backend.coordinator()),
-    )
-    .topic(TOPIC, PARTITIONS);
-    let mut sub = subscriber
-        .subscribe(
-            TOPIC,
-            SubscribeOptions::new(GROUP, "m")
-                .max_in_flight(MAX_IN_FLIGHT)
-                .batch_size(BATCH),
-        )
-        .await
-        .unwrap();
+    let (subscriber, mut sub) = member_of(&backend, TOPIC, PARTITIONS, MAX_IN_FLIGHT, BATCH).await;
     let mut held = std::collections::VecDeque::new();
     // Most of the backlog, settled a while after it came, as a router's handlers would.
     let window = 2_000;
@@ -829,6 +816,28 @@ async fn partitions_with_a_backlog_read_full_batches_within_max_in_flight() {
     assert_nothing_pending_in(&conn, TOPIC, PARTITIONS).await;
 }
 
+/// A member `m` of the group on `topic` (`partitions`), subscribed with `max_in_flight` and
+/// `batch`, and its subscriber (to close).
+async fn member_of(
+    backend: &RedisBackend,
+    topic: &str,
+    partitions: u32,
+    max_in_flight: usize,
+    batch: usize,
+) -> (PartitionedSubscriber, streamwise::Subscription) {
+    use streamwise::Subscriber;
+    let subscriber = PartitionedSubscriber::new(
+        Arc::new(backend.subscriber().unwrap()),
+        Arc::new(backend.coordinator()),
+    )
+    .topic(topic, partitions);
+    let options = SubscribeOptions::new(GROUP, "m")
+        .max_in_flight(max_in_flight)
+        .batch_size(batch);
+    let sub = subscriber.subscribe(topic, options).await.unwrap();
+    (subscriber, sub)
+}
+
 /// The next delivery of `sub`, the `n`th of `total`.
 async fn next_delivery(sub: &mut streamwise::Subscription, n: u64, total: u64) -> streamwise::Delivery {
     use futures::StreamExt;
@@ -859,21 +868,8 @@ async fn a_busy_partition_beside_idle_ones_is_not_held_up_by_their_waiting_reads
         let batch = (0..100).map(|i| message(0, chunk * 100 + i)).collect();
         publisher.publish_batch(TOPIC, batch).await.expect("publish");
     }
-    let subscriber = PartitionedSubscriber::new(
-        Arc::new(backend.subscriber().unwrap()),
-        Arc::new(backend.coordinator()),
-    )
-    .topic(TOPIC, PARTITIONS);
     // The default BLOCK (5 s): the idle partitions' reads hold 15 shares of 16 that long.
-    let mut sub = subscriber
-        .subscribe(
-            TOPIC,
-            SubscribeOptions::new(GROUP, "m")
-                .max_in_flight(256)
-                .batch_size(100),
-        )
-        .await
-        .unwrap();
+    let (subscriber, mut sub) = member_of(&backend, TOPIC, PARTITIONS, 256, 100).await;
     let started = Instant::now();
     for n in 0..N {
         let delivery = tokio::time::timeout(Duration::from_secs(60), sub.next())
