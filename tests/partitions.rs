@@ -205,10 +205,19 @@ fn message(key: u64, seq: u64) -> Message {
 
 /// A connection, the coordinator and a publisher of the topic on the server at `url`.
 fn connect(url: &str) -> (RedisConnection, RedisCoordinator, PartitionedPublisher) {
+    connect_to(url, TOPIC, PARTITIONS)
+}
+
+/// A connection, the coordinator and a publisher of `topic` (`partitions`) at `url`.
+fn connect_to(
+    url: &str,
+    topic: &str,
+    partitions: u32,
+) -> (RedisConnection, RedisCoordinator, PartitionedPublisher) {
     let backend = RedisBackend::new(url).unwrap();
     let coordinator = backend.coordinator();
     let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(coordinator.clone()))
-        .topic(TOPIC, PARTITIONS);
+        .topic(topic, partitions);
     (backend.connection().clone(), coordinator, publisher)
 }
 
@@ -732,9 +741,7 @@ async fn partitions_with_a_backlog_read_full_batches_within_max_in_flight() {
     let server = RedisServer::start();
     let url = server.url();
     let backend = RedisBackend::new(&url).unwrap();
-    let conn = backend.connection().clone();
-    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(backend.coordinator()))
-        .topic(TOPIC, PARTITIONS);
+    let (conn, _, publisher) = connect_to(&url, TOPIC, PARTITIONS);
     // KEYS keys, spread over the partitions by their hash.
     let seqs = PER_PARTITION * u64::from(PARTITIONS) / KEYS;
     let total = seqs * KEYS;
@@ -861,9 +868,7 @@ async fn a_busy_partition_beside_idle_ones_is_not_held_up_by_their_waiting_reads
     let server = RedisServer::start();
     let url = server.url();
     let backend = RedisBackend::new(&url).unwrap();
-    let conn = backend.connection().clone();
-    let publisher = PartitionedPublisher::new(Arc::new(backend.publisher()), Arc::new(backend.coordinator()))
-        .topic(TOPIC, PARTITIONS);
+    let (conn, _, publisher) = connect_to(&url, TOPIC, PARTITIONS);
     for chunk in 0..N / 100 {
         let batch = (0..100).map(|i| message(0, chunk * 100 + i)).collect();
         publisher.publish_batch(TOPIC, batch).await.expect("publish");
