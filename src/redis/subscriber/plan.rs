@@ -311,6 +311,14 @@ mod tests {
         plan
     }
 
+    /// The planner's answer while no slots are taken: a batch, waiting for `at_least`.
+    fn wait_for_capacity(at_least: usize) -> Next {
+        Next::WaitForCapacity {
+            batch: BATCH,
+            at_least,
+        }
+    }
+
     fn run(plan: &mut Planner, now: Instant, facts: Facts) -> Step {
         match plan.next(now, facts) {
             Next::Run(step) => step,
@@ -327,13 +335,7 @@ mod tests {
         let mut plan = Planner::new(&options, TTL, now);
         assert!(plan.drained(&[], 16, BATCH, |_| false).is_empty());
         plan.read_came_back(4, 4);
-        assert_eq!(
-            plan.next(now, facts(0)),
-            Next::WaitForCapacity {
-                batch: BATCH,
-                at_least: BATCH
-            }
-        );
+        assert_eq!(plan.next(now, facts(0)), wait_for_capacity(BATCH));
         assert_eq!(
             run(&mut plan, now, facts(BATCH)),
             Step::Read {
@@ -343,13 +345,7 @@ mod tests {
         );
         // A short read: the backlog is gone, the next read waits as any.
         plan.read_came_back(BATCH, 3);
-        assert_eq!(
-            plan.next(now, facts(0)),
-            Next::WaitForCapacity {
-                batch: BATCH,
-                at_least: 1
-            }
-        );
+        assert_eq!(plan.next(now, facts(0)), wait_for_capacity(1));
         assert_eq!(
             run(&mut plan, now, facts(2)),
             Step::Read {
@@ -364,13 +360,7 @@ mod tests {
         let now = Instant::now();
         let mut plan = drained(None, now);
         plan.read_came_back(BATCH, BATCH);
-        assert_eq!(
-            plan.next(now, facts(0)),
-            Next::WaitForCapacity {
-                batch: BATCH,
-                at_least: 1
-            }
-        );
+        assert_eq!(plan.next(now, facts(0)), wait_for_capacity(1));
         assert_eq!(
             run(&mut plan, now, facts(BATCH)),
             Step::Read {
@@ -384,13 +374,7 @@ mod tests {
     fn a_step_waits_for_capacity_first_then_drains_from_the_start() {
         let now = Instant::now();
         let mut plan = Planner::new(&options(Some(RECLAIM)), TTL, now);
-        assert_eq!(
-            plan.next(now, facts(0)),
-            Next::WaitForCapacity {
-                batch: BATCH,
-                at_least: 1
-            }
-        );
+        assert_eq!(plan.next(now, facts(0)), wait_for_capacity(1));
         let step = run(&mut plan, now, facts(4));
         assert_eq!(
             step,
@@ -418,13 +402,7 @@ mod tests {
         };
         assert_eq!(plan.next(now, due), Next::Run(Step::TakeReadAhead { slots: 7 }));
         // Taken once: the next step waits for capacity again.
-        assert_eq!(
-            plan.next(now, due),
-            Next::WaitForCapacity {
-                batch: BATCH,
-                at_least: 1
-            }
-        );
+        assert_eq!(plan.next(now, due), wait_for_capacity(1));
     }
 
     #[test]
@@ -623,13 +601,7 @@ mod tests {
         plan.drained(&[], 16, 1, |_| false);
         plan.sent_ahead(6);
         assert_eq!(plan.connection_lost(), 6);
-        assert_eq!(
-            plan.next(now, facts(0)),
-            Next::WaitForCapacity {
-                batch: BATCH,
-                at_least: 1
-            }
-        );
+        assert_eq!(plan.next(now, facts(0)), wait_for_capacity(1));
     }
 
     #[test]
