@@ -80,6 +80,13 @@ pub use pubsub::{
 pub use uuid::Uuid;
 pub use wire_format::WireFormat;
 
+/// Locks `m`, going on past a panic of another holder, as the crate's tasks do everywhere:
+/// one panicking handler or task must not stop the others' reads and settlements.
+#[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The names most programs need: `use streamwise::prelude::*;`.
 pub mod prelude {
     pub use crate::{

@@ -13,6 +13,8 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, SelectAll};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
+
+use crate::lock;
 use tokio_util::task::TaskTracker;
 
 use super::{
@@ -695,10 +697,6 @@ impl crate::pubsub::Buffered for Merged {
         }
         None
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Stops the member task when the subscription is dropped.

@@ -43,6 +43,7 @@ use self::tls::{TlsMaterial, tls_refusal};
 use super::dedicated::{DedicatedConnection, TlsSetup};
 use super::protocol::replies;
 use crate::error::{Error, Result};
+use crate::lock;
 
 /// A Redis server to talk to, with the retry policy for every command sent to it.
 ///
@@ -828,11 +829,6 @@ const MAX_REDIRECTS: usize = 5;
 
 /// How often at most a refused login on reconnect is logged as a warning.
 const AUTH_WARNING_EVERY: Duration = Duration::from_secs(10);
-
-/// The guard of `mutex`; a panic elsewhere cannot leave these values half-written.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 #[cfg(test)]
 mod tests {

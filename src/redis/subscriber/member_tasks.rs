@@ -15,6 +15,8 @@ use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
+use crate::lock;
+
 /// A member: its group and its name.
 type MemberKey = (String, String);
 
@@ -41,7 +43,8 @@ impl MemberTasks {
         if let Some(task) = running.get(&key) {
             match task.send(work) {
                 Ok(()) => return,
-                // Its task ended without taking its entry out (it panicked): start another.
+                // Its task was dropped without taking its entry out (its runtime shut down):
+                // start another.
                 Err(mpsc::error::SendError(back)) => work = back,
             }
         }
@@ -55,10 +58,6 @@ impl MemberTasks {
     pub(super) fn close(&self) {
         lock(&self.running).clear();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Runs the work sent to one member until all of it is done and none is coming.

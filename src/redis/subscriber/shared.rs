@@ -81,9 +81,7 @@ impl Ledger {
     }
 }
 
-pub(super) fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
-    ledger.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(super) use crate::lock;
 
 /// Work for the flusher task.
 pub(super) enum Op {
