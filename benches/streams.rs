@@ -51,19 +51,21 @@ fn server_cpu_time() -> Duration {
         Ok(list) => list.split(',').map(str::to_owned).collect(),
         Err(_) => vec![url.clone()],
     };
-    let mut seconds = 0.0;
-    for node in nodes {
-        let info: String = redis_client::Client::open(node.as_str())
-            .and_then(|c| c.get_connection())
-            .and_then(|mut c| redis_client::cmd("INFO").arg("cpu").query(&mut c))
-            .unwrap_or_default();
-        seconds += info
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .filter(|(k, _)| *k == "used_cpu_user" || *k == "used_cpu_sys")
-            .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
-            .sum::<f64>();
-    }
+    nodes.iter().map(|node| cpu_time_of(node)).sum()
+}
+
+/// One redis-server's CPU time so far (`used_cpu_user` + `used_cpu_sys`); zero if unreachable.
+fn cpu_time_of(node: &str) -> Duration {
+    let info: String = redis_client::Client::open(node)
+        .and_then(|c| c.get_connection())
+        .and_then(|mut c| redis_client::cmd("INFO").arg("cpu").query(&mut c))
+        .unwrap_or_default();
+    let seconds = info
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| *k == "used_cpu_user" || *k == "used_cpu_sys")
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .sum::<f64>();
     Duration::from_secs_f64(seconds)
 }
 
@@ -467,8 +469,38 @@ fn sent_of(reply: Value) -> Vec<(String, u64)> {
     out
 }
 
-fn redis_benchmark(server: &RedisServer, clients: u32, pipeline: u32, n: u64, size: usize) -> Row {
-    let value = "x".repeat(size);
+/// The fields `redis-benchmark`'s `XADD` writes: one field of `size` bytes (its physical limit),
+/// or, with `as_streamwise`, the four fields a streamwise entry of that payload has (the same
+/// limit for the entries streamwise writes).
+fn benchmark_fields(size: usize, as_streamwise: bool) -> Vec<String> {
+    if !as_streamwise {
+        return vec!["payload".into(), "x".repeat(size)];
+    }
+    let m = message(size);
+    vec![
+        "event_type".into(),
+        m.event_type().to_owned(),
+        "payload".into(),
+        String::from_utf8(m.payload().to_vec()).expect("JSON is UTF-8"),
+        "timestamp".into(),
+        m.timestamp_rfc3339(),
+        "uuid".into(),
+        m.uuid().hyphenated().to_string(),
+    ]
+}
+
+/// The system name of the `redis-benchmark` row writing streamwise's fields.
+const BENCHMARK_AS_STREAMWISE: &str = "redis-benchmark, streamwise fields";
+
+fn redis_benchmark(
+    server: &RedisServer,
+    clients: u32,
+    pipeline: u32,
+    n: u64,
+    size: usize,
+    as_streamwise: bool,
+) -> Row {
+    let server_cpu = cpu_time_of(&server.url());
     let started = Instant::now();
     let out = Command::new("redis-benchmark")
         .args([
@@ -480,10 +512,12 @@ fn redis_benchmark(server: &RedisServer, clients: u32, pipeline: u32, n: u64, si
             &pipeline.to_string(),
         ])
         .args(["-n", &n.to_string(), "-q"])
-        .args(["XADD", "rb-stream", "*", "payload", &value])
+        .args(["XADD", "rb-stream", "*"])
+        .args(benchmark_fields(size, as_streamwise))
         .output()
         .expect("redis-benchmark is installed with redis-server");
     let seconds = started.elapsed().as_secs_f64();
+    let server_cpu = cpu_time_of(&server.url()).saturating_sub(server_cpu);
     let text = String::from_utf8_lossy(&out.stdout);
     // "XADD rb-stream * payload ...: 123456.79 requests per second, p50=0.391 msec"
     let rps = text
@@ -494,16 +528,52 @@ fn redis_benchmark(server: &RedisServer, clients: u32, pipeline: u32, n: u64, si
         .unwrap_or(n as f64 / seconds);
     Row {
         workload: format!("redis-benchmark XADD -c {clients} -P {pipeline}"),
-        system: "redis-benchmark".into(),
+        system: if as_streamwise {
+            BENCHMARK_AS_STREAMWISE.into()
+        } else {
+            "redis-benchmark".into()
+        },
         threads: 0,
         payload: size,
         events: n,
         seconds: n as f64 / rps,
         latency_us: None,
         cpu_us_per_event: 0.0,
-        server_cpu_us_per_event: 0.0,
+        server_cpu_us_per_event: server_cpu.as_secs_f64() * 1e6 / n as f64,
         peak_rss_mb: 0.0,
     }
+}
+
+/// The batched publish rows against the `redis-benchmark -c 50 -P 64` rows of the same round
+/// (issue 23's target: 80 % of the one-field row), median [min-max] of the rounds.
+fn batched_against_benchmark(runs: &[(u64, Row)]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let batched = |t: usize| {
+        runs.iter().filter(move |(_, r)| {
+            r.workload.starts_with("publish batched") && r.system == "streamwise" && r.threads == t
+        })
+    };
+    for threads in [1, 2] {
+        for system in ["redis-benchmark", BENCHMARK_AS_STREAMWISE] {
+            let ratios: Vec<f64> = batched(threads)
+                .filter_map(|(round, r)| {
+                    let bench = runs.iter().find(|(q, b)| {
+                        q == round && b.system == system && b.workload == "redis-benchmark XADD -c 50 -P 64"
+                    })?;
+                    Some(r.rate() / bench.1.rate())
+                })
+                .collect();
+            if !ratios.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "publish batched, {threads} thread(s), x {system} -c 50 -P 64: {}",
+                    common::spread(&ratios)
+                );
+            }
+        }
+    }
+    out
 }
 
 /// Runs one workload in this (child) process and returns its row.
@@ -793,13 +863,16 @@ fn main() {
     let exe = std::env::current_exe().expect("own path");
     let mut rows = Vec::new();
     if std::env::var_os("BENCH_ONLY").is_none() {
-        for (clients, pipeline, n) in [(1, 1, env("BENCH_PUBLISH", 20_000)), (50, 64, 1_000_000)] {
-            let row = redis_benchmark(&server, clients, pipeline, n, 200);
-            println!("{}", row.json());
-            rows.push(row);
-            flush(&server);
-        }
+        let row = redis_benchmark(&server, 1, 1, env("BENCH_PUBLISH", 20_000), 200, false);
+        println!("{}", row.json());
+        rows.push(row);
+        flush(&server);
     }
+    // The server's own limit for batched publishes, measured again in every round (beside
+    // the batched rows it is the baseline of): one field, and streamwise's four.
+    let batched_rows = specs()
+        .iter()
+        .any(|s| s.workload.starts_with("publish batched") && s.system == "streamwise");
     // Every workload `BENCH_REPEAT` times (default 3), round after round: the framework's
     // runs and their baselines alternate, so that the machine's drift falls on both alike.
     let repeat = env("BENCH_REPEAT", 3).max(1);
@@ -807,6 +880,15 @@ fn main() {
     for (round, (index, spec)) in
         (0..repeat).flat_map(|round| specs().into_iter().enumerate().map(move |s| (round, s)))
     {
+        if index == 0 && batched_rows {
+            for as_streamwise in [false, true] {
+                flush(&server);
+                let row = redis_benchmark(&server, 50, 64, 1_000_000, 200, as_streamwise);
+                println!("{}", row.json());
+                runs.push((round, row.clone()));
+                rows.push(row);
+            }
+        }
         flush(&server);
         if let Some(cluster) = &cluster {
             for master in cluster.masters() {
@@ -838,7 +920,7 @@ fn main() {
         }
     }
     flush(&server);
-    let summary = summarize(&runs);
+    let summary = summarize(&runs) + "\n" + &batched_against_benchmark(&runs);
 
     print_table(&rows);
     println!("{summary}");
