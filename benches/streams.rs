@@ -17,7 +17,8 @@
 //!
 //! Baselines: a raw `redis` crate loop written here (XADD awaited one at a time; XREADGROUP
 //! COUNT 100 + one XACK per batch), and `redis-benchmark` XADD with `-c 1 -P 1` and
-//! `-c 50 -P 64`. Each workload runs with 1 and with 2 tokio worker threads.
+//! `-c 50 -P 64` (the latter in every round, with one field and with streamwise's four).
+//! Each workload runs with 1 and with 2 tokio worker threads.
 
 mod common;
 
@@ -544,6 +545,83 @@ fn redis_benchmark(
     }
 }
 
+/// The row of `runs` in `round` with this workload, system, threads and payload.
+fn row_of<'a>(
+    runs: &'a [(u64, Row)],
+    round: u64,
+    workload: &str,
+    system: &str,
+    threads: usize,
+    payload: usize,
+) -> Option<&'a Row> {
+    runs.iter()
+        .find(|(q, r)| {
+            *q == round
+                && r.workload == workload
+                && r.system == system
+                && r.threads == threads
+                && r.payload == payload
+        })
+        .map(|(_, r)| r)
+}
+
+/// Two targets that compare rows of one round other than against the raw loop, median
+/// [min-max] of the rounds: the partitioned consume rows against the single stream (issue 15:
+/// client CPU per event of P = 16 within 10 %, rate of P = 1 within 5 %), and the 200 B
+/// consume row against the server's limit (issue 23: 1e6 / the raw loop's server µs per event).
+fn against_same_round(runs: &[(u64, Row)]) -> String {
+    use std::fmt::Write;
+    const CONSUME: &str = "consume backlog";
+    const SINGLE: &str = "streamwise router";
+    let mut out = String::new();
+    let rounds = runs.iter().map(|(q, _)| q + 1).max().unwrap_or(0);
+    for threads in [1, 2] {
+        let ratios = |f: &dyn Fn(u64) -> Option<f64>| -> Vec<f64> { (0..rounds).filter_map(f).collect() };
+        let bound = ratios(&|q| {
+            let raw = row_of(
+                runs,
+                q,
+                CONSUME,
+                "raw redis loop (COUNT 100 + XACK)",
+                threads,
+                200,
+            )?;
+            let framework = row_of(runs, q, CONSUME, SINGLE, threads, 200)?;
+            (raw.server_cpu_us_per_event > 0.0).then(|| framework.rate() * raw.server_cpu_us_per_event / 1e6)
+        });
+        if !bound.is_empty() {
+            let _ = writeln!(
+                out,
+                "consume 200 B, {threads} thread(s), x the server bound (1e6 / raw loop's srv us/ev): {}",
+                common::spread(&bound)
+            );
+        }
+        for partitioned in [
+            "streamwise router (P=1)",
+            "streamwise router (P=4)",
+            "streamwise router (P=16)",
+        ] {
+            let pair = |q| {
+                Some((
+                    row_of(runs, q, CONSUME, partitioned, threads, 200)?,
+                    row_of(runs, q, CONSUME, SINGLE, threads, 200)?,
+                ))
+            };
+            let cpu = ratios(&|q| pair(q).map(|(p, s)| p.cpu_us_per_event / s.cpu_us_per_event));
+            let rate = ratios(&|q| pair(q).map(|(p, s)| p.rate() / s.rate()));
+            if !cpu.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "consume 200 B, {threads} thread(s), {partitioned} x the single stream: cpu/ev {}, rate {}",
+                    common::spread(&cpu),
+                    common::spread(&rate)
+                );
+            }
+        }
+    }
+    out
+}
+
 /// The batched publish rows against the `redis-benchmark -c 50 -P 64` rows of the same round
 /// (issue 23's target: 80 % of the one-field row), median [min-max] of the rounds.
 fn batched_against_benchmark(runs: &[(u64, Row)]) -> String {
@@ -920,7 +998,7 @@ fn main() {
         }
     }
     flush(&server);
-    let summary = summarize(&runs) + "\n" + &batched_against_benchmark(&runs);
+    let summary = summarize(&runs) + "\n" + &batched_against_benchmark(&runs) + &against_same_round(&runs);
 
     print_table(&rows);
     println!("{summary}");
