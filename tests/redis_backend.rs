@@ -1738,6 +1738,69 @@ async fn a_nack_is_redelivered_during_a_backlog_not_after_it() {
     subscriber.close().await.unwrap();
 }
 
+/// On a backlog, two reads go ahead of the batch being handled, so that the server has the
+/// next one queued when it answers one; no more than two, and none beyond `max_in_flight`.
+#[tokio::test]
+async fn a_backlog_keeps_two_reads_ahead_of_the_batch_handled() {
+    let server = RedisServer::start();
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let messages: Vec<Message> = (0..1000u64).map(|n| Message::new("t", &n).unwrap()).collect();
+    backend
+        .publisher()
+        .publish_batch("ahead", messages)
+        .await
+        .unwrap();
+    let subscriber = backend.subscriber().unwrap();
+    let options = opts("g", "c")
+        .batch_size(100)
+        .max_in_flight(1000)
+        .start_from(StartFrom::Beginning);
+    let mut sub = subscriber.subscribe("ahead", options).await.unwrap();
+    // One delivery taken and held: its read (100) came back full, and the reads sent ahead
+    // were sent before it was handed out; nothing polls the subscription after that.
+    let first = recv(&mut sub).await;
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pending = async |c: &mut redis::aio::MultiplexedConnection| -> u64 {
+        let summary: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg("ahead")
+            .arg("g")
+            .query_async(c)
+            .await
+            .unwrap();
+        summary.0
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let seen = std::cell::Cell::new(0);
+    wait_until(
+        deadline,
+        || {
+            format!(
+                "{} entries delivered to the consumer; 300 expected (one batch, two ahead)",
+                seen.get()
+            )
+        },
+        async || {
+            seen.set(pending(&mut c).await);
+            seen.get() >= 300
+        },
+    )
+    .await;
+    assert_eq!(pending(&mut c).await, 300, "no more than two reads ahead");
+    first.ack().await.unwrap();
+    // Everything is still handed out once each, in order.
+    for n in 1..1000u64 {
+        let d = recv(&mut sub).await;
+        assert_eq!(d.message().decode::<u64>().unwrap(), n);
+        d.ack().await.unwrap();
+    }
+    subscriber.close().await.unwrap();
+    assert_eq!(pending(&mut c).await, 0);
+}
+
 /// A flusher that panics (here, a codec that panics on the dead-letter record) does not keep
 /// the lease, nor `close`, waiting for it forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

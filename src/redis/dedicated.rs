@@ -55,6 +55,8 @@ pub(crate) struct DedicatedConnection {
     in_step: bool,
     /// The cluster node connected to (`None` for a single server).
     node: Option<(String, u16)>,
+    /// The size in bytes of the last reply taken.
+    last_reply_len: usize,
 }
 
 impl DedicatedConnection {
@@ -77,6 +79,7 @@ impl DedicatedConnection {
                 db: info.redis_settings().db(),
                 response_timeout,
                 unread: 0,
+                last_reply_len: 0,
                 in_step: true,
                 node: None,
             };
@@ -144,6 +147,11 @@ impl DedicatedConnection {
         self.response_timeout = timeout;
     }
 
+    /// The size in bytes of the last reply taken (0 before the first).
+    pub(crate) fn last_reply_len(&self) -> usize {
+        self.last_reply_len
+    }
+
     /// Whether the connection can take a request: no reply owed, none abandoned half-way.
     pub(crate) fn is_idle(&self) -> bool {
         self.in_step && self.unread == 0
@@ -196,6 +204,7 @@ impl DedicatedConnection {
             match resp::scan(&self.input, &mut self.scanned)? {
                 Scan::Complete(len) => {
                     self.unread -= 1;
+                    self.last_reply_len = len;
                     self.in_step = true;
                     return Ok(self.input.split_to(len).freeze());
                 }
@@ -358,6 +367,7 @@ mod tests {
             unread: 0,
             in_step: true,
             node: None,
+            last_reply_len: 0,
         };
         (conn, server)
     }
@@ -394,6 +404,11 @@ mod tests {
         let (entries, ()) = tokio::join!(conn.recv_entries(), writer);
         let entries = entries.unwrap();
         assert_eq!(conn.unread, 0);
+        assert_eq!(
+            conn.last_reply_len(),
+            reply.len(),
+            "the whole reply, not the last read"
+        );
         let [ReplyEntry::Present(entry)] = &entries[..] else {
             panic!("{entries:?}")
         };

@@ -10,11 +10,14 @@
 //! delivery; entries the subscription owns already (held, being acked, waiting to retry) are
 //! never claimed or handed out again.
 //!
-//! A read that came back full is followed at once by the next one, sent ahead without
-//! `BLOCK` when at least half a batch of capacity is free and nothing else is due (a retry,
-//! the drain, a reclaim): the server prepares that batch while this one is handled, and the
-//! next step only takes its reply; so whatever falls due waits one batch at most. The slots
-//! it may fill are taken when it is sent, so `max_in_flight` still bounds everything read.
+//! A read that came back full is followed at once by the next ones, sent ahead without
+//! `BLOCK` (two under way at most, one after a large reply: see
+//! [`MAX_READS_AHEAD`](super::plan::MAX_READS_AHEAD)) while at least half a batch of
+//! capacity is free and nothing else is due (a retry, the drain, a reclaim): the server
+//! prepares those batches while this one is handled, and has the next read queued when it
+//! answers one; the next steps only take their replies, so whatever falls due waits two
+//! batches at most. The slots a read may fill are taken when it is sent, so `max_in_flight`
+//! still bounds everything read.
 //! On a limit shared with other subscriptions (a member's partitions), each read that may
 //! block takes at most its share of the free slots; after a read came back full, the next one
 //! waits for a whole batch of slots instead (briefly: see [`BACKLOG_PATIENCE`]) and does not
@@ -449,46 +452,52 @@ impl Reader {
         Ok(conn)
     }
 
-    /// Takes the reply of the `XREADGROUP ... >` sent last (`count` entries at most); when it
-    /// is full, sends the next one ahead.
+    /// Takes the reply of the oldest `XREADGROUP ... >` under way (`count` entries at most);
+    /// when it is full, sends reads ahead up to the planner's limit.
     async fn receive_new(&mut self, count: usize) -> std::result::Result<Vec<ReplyEntry>, ReadError> {
         let conn = self.own_conn().await?;
         let entries = conn.recv_entries().await?;
+        let bytes = conn.last_reply_len();
         self.plan.read_came_back(count, entries.len());
+        self.plan.reply_came_back(bytes);
         if entries.len() == count {
-            self.read_ahead().await;
+            while self.read_ahead().await {}
         }
         Ok(entries)
     }
 
-    /// Sends the next `XREADGROUP` without `BLOCK`, when the planner finds no other step due
-    /// and enough capacity is free; the slots are taken now and used by the step that takes
-    /// the reply.
-    async fn read_ahead(&mut self) {
+    /// Sends an `XREADGROUP` without `BLOCK`, when the planner allows another read ahead
+    /// and finds no other step due, and enough capacity is free; the slots are taken now and
+    /// used by the step that takes the reply. Whether it was sent.
+    async fn read_ahead(&mut self) -> bool {
         if self.lanes.is_some() {
-            return;
+            return false;
         }
         let now = Instant::now();
         let next_retry = self.shared.ledger().next_retry();
         let Some(ahead) = self.plan.read_ahead(now, next_retry) else {
-            return;
+            return false;
         };
         let slots = self.shared.capacity().try_acquire(ahead.want);
         if slots < ahead.at_least || self.shared.closed().is_cancelled() {
             self.shared.capacity().release(slots);
-            return;
+            return false;
         }
         let Some((conn, _)) = self.read_conn.as_mut() else {
             self.shared.capacity().release(slots);
-            return;
+            return false;
         };
         let cmd = read_group(self.shared.origin(), slots, None);
         match conn.send(&cmd).await {
-            Ok(()) => self.plan.sent_ahead(slots),
+            Ok(()) => {
+                self.plan.sent_ahead(slots);
+                true
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "read ahead failed; reconnecting");
                 self.shared.capacity().release(slots);
                 self.drop_read_conn();
+                false
             }
         }
     }
