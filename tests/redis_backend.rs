@@ -1739,7 +1739,8 @@ async fn a_nack_is_redelivered_during_a_backlog_not_after_it() {
 }
 
 /// On a backlog, two reads go ahead of the batch being handled, so that the server has the
-/// next one queued when it answers one; no more than two, and none beyond `max_in_flight`.
+/// next one queued when it answers one; no more than two (`max_in_flight` is not the bound
+/// here: the conformance suite checks that one).
 #[tokio::test]
 async fn a_backlog_keeps_two_reads_ahead_of_the_batch_handled() {
     let server = RedisServer::start();

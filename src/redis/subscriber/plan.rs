@@ -4,10 +4,10 @@
 //! and their order are tested here; the [`read_loop`](super::read_loop) only sends commands.
 //!
 //! The order, once slots are taken: reads sent ahead are taken first, oldest first (their
-//! replies are on the wire already); then nacked entries that are due; then the drain of this consumer's own
-//! pending list (on start and after every connection loss); then reclaim, when its interval
-//! is up and it is not held back; else a blocking read of new entries, bounded by the next
-//! retry and the next reclaim.
+//! replies are on the wire already); then nacked entries that are due; then the drain of
+//! this consumer's own pending list (on start and after every connection loss); then
+//! reclaim, when its interval is up and it is not held back; else a blocking read of new
+//! entries, bounded by the next retry and the next reclaim.
 
 use std::collections::VecDeque;
 use std::time::Duration;

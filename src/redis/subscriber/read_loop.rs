@@ -84,8 +84,8 @@ pub(super) struct Reader {
     lane: Option<Lane>,
     /// After a read on a lane found nothing: how long to wait before the next step.
     poll_wait: Option<Duration>,
-    /// Which step comes next, and the state that decision rests on (the read sent ahead, the
-    /// drain's cursor, the next reclaim).
+    /// Which step comes next, and the state that decision rests on (the reads sent ahead,
+    /// the drain's cursor, the next reclaim).
     plan: Planner,
     /// This consumer's lease, re-asserted before each reclaim.
     lease: Lease,
