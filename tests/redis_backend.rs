@@ -1702,24 +1702,33 @@ async fn a_publish_dropped_halfway_does_not_hand_its_reply_to_the_next() {
     assert!(dropped > 0, "no publish was caught waiting for its reply");
 }
 
+/// `n` entries (the numbers 0 to n-1) in `topic`, and a subscription of group `g` reading
+/// them from the start in batches of `batch` with `max_in_flight`.
+async fn backlog(
+    server: &RedisServer,
+    topic: &str,
+    n: u64,
+    batch: usize,
+    max_in_flight: usize,
+) -> (RedisSubscriber, Subscription) {
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let messages: Vec<Message> = (0..n).map(|n| Message::new("t", &n).unwrap()).collect();
+    backend.publisher().publish_batch(topic, messages).await.unwrap();
+    let subscriber = backend.subscriber().unwrap();
+    let options = opts("g", "c")
+        .batch_size(batch)
+        .max_in_flight(max_in_flight)
+        .start_from(StartFrom::Beginning);
+    let sub = subscriber.subscribe(topic, options).await.unwrap();
+    (subscriber, sub)
+}
+
 /// A nack during a long backlog comes back within a few batches: reading ahead while
 /// batches come back full must not keep a due retry waiting until the backlog is gone.
 #[tokio::test]
 async fn a_nack_is_redelivered_during_a_backlog_not_after_it() {
     let server = RedisServer::start();
-    let backend = RedisBackend::new(&server.url()).unwrap();
-    let messages: Vec<Message> = (0..3000u64).map(|n| Message::new("t", &n).unwrap()).collect();
-    backend
-        .publisher()
-        .publish_batch("backlog", messages)
-        .await
-        .unwrap();
-    let subscriber = backend.subscriber().unwrap();
-    let options = opts("g", "c")
-        .batch_size(50)
-        .max_in_flight(200)
-        .start_from(StartFrom::Beginning);
-    let mut sub = subscriber.subscribe("backlog", options).await.unwrap();
+    let (subscriber, mut sub) = backlog(&server, "backlog", 3000, 50, 200).await;
     let first = recv(&mut sub).await;
     let nacked = first.id();
     first.nack().await.unwrap();
@@ -1744,19 +1753,7 @@ async fn a_nack_is_redelivered_during_a_backlog_not_after_it() {
 #[tokio::test]
 async fn a_backlog_keeps_two_reads_ahead_of_the_batch_handled() {
     let server = RedisServer::start();
-    let backend = RedisBackend::new(&server.url()).unwrap();
-    let messages: Vec<Message> = (0..1000u64).map(|n| Message::new("t", &n).unwrap()).collect();
-    backend
-        .publisher()
-        .publish_batch("ahead", messages)
-        .await
-        .unwrap();
-    let subscriber = backend.subscriber().unwrap();
-    let options = opts("g", "c")
-        .batch_size(100)
-        .max_in_flight(1000)
-        .start_from(StartFrom::Beginning);
-    let mut sub = subscriber.subscribe("ahead", options).await.unwrap();
+    let (subscriber, mut sub) = backlog(&server, "ahead", 1000, 100, 1000).await;
     // One delivery taken and held: its read (100) came back full, and the reads sent ahead
     // were sent before it was handed out; nothing polls the subscription after that.
     let first = recv(&mut sub).await;
