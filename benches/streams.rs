@@ -627,19 +627,15 @@ fn against_same_round(runs: &[(u64, Row)]) -> String {
 fn batched_against_benchmark(runs: &[(u64, Row)]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let batched = |t: usize| {
-        runs.iter().filter(move |(_, r)| {
-            r.workload.starts_with("publish batched") && r.system == "streamwise" && r.threads == t
-        })
-    };
+    const BATCHED: &str = "publish batched (50 tasks x 64)";
+    let rounds = runs.iter().map(|(q, _)| q + 1).max().unwrap_or(0);
     for threads in [1, 2] {
         for system in ["redis-benchmark", BENCHMARK_AS_STREAMWISE] {
-            let ratios: Vec<f64> = batched(threads)
-                .filter_map(|(round, r)| {
-                    let bench = runs.iter().find(|(q, b)| {
-                        q == round && b.system == system && b.workload == "redis-benchmark XADD -c 50 -P 64"
-                    })?;
-                    Some(r.rate() / bench.1.rate())
+            let ratios: Vec<f64> = (0..rounds)
+                .filter_map(|q| {
+                    let batched = row_of(runs, q, BATCHED, "streamwise", threads, 200)?;
+                    let bench = row_of(runs, q, "redis-benchmark XADD -c 50 -P 64", system, 0, 200)?;
+                    Some(batched.rate() / bench.rate())
                 })
                 .collect();
             if !ratios.is_empty() {
