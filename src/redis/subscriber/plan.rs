@@ -46,8 +46,6 @@ pub(super) struct Planner {
     /// The slots taken for each read sent ahead, oldest first: the next steps take their
     /// replies, in that order.
     read_ahead: VecDeque<usize>,
-    /// How many reads may be under way ahead: [`MAX_READS_AHEAD`], or one after a large reply.
-    reads_ahead_limit: usize,
     /// Where the drain of this consumer's own pending list has got to; `None` once done.
     drain: Option<DrainFrom>,
     next_reclaim: Instant,
@@ -150,7 +148,6 @@ impl Planner {
             reclaim: options.reclaim,
             lease_ttl,
             read_ahead: VecDeque::with_capacity(MAX_READS_AHEAD),
-            reads_ahead_limit: MAX_READS_AHEAD,
             drain: Some(DrainFrom::Start),
             next_reclaim: now,
             shared_limit: options.in_flight.is_some(),
@@ -218,21 +215,25 @@ impl Planner {
         until.saturating_duration_since(now).max(Duration::from_millis(1))
     }
 
-    /// A reply of new entries `bytes` long came back: after a large one ([`LARGE_REPLY`]) one
-    /// read goes ahead, after a smaller one [`MAX_READS_AHEAD`].
-    pub(super) fn reply_came_back(&mut self, bytes: usize) {
-        self.reads_ahead_limit = if bytes > LARGE_REPLY { 1 } else { MAX_READS_AHEAD };
-    }
-
-    /// Whether to send another `XREADGROUP` ahead, after a read came back full at `now`:
-    /// only while fewer than the limit are under way (see
-    /// [`reply_came_back`](Self::reply_came_back)) and no other step is due (a retry, the
-    /// drain, a reclaim), and then only with at least half a batch of free slots, so whatever
-    /// falls due waits for those reads' batches at most.
-    pub(super) fn read_ahead(&self, now: Instant, next_retry: Option<Instant>) -> Option<ReadAhead> {
+    /// Whether to send another `XREADGROUP` ahead, after a read came back full at `now` in a
+    /// reply of `reply_bytes`: only while fewer than [`MAX_READS_AHEAD`] are under way (one
+    /// after a reply over [`LARGE_REPLY`]) and no other step is due (a retry, the drain, a
+    /// reclaim), and then only with at least half a batch of free slots, so whatever falls
+    /// due waits for those reads' batches at most.
+    pub(super) fn read_ahead(
+        &self,
+        now: Instant,
+        next_retry: Option<Instant>,
+        reply_bytes: usize,
+    ) -> Option<ReadAhead> {
         let retry_due = next_retry.is_some_and(|at| at <= now);
         let reclaim_due = self.reclaim.is_some() && now >= self.next_reclaim;
-        let full = self.read_ahead.len() >= self.reads_ahead_limit;
+        let limit = if reply_bytes > LARGE_REPLY {
+            1
+        } else {
+            MAX_READS_AHEAD
+        };
+        let full = self.read_ahead.len() >= limit;
         if full || retry_due || reclaim_due || self.drain.is_some() {
             return None;
         }
@@ -435,19 +436,19 @@ mod tests {
     fn two_reads_go_ahead_at_most_and_their_replies_are_taken_oldest_first() {
         let now = Instant::now();
         let mut plan = drained(None, now);
-        assert!(plan.read_ahead(now, None).is_some());
+        assert!(plan.read_ahead(now, None, 0).is_some());
         plan.sent_ahead(10);
         assert!(
-            plan.read_ahead(now, None).is_some(),
+            plan.read_ahead(now, None, 0).is_some(),
             "a second may follow the first"
         );
         plan.sent_ahead(5);
-        assert_eq!(plan.read_ahead(now, None), None, "two are under way");
+        assert_eq!(plan.read_ahead(now, None, 0), None, "two are under way");
         assert_eq!(
             plan.next(now, facts(0)),
             Next::Run(Step::TakeReadAhead { slots: 10 })
         );
-        assert!(plan.read_ahead(now, None).is_some(), "one is under way");
+        assert!(plan.read_ahead(now, None, 0).is_some(), "one is under way");
         assert_eq!(
             plan.next(now, facts(0)),
             Next::Run(Step::TakeReadAhead { slots: 5 })
@@ -459,13 +460,15 @@ mod tests {
     fn after_a_large_reply_one_read_goes_ahead() {
         let now = Instant::now();
         let mut plan = drained(None, now);
-        plan.reply_came_back(LARGE_REPLY + 1);
-        assert!(plan.read_ahead(now, None).is_some());
+        assert!(plan.read_ahead(now, None, LARGE_REPLY + 1).is_some());
         plan.sent_ahead(10);
-        assert_eq!(plan.read_ahead(now, None), None, "one is under way");
-        plan.reply_came_back(LARGE_REPLY);
+        assert_eq!(
+            plan.read_ahead(now, None, LARGE_REPLY + 1),
+            None,
+            "one is under way"
+        );
         assert!(
-            plan.read_ahead(now, None).is_some(),
+            plan.read_ahead(now, None, LARGE_REPLY).is_some(),
             "a small reply allows a second"
         );
     }
@@ -627,28 +630,28 @@ mod tests {
     fn a_read_is_sent_ahead_only_when_nothing_else_is_due() {
         let now = Instant::now();
         let plan = Planner::new(&options(None), TTL, now);
-        assert_eq!(plan.read_ahead(now, None), None, "the drain is due");
+        assert_eq!(plan.read_ahead(now, None, 0), None, "the drain is due");
         let plan = drained(None, now);
         let ahead = ReadAhead {
             want: BATCH,
             at_least: 5,
         };
-        assert_eq!(plan.read_ahead(now, None), Some(ahead));
-        assert_eq!(plan.read_ahead(now, Some(now + BLOCK)), Some(ahead));
-        assert_eq!(plan.read_ahead(now, Some(now)), None, "a retry is due");
+        assert_eq!(plan.read_ahead(now, None, 0), Some(ahead));
+        assert_eq!(plan.read_ahead(now, Some(now + BLOCK), 0), Some(ahead));
+        assert_eq!(plan.read_ahead(now, Some(now), 0), None, "a retry is due");
         let mut plan = drained(Some(RECLAIM), now);
-        assert_eq!(plan.read_ahead(now, None), None, "a reclaim is due");
+        assert_eq!(plan.read_ahead(now, None, 0), None, "a reclaim is due");
         plan.next(now, facts(BATCH));
-        assert_eq!(plan.read_ahead(now, None), Some(ahead));
+        assert_eq!(plan.read_ahead(now, None, 0), Some(ahead));
         // Half a batch, rounded up.
         let odd = SubscribeOptions::new("g", "c").batch_size(7);
         let mut plan = Planner::new(&odd, TTL, now);
         plan.drained(&[], 16, 7, |_| false);
-        assert_eq!(plan.read_ahead(now, None).map(|a| a.at_least), Some(4));
+        assert_eq!(plan.read_ahead(now, None, 0).map(|a| a.at_least), Some(4));
         let one = SubscribeOptions::new("g", "c").batch_size(1);
         let mut plan = Planner::new(&one, TTL, now);
         plan.drained(&[], 16, 1, |_| false);
-        assert_eq!(plan.read_ahead(now, None).map(|a| a.at_least), Some(1));
+        assert_eq!(plan.read_ahead(now, None, 0).map(|a| a.at_least), Some(1));
     }
 
     #[test]

@@ -457,9 +457,7 @@ impl Reader {
     async fn receive_new(&mut self, count: usize) -> std::result::Result<Vec<ReplyEntry>, ReadError> {
         let conn = self.own_conn().await?;
         let entries = conn.recv_entries().await?;
-        let bytes = conn.last_reply_len();
         self.plan.read_came_back(count, entries.len());
-        self.plan.reply_came_back(bytes);
         if entries.len() == count {
             while self.read_ahead().await {}
         }
@@ -475,7 +473,10 @@ impl Reader {
         }
         let now = Instant::now();
         let next_retry = self.shared.ledger().next_retry();
-        let Some(ahead) = self.plan.read_ahead(now, next_retry) else {
+        let Some(reply_bytes) = self.read_conn.as_ref().map(|(conn, _)| conn.last_reply_len()) else {
+            return false;
+        };
+        let Some(ahead) = self.plan.read_ahead(now, next_retry, reply_bytes) else {
             return false;
         };
         let slots = self.shared.capacity().try_acquire(ahead.want);
