@@ -134,13 +134,13 @@ fn member_process_entry_point() {
     });
 }
 
-fn spawn_member(url: &str, name: &str, work_ms: u64) -> Child {
+fn spawn_member(url: &str, name: &str, work_ms: u64) -> Member {
     spawn_member_reading_on(url, name, work_ms, 16)
 }
 
 /// A member process whose partitions past the first `dedicated` read in turn on a shared
 /// connection.
-fn spawn_member_reading_on(url: &str, name: &str, work_ms: u64, dedicated: usize) -> Child {
+fn spawn_member_reading_on(url: &str, name: &str, work_ms: u64, dedicated: usize) -> Member {
     spawn_member_process(url, name, work_ms, dedicated, TTL)
 }
 
@@ -151,8 +151,8 @@ fn spawn_member_process(
     work_ms: u64,
     dedicated: usize,
     member_ttl: Duration,
-) -> Child {
-    Command::new(std::env::current_exe().expect("own path"))
+) -> Member {
+    let child = Command::new(std::env::current_exe().expect("own path"))
         .args([
             "member_process_entry_point",
             "--exact",
@@ -171,7 +171,34 @@ fn spawn_member_process(
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start a member process")
+        .expect("start a member process");
+    Member(child)
+}
+
+/// A member process, SIGKILLed when dropped unless it has ended: a test that fails midway
+/// leaves none running (one left over would join the next test's cluster on reused ports).
+struct Member(Child);
+
+impl std::ops::Deref for Member {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Member {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 fn signal(child: &Child, name: &str) {
@@ -183,7 +210,7 @@ fn signal(child: &Child, name: &str) {
 }
 
 /// Stops a member with SIGTERM and returns what it printed.
-fn stop(mut child: Child) -> String {
+fn stop(mut child: Member) -> String {
     signal(&child, "TERM");
     let status = child.wait().expect("wait");
     let mut out = String::new();
