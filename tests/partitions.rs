@@ -62,6 +62,14 @@ fn member_process_entry_point() {
         .ok()
         .and_then(|ms| ms.parse().ok())
         .map_or(TTL, Duration::from_millis);
+    if std::env::var_os("STREAMWISE_PART_LOG_DIR").is_some() {
+        // Lease and hand-off events, for a failure to be read after the fact.
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
         let backend = RedisBackend::new(&url).expect("url");
@@ -169,10 +177,24 @@ fn spawn_member_process(
             member_ttl.as_millis().to_string(),
         )
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(member_log(name))
         .spawn()
         .expect("start a member process");
     Member(child)
+}
+
+/// Where a member's log goes: `$STREAMWISE_PART_LOG_DIR/<name>.log` (appended, at debug)
+/// when that is set, else nowhere.
+fn member_log(name: &str) -> Stdio {
+    let Some(dir) = std::env::var_os("STREAMWISE_PART_LOG_DIR") else {
+        return Stdio::null();
+    };
+    let path = std::path::Path::new(&dir).join(format!("{name}.log"));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_or_else(|_| Stdio::null(), Stdio::from)
 }
 
 /// A member process, SIGKILLed when dropped unless it has ended: a test that fails midway
