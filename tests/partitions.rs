@@ -348,6 +348,9 @@ enum Repeats {
 /// order, repeats only as `repeats` allows. Returns the repeats.
 async fn check_order(conn: &RedisConnection, seqs: u64, repeats: Repeats) -> u64 {
     let mut duplicates = 0;
+    // (first handled by, again by) -> how many: where repeats came from, for a failure's
+    // message.
+    let mut repeated_by: std::collections::BTreeMap<(String, String), u64> = Default::default();
     for key in 0..KEYS {
         let key = format!("key-{key}");
         let records: Vec<String> = conn
@@ -355,6 +358,7 @@ async fn check_order(conn: &RedisConnection, seqs: u64, repeats: Repeats) -> u64
             .await
             .expect("LRANGE");
         let mut next = 0;
+        let mut first_by: Vec<&str> = Vec::new();
         // While replaying: the number the replay must show next.
         let mut replaying: Option<u64> = None;
         for record in &records {
@@ -368,6 +372,10 @@ async fn check_order(conn: &RedisConnection, seqs: u64, repeats: Repeats) -> u64
                     );
                     // (A replay that starts again, earlier: another take-over.)
                     duplicates += 1;
+                    let first = first_by.get(seq as usize).copied().unwrap_or("?");
+                    *repeated_by
+                        .entry((first.to_owned(), member.to_owned()))
+                        .or_default() += 1;
                     replaying = (seq + 1 < next).then_some(seq + 1);
                     continue;
                 }
@@ -375,12 +383,17 @@ async fn check_order(conn: &RedisConnection, seqs: u64, repeats: Repeats) -> u64
             }
             if seq == next {
                 next += 1;
+                first_by.push(member);
             } else {
                 assert!(
                     seq < next,
                     "{key}: {seq} (by {member}) handled before {next}: {records:?}"
                 );
                 duplicates += 1;
+                let first = first_by.get(seq as usize).copied().unwrap_or("?");
+                *repeated_by
+                    .entry((first.to_owned(), member.to_owned()))
+                    .or_default() += 1;
                 if repeats == Repeats::ExactReplay {
                     replaying = (seq + 1 < next).then_some(seq + 1);
                 }
@@ -388,6 +401,9 @@ async fn check_order(conn: &RedisConnection, seqs: u64, repeats: Repeats) -> u64
         }
         assert_eq!(next, seqs, "{key}: handled up to {next}: {records:?}");
         assert_eq!(replaying, None, "{key}: a replay stopped short: {records:?}");
+    }
+    if duplicates > 0 {
+        eprintln!("repeats by (first handled by, again by): {repeated_by:?}");
     }
     duplicates
 }
