@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -350,7 +351,7 @@ async fn check_order(conn: &RedisConnection, seqs: u64, repeats: Repeats) -> u64
     let mut duplicates = 0;
     // (first handled by, again by) -> how many: where repeats came from, for a failure's
     // message.
-    let mut repeated_by: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    let mut repeated_by: BTreeMap<(String, String), u64> = BTreeMap::new();
     for key in 0..KEYS {
         let key = format!("key-{key}");
         let records: Vec<String> = conn
@@ -372,10 +373,7 @@ async fn check_order(conn: &RedisConnection, seqs: u64, repeats: Repeats) -> u64
                     );
                     // (A replay that starts again, earlier: another take-over.)
                     duplicates += 1;
-                    let first = first_by.get(seq as usize).copied().unwrap_or("?");
-                    *repeated_by
-                        .entry((first.to_owned(), member.to_owned()))
-                        .or_default() += 1;
+                    tally_repeat(&mut repeated_by, &first_by, seq, member);
                     replaying = (seq + 1 < next).then_some(seq + 1);
                     continue;
                 }
@@ -390,10 +388,7 @@ async fn check_order(conn: &RedisConnection, seqs: u64, repeats: Repeats) -> u64
                     "{key}: {seq} (by {member}) handled before {next}: {records:?}"
                 );
                 duplicates += 1;
-                let first = first_by.get(seq as usize).copied().unwrap_or("?");
-                *repeated_by
-                    .entry((first.to_owned(), member.to_owned()))
-                    .or_default() += 1;
+                tally_repeat(&mut repeated_by, &first_by, seq, member);
                 if repeats == Repeats::ExactReplay {
                     replaying = (seq + 1 < next).then_some(seq + 1);
                 }
@@ -406,6 +401,12 @@ async fn check_order(conn: &RedisConnection, seqs: u64, repeats: Repeats) -> u64
         eprintln!("repeats by (first handled by, again by): {repeated_by:?}");
     }
     duplicates
+}
+
+/// Counts a repeat of `seq` by `member` under (who handled it first, `member`).
+fn tally_repeat(tally: &mut BTreeMap<(String, String), u64>, first_by: &[&str], seq: u64, member: &str) {
+    let first = first_by.get(seq as usize).copied().unwrap_or("?");
+    *tally.entry((first.to_owned(), member.to_owned())).or_default() += 1;
 }
 
 async fn assert_nothing_pending(conn: &RedisConnection) {
