@@ -31,7 +31,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,8 +40,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use common::{
-    Pacing, Row, Spec, env, least_stolen, measure, message, nothing, parse_row, payload_of, print_table,
-    process_cpu_time, publish_awaited, router_consume, router_end_to_end, summarize,
+    Pacing, Row, Spec, env, least_stolen, measure, message, nothing, payload_of, print_table,
+    process_cpu_time, publish_awaited, router_consume, router_end_to_end, run_child, summarize,
 };
 use streamwise::Publisher;
 use streamwise::nats::NatsBackend;
@@ -352,7 +351,6 @@ fn main() {
         println!("{}", row.json());
         return;
     }
-    let exe = std::env::current_exe().expect("own path");
     let mut rows = Vec::new();
     // Every workload `BENCH_REPEAT` times (default 3), round after round, as in
     // benches/streams.rs.
@@ -364,21 +362,12 @@ fn main() {
         let attempt = || {
             // A fresh server for each run: an empty store, and its CPU the workload's alone.
             let server = NatsServer::start();
-            let out = Command::new(&exe)
-                .args(["--run", &index.to_string(), &server.url()])
-                .env("BENCH_SERVER_PID", server.pid().to_string())
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run a workload");
-            drop(server);
-            let row = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .rev()
-                .find_map(parse_row);
-            if row.is_none() {
-                eprintln!("workload {spec:?} failed: {}", out.status);
-            }
-            row
+            run_child(
+                &spec,
+                index,
+                &server.url(),
+                ("BENCH_SERVER_PID", &server.pid().to_string()),
+            )
         };
         if let Some(row) = least_stolen(&spec, attempt) {
             println!("{}", row.json());

@@ -24,13 +24,14 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    LatencyRouter, Pacing, Row, Spec, env, least_stolen, machine_ticks, measure, message, nothing, parse_row,
-    payload_of, print_table, publish_awaited, router_consume, router_end_to_end, steal_pct, summarize,
+    LatencyRouter, Pacing, Row, Spec, env, least_stolen, machine_ticks, measure, message, nothing,
+    payload_of, print_table, publish_awaited, router_consume, router_end_to_end, run_child, steal_pct,
+    summarize,
 };
 use streamwise::memory::MemoryBackend;
 use streamwise::redis::RedisBackend;
@@ -939,7 +940,6 @@ fn main() {
         let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
         (master, replica)
     });
-    let exe = std::env::current_exe().expect("own path");
     let mut rows = Vec::new();
     if std::env::var_os("BENCH_ONLY").is_none() {
         let row = redis_benchmark(&server, 1, 1, env("BENCH_PUBLISH", 20_000), 200, false);
@@ -985,20 +985,7 @@ fn main() {
             if let Some((master, _)) = &replicated {
                 flush(master);
             }
-            let out = Command::new(&exe)
-                .args(["--run", &index.to_string(), &target])
-                .env("BENCH_SERVER_NODES", nodes.join(","))
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run a workload");
-            let row = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .rev()
-                .find_map(parse_row);
-            if row.is_none() {
-                eprintln!("workload {spec:?} failed: {}", out.status);
-            }
-            row
+            run_child(&spec, index, &target, ("BENCH_SERVER_NODES", &nodes.join(",")))
         };
         if let Some(row) = least_stolen(&spec, attempt) {
             println!("{}", row.json());

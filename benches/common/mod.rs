@@ -364,6 +364,25 @@ pub(crate) fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Runs workload `index` of `spec` in a child process of this binary (`--run <index>
+/// <url>`) with `env` set, and reads its row (`None`, said on stderr, when it failed).
+pub(crate) fn run_child(spec: &Spec, index: usize, url: &str, env: (&str, &str)) -> Option<Row> {
+    let out = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .args(["--run", &index.to_string(), url])
+        .env(env.0, env.1)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run a workload");
+    let row = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find_map(parse_row);
+    if row.is_none() {
+        eprintln!("workload {spec:?} failed: {}", out.status);
+    }
+    row
+}
+
 /// Runs a workload by `attempt` (a fresh start and a child run; `None`: it failed) until a run
 /// had at most `BENCH_MAX_STEAL` % (5) of the machine's CPU stolen by the hypervisor, at most
 /// `1 + BENCH_STEAL_RETRIES` (2) times, and keeps the run with the least stolen. On a shared
