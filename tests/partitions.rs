@@ -552,9 +552,9 @@ async fn members_keep_key_order_through_a_cluster_failover() {
     // that ran out within it would make members count each other gone, and a partition could
     // take a detour through a third member. While the client refreshes its slot map after a
     // MOVED, every command of its cluster connection waits, renewals of the leases on the other
-    // masters too: with a lease TTL of 1 s, a partition on a master that did not fail over
-    // was seen unowned for a moment (no other member took it), once in CI and once in 40
-    // local runs.
+    // masters too. (A partition on a master that did not fail over is still seen unowned for
+    // a moment now and then, with no other member taking it: once in 40 local runs with 1 s
+    // leases, once in 18 with 5 s; the cause is not found yet, see issue 15's notes.)
     let ttl = Duration::from_secs(5);
     let m0 = spawn_member_process(&url, "m0", 0, 16, ttl);
     wait_settled(&coordinator, &["m0"], &mut owners).await;
